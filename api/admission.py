@@ -1,0 +1,246 @@
+"""Checks a job spec must pass before it is stored and queued: the model allowlist, server limits,
+the model's shape, then the job's size (docs/estimates.md).
+
+Model checks read only config.json / GGUF metadata (no weights, no torch); token counts use the
+model's ``tokenizer.json`` when readable here (``tokenizers``, no transformers). When the model's
+facts cannot be read here (e.g. a hub model absent from this machine's cache) the size of the job
+is unknown: it is admitted and the worker checks the model later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from api.problems import LIMIT_EXCEEDED, ApiProblem, field_error
+from api.schemas import LimitCheck, human_bytes
+from api.settings import ApiSettings
+from storage.errors import InvalidJobSpec, QkvaultError
+from storage.estimate import JobEstimate, count_prompt_tokens, estimate
+from storage.jobspec import JobSpec
+from storage.modelinfo import (
+    ModelFacts,
+    check_selection,
+    check_supported,
+    read_facts,
+    resolve_source,
+    tokenizer_file,
+)
+
+MODEL_NOT_ALLOWED = "model-not-allowed"
+ESTIMATE_UNAVAILABLE = "estimate-unavailable"
+_SIZE_HINT = (
+    "export fewer layers/heads (capture.layers, capture.heads), select rows (capture.query_rows, "
+    "capture.generation_steps), use fewer or shorter prompts, or use capture.detail=summary"
+)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One server limit compared with a job's value."""
+
+    name: str
+    setting: str
+    loc: str
+    what: str
+    value: int
+    limit: int
+    hint: str = ""
+    unit: str = ""  # "bytes": shown in binary units
+    note: str = ""  # how the value was computed
+
+    @property
+    def exceeded_by(self) -> int:
+        return max(0, self.value - self.limit)
+
+    def _show(self, n: int) -> str:
+        return human_bytes(n) if self.unit == "bytes" else str(n)
+
+    def message(self) -> str:
+        note = f" ({self.note})" if self.note else ""
+        msg = (
+            f"{self.what} {self._show(self.value)}{note} exceeds this server's limit of "
+            f"{self._show(self.limit)} ({self.setting}) by {self._show(self.exceeded_by)}"
+        )
+        return f"{msg}; {self.hint}" if self.hint else msg
+
+    def problem(self) -> ApiProblem:
+        msg = self.message()
+        return ApiProblem(
+            422,
+            LIMIT_EXCEEDED,
+            msg,
+            title="Server limit exceeded",
+            errors=[field_error(self.loc, msg, "limit_exceeded")],
+            extensions={
+                "limit": self.limit,
+                "value": self.value,
+                "exceeded_by": self.exceeded_by,
+                "setting": self.setting,
+            },
+        )
+
+    def public(self) -> LimitCheck:
+        return LimitCheck(
+            name=self.name,
+            setting=self.setting,
+            limit=self.limit,
+            value=self.value,
+            exceeded_by=self.exceeded_by,
+            ok=self.exceeded_by == 0,
+        )
+
+
+@dataclass
+class Admission:
+    """What admission learnt about a spec: the limits checked so far and the size estimate."""
+
+    facts: ModelFacts | None = None
+    estimate: JobEstimate | None = None
+    limits: list[Limit] = field(default_factory=list)
+    model_allowed: bool = True
+
+    def check(self, limit: Limit, enforce: bool) -> None:
+        self.limits.append(limit)
+        if enforce and limit.exceeded_by:
+            raise limit.problem()
+
+
+def model_allowed(spec: JobSpec, settings: ApiSettings) -> bool:
+    patterns = settings.allowed_models
+    return not patterns or any(fnmatchcase(spec.model.id, pattern) for pattern in patterns)
+
+
+def check_allowed(spec: JobSpec, settings: ApiSettings) -> None:
+    if not model_allowed(spec, settings):
+        raise ApiProblem(
+            403,
+            MODEL_NOT_ALLOWED,
+            f"model {spec.model.id!r} is not allowed on this server: QKVAULT_ALLOWED_MODELS permits only "
+            f"{', '.join(settings.allowed_models)}; use one of those models",
+            title="Model not allowed",
+            errors=[field_error("body.model.id", "model not on this server's allowlist", "not_allowed")],
+            extensions={"allowed_models": list(settings.allowed_models)},
+        )
+
+
+def _count_limits(spec: JobSpec, settings: ApiSettings) -> list[Limit]:
+    return [
+        Limit(
+            "max_prompts",
+            "QKVAULT_MAX_PROMPTS",
+            "body.prompts",
+            "number of prompts",
+            len(spec.prompts),
+            settings.max_prompts,
+            "split the prompts over several jobs",
+        ),
+        Limit(
+            "max_new_tokens",
+            "QKVAULT_MAX_NEW_TOKENS",
+            "body.generation.max_new_tokens",
+            "generation.max_new_tokens",
+            spec.generation.max_new_tokens,
+            settings.max_new_tokens,
+        ),
+    ]
+
+
+def check_limits(spec: JobSpec, settings: ApiSettings) -> None:
+    for limit in _count_limits(spec, settings):
+        if limit.exceeded_by:
+            raise limit.problem()
+
+
+def check_model(spec: JobSpec) -> ModelFacts | None:
+    """Raise :class:`InvalidJobSpec`/:class:`UnsupportedModel` (422) if the model cannot run this
+    spec; return its facts, or ``None`` when they cannot be read here."""
+    resolve_source(spec.model)
+    try:
+        facts = read_facts(spec.model)
+    except QkvaultError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidJobSpec(
+            f"model {spec.model.id!r}: cannot read its config or GGUF metadata "
+            f"({type(exc).__name__}: {exc}); check the path/file or use another model",
+            detail={"field": "model.id"},
+        ) from exc
+    if facts is None:
+        return None
+    check_supported(facts)
+    check_selection(spec.capture, facts)
+    return facts
+
+
+def _check_lengths(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int]) -> None:
+    """What the worker would refuse after loading the model: a prompt too long for it."""
+    new = spec.generation.max_new_tokens
+    for i, n in enumerate(prompt_lengths):
+        if facts.max_positions is not None and n + new > facts.max_positions:
+            raise InvalidJobSpec(
+                f"prompt {i} is too long for the model: {n} tokens + max_new_tokens {new} = {n + new} "
+                f"positions, but the model supports {facts.max_positions}; shorten the prompt or lower "
+                "max_new_tokens",
+                detail={"field": "prompts"},
+            )
+
+
+def assess(spec: JobSpec, settings: ApiSettings, *, enforce: bool = True) -> Admission:
+    """Run every check. ``enforce``: raise the first limit exceeded (submission); otherwise only
+    record the limits (``POST /v1/jobs/estimate``). Invalid specs raise either way."""
+    result = Admission(model_allowed=model_allowed(spec, settings))
+    if enforce:
+        check_allowed(spec, settings)
+    for limit in _count_limits(spec, settings):
+        result.check(limit, enforce)
+    result.facts = check_model(spec)
+    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir)
+    prompt_lengths, exact = count_prompt_tokens(spec, tokenizer_json)
+    tokens = Limit(
+        "max_total_tokens",
+        "QKVAULT_MAX_TOTAL_TOKENS",
+        "body.prompts",
+        "total tokens",
+        sum(prompt_lengths) + spec.generation.max_new_tokens * len(prompt_lengths),
+        settings.max_total_tokens,
+        "shorten the prompts, send fewer prompts, or lower generation.max_new_tokens",
+        note=f"prompt tokens + max_new_tokens over {len(prompt_lengths)} prompt(s); "
+        + ("counted with the model's tokenizer" if exact else "approximated, no tokenizer readable here"),
+    )
+    result.check(tokens, enforce)
+    if result.facts is None:
+        return result
+    if exact:
+        _check_lengths(spec, result.facts, prompt_lengths)
+    result.estimate = estimate(spec, result.facts, prompt_lengths, exact)
+    size = Limit(
+        "max_stored_bytes",
+        "QKVAULT_MAX_STORED_BYTES",
+        "body.capture",
+        "expected stored size",
+        result.estimate.expected_stored_bytes,
+        settings.max_stored_bytes,
+        _SIZE_HINT,
+        unit="bytes",
+    )
+    result.check(size, enforce)
+    return result
+
+
+def require_estimate(spec: JobSpec, admission: Admission) -> JobEstimate:
+    if admission.estimate is None:
+        raise ApiProblem(
+            422,
+            ESTIMATE_UNAVAILABLE,
+            f"cannot estimate model {spec.model.id!r}: its config is not readable on this server (for a "
+            "hub model: not in this server's Hugging Face cache), so the array shapes are unknown; "
+            "put the model in the cache, or submit the job (the worker checks the model)",
+            title="Estimate unavailable",
+        )
+    return admission.estimate
+
+
+def admit(spec: JobSpec, settings: ApiSettings) -> Admission:
+    """Submission: every check enforced (403 model not allowed, 422 limits and invalid specs)."""
+    return assess(spec, settings, enforce=True)

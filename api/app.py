@@ -1,0 +1,59 @@
+"""Application factory: ``uvicorn --factory api.app:create_app``. No app object at import time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api.middleware import BodySizeLimit
+from api.problems import install_problem_handlers
+from api.routes import health, jobs
+from api.services import Services
+from api.settings import ApiSettings
+
+log = logging.getLogger("qkvault.api")
+
+API_VERSION = "0.1.0"
+
+DESCRIPTION = """\
+Bulk exports of attention, Q/K/V and KV cache from transformer language models.
+
+1. `POST /v1/jobs` with a job spec (model, prompts, generation, what to capture) → 202 and `Location`.
+2. Poll `GET /v1/jobs/{id}` until `state` is `succeeded` (or `failed` / `cancelled`).
+3. `GET /v1/jobs/{id}/bundle` downloads the Zarr v3 store as a zip; open it with
+   `xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)`.
+
+Every error is an RFC 9457 problem document (`application/problem+json`).
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings if settings is not None else ApiSettings()
+    services = Services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_startup:
+            await run_in_threadpool(services.index.migrate)
+        try:
+            yield
+        finally:
+            services.close()
+
+    app = FastAPI(
+        title="qkvault",
+        description=DESCRIPTION,
+        version=API_VERSION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.services = services
+    install_problem_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app

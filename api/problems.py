@@ -1,0 +1,181 @@
+"""Every error leaves the API as an RFC 9457 problem document (``application/problem+json``).
+
+Members: ``type`` (a slug shared with :mod:`storage.errors` and the job ``error`` field, or
+``about:blank`` for plain HTTP errors), ``title``, ``status``, ``detail``, ``instance`` (the request
+path), plus ``errors: [{loc, msg, type}]`` for field-level validation failures (``loc`` is a dotted
+path such as ``body.generation.max_new_tokens``). Stack traces are logged, never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage.errors import QkvaultError
+
+log = logging.getLogger("qkvault.api")
+
+PROBLEM_JSON = "application/problem+json"
+VALIDATION_ERROR = "validation-error"
+LIMIT_EXCEEDED = "limit-exceeded"
+INTERNAL_ERROR = "internal-error"
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+
+class ApiProblem(Exception):
+    """Raised by a handler for an error that has no :class:`QkvaultError` type (bad cursor, limits)."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+        extensions: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.type = type_
+        self.title = title or _phrase(status)
+        self.detail = detail
+        self.errors = errors
+        self.extensions = extensions
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def field_error(loc: str, msg: str, type_: str) -> dict[str, str]:
+    return {"loc": loc, "msg": msg, "type": type_}
+
+
+def problem_response(
+    request: Request,
+    *,
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    extensions: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ProblemResponse:
+    body: dict[str, Any] = dict(extensions or {})
+    body.update(type=type_, title=title, status=status, detail=detail, instance=request.url.path)
+    if errors is not None:
+        body["errors"] = [dict(e) for e in errors]
+    return ProblemResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _dotted(loc: Sequence[int | str]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _clean_msg(msg: str) -> str:
+    # pydantic prefixes messages of validators that raised ValueError/AssertionError
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        field_error(_dotted(e.get("loc", ())), _clean_msg(str(e.get("msg", ""))), str(e.get("type", "")))
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return problem_response(
+        request,
+        status=422,
+        type_=VALIDATION_ERROR,
+        title="Request validation failed",
+        detail=f"{len(errors)} invalid field{'s' if len(errors) != 1 else ''}: {summary}{more}",
+        errors=errors,
+    )
+
+
+async def _on_qkvault_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, QkvaultError)
+    doc = exc.to_problem()
+    if exc.status >= 500:
+        log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
+    field = exc.detail.get("field")
+    errors = [field_error(f"body.{field}", exc.message, doc["type"])] if isinstance(field, str) else None
+    extensions = {k: v for k, v in doc.items() if k not in {"type", "title", "detail"}}
+    return problem_response(
+        request,
+        status=exc.status,
+        type_=doc["type"],
+        title=doc["title"],
+        detail=doc["detail"],
+        errors=errors,
+        extensions=extensions,
+    )
+
+
+async def _on_api_problem(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, ApiProblem)
+    return problem_response(
+        request,
+        status=exc.status,
+        type_=exc.type,
+        title=exc.title,
+        detail=exc.detail,
+        errors=exc.errors,
+        extensions=exc.extensions,
+    )
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    phrase = _phrase(exc.status_code)
+    detail = exc.detail if isinstance(exc.detail, str) else phrase
+    return problem_response(
+        request,
+        status=exc.status_code,
+        type_="about:blank",
+        title=phrase,
+        detail=detail,
+        headers=exc.headers,
+    )
+
+
+async def _on_unhandled(request: Request, exc: Exception) -> ProblemResponse:
+    error_id = uuid.uuid4().hex
+    log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        request,
+        status=500,
+        type_=INTERNAL_ERROR,
+        title="Internal Server Error",
+        detail=f"unexpected server error; the server log has the details under error id {error_id}",
+        extensions={"error_id": error_id},
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(QkvaultError, _on_qkvault_error)
+    app.add_exception_handler(ApiProblem, _on_api_problem)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unhandled)

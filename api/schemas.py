@@ -1,0 +1,213 @@
+"""Public response schemas. Separate from the index records (``storage.index``) and from the
+request body (:class:`storage.jobspec.JobSpec`): what the API returns is decided here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.estimate import JobEstimate as Estimate
+from storage.index import ChunkRecord, JobRecord, JobState
+from storage.jobspec import JobSpec
+
+
+class Progress(BaseModel):
+    units_done: int = Field(description="work units finished (e.g. layer x row-block writes)")
+    units_total: int = Field(description="work units planned; 0 until the worker has planned the job")
+    fraction: float | None = Field(description="units_done / units_total in [0, 1]; null while unknown")
+    bytes_written: int = Field(description="encoded bytes written to the store so far")
+    chunks_written: int = Field(description="chunks durably written and recorded in the index")
+
+
+class JobLinks(BaseModel):
+    self_: str = Field(alias="self", description="this job")
+    bundle: str
+    cancel: str
+    chunks: str
+
+
+class JobPublic(BaseModel):
+    """A job as the API shows it. Poll ``links.self`` until ``state`` is terminal, then download
+    ``links.bundle``."""
+
+    id: str
+    state: JobState
+    label: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int = Field(description="worker attempts so far (a redelivered job counts again)")
+    max_attempts: int
+    heartbeat_at: datetime | None = Field(description="last sign of life from the worker running it")
+    phase: str | None = Field(description='e.g. "loading_model", "prefill", "decoding", "finalizing"')
+    progress: Progress
+    error: dict[str, Any] | None = Field(description="problem document (type, title, detail) if it failed")
+    partial: bool = Field(description="a cancelled/failed job left readable partial data in its bundle")
+    cancel_requested: bool
+    result: dict[str, Any] | None = Field(description="small summary written when the job ends")
+    links: JobLinks
+    spec: JobSpec = Field(description="the job spec as submitted (defaults filled in)")
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class ChunkPublic(BaseModel):
+    array: str = Field(examples=["attention"])
+    coords: list[int] = Field(description="chunk grid coordinates", examples=[[0, 1, 0, 2, 0]])
+    key: str = Field(description="store key relative to the bundle root", examples=["attention/c/0/1/0/2/0"])
+    nbytes: int = Field(description="stored (encoded) size in bytes")
+    checksum: str = Field(examples=["sha256:9f86d08..."])
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    checks: dict[str, str] | None = Field(default=None, examples=[{"database": "ok", "redis": "ok"}])
+
+
+class ProblemDoc(BaseModel):
+    """RFC 9457 problem document (documentation only: errors are built in :mod:`api.problems`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["invalid-job-spec"])
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, str]] | None = Field(
+        None,
+        examples=[[{"loc": "body.generation.max_new_tokens", "msg": "...", "type": "greater_than_equal"}]],
+    )
+
+
+class ArrayEstimate(BaseModel):
+    name: str = Field(examples=["attention"])
+    dims: list[str] = Field(examples=[["layer", "batch", "head", "query", "key"]])
+    shape: list[int]
+    dtype: str = Field(examples=["float16"])
+    chunk_shape: list[int]
+    chunks_written: int = Field(description="chunks the worker will write (attention: up to the diagonal)")
+    raw_bytes: int = Field(description="uncompressed bytes of the whole array as allocated")
+    expected_stored_bytes: int = Field(description="expected encoded bytes on the store")
+
+
+class TokenEstimate(BaseModel):
+    prompt: list[int] = Field(description="tokens of each prompt")
+    prompt_total: int
+    max_new_tokens: int = Field(description="per prompt")
+    max_total: int = Field(description="prompt tokens + max_new_tokens, summed over the prompts")
+    positions: int = Field(description="allocated sequence axis: longest prompt + max_new_tokens")
+    exact: bool = Field(description="counted with the model's tokenizer (false: approximated)")
+
+
+class LimitCheck(BaseModel):
+    name: str = Field(examples=["max_stored_bytes"])
+    setting: str = Field(examples=["QKVAULT_MAX_STORED_BYTES"])
+    limit: int
+    value: int
+    exceeded_by: int = Field(description="value - limit when over the limit, else 0")
+    ok: bool
+
+
+class JobEstimate(BaseModel):
+    """What a job will write, computed from the spec and the model's config without running it."""
+
+    model: str = Field(description="model.id")
+    arrays: list[ArrayEstimate]
+    raw_bytes: int = Field(description="sum of the arrays' uncompressed bytes")
+    expected_stored_bytes: int = Field(description="arrays + metadata, as stored (what the size limit sees)")
+    expected_stored: str = Field(description="expected_stored_bytes in binary units", examples=["1.3 GiB"])
+    metadata_bytes: int = Field(description="zarr.json files and root attributes (included above)")
+    tokens: TokenEstimate
+    attention_profile: str = Field(description="compression profile of attention: trained | near-uniform")
+    upper_bound: bool = Field(description="sequences may stop early at EOS: the real bundle can be smaller")
+    approximate: bool = Field(description="prompt token counts are approximated")
+    assumptions: list[str]
+    model_allowed: bool = Field(description="model.id matches this server's QKVAULT_ALLOWED_MODELS")
+    limits: list[LimitCheck] = Field(description="this server's limits, checked against the estimate")
+    within_limits: bool = Field(description="a submission of this spec would pass every limit")
+
+
+def human_bytes(n: int) -> str:
+    """``53687091200`` → ``"50 GiB"``; ``1288490189`` → ``"1.2 GiB"``."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            break
+        value /= 1024
+    text = f"{value:.1f}".removesuffix(".0")
+    return f"{text} {unit}"
+
+
+def estimate_public(
+    est: Estimate, model_id: str, limits: list[LimitCheck], model_allowed: bool
+) -> JobEstimate:
+    data = est.to_dict()
+    return JobEstimate(
+        model=model_id,
+        **data,
+        expected_stored=human_bytes(est.expected_stored_bytes),
+        model_allowed=model_allowed,
+        limits=limits,
+        within_limits=model_allowed and all(limit.ok for limit in limits),
+    )
+
+
+def job_links(job_id: str, root_path: str = "") -> JobLinks:
+    base = f"{root_path.rstrip('/')}/v1/jobs/{job_id}"
+    links = {"self": base, "bundle": f"{base}/bundle", "cancel": f"{base}/cancel", "chunks": f"{base}/chunks"}
+    return JobLinks.model_validate(links)
+
+
+def progress_of(job: JobRecord) -> Progress:
+    total = job.units_total or 0
+    if total > 0:
+        fraction: float | None = min(1.0, max(0.0, job.units_done / total))
+    else:
+        fraction = 1.0 if job.state == JobState.SUCCEEDED else None
+    return Progress(
+        units_done=job.units_done,
+        units_total=total,
+        fraction=fraction,
+        bytes_written=job.bytes_written,
+        chunks_written=job.chunks_written,
+    )
+
+
+def job_public(job: JobRecord, root_path: str = "") -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        state=job.state,
+        label=job.label,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        heartbeat_at=job.heartbeat_at,
+        phase=job.phase,
+        progress=progress_of(job),
+        error=job.error,
+        partial=job.partial,
+        cancel_requested=job.cancel_requested,
+        result=job.result,
+        links=job_links(job.id, root_path),
+        spec=JobSpec.model_validate(job.spec),
+    )
+
+
+def chunk_public(chunk: ChunkRecord) -> ChunkPublic:
+    return ChunkPublic(
+        array=chunk.array,
+        coords=list(chunk.coords),
+        key=chunk.key,
+        nbytes=chunk.nbytes,
+        checksum=chunk.checksum,
+    )

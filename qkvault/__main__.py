@@ -1,0 +1,7 @@
+"""``python -m qkvault`` is the ``qkvault`` command."""
+
+import sys
+
+from qkvault.cli import main
+
+sys.exit(main())

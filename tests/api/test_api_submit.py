@@ -1,0 +1,257 @@
+"""POST /v1/jobs: accepted jobs reach Redis; bad specs get field-level 422 problem documents."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.services import create_api_celery_app
+from api.settings import ApiSettings
+from storage.index import Index, JobState
+from tests.api.support import MAX_NEW_TOKENS, MAX_PROMPTS, SMOLLM2, queued_messages
+from tests.services import free_port
+from worker.app import enqueue_export
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _problem(response: Any, status: int, type_: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body: dict[str, Any] = response.json()
+    assert body["type"] == type_
+    assert body["status"] == status
+    assert {"title", "detail", "instance"} <= body.keys()
+    return body
+
+
+def test_submit_returns_202_location_body_and_task_message(
+    client: TestClient, broker: redis.Redis, queue_name: str, index: Index
+) -> None:
+    spec = {
+        "model": {"id": SMOLLM2},
+        "prompts": ["The capital of France is", "def fibonacci(n):"],
+        "generation": {"max_new_tokens": 8},
+        "capture": {"qkv": True, "layers": [29, 0, 15]},
+        "label": "demo",
+    }
+    response = client.post("/v1/jobs", json=spec)
+
+    assert response.status_code == 202, response.text
+    body = response.json()
+    job_id = body["id"]
+    assert response.headers["location"] == f"/v1/jobs/{job_id}"
+    assert body["state"] == "queued"
+    assert body["label"] == "demo"
+    assert body["attempts"] == 0
+    assert body["cancel_requested"] is False and body["partial"] is False
+    assert body["error"] is None and body["result"] is None
+    assert body["progress"] == {
+        "units_done": 0,
+        "units_total": 0,
+        "fraction": None,
+        "bytes_written": 0,
+        "chunks_written": 0,
+    }
+    assert body["links"] == {
+        "self": f"/v1/jobs/{job_id}",
+        "bundle": f"/v1/jobs/{job_id}/bundle",
+        "cancel": f"/v1/jobs/{job_id}/cancel",
+        "chunks": f"/v1/jobs/{job_id}/chunks",
+    }
+    # the spec as submitted, normalised and with defaults filled in
+    assert body["spec"]["capture"]["layers"] == [0, 15, 29]
+    assert body["spec"]["generation"]["max_new_tokens"] == 8
+    assert body["spec"]["storage"]["attention_dtype"] == "float16"
+
+    assert index.get_job(job_id, owner="local").state == JobState.QUEUED
+    messages = queued_messages(broker, queue_name)
+    assert len(messages) == 1
+    assert messages[0]["headers"]["id"] == job_id
+    assert messages[0]["headers"]["task"] == "qkvault.export"
+
+    assert client.get(response.headers["location"]).json()["id"] == job_id
+
+
+def test_each_submission_enqueues_once(
+    submit: Callable[..., dict[str, Any]], broker: redis.Redis, queue_name: str
+) -> None:
+    ids = {submit()["id"] for _ in range(3)}
+    assert len(ids) == 3
+    assert broker.llen(queue_name) == 3
+    assert {m["headers"]["id"] for m in queued_messages(broker, queue_name)} == ids
+
+
+def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]]) -> None:
+    assert submit(prompts="hello")["spec"]["prompts"] == ["hello"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc", "error_type", "msg_part"),
+    [
+        ({"prompts": None}, "body.prompts", "missing", "required"),
+        ({"generation": {"max_new_tokens": -1}}, "body.generation.max_new_tokens", "greater_than_equal", "0"),
+        ({"bogus": 1}, "body.bogus", "extra_forbidden", "not permitted"),
+        ({"capture": {"layers": []}}, "body.capture.layers", "value_error", "must not be empty"),
+        ({"prompts": []}, "body.prompts", "too_short", "at least 1"),
+        (
+            {"model": {"id": SMOLLM2, "trust_remote_code": True}},
+            "body.model.trust_remote_code",
+            "extra_forbidden",
+            "",
+        ),
+    ],
+    ids=[
+        "missing-prompts",
+        "negative-max-new-tokens",
+        "unknown-field",
+        "empty-layers",
+        "no-prompts",
+        "remote-code",
+    ],
+)
+def test_invalid_spec_gives_field_level_422(
+    client: TestClient,
+    broker: redis.Redis,
+    queue_name: str,
+    patch: dict[str, Any],
+    loc: str,
+    error_type: str,
+    msg_part: str,
+) -> None:
+    spec: dict[str, Any] = {"model": {"id": SMOLLM2}, "prompts": ["hi"], **patch}
+    spec = {k: v for k, v in spec.items() if v is not None}
+
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "validation-error")
+
+    assert body["instance"] == "/v1/jobs"
+    matching = [e for e in body["errors"] if e["loc"] == loc]
+    assert matching, body["errors"]
+    assert matching[0]["type"] == error_type
+    assert msg_part in matching[0]["msg"]
+    assert loc in body["detail"]
+    assert "input" not in matching[0]  # the submitted value is not echoed back
+    assert broker.llen(queue_name) == 0
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_malformed_json_gives_422_problem(client: TestClient) -> None:
+    response = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    body = _problem(response, 422, "validation-error")
+    assert body["errors"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc", "limit", "value"),
+    [
+        ({"prompts": ["p"] * (MAX_PROMPTS + 1)}, "body.prompts", MAX_PROMPTS, MAX_PROMPTS + 1),
+        (
+            {"generation": {"max_new_tokens": MAX_NEW_TOKENS + 1}},
+            "body.generation.max_new_tokens",
+            MAX_NEW_TOKENS,
+            MAX_NEW_TOKENS + 1,
+        ),
+    ],
+    ids=["prompts", "max-new-tokens"],
+)
+def test_server_limits_give_422_naming_limit_and_value(
+    submit: Callable[..., dict[str, Any]],
+    client: TestClient,
+    patch: dict[str, Any],
+    loc: str,
+    limit: int,
+    value: int,
+) -> None:
+    spec = {"model": {"id": SMOLLM2}, "prompts": ["hi"], **patch}
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "limit-exceeded")
+    assert (body["limit"], body["value"]) == (limit, value)
+    assert f"limit of {limit}" in body["detail"] and str(value) in body["detail"]
+    assert body["errors"][0]["loc"] == loc
+
+
+def test_layers_out_of_range_on_smollm2(client: TestClient, broker: redis.Redis, queue_name: str) -> None:
+    spec = {"model": {"id": SMOLLM2}, "prompts": ["hi"], "capture": {"layers": [0, 29, 30, 31]}}
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "invalid-job-spec")
+    assert "[30, 31] out of range" in body["detail"]
+    assert "30 layers (0..29)" in body["detail"]
+    assert body["errors"][0]["loc"] == "body.capture.layers"
+    assert broker.llen(queue_name) == 0
+
+
+def test_heads_out_of_range_on_smollm2(client: TestClient) -> None:
+    spec = {"model": {"id": SMOLLM2}, "prompts": ["hi"], "capture": {"heads": [8, 9]}}
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "invalid-job-spec")
+    assert "9 query heads (0..8)" in body["detail"]
+    assert body["errors"][0]["loc"] == "body.capture.heads"
+
+
+def test_unsupported_architecture_gives_422(client: TestClient, tmp_path: Path) -> None:
+    folder = tmp_path / "gemma2-tiny"
+    folder.mkdir()
+    config = {
+        "model_type": "gemma2",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 32,
+        "head_dim": 8,
+        "attn_logit_softcapping": 50.0,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = {"model": {"id": str(folder)}, "prompts": ["hi"]}
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "unsupported-model")
+    assert "gemma2" in body["detail"]
+
+
+def test_unreadable_model_config_gives_422(client: TestClient, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{broken")
+    spec = {"model": {"id": str(tmp_path)}, "prompts": ["hi"]}
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "invalid-job-spec")
+    assert "cannot read its config" in body["detail"]
+
+
+@pytest.mark.parametrize("model_id", ["pkg:no_such_package_qk/x.gguf", "not a model id", "../etc/passwd"])
+def test_unresolvable_model_id_gives_422(client: TestClient, model_id: str) -> None:
+    body = _problem(
+        client.post("/v1/jobs", json={"model": {"id": model_id}, "prompts": ["hi"]}), 422, "invalid-job-spec"
+    )
+    assert model_id in body["detail"]
+
+
+def test_model_facts_unknown_here_is_left_to_the_worker(submit: Callable[..., dict[str, Any]]) -> None:
+    # a hub id absent from this machine's cache: cannot be checked here, so it is accepted
+    body = submit(model={"id": "qkvault-test-org/not-cached-model"}, capture={"layers": [999]})
+    assert body["state"] == "queued"
+
+
+def test_api_celery_client_keeps_no_per_task_state(
+    api_settings: ApiSettings, broker: redis.Redis, queue_name: str
+) -> None:
+    # The stock Redis result backend remembers every sent task's result channel in the producer
+    # (growing forever in a long-lived API) and, after a Redis outage, refuses to publish until
+    # restart. The API reads state from the database, so its Celery client has no result backend.
+    app = create_api_celery_app(api_settings)
+    try:
+        enqueue_export(app, "job-without-result-state")
+        assert not hasattr(app.backend, "result_consumer")
+        assert queued_messages(broker, queue_name)[0]["headers"]["id"] == "job-without-result-state"
+    finally:
+        app.close()
+
+
+def test_broker_down_keeps_the_job_queued(api_settings: ApiSettings, index: Index) -> None:
+    settings = api_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.post("/v1/jobs", json={"model": {"id": SMOLLM2}, "prompts": ["hi"]})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        assert index.get_job(job_id).state == JobState.QUEUED
+        # cancelling still works (revoke is best effort and fails quietly)
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"

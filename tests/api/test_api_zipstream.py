@@ -1,0 +1,137 @@
+"""storage.bundle.zipstream: deterministic, streamed ZIP_STORED bundles (local and S3 stores)."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from storage.bundle.zipstream import ZIP_EPOCH, iter_bundle_zip, write_bundle_zip
+from storage.errors import BundleNotReady
+from storage.objectstore import ObjectStore
+from tests.api.support import write_small_bundle
+from tests.services import S3Server
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> ObjectStore:
+    return ObjectStore(str(tmp_path / "store"))
+
+
+def _write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
+def test_zip_holds_every_file_relative_to_the_bundle(local_store: ObjectStore) -> None:
+    url = local_store.bundle_url("job-a")
+    files = {
+        "zarr.json": b'{"zarr_format": 3, "node_type": "group"}',
+        "q/zarr.json": b"{}",
+        "q/c/0/1": os.urandom(5000),
+        "empty": b"",
+    }
+    _write_files(Path(url), files)
+
+    data = b"".join(iter_bundle_zip(local_store, url))
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.namelist() == sorted(files)
+        assert zf.testzip() is None
+        for info in zf.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED
+            assert info.date_time == ZIP_EPOCH
+            assert zf.read(info) == files[info.filename]
+
+
+def test_zip_is_deterministic_across_identical_stores(tmp_path: Path) -> None:
+    zips = []
+    for name in ("one", "two"):
+        store = ObjectStore(str(tmp_path / name))
+        url = store.bundle_url("same-job")
+        write_small_bundle(url, seed=7)
+        os.utime(Path(url) / "zarr.json", (1_000_000_000 + len(name), 1_000_000_000 + len(name)))
+        zips.append(b"".join(iter_bundle_zip(store, url)))
+    assert zips[0] == zips[1]
+    assert zips[0] == b"".join(iter_bundle_zip(store, url, piece_bytes=4096))  # piece size changes nothing
+
+
+def test_zip_is_streamed_in_pieces(local_store: ObjectStore) -> None:
+    url = local_store.bundle_url("job-big")
+    big = os.urandom(300_000)
+    _write_files(Path(url), {"zarr.json": b"{}", "a/c/0": big, "b/c/0": big[::-1]})
+    piece_bytes = 16 << 10  # 16 KiB
+
+    pieces = iter_bundle_zip(local_store, url, piece_bytes=piece_bytes)
+    first = next(pieces)  # available before the rest is read
+    rest = list(pieces)
+
+    assert len(first) <= piece_bytes + 512
+    assert len(rest) >= 2 * len(big) // piece_bytes
+    assert max(len(p) for p in rest) <= piece_bytes + 512  # a piece plus at most a few headers
+    with zipfile.ZipFile(io.BytesIO(first + b"".join(rest))) as zf:
+        assert zf.read("a/c/0") == big
+
+
+def test_missing_zarr_json_raises_at_call_time(local_store: ObjectStore) -> None:
+    url = local_store.bundle_url("job-empty")
+    with pytest.raises(BundleNotReady, match=r"zarr\.json is missing"):
+        iter_bundle_zip(local_store, url)  # no next(): checked eagerly
+    _write_files(Path(url), {"c/0": b"x"})
+    with pytest.raises(BundleNotReady):
+        iter_bundle_zip(local_store, url)
+
+
+def test_write_bundle_zip_matches_stream_and_opens_with_xarray(
+    local_store: ObjectStore, tmp_path: Path
+) -> None:
+    url = local_store.bundle_url("job-w")
+    data = write_small_bundle(url)
+    dest = tmp_path / "out" / "job-w.zarr.zip"
+
+    written = write_bundle_zip(local_store, url, dest)
+
+    assert written == dest
+    assert dest.read_bytes() == b"".join(iter_bundle_zip(local_store, url))
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no temporary file left
+    store = zarr.storage.ZipStore(dest, mode="r")
+    try:
+        ds = xr.open_zarr(store, zarr_format=3, consolidated=False)
+        np.testing.assert_array_equal(ds["attention"].values, data["attention"])
+    finally:
+        store.close()
+
+
+def test_write_bundle_zip_leaves_nothing_when_not_ready(local_store: ObjectStore, tmp_path: Path) -> None:
+    with pytest.raises(BundleNotReady):
+        write_bundle_zip(local_store, local_store.bundle_url("nothing"), tmp_path / "x.zip")
+    assert not (tmp_path / "x.zip").exists()
+
+
+def test_zip_of_s3_bundle_matches_local(s3_server: S3Server, s3_store_url: str, tmp_path: Path) -> None:
+    s3 = ObjectStore(s3_store_url, storage_options=s3_server.storage_options())
+    s3_url = s3.bundle_url("job-s3")
+    data = write_small_bundle(s3_url, storage_options=s3_server.storage_options())
+    local = ObjectStore(str(tmp_path / "local"))
+    local_url = local.bundle_url("job-s3")
+    write_small_bundle(local_url)
+
+    from_s3 = b"".join(iter_bundle_zip(s3, s3_url, piece_bytes=4096))
+
+    assert from_s3 == b"".join(iter_bundle_zip(local, local_url))  # same bytes whatever the backend
+    dest = tmp_path / "s3.zip"
+    dest.write_bytes(from_s3)
+    zstore = zarr.storage.ZipStore(dest, mode="r")
+    try:
+        ds = xr.open_zarr(zstore, zarr_format=3, consolidated=False)
+        np.testing.assert_array_equal(ds["attention"].values, data["attention"])
+    finally:
+        zstore.close()

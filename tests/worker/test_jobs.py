@@ -1,0 +1,133 @@
+"""The job runner against a real SQLite index and a local store: outcomes, chunk records, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.bundle import open_bundle
+from storage.errors import JobCancelled
+from storage.index import Index, JobState
+from storage.objectstore import ObjectStore
+from storage.settings import Settings
+from worker.jobs import run_job
+from worker.models import ModelCache
+
+from .conftest import CollectingHooks, model_cache_dir
+from .export_helpers import export
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, Any]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/index.db",
+        store_url=str(tmp_path / "store"),
+        progress_interval_s=0.0,
+        heartbeat_interval_s=0.2,
+        model_cache_dir=model_cache_dir(),
+    )
+    index = Index(settings.database_url)
+    index.migrate()
+    store = ObjectStore.from_settings(settings)
+    return {
+        "settings": settings,
+        "index": index,
+        "store": store,
+        "models": ModelCache(model_cache_dir(), "cpu"),
+    }
+
+
+def _submit(env: dict[str, Any], spec: dict[str, Any]) -> str:
+    job = env["index"].create_job(
+        spec=spec, owner="local", store_url_for=env["store"].bundle_url, max_attempts=3
+    )
+    return str(job.id)
+
+
+def _run(env: dict[str, Any], job_id: str) -> JobState | None:
+    return run_job(
+        job_id,
+        index=env["index"],
+        store=env["store"],
+        models=env["models"],
+        settings=env["settings"],
+        worker_id="test-worker",
+    )
+
+
+def test_succeeded_job_records_every_stored_chunk(env: dict[str, Any], tiny_model_dir: Any) -> None:
+    spec = {
+        "model": {"id": str(tiny_model_dir("llama"))},
+        "prompts": ["hello there, world", "x"],
+        "generation": {"max_new_tokens": 3},
+        "capture": {"qkv": True},
+        "storage": {"chunk_rows": 16},
+    }
+    job_id = _submit(env, spec)
+    assert _run(env, job_id) is JobState.SUCCEEDED
+    job = env["index"].get_job(job_id)
+    assert job.state is JobState.SUCCEEDED and job.attempts == 1 and job.error is None
+    assert job.units_done == job.units_total > 0
+    assert job.result["lengths"] == [len("hello there, world") + 1 + 3, 2 + 3]
+    records = {r.key: r for r in env["index"].list_chunks(job_id)}
+    files = dict(env["store"].list_files(job.store_url))
+    chunk_files = {k: v for k, v in files.items() if "/c/" in k}
+    assert set(records) == set(chunk_files), "index and store disagree on which chunks exist"
+    for key, record in records.items():
+        data = (Path(job.store_url) / key).read_bytes()
+        assert record.nbytes == len(data) == chunk_files[key]
+        assert record.checksum == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert job.bytes_written == sum(r.nbytes for r in records.values())
+    assert job.chunks_written == len(records)
+    assert open_bundle(job.store_url).attrs["complete"] is True
+    # A redelivered message for a finished job does nothing.
+    assert _run(env, job_id) is None
+    assert env["index"].get_job(job_id).attempts == 1
+
+
+def test_bad_model_fails_with_readable_error(env: dict[str, Any], tmp_path: Path) -> None:
+    job_id = _submit(env, {"model": {"id": str(tmp_path / "no-such-model")}, "prompts": ["hi"]})
+    assert _run(env, job_id) is JobState.FAILED
+    error = env["index"].get_job(job_id).error
+    assert error["type"] == "model-load-failed" and "no-such-model" in error["detail"]
+
+
+def test_prompt_too_long_fails_with_readable_error(env: dict[str, Any], tiny_model_dir: Any) -> None:
+    job_id = _submit(
+        env,
+        {
+            "model": {"id": str(tiny_model_dir("llama"))},
+            "prompts": ["x" * 300],
+            "generation": {"max_new_tokens": 10},
+        },
+    )
+    assert _run(env, job_id) is JobState.FAILED
+    error = env["index"].get_job(job_id).error
+    assert error["type"] == "invalid-job-spec"
+    assert "301 tokens + max_new_tokens 10" in error["detail"] and "256" in error["detail"]
+
+
+def test_cancel_requested_before_start_ends_cancelled(env: dict[str, Any], tiny_model_dir: Any) -> None:
+    job_id = _submit(env, {"model": {"id": str(tiny_model_dir("llama"))}, "prompts": ["hi"]})
+    env["index"].request_cancel(job_id)
+    assert _run(env, job_id) is None
+    assert env["index"].get_job(job_id).state is JobState.CANCELLED
+
+
+def test_cancel_at_chunk_boundary_keeps_partial_data(tiny_model_dir: Any, tmp_path: Path) -> None:
+    spec = {
+        "model": {"id": str(tiny_model_dir("llama"))},
+        "prompts": ["a" * 100],
+        "generation": {"max_new_tokens": 4},
+        "storage": {"chunk_rows": 16},
+    }
+    hooks = CollectingHooks(cancel_after_blocks=3)
+    with pytest.raises(JobCancelled):
+        export(spec, tmp_path / "b.zarr", hooks=hooks)
+    ds = open_bundle(tmp_path / "b.zarr")
+    assert ds.attrs["partial"] is True and ds.attrs["complete"] is False
+    assert hooks.units < hooks.units_total  # stopped early
+    assert ds["attention"][0, 0, :, :16, :16].values.any()  # what was written is kept

@@ -1,0 +1,45 @@
+"""Model loading: GGUF dequantised once and cached, one model per process reused across jobs,
+unsupported architectures refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.errors import ModelLoadError, UnsupportedModel
+from storage.jobspec import ModelSpec
+from storage.modelinfo import resolve_source
+from worker.models import ModelCache, _dequantised_gguf
+
+from .conftest import model_cache_dir
+
+
+@pytest.mark.slow
+def test_gguf_is_dequantised_once(smollm2_id: str) -> None:
+    source = resolve_source(ModelSpec(id=smollm2_id))
+    first = _dequantised_gguf(source, model_cache_dir())
+    weights = first / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert _dequantised_gguf(source, model_cache_dir()) == first
+    assert weights.stat().st_mtime_ns == stamp, "the cache was rewritten"
+
+
+def test_model_cache_reuses_the_loaded_model(tiny_model_dir: Any, tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path, "cpu")
+    spec = ModelSpec(id=str(tiny_model_dir("llama")))
+    first = cache.get(spec)
+    assert cache.get(spec) is first and first.load_s == 0.0
+    other = cache.get(ModelSpec(id=str(tiny_model_dir("gpt2"))))
+    assert other is not first and other.facts.model_type == "gpt2"
+
+
+def test_softcap_models_are_refused(tiny_model_dir: Any, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModel, match="soft-capping"):
+        ModelCache(tmp_path, "cpu").get(ModelSpec(id=str(tiny_model_dir("gemma2"))))
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        ModelCache(tmp_path, "cpu").get(ModelSpec(id=str(tmp_path / "nope")))

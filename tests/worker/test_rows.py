@@ -1,0 +1,44 @@
+"""RowBlockBuffer: rows arriving one by one or in slabs come out as the same whole blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.capture.rows import RowBlockBuffer
+
+
+def _rows(n: int, width: int) -> np.ndarray:
+    return np.arange(2 * n * width, dtype=np.float32).reshape(2, n, width) + 1
+
+
+def test_blocks_are_identical_whether_rows_come_in_slabs_or_singly() -> None:
+    full = np.tril(np.ones((10, 12), dtype=np.float32))[None].repeat(2, 0)
+    slab = RowBlockBuffer(2, 4, np.dtype(np.float32))
+    out_slab = slab.add(0, full[:, :7, :8]) + slab.add(7, full[:, 7:, :])
+    out_slab.append(slab.flush())  # type: ignore[arg-type]
+    single = RowBlockBuffer(2, 4, np.dtype(np.float32))
+    out_single = []
+    for r in range(10):
+        out_single += single.add(r, full[:, r : r + 1, : r + 1])
+    out_single.append(single.flush())  # type: ignore[arg-type]
+    assert [b for b, _ in out_slab] == [b for b, _ in out_single] == [0, 1, 2]
+    for (_, a), (_, b) in zip(out_slab, out_single, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert out_slab[0][1].shape == (2, 4, 4) and out_slab[1][1].shape == (2, 4, 8)
+    assert out_slab[2][1].shape == (2, 2, 12)  # last block: only the rows that exist
+
+
+def test_column_offset_places_a_window() -> None:
+    buf = RowBlockBuffer(1, 4, np.dtype(np.float32))
+    buf.add(0, np.ones((1, 4, 4), dtype=np.float32))
+    done = buf.add(4, np.full((1, 4, 3), 2, dtype=np.float32), col0=5)
+    ((block, data),) = done
+    assert block == 1 and data[0, 0].tolist() == [0, 0, 0, 0, 0, 2, 2, 2]
+
+
+def test_out_of_order_rows_are_refused() -> None:
+    buf = RowBlockBuffer(1, 4, np.dtype(np.float32), width=3)
+    buf.add(0, _rows(2, 3)[:1])
+    with pytest.raises(ValueError, match="out of order"):
+        buf.add(3, _rows(1, 3)[:1])

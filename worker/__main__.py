@@ -1,0 +1,40 @@
+"""``python -m worker``: one Celery worker process (concurrency 1: one per GPU).
+
+Configuration comes from ``QKVAULT_*`` environment variables (storage.settings.Settings). Extra
+arguments are passed to ``celery worker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from storage.settings import Settings
+from worker.app import create_celery_app
+from worker.tasks import register_tasks
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_celery_app(settings)
+    register_tasks(app, settings)
+    name = f"qkvault-{os.getpid()}@{socket.gethostname()}"
+    args = [
+        "worker",
+        "--loglevel=INFO",
+        "--concurrency=1",
+        "--pool=prefork",
+        "-Q",
+        settings.queue_name,
+        "--hostname",
+        name,
+        *(sys.argv[1:] if argv is None else argv),
+    ]
+    app.worker_main(argv=args)
+
+
+if __name__ == "__main__":
+    main()

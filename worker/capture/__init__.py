@@ -1,0 +1,1 @@
+"""Attention capture: a registered transformers attention function that streams what it sees."""

@@ -1,0 +1,238 @@
+"""Per-head attention summary metrics (``HEAD_METRICS.md``), computed from attention rows as they stream.
+
+:func:`row_metrics` turns one block of attention rows into per-row metrics on the device the rows
+live on (CPU or CUDA); :class:`HeadMetricsAccumulator` keeps the eligible rows' running sums (float64)
+and the per-row values the quantiles need on the host. Labels come from :mod:`storage.summary`.
+
+Shapes: L exported layers, B sequences, H exported query heads, n query rows, K key columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from storage.capturespec import SummaryParams
+
+ROW_METRICS: tuple[str, ...] = (
+    "sink", "bos", "local", "middle", "prev", "self", "prev_argmax_rate", "max_weight",
+    "entropy", "entropy_norm", "effective_keys", "k90", "k90_frac", "sparsity_1pct", "mean_distance",
+    "mean_distance_norm", "middle_k90",
+)  # fmt: skip
+QUANTILE_METRICS: tuple[str, ...] = (
+    "sink", "local", "middle", "prev", "max_weight", "entropy", "k90", "mean_distance",
+)  # fmt: skip
+QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
+
+K90_MASS = 0.9
+K90_TOLERANCE = 1e-6  # top-k mass >= 0.9 - tolerance counts as reaching 0.9 (fp rounding of the cumsum)
+SPARSITY_FRACTION = 0.01  # H2O: entries below 1% of the row maximum count as zero
+_TINY = 1e-30
+
+
+def _k90_pair(a: torch.Tensor, in_middle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k90`` of rows ``a [H, n, K]`` (summing to 1) and of their middle part ``in_middle [n, K]``.
+
+    One sort serves both: the middle entries, taken in the row's descending order, are the middle
+    distribution sorted. ``k90`` of the middle renormalised to sum 1 is the number of middle entries
+    up to the first sorted position where their cumulative mass reaches ``0.9 · middle mass``
+    (0 where that mass is 0). Cumulative sums in float64 so the 0.9 crossing does not drift.
+    Returns two ``[H, n]`` float32 tensors.
+    """
+    threshold = K90_MASS - K90_TOLERANCE
+    top, order = torch.sort(a, dim=-1, descending=True)
+    top64 = top.double()
+    del top
+    k90 = (torch.cumsum(top64, dim=-1) < threshold).sum(-1) + 1
+    middle_sorted = in_middle[None].expand_as(a).gather(-1, order)
+    del order
+    middle_cum = torch.cumsum(top64 * middle_sorted, dim=-1)
+    del top64
+    middle_mass = middle_cum[..., -1:]
+    crossing = (middle_cum < threshold * middle_mass).sum(-1, keepdim=True)  # first position reaching it
+    del middle_cum
+    steps = torch.arange(a.shape[-1], device=a.device)
+    middle_k90 = (middle_sorted & (steps <= crossing)).sum(-1)
+    middle_k90 = torch.where(middle_mass[..., 0] > 0, middle_k90, 0)
+    return k90.float(), middle_k90.float()
+
+
+def row_metrics(
+    probs: torch.Tensor, positions: torch.Tensor, *, sink_tokens: int, local_window: int
+) -> dict[str, torch.Tensor]:
+    """Every :data:`ROW_METRICS` metric of each row: name → ``[H, n]`` float32 on ``probs.device``.
+
+    ``probs [H, n, K]``: row i is the attention of the token at position ``t_i = positions[i]`` over
+    keys ``0..K-1`` (``K ≥ t_i + 1``); columns past ``t_i`` are ignored and the visible part is
+    renormalised to sum 1. With ``n_i = t_i + 1`` visible keys, sink set ``S = {0..s-1}``, local set
+    ``R = {max(s, t-W+1)..t}`` and middle ``M`` = the rest of ``0..t`` (definitions in HEAD_METRICS.md).
+    ``prev_argmax_rate`` is per row 1.0 when the (first) argmax is ``t-1``, else 0.0; ``prev`` is 0 at
+    ``t = 0``; ``entropy_norm`` and ``mean_distance_norm`` are 0 where ``ln n`` or ``t`` is 0;
+    ``middle_k90`` is 0 where the middle mass is 0. Memory O(H·n·K); no loop over rows.
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be [H, n, K], got shape {tuple(probs.shape)}")
+    heads, n_rows, width = probs.shape
+    if positions.shape != (n_rows,):
+        raise ValueError(f"positions must be [{n_rows}], got shape {tuple(positions.shape)}")
+    if sink_tokens < 1 or local_window < 1:
+        raise ValueError("sink_tokens and local_window must be >= 1")
+    device = probs.device
+    if n_rows == 0:
+        return {name: torch.zeros(heads, 0, device=device) for name in ROW_METRICS}
+    t = positions.to(device=device, dtype=torch.long)
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= width:
+        raise ValueError(f"positions must lie in 0..{width - 1} (K = {width}), got {lo}..{hi}")
+
+    width = hi + 1  # keys past the last row's position carry no weight
+    probs = probs[:, :, :width]
+    cols = torch.arange(width, device=device)
+    visible = cols[None, :] <= t[:, None]  # [n, K]
+    a = probs.float() * visible
+    a = a / a.sum(-1, keepdim=True).clamp_min(_TINY)
+    n_keys = (t + 1).float()
+    t_float = t.float()
+
+    local_start = torch.clamp(t - local_window + 1, min=sink_tokens)
+    in_sink = visible & (cols[None, :] < sink_tokens)
+    in_local = visible & (cols[None, :] >= local_start[:, None])
+    in_middle = visible & ~in_sink & ~in_local
+
+    out: dict[str, torch.Tensor] = {}
+    out["sink"] = (a * in_sink).sum(-1)
+    out["bos"] = a[:, :, 0].clone()
+    out["local"] = (a * in_local).sum(-1)
+    out["middle"] = (a * in_middle).sum(-1)
+
+    has_prev = t >= 1
+    prev_index = (t - 1).clamp_min(0)[None, :, None].expand(heads, n_rows, 1)
+    out["prev"] = a.gather(-1, prev_index).squeeze(-1) * has_prev
+    out["self"] = a.gather(-1, t[None, :, None].expand(heads, n_rows, 1)).squeeze(-1)
+    max_weight, argmax = a.max(dim=-1)  # first maximal index on ties
+    out["prev_argmax_rate"] = ((argmax == t - 1) & has_prev).float()
+    out["max_weight"] = max_weight
+
+    entropy = -torch.special.xlogy(a, a).sum(-1)
+    log_n = torch.log(n_keys)
+    out["entropy"] = entropy
+    out["entropy_norm"] = torch.where(log_n > 0, entropy / log_n.clamp_min(_TINY), 0.0)
+    out["effective_keys"] = torch.exp(entropy)
+
+    k90, middle_k90 = _k90_pair(a, in_middle)
+    k90 = torch.minimum(k90, n_keys)
+    out["k90"] = k90
+    out["k90_frac"] = k90 / n_keys
+    below = (a < SPARSITY_FRACTION * max_weight[..., None]) & visible
+    out["sparsity_1pct"] = below.sum(-1).float() / n_keys
+    del below
+
+    distance = (t[:, None] - cols[None, :]).clamp_min(0).float()  # [n, K]; zero weight past t anyway
+    mean_distance = (a * distance).sum(-1)
+    out["mean_distance"] = mean_distance
+    out["mean_distance_norm"] = torch.where(t >= 1, mean_distance / t_float.clamp_min(1.0), 0.0)
+    out["middle_k90"] = middle_k90
+    return {name: out[name].float().contiguous() for name in ROW_METRICS}
+
+
+@dataclass
+class HeadSummary:
+    """Per-head summary of one job (numpy, what the bundle stores).
+
+    ``means``: metric → ``[L, B, H]`` float32, mean over eligible rows (NaN where none);
+    ``quantiles``: :data:`QUANTILE_METRICS` metric → ``[L, B, H, 3]`` float32 at :data:`QUANTILES`
+    (linear interpolation; NaN where none); ``rows`` ``[L, B]`` int32 eligible rows seen;
+    ``context_min`` / ``context_max`` ``[L, B]`` int32, min / max visible keys over eligible rows
+    (0 where none); ``pooled_means``: metric → ``[L, H]`` float32 over every sequence's eligible rows
+    (row-weighted; NaN where none); ``pooled_rows`` ``[L]`` int32.
+    """
+
+    means: dict[str, np.ndarray]
+    quantiles: dict[str, np.ndarray]
+    rows: np.ndarray
+    context_min: np.ndarray
+    context_max: np.ndarray
+    pooled_means: dict[str, np.ndarray]
+    pooled_rows: np.ndarray
+
+
+class HeadMetricsAccumulator:
+    """Accumulates :func:`row_metrics` of eligible rows (``t + 1 ≥ params.min_keys``) per (layer, sequence).
+
+    Rows of one (layer, sequence) may arrive in any number of :meth:`observe` calls (prefill blocks,
+    then one row per generated token). Sums are float64 on the host; the per-row values of
+    :data:`QUANTILE_METRICS` are kept on the host as float32 (``4 · 8 · H`` bytes per eligible row
+    and layer) so the quantiles are exact.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, params: SummaryParams) -> None:
+        if min(num_layers, batch, num_heads) < 1:
+            raise ValueError("num_layers, batch and num_heads must be >= 1")
+        self.num_layers, self.batch, self.num_heads = num_layers, batch, num_heads
+        self.params = params
+        self._sums = np.zeros((len(ROW_METRICS), num_layers, batch, num_heads), dtype=np.float64)
+        self._rows = np.zeros((num_layers, batch), dtype=np.int64)
+        self._context_min = np.zeros((num_layers, batch), dtype=np.int64)
+        self._context_max = np.zeros((num_layers, batch), dtype=np.int64)
+        self._quantile_index = [ROW_METRICS.index(name) for name in QUANTILE_METRICS]
+        self._values: dict[tuple[int, int], list[np.ndarray]] = {}  # (l, b) → blocks [Q, H, n] float32
+
+    def observe(self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add one block of rows: ``probs [H, n, K]`` (any device) at ``positions [n]``; see row_metrics."""
+        if not (0 <= layer_pos < self.num_layers and 0 <= batch_index < self.batch):
+            raise IndexError(f"(layer_pos, batch_index) = ({layer_pos}, {batch_index}) out of range")
+        if probs.dim() != 3 or probs.shape[0] != self.num_heads:
+            raise ValueError(f"probs must be [{self.num_heads}, n, K], got shape {tuple(probs.shape)}")
+        host_positions = positions.detach().to("cpu", torch.long)
+        keep = torch.nonzero(host_positions + 1 >= self.params.min_keys).flatten()
+        if keep.numel() == 0:
+            return
+        kept_positions = host_positions[keep]
+        rows = probs.detach()[:, :, : int(kept_positions.max()) + 1]  # later keys carry no weight
+        if keep.numel() != rows.shape[1]:
+            rows = rows.index_select(1, keep.to(rows.device))
+        metrics = row_metrics(
+            rows,
+            kept_positions,
+            sink_tokens=self.params.sink_tokens,
+            local_window=self.params.local_window,
+        )
+        values = torch.stack([metrics[name] for name in ROW_METRICS]).cpu().numpy()  # [M, H, n]
+        self._sums[:, layer_pos, batch_index] += values.sum(axis=-1, dtype=np.float64)
+        n_keys = kept_positions.numpy() + 1
+        low, high = int(n_keys.min()), int(n_keys.max())
+        seen = self._rows[layer_pos, batch_index] > 0
+        self._context_min[layer_pos, batch_index] = (
+            min(low, int(self._context_min[layer_pos, batch_index])) if seen else low
+        )
+        self._context_max[layer_pos, batch_index] = max(high, int(self._context_max[layer_pos, batch_index]))
+        self._rows[layer_pos, batch_index] += len(n_keys)
+        block = np.ascontiguousarray(values[self._quantile_index])
+        self._values.setdefault((layer_pos, batch_index), []).append(block)
+
+    def result(self) -> HeadSummary:
+        """The summary of every row observed so far (may be called more than once)."""
+        shape = (self.num_layers, self.batch, self.num_heads)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows = self._rows[None, :, :, None]
+            means_all = np.where(rows > 0, self._sums / rows, np.nan)
+            pooled_rows = self._rows.sum(axis=1)
+            pooled = pooled_rows[None, :, None]
+            pooled_all = np.where(pooled > 0, self._sums.sum(axis=2) / pooled, np.nan)
+        quantiles = {name: np.full((*shape, len(QUANTILES)), np.nan, np.float32) for name in QUANTILE_METRICS}
+        for (layer_pos, batch_index), blocks in self._values.items():
+            values = np.concatenate(blocks, axis=-1).astype(np.float64)  # [Q, H, rows]
+            q = np.quantile(values, QUANTILES, axis=-1, method="linear")  # [3, Q, H]
+            for i, name in enumerate(QUANTILE_METRICS):
+                quantiles[name][layer_pos, batch_index] = q[:, i].T
+        return HeadSummary(
+            means={name: means_all[i].astype(np.float32) for i, name in enumerate(ROW_METRICS)},
+            quantiles=quantiles,
+            rows=self._rows.astype(np.int32),
+            context_min=self._context_min.astype(np.int32),
+            context_max=self._context_max.astype(np.int32),
+            pooled_means={name: pooled_all[i].astype(np.float32) for i, name in enumerate(ROW_METRICS)},
+            pooled_rows=pooled_rows.astype(np.int32),
+        )

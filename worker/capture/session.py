@@ -1,0 +1,260 @@
+"""Export session: turns each layer's attention call into row blocks of attention, q/k/v and
+hidden states, and feeds every attention row to the per-head metrics.
+
+Per call and per sequence, padding is removed (positions become the sequence's real positions),
+attention probabilities are computed in fp32 one chunk of query rows at a time, observed by the
+metrics accumulator (every row, stored or not), cast to the storage dtype, copied to the host and
+handed to the bundle writer as whole row blocks. No step holds more than one row block per
+(array, layer, sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from storage.bundle.layout import BundleLayout
+from storage.capturespec import ResolvedCapture
+from worker.capture.attention_math import attention_probs, causal_allowed, expand_kv_heads
+from worker.capture.hook import AttentionCall
+from worker.capture.rows import RowBlockBuffer
+
+BlockSink = Callable[[str, int, int, int, np.ndarray], None]  # (array, layer_pos, batch, block, data)
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class RowObserver(Protocol):
+    """Sees every attention row block: ``probs [H, n, K]`` (column j = key position j) of the rows
+    at real ``positions [n]`` (e.g. :class:`worker.capture.metrics.HeadMetricsAccumulator`)."""
+
+    def observe(
+        self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor
+    ) -> None: ...
+
+
+class KVSink(Protocol):
+    """Receives each layer's new rows for compressed KV export (:class:`worker.kvexport.KVExport`)."""
+
+    def on_layer(
+        self,
+        lp: int,
+        b: int,
+        row0: int,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_visible: torch.Tensor,
+        v_visible: torch.Tensor,
+        col0: int,
+        scaling: float,
+        sliding_window: int | None,
+    ) -> None: ...
+
+
+class ExportSession:
+    """A :class:`~worker.capture.hook.CaptureSink` for one job (one forward-pass schedule).
+
+    ``pads[b]``: left-padding tokens of sequence b in the GPU batch; ``prompt_lengths[b]``: its
+    prompt tokens. The generation loop calls :meth:`begin_step` before each forward pass with the
+    cache position of its first query row and which sequences still produce tokens.
+    ``attention_heads[layer_pos]``: real query heads whose attention is stored for that layer
+    (default: ``layout.heads``).
+    """
+
+    def __init__(
+        self,
+        layout: BundleLayout,
+        capture: ResolvedCapture,
+        pads: Sequence[int],
+        prompt_lengths: Sequence[int],
+        write_block: BlockSink,
+        *,
+        on_layer_done: Callable[[], None] | None = None,
+        observer: RowObserver | None = None,
+        attention_heads: Sequence[Sequence[int]] | None = None,
+        store_attention: bool | None = None,
+        store_qkv: bool | None = None,
+        store_hidden: bool | None = None,
+        kv: KVSink | None = None,
+    ) -> None:
+        self.layout = layout
+        self.pads = list(pads)
+        self.write_block = write_block
+        self.on_layer_done = on_layer_done
+        self.observer = observer
+        self.kv = kv
+        default_attention = layout.attention and (attention_heads is not None or layout.top_heads is None)
+        self.store_attention = default_attention if store_attention is None else store_attention
+        self.store_qkv = layout.qkv if store_qkv is None else store_qkv
+        self.store_hidden = layout.hidden_states if store_hidden is None else store_hidden
+        self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
+        self.attention_heads = [list(h) for h in attention_heads] if attention_heads is not None else None
+        self.q_start = 0
+        self.active = [True] * len(self.pads)
+        self._index_cache: dict[tuple[str, int], torch.Tensor] = {}
+        # stored attention row of each position (-1: not stored), per sequence
+        self.row_index = []
+        for prompt_length in prompt_lengths:
+            keep = np.array([capture.keeps_row(p, prompt_length) for p in range(layout.positions)])
+            self.row_index.append(np.where(keep, np.cumsum(keep) - 1, -1))
+        self._buffers: dict[tuple[str, int, int], RowBlockBuffer] = {}
+        for name, on in (
+            ("attention", self.store_attention),
+            ("q", self.store_qkv),
+            ("k", self.store_qkv),
+            ("v", self.store_qkv),
+            ("hidden_states", self.store_hidden),
+        ):
+            if not on:
+                continue
+            dtype = np.dtype(layout.dtype(name))
+            width = None if name == "attention" else layout.shape(name)[-1]
+            heads = 1 if name == "hidden_states" else layout.heads_of(name)
+            for lp in range(len(layout.layers)):
+                for b in range(layout.batch):
+                    self._buffers[(name, lp, b)] = RowBlockBuffer(heads, layout.chunk_rows, dtype, width)
+
+    def begin_step(self, q_start: int, active: Sequence[bool]) -> None:
+        self.q_start = q_start
+        self.active = list(active)
+
+    def _index(self, kind: str, lp: int, device: torch.device) -> torch.Tensor:
+        key = (kind, lp)
+        cached = self._index_cache.get(key)
+        if cached is None or cached.device != device:
+            if kind == "kv":
+                values: Sequence[int] = self.layout.kv_heads
+            elif kind == "att" and self.attention_heads is not None:
+                values = self.attention_heads[lp]
+            else:
+                values = self.layout.heads
+            cached = torch.tensor(list(values), device=device)
+            self._index_cache[key] = cached
+        return cached
+
+    def _rows(self, b: int, q_len: int) -> tuple[int, int]:
+        """(first real row in this call, its index among the call's query rows) for sequence b."""
+        row0 = max(0, self.q_start - self.pads[b])
+        return row0, row0 + self.pads[b] - self.q_start
+
+    # -- CaptureSink ---------------------------------------------------------------------------
+    def on_attention(self, call: AttentionCall) -> None:
+        lp = self.layer_pos.get(call.layer_idx)
+        if lp is None:
+            return
+        query, key, value = call.query, call.key, call.value
+        _, num_heads, q_len, _ = query.shape
+        k_len = key.shape[2]
+        k_abs0 = self.q_start + q_len - k_len  # keys are the most recent k_len positions
+        for b, pad in enumerate(self.pads):
+            if not self.active[b]:
+                continue
+            row0, i0 = self._rows(b, q_len)
+            if i0 >= q_len:
+                continue
+            col0 = max(0, k_abs0 - pad)  # first real key column available
+            j0 = col0 + pad - k_abs0
+            new0 = k_len - q_len + i0  # the rows' own (new) key/value positions
+            if self.store_qkv:
+                self._capture_qkv(lp, b, row0, query[b, :, i0:], key[b, :, new0:], value[b, :, new0:])
+            if self.kv is not None:
+                self.kv.on_layer(
+                    lp,
+                    b,
+                    row0,
+                    query[b, :, i0:],
+                    key[b, :, new0:],
+                    value[b, :, new0:],
+                    key[b, :, j0:],
+                    value[b, :, j0:],
+                    col0,
+                    call.scaling,
+                    call.sliding_window,
+                )
+            if self.store_attention or self.observer is not None:
+                self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads)
+        if self.on_layer_done is not None:
+            self.on_layer_done()
+
+    def on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """Residual stream after layer ``layer_idx``: ``hidden [B, Tq, hidden]``."""
+        lp = self.layer_pos.get(layer_idx)
+        if lp is None or not self.store_hidden:
+            return
+        dtype = _TORCH_DTYPES[self.layout.qkv_dtype]
+        for b in range(len(self.pads)):
+            if not self.active[b]:
+                continue
+            row0, i0 = self._rows(b, hidden.shape[1])
+            if i0 < hidden.shape[1]:
+                self._emit("hidden_states", lp, b, row0, hidden[b, i0:][None].to(dtype).cpu().numpy())
+
+    def _emit(self, name: str, lp: int, b: int, row0: int, data: np.ndarray, col0: int = 0) -> None:
+        for block, block_data in self._buffers[(name, lp, b)].add(row0, data, col0):
+            self.write_block(name, lp, b, block, block_data)
+
+    def _capture_qkv(
+        self, lp: int, b: int, row0: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """``q [H, n, D]``, ``k``/``v [KVH, n, D]``: the rows' own (new) positions."""
+        dtype = _TORCH_DTYPES[self.layout.qkv_dtype]
+        heads, kv_heads = self._index("q", lp, q.device), self._index("kv", lp, q.device)
+        self._emit("q", lp, b, row0, q.index_select(0, heads).to(dtype).cpu().numpy())
+        self._emit("k", lp, b, row0, k.index_select(0, kv_heads).to(dtype).cpu().numpy())
+        self._emit("v", lp, b, row0, v.index_select(0, kv_heads).to(dtype).cpu().numpy())
+
+    def _capture_attention(
+        self, lp: int, b: int, call: AttentionCall, row0: int, i0: int, col0: int, j0: int, num_heads: int
+    ) -> None:
+        query, key = call.query, call.key
+        q_len, k_len = query.shape[2], key.shape[2]
+        rows_per_chunk = self.layout.chunk_rows
+        head_idx = self._index("att", lp, query.device)
+        keys = expand_kv_heads(key[b : b + 1, :, j0:], num_heads).index_select(1, head_idx)
+        k_abs = torch.arange(self.q_start + q_len - k_len + j0, self.q_start + q_len, device=query.device)
+        dtype = _TORCH_DTYPES[self.layout.attention_dtype]
+        row = row0
+        while i0 < q_len:
+            n = min(q_len - i0, rows_per_chunk - row % rows_per_chunk)  # stay inside one row block
+            q_block = query[b : b + 1, :, i0 : i0 + n].index_select(1, head_idx)
+            allowed = additive = None
+            if call.mask is None:
+                q_abs = torch.arange(self.q_start + i0, self.q_start + i0 + n, device=query.device)
+                allowed = causal_allowed(q_abs, k_abs, call.sliding_window)
+            else:
+                mask = call.mask[b : b + 1, :, i0 : i0 + n, j0:]
+                if mask.shape[1] == num_heads:
+                    mask = mask.index_select(1, head_idx)
+                if mask.dtype == torch.bool:
+                    allowed = mask
+                else:
+                    additive = mask
+            probs = attention_probs(
+                q_block, keys, scaling=call.scaling, allowed=allowed, additive_mask=additive
+            )[0]
+            if self.observer is not None:
+                positions = torch.arange(row, row + n, device=query.device)
+                full = torch.nn.functional.pad(probs, (col0, 0)) if col0 else probs
+                self.observer.observe(lp, b, full, positions)
+            if self.store_attention:
+                stored = self.row_index[b][row : row + n]
+                keep = stored >= 0
+                if keep.all():
+                    self._emit("attention", lp, b, int(stored[0]), probs.to(dtype).cpu().numpy(), col0)
+                elif keep.any():
+                    rows = torch.from_numpy(np.flatnonzero(keep)).to(query.device)
+                    data = probs.index_select(1, rows).to(dtype).cpu().numpy()
+                    self._emit("attention", lp, b, int(stored[keep][0]), data, col0)
+            i0 += n
+            row += n
+
+    def flush(self) -> None:
+        """Write every incomplete last row block (end of the job, or a cancelled job's partial data)."""
+        for (name, lp, b), buffer in self._buffers.items():
+            tail = buffer.flush()
+            if tail is not None:
+                self.write_block(name, lp, b, tail[0], tail[1])

@@ -1,0 +1,397 @@
+"""One export: tokenize, prefill, decode token by token, stream captured rows into the bundle.
+
+The generation loop is our own (greedy or seeded sampling) so every forward pass is known to the
+capture session: which cache position its first query row has, and which sequences are still
+producing tokens. Every token gets its attention row, q/k/v and hidden states, the last generated
+one included (one extra forward pass feeds it back). With ``detail=top_heads`` a second pass over
+the final tokens stores the attention of the heads the first pass's exact metrics ranked highest.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from storage.bundle.layout import BundleLayout, layout_for_job
+from storage.bundle.writer import BundleWriter
+from storage.errors import InvalidJobSpec, JobCancelled
+from storage.index.records import ChunkRecord
+from storage.jobspec import JobSpec
+from storage.modelinfo import check_selection
+from worker.alternatives import AlternativesCollector
+from worker.capture.hook import capturing
+from worker.capture.session import ExportSession
+from worker.generation import Batch, choose_next, eos_ids, hidden_state_hooks, make_batch, tokenize
+from worker.kvexport import KVExport
+from worker.models import LoadedModel
+from worker.summary_output import choose_top_heads, summary_arrays
+
+
+class ExportHooks(Protocol):
+    """What the job runner learns while an export runs (progress, chunk records, cancellation)."""
+
+    def phase(self, name: str, units_total: int | None = None) -> None: ...
+    def unit_done(self) -> None: ...
+    def chunks_written(self, records: Sequence[ChunkRecord]) -> None: ...
+    def check_cancelled(self) -> None: ...  # raises JobCancelled; called between row blocks
+
+
+class Exporter:
+    """Runs one job's forward passes under capture and writes the bundle."""
+
+    def __init__(self, spec: JobSpec, lm: LoadedModel, writer: BundleWriter, hooks: ExportHooks) -> None:
+        self.spec, self.lm, self.writer, self.hooks = spec, lm, writer, hooks
+        self.capture = spec.capture.resolved()
+        self.timings: dict[str, float] = {"load_model": lm.load_s}
+        tok = lm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.prompt_ids = tokenize(spec, tok, lm.facts.max_positions)
+        facts = lm.facts
+        check_selection(spec.capture, facts)
+        self.layout: BundleLayout = layout_for_job(spec, facts, [len(p) for p in self.prompt_ids])
+        if self.capture.top_heads is not None:
+            longest = max(len(p) for p in self.prompt_ids) + spec.generation.max_new_tokens
+            if longest < self.capture.summary_params.min_keys:
+                raise InvalidJobSpec(
+                    f"detail=top_heads ranks heads by metrics of rows with at least "
+                    f"{self.capture.summary_params.min_keys} visible keys (4 × (sink + local window)), "
+                    f"but the longest sequence has {longest} tokens: use a longer prompt or lower "
+                    "capture.summary_params.local_window"
+                )
+        self.generated: list[list[int]] = [[] for _ in self.prompt_ids]
+        self.alternatives = (
+            AlternativesCollector(self.layout.batch, self.layout.positions, self.layout.alternatives_k)
+            if self.layout.alternatives
+            else None
+        )
+        self.metrics: Any = None
+        if self.layout.summary:
+            from worker.capture.metrics import HeadMetricsAccumulator
+
+            self.metrics = HeadMetricsAccumulator(
+                len(self.layout.layers),
+                self.layout.batch,
+                len(self.layout.heads),
+                self.capture.summary_params,
+            )
+        self.kv: KVExport | None = None
+        if spec.kv_compression:
+            self.kv = KVExport(list(spec.kv_compression), self.layout, facts.num_heads, facts.num_kv_heads)
+        self.top_head_index: np.ndarray | None = None
+        self.generation_checks: dict[str, dict[str, Any]] = {}
+        self.induction: np.ndarray | None = None
+        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+        self._check_cancel = True
+
+    def base_attrs(self, job_id: str) -> dict[str, Any]:
+        """Root attributes known before the first chunk (the rest are written last)."""
+        import transformers
+        import zarr
+
+        lm, facts, layout = self.lm, self.lm.facts, self.layout
+        return {
+            "job_id": job_id,
+            "model": {
+                "id": self.spec.model.id,
+                "revision": self.spec.model.revision,
+                "source": lm.source.kind,
+                "architecture": lm.info.get("architecture"),
+                **facts.to_dict(),
+                "dtype": str(lm.dtype).replace("torch.", ""),
+                "source_dtype": lm.source_dtype,
+                "device": lm.device.type,
+                "config": lm.info.get("config", {}),
+            },
+            "spec": self.spec.model_dump(mode="json"),
+            "capture": {
+                **self.capture.model_dump(mode="json"),
+                "exported_heads": list(layout.heads),
+                "exported_kv_heads": list(layout.kv_heads),
+                "exported_layers": list(layout.layers),
+                "attention_dtype": layout.attention_dtype,
+                "qkv_dtype": layout.qkv_dtype,
+                "chunk_rows": layout.chunk_rows,
+                "probabilities": "softmax(scaling * q k^T + mask) in float32 per block of query rows",
+            },
+            "software": {
+                "qkvault": _qkvault_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "zarr": zarr.__version__,
+            },
+        }
+
+    # -- running -------------------------------------------------------------------------------
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, all_logits: bool = False
+    ) -> torch.Tensor:
+        extra = {"logits_to_keep": 0 if all_logits else 1} if self._supports_logits_to_keep else {}
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            **extra,
+        )
+        logits: torch.Tensor = out.logits if all_logits else out.logits[:, -1]
+        return logits
+
+    def _one_pass(self, session: ExportSession, batch: Batch) -> None:
+        """One forward pass over whole sequences (no cache) under ``session``: every row at once."""
+        with torch.inference_mode(), capturing(session):
+            session.begin_step(0, [True] * len(batch.pads))
+            pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            self._forward(batch.input_ids, batch.attention_mask, pos, cache=None)
+
+    def _write_block(self, name: str, layer_pos: int, batch: int, block: int, data: np.ndarray) -> None:
+        self.writer.write_row_block(name, layer_pos, batch, block, data)
+        if self._check_cancel:
+            self.hooks.check_cancelled()
+
+    def run(self, job_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        lm, gen, layout = self.lm, self.spec.generation, self.layout
+        self.writer.create(layout, self.base_attrs(job_id))
+        batch = make_batch(self.prompt_ids, self.pad_id, lm.device)
+        session = ExportSession(
+            layout,
+            self.capture,
+            batch.pads,
+            [len(p) for p in self.prompt_ids],
+            self._write_block,
+            on_layer_done=self.hooks.unit_done,
+            observer=self.metrics,
+            kv=self.kv,
+        )
+        extra_passes = int(bool(layout.top_heads)) + int(self.capture.induction_probe is not None)
+        units = len(layout.layers) * (1 + gen.max_new_tokens + extra_passes)
+        try:
+            with (
+                torch.inference_mode(),
+                capturing(session),
+                hidden_state_hooks(lm.model, layout.layers, session.on_hidden),
+            ):
+                self._generate(batch, session, units)
+            session.flush()
+            if layout.top_heads:
+                self._top_heads_pass()
+            if self.capture.induction_probe is not None:
+                self._induction_pass()
+            self._generation_checks(batch)
+        except JobCancelled:
+            self._check_cancel = False  # keep what was captured: flush the last blocks, mark partial
+            session.flush()
+            self._finish(started=started, partial=True)
+            raise
+        return self._finish(started=started, partial=False)
+
+    def _generate(self, batch: Batch, session: ExportSession, units: int) -> None:
+        from transformers import DynamicCache
+
+        lm, gen = self.lm, self.spec.generation
+        generator = torch.Generator(device=lm.device).manual_seed(gen.seed) if gen.do_sample else None
+        eos = eos_ids(lm.tokenizer, lm.model) if gen.stop_at_eos else set()
+        cache = DynamicCache(config=lm.model.config)
+        mask = batch.attention_mask
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.hooks.phase("prefill", units_total=units)
+        t0 = time.perf_counter()
+        session.begin_step(0, [True] * len(batch.pads))
+        prompt_alts = self.alternatives is not None and self.capture.prompt_alternatives
+        logits = self._forward(batch.input_ids, mask, pos, cache, all_logits=prompt_alts)
+        if prompt_alts:
+            self._record_prompt_alternatives(batch, logits)
+            logits = logits[:, -1]
+        self.timings["prefill"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        done = [False] * len(batch.pads)
+        width = batch.input_ids.shape[1]
+        if gen.max_new_tokens:
+            self.hooks.phase("decoding")
+        for step in range(gen.max_new_tokens):
+            next_ids = choose_next(logits, gen, generator)
+            active = [not d for d in done]
+            for b, token in enumerate(next_ids.tolist()):
+                if active[b]:
+                    if self.alternatives is not None:
+                        position = torch.tensor([len(self.prompt_ids[b]) + step])
+                        self.alternatives.record(b, position, logits[b : b + 1], next_ids[b : b + 1])
+                    self.generated[b].append(int(token))
+                    done[b] = int(token) in eos
+                else:
+                    next_ids[b] = batch.pad_id
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            session.begin_step(width + step, active)  # feed the new token back: its row and q/k/v
+            logits = self._forward(next_ids[:, None], mask, pos, cache)
+            if all(done):
+                break
+        self.timings["decode"] = time.perf_counter() - t0
+
+    def _record_prompt_alternatives(self, batch: Batch, logits: torch.Tensor) -> None:
+        assert self.alternatives is not None
+        for b, (pad, prompt) in enumerate(zip(batch.pads, self.prompt_ids, strict=True)):
+            if len(prompt) > 1:  # logits at position p predict the token at p + 1
+                positions = torch.arange(1, len(prompt))
+                actual = torch.tensor(prompt[1:], device=logits.device)
+                self.alternatives.record(b, positions, logits[b, pad : pad + len(prompt) - 1], actual)
+
+    def _top_heads_pass(self) -> None:
+        """Second pass over the final tokens: attention of the chosen heads of each layer."""
+        assert self.metrics is not None and self.capture.top_heads is not None
+        self.hooks.phase("top_heads")
+        chosen = choose_top_heads(self.metrics.result(), self.layout, self.capture.top_heads)
+        self.top_head_index = np.asarray(chosen, dtype=np.int32)
+        sequences = [p + g for p, g in zip(self.prompt_ids, self.generated, strict=True)]
+        batch = make_batch(sequences, self.pad_id, self.lm.device)
+        session = ExportSession(
+            self.layout,
+            self.capture,
+            batch.pads,
+            [len(p) for p in self.prompt_ids],
+            self._write_block,
+            on_layer_done=self.hooks.unit_done,
+            attention_heads=chosen,
+            store_qkv=False,
+            store_hidden=False,
+        )
+        t0 = time.perf_counter()
+        self._one_pass(session, batch)
+        session.flush()
+        self.timings["top_heads_pass"] = time.perf_counter() - t0
+
+    def _generation_checks(self, batch: Batch) -> None:
+        """kv_compression entries with check_generation: greedy decoding from the compressed cache."""
+        from worker.kvcheck import agreement, greedy_tokens
+
+        gen = self.spec.generation
+        checks = [m for m in self.spec.kv_compression if m.check_generation]
+        if not checks or not gen.max_new_tokens:
+            return
+        self.hooks.phase("kv_generation_check")
+        exact = self.generated
+        if gen.do_sample or gen.stop_at_eos:  # compare against the exact greedy run, every step
+            exact = greedy_tokens(self.lm.model, batch, None, gen.max_new_tokens)
+        for method in checks:
+            generated = greedy_tokens(self.lm.model, batch, method, gen.max_new_tokens)
+            self.generation_checks[method.name] = agreement(generated, exact)
+
+    def _induction_pass(self) -> None:
+        """The optional induction probe: one forward pass over a repeated random sequence."""
+        from worker.capture.induction import InductionObserver, probe_tokens
+
+        probe = self.capture.induction_probe
+        assert probe is not None
+        self.hooks.phase("induction_probe")
+        tok, model = self.lm.tokenizer, self.lm.model
+        prefix = [int(tok.bos_token_id)] if tok.bos_token_id is not None else []
+        tokens = probe_tokens(probe, int(model.config.vocab_size), set(tok.all_special_ids), prefix)
+        observer = InductionObserver(
+            len(self.layout.layers), len(self.layout.heads), len(prefix), probe.length
+        )
+        session = ExportSession(
+            self.layout,
+            self.capture,
+            [0],
+            [len(tokens)],
+            self._write_block,
+            on_layer_done=self.hooks.unit_done,
+            observer=observer,
+            store_attention=False,
+            store_qkv=False,
+            store_hidden=False,
+        )
+        batch = make_batch([tokens], self.pad_id, self.lm.device)
+        self._one_pass(session, batch)
+        self.induction = observer.scores()
+
+    def _finish(self, started: float, partial: bool) -> dict[str, Any]:
+        self.hooks.phase("finalizing")
+        layout, tok = self.layout, self.lm.tokenizer
+        tokens = np.full((layout.batch, layout.positions), -1, dtype=np.int32)
+        lengths, prompt_lengths, token_strings, generated_texts = [], [], [], []
+        for b, (prompt, generated) in enumerate(zip(self.prompt_ids, self.generated, strict=True)):
+            seq = prompt + generated
+            tokens[b, : len(seq)] = seq
+            lengths.append(len(seq))
+            prompt_lengths.append(len(prompt))
+            token_strings.append([tok.decode([t]) for t in seq])
+            generated_texts.append(tok.decode(generated, skip_special_tokens=True))
+        self.writer.write_array("tokens", tokens)
+        self.writer.write_array("length", np.asarray(lengths, dtype=np.int32))
+        self.writer.write_array("prompt_length", np.asarray(prompt_lengths, dtype=np.int32))
+        if layout.attention and layout.query_rows is not None:
+            query_position = np.full((layout.batch, layout.query_rows), -1, dtype=np.int32)
+            for b, length in enumerate(lengths):
+                kept = [p for p in range(length) if self.capture.keeps_row(p, prompt_lengths[b])]
+                query_position[b, : len(kept)] = kept
+            self.writer.write_array("query_position", query_position)
+        if layout.attention and self.top_head_index is not None:
+            self.writer.write_array("top_head_index", self.top_head_index)
+        if self.alternatives is not None:
+            for name, data in self.alternatives.arrays(tok).items():
+                self.writer.write_array(name, data)
+        summary_attrs: dict[str, Any] = {}
+        if self.metrics is not None:
+            arrays, summary_attrs = summary_arrays(
+                self.metrics.result(),
+                self.induction,
+                layout,
+                self.capture.summary_params,
+                self.lm.facts.num_heads,
+                self.lm.facts.num_kv_heads,
+                self.capture.induction_probe.threshold if self.capture.induction_probe else 0.4,
+            )
+            self.writer.write_group("summary", arrays)
+        kv_status: dict[str, Any] = {}
+        if self.kv is not None and not partial:
+            self.hooks.phase("kv_compression")
+            t0 = time.perf_counter()
+            groups, kv_status = self.kv.finish()
+            for name, check in self.generation_checks.items():
+                kv_status[name]["generation_check"] = check
+            for name, arrays in groups.items():
+                records = self.writer.write_group(f"kv/{name}", arrays, per_layer_batch=True)
+                stored = sum(r.nbytes for r in records if "/fidelity_" not in r.key)
+                kv_status[name]["stored_bytes"] = stored
+                kv_status[name]["stored_ratio"] = round(kv_status[name]["fp16_bytes"] / max(stored, 1), 4)
+                self.writer.group[f"kv/{name}"].attrs.update(kv_status[name])
+            self.timings["kv_compression"] = time.perf_counter() - t0
+        self.timings["total"] = time.perf_counter() - started + self.timings.get("load_model", 0.0)
+        summary = {
+            "lengths": lengths,
+            "prompt_lengths": prompt_lengths,
+            "generated": generated_texts,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"summary": summary_attrs} if summary_attrs else {}),
+            **({"kv_compression": kv_status} if kv_status else {}),
+        }
+        self.writer.finalize(
+            {
+                "token_strings": token_strings,
+                "texts": {"prompts": list(self.spec.prompts), "generated": generated_texts},
+                "attention_rows": lengths,
+                "timings_s": summary["timings_s"],
+                **({"summary": summary_attrs} if summary_attrs else {}),
+                **({"kv_compression": kv_status} if kv_status else {}),
+            },
+            complete=not partial,
+            partial=partial,
+        )
+        return summary
+
+
+def _qkvault_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qkvault")
+    except PackageNotFoundError:
+        return "unknown"

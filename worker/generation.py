@@ -1,0 +1,126 @@
+"""Tokenization, batching and token choice for the export's own generation loop."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from storage.errors import InvalidJobSpec, UnsupportedModel
+from storage.jobspec import GenerationSpec, JobSpec
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T0] left-padded
+    attention_mask: torch.Tensor  # [B, T0]
+    pads: list[int]
+    pad_id: int
+
+
+def tokenize(spec: JobSpec, tokenizer: Any, max_positions: int | None) -> list[list[int]]:
+    prompts = list(spec.prompts)
+    add_special = spec.add_special_tokens
+    if spec.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidJobSpec("chat_template=true but this model's tokenizer has no chat template")
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+        add_special = False
+    ids = [list(tokenizer(p, add_special_tokens=add_special)["input_ids"]) for p in prompts]
+    new = spec.generation.max_new_tokens
+    for i, prompt_ids in enumerate(ids):
+        if not prompt_ids:
+            raise InvalidJobSpec(f"prompt {i} tokenizes to no tokens")
+        if max_positions is not None and len(prompt_ids) + new > max_positions:
+            raise InvalidJobSpec(
+                f"prompt {i} is too long for the model: {len(prompt_ids)} tokens + max_new_tokens {new} = "
+                f"{len(prompt_ids) + new} positions, but the model supports {max_positions}; "
+                "shorten the prompt or lower max_new_tokens"
+            )
+    return ids
+
+
+def make_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> Batch:
+    """Left-pad ``sequences`` into one batch."""
+    width = max(len(p) for p in sequences)
+    pads = [width - len(p) for p in sequences]
+    input_ids = torch.tensor(
+        [[pad_id] * pad + p for pad, p in zip(pads, sequences, strict=True)], device=device
+    )
+    mask = torch.tensor(
+        [[0] * pad + [1] * len(p) for pad, p in zip(pads, sequences, strict=True)], device=device
+    )
+    return Batch(input_ids, mask, pads, pad_id)
+
+
+def choose_next(logits: torch.Tensor, gen: GenerationSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """``logits [B, V]`` → next token ids ``[B]`` (greedy, or sampled with temperature/top-k/top-p)."""
+    logits = logits.float()
+    if not gen.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / gen.temperature
+    if gen.top_k is not None and gen.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, gen.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gen.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > gen.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's decoder blocks in order (Llama/Mistral/Qwen: model.layers; GPT-2: transformer.h)."""
+    for path in ("model.layers", "transformer.h"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return list(obj)
+    raise UnsupportedModel(
+        f"cannot find the decoder layers of {type(model).__name__} for hidden-state capture"
+    )
+
+
+@contextlib.contextmanager
+def hidden_state_hooks(
+    model: Any, layers: tuple[int, ...], sink: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``sink(layer, hidden [B, T, hidden])`` with each selected block's output (the residual stream)."""
+    blocks = decoder_layers(model)
+    handles = []
+    for layer in layers:
+
+        def hook(_module: Any, _args: Any, output: Any, layer: int = layer) -> None:
+            sink(layer, output[0] if isinstance(output, tuple) else output)
+
+        handles.append(blocks[layer].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

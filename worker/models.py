@@ -1,0 +1,195 @@
+"""Model loading: hub ids, local folders and GGUF files; one loaded model per worker process.
+
+GGUF weights are dequantised once and cached as safetensors under ``model_cache_dir``; later loads
+read the cache. The capture attention is set as the model's attention implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from storage.errors import ModelLoadError
+from storage.jobspec import ModelSpec
+from storage.modelinfo import (
+    ModelFacts,
+    ModelSource,
+    check_supported,
+    facts_from_config,
+    gguf_cache_folder,
+    resolve_source,
+)
+from worker.capture.hook import ATTN_IMPLEMENTATION, ensure_registered
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    facts: ModelFacts
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    source_dtype: str
+    folder: str = ""  # where the weights were read from (the safetensors cache for GGUF)
+    load_s: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def pick_dtype(spec_dtype: str, device: torch.device) -> torch.dtype:
+    if spec_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec_dtype]
+
+
+def _dequantised_gguf(source: ModelSource, cache_root: Path) -> Path:
+    """Folder with the GGUF's weights as safetensors (+ tokenizer), made once and reused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(source.path) / (source.file or "")
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file {gguf_path} does not exist on this worker")
+    target = gguf_cache_folder(cache_root, gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantising %s once into %s", gguf_path, target)
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.file)
+    # The weights are now plain fp32 tensors; drop the GGUF "quantizer" so they save as safetensors.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(spec: ModelSpec, *, device: torch.device, cache_dir: Path) -> LoadedModel:
+    """Load ``spec`` with the capture attention. Raises ModelLoadError / UnsupportedModel."""
+    import time
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ensure_registered()
+    started = time.perf_counter()
+    source = resolve_source(spec)
+    kwargs: dict[str, Any] = {}
+    if source.kind == "gguf":
+        folder: str = str(_dequantised_gguf(source, cache_dir))
+    elif source.kind == "folder":
+        folder = source.path
+        if not Path(folder, "config.json").is_file():
+            raise ModelLoadError(f"model folder {folder} has no config.json on this worker")
+        kwargs["local_files_only"] = True
+    else:
+        folder = source.path
+        kwargs["revision"] = source.revision
+        if source.file:
+            kwargs["gguf_file"] = source.file
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load model {spec.id!r}: {exc}. Hub models must be in the worker's Hugging Face cache "
+            "(or downloads allowed); local paths must exist on the worker."
+        ) from exc
+    facts = facts_from_config(config.to_dict())
+    check_supported(facts)
+    dtype = pick_dtype(spec.dtype, device)
+    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=False, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {spec.id!r}: {exc}") from exc
+    model.eval().to(device)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        facts=facts,
+        source=source,
+        device=device,
+        dtype=dtype,
+        source_dtype=source_dtype.replace("torch.", ""),
+        folder=folder,
+        load_s=time.perf_counter() - started,
+        info={"architecture": type(model).__name__, "config": _config_facts(config)},
+    )
+
+
+def _config_facts(config: Any) -> dict[str, Any]:
+    keys = (
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "sliding_window",
+        "layer_types",
+        "max_position_embeddings",
+        "n_positions",
+        "vocab_size",
+        "attn_logit_softcapping",
+    )
+    out = {}
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            out[key] = value if isinstance(value, (int, float, str, bool, list, dict)) else str(value)
+    return out
+
+
+class ModelCache:
+    """One loaded model per worker process (GPU memory holds one); reused across jobs."""
+
+    def __init__(self, cache_dir: Path, device_setting: str = "auto") -> None:
+        self.cache_dir = cache_dir
+        self.device_setting = device_setting
+        self._lock = threading.Lock()
+        self._key: tuple[str, ...] | None = None
+        self._loaded: LoadedModel | None = None
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        device = pick_device(self.device_setting)
+        key = (
+            spec.id,
+            spec.revision or "",
+            spec.gguf_file or "",
+            str(pick_dtype(spec.dtype, device)),
+            str(device),
+        )
+        with self._lock:
+            if self._key != key or self._loaded is None:
+                self._loaded = None  # free the previous model before loading the next
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir)
+                self._key = key
+            else:
+                self._loaded.load_s = 0.0
+            return self._loaded

@@ -1,0 +1,247 @@
+"""The reconciler: brings Celery's queue back in line with the jobs table (DESIGN.md "Job lifecycle").
+
+``python -m worker.reconciler`` runs :func:`reconcile_once` every ``reconcile_interval_s`` (one
+process is enough; two are safe). One pass:
+
+1. Expired leases: a ``running``/``cancelling`` job with no heartbeat for ``lease_timeout_s`` lost
+   its worker. Cancel requested -> ``cancelled``; attempts used up -> ``failed`` (problem type
+   ``lease-expired``); else back to ``queued``, lease cleared, and re-enqueued.
+2. Lost messages: a ``queued`` job untouched for ``requeue_after_s`` and with no message in the
+   broker (the API died between its commit and the enqueue, Redis lost it) is re-enqueued with the
+   job id as task id, and its ``updated_at`` bumped so the next pass leaves it alone.
+
+Every change is a conditional UPDATE (``storage/index/reconcile.py``): a worker that comes back, a
+claim or a cancel between the read and the write wins. Before sending, the pass reads the Redis
+broker: a job whose message still waits in the queue list, or was delivered to a worker after the
+job was last touched, is left alone, since ``Index.claim`` lets a second message for a running job
+start a second attempt beside the first. Deliveries left unacked by a dead worker are removed from
+kombu's ``unacked`` hash when the job is re-enqueued, else kombu would redeliver them after the
+visibility timeout. A broker that cannot be read falls back to the time thresholds alone.
+Imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+
+from storage.index import Index, JobRecord, JobState
+from storage.index import reconcile as sql
+from storage.index.models import utcnow
+from storage.settings import Settings
+from worker.app import EXPORT_TASK, create_celery_app, enqueue_export
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass did. ``still_in_broker``: queued past ``requeue_after_s`` but their message is
+    waiting in the broker (a busy queue, not a lost message); ``raced``: rows that changed between
+    read and write (left to the next pass); ``enqueue_errors``: sends that failed (retried later)."""
+
+    requeued_lost: int = 0
+    requeued_expired: int = 0
+    failed_expired: int = 0
+    cancelled_expired: int = 0
+    still_in_broker: int = 0
+    raced: int = 0
+    enqueue_errors: int = 0
+
+    @property
+    def changed(self) -> int:
+        return self.requeued_lost + self.requeued_expired + self.failed_expired + self.cancelled_expired
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={value}" for name, value in asdict(self).items())
+
+
+@dataclass
+class BrokerView:
+    """Export messages in the Redis broker: task ids waiting in the queue lists, and unacked
+    deliveries (task id -> [(delivery tag, delivered at, epoch s)])."""
+
+    queued: set[str] = field(default_factory=set)
+    unacked: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+    def holds(self, job_id: str, delivered_after: float) -> bool:
+        """A message waits in the queue, or was delivered to a worker after ``delivered_after``."""
+        return job_id in self.queued or any(t > delivered_after for _, t in self.unacked.get(job_id, []))
+
+    def stale(self, job_id: str, delivered_after: float) -> list[str]:
+        return [tag for tag, t in self.unacked.get(job_id, []) if t <= delivered_after]
+
+
+def _task_id(payload: Any) -> str | None:
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    if not isinstance(headers, dict) or headers.get("task") != EXPORT_TASK:
+        return None
+    task_id = headers.get("id")
+    return task_id if isinstance(task_id, str) else None
+
+
+def _redis(channel: Any) -> tuple[Any, str]:
+    """A plain client on the channel's pool (kombu's prefixed client skips LRANGE/HGETALL) + prefix."""
+    import redis
+
+    return redis.Redis(connection_pool=channel.client.connection_pool), str(channel.global_keyprefix or "")
+
+
+def inspect_broker(app: Celery, queue: str) -> BrokerView | None:
+    """Read the queue lists (every priority) and the unacked hash in one MULTI; None when the
+    broker is not Redis or cannot be read."""
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            if not hasattr(channel, "unacked_key") or not hasattr(channel, "_q_for_pri"):
+                return None
+            client, prefix = _redis(channel)
+            lists = {prefix + channel._q_for_pri(queue, p) for p in channel.priority_steps}
+            pipe = client.pipeline(transaction=True)
+            for key in sorted(lists):
+                pipe.lrange(key, 0, -1)
+            pipe.hgetall(prefix + channel.unacked_key)
+            pipe.zrange(prefix + channel.unacked_index_key, 0, -1, withscores=True)
+            *messages, unacked, delivered = pipe.execute()
+    except Exception:
+        log.warning("cannot read the broker; deciding by time thresholds alone", exc_info=True)
+        return None
+    view = BrokerView()
+    for raw in (m for chunk in messages for m in chunk):
+        with _ignore_malformed():
+            if (task_id := _task_id(json.loads(raw))) is not None:
+                view.queued.add(task_id)
+    times = {_text(tag): float(score) for tag, score in delivered}
+    for tag, raw in unacked.items():
+        with _ignore_malformed():
+            if (task_id := _task_id(json.loads(raw)[0])) is not None:
+                view.unacked.setdefault(task_id, []).append((_text(tag), times.get(_text(tag), 0.0)))
+    return view
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ignore_malformed() -> contextlib.suppress:
+    return contextlib.suppress(ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def drop_deliveries(app: Celery, tags: list[str]) -> None:
+    """Forget unacked deliveries of a dead worker (kombu would redeliver them after the visibility
+    timeout, a duplicate of the message the reconciler sends)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        client, prefix = _redis(channel)
+        pipe = client.pipeline(transaction=True)
+        pipe.zrem(prefix + channel.unacked_index_key, *tags).hdel(prefix + channel.unacked_key, *tags)
+        pipe.execute()
+
+
+def _send(
+    app: Celery, job_id: str, broker: BrokerView | None, live_after: float, report: ReconcileReport
+) -> bool:
+    try:
+        stale = broker.stale(job_id, live_after) if broker is not None else []
+        if stale:
+            drop_deliveries(app, stale)
+        enqueue_export(app, job_id)
+    except Exception:
+        log.warning("job %s: re-enqueue failed; retried after requeue_after_s", job_id, exc_info=True)
+        report.enqueue_errors += 1
+        return False
+    return True
+
+
+def _expired(index: Index, app: Celery, settings: Settings, job: JobRecord, now: datetime,
+             broker: BrokerView | None, report: ReconcileReport) -> None:  # fmt: skip
+    who = f"job {job.id}: lease of {job.lease_worker} expired (last heartbeat {job.heartbeat_at})"
+    if job.cancel_requested or job.state is JobState.CANCELLING:
+        if sql.end_expired(index, job, JobState.CANCELLED, now):
+            report.cancelled_expired += 1
+            log.info("%s; cancel was requested: cancelled", who)
+            return
+    elif job.attempts >= job.max_attempts:
+        problem = sql.lease_expired_problem(job, settings.lease_timeout_s, now)
+        if sql.end_expired(index, job, JobState.FAILED, now, error=problem):
+            report.failed_expired += 1
+            log.warning("%s on attempt %d of %d: failed", who, job.attempts, job.max_attempts)
+            return
+    elif sql.requeue_expired(index, job, now):
+        report.requeued_expired += 1
+        log.info("%s on attempt %d of %d: queued again", who, job.attempts, job.max_attempts)
+        # deliveries before the last beat belong to the dead attempt; later ones are live
+        beat = job.heartbeat_at or now - timedelta(seconds=settings.lease_timeout_s)
+        if broker is None or not broker.holds(job.id, beat.timestamp()):
+            _send(app, job.id, broker, beat.timestamp(), report)
+        return
+    report.raced += 1
+    log.info("job %s changed while being reconciled; left to the next pass", job.id)
+
+
+def reconcile_once(
+    index: Index, celery_app: Celery, settings: Settings, now: datetime | None = None
+) -> ReconcileReport:
+    """One pass over the jobs table (see the module docstring); ``now`` defaults to the clock."""
+    now = now or utcnow()
+    report = ReconcileReport()
+    lease_cutoff = now - timedelta(seconds=settings.lease_timeout_s)
+    queue_cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    expired = sql.expired_leases(index, beat_before=lease_cutoff)
+    stale = sql.stale_queued(index, untouched_since=queue_cutoff)
+    broker = inspect_broker(celery_app, settings.queue_name) if expired or stale else None
+    for job in expired:
+        _expired(index, celery_app, settings, job, now, broker, report)
+    for job in stale:
+        if broker is not None and broker.holds(job.id, queue_cutoff.timestamp()):
+            report.still_in_broker += 1
+        elif not sql.mark_requeued(index, job, now):
+            report.raced += 1
+        elif _send(celery_app, job.id, broker, queue_cutoff.timestamp(), report):
+            report.requeued_lost += 1
+            log.info("job %s: queued since %s, no message in the broker: re-enqueued", job.id, job.updated_at)
+    level = logging.INFO if report.changed or report.enqueue_errors else logging.DEBUG
+    log.log(level, "reconcile: %s", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.reconciler",
+        description="Re-enqueue lost jobs and expire dead leases (QKVAULT_* settings; docs/reliability.md).",
+    )
+    parser.add_argument("--once", action="store_true", help="run one pass and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    index, app = Index(settings.database_url), create_celery_app(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info(
+        "reconciler: every %g s, lease timeout %g s, requeue after %g s, queue %s",
+        settings.reconcile_interval_s, settings.lease_timeout_s, settings.requeue_after_s,
+        settings.queue_name,
+    )  # fmt: skip
+    while not stop.is_set():
+        try:
+            reconcile_once(index, app, settings)
+        except Exception:  # the database or broker is down: try again next interval
+            log.exception("reconcile pass failed; next try in %g s", settings.reconcile_interval_s)
+        if args.once:
+            break
+        stop.wait(settings.reconcile_interval_s)
+    index.dispose()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Celery tasks: thin, like web views — take a job id, call a plain function, record the outcome."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from celery import Celery
+
+from storage.settings import Settings
+from worker.app import EXPORT_TASK
+
+
+class WorkerState:
+    """Per-process resources, built lazily in the pool child (never in the prefork parent)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._index: Any = None
+        self._store: Any = None
+        self._models: Any = None
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def resources(self) -> tuple[Any, Any, Any]:
+        if self._index is None:
+            from storage.index import Index
+            from storage.objectstore import ObjectStore
+            from worker.models import ModelCache
+
+            self._index = Index(self.settings.database_url)
+            self._store = ObjectStore.from_settings(self.settings)
+            self._models = ModelCache(self.settings.model_cache_dir, self.settings.device)
+        return self._index, self._store, self._models
+
+
+def register_tasks(app: Celery, settings: Settings) -> WorkerState:
+    state = WorkerState(settings)
+
+    @app.task(name=EXPORT_TASK, ignore_result=False)
+    def export(job_id: str) -> str | None:
+        from worker.jobs import run_job
+
+        index, store, models = state.resources()
+        outcome = run_job(
+            job_id, index=index, store=store, models=models, settings=settings, worker_id=state.worker_id
+        )
+        return None if outcome is None else outcome.value
+
+    return state
