@@ -2,6 +2,9 @@
 
 Presets (``capture.detail``) expand to explicit settings (:meth:`CaptureSpec.resolved`); the
 resolved settings are what the worker runs and what the bundle records.
+
+``attention: "derived"`` stores post-RoPE q and k instead of the T×T probabilities; readers
+reconstruct any block exactly (:mod:`storage.bundle.derived`, docs/bundle-format.md).
 """
 
 from __future__ import annotations
@@ -99,8 +102,10 @@ class CaptureSpec(_Strict):
     detail: Detail | None = Field(
         None, description="preset: summary | attention_only | top_heads | full (default: attention only)"
     )
-    attention: bool | None = Field(
-        None, description="attention probabilities (layer, batch, head, query, key)"
+    attention: bool | Literal["derived"] | None = Field(
+        None,
+        description='attention probabilities (layer, batch, head, query, key); "derived": store post-RoPE '
+        "q and k instead (no T×T array) and reconstruct any block on read",
     )
     qkv: bool | None = Field(None, description="post-RoPE q (per query head) and k, v (per kv head)")
     hidden_states: bool | None = Field(None, description="residual stream after each selected layer")
@@ -152,7 +157,8 @@ class CaptureSpec(_Strict):
         return sorted(value)
 
     def switches(self) -> dict[str, bool]:
-        """The explicit on/off of every capture, after applying the preset and the overrides."""
+        """The explicit on/off of every capture, after applying the preset and the overrides
+        (``attention`` is on for both materialised and derived attention)."""
         base = PRESETS[self.detail] if self.detail else NO_PRESET
         return {
             name: bool(base[name] if getattr(self, name) is None else getattr(self, name))
@@ -170,11 +176,27 @@ class CaptureSpec(_Strict):
             raise ValueError("induction_probe is part of the summary: summary cannot be false")
         if self.top_heads is not None and self.detail != "top_heads":
             raise ValueError("top_heads settings need detail=top_heads")
+        if self.attention == "derived":
+            if self.detail == "top_heads":
+                raise ValueError(
+                    'attention="derived" stores no probabilities, but detail=top_heads stores the '
+                    "materialised attention of the heads it ranks: use attention=true with top_heads, or "
+                    'attention="derived" with summary=true and pick heads from the summary when reading'
+                )
+            if self.query_rows is not None or self.generation_steps is not None:
+                raise ValueError(
+                    'attention="derived" stores q and k of every position, and any attention row can be '
+                    "reconstructed when reading (ds.attention.isel(query=...)): drop capture.query_rows "
+                    "and capture.generation_steps"
+                )
         return self
 
     def resolved(self) -> ResolvedCapture:
+        derived = self.attention == "derived"
+        on = self.switches()
         return ResolvedCapture(
-            **self.switches(),
+            **{**on, "attention": on["attention"] and not derived},
+            derived_attention=derived,
             alternatives_k=self.alternatives_k,
             prompt_alternatives=self.prompt_alternatives,
             top_heads=(self.top_heads or TopHeadsSpec()) if self.detail == "top_heads" else None,
@@ -192,7 +214,7 @@ class ResolvedCapture(_Strict):
     """Explicit capture settings (no preset left to interpret): what the worker runs."""
 
     detail: Detail | None
-    attention: bool
+    attention: bool  # materialised T×T probabilities
     qkv: bool
     hidden_states: bool
     summary: bool
@@ -206,6 +228,8 @@ class ResolvedCapture(_Strict):
     query_rows: list[tuple[int, int]] | None
     summary_params: SummaryParams
     induction_probe: InductionProbeSpec | None = None
+    # attention="derived": q and k stored for reconstruction, no T×T array (``attention`` is false)
+    derived_attention: bool = False
 
     @property
     def selects_rows(self) -> bool:

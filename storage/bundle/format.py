@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 FORMAT_NAME = "qkvault.bundle"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 
 DIMS: dict[str, tuple[str, ...]] = {
@@ -24,6 +24,9 @@ DIMS: dict[str, tuple[str, ...]] = {
     "topk_logprobs": ("batch", "position", "rank"),
     "topk_tokens": ("batch", "position", "rank"),
     "logprob": ("batch", "position"),
+    # attention="derived" (1.2): what reconstruction needs besides q and k
+    "attention_scaling": ("layer",),
+    "attention_window": ("layer",),
 }
 TOP_HEAD_ATTENTION_DIMS = ("layer", "batch", "top_head", "query", "key")
 # Arrays streamed row block by row block (the rest are written whole at the end).

@@ -22,7 +22,9 @@ class BundleLayout:
     """``positions``: allocated sequence axis (longest prompt + max_new_tokens); ``layers``/
     ``heads``/``kv_heads``: the model's real indices exported; ``query_rows``: stored attention
     rows per sequence when rows are selected (else every position); ``top_heads``: attention keeps
-    this many heads per layer (dimension ``top_head``) instead of every exported head."""
+    this many heads per layer (dimension ``top_head``) instead of every exported head;
+    ``derived_attention``: no T×T array, q and k (v only with ``qkv``) plus the per-layer
+    ``attention_scaling`` and ``attention_window`` that reconstruction needs."""
 
     batch: int
     positions: int
@@ -42,6 +44,7 @@ class BundleLayout:
     summary: bool = False
     query_rows: int | None = None
     top_heads: int | None = None
+    derived_attention: bool = False
 
     @property
     def attention_rows(self) -> int:
@@ -73,6 +76,8 @@ class BundleLayout:
             "layer": (layers,),
             "head": (len(self.heads),),
             "kv_head": (len(self.kv_heads),),
+            "attention_scaling": (layers,),
+            "attention_window": (layers,),
         }
         if array in ("q", "k", "v"):
             return (layers, batch, self.heads_of(array), rows, self.head_dim)
@@ -99,14 +104,16 @@ class BundleLayout:
             return self.qkv_dtype
         if array in ("topk_logprobs", "logprob"):
             return "float32"
+        if array == "attention_scaling":
+            return "float64"
         if array == "topk_tokens":
             return "str"
         return "int32"
 
     def fill_value(self, array: str) -> int | float | str:
-        if array in ("tokens", "query_position", "topk_ids"):
+        if array in ("tokens", "query_position", "topk_ids", "attention_window"):
             return -1
-        if array in ("topk_logprobs", "logprob"):
+        if array in ("topk_logprobs", "logprob", "attention_scaling"):
             return float("nan")
         if array == "topk_tokens":
             return ""
@@ -122,6 +129,10 @@ class BundleLayout:
                 names.append("top_head_index")
         if self.qkv:
             names += ["q", "k", "v"]
+        elif self.derived_attention:
+            names += ["q", "k"]
+        if self.derived_attention:
+            names += ["attention_scaling", "attention_window"]
         if self.hidden_states:
             names.append("hidden_states")
         if self.alternatives:
@@ -179,6 +190,7 @@ def plan_layout(
         summary=capture.summary,
         query_rows=query_rows,
         top_heads=capture.top_heads.n if capture.top_heads is not None else None,
+        derived_attention=capture.derived_attention,
     )
 
 

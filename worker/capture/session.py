@@ -89,7 +89,9 @@ class ExportSession:
         self.kv = kv
         default_attention = layout.attention and (attention_heads is not None or layout.top_heads is None)
         self.store_attention = default_attention if store_attention is None else store_attention
-        self.store_qkv = layout.qkv if store_qkv is None else store_qkv
+        # q and k (and v with layout.qkv); derived attention stores q and k without v
+        self.store_qkv = (layout.qkv or layout.derived_attention) if store_qkv is None else store_qkv
+        self.store_v = self.store_qkv and layout.qkv
         self.store_hidden = layout.hidden_states if store_hidden is None else store_hidden
         self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
         self.attention_heads = [list(h) for h in attention_heads] if attention_heads is not None else None
@@ -106,7 +108,7 @@ class ExportSession:
             ("attention", self.store_attention),
             ("q", self.store_qkv),
             ("k", self.store_qkv),
-            ("v", self.store_qkv),
+            ("v", self.store_v),
             ("hidden_states", self.store_hidden),
         ):
             if not on:
@@ -205,7 +207,8 @@ class ExportSession:
         heads, kv_heads = self._index("q", lp, q.device), self._index("kv", lp, q.device)
         self._emit("q", lp, b, row0, q.index_select(0, heads).to(dtype).cpu().numpy())
         self._emit("k", lp, b, row0, k.index_select(0, kv_heads).to(dtype).cpu().numpy())
-        self._emit("v", lp, b, row0, v.index_select(0, kv_heads).to(dtype).cpu().numpy())
+        if self.store_v:
+            self._emit("v", lp, b, row0, v.index_select(0, kv_heads).to(dtype).cpu().numpy())
 
     def _capture_attention(
         self, lp: int, b: int, call: AttentionCall, row0: int, i0: int, col0: int, j0: int, num_heads: int
