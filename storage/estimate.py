@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.bundle.derived import materialised_bytes
 from storage.bundle.format import ROW_ARRAYS
 from storage.bundle.layout import BundleLayout, kept_positions, layout_for_job
 from storage.capturespec import ResolvedCapture
@@ -302,6 +303,12 @@ def estimate(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int], exact_
     if layout.attention:
         toy = " (toy-size model, randomly initialised weights)" if profile is NEAR_UNIFORM else ""
         assumptions.append(f"attention compresses like a {profile.name} model's{toy}")
+    if layout.derived_attention:
+        full = materialised_bytes(len(layout.layers), len(layout.heads), lengths)
+        assumptions.append(
+            "attention derived: q and k stored, no T×T array (the causal attention, fp16, would be "
+            f"{full:,} bytes raw); blocks are computed when read"
+        )
     if not exact_tokens:
         assumptions.append(
             f"prompt token counts approximated ({BYTES_PER_TOKEN} UTF-8 bytes per token without a readable "

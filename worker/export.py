@@ -26,6 +26,7 @@ from storage.modelinfo import check_selection
 from worker.alternatives import AlternativesCollector
 from worker.capture.hook import capturing
 from worker.capture.session import ExportSession
+from worker.derived import AttentionFacts
 from worker.generation import Batch, choose_next, eos_ids, hidden_state_hooks, make_batch, tokenize
 from worker.kvexport import KVExport
 from worker.models import LoadedModel
@@ -84,6 +85,7 @@ class Exporter:
         if spec.kv_compression:
             self.kv = KVExport(list(spec.kv_compression), self.layout, facts.num_heads, facts.num_kv_heads)
         self.top_head_index: np.ndarray | None = None
+        self.attention_facts = AttentionFacts(self.layout)  # derived attention: per-layer scaling/window
         self.generation_checks: dict[str, dict[str, Any]] = {}
         self.induction: np.ndarray | None = None
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
@@ -109,6 +111,7 @@ class Exporter:
                 "config": lm.info.get("config", {}),
             },
             "spec": self.spec.model_dump(mode="json"),
+            **self.attention_facts.root_attrs(facts),
             "capture": {
                 **self.capture.model_dump(mode="json"),
                 "exported_heads": list(layout.heads),
@@ -175,7 +178,7 @@ class Exporter:
         try:
             with (
                 torch.inference_mode(),
-                capturing(session),
+                capturing(self.attention_facts.wrap(session)),
                 hidden_state_hooks(lm.model, layout.layers, session.on_hidden),
             ):
                 self._generate(batch, session, units)
@@ -335,6 +338,8 @@ class Exporter:
             self.writer.write_array("query_position", query_position)
         if layout.attention and self.top_head_index is not None:
             self.writer.write_array("top_head_index", self.top_head_index)
+        for name, data in self.attention_facts.arrays().items():
+            self.writer.write_array(name, data)
         if self.alternatives is not None:
             for name, data in self.alternatives.arrays(tok).items():
                 self.writer.write_array(name, data)

@@ -9,6 +9,7 @@ from typing import Any
 
 import xarray as xr
 
+from storage.bundle.derived import Backend
 from storage.bundle.format import FORMAT_NAME, SUPPORTED_MAJOR
 from storage.errors import BundleNotReady, QkvaultError
 from storage.objectstore import is_s3, zarr_store
@@ -55,11 +56,20 @@ def _dataset(store: Any, group: str | None, location: str | Path) -> xr.Dataset:
     return ds
 
 
-def open_bundle(location: str | Path, *, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def open_bundle(
+    location: str | Path,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    backend: Backend = "auto",
+    device: str | None = None,
+) -> xr.Dataset:
     """Open a bundle lazily as an ``xarray.Dataset`` (dask not required; arrays load on access).
 
     ``location``: a bundle directory (``.../jobs/<id>.zarr``), a downloaded ``<id>.zarr.zip``, or
     ``s3://bucket/.../jobs/<id>.zarr`` with s3fs ``storage_options`` (endpoint_url, key, secret).
+    A derived-attention bundle (``capture.attention="derived"``) gets a lazily computed float32
+    ``attention`` variable: indexing it reconstructs only the selected block from q and k
+    (``backend``: ``auto`` = torch when already imported, else numpy; ``device`` for torch).
     """
     store = open_store(location, storage_options)  # a missing path raises FileNotFoundError here
     try:
@@ -74,6 +84,10 @@ def open_bundle(location: str | Path, *, storage_options: dict[str, Any] | None 
             f"{location} has bundle format {ds.attrs.get('format_version')}; this reader understands "
             f"{SUPPORTED_MAJOR}.x: upgrade qkvault"
         )
+    from storage.bundle.attention import is_derived, with_derived_attention
+
+    if is_derived(ds) and "attention" not in ds.variables:
+        ds = with_derived_attention(ds, backend=backend, device=device)
     return ds
 
 

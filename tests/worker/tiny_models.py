@@ -44,6 +44,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=256,
         sliding_window=6,
     ),
+    "qwen3": dict(
+        model_type="qwen3",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256),
     "gemma2": dict(
         model_type="gemma2",

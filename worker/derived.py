@@ -1,0 +1,77 @@
+"""Derived attention on the worker: record what reconstruction needs besides q and k.
+
+Each exported layer's attention ``scaling`` and ``sliding_window`` are taken from the attention
+calls themselves (what the model really used: GPT-2 and others differ from ``head_dim**-0.5``,
+models mix sliding and full layers), and written as ``attention_scaling`` / ``attention_window``
+``(layer)`` arrays at the end of the job, with a ``derived_attention`` root attribute.
+No probability is computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from storage.bundle.derived import describe
+from storage.bundle.layout import BundleLayout
+from storage.modelinfo import ModelFacts
+from worker.capture.hook import AttentionCall, CaptureSink
+
+
+class AttentionFacts:
+    """Wraps the capture sink of the main passes (:meth:`wrap`); remembers per exported layer the
+    scaling and sliding window of its attention calls."""
+
+    def __init__(self, layout: BundleLayout) -> None:
+        self.layout = layout
+        self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
+        self.scaling = np.full(len(layout.layers), np.nan, dtype=np.float64)
+        self.window = np.full(len(layout.layers), -1, dtype=np.int32)  # -1: no call seen; 0: no window
+
+    def wrap(self, sink: CaptureSink) -> CaptureSink:
+        return _Recording(self, sink) if self.layout.derived_attention else sink
+
+    def record(self, call: AttentionCall) -> None:
+        lp = self.layer_pos.get(call.layer_idx)
+        if lp is None:
+            return
+        window = int(call.sliding_window or 0)
+        if self.window[lp] >= 0 and (
+            self.window[lp] != window or not math.isclose(self.scaling[lp], call.scaling, rel_tol=1e-12)
+        ):
+            raise RuntimeError(
+                f"layer {call.layer_idx}: attention scaling/window changed between calls "
+                f"({self.scaling[lp]}, {self.window[lp]} then {call.scaling}, {window})"
+            )
+        self.scaling[lp], self.window[lp] = call.scaling, window
+
+    def root_attrs(self, facts: ModelFacts) -> dict[str, Any]:
+        """The ``derived_attention`` root attribute (empty unless the job derives attention)."""
+        if not self.layout.derived_attention:
+            return {}
+        return {
+            "derived_attention": {
+                **describe(),
+                "num_heads": facts.num_heads,
+                "num_kv_heads": facts.num_kv_heads,
+                "softcap": facts.attn_logit_softcapping,
+                "q_k_dtype": self.layout.qkv_dtype,
+                "arrays": ["q", "k", "attention_scaling", "attention_window", "length"],
+            }
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if not self.layout.derived_attention:
+            return {}
+        return {"attention_scaling": self.scaling.copy(), "attention_window": self.window.copy()}
+
+
+class _Recording:
+    def __init__(self, facts: AttentionFacts, sink: CaptureSink) -> None:
+        self.facts, self.sink = facts, sink
+
+    def on_attention(self, call: AttentionCall) -> None:
+        self.facts.record(call)
+        self.sink.on_attention(call)
