@@ -22,10 +22,15 @@ API_VERSION = "0.1.0"
 DESCRIPTION = """\
 Bulk exports of attention, Q/K/V and KV cache from transformer language models.
 
+Every `/v1` endpoint needs an API key: `Authorization: Bearer qk_...` (an administrator creates
+keys with `qkvault keys create --owner NAME`). A key sees only its owner's jobs (an admin key sees
+all); another owner's job id answers 404, like a missing one.
+
 1. `POST /v1/jobs` with a job spec (model, prompts, generation, what to capture) → 202 and `Location`.
 2. Poll `GET /v1/jobs/{id}` until `state` is `succeeded` (or `failed` / `cancelled`).
 3. `GET /v1/jobs/{id}/bundle` downloads the Zarr v3 store as a zip; open it with
-   `xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)`.
+   `xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)`; or, for bundles on S3,
+   `GET /v1/jobs/{id}/bundle/urls` lists short-lived presigned URLs of the store's objects.
 
 Every error is an RFC 9457 problem document (`application/problem+json`).
 """

@@ -45,6 +45,7 @@ class ApiProblem(Exception):
         title: str | None = None,
         errors: Sequence[Mapping[str, Any]] | None = None,
         extensions: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -53,6 +54,7 @@ class ApiProblem(Exception):
         self.detail = detail
         self.errors = errors
         self.extensions = extensions
+        self.headers = headers
 
 
 def _phrase(status: int) -> str:
@@ -143,6 +145,7 @@ async def _on_api_problem(request: Request, exc: Exception) -> ProblemResponse:
         detail=exc.detail,
         errors=exc.errors,
         extensions=exc.extensions,
+        headers=exc.headers,
     )
 
 

@@ -33,6 +33,7 @@ class JobPublic(BaseModel):
     ``links.bundle``."""
 
     id: str
+    owner: str = Field(description="owner of the API key that submitted it")
     state: JobState
     label: str | None
     created_at: datetime
@@ -63,6 +64,24 @@ class ChunkPublic(BaseModel):
     key: str = Field(description="store key relative to the bundle root", examples=["attention/c/0/1/0/2/0"])
     nbytes: int = Field(description="stored (encoded) size in bytes")
     checksum: str = Field(examples=["sha256:9f86d08..."])
+
+
+class PresignedObject(BaseModel):
+    key: str = Field(description="object key relative to the bundle root", examples=["attention/c/0/0/0/0/0"])
+    nbytes: int = Field(description="stored size in bytes")
+    url: str = Field(description="presigned HTTPS GET URL; no credentials needed until it expires")
+
+
+class BundleUrls(BaseModel):
+    """Presigned URLs of every object of a bundle on S3: fetch them with any HTTP client (no API
+    key, no S3 credentials) into a directory ``<id>.zarr/<key>`` and open it with xarray."""
+
+    job_id: str
+    partial: bool = Field(description="the job was cancelled or failed and left partial data")
+    expires_in: int = Field(description="lifetime of each URL in seconds")
+    expires_at: datetime = Field(description="when the URLs stop working")
+    total_bytes: int
+    objects: list[PresignedObject]
 
 
 class Health(BaseModel):
@@ -183,6 +202,7 @@ def progress_of(job: JobRecord) -> Progress:
 def job_public(job: JobRecord, root_path: str = "") -> JobPublic:
     return JobPublic(
         id=job.id,
+        owner=job.owner,
         state=job.state,
         label=job.label,
         created_at=job.created_at,

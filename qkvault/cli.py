@@ -42,22 +42,28 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home or os.environ.get("QKVAULT_HOME") or ".qkvault")
 
 
-def _api_url(args: argparse.Namespace) -> str | None:
-    """--api, else $QKVAULT_API_BASE_URL, else a stack started by `qkvault up` in --home, else the default."""
+def _api_target(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(URL, API key): --api, else $QKVAULT_API_BASE_URL, else a stack started by `qkvault up` in
+    --home (with its local key), else the default. The key: --api-key, else $QKVAULT_API_KEY (read
+    by the client), else that stack's key; a stack's key never goes to another server."""
+    key = getattr(args, "api_key", None)
     if getattr(args, "api", None):
-        return str(args.api)
+        return str(args.api), key
     if os.environ.get("QKVAULT_API_BASE_URL"):
-        return None  # the client reads it
-    from qkvault.embedded import running_stack
+        return None, key  # the client reads it
+    from qkvault.embedded import local_api_key, running_stack
 
     state = running_stack(_home(args))
-    return str(state["base_url"]) if state else None
+    if not state:
+        return None, key
+    return str(state["base_url"]), key or os.environ.get("QKVAULT_API_KEY") or local_api_key(_home(args))
 
 
 def _client(args: argparse.Namespace) -> Client:
     from qkvault.client import Client
 
-    return Client(_api_url(args), timeout_s=args.http_timeout)
+    url, key = _api_target(args)
+    return Client(url, timeout_s=args.http_timeout, api_key=key)
 
 
 @contextmanager
@@ -93,6 +99,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ):
         print(f"qkvault is up: {stack.base_url}   (API docs: {stack.base_url}/docs)", flush=True)
         print(f"  home {stack.home}, logs {stack.logs_dir}", flush=True)
+        print(f"  API key (owner {stack.api_key_owner!r}): {stack.api_key}   (kept in {stack.api_key_path})",
+              flush=True)
         print(f"  commands with the same --home find it; elsewhere: --api {stack.base_url}", flush=True)
         print("Ctrl-C to stop", flush=True)
         try:
@@ -132,18 +140,20 @@ def _run_demo(client: Client, downloads: Path, timeout_s: float) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from qkvault.client import Client
-    from qkvault.embedded import EmbeddedStack, running_stack
+    from qkvault.embedded import EmbeddedStack, local_api_key, running_stack
 
     home = _home(args)
     downloads = home / "downloads"
     if args.api:  # only on request: a QKVAULT_API_BASE_URL set for daily use does not redirect the demo
-        client = Client(args.api, timeout_s=args.http_timeout)
+        client = Client(args.api, timeout_s=args.http_timeout, api_key=args.api_key)
         _err(f"qkvault demo against {client.base_url}")
         return _run_demo(client, downloads, args.timeout)
     running = running_stack(home)
     if running:
         _err(f"qkvault demo: using the stack already running from {home} ({running['base_url']})")
-        return _run_demo(Client(running["base_url"], timeout_s=args.http_timeout), downloads, args.timeout)
+        key = args.api_key or os.environ.get("QKVAULT_API_KEY") or local_api_key(home)
+        client = Client(running["base_url"], timeout_s=args.http_timeout, api_key=key)
+        return _run_demo(client, downloads, args.timeout)
     _err(f"qkvault demo: starting the embedded stack in {home} (Redis, SQLite, local store, API, 1 worker)")
     with _sigterm_as_exit(), EmbeddedStack(home, ready_timeout_s=args.ready_timeout, echo=_err) as stack:
         _err(f"stack ready at {stack.base_url}")
@@ -227,7 +237,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         if split is None:
             raise QkvaultClientError(f"{target} is not a job URL (expected .../v1/jobs/<id>)")
         base, job_id = split
-        ds = Client(base, timeout_s=args.http_timeout).open(job_id, download_dir=_home(args) / "downloads")
+        client = Client(base, timeout_s=args.http_timeout, api_key=args.api_key)
+        ds = client.open(job_id, download_dir=_home(args) / "downloads")
     elif "://" in target or Path(target).exists() or target.endswith((".zip", ".zarr")):
         ds = open_dataset(target)
     else:  # a job id: download through the API once
@@ -265,6 +276,10 @@ def _common_options(top_level: bool) -> argparse.ArgumentParser:
     common.add_argument(
         "--home", metavar="DIR", default=default(None), help="embedded stack directory (default: .qkvault)"
     )
+    common.add_argument(
+        "--api-key", metavar="KEY", default=default(None),
+        help="API key (default: $QKVAULT_API_KEY, else the key of a stack started by `qkvault up` in --home)",
+    )  # fmt: skip
     common.add_argument(
         "--http-timeout",
         metavar="S",
@@ -366,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="labels.png", help="image file (default labels.png)")
     p.add_argument("--batch", type=int, default=None, help="one sequence's labels (default: pooled)")
     p.add_argument("--title", default=None)
+
+    from qkvault.keys_cli import add_keys_parser
+
+    add_keys_parser(sub, common)
     return parser
 
 

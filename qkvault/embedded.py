@@ -44,6 +44,7 @@ __all__ = [
     "exited",
     "find_redis_server",
     "free_port",
+    "local_api_key",
     "log_tail",
     "port_is_free",
     "redis_ping",
@@ -56,6 +57,8 @@ __all__ = [
 DEFAULT_HOME = Path(".qkvault")
 STATE_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
+API_KEY_FILE = "api-key"  # the local API key (mode 0600), created at the first start
+LOCAL_OWNER = "local"
 WORKER_READY = re.compile(r"\bready\b", re.IGNORECASE)
 
 
@@ -136,6 +139,14 @@ def _project_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() else None
 
 
+def local_api_key(home: Path = DEFAULT_HOME) -> str | None:
+    """The API key the embedded stack in ``home`` created for its local user, if any."""
+    try:
+        return (Path(home) / API_KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def running_stack(home: Path = DEFAULT_HOME) -> dict[str, Any] | None:
     """The state file of a stack running from ``home`` (``base_url``, ``pid``...), or None."""
     try:
@@ -167,6 +178,9 @@ class EmbeddedStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock: IO[str] | None = None
         self._port: int | None = None
+        self.api_key: str | None = None  # the local user's key, read from api_key_path once started
+        self.api_key_owner = LOCAL_OWNER
+        self.api_key_path = self.home / API_KEY_FILE
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -178,7 +192,7 @@ class EmbeddedStack:
     def client(self, timeout_s: float = 30.0) -> Client:
         from qkvault.client import Client
 
-        return Client(self.base_url, timeout_s=timeout_s)
+        return Client(self.base_url, timeout_s=timeout_s, api_key=self.api_key)
 
     def log_path(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"
@@ -252,6 +266,7 @@ class EmbeddedStack:
 
         self._echo(f"migrating the SQL index {self.env['QKVAULT_DATABASE_URL']}")
         self._migrate(env)
+        self.api_key = local_api_key(self.home)
 
         self._echo(f"starting the API on http://127.0.0.1:{port} and one worker (logs: {self.logs_dir})")
         for name in ("api", "worker"):
@@ -303,9 +318,14 @@ class EmbeddedStack:
             "from storage.index import Index\n"
             "index = Index(sys.argv[1])\n"
             "index.migrate()\n"
+            "from pathlib import Path\n"  # the local user's API key: reused while valid, else created
+            "from storage.index.apikeys import ApiKeys\n"
+            "ApiKeys(index).ensure_key_file(Path(sys.argv[2]), owner=sys.argv[3])\n"
             "getattr(index, 'dispose', lambda: None)()\n"
         )
-        proc = spawn([sys.executable, "-c", code, self.env["QKVAULT_DATABASE_URL"]], log_path, env=env)
+        database_url = self.env["QKVAULT_DATABASE_URL"]
+        args = [sys.executable, "-c", code, database_url, str(self.api_key_path), LOCAL_OWNER]
+        proc = spawn(args, log_path, env=env)
         try:
             returncode = proc.wait(timeout=self.ready_timeout_s)
         except subprocess.TimeoutExpired:

@@ -98,6 +98,29 @@ class ObjectStore:
     def exists(self, url: str, relpath: str = "zarr.json") -> bool:
         return bool(self.fs().exists(f"{self._path(url).rstrip('/')}/{relpath}"))
 
+    def presigned_urls(self, url: str, relpaths: list[str], expires_s: int) -> list[str]:
+        """Presigned HTTPS GET URLs (S3 SigV4, valid ``expires_s`` seconds) of files under ``url``:
+        anyone holding one can read that object until it expires, without credentials. Signing is
+        local (no request to S3). Local stores have no such URLs: StoreError."""
+        if self.is_local:
+            raise StoreError(f"{url} is on a local disk: presigned URLs exist only for s3:// stores")
+        from fsspec.asyn import sync
+
+        fs = self.fs()
+        base = self._path(url).rstrip("/")
+
+        async def sign_all() -> list[str]:
+            import asyncio
+
+            signed = await asyncio.gather(*(fs._url(f"{base}/{rel}", expires=expires_s) for rel in relpaths))
+            return [str(u) for u in signed]
+
+        try:
+            result: list[str] = sync(fs.loop, sign_all)
+        except OSError as exc:
+            raise StoreError(f"cannot sign URLs under {url}: {exc}") from exc
+        return result
+
     def delete_tree(self, url: str) -> None:
         path = self._path(url)
         if self.is_local:

@@ -1,7 +1,7 @@
-"""ORM tables of the SQL index (``jobs``, ``chunks``).
+"""ORM tables of the SQL index (``jobs``, ``chunks``, ``api_keys``).
 
-The hand-written migration ``migrations/versions/0001_initial.py`` creates exactly these tables;
-``tests/storage/test_index.py`` checks that the two agree.
+The hand-written migrations ``migrations/versions/0001_initial.py`` and ``0002_api_keys_idempotency.py``
+create exactly these tables; ``tests/storage/test_index.py`` checks that the two agree.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class JobRow(Base):
     __table_args__ = (
         CheckConstraint(STATE_CHECK, name="state"),
         Index("ix_jobs_owner_created_at", "owner", "created_at"),
+        # Idempotency-Key of POST /v1/jobs, scoped per owner (NULLs never collide)
+        Index("uq_jobs_owner_idempotency_key", "owner", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -104,6 +106,8 @@ class JobRow(Base):
     store_url: Mapped[str] = mapped_column(String(2048))
     partial: Mapped[bool] = mapped_column(Boolean)
     result: Mapped[dict[str, Any] | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of the normalised spec
 
     @classmethod
     def queued(
@@ -176,6 +180,22 @@ class ChunkRow(Base):
             nbytes=self.nbytes,
             checksum=self.checksum,
         )
+
+
+class ApiKeyRow(Base):
+    """An API key: only the sha256 of the secret is stored (storage/index/apikeys.py)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("key_hash"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    admin: Mapped[bool] = mapped_column(Boolean)
+    label: Mapped[str | None] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the whole secret
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters of the secret, to recognise it
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
 
 
 def format_coords(coords: tuple[int, ...]) -> str:

@@ -1,6 +1,9 @@
 """Fixtures for API tests: a real SQLite index and local object store in ``tmp_path``, a real Redis
 broker (``redis_url`` from ``tests/conftest.py``) with a queue of the test's own. No worker runs:
 tests look at the task messages in Redis and drive job states through the index, as a worker would.
+
+Authentication is real: ``api_key`` is a key of owner ``local`` created in the test's index (as
+``qkvault keys create`` would), and ``client`` sends it on every request; ``make_key`` creates more.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import ApiSettings
 from storage.index import Index
+from storage.index.apikeys import ApiKeys
 from storage.objectstore import ObjectStore
 from tests.api.support import MAX_NEW_TOKENS, MAX_PROMPTS, SMOLLM2
 
@@ -61,13 +65,35 @@ def index(api_settings: ApiSettings) -> Iterator[Index]:
 
 
 @pytest.fixture
+def make_key(index: Index) -> Callable[..., str]:
+    """``make_key("alice", admin=False)`` -> the secret of a new API key in the test's index."""
+
+    def make(owner: str = "local", *, admin: bool = False) -> str:
+        secret, _ = ApiKeys(index).create(owner=owner, admin=admin, label="test")
+        return secret
+
+    return make
+
+
+@pytest.fixture
+def api_key(make_key: Callable[..., str]) -> str:
+    return make_key("local")
+
+
+@pytest.fixture
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture
 def store(api_settings: ApiSettings) -> ObjectStore:
     return ObjectStore.from_settings(api_settings)
 
 
 @pytest.fixture
-def client(api_settings: ApiSettings, index: Index) -> Iterator[TestClient]:
-    with TestClient(create_app(api_settings), raise_server_exceptions=False) as test_client:
+def client(api_settings: ApiSettings, index: Index, auth_headers: dict[str, str]) -> Iterator[TestClient]:
+    app = create_app(api_settings)
+    with TestClient(app, raise_server_exceptions=False, headers=auth_headers) as test_client:
         yield test_client
 
 

@@ -89,8 +89,10 @@ def test_docs_and_openapi(client: TestClient) -> None:
 
 @pytest.fixture
 def unmigrated_client(api_settings: ApiSettings) -> Iterator[TestClient]:
-    """An app whose database has no tables: every index query fails with a real SQL error."""
-    with TestClient(create_app(api_settings), raise_server_exceptions=False) as client:
+    """An app whose database has no tables: every index query fails with a real SQL error (the
+    first one: looking up the well-formed API key it sends)."""
+    headers = {"Authorization": "Bearer qk_" + "x" * 43}
+    with TestClient(create_app(api_settings), raise_server_exceptions=False, headers=headers) as client:
         yield client
 
 
@@ -133,10 +135,10 @@ def test_unknown_route_and_wrong_method_are_problems(client: TestClient) -> None
     assert wrong.headers["allow"]  # Starlette names the methods of the first matching route only
 
 
-def test_request_body_over_limit_is_413(api_settings: ApiSettings, index: object) -> None:
+def test_request_body_over_limit_is_413(api_settings: ApiSettings, auth_headers: dict[str, str]) -> None:
     settings = api_settings.model_copy(update={"max_request_bytes": 2048})
     big_spec = {"model": {"id": SMOLLM2}, "prompts": ["x" * 4096]}
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings), raise_server_exceptions=False, headers=auth_headers) as client:
         declared = client.post("/v1/jobs", json=big_spec)
         streamed = client.post(
             "/v1/jobs",

@@ -56,13 +56,15 @@ def tiny(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_client(api_settings: ApiSettings, index: object) -> Iterator[Callable[..., TestClient]]:
+def make_client(
+    api_settings: ApiSettings, auth_headers: dict[str, str]
+) -> Iterator[Callable[..., TestClient]]:
     """A client of an app whose settings differ from ``api_settings`` by ``updates``."""
     with ExitStack() as stack:
 
         def make(**updates: Any) -> TestClient:
             app = create_app(api_settings.model_copy(update=updates))
-            return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+            return stack.enter_context(TestClient(app, raise_server_exceptions=False, headers=auth_headers))
 
         yield make
 

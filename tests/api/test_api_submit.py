@@ -246,9 +246,11 @@ def test_api_celery_client_keeps_no_per_task_state(
         app.close()
 
 
-def test_broker_down_keeps_the_job_queued(api_settings: ApiSettings, index: Index) -> None:
+def test_broker_down_keeps_the_job_queued(
+    api_settings: ApiSettings, index: Index, auth_headers: dict[str, str]
+) -> None:
     settings = api_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings), raise_server_exceptions=False, headers=auth_headers) as client:
         response = client.post("/v1/jobs", json={"model": {"id": SMOLLM2}, "prompts": ["hi"]})
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]

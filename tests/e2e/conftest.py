@@ -13,6 +13,7 @@ import pytest
 
 from qkvault.client import Client
 from storage.index import Index
+from storage.index.apikeys import ApiKeys
 from tests.services import S3Server, qkvault_env, start_api, start_worker
 from tests.worker.conftest import model_cache_dir
 from tests.worker.tiny_models import build_tiny_model
@@ -27,6 +28,11 @@ class Stack:
     store_url: str
     storage_options: dict[str, Any]
     logs: Path
+    api_key: str  # of owner "e2e", created in the index before the API starts
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +69,10 @@ def _stack(
         storage_options = s3.storage_options()
     else:
         store_url = str(root / "store")
-    Index(database_url).migrate()
+    index = Index(database_url)
+    index.migrate()
+    api_key, _ = ApiKeys(index).create(owner="e2e", label=f"e2e {kind}")
+    index.dispose()
     env = qkvault_env(
         redis_url=redis_url,
         database_url=database_url,
@@ -78,9 +87,9 @@ def _stack(
     with (
         start_worker(env, logs / "worker.log"),
         start_api(env, log_path=logs / "api.log") as api,
-        Client(api.base_url, timeout_s=30.0) as client,
+        Client(api.base_url, timeout_s=30.0, api_key=api_key) as client,
     ):
-        yield Stack(kind, client, api.base_url, env, store_url, storage_options, logs)
+        yield Stack(kind, client, api.base_url, env, store_url, storage_options, logs, api_key)
 
 
 @pytest.fixture(

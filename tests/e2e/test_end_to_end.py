@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from qkvault.client import JobFailed
+from qkvault.errors import QkvaultClientError
 from storage.bundle import open_bundle
 
 from .conftest import Stack
@@ -31,14 +32,16 @@ def _spec(model: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_submit_poll_download_open(stack: Stack, tiny_llama: str, tmp_path: Path) -> None:
-    response = httpx.post(f"{stack.base_url}/v1/jobs", json=_spec(tiny_llama), timeout=30)
+    anonymous = httpx.post(f"{stack.base_url}/v1/jobs", json=_spec(tiny_llama), timeout=30)
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+    response = httpx.post(f"{stack.base_url}/v1/jobs", json=_spec(tiny_llama), headers=stack.auth, timeout=30)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert response.headers["location"].endswith(f"/v1/jobs/{job_id}")
     job = stack.client.wait(job_id, poll_s=0.2, timeout_s=180, progress=False)
     assert job.state == "succeeded" and job.progress.units_done == job.progress.units_total > 0
     assert job.progress.bytes_written > 0 and job.started_at and job.finished_at
-    chunks = httpx.get(f"{stack.base_url}/v1/jobs/{job_id}/chunks", timeout=30).json()
+    chunks = httpx.get(f"{stack.base_url}/v1/jobs/{job_id}/chunks", headers=stack.auth, timeout=30).json()
     chunk_list = chunks["items"] if isinstance(chunks, dict) else chunks
     assert len(chunk_list) == job.progress.chunks_written > 0
 
@@ -53,6 +56,15 @@ def test_submit_poll_download_open(stack: Stack, tiny_llama: str, tmp_path: Path
     assert lengths.tolist() == [len("The quick brown fox") + 1 + 4, 3 + 4]
     rows = from_zip["attention"][:, 0, :, : lengths[0], : lengths[0]].values.astype(np.float32)
     np.testing.assert_allclose(rows.sum(-1), 1.0, atol=5e-3)
+
+    if stack.store_url.startswith("s3://"):  # straight from S3 through presigned URLs, no API key
+        from_presigned = open_bundle(stack.client.download_presigned(job_id, tmp_path / "p", expires_in=60))
+        for name in ("tokens", "attention", "q", "k", "v"):
+            np.testing.assert_array_equal(from_presigned[name].values, from_store[name].values)
+    else:  # a local store is served only through the authenticated API
+        with pytest.raises(QkvaultClientError) as refused:
+            stack.client.bundle_urls(job_id)
+        assert refused.value.status == 409 and refused.value.type == "presigned-urls-unavailable"
 
 
 def test_listing_paginates(stack: Stack, tiny_llama: str) -> None:
@@ -94,6 +106,7 @@ def test_invalid_spec_gets_field_level_422(local_stack: Stack) -> None:
     response = httpx.post(
         f"{local_stack.base_url}/v1/jobs",
         json={"model": {"id": "a/b"}, "prompts": [], "generation": {"max_new_tokens": -1}},
+        headers=local_stack.auth,
         timeout=30,
     )
     assert response.status_code == 422
