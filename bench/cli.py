@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=0, help="generated tokens (default 0: prompt only)")
     p.add_argument("--layers", type=parse_layers, help="layer subset, e.g. 0,15 or 0-3 (default: all)")
     p.add_argument("--qkv", action="store_true", help="qkvault also exports q/k/v (fp16)")
+    p.add_argument(
+        "--attention",
+        choices=("materialised", "derived"),
+        default="materialised",
+        help="qkvault stores the attention probabilities (default), or q/k to derive them on read "
+        "(no T×T array; the naive T×T dump is skipped)",
+    )
     p.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     dtypes = ("auto", "float32", "bfloat16", "float16")
     p.add_argument("--dtype", default="auto", choices=dtypes, help="weights (auto: SmolLM2 fp32 on cpu)")
@@ -113,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             qkv=args.qkv,
             chunk_rows=args.chunk_rows,
             model_cache=args.model_cache,
+            attention=args.attention,
         )
         facts = bm.lm.facts
         print(
             f"model {name} ({facts.num_layers} layers, {facts.num_heads}/{facts.num_kv_heads} heads, "
             f"head_dim {facts.head_dim}, {str(bm.lm.dtype).replace('torch.', '')}) on {device}; "
             f"{len(bm.prompt_ids)} prompt tokens + {args.new_tokens} new; layers exported "
-            f"{len(bm.layers)}; q/k/v {'on' if args.qkv else 'off'}; store {store}",
+            f"{len(bm.layers)}; q/k/v {'on' if args.qkv else 'off'}; "
+            + ("attention derived (q/k); " if bm.derived else "")
+            + f"store {store}",
             flush=True,
         )
         warm_up(bm)
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         results["raw write"] = raw
         settle(device)
         reason = "--skip-naive" if args.skip_naive else _naive_fits(bm)
+        if bm.derived and not reason:
+            reason = "--attention derived: the naive dump materialises T×T attention"
         if reason:
             naive = ModeResult(
                 "naive", status="skipped", logical_bytes=attention_logical_bytes(bm), note=reason
@@ -163,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 "new_tokens": args.new_tokens,
                 "layers": bm.layers,
                 "qkv": args.qkv,
+                "attention": args.attention,
                 "chunk_rows": args.chunk_rows,
                 "store": str(store),
                 "kept": args.keep,

@@ -82,6 +82,10 @@ class BenchModel:
         return list(self.spec.capture.layers or range(self.lm.facts.num_layers))
 
     @property
+    def derived(self) -> bool:
+        return self.spec.capture.attention == "derived"
+
+    @property
     def positions(self) -> int:
         return len(self.prompt_ids) + self.spec.generation.max_new_tokens
 
@@ -162,8 +166,10 @@ def prepare(
     qkv: bool,
     chunk_rows: int,
     model_cache: Path | None,
+    attention: str = "materialised",
 ) -> BenchModel:
-    """Load or build the model and the job spec of the qkvault run (attention fp16, q/k/v fp16)."""
+    """Load or build the model and the job spec of the qkvault run (attention fp16, q/k/v fp16).
+    ``attention="derived"``: the bundle stores q and k instead of the T×T probabilities."""
     from storage.jobspec import ModelSpec
     from worker.generation import tokenize
     from worker.models import load_model
@@ -188,7 +194,11 @@ def prepare(
             "model": model,
             "prompts": [prompt],
             "generation": {"max_new_tokens": new_tokens, "stop_at_eos": False},
-            "capture": {"attention": True, "qkv": qkv, "layers": layers},
+            "capture": {
+                "attention": "derived" if attention == "derived" else True,
+                "qkv": qkv,
+                "layers": layers,
+            },
             "storage": {"attention_dtype": "float16", "qkv_dtype": "float16", "chunk_rows": chunk_rows},
         }
     )

@@ -81,6 +81,22 @@ def qkv_logical_bytes(bm: BenchModel) -> int:
     return len(bm.layers) * bm.positions * facts.head_dim * (facts.num_heads + 2 * facts.num_kv_heads) * 2
 
 
+def derived_logical_bytes(bm: BenchModel) -> int:
+    """Derived attention exports q and k (and v with --qkv) at 2 bytes an element."""
+    if bm.spec.capture.qkv:
+        return qkv_logical_bytes(bm)
+    facts = bm.lm.facts
+    return len(bm.layers) * bm.positions * facts.head_dim * (facts.num_heads + facts.num_kv_heads) * 2
+
+
+def full_attention_bytes(bm: BenchModel) -> int:
+    """What materialised attention would need: the causal lower triangle (diagonal included) of
+    every exported layer and head, fp16."""
+    from storage.bundle.derived import materialised_bytes
+
+    return materialised_bytes(len(bm.layers), bm.lm.facts.num_heads, [bm.positions])
+
+
 def _input(bm: BenchModel) -> torch.Tensor:
     return torch.tensor([bm.prompt_ids], device=bm.lm.device)
 
@@ -192,7 +208,10 @@ def run_qkvault(bm: BenchModel, store: Path, memory: PeakMemory, profile: Path |
     """The worker's Exporter in-process, writing a bundle under ``store`` (no database)."""
     from worker.export import Exporter
 
-    logical = attention_logical_bytes(bm) + (qkv_logical_bytes(bm) if bm.spec.capture.qkv else 0)
+    if bm.derived:
+        logical = derived_logical_bytes(bm)
+    else:
+        logical = attention_logical_bytes(bm) + (qkv_logical_bytes(bm) if bm.spec.capture.qkv else 0)
     result = ModeResult("qkvault", logical_bytes=logical)
     bundle = store / "bundle.zarr"
     hooks = NullHooks()
@@ -229,6 +248,9 @@ def run_qkvault(bm: BenchModel, store: Path, memory: PeakMemory, profile: Path |
         "chunk_bytes": hooks.chunk_bytes,
         "exporter_timings_s": summary["timings_s"],
     }
+    if bm.derived:
+        result.extra["attention"] = "derived"
+        result.extra["full_attention_bytes"] = full_attention_bytes(bm)
     if profiler is not None and profile is not None:
         profiler.dump_stats(profile)
         text = io.StringIO()

@@ -71,6 +71,16 @@ def table(results: dict[str, ModeResult], cuda: bool) -> str:
     lines.append("")
     lines.append(f"qkvault speedup vs naive: {'-' if speedup is None else f'{speedup:.2f}x'}")
     lines.append(f"qkvault time / raw write time: {'-' if over_raw is None else f'{over_raw:.2f}x'}")
+    qkvault = results.get("qkvault")
+    if qkvault is not None and "full_attention_bytes" in qkvault.extra:
+        full = int(qkvault.extra["full_attention_bytes"])
+        stored_bytes = qkvault.stored_bytes
+        stored = "not stored" if stored_bytes is None else f"{stored_bytes:,} bytes stored"
+        smaller = f" ({full / stored_bytes:,.0f}x smaller)" if stored_bytes else ""
+        lines.append(
+            f"derived attention (q/k): {stored}{smaller}; full attention would need {full:,} bytes "
+            "(lower triangle, fp16)"
+        )
     for name in ("sdpa forward", "naive", "qkvault", "raw write"):
         r = results.get(name)
         if r is None:

@@ -71,3 +71,33 @@ def test_bench_temp_store_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     argv = ["--device", "cpu", "--model", "tiny", "--tokens", "64", "--layers", "1", "--skip-naive"]
     assert main(argv) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_tiny_cpu_derived_attention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--attention derived``: q/k stored, no T×T array, the naive T×T dump skipped; the report
+    gives the bytes stored and the bytes full attention would need."""
+    out_json = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--model", "tiny", "--tokens", "256", "--attention", "derived"]
+    assert main([*argv, "--store", str(tmp_path / "store"), "--keep", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    statuses = dict(re.findall(r"^(naive|qkvault|raw write) {2,}(\S+) ", printed, re.MULTILINE))
+    assert statuses == {"naive": "skipped", "qkvault": "ok", "raw write": "ok"}
+    assert "derived attention (q/k):" in printed and "full attention would need" in printed
+
+    figures = json.loads(out_json.read_text())
+    qkvault = figures["modes"]["qkvault"]
+    layers, heads, tokens, head_dim, kv_heads = 2, 4, 256, 16, 2
+    assert figures["run"]["attention"] == "derived"
+    assert qkvault["attention"] == "derived"
+    assert qkvault["full_attention_bytes"] == layers * heads * tokens * (tokens + 1) // 2 * 2
+    assert qkvault["logical_bytes"] == layers * tokens * head_dim * (heads + kv_heads) * 2
+    bundle = Path(qkvault["bundle"])
+    assert qkvault["stored_bytes"] < qkvault["full_attention_bytes"]
+    assert not (bundle / "attention").exists() and not (bundle / "v").exists()
+
+    from storage.bundle import Bundle
+
+    opened = Bundle(bundle)
+    assert opened.derived and opened.dataset["q"].dtype.name == "float16"
+    row = opened.attention(1, 3, query=tokens - 1)
+    assert row.shape == (tokens,) and abs(float(row.sum()) - 1.0) < 1e-5
