@@ -72,3 +72,18 @@ class JobCancelled(QkvaultError, RuntimeError):
 
     problem_type = "job-cancelled"
     status = 409
+
+
+class LeaseLost(JobStateConflict):
+    """A worker wrote to a job it no longer holds: the lease expired and moved to another worker,
+    or the job ended (cancelled, failed by the reconciler). The worker must stop without touching
+    the job again; the attempt that holds the lease (if any) owns it now."""
+
+    problem_type = "lease-lost"
+
+
+class StoreUnavailable(StoreError):
+    """The object store kept failing (5xx, connection refused or reset) for longer than the retry
+    budget. Transient: the job is queued again while attempts are left."""
+
+    problem_type = "store-unavailable"

@@ -3,18 +3,29 @@
 A bundle is addressed by URL: a local path (``/data/store/jobs/<id>.zarr``) or
 ``s3://bucket/prefix/jobs/<id>.zarr``. Clients are built lazily, so a Celery prefork child never
 inherits an event loop or connection pool from its parent.
+
+Writes to S3 are retried with backoff for a bounded time (:class:`StoreRetry`, on top of botocore's
+and s3fs's own few retries): a 5xx, a refused or reset connection, a timeout. Past the budget the
+operation raises :class:`~storage.errors.StoreUnavailable` (the job is queued again while attempts
+are left). Objects are whole: an S3 PUT is atomic, so a failed write leaves no torn chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from storage.errors import StoreError
+from storage.errors import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 S3_SCHEME = "s3://"
 
@@ -129,13 +140,81 @@ class ObjectStore:
             self.fs().rm(path, recursive=True)
 
 
-def zarr_store(url: str, *, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Any:
-    """A zarr v3 store for a bundle URL: ``LocalStore`` for paths, ``FsspecStore`` (s3fs) for ``s3://``."""
+@dataclass(frozen=True)
+class StoreRetry:
+    """Retry a failing store operation with exponential backoff (``first_delay_s`` doubling up to
+    ``max_delay_s``) until ``deadline_s`` have passed since its first try; 0 disables retrying."""
+
+    deadline_s: float = 60.0
+    first_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+
+_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A store error worth retrying: an I/O error that is not about the object itself (a 5xx is an
+    ``OSError(EIO)`` from s3fs), a timeout, or a botocore/aiohttp connection error."""
+    if isinstance(exc, StoreUnavailable):
+        return False  # already retried below
+    if isinstance(exc, OSError | asyncio.TimeoutError | TimeoutError):
+        return not isinstance(exc, _PERMANENT_OS_ERRORS)
+    modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
+    return bool(modules & {"botocore", "aiobotocore", "aiohttp"})
+
+
+async def retrying(what: str, op: Callable[[], Awaitable[T]], policy: StoreRetry) -> T:
+    """Run ``op`` until it succeeds, a permanent error, or ``policy.deadline_s`` (StoreUnavailable)."""
+    started = time.monotonic()
+    delay, tries = policy.first_delay_s, 0
+    while True:
+        tries += 1
+        try:
+            return await op()
+        except Exception as exc:
+            spent = time.monotonic() - started
+            if not is_transient(exc):
+                raise
+            if spent + delay > policy.deadline_s:
+                raise StoreUnavailable(
+                    f"object store: {what} failed {tries} times in {spent:.1f} s "
+                    f"(retry budget {policy.deadline_s:g} s; QKVAULT_STORE_RETRY_S): "
+                    f"{type(exc).__name__}: {exc}",
+                    detail={"operation": what, "tries": tries, "seconds": round(spent, 1)},
+                ) from exc
+            log.warning("object store: %s failed (%s: %s); retry %d in %.1f s",
+                        what, type(exc).__name__, exc, tries, delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, policy.max_delay_s)
+
+
+def zarr_store(
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    read_only: bool = False,
+    retry: StoreRetry | None = None,
+) -> Any:
+    """A zarr v3 store for a bundle URL: ``LocalStore`` for paths, ``FsspecStore`` (s3fs) for ``s3://``.
+
+    ``retry``: the retry policy of store operations; default :class:`StoreRetry` for ``s3://``,
+    none for local paths (a local disk error is not transient).
+    """
     from zarr.storage import FsspecStore, LocalStore
 
+    store: Any
     if is_s3(url):
-        return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
-    path = Path(_strip_file_scheme(url)).expanduser()
-    if not read_only:
-        os.makedirs(path, exist_ok=True)
-    return LocalStore(path, read_only=read_only)
+        store = FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+        retry = StoreRetry() if retry is None else retry
+    else:
+        path = Path(_strip_file_scheme(url)).expanduser()
+        if not read_only:
+            os.makedirs(path, exist_ok=True)
+        store = LocalStore(path, read_only=read_only)
+    if retry is not None and retry.deadline_s > 0:
+        from storage.retrystore import RetryingStore
+
+        store = RetryingStore(store, retry)
+    return store

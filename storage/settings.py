@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     heartbeat_interval_s: float = Field(10.0, gt=0, description="lease renewal period of a running job")
     progress_interval_s: float = 0.5
+    # object store outages (docs/reliability.md): a store operation is retried with backoff for this
+    # long, then the attempt gives the job back (queued again after retry_delay_s) while attempts last
+    store_retry_s: float = Field(60.0, ge=0, description="retry budget of one object-store operation")
+    retry_delay_s: float = Field(10.0, ge=0, description="delay before a job given back is run again")
 
     # reconciler (python -m worker.reconciler; docs/reliability.md)
     reconcile_interval_s: float = Field(30.0, gt=0, description="seconds between reconciler passes")

@@ -52,9 +52,18 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_export(app: Celery, job_id: str, queue: str | None = None) -> None:
-    """Send the export task by name; the job id is also the Celery task id."""
-    app.send_task(EXPORT_TASK, args=[job_id], task_id=job_id, queue=queue or app.conf.task_default_queue)
+def enqueue_export(
+    app: Celery, job_id: str, queue: str | None = None, countdown: float | None = None
+) -> None:
+    """Send the export task by name; the job id is also the Celery task id. ``countdown``: run it
+    no sooner than that many seconds from now."""
+    app.send_task(
+        EXPORT_TASK,
+        args=[job_id],
+        task_id=job_id,
+        queue=queue or app.conf.task_default_queue,
+        countdown=countdown,
+    )
 
 
 def revoke_export(app: Celery, job_id: str) -> None:

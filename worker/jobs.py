@@ -1,8 +1,12 @@
 """Run one export job against the SQL index: claim, heartbeat, export, record the outcome.
 
-The jobs table is the source of truth: a redelivered message for a finished or cancelled job does
-nothing, the attempt cap is enforced by ``Index.claim``, and cancellation is cooperative (checked
-between row blocks).
+The jobs table is the source of truth: a redelivered message for a finished or cancelled job, or
+for a job another live worker holds, does nothing; the attempt cap is enforced by ``Index.claim``,
+and cancellation is cooperative (checked between row blocks). Every write of the attempt is fenced
+on its lease: once the lease moved (the worker stalled past ``lease_timeout_s`` and the job was
+requeued) or the job ended, the index raises LeaseLost and the attempt stops without touching the
+job. A retried attempt resumes by chunk (storage/bundle/resume.py). An object store that stays
+down past ``store_retry_s`` gives the job back (queued again) while attempts are left.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from storage.bundle.resume import ResumeSet
 from storage.bundle.writer import BundleWriter
-from storage.errors import JobCancelled, QkvaultError
+from storage.errors import JobCancelled, LeaseLost, QkvaultError, StoreUnavailable
 from storage.index import Index
-from storage.index.records import ChunkRecord, JobState
+from storage.index.records import ChunkRecord, JobRecord, JobState
 from storage.jobspec import JobSpec
-from storage.objectstore import ObjectStore
+from storage.objectstore import ObjectStore, StoreRetry
 from storage.settings import Settings
 from worker.models import ModelCache
 
@@ -26,17 +31,23 @@ log = logging.getLogger(__name__)
 
 
 class JobHooks:
-    """Progress, chunk records and cancellation for one running job (throttled DB writes)."""
+    """Progress, chunk records and cancellation for one running job (throttled DB writes), fenced
+    on ``worker_id``'s lease: LeaseLost once it moved or the job ended."""
 
-    def __init__(self, index: Index, job_id: str, interval_s: float) -> None:
-        self.index, self.job_id, self.interval_s = index, job_id, interval_s
+    def __init__(self, index: Index, job_id: str, interval_s: float, worker_id: str) -> None:
+        self.index, self.job_id, self.interval_s, self.worker_id = index, job_id, interval_s, worker_id
         self.units_done = 0
+        self.lease_lost = threading.Event()  # set by the heartbeat thread
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
 
     def phase(self, name: str, units_total: int | None = None) -> None:
         self.index.update_progress(
-            self.job_id, phase=name, units_total=units_total, units_done=self.units_done
+            self.job_id,
+            phase=name,
+            units_total=units_total,
+            units_done=self.units_done,
+            worker=self.worker_id,
         )
 
     def unit_done(self) -> None:
@@ -44,12 +55,14 @@ class JobHooks:
         now = time.monotonic()
         if now - self._last_progress >= self.interval_s:
             self._last_progress = now
-            self.index.update_progress(self.job_id, units_done=self.units_done)
+            self.index.update_progress(self.job_id, units_done=self.units_done, worker=self.worker_id)
 
     def chunks_written(self, records: Sequence[ChunkRecord]) -> None:
-        self.index.record_chunks(self.job_id, records)
+        self.index.record_chunks(self.job_id, records, worker=self.worker_id)
 
     def check_cancelled(self) -> None:
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: the heartbeat of {self.worker_id} was refused (lease lost)")
         now = time.monotonic()
         if now - self._last_cancel_check < self.interval_s:
             return
@@ -61,8 +74,16 @@ class JobHooks:
 class Heartbeat:
     """Background thread renewing the job's lease every ``interval_s``."""
 
-    def __init__(self, index: Index, job_id: str, worker_id: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        index: Index,
+        job_id: str,
+        worker_id: str,
+        interval_s: float,
+        lost: threading.Event | None = None,
+    ) -> None:
         self._stop = threading.Event()
+        self.lost = lost or threading.Event()  # set when the index refuses a beat (lease moved, job ended)
         self._thread = threading.Thread(
             target=self._run,
             args=(index, job_id, worker_id, interval_s),
@@ -73,7 +94,9 @@ class Heartbeat:
     def _run(self, index: Index, job_id: str, worker_id: str, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
-                index.heartbeat(job_id, worker_id)
+                if not index.heartbeat(job_id, worker_id):
+                    self.lost.set()
+                    return
             except Exception:  # a missed beat is not fatal; the lease tolerates it
                 log.warning("heartbeat for job %s failed", job_id, exc_info=True)
 
@@ -115,33 +138,79 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 def run_job(
     job_id: str, *, index: Index, store: ObjectStore, models: ModelCache, settings: Settings, worker_id: str
 ) -> JobState | None:
-    """Run ``job_id`` to a terminal state; returns it (``None`` when there was nothing to run)."""
+    """Run ``job_id``; returns the state it left the job in: terminal, ``queued`` (given back after
+    a store outage: send it again after ``settings.retry_delay_s``), or ``None`` when there was
+    nothing to run or the lease was lost (another attempt, or the reconciler, owns the job)."""
+    job = index.claim(job_id, worker_id, lease_timeout_s=settings.lease_timeout_s)
+    if job is None:
+        log.info(
+            "job %s: nothing to run (finished, cancelled, out of attempts, or running elsewhere)", job_id
+        )
+        return None
+    try:
+        return _attempt(job, index=index, store=store, models=models, settings=settings, worker_id=worker_id)
+    except LeaseLost as exc:
+        log.warning("job %s: stopped, lease lost: %s", job_id, exc)
+        return None
+
+
+def _attempt(
+    job: JobRecord,
+    *,
+    index: Index,
+    store: ObjectStore,
+    models: ModelCache,
+    settings: Settings,
+    worker_id: str,
+) -> JobState:
     from worker.export import Exporter
 
-    job = index.claim(job_id, worker_id)
-    if job is None:
-        log.info("job %s: nothing to run (finished, cancelled or out of attempts)", job_id)
-        return None
-    hooks = JobHooks(index, job_id, settings.progress_interval_s)
-    with Heartbeat(index, job_id, worker_id, settings.heartbeat_interval_s):
+    job_id = job.id
+    hooks = JobHooks(index, job_id, settings.progress_interval_s, worker_id)
+    resume: ResumeSet | None = None
+    with Heartbeat(index, job_id, worker_id, settings.heartbeat_interval_s, hooks.lease_lost):
         try:
             spec = JobSpec.model_validate(job.spec)
             hooks.phase("loading_model")
             loaded = models.get(spec.model)
+            if job.attempts > 1:  # an earlier attempt died: keep what it stored and recorded
+                resume = ResumeSet.from_records(index.list_chunks(job_id))
+                log.info(
+                    "job %s: attempt %d resumes over %d recorded chunks", job_id, job.attempts, len(resume)
+                )
             writer = BundleWriter(
-                job.store_url, storage_options=store.storage_options, on_chunks=hooks.chunks_written
-            )
+                job.store_url, storage_options=store.storage_options, on_chunks=hooks.chunks_written,
+                resume=resume, retry=StoreRetry(deadline_s=settings.store_retry_s),
+            )  # fmt: skip
             exporter = Exporter(spec, loaded, writer, hooks)
             summary = exporter.run(job_id)
         except JobCancelled:
             log.info("job %s cancelled at a chunk boundary", job_id)
-            index.finish(job_id, JobState.CANCELLED, partial=True)
+            index.finish(job_id, JobState.CANCELLED, partial=True, worker=worker_id)
             return JobState.CANCELLED
+        except LeaseLost:
+            raise
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            written = index.get_job(job_id).chunks_written
-            index.finish(job_id, JobState.FAILED, error=_failure(exc), partial=written > 0)
-            return JobState.FAILED
-    index.update_progress(job_id, units_done=hooks.units_done, units_total=hooks.units_done, phase="done")
-    index.finish(job_id, JobState.SUCCEEDED, result=summary)
+            return _failed(job, exc, index, worker_id)
+    if resume is not None:
+        summary = {**summary, "resume": {"attempt": job.attempts, **resume.stats.as_dict()}}
+        log.info("job %s: resumed: %s", job_id, resume.stats.as_dict())
+    index.update_progress(
+        job_id, units_done=hooks.units_done, units_total=hooks.units_done, phase="done", worker=worker_id
+    )
+    index.finish(job_id, JobState.SUCCEEDED, result=summary, worker=worker_id)
     return JobState.SUCCEEDED
+
+
+def _failed(job: JobRecord, exc: Exception, index: Index, worker_id: str) -> JobState:
+    """A failed attempt: a store outage with attempts left gives the job back; else ``failed``."""
+    if isinstance(exc, StoreUnavailable) and job.attempts < job.max_attempts:
+        log.warning(
+            "job %s: attempt %d of %d: %s; giving the job back", job.id, job.attempts, job.max_attempts, exc
+        )
+        return index.release(job.id, worker_id)
+    log.exception("job %s failed", job.id)
+    problem = {**_failure(exc), "attempts": job.attempts, "max_attempts": job.max_attempts}
+    written = index.get_job(job.id).chunks_written
+    index.finish(job.id, JobState.FAILED, error=problem, partial=written > 0, worker=worker_id)
+    return JobState.FAILED

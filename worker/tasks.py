@@ -42,12 +42,16 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
 
     @app.task(name=EXPORT_TASK, ignore_result=False)
     def export(job_id: str) -> str | None:
+        from storage.index import JobState
+        from worker.app import enqueue_export
         from worker.jobs import run_job
 
         index, store, models = state.resources()
         outcome = run_job(
             job_id, index=index, store=store, models=models, settings=settings, worker_id=state.worker_id
         )
+        if outcome is JobState.QUEUED:  # given back after a store outage: run it again later
+            enqueue_export(app, job_id, queue=settings.queue_name, countdown=settings.retry_delay_s)
         return None if outcome is None else outcome.value
 
     return state

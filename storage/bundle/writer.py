@@ -23,9 +23,10 @@ from zarr.storage import WrapperStore
 
 from storage.bundle.format import FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
+from storage.bundle.resume import ResumeSet
 from storage.errors import StoreError
 from storage.index.records import ChunkRecord
-from storage.objectstore import zarr_store
+from storage.objectstore import StoreRetry, zarr_store
 
 
 def _create(
@@ -109,9 +110,12 @@ class BundleWriter:
         *,
         storage_options: dict[str, Any] | None = None,
         on_chunks: Callable[[Sequence[ChunkRecord]], None] | None = None,
+        resume: ResumeSet | None = None,
+        retry: StoreRetry | None = None,
     ) -> None:
         self.url = url
-        self._store = RecordingStore(zarr_store(url, storage_options=storage_options))
+        base = zarr_store(url, storage_options=storage_options, retry=retry)
+        self._store = RecordingStore(base if resume is None else resume.wrap(base))
         self._on_chunks = on_chunks
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}

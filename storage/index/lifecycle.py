@@ -4,17 +4,24 @@
 
     queued --claim--> running --request_cancel--> cancelling --claim/finish--> cancelled
       |                  |--finish--> succeeded | failed | cancelled
+      |                  '--release (transient failure)--> queued
       '--request_cancel--> cancelled       (claim past max_attempts --> failed)
+
+A claim never takes a lease that another worker renewed less than ``lease_timeout_s`` ago: a
+duplicate delivery of a running job's message does nothing (fencing; docs/reliability.md).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from storage.errors import JobStateConflict
 from storage.index.models import JobRow
 from storage.index.records import TERMINAL_STATES, JobState
+
+DEFAULT_LEASE_TIMEOUT_S = 120.0  # Settings.lease_timeout_s's default
+LEASED_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING})
 
 
 def end(
@@ -53,11 +60,26 @@ def request_cancel(row: JobRow, now: datetime) -> None:
         row.updated_at = now
 
 
-def claim(row: JobRow, worker_id: str, now: datetime) -> bool:
-    """Start an attempt for ``worker_id``; False (after ending the job if due) when it must not run."""
+def lease_is_live(row: JobRow, worker_id: str, now: datetime, lease_timeout_s: float) -> bool:
+    """Another worker holds a lease on the running job and renewed it less than ``lease_timeout_s`` ago."""
+    if JobState(row.state) not in LEASED_STATES or row.lease_worker in (None, worker_id):
+        return False
+    beat = row.heartbeat_at or row.updated_at
+    return now - beat < timedelta(seconds=lease_timeout_s)
+
+
+def claim(
+    row: JobRow, worker_id: str, now: datetime, lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S
+) -> bool:
+    """Start an attempt for ``worker_id``; False (after ending the job if due) when it must not run.
+
+    A live lease of another worker wins: False, nothing changes (the attempts are not counted).
+    """
     state = JobState(row.state)
     if state in TERMINAL_STATES:
         return False
+    if lease_is_live(row, worker_id, now, lease_timeout_s):
+        return False  # a duplicate delivery: the live attempt goes on (and handles a cancel itself)
     if row.cancel_requested or state is JobState.CANCELLING:
         end(row, JobState.CANCELLED, now, partial=row.chunks_written > 0)
         return False
@@ -71,6 +93,24 @@ def claim(row: JobRow, worker_id: str, now: datetime) -> bool:
     row.started_at = row.started_at or now
     row.updated_at = now
     return True
+
+
+def holds_lease(row: JobRow, worker_id: str) -> bool:
+    """``worker_id`` still holds the lease of a running (or cancelling) job."""
+    return JobState(row.state) in LEASED_STATES and row.lease_worker == worker_id
+
+
+def release(row: JobRow, now: datetime) -> JobState:
+    """The lease holder gives the job back after a transient failure: queued again (the next claim
+    is the next attempt), or cancelled when a cancel was requested meanwhile."""
+    if row.cancel_requested or JobState(row.state) is JobState.CANCELLING:
+        end(row, JobState.CANCELLED, now, partial=row.chunks_written > 0)
+        return JobState.CANCELLED
+    row.state = JobState.QUEUED.value
+    row.lease_worker = None
+    row.heartbeat_at = None
+    row.updated_at = now
+    return JobState.QUEUED
 
 
 def finish(

@@ -3,6 +3,10 @@
 Every method runs in its own short transaction. Methods that change a job lock its row first
 (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so concurrent API requests,
 redelivered Celery tasks and workers see each state change whole.
+
+Worker-side writes are fenced on the lease: ``update_progress``, ``record_chunks``, ``finish`` and
+``release`` given ``worker=`` raise :class:`~storage.errors.LeaseLost` (and change nothing) once that
+worker no longer holds the job's lease. Without ``worker`` (API and admin callers) they are not fenced.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.errors import JobNotFound, JobStateConflict
+from storage.errors import JobNotFound, JobStateConflict, LeaseLost
 from storage.index import lifecycle
 from storage.index.cursor import decode_cursor, encode_cursor
 from storage.index.engine import WRITE_OPTION, create_index_engine, prepare_url
@@ -177,17 +181,27 @@ class Index:
 
     # -- worker side -------------------------------------------------------------------------------
 
-    def claim(self, job_id: str, worker_id: str) -> JobRecord | None:
-        """Start an attempt; None means "do not run" (the job is finished, cancelled or out of attempts).
-
-        Raises JobNotFound for an unknown id.
+    def claim(
+        self, job_id: str, worker_id: str, *, lease_timeout_s: float = lifecycle.DEFAULT_LEASE_TIMEOUT_S
+    ) -> JobRecord | None:
+        """Start an attempt; None means "do not run": the job is finished, cancelled or out of
+        attempts, or another worker holds a lease renewed less than ``lease_timeout_s`` ago (a
+        duplicate delivery; attempts are not counted). Raises JobNotFound for an unknown id.
         """
         with self._session(write=True) as session:
             row = self._load(session, job_id, None, lock=True)
-            return row.to_record() if lifecycle.claim(row, worker_id, utcnow()) else None
+            return row.to_record() if lifecycle.claim(row, worker_id, utcnow(), lease_timeout_s) else None
 
-    def heartbeat(self, job_id: str, worker_id: str) -> None:
-        """Refresh the lease of ``worker_id``; a logged no-op if another worker holds it or the job ended."""
+    def release(self, job_id: str, worker: str) -> JobState:
+        """The lease holder gives the job back after a transient failure: ``queued`` (the next claim
+        is the next attempt), or ``cancelled`` if a cancel was requested. Raises LeaseLost."""
+        with self._session(write=True) as session:
+            row = self._load(session, job_id, None, lock=True)
+            _fence(row, worker)
+            return lifecycle.release(row, utcnow())
+
+    def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        """Refresh the lease of ``worker_id``; False (logged) if another worker holds it or the job ended."""
         stmt = (
             update(JobRow)
             .where(
@@ -200,12 +214,13 @@ class Index:
         )
         with self._session(write=True) as session:
             if session.scalars(stmt).first() is not None:
-                return
+                return True
             row = self._load(session, job_id, None)
             log.warning(
                 "heartbeat from %s ignored: job %s is %s, lease held by %s",
                 worker_id, job_id, row.state, row.lease_worker,
             )  # fmt: skip
+            return False
 
     def update_progress(
         self,
@@ -214,8 +229,10 @@ class Index:
         units_done: int | None = None,
         units_total: int | None = None,
         phase: str | None = None,
+        worker: str | None = None,
     ) -> bool:
-        """Record progress (and refresh the heartbeat); returns whether cancellation was requested."""
+        """Record progress (and refresh the heartbeat); returns whether cancellation was requested.
+        ``worker``: fenced on its lease (LeaseLost when it moved or the job ended)."""
         now = utcnow()
         values: dict[str, Any] = {"updated_at": now, "heartbeat_at": now}
         if units_done is not None:
@@ -224,11 +241,15 @@ class Index:
             values["units_total"] = units_total
         if phase is not None:
             values["phase"] = phase
-        stmt = update(JobRow).where(JobRow.id == job_id).values(**values).returning(JobRow.cancel_requested)
+        stmt = update(JobRow).where(JobRow.id == job_id)
+        if worker is not None:
+            stmt = stmt.where(JobRow.lease_worker == worker, JobRow.state.in_(_LEASED))
         with self._session(write=True) as session:
-            cancel_requested = session.scalars(stmt).one_or_none()
-        if cancel_requested is None:
-            raise _not_found(job_id)
+            cancel_requested = session.scalars(
+                stmt.values(**values).returning(JobRow.cancel_requested)
+            ).first()
+            if cancel_requested is None:
+                _fence(self._load(session, job_id, None), worker)  # raises JobNotFound or LeaseLost
         return bool(cancel_requested)
 
     def is_cancel_requested(self, job_id: str) -> bool:
@@ -238,8 +259,9 @@ class Index:
             raise _not_found(job_id)
         return bool(flag)
 
-    def record_chunks(self, job_id: str, chunks: Sequence[ChunkRecord]) -> None:
-        """Record durably written chunks (upsert on job, array, coords) and refresh the job's totals."""
+    def record_chunks(self, job_id: str, chunks: Sequence[ChunkRecord], *, worker: str | None = None) -> None:
+        """Record durably written chunks (upsert on job, array, coords) and refresh the job's totals.
+        ``worker``: fenced on its lease (LeaseLost, nothing recorded, when it moved or the job ended)."""
         latest = {(c.array, format_coords(c.coords)): c for c in chunks}  # last one wins
         now = utcnow()
         params = [
@@ -250,7 +272,7 @@ class Index:
         if any(c.nbytes < 0 for c in latest.values()):
             raise ValueError(f"job {job_id}: chunk nbytes must be >= 0")
         with self._session(write=True) as session:
-            self._load(session, job_id, None, lock=True)
+            _fence(self._load(session, job_id, None, lock=True), worker)
             if params:
                 insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
                 stmt = insert(ChunkRow)
@@ -291,10 +313,12 @@ class Index:
         error: dict[str, Any] | None = None,
         partial: bool = False,
         result: dict[str, Any] | None = None,
+        worker: str | None = None,
     ) -> JobRecord:
         """End the job in a terminal state and release its lease.
 
-        Raises ValueError for a non-terminal ``state`` and JobStateConflict if the job already ended.
+        Raises ValueError for a non-terminal ``state`` and JobStateConflict if the job already ended;
+        with ``worker``, LeaseLost when that worker no longer holds the lease (nothing changes).
         """
         state = JobState(state)
         if state not in TERMINAL_STATES:
@@ -303,8 +327,23 @@ class Index:
             )
         with self._session(write=True) as session:
             row = self._load(session, job_id, None, lock=True)
+            _fence(row, worker)
             lifecycle.finish(row, state, utcnow(), partial=partial, error=error, result=result)
             return row.to_record()
+
+
+_LEASED = [s.value for s in lifecycle.LEASED_STATES]
+
+
+def _fence(row: JobRow, worker: str | None) -> None:
+    """Raise LeaseLost unless ``worker`` is None (not fenced) or still holds the lease of ``row``."""
+    if worker is None or lifecycle.holds_lease(row, worker):
+        return
+    raise LeaseLost(
+        f"job {row.id}: worker {worker} lost its lease (the job is {row.state}, lease held by "
+        f"{row.lease_worker or 'nobody'}); this attempt stops without touching the job",
+        detail={"job_id": row.id, "state": row.state, "worker": worker, "lease_worker": row.lease_worker},
+    )
 
 
 def _not_found(job_id: str) -> JobNotFound:

@@ -266,8 +266,8 @@ def test_cancel_running_then_claim(index: Index) -> None:
     assert index.update_progress(job.id, units_done=1) is True
     assert index.is_cancel_requested(job.id)
     index.record_chunks(job.id, [_chunk("attention", 0, 0)])
-    # the worker died; the redelivered task must not run again
-    assert index.claim(job.id, "w2") is None
+    # the worker died (its lease expired); the redelivered task must not run again
+    assert index.claim(job.id, "w2", lease_timeout_s=0) is None
     done = index.get_job(job.id)
     assert done.state is JobState.CANCELLED and done.partial and done.lease_worker is None
 
@@ -287,10 +287,10 @@ def test_claim_attempts_and_cap(index: Index) -> None:
     assert first is not None and first.state is JobState.RUNNING and first.attempts == 1
     assert first.lease_worker == "w1"
     _assert_utc(first.started_at, first.heartbeat_at)
-    second = index.claim(job.id, "w2")  # redelivered after w1 was lost
+    second = index.claim(job.id, "w2", lease_timeout_s=0)  # redelivered after w1 was lost
     assert second is not None and second.attempts == 2 and second.lease_worker == "w2"
     assert second.started_at == first.started_at
-    assert index.claim(job.id, "w3") is None
+    assert index.claim(job.id, "w3", lease_timeout_s=0) is None
     failed = index.get_job(job.id)
     assert failed.state is JobState.FAILED and failed.error is not None
     assert failed.error["type"] == "attempts-exhausted" and failed.attempts == 2
@@ -308,7 +308,7 @@ def test_concurrent_claims_respect_the_cap(index: Index) -> None:
 
     def claim(n: int) -> None:
         barrier.wait()
-        results.append(index.claim(job.id, f"w{n}"))
+        results.append(index.claim(job.id, f"w{n}", lease_timeout_s=0))  # every lease taken over
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
     for t in threads:

@@ -210,7 +210,7 @@ def test_expired_lease_at_the_cap_fails_with_a_problem_document(
     """Fault: the worker dies during the last allowed attempt."""
     job = _create(index, max_attempts=2)
     index.claim(job.id, "host-a:1")
-    index.claim(job.id, DEAD)  # attempt 1's worker hung; a redelivered message started attempt 2
+    index.claim(job.id, DEAD, lease_timeout_s=0)  # attempt 1's worker hung; a redelivery started attempt 2
     report = reconcile_once(index, app, settings, now=_later(settings.lease_timeout_s + 1))
     assert report.failed_expired == 1 and report.changed == 1
     failed = index.get_job(job.id)

@@ -1,0 +1,213 @@
+"""Helpers of the fault tests (docs/reliability.md): compare bundles, check chunk rows, kill process
+groups, and a fault-injecting HTTP proxy in front of an S3 server.
+
+Plain functions and classes (no pytest import), usable from tests and from ``python -m tests.soak``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from storage.index import Index, JobRecord
+from storage.objectstore import ObjectStore
+
+# Root attributes that differ between any two runs of the same job (wall-clock timings): the only
+# thing bundle comparisons leave out.
+VOLATILE_ATTRS = ("timings_s",)
+
+
+def bundle_files(store: ObjectStore, url: str) -> dict[str, bytes]:
+    """Every object of a bundle: relative path -> bytes."""
+    return {rel: store.read_bytes(url, rel) for rel, _ in store.list_files(url)}
+
+
+def _strip_volatile(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: _strip_volatile(v) for k, v in doc.items() if k not in VOLATILE_ATTRS}
+    if isinstance(doc, list):
+        return [_strip_volatile(v) for v in doc]
+    return doc
+
+
+def bundle_differences(got: dict[str, bytes], want: dict[str, bytes]) -> list[str]:
+    """What differs between two bundles: missing or extra objects, chunks whose bytes differ, and
+    metadata documents (``zarr.json``) that differ once :data:`VOLATILE_ATTRS` are left out."""
+    problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
+    problems += [f"extra {k}" for k in sorted(got.keys() - want.keys())]
+    for key in sorted(want.keys() & got.keys()):
+        if got[key] == want[key]:
+            continue
+        if key.endswith("zarr.json"):
+            a, b = json.loads(got[key]), json.loads(want[key])
+            if _strip_volatile(a) == _strip_volatile(b):
+                continue
+        problems.append(f"bytes differ: {key}")
+    return problems
+
+
+@dataclass
+class ChunkAudit:
+    """Chunk rows of a job checked against its stored objects."""
+
+    rows: int
+    missing_rows: list[str]  # chunk objects in the store without a row
+    orphan_rows: list[str]  # rows whose object is not in the store
+    bad_checksums: list[str]  # rows whose checksum/size disagree with the stored bytes
+    duplicate_rows: int  # rows beyond one per key
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing_rows or self.orphan_rows or self.bad_checksums or self.duplicate_rows)
+
+
+def audit_chunks(index: Index, job: JobRecord, files: dict[str, bytes]) -> ChunkAudit:
+    from storage.bundle.resume import sha256_checksum
+
+    rows = index.list_chunks(job.id)
+    keys = [r.key for r in rows]
+    chunk_files = {k for k in files if "/c/" in k}
+    bad = [r.key for r in rows if r.key in files and
+           (sha256_checksum(files[r.key]) != r.checksum or len(files[r.key]) != r.nbytes)]  # fmt: skip
+    return ChunkAudit(
+        rows=len(rows),
+        missing_rows=sorted(chunk_files - set(keys)),
+        orphan_rows=sorted(set(keys) - chunk_files),
+        bad_checksums=bad,
+        duplicate_rows=len(keys) - len(set(keys)),
+    )
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a process and everything in its process group (a Celery worker: parent + pool child)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+# -- a fault-injecting HTTP proxy in front of an S3 server ----------------------------------------
+
+
+@dataclass
+class ProxyStats:
+    forwarded: int = 0
+    failed_5xx: int = 0
+    dropped: int = 0
+    by_method: dict[str, int] = field(default_factory=dict)
+
+
+class FaultyProxy:
+    """HTTP proxy on 127.0.0.1:<free port> forwarding to ``upstream`` (an S3 endpoint).
+
+    ``mode``: ``"ok"`` forwards; ``"5xx"`` answers every request ``503 SlowDown``-free
+    ``ServiceUnavailable`` without forwarding; ``"down"`` closes each connection without an answer
+    (the server disappeared). ``fail_puts_only`` limits faults to writes (PUT/POST/DELETE).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.mode = "ok"
+        self.fail_puts_only = False
+        self.stats = ProxyStats()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                method = self.command
+                faulty = proxy.mode != "ok" and (
+                    not proxy.fail_puts_only or method in ("PUT", "POST", "DELETE")
+                )
+                if faulty and proxy.mode == "down":
+                    with proxy._lock:
+                        proxy.stats.dropped += 1
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if faulty:
+                    with proxy._lock:
+                        proxy.stats.failed_5xx += 1
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                               b"<Message>injected fault</Message></Error>")  # fmt: skip
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+                try:
+                    conn.request(method, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.stats.forwarded += 1
+                    proxy.stats.by_method[method] = proxy.stats.by_method.get(method, 0) + 1
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="faulty-proxy")
+
+    def __enter__(self) -> FaultyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
