@@ -45,6 +45,7 @@ class ObjectStore:
     root_url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     _fs: Any = field(default=None, init=False, repr=False)
+    _sign_fs: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ObjectStore:
@@ -109,6 +110,17 @@ class ObjectStore:
     def exists(self, url: str, relpath: str = "zarr.json") -> bool:
         return bool(self.fs().exists(f"{self._path(url).rstrip('/')}/{relpath}"))
 
+    def _signer(self) -> Any:
+        """An s3fs filesystem that signs with SigV4 (s3fs/botocore presign with legacy SigV2 by
+        default, which S3 refuses for new buckets and which has no upper bound on expiry)."""
+        if self._sign_fs is None:
+            import s3fs
+
+            options = dict(self.storage_options)
+            options["config_kwargs"] = {**options.get("config_kwargs", {}), "signature_version": "s3v4"}
+            self._sign_fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        return self._sign_fs
+
     def presigned_urls(self, url: str, relpaths: list[str], expires_s: int) -> list[str]:
         """Presigned HTTPS GET URLs (S3 SigV4, valid ``expires_s`` seconds) of files under ``url``:
         anyone holding one can read that object until it expires, without credentials. Signing is
@@ -117,7 +129,7 @@ class ObjectStore:
             raise StoreError(f"{url} is on a local disk: presigned URLs exist only for s3:// stores")
         from fsspec.asyn import sync
 
-        fs = self.fs()
+        fs = self._signer()
         base = self._path(url).rstrip("/")
 
         async def sign_all() -> list[str]:
