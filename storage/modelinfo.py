@@ -59,7 +59,9 @@ def resolve_source(model: ModelSpec) -> ModelSource:
     ident = model.id
     if ident.startswith("pkg:"):
         package, _, name = ident[4:].partition("/")
-        if not package or not name:
+        # a plain top-level package name: find_spec("a.b") would import "a" (any installed module,
+        # with its import-time side effects) and raises on relative or dotted names; a file inside it
+        if not package.isidentifier() or not name or os.path.isabs(name) or ".." in Path(name).parts:
             raise InvalidJobSpec(f"model id {ident!r}: expected pkg:<python_package>/<file.gguf>")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:

