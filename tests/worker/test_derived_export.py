@@ -205,3 +205,21 @@ def test_estimate_counts_derived_bytes(tiny_model_dir: Any, tmp_path: Path) -> N
         assert entry.chunks_written == disk[name][1], name
     assert est.expected_stored_bytes == pytest.approx(disk["*total*"][0], rel=0.25)
     assert any("attention derived" in a for a in est.assumptions)
+
+
+def test_full_preset_with_derived_attention(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """``detail=full`` with derived attention: summary metrics (which do compute probabilities),
+    q/k/v, hidden states, alternatives and compressed KV all still work."""
+    from storage.bundle import open_summary
+
+    spec = _spec(
+        str(tiny_model_dir("llama")),
+        {"detail": "full", "attention": "derived", "summary_params": {"local_window": 8, "sink_tokens": 2}},
+    )
+    spec["prompts"] = ["x" * 200, "hello"]
+    spec["kv_compression"] = [{"method": "kivi", "bits": 2}]
+    ds, _, _ = export(spec, tmp_path / "d.zarr")
+    assert {"q", "k", "v", "hidden_states", "topk_ids", "attention_scaling"} <= set(ds.data_vars)
+    assert open_summary(tmp_path / "d.zarr")["entropy"].shape == (2, 2, 4)
+    row = ds["attention"].isel(layer=0, batch=0, head=0, query=int(ds["length"][0]) - 1).values
+    assert abs(float(row.sum()) - 1.0) < 1e-5
