@@ -141,3 +141,31 @@ def test_client_and_cli_send_the_key(
     monkeypatch.delenv("QKVAULT_API_KEY")
     assert main(["list", "--api", base_url]) == 1
     assert "401" in capsys.readouterr().err
+
+
+def test_commands_use_the_embedded_stacks_key_only_for_that_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import os
+
+    from qkvault.cli import _api_target, build_parser
+    from qkvault.embedded import API_KEY_FILE, STATE_FILE
+
+    monkeypatch.delenv("QKVAULT_API_KEY", raising=False)
+    monkeypatch.delenv("QKVAULT_API_BASE_URL", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / API_KEY_FILE).write_text("qk_local\n")
+    (home / STATE_FILE).write_text(json.dumps({"base_url": "http://127.0.0.1:9", "pid": os.getpid()}))
+    parse = build_parser().parse_args
+
+    assert _api_target(parse(["list", "--home", str(home)])) == ("http://127.0.0.1:9", "qk_local")
+    assert _api_target(parse(["list", "--home", str(home), "--api-key", "qk_mine"]))[1] == "qk_mine"
+    # another server never receives the local key
+    assert _api_target(parse(["list", "--home", str(home), "--api", "http://other:8000"])) == (
+        "http://other:8000",
+        None,
+    )
+    monkeypatch.setenv("QKVAULT_API_BASE_URL", "http://other:8000")
+    assert _api_target(parse(["list", "--home", str(home)])) == (None, None)
