@@ -51,6 +51,11 @@ class ApiSettings(Settings):
     )
     # Presigned downloads of S3 bundles (GET /v1/jobs/{id}/bundle/urls)
     presign_expires_s: int = Field(default=900, ge=1, description="default lifetime of presigned URLs")
+    presign_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint as users reach it, for presigned URLs (default: s3_endpoint_url), "
+        "e.g. https://s3.example.org when the API talks to http://seaweedfs:8333 inside the cluster",
+    )
     presign_max_expires_s: int = Field(
         default=3600, ge=1, le=7 * 24 * 3600, description="longest lifetime a client may ask for"
     )

@@ -110,26 +110,32 @@ class ObjectStore:
     def exists(self, url: str, relpath: str = "zarr.json") -> bool:
         return bool(self.fs().exists(f"{self._path(url).rstrip('/')}/{relpath}"))
 
-    def _signer(self) -> Any:
+    def _signer(self, endpoint_url: str | None) -> Any:
         """An s3fs filesystem that signs with SigV4 (s3fs/botocore presign with legacy SigV2 by
         default, which S3 refuses for new buckets and which has no upper bound on expiry)."""
-        if self._sign_fs is None:
+        if self._sign_fs is None or self._sign_fs[0] != endpoint_url:
             import s3fs
 
             options = dict(self.storage_options)
             options["config_kwargs"] = {**options.get("config_kwargs", {}), "signature_version": "s3v4"}
-            self._sign_fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-        return self._sign_fs
+            if endpoint_url:
+                options["endpoint_url"] = endpoint_url
+            self._sign_fs = (endpoint_url, s3fs.S3FileSystem(**options, skip_instance_cache=True))
+        return self._sign_fs[1]
 
-    def presigned_urls(self, url: str, relpaths: list[str], expires_s: int) -> list[str]:
+    def presigned_urls(
+        self, url: str, relpaths: list[str], expires_s: int, *, endpoint_url: str | None = None
+    ) -> list[str]:
         """Presigned HTTPS GET URLs (S3 SigV4, valid ``expires_s`` seconds) of files under ``url``:
         anyone holding one can read that object until it expires, without credentials. Signing is
-        local (no request to S3). Local stores have no such URLs: StoreError."""
+        local (no request to S3). ``endpoint_url``: the S3 endpoint as the URLs' users reach it,
+        when it differs from the one this process uses (the host is part of the signature). Local
+        stores have no such URLs: StoreError."""
         if self.is_local:
             raise StoreError(f"{url} is on a local disk: presigned URLs exist only for s3:// stores")
         from fsspec.asyn import sync
 
-        fs = self._signer()
+        fs = self._signer(endpoint_url)
         base = self._path(url).rstrip("/")
 
         async def sign_all() -> list[str]:

@@ -331,7 +331,9 @@ def bundle_urls(
         )
     files = [(key, size) for key, size in store.list_files(job.store_url) if key.startswith(prefix or "")]
     signed_at = datetime.now(UTC)
-    urls = store.presigned_urls(job.store_url, [key for key, _ in files], lifetime)
+    urls = store.presigned_urls(
+        job.store_url, [key for key, _ in files], lifetime, endpoint_url=settings.presign_endpoint_url
+    )
     return BundleUrls(
         job_id=job.id,
         partial=partial,

@@ -172,6 +172,36 @@ def test_zip_through_the_api_works_for_s3_too(
         store.close()
 
 
+def test_presign_endpoint_is_the_one_users_reach(
+    api_settings: ApiSettings, auth_headers: dict[str, str], s3: GatedS3, index: Index
+) -> None:
+    """The API talks to S3 at one address (127.0.0.1 here) and users reach it at another
+    (``localhost``): URLs are signed for the public one, and work there."""
+    public = s3.endpoint_url.replace("127.0.0.1", "localhost")
+    settings = api_settings.model_copy(
+        update={
+            "store_url": s3.new_store_url(),
+            "s3_endpoint_url": s3.endpoint_url,
+            "s3_access_key_id": s3.key,
+            "s3_secret_access_key": SecretStr(s3.secret),
+            "presign_endpoint_url": public,
+        }
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False, headers=auth_headers) as client:
+        spec = {"model": {"id": "a/b"}, "prompts": ["hi"]}
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        job = index.claim(job_id, "worker-1")
+        assert job is not None
+        write_small_bundle(job.store_url, storage_options=s3.storage_options())
+        index.finish(job_id, JobState.SUCCEEDED)
+        objects = client.get(f"/v1/jobs/{job_id}/bundle/urls").json()["objects"]
+    assert objects and all(o["url"].startswith(public + "/") for o in objects)
+    with httpx.Client() as plain:
+        assert all(plain.get(o["url"]).status_code == 200 for o in objects)
+        moved = objects[0]["url"].replace("localhost", "127.0.0.1")  # the signature names the host
+        assert plain.get(moved).status_code == 403
+
+
 def test_presigned_urls_of_unfinished_job_are_409(s3_client: TestClient) -> None:
     job_id = s3_client.post("/v1/jobs", json={"model": {"id": "a/b"}, "prompts": ["hi"]}).json()["id"]
     response = s3_client.get(f"/v1/jobs/{job_id}/bundle/urls")
