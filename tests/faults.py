@@ -211,3 +211,50 @@ class FaultyProxy:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# -- a Redis server that can be killed and restarted with its data (AOF, as in docker-compose.yml) --
+
+
+class RestartableRedis:
+    """``redis-server`` on a free loopback port with ``--appendonly yes --appendfsync everysec`` (the
+    production settings of docker-compose.yml), its files in ``workdir``. :meth:`crash` SIGKILLs
+    it; :meth:`start` brings it back on the same port with the same data."""
+
+    def __init__(self, workdir: Any, binary: str | None = None) -> None:
+        from pathlib import Path
+
+        from qkvault.processes import free_port
+        from tests.services import find_redis_server_binary
+
+        self.binary = binary or find_redis_server_binary()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from qkvault.processes import spawn
+        from tests.services import redis_ping
+
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--maxmemory-policy", "noeviction", "--daemonize", "no"]  # fmt: skip
+        self.proc = spawn(args, self.workdir / "redis.log")
+        if not wait_until(lambda: redis_ping(self.url), 15):
+            raise RuntimeError(
+                f"redis-server did not start on {self.port}: {(self.workdir / 'redis.log').read_text()}"
+            )
+
+    def crash(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> RestartableRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.crash()

@@ -163,13 +163,13 @@ def _attempt(
     settings: Settings,
     worker_id: str,
 ) -> JobState:
-    from worker.export import Exporter
-
     job_id = job.id
     hooks = JobHooks(index, job_id, settings.progress_interval_s, worker_id)
     resume: ResumeSet | None = None
     with Heartbeat(index, job_id, worker_id, settings.heartbeat_interval_s, hooks.lease_lost):
         try:
+            from worker.export import Exporter  # torch: imported while the lease is being renewed
+
             spec = JobSpec.model_validate(job.spec)
             hooks.phase("loading_model")
             loaded = models.get(spec.model)

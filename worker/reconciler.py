@@ -13,8 +13,9 @@ process is enough; two are safe). One pass:
 Every change is a conditional UPDATE (``storage/index/reconcile.py``): a worker that comes back, a
 claim or a cancel between the read and the write wins. Before sending, the pass reads the Redis
 broker: a job whose message still waits in the queue list, or was delivered to a worker after the
-job was last touched, is left alone, since ``Index.claim`` lets a second message for a running job
-start a second attempt beside the first. Deliveries left unacked by a dead worker are removed from
+job was last touched, is left alone (no duplicate messages; ``Index.claim`` would refuse a duplicate
+of a job whose lease is live anyway, and fences the writes of a worker whose lease moved). Deliveries
+left unacked by a dead worker are removed from
 kombu's ``unacked`` hash when the job is re-enqueued, else kombu would redeliver them after the
 visibility timeout. A broker that cannot be read falls back to the time thresholds alone.
 Imports neither torch nor transformers.
