@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,27 @@ class NullHooks:
 
 
 class TimedWriter(BundleWriter):
-    """The real BundleWriter; times the row-block writes (encode + store) and the metadata work."""
+    """The real BundleWriter with timers: ``write_s`` is the time the forward pass spent handing
+    row blocks over (waiting when the write queue is full), ``drain_s`` the wait at the end for
+    the chunks still queued, ``metadata_s`` the array creation, small arrays and consolidation."""
 
     write_s = 0.0
+    drain_s = 0.0
     metadata_s = 0.0
 
-    def write_row_block(self, name: str, layer_pos: int, batch: int, block: int, data: np.ndarray) -> None:
+    def write_row_block(
+        self,
+        name: str,
+        layer_pos: int,
+        batch: int,
+        block: int,
+        data: np.ndarray,
+        *,
+        ready: Callable[[], None] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
         t0 = time.perf_counter()
-        super().write_row_block(name, layer_pos, batch, block, data)
+        super().write_row_block(name, layer_pos, batch, block, data, ready=ready, release=release)
         self.write_s += time.perf_counter() - t0
 
     def create(self, layout: BundleLayout, attrs: dict[str, Any]) -> None:
@@ -56,6 +69,9 @@ class TimedWriter(BundleWriter):
         self.metadata_s += time.perf_counter() - t0
 
     def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        self.drain_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         super().finalize(attrs, complete=complete, partial=partial)
         self.metadata_s += time.perf_counter() - t0

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     heartbeat_interval_s: float = Field(10.0, gt=0, description="lease renewal period of a running job")
     progress_interval_s: float = 0.5
+    # chunk write pipeline (storage/bundle/pipeline.py; docs/benchmarks.md)
+    write_threads: int = Field(0, ge=0, description="chunk encode/write threads (0: per core, at most 16)")
+    record_interval_s: float = Field(
+        0.5, ge=0, description="stored chunks are recorded in the index in batches at most this often"
+    )
     # object store outages (docs/reliability.md): a store operation is retried with backoff for this
     # long, then the attempt gives the job back (queued again after retry_delay_s) while attempts last
     store_retry_s: float = Field(60.0, ge=0, description="retry budget of one object-store operation")

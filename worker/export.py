@@ -25,6 +25,7 @@ from storage.jobspec import JobSpec
 from storage.modelinfo import check_selection
 from worker.alternatives import AlternativesCollector
 from worker.capture.hook import capturing
+from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
 from worker.derived import AttentionFacts
 from worker.generation import Batch, choose_next, eos_ids, hidden_state_hooks, make_batch, tokenize
@@ -153,8 +154,10 @@ class Exporter:
             pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
             self._forward(batch.input_ids, batch.attention_mask, pos, cache=None)
 
-    def _write_block(self, name: str, layer_pos: int, batch: int, block: int, data: np.ndarray) -> None:
-        self.writer.write_row_block(name, layer_pos, batch, block, data)
+    def _write_block(self, name: str, layer_pos: int, batch: int, block: int, data: HostBlock) -> None:
+        self.writer.write_row_block(
+            name, layer_pos, batch, block, data.array, ready=data.ready, release=data.release
+        )
         if self._check_cancel:
             self.hooks.check_cancelled()
 
@@ -192,6 +195,9 @@ class Exporter:
             self._check_cancel = False  # keep what was captured: flush the last blocks, mark partial
             session.flush()
             self._finish(started=started, partial=True)
+            raise
+        except BaseException:
+            self.writer.close()  # chunks already queued are stored and recorded (partial data)
             raise
         return self._finish(started=started, partial=False)
 

@@ -181,6 +181,7 @@ def _attempt(
             writer = BundleWriter(
                 job.store_url, storage_options=store.storage_options, on_chunks=hooks.chunks_written,
                 resume=resume, retry=StoreRetry(deadline_s=settings.store_retry_s),
+                write_threads=settings.write_threads or None, record_interval_s=settings.record_interval_s,
             )  # fmt: skip
             exporter = Exporter(spec, loaded, writer, hooks)
             summary = exporter.run(job_id)

@@ -190,6 +190,10 @@ class ModelCache:
                     torch.cuda.empty_cache()
                 self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir)
                 self._key = key
+                if device.type == "cuda":  # the device-to-host ring, page-locked once per process
+                    from worker.capture.hostcopy import pinned_ring
+
+                    pinned_ring(device).allocate_now()
             else:
                 self._loaded.load_s = 0.0
             return self._loaded

@@ -1,17 +1,21 @@
 """Streaming bundle writer (numpy + zarr only).
 
-Writes whole chunks only (a row block of one layer and sequence at a time), learns the exact
-stored bytes of every chunk through a store wrapper (size + sha256, no re-read), and hands the
-records to ``on_chunks`` once zarr has written them — the caller records them in the SQL index.
-Metadata (root attributes, consolidation) is written last.
+Writes whole chunks only (a row block of one layer and sequence at a time). Row blocks go through
+a :class:`~storage.bundle.pipeline.ChunkPipeline` (encode, sha256 and store in a thread pool,
+bounded by pending bytes) and return at once; small arrays and groups go through zarr. Every
+stored chunk's record (key, size, sha256 of the stored bytes, no re-read) reaches ``on_chunks``
+once the store confirmed it, in batches at most every ``record_interval_s`` — the caller records
+them in the SQL index. Metadata (root attributes, consolidation) is written last, after every
+queued chunk is stored.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +23,18 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import Buffer
-from zarr.storage import WrapperStore
+from zarr.storage import LocalStore, WrapperStore
 
 from storage.bundle.format import FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
+from storage.bundle.pipeline import (
+    DEFAULT_MAX_PENDING_BYTES,
+    ChunkEncoder,
+    ChunkPipeline,
+    checksum,
+    local_put,
+    store_put,
+)
 from storage.bundle.resume import ResumeSet
 from storage.errors import StoreError
 from storage.index.records import ChunkRecord
@@ -59,8 +71,8 @@ def _create(
         )
 
 
-def checksum(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+__all__ = ["BundleWriter", "RecordingStore", "checksum", "parse_chunk_key"]
+ROW_BLOCK_ARRAYS = ("attention", "q", "k", "v", "hidden_states")
 
 
 def parse_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
@@ -72,6 +84,46 @@ def parse_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
         return array, tuple(int(c) for c in coords.split("/"))
     except ValueError:
         return None
+
+
+def _local_root(store: Any) -> Path | None:
+    """The directory of a local store, also under pass-through wrappers (a local disk error is not
+    transient: retrying it is pointless); None for any other store."""
+    while isinstance(store, WrapperStore) and not isinstance(store, LocalStore):
+        store = store._store
+    if type(store) is LocalStore and not store.read_only:
+        return Path(store.root)
+    return None
+
+
+def _resume_check(resume: ResumeSet, root: Path) -> Callable[[str, str], bool]:
+    """``should_write(key, checksum)`` with :class:`~storage.bundle.resume.ResumingStore`'s rules:
+    skip a recorded chunk whose new and stored bytes both have the recorded checksum."""
+
+    def should_write(key: str, digest: str) -> bool:
+        recorded = resume.checksums.get(key)
+        if recorded is None:
+            return True
+        if digest != recorded:
+            resume.count("changed")
+            return True
+        try:
+            stored = (root / key).read_bytes()
+        except FileNotFoundError:
+            resume.count("rewritten")
+            return True
+        if checksum(stored) != recorded:
+            resume.count("rewritten")
+            return True
+        resume.count("skipped", len(stored))
+        return False
+
+    return should_write
+
+
+def _region(data: np.ndarray, col0: int, col1: int) -> Callable[[], np.ndarray]:
+    """Columns ``col0:col1`` of ``data [heads, rows, cols]``, read when the writer thread needs them."""
+    return lambda: data[:, :, col0:col1]
 
 
 class RecordingStore(WrapperStore[Store]):
@@ -100,6 +152,11 @@ class RecordingStore(WrapperStore[Store]):
             self._sink.clear()
         return out
 
+    @property
+    def inner(self) -> Store:
+        """The wrapped store (writes to it are not recorded here)."""
+        return self._store
+
 
 class BundleWriter:
     """Create a bundle's arrays (shapes preallocated), stream row blocks, finalize metadata."""
@@ -110,15 +167,34 @@ class BundleWriter:
         *,
         storage_options: dict[str, Any] | None = None,
         on_chunks: Callable[[Sequence[ChunkRecord]], None] | None = None,
+        write_threads: int | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        record_interval_s: float = 0.5,
         resume: ResumeSet | None = None,
         retry: StoreRetry | None = None,
     ) -> None:
+        """``write_threads``: chunk encoder/writer threads (None: one per core, at most 16);
+        ``max_pending_bytes``: row-block bytes queued before :meth:`write_row_block` blocks;
+        ``record_interval_s``: how often stored row-block chunks are handed to ``on_chunks``."""
         self.url = url
+        # resume (storage/bundle/resume.py): chunks an earlier attempt recorded and that still verify
+        # are not written again, and array creation keeps them; retry: the store's retry policy
         base = zarr_store(url, storage_options=storage_options, retry=retry)
         self._store = RecordingStore(base if resume is None else resume.wrap(base))
         self._on_chunks = on_chunks
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._encoders: dict[str, ChunkEncoder] = {}
+        root = _local_root(base)
+        if root is not None:  # row-block chunks go straight to the files, resume checked per chunk
+            put, should_write = local_put(root), None if resume is None else _resume_check(resume, root)
+        else:  # S3: through the wrappers (retry, resume) on zarr's event loop
+            put, should_write = store_put(self._store.inner), None
+        self._pipeline = ChunkPipeline(
+            put, threads=write_threads, max_pending_bytes=max_pending_bytes, should_write=should_write
+        )
+        self._record_interval_s = record_interval_s
+        self._last_records = time.monotonic()
         self.layout: BundleLayout | None = None
 
     # -- setup --------------------------------------------------------------------------------
@@ -142,6 +218,9 @@ class BundleWriter:
                     layout.fill_value(name),
                     layout.dims(name),
                 )
+                encoder = ChunkEncoder.encoder_for(self._arrays[name])
+                if name in ROW_BLOCK_ARRAYS and encoder is not None:
+                    self._encoders[name] = encoder
         except OSError as exc:
             raise StoreError(f"cannot create bundle at {self.url}: {exc}") from exc
         self._group = group
@@ -155,10 +234,29 @@ class BundleWriter:
             raise RuntimeError("BundleWriter.create() must be called first")
         return self._group
 
-    def _flush_records(self) -> None:
+    def _flush_records(self, *, force: bool = True) -> None:
+        """Hand stored chunks to ``on_chunks``: zarr's at once, the pipeline's every interval."""
         records = self._store.drain()
+        now = time.monotonic()
+        if force or now - self._last_records >= self._record_interval_s:
+            records += self._pipeline.drain()
+            self._last_records = now
         if records and self._on_chunks is not None:
             self._on_chunks(records)
+
+    def wait(self) -> None:
+        """Block until every queued chunk is stored and recorded (raises the first write error)."""
+        try:
+            self._pipeline.wait()
+        finally:
+            self._flush_records()
+
+    def close(self) -> None:
+        """Wait for queued chunks (errors are not raised), record them, stop the threads."""
+        try:
+            self._pipeline.close()
+        finally:
+            self._flush_records()
 
     # -- data ---------------------------------------------------------------------------------
     def write_array(self, name: str, data: np.ndarray) -> None:
@@ -166,38 +264,92 @@ class BundleWriter:
         self._arrays[name][...] = data
         self._flush_records()
 
-    def write_row_block(self, name: str, layer_pos: int, batch: int, block: int, data: np.ndarray) -> None:
-        """Write row block ``block`` of ``name`` for one exported layer and sequence.
+    def write_row_block(
+        self,
+        name: str,
+        layer_pos: int,
+        batch: int,
+        block: int,
+        data: np.ndarray,
+        *,
+        ready: Callable[[], None] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue row block ``block`` of ``name`` for one exported layer and sequence (returns at once;
+        blocks only while ``max_pending_bytes`` are queued).
 
         ``data`` is ``[heads, rows, cols]``: for ``attention`` cols are key positions from 0 (any
         width; the rest of the row is zero, and key chunks right of the widest row are never
         written); for q/k/v cols are head_dim; for hidden_states heads is 1 and cols the hidden
         size. ``rows`` may be shorter than the chunk (the rest is zero). Whole chunks only.
+        ``ready()`` is called (in a writer thread) before ``data`` is read — e.g. waiting for an
+        asynchronous device-to-host copy — and ``release()`` once every chunk of it is stored.
         """
         layout = self.layout
         assert layout is not None
         rows_per_chunk = layout.chunk_rows
-        row0 = block * rows_per_chunk
-        row1 = min(row0 + rows_per_chunk, layout.attention_rows if name == "attention" else layout.positions)
-        heads, rows, cols = data.shape
+        row0, row1 = self._row_range(name, block)
+        _, rows, cols = data.shape
         if rows > row1 - row0:
             raise ValueError(f"{name}: {rows} rows do not fit row block {block} ({row1 - row0} rows)")
         if name == "attention":
             # whole key chunks up to the block's widest row; chunks right of it are never written
             col1 = min(-(-cols // rows_per_chunk) * rows_per_chunk, layout.positions)
-            data, cols = data[:, :, :col1], min(cols, col1)
+            cols = min(cols, col1)
+            data = data[:, :, :cols]
         else:
             col1 = layout.shape(name)[-1]
-        dtype = np.dtype(layout.dtype(name))
-        if rows == row1 - row0 and cols == col1 and data.dtype == dtype:
-            full = data
+        encoder = self._encoders.get(name)
+        if encoder is None:
+            self._write_through_zarr(name, layer_pos, batch, block, data, col1, ready, release)
+            return
+        regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]]
+        if name == "attention":
+            starts = range(0, col1, rows_per_chunk)
+            regions = [
+                ((layer_pos, batch, 0, block, c0 // rows_per_chunk), _region(data, c0, c0 + rows_per_chunk))
+                for c0 in starts
+            ]
+        elif name == "hidden_states":
+            regions = [((layer_pos, batch, block, 0), lambda: data[0])]
         else:
-            full = np.zeros((heads, row1 - row0, col1), dtype=dtype)
-            full[:, :rows, :cols] = data
+            regions = [((layer_pos, batch, 0, block, 0), lambda: data)]
+        self._pipeline.submit(encoder, name, regions, nbytes=data.nbytes, ready=ready, release=release)
+        self._flush_records(force=False)
+
+    def _row_range(self, name: str, block: int) -> tuple[int, int]:
+        """Rows ``[row0, row1)`` of row block ``block`` of ``name`` (the last one may be short)."""
+        assert self.layout is not None
+        rows_per_chunk = self.layout.chunk_rows
+        total = self.layout.attention_rows if name == "attention" else self.layout.positions
+        row0 = block * rows_per_chunk
+        return row0, min(row0 + rows_per_chunk, total)
+
+    def _write_through_zarr(
+        self,
+        name: str,
+        layer_pos: int,
+        batch: int,
+        block: int,
+        data: np.ndarray,
+        col1: int,
+        ready: Callable[[], None] | None,
+        release: Callable[[], None] | None,
+    ) -> None:
+        """Arrays whose codecs the pipeline does not reproduce: zarr writes them, synchronously."""
+        assert self.layout is not None
+        if ready is not None:
+            ready()
+        row0, row1 = self._row_range(name, block)
+        heads, rows, cols = data.shape
+        full = np.zeros((heads, row1 - row0, col1), dtype=np.dtype(self.layout.dtype(name)))
+        full[:, :rows, :cols] = data
         if name == "hidden_states":
             self._arrays[name][layer_pos, batch, row0:row1, :] = full[0]
         else:
             self._arrays[name][layer_pos, batch, :, row0:row1, :col1] = full
+        if release is not None:
+            release()
         self._flush_records()
 
     def write_group(
@@ -226,7 +378,9 @@ class BundleWriter:
 
     # -- metadata last ------------------------------------------------------------------------
     def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
-        """Write final root attributes and consolidate metadata (the last write of a job)."""
+        """Store every queued chunk, then write final root attributes and consolidate metadata
+        (the last write of a job)."""
+        self.close()
         self.group.attrs.update({**attrs, "complete": complete, "partial": partial})
         with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
             warnings.simplefilter("ignore", category=UserWarning)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from worker.capture.attention_math import attention_probs, causal_allowed, expand_kv_heads
+from worker.capture.attention_math import (
+    attention_probs,
+    causal_allowed,
+    causal_block_probs,
+    expand_kv_heads,
+)
 
 
 def _numpy_reference(
@@ -66,3 +72,35 @@ def test_expand_kv_heads_maps_h_to_h_over_group() -> None:
     key = torch.arange(3).float().view(1, 3, 1, 1).expand(1, 3, 2, 1)
     expanded = expand_kv_heads(key, 6)
     assert expanded[0, :, 0, 0].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("q_start", "rows", "k_start", "n_keys", "window"),
+    [
+        (0, 4, 0, 4, None),  # first block of a prompt: square, fully causal
+        (8, 4, 0, 16, None),  # later block, keys rounded up past the last row (masked columns)
+        (8, 4, 0, 12, 3),  # sliding window shorter than the block
+        (5, 1, 2, 4, None),  # a decode step reading a cache window that starts at position 2
+        (20, 6, 10, 16, 7),  # window, keys starting late, columns on both sides masked
+    ],
+)
+def test_causal_block_probs_match_the_numpy_formula(
+    q_start: int, rows: int, k_start: int, n_keys: int, window: int | None
+) -> None:
+    rng = np.random.default_rng(q_start + rows)
+    q = rng.standard_normal((6, rows, 8)).astype(np.float32)
+    k = rng.standard_normal((2, n_keys, 8)).astype(np.float32)
+    q_pos = np.arange(q_start, q_start + rows)
+    k_pos = np.arange(k_start, k_start + n_keys)
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = (diff >= 0) & (diff < window if window is not None else True)
+    got = causal_block_probs(
+        torch.from_numpy(q), torch.from_numpy(k), scaling=0.3, q_start=q_start, k_start=k_start,
+        sliding_window=window,
+    )  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), _numpy_reference(q, k, 0.3, allowed), atol=1e-6)
+
+
+def test_causal_block_probs_refuses_rows_without_their_own_key() -> None:
+    with pytest.raises(ValueError, match="own position"):
+        causal_block_probs(torch.zeros(2, 3, 4), torch.zeros(1, 2, 4), scaling=1.0, q_start=5, k_start=0)

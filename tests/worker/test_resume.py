@@ -60,6 +60,7 @@ def _stack(root: Path, index_cls: type[Index] = Index) -> tuple[Index, ObjectSto
     settings = Settings(
         database_url=f"sqlite:///{root}/index.db", store_url=str(root / "store"), progress_interval_s=0.0,
         heartbeat_interval_s=0.2, lease_timeout_s=30, model_cache_dir=model_cache_dir(),
+        record_interval_s=0.0,  # one chunk batch per row block: "die after N batches" has N points
     )  # fmt: skip
     index = index_cls(settings.database_url)
     index.migrate()

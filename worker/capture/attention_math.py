@@ -64,3 +64,47 @@ def attention_probs(
         scores = scores.masked_fill(~allowed_mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)
+
+
+def causal_block_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scaling: float,
+    q_start: int,
+    k_start: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention probabilities in fp32 for one block of query rows of one sequence.
+
+    ``query [H, n, D]``: rows at positions ``q_start .. q_start + n - 1``; ``key [KVH, K, D]``: keys at
+    positions ``k_start .. k_start + K - 1``. Equals :func:`attention_probs` with
+    :func:`causal_allowed` (and the window), but cheaper: grouped-query heads share their kv head
+    through a reshape instead of an expanded copy, and only the columns where some row can be
+    masked (right of the first row, or too old for the last row's window) are masked. Every row
+    must see at least one key (its own position is in ``key``); returns ``[H, n, K]``.
+    """
+    num_heads, rows, head_dim = query.shape
+    kv_heads, n_keys, _ = key.shape
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads is not a multiple of {kv_heads} kv heads")
+    if not k_start <= q_start + rows - 1 < k_start + n_keys:
+        raise ValueError("the last row's own position must be among the keys")
+    groups = num_heads // kv_heads
+    q = query.float().reshape(kv_heads, groups * rows, head_dim)  # head h = kv * groups + g
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(num_heads, rows, n_keys)
+    scores.mul_(scaling)
+    q_pos = torch.arange(q_start, q_start + rows, device=query.device)
+    first_future = max(0, q_start + 1 - k_start)  # columns before it are in every row's past
+    if first_future < n_keys:
+        k_pos = torch.arange(k_start + first_future, k_start + n_keys, device=query.device)
+        scores[:, :, first_future:].masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    if sliding_window is not None:
+        too_old = min(n_keys, q_start + rows - sliding_window - k_start)  # columns some row cannot see
+        if too_old > 0:
+            k_pos = torch.arange(k_start, k_start + too_old, device=query.device)
+            hidden = q_pos[:, None] - k_pos[None, :] >= sliding_window
+            scores[:, :, :too_old].masked_fill_(hidden, float("-inf"))
+    # softmax in place (one [H, n, K] buffer): every row has a finite maximum (its own key)
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))

@@ -1,18 +1,46 @@
-"""Gather streamed rows into whole row blocks (numpy, no torch): whole-chunk writes only."""
+"""Gather streamed rows into whole row blocks: whole-chunk writes only."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import numpy as np
+
+from worker.capture.hostcopy import HostBlock
+
+
+def _shared(release: Callable[[], None] | None, users: int) -> Callable[[], None] | None:
+    """``release`` called once, after ``users`` calls of the returned function."""
+    if release is None:
+        return None
+    left = [users]
+    lock = threading.Lock()
+
+    def release_one() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            release()
+
+    return release_one
 
 
 class RowBlockBuffer:
     """Rows of one (array, layer, sequence), arriving in increasing contiguous order of their
     stored row index.
 
-    ``add`` returns every row block it completes as ``(block, data[heads, rows, cols])``; ``flush``
-    returns the last, incomplete block. Holds at most one block. ``width`` fixes the column count
-    (q/k/v head_dim, hidden size); ``None`` (attention) sizes each block to its widest row rounded
-    up to whole chunks of ``chunk_rows`` keys.
+    ``add`` returns every row block it completes as ``(block, HostBlock [heads, rows, cols])``;
+    ``flush`` returns the last, incomplete block. Holds at most one block. ``width`` fixes the
+    column count (q/k/v head_dim, hidden size); ``None`` (attention) sizes each block to its widest
+    row rounded up to whole chunks of ``chunk_rows`` keys: callers pass attention rows only as wide
+    as their last visible key (causal), so the width is known without scanning the data.
+
+    The whole blocks of a piece that starts a block (a prefill) are passed through as views,
+    untouched, with the piece's ``ready`` and a shared ``release`` for the writer threads; other
+    rows are copied here, which waits for the transfer, so buffered rows never hold the
+    device-to-host ring.
     """
 
     def __init__(self, heads: int, chunk_rows: int, dtype: np.dtype, width: int | None = None) -> None:
@@ -24,28 +52,44 @@ class RowBlockBuffer:
         self._filled = 0
         self._pieces: list[tuple[int, int, np.ndarray]] = []  # (row in block, col0, data)
 
-    def add(self, row0: int, data: np.ndarray, col0: int = 0) -> list[tuple[int, np.ndarray]]:
+    def add(self, row0: int, data: HostBlock | np.ndarray, col0: int = 0) -> list[tuple[int, HostBlock]]:
         """Add stored rows ``row0 .. row0 + n`` (``data [heads, n, cols]``, columns from ``col0``)."""
-        done: list[tuple[int, np.ndarray]] = []
-        rows = data.shape[1]
+        host = data if isinstance(data, HostBlock) else HostBlock(data)
+        rows = host.array.shape[1]
+        block, in_block = divmod(row0, self.chunk_rows)
+        expected = self._block * self.chunk_rows + self._filled
+        if row0 != expected:
+            raise ValueError(f"row {row0} out of order: expected row {expected}")
+        done: list[tuple[int, HostBlock]] = []
+        starts_block = in_block == 0 and col0 == 0 and self._whole(host.array)
+        whole_blocks = rows // self.chunk_rows if starts_block else 0
+        if whole_blocks:  # views of the transferred data, one per block; released after the last one
+            release = _shared(host.release, whole_blocks + (rows % self.chunk_rows > 0))
+            for j in range(whole_blocks):
+                view = host.array[:, j * self.chunk_rows : (j + 1) * self.chunk_rows]
+                done.append((block + j, HostBlock(view, host.ready, release)))
+            self._block += whole_blocks
+            if rows == whole_blocks * self.chunk_rows:
+                return done
+            host = HostBlock(host.array[:, whole_blocks * self.chunk_rows :], host.ready, release)
+            row0, rows = row0 + whole_blocks * self.chunk_rows, rows - whole_blocks * self.chunk_rows
+        array = host.materialize()
         offset = 0
         while offset < rows:
-            row = row0 + offset
-            block, in_block = divmod(row, self.chunk_rows)
-            expected = self._block * self.chunk_rows + self._filled
-            if row != expected:
-                raise ValueError(f"row {row} out of order: expected row {expected}")
+            block, in_block = divmod(row0 + offset, self.chunk_rows)
             take = min(rows - offset, self.chunk_rows - in_block)
-            piece = data[:, offset : offset + take]
-            if self.width is None:  # attention: drop all-zero columns on the right (never written)
-                nonzero = np.flatnonzero(piece.any(axis=(0, 1)))
-                piece = piece[:, :, : nonzero[-1] + 1 if nonzero.size else 0]
-            self._pieces.append((in_block, col0, piece))
+            self._pieces.append((in_block, col0, array[:, offset : offset + take]))
             self._filled += take
             offset += take
             if self._filled == self.chunk_rows:
-                done.append((block, self._assemble()))
+                done.append((block, HostBlock(self._assemble())))
         return done
+
+    def _whole(self, array: np.ndarray) -> bool:
+        """Whether ``array`` can be written as it is (dtype and, for fixed widths, width)."""
+        if array.dtype != self.dtype:
+            return False
+        return self.width is None or array.shape[2] == self.width
 
     def _assemble(self) -> np.ndarray:
         if self.width is not None:
@@ -65,8 +109,8 @@ class RowBlockBuffer:
         self._filled = 0
         return out
 
-    def flush(self) -> tuple[int, np.ndarray] | None:
+    def flush(self) -> tuple[int, HostBlock] | None:
         if not self._filled:
             return None
         block = self._block
-        return block, self._assemble()
+        return block, HostBlock(self._assemble())

@@ -2,10 +2,11 @@
 hidden states, and feeds every attention row to the per-head metrics.
 
 Per call and per sequence, padding is removed (positions become the sequence's real positions),
-attention probabilities are computed in fp32 one chunk of query rows at a time, observed by the
-metrics accumulator (every row, stored or not), cast to the storage dtype, copied to the host and
-handed to the bundle writer as whole row blocks. No step holds more than one row block per
-(array, layer, sequence).
+attention probabilities are computed in fp32 one chunk of query rows at a time, over the keys up to
+the block's last row only (causal: later keys carry no weight), observed by the metrics
+accumulator (every row, stored or not), cast to the storage dtype, copied to the host (on CUDA
+asynchronously, into pinned buffers: :mod:`worker.capture.hostcopy`) and handed to the bundle
+writer as whole row blocks. No step holds more than one row block per (array, layer, sequence).
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ import torch
 
 from storage.bundle.layout import BundleLayout
 from storage.capturespec import ResolvedCapture
-from worker.capture.attention_math import attention_probs, causal_allowed, expand_kv_heads
+from worker.capture.attention_math import (
+    attention_probs,
+    causal_allowed,
+    causal_block_probs,
+    expand_kv_heads,
+)
 from worker.capture.hook import AttentionCall
+from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager
 from worker.capture.rows import RowBlockBuffer
 
-BlockSink = Callable[[str, int, int, int, np.ndarray], None]  # (array, layer_pos, batch, block, data)
+BlockSink = Callable[[str, int, int, int, HostBlock], None]  # (array, layer_pos, batch, block, data)
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+PROBS_BUDGET_BYTES = 256 << 20  # fp32 scores computed at once (a 32K-key row of 32 heads is 4 MiB)
 
 
 class RowObserver(Protocol):
@@ -80,8 +88,11 @@ class ExportSession:
         store_qkv: bool | None = None,
         store_hidden: bool | None = None,
         kv: KVSink | None = None,
+        max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES,
     ) -> None:
         self.layout = layout
+        self.max_pinned_bytes = max_pinned_bytes
+        self._stager: HostStager | None = None
         self.pads = list(pads)
         self.write_block = write_block
         self.on_layer_done = on_layer_done
@@ -120,6 +131,12 @@ class ExportSession:
                 for b in range(layout.batch):
                     self._buffers[(name, lp, b)] = RowBlockBuffer(heads, layout.chunk_rows, dtype, width)
 
+    def _host(self, tensor: torch.Tensor) -> HostBlock:
+        """``tensor`` on the host for the writer (asynchronously from CUDA)."""
+        if self._stager is None or self._stager.device != tensor.device:
+            self._stager = HostStager(tensor.device, self.max_pinned_bytes)
+        return self._stager.to_host(tensor)
+
     def begin_step(self, q_start: int, active: Sequence[bool]) -> None:
         self.q_start = q_start
         self.active = list(active)
@@ -137,6 +154,11 @@ class ExportSession:
             cached = torch.tensor(list(values), device=device)
             self._index_cache[key] = cached
         return cached
+
+    def _every_head(self, lp: int, num_heads: int) -> bool:
+        """Whether layer ``lp`` stores every query head in order (decided on the host: no sync)."""
+        heads = self.attention_heads[lp] if self.attention_heads is not None else self.layout.heads
+        return list(heads) == list(range(num_heads))
 
     def _rows(self, b: int, q_len: int) -> tuple[int, int]:
         """(first real row in this call, its index among the call's query rows) for sequence b."""
@@ -193,9 +215,9 @@ class ExportSession:
                 continue
             row0, i0 = self._rows(b, hidden.shape[1])
             if i0 < hidden.shape[1]:
-                self._emit("hidden_states", lp, b, row0, hidden[b, i0:][None].to(dtype).cpu().numpy())
+                self._emit("hidden_states", lp, b, row0, self._host(hidden[b, i0:][None].to(dtype)))
 
-    def _emit(self, name: str, lp: int, b: int, row0: int, data: np.ndarray, col0: int = 0) -> None:
+    def _emit(self, name: str, lp: int, b: int, row0: int, data: HostBlock, col0: int = 0) -> None:
         for block, block_data in self._buffers[(name, lp, b)].add(row0, data, col0):
             self.write_block(name, lp, b, block, block_data)
 
@@ -205,55 +227,110 @@ class ExportSession:
         """``q [H, n, D]``, ``k``/``v [KVH, n, D]``: the rows' own (new) positions."""
         dtype = _TORCH_DTYPES[self.layout.qkv_dtype]
         heads, kv_heads = self._index("q", lp, q.device), self._index("kv", lp, q.device)
-        self._emit("q", lp, b, row0, q.index_select(0, heads).to(dtype).cpu().numpy())
-        self._emit("k", lp, b, row0, k.index_select(0, kv_heads).to(dtype).cpu().numpy())
+        self._emit("q", lp, b, row0, self._host(q.index_select(0, heads).to(dtype)))
+        self._emit("k", lp, b, row0, self._host(k.index_select(0, kv_heads).to(dtype)))
         if self.store_v:
-            self._emit("v", lp, b, row0, v.index_select(0, kv_heads).to(dtype).cpu().numpy())
+            self._emit("v", lp, b, row0, self._host(v.index_select(0, kv_heads).to(dtype)))
 
     def _capture_attention(
         self, lp: int, b: int, call: AttentionCall, row0: int, i0: int, col0: int, j0: int, num_heads: int
     ) -> None:
+        """Rows ``i0..`` of the call (real positions ``row0..``) of sequence ``b``; key index ``j0``
+        of the call is real position ``col0``. Each block of rows is computed over the keys up to
+        its last row, rounded up to whole key chunks (the columns beyond are masked: exact zeros)."""
         query, key = call.query, call.key
         q_len, k_len = query.shape[2], key.shape[2]
         rows_per_chunk = self.layout.chunk_rows
         head_idx = self._index("att", lp, query.device)
-        keys = expand_kv_heads(key[b : b + 1, :, j0:], num_heads).index_select(1, head_idx)
+        every_head = self._every_head(lp, num_heads)
+        fast = call.mask is None and every_head  # the common case: no padding, every head
+        keys = None if fast else expand_kv_heads(key[b : b + 1, :, j0:], num_heads).index_select(1, head_idx)
         k_abs = torch.arange(self.q_start + q_len - k_len + j0, self.q_start + q_len, device=query.device)
         dtype = _TORCH_DTYPES[self.layout.attention_dtype]
         row = row0
         while i0 < q_len:
             n = min(q_len - i0, rows_per_chunk - row % rows_per_chunk)  # stay inside one row block
-            q_block = query[b : b + 1, :, i0 : i0 + n].index_select(1, head_idx)
-            allowed = additive = None
-            if call.mask is None:
-                q_abs = torch.arange(self.q_start + i0, self.q_start + i0 + n, device=query.device)
-                allowed = causal_allowed(q_abs, k_abs, call.sliding_window)
-            else:
-                mask = call.mask[b : b + 1, :, i0 : i0 + n, j0:]
-                if mask.shape[1] == num_heads:
-                    mask = mask.index_select(1, head_idx)
-                if mask.dtype == torch.bool:
-                    allowed = mask
+            # causal: keys after the block's last row (real position row + n - 1) are never visible
+            width_end = -(-(row + n) // rows_per_chunk) * rows_per_chunk
+            n_keys = min(k_len - j0, width_end - col0)
+            heads = head_idx.numel()
+            # fp32 scores of at most PROBS_BUDGET_BYTES at a time: GPU memory bounded at any length
+            step = max(1, min(n, PROBS_BUDGET_BYTES // (heads * n_keys * 4)))
+            block: torch.Tensor | None = None
+            for s0 in range(0, n, step):
+                s1 = min(n, s0 + step)
+                if keys is None:
+                    probs = causal_block_probs(
+                        query[b, :, i0 + s0 : i0 + s1],
+                        key[b, :, j0 : j0 + n_keys],
+                        scaling=call.scaling,
+                        q_start=row + s0,
+                        k_start=col0,
+                        sliding_window=call.sliding_window,
+                    )
                 else:
-                    additive = mask
-            probs = attention_probs(
-                q_block, keys, scaling=call.scaling, allowed=allowed, additive_mask=additive
-            )[0]
-            if self.observer is not None:
-                positions = torch.arange(row, row + n, device=query.device)
-                full = torch.nn.functional.pad(probs, (col0, 0)) if col0 else probs
-                self.observer.observe(lp, b, full, positions)
-            if self.store_attention:
-                stored = self.row_index[b][row : row + n]
-                keep = stored >= 0
-                if keep.all():
-                    self._emit("attention", lp, b, int(stored[0]), probs.to(dtype).cpu().numpy(), col0)
-                elif keep.any():
-                    rows = torch.from_numpy(np.flatnonzero(keep)).to(query.device)
-                    data = probs.index_select(1, rows).to(dtype).cpu().numpy()
-                    self._emit("attention", lp, b, int(stored[keep][0]), data, col0)
+                    probs = self._masked_probs(
+                        call, b, keys[:, :, :n_keys], k_abs[:n_keys], i0 + s0, s1 - s0, j0, head_idx
+                    )
+                if self.observer is not None:
+                    positions = torch.arange(row + s0, row + s1, device=query.device)
+                    full = torch.nn.functional.pad(probs, (col0, 0)) if col0 else probs
+                    self.observer.observe(lp, b, full, positions)
+                if self.store_attention:
+                    if step == n:
+                        block = probs.to(dtype)
+                    else:
+                        if block is None:
+                            block = torch.empty((heads, n, n_keys), dtype=dtype, device=query.device)
+                        block[:, s0:s1].copy_(probs)
+                del probs
+            if block is not None:
+                self._emit_attention(lp, b, row, block, col0)
             i0 += n
             row += n
+
+    def _emit_attention(self, lp: int, b: int, row: int, block: torch.Tensor, col0: int) -> None:
+        """Hand ``block [H', n, K]`` (rows at real positions ``row ..``) to the writer: only the
+        stored rows (every one unless rows are selected)."""
+        n = block.shape[1]
+        stored = self.row_index[b][row : row + n]
+        keep = stored >= 0
+        if keep.all():
+            self._emit("attention", lp, b, int(stored[0]), self._host(block), col0)
+        elif keep.any():
+            rows = torch.from_numpy(np.flatnonzero(keep)).to(block.device)
+            kept = self._host(block.index_select(1, rows))
+            self._emit("attention", lp, b, int(stored[keep][0]), kept, col0)
+
+    def _masked_probs(
+        self,
+        call: AttentionCall,
+        b: int,
+        keys: torch.Tensor,
+        k_abs: torch.Tensor,
+        i0: int,
+        n: int,
+        j0: int,
+        head_idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rows ``i0 .. i0 + n`` of the call over ``keys [1, H', K, D]`` (already the selected heads),
+        with the model's mask (padded batch) or the causal one: ``[H', n, K]``."""
+        query, num_heads, n_keys = call.query, call.query.shape[1], keys.shape[2]
+        q_block = query[b : b + 1, :, i0 : i0 + n].index_select(1, head_idx)
+        allowed = additive = None
+        if call.mask is None:
+            q_abs = torch.arange(self.q_start + i0, self.q_start + i0 + n, device=query.device)
+            allowed = causal_allowed(q_abs, k_abs, call.sliding_window)
+        else:
+            mask = call.mask[b : b + 1, :, i0 : i0 + n, j0 : j0 + n_keys]
+            if mask.shape[1] == num_heads:
+                mask = mask.index_select(1, head_idx)
+            if mask.dtype == torch.bool:
+                allowed = mask
+            else:
+                additive = mask
+        probs = attention_probs(q_block, keys, scaling=call.scaling, allowed=allowed, additive_mask=additive)
+        return probs[0]
 
     def flush(self) -> None:
         """Write every incomplete last row block (end of the job, or a cancelled job's partial data)."""

@@ -1,0 +1,281 @@
+"""Chunk write pipeline: encode, checksum and store whole chunks in a thread pool (numpy + zarr).
+
+zarr's ``array[...] = block`` encodes and stores one chunk after another through its event loop
+and holds the caller until the last one is stored. For row blocks, :class:`ChunkPipeline` does
+the same work in ``threads`` worker threads instead, so the next layer's forward pass (and its
+device-to-host copies) overlap compression and I/O of the previous one:
+
+- the bytes are exactly zarr's: the array's own codec chain (``bytes`` little endian, then
+  Blosc with the array's parameters) applied to the chunk padded to the full chunk shape with
+  the fill value, as zarr pads edge chunks; ``tests/storage/test_pipeline.py`` compares them;
+- Blosc (numcodecs, contextual mode off the main thread) and sha256 release the GIL;
+- backpressure: :meth:`ChunkPipeline.submit` blocks while more than ``max_pending_bytes`` of
+  row-block data are waiting, so memory is bounded by the budget, not by the sequence length;
+- every stored chunk becomes a :class:`~storage.index.records.ChunkRecord` only after the store
+  confirmed the write; :meth:`drain` hands them out in batches for the SQL index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numcodecs import Blosc
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from storage.index.records import ChunkRecord
+
+DEFAULT_MAX_PENDING_BYTES = 1 << 30
+
+
+def default_threads() -> int:
+    """One thread per CPU core, at most 16 (Blosc level 1 saturates a disk well before that)."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class ChunkEncoder:
+    """The bytes zarr would store for one chunk of ``array`` (``bytes`` + Blosc codec chains).
+
+    ``encoder_for`` returns None for any other codec chain; callers then write through zarr.
+    """
+
+    def __init__(self, array: zarr.Array, blosc: BloscCodec) -> None:
+        self.key_prefix = array.path
+        self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.fill_value = array.fill_value
+        self.metadata = array.metadata
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
+        self._blosc = Blosc.from_config(
+            {
+                "cname": blosc.cname.value,
+                "clevel": blosc.clevel,
+                "shuffle": shuffle,
+                "blocksize": blosc.blocksize,
+                "typesize": blosc.typesize,
+            }
+        )
+
+    @classmethod
+    def encoder_for(cls, array: zarr.Array) -> ChunkEncoder | None:
+        if array.metadata.zarr_format != 3:
+            return None
+        codecs = array.metadata.codecs
+        if (
+            len(codecs) == 2
+            and isinstance(codecs[0], BytesCodec)
+            and codecs[0].endian is not None
+            and codecs[0].endian.value == "little"
+            and isinstance(codecs[1], BloscCodec)
+        ):
+            return cls(array, codecs[1])
+        return None
+
+    def key(self, coords: tuple[int, ...]) -> str:
+        return f"{self.key_prefix}/{self.metadata.encode_chunk_key(coords)}"
+
+    def encode(self, data: np.ndarray) -> bytes:
+        """``data``: the chunk's region, the chunk's trailing dimensions (leading ones of size 1
+        may be left out); smaller than the chunk at the array's edges (padded with the fill value)."""
+        missing = len(self.chunk_shape) - data.ndim
+        region = data.reshape((1,) * missing + data.shape) if missing > 0 else data
+        if region.shape == self.chunk_shape and region.dtype == self.dtype:
+            full = np.ascontiguousarray(region)
+        else:
+            full = np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
+            full[tuple(slice(0, n) for n in region.shape)] = region
+        return bytes(self._blosc.encode(full))
+
+
+@dataclass
+class _Block:
+    """One submitted row block: its chunks share ``ready`` (e.g. a CUDA event) and ``release``."""
+
+    ready: Callable[[], None] | None
+    release: Callable[[], None] | None
+    nbytes: int
+    remaining: int
+    lock: threading.Lock
+
+
+class ChunkPipeline:
+    """Encode + checksum + store chunks in ``threads`` threads, ``max_pending_bytes`` at most queued.
+
+    ``put(key, data)`` stores the encoded bytes. ``should_write(key, checksum)`` (optional) is
+    asked before each put: False skips the write (e.g. a resumed job whose stored chunk already
+    verifies) and the chunk is still recorded. Errors of the worker threads are raised by the
+    next :meth:`submit` or :meth:`wait`.
+    """
+
+    def __init__(
+        self,
+        put: Callable[[str, bytes], Any],
+        *,
+        threads: int | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        should_write: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        self._should_write = should_write
+        self.threads = threads or default_threads()
+        self.max_pending_bytes = max_pending_bytes
+        self._put = put
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qkvault-chunks")
+        self._cond = threading.Condition()
+        self._pending_bytes = 0
+        self._futures: set[Future[None]] = set()
+        self._records: list[ChunkRecord] = []
+        self._error: BaseException | None = None
+        self.chunks_stored = 0
+        self.bytes_stored = 0
+
+    def submit(
+        self,
+        encoder: ChunkEncoder,
+        array_name: str,
+        regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]],
+        *,
+        nbytes: int,
+        ready: Callable[[], None] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue one row block: ``regions`` = (chunk coords, function returning the chunk's data)
+        evaluated in a worker thread after ``ready()``; ``release()`` runs once all are stored."""
+        self._raise_error()
+        if not regions:
+            if release is not None:
+                release()
+            return
+        with self._cond:
+            while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                self._cond.wait()
+                if self._error is not None:
+                    break
+            self._pending_bytes += nbytes
+        self._raise_error()
+        block = _Block(ready, release, nbytes, len(regions), threading.Lock())
+        for coords, region in regions:
+            future = self._pool.submit(self._store_chunk, encoder, array_name, coords, region, block)
+            with self._cond:
+                self._futures.add(future)
+            future.add_done_callback(self._done)
+
+    def _store_chunk(
+        self,
+        encoder: ChunkEncoder,
+        array_name: str,
+        coords: tuple[int, ...],
+        region: Callable[[], np.ndarray],
+        block: _Block,
+    ) -> None:
+        try:
+            if block.ready is not None:
+                block.ready()
+            data = encoder.encode(region())
+            digest = checksum(data)
+            key = encoder.key(coords)
+            if self._should_write is None or self._should_write(key, digest):
+                self._put(key, data)
+            with self._cond:
+                self._records.append(ChunkRecord(array_name, coords, key, len(data), digest))
+                self.chunks_stored += 1
+                self.bytes_stored += len(data)
+        finally:
+            with block.lock:
+                block.remaining -= 1
+                last = block.remaining == 0
+            if last:
+                if block.release is not None:
+                    block.release()
+                with self._cond:
+                    self._pending_bytes -= block.nbytes
+                    self._cond.notify_all()
+
+    def _done(self, future: Future[None]) -> None:
+        with self._cond:
+            self._futures.discard(future)
+            exc = future.exception()
+            if exc is not None and self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        with self._cond:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def drain(self) -> list[ChunkRecord]:
+        """Records of the chunks stored since the last call."""
+        with self._cond:
+            records, self._records = self._records, []
+        return records
+
+    def wait(self, *, raise_errors: bool = True) -> None:
+        """Block until every queued chunk is stored (or failed)."""
+        with self._cond:
+            while self._futures:
+                self._cond.wait()
+        if raise_errors:
+            self._raise_error()
+
+    def close(self) -> None:
+        self.wait(raise_errors=False)
+        self._pool.shutdown(wait=True)
+
+
+def store_put(store: Any) -> Callable[[str, bytes], None]:
+    """A thread-safe ``put(key, data)`` for a zarr store.
+
+    A plain :class:`zarr.storage.LocalStore` is written directly from the calling thread (a
+    temporary file renamed into place, as zarr does): going through zarr's single event-loop
+    thread would serialise the writer threads and keep them busy in Python, starving the forward
+    pass of the GIL. Any other store (S3, retrying or resuming wrappers) runs ``store.set`` on
+    zarr's event loop.
+    """
+    if type(store) is LocalStore and not store.read_only:
+        return local_put(Path(store.root))
+    prototype = default_buffer_prototype()
+
+    def put(key: str, data: bytes) -> None:
+        sync(store.set(key, prototype.buffer.from_bytes(data)))
+
+    return put
+
+
+def local_put(root: Path) -> Callable[[str, bytes], None]:
+    """``put(key, data)`` writing ``root/key`` from the calling thread: a temporary file renamed
+    into place (readers never see a partial chunk), as zarr's LocalStore does."""
+    made: set[Path] = set()
+
+    def put(key: str, data: bytes) -> None:
+        path = root / key
+        parent = path.parent
+        if parent not in made:
+            parent.mkdir(parents=True, exist_ok=True)
+            made.add(parent)
+        tmp = parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    return put

@@ -1,0 +1,276 @@
+"""The chunk write pipeline stores exactly the bytes zarr would, records every chunk once, bounds
+its queue, and surfaces write errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec
+
+from storage.bundle.layout import BundleLayout
+from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, checksum
+from storage.bundle.writer import BundleWriter
+from storage.index.records import ChunkRecord
+
+ROWS = 4  # chunk rows: small, so one test covers interior, edge and partial chunks
+
+
+def _layout(positions: int = 10) -> BundleLayout:
+    return BundleLayout(
+        batch=2,
+        positions=positions,
+        layers=(0, 3),
+        heads=(0, 1, 2),
+        kv_heads=(0,),
+        head_dim=5,
+        attention=True,
+        qkv=True,
+        attention_dtype="float16",
+        qkv_dtype="float32",
+        chunk_rows=ROWS,
+        hidden_states=True,
+        hidden_size=6,
+    )
+
+
+def _causal_block(rng: np.random.Generator, heads: int, row0: int, rows: int) -> np.ndarray:
+    """Attention-like rows: row i has values in columns 0..row0+i, zero right of it."""
+    width = row0 + rows
+    data = rng.random((heads, rows, width)).astype(np.float16)
+    for i in range(rows):
+        data[:, i, row0 + i + 1 :] = 0
+    return data
+
+
+def _chunk_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and "/c/" in str(p.relative_to(root))
+    }
+
+
+def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path) -> None:
+    """Every chunk file equals what zarr's own ``array[...] = data`` writes for the same data."""
+    layout = _layout()
+    rng = np.random.default_rng(0)
+    records: list[ChunkRecord] = []
+    writer = BundleWriter(str(tmp_path / "ours.zarr"), on_chunks=records.extend, write_threads=3)
+    writer.create(layout, {})
+    reference = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="w", zarr_format=3)
+    expected: dict[str, np.ndarray] = {}
+    handles: dict[str, zarr.Array] = {}  # reopening by name would drop write_empty_chunks
+    for name in ("attention", "q", "k", "v", "hidden_states"):
+        expected[name] = np.zeros(layout.shape(name), dtype=layout.dtype(name))
+        handles[name] = reference.create_array(
+            name,
+            shape=layout.shape(name),
+            chunks=layout.chunks(name),
+            dtype=layout.dtype(name),
+            fill_value=0,
+            dimension_names=layout.dims(name),
+            compressors=BloscCodec(
+                cname="zstd", clevel=1, shuffle="shuffle", typesize=np.dtype(layout.dtype(name)).itemsize
+            ),
+            config={"write_empty_chunks": True},
+        )
+    for lp in range(2):
+        for b in range(2):
+            for block in range(3):  # rows 0-3, 4-7, 8-9 (the last block is short: 10 positions)
+                row0 = block * ROWS
+                rows = min(ROWS, layout.positions - row0)
+                att = _causal_block(rng, 3, row0, rows)
+                writer.write_row_block("attention", lp, b, block, att)
+                expected["attention"][lp, b, :, row0 : row0 + rows, : att.shape[2]] = att
+                for name, heads in (("q", 3), ("k", 1), ("v", 1)):
+                    data = rng.standard_normal((heads, rows, 5)).astype(np.float32)
+                    writer.write_row_block(name, lp, b, block, data)
+                    expected[name][lp, b, :, row0 : row0 + rows] = data
+                hidden = rng.standard_normal((1, rows, 6)).astype(np.float32)
+                writer.write_row_block("hidden_states", lp, b, block, hidden)
+                expected["hidden_states"][lp, b, row0 : row0 + rows] = hidden[0]
+    writer.finalize({})
+    for name, data in expected.items():
+        handles[name][...] = data
+    ours = {k: v for k, v in _chunk_files(tmp_path / "ours.zarr").items() if k.split("/")[0] in handles}
+    theirs = _chunk_files(tmp_path / "zarr.zarr")
+    # our writer never writes attention chunks right of the diagonal; zarr writes them (all zero)
+    skipped = set(theirs) - set(ours)
+    assert all(k.startswith("attention/") for k in skipped) and skipped
+    for key in skipped:
+        coords = [int(c) for c in key.split("/c/")[1].split("/")]
+        assert coords[4] > coords[3], f"{key} is on or left of the diagonal but was not written"
+    assert {k: theirs[k] for k in ours} == ours
+    # one record per stored chunk, with the checksum of the stored bytes
+    by_key = {r.key: r for r in records if r.array in handles}
+    assert len(by_key) == len([r for r in records if r.array in handles])
+    for key, data in ours.items():
+        assert by_key[key].checksum == checksum(data) and by_key[key].nbytes == len(data)
+    for name, data in expected.items():
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / name))[...], data)
+
+
+def test_encoder_pads_edge_chunks_with_the_fill_value(tmp_path: Path) -> None:
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    array = group.create_array(
+        "x",
+        shape=(5, 7),
+        chunks=(4, 4),
+        dtype="float32",
+        fill_value=-1.0,
+        compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4),
+    )
+    encoder = ChunkEncoder.encoder_for(array)
+    assert encoder is not None
+    edge = np.arange(3, dtype=np.float32).reshape(1, 3)  # chunk (1, 1): rows 4, cols 4..6
+    (tmp_path / "g.zarr" / "x" / "c" / "1").mkdir(parents=True)
+    (tmp_path / "g.zarr" / "x" / "c" / "1" / "1").write_bytes(encoder.encode(edge))
+    assert encoder.key((1, 1)) == "x/c/1/1"
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "g.zarr" / "x"))[4, 4:], [0, 1, 2])
+
+
+def test_encoder_only_for_bytes_then_blosc(tmp_path: Path) -> None:
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    zstd = group.create_array(
+        "z", shape=(4,), chunks=(4,), dtype="int32", compressors=zarr.codecs.ZstdCodec()
+    )
+    assert ChunkEncoder.encoder_for(zstd) is None
+
+
+class _SlowStore:
+    """A ``put`` that blocks until released, counting how many bytes were queued meanwhile."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.stored: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes) -> None:
+        self.gate.wait(10)
+        self.stored[key] = data
+
+
+def _encoder(tmp_path: Path) -> ChunkEncoder:
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    array = group.create_array(
+        "a",
+        shape=(64, 1024),
+        chunks=(1, 1024),
+        dtype="float32",
+        compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4),
+    )
+    encoder = ChunkEncoder.encoder_for(array)
+    assert encoder is not None
+    return encoder
+
+
+def test_submit_blocks_when_the_byte_budget_is_queued(tmp_path: Path) -> None:
+    encoder = _encoder(tmp_path)
+    store = _SlowStore()
+    block = np.ones((1, 1024), dtype=np.float32)  # 4 KiB
+    pipeline = ChunkPipeline(store.put, threads=2, max_pending_bytes=3 * block.nbytes)
+    released: list[int] = []
+    submitted: list[int] = []
+
+    def producer() -> None:
+        for i in range(6):
+            pipeline.submit(
+                encoder,
+                "a",
+                [((i, 0), lambda: block)],
+                nbytes=block.nbytes,
+                release=lambda i=i: released.append(i),
+            )
+            submitted.append(i)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive() and len(submitted) == 3, "the fourth block must wait for the budget"
+    store.gate.set()
+    thread.join(10)
+    pipeline.wait()
+    assert sorted(released) == list(range(6))
+    assert sorted(r.coords for r in pipeline.drain()) == [(i, 0) for i in range(6)]
+    assert len(store.stored) == 6
+    pipeline.close()
+
+
+def test_write_errors_surface_and_unwritten_chunks_are_not_recorded(tmp_path: Path) -> None:
+    encoder = _encoder(tmp_path)
+
+    def put(key: str, data: bytes) -> None:
+        if key.endswith("/3/0"):
+            raise OSError("disk full")
+
+    pipeline = ChunkPipeline(put, threads=2)
+    block = np.zeros((1, 1024), dtype=np.float32)
+    for i in range(6):
+        pipeline.submit(encoder, "a", [((i, 0), lambda: block)], nbytes=block.nbytes)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.wait()
+    assert sorted(r.coords[0] for r in pipeline.drain()) == [0, 1, 2, 4, 5]
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.submit(encoder, "a", [((9, 0), lambda: block)], nbytes=block.nbytes)
+    pipeline.close()
+
+
+def test_should_write_false_skips_the_put_but_records_the_chunk(tmp_path: Path) -> None:
+    encoder = _encoder(tmp_path)
+    puts: list[str] = []
+    seen: list[tuple[str, str]] = []
+
+    def should_write(key: str, digest: str) -> bool:
+        seen.append((key, digest))
+        return not key.endswith("/0/0")
+
+    pipeline = ChunkPipeline(lambda key, data: puts.append(key), threads=1, should_write=should_write)
+    block = np.zeros((1, 1024), dtype=np.float32)
+    for i in range(2):
+        pipeline.submit(encoder, "a", [((i, 0), lambda: block)], nbytes=block.nbytes)
+    pipeline.wait()
+    assert puts == ["a/c/1/0"]
+    assert {r.key for r in pipeline.drain()} == {"a/c/0/0", "a/c/1/0"}
+    assert all(d == checksum(encoder.encode(block)) for _, d in seen)
+    pipeline.close()
+
+
+def test_ready_runs_before_the_data_is_read(tmp_path: Path) -> None:
+    encoder = _encoder(tmp_path)
+    stored: dict[str, bytes] = {}
+    pipeline = ChunkPipeline(lambda key, data: stored.__setitem__(key, data), threads=2)
+    buffer = np.zeros((1, 1024), dtype=np.float32)
+    done = threading.Event()
+
+    def ready() -> None:  # like a device-to-host copy completing
+        buffer[...] = 7
+        done.set()
+
+    pipeline.submit(encoder, "a", [((0, 0), lambda: buffer)], nbytes=buffer.nbytes, ready=ready)
+    pipeline.wait()
+    assert done.is_set()
+    assert stored["a/c/0/0"] == encoder.encode(np.full((1, 1024), 7, dtype=np.float32))
+    pipeline.close()
+
+
+def test_writer_records_in_batches(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def on_chunks(records: Any) -> None:
+        calls.append(len(records))
+
+    layout = _layout()
+    writer = BundleWriter(str(tmp_path / "b.zarr"), on_chunks=on_chunks, record_interval_s=3600)
+    writer.create(layout, {})
+    calls.clear()
+    for block in range(3):
+        for lp in range(2):
+            writer.write_row_block("q", lp, 0, block, np.ones((3, 2, 5), dtype=np.float32))
+    assert calls == []  # within the interval nothing is recorded yet
+    writer.wait()
+    assert calls == [6]
+    writer.finalize({})

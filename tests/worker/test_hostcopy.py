@@ -1,0 +1,96 @@
+"""Device-to-host staging: the pinned buffer pool reuses, bounds and hands back buffers; on CUDA
+the asynchronous copy delivers the tensor's values once ``ready()`` returns."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from worker.capture.hostcopy import HostStager, PinnedRing
+
+MIB = 1 << 20
+
+
+def _plain(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def test_ring_hands_out_disjoint_spans_and_reuses_released_space() -> None:
+    ring = PinnedRing(4 * MIB, allocate=_plain)
+    a = ring.acquire(1 * MIB)
+    b = ring.acquire(2 * MIB)
+    assert a is not None and b is not None
+    (buf_a, span_a), (buf_b, span_b) = a, b
+    assert span_a.end <= span_b.start and buf_a.numel() == MIB
+    buf_a.fill_(1)
+    buf_b.fill_(2)
+    assert int(buf_a.sum()) == MIB  # no overlap
+    ring.release(span_a)
+    ring.release(span_b)
+    c = ring.acquire(4 * MIB)
+    assert c is not None and c[1].start == 0 and ring.in_use_bytes == 4 * MIB
+
+
+def test_ring_blocks_when_full_until_the_oldest_span_is_released() -> None:
+    ring = PinnedRing(4 * MIB, allocate=_plain)
+    first, second = ring.acquire(2 * MIB), ring.acquire(2 * MIB)
+    assert first is not None and second is not None
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(ring.acquire(2 * MIB)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got, "a third span would overwrite data still queued"
+    ring.release(second[1])  # the newest: the tail cannot pass the oldest, still in use
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    ring.release(first[1])
+    waiter.join(5)
+    assert got and got[0] is not None and ring.waits >= 1
+
+
+def test_ring_wraps_around_behind_the_oldest_span() -> None:
+    ring = PinnedRing(4 * MIB, allocate=_plain)
+    spans = [ring.acquire(MIB) for _ in range(3)]  # [0,1) [1,2) [2,3) MiB
+    ring.release(spans[0][1])  # type: ignore[index]
+    end = ring.acquire(MIB)  # [3,4)
+    wrapped = ring.acquire(MIB)  # nothing left at the end: wraps to [0,1), freed above
+    assert end is not None and end[1].start == 3 * MIB
+    assert wrapped is not None and wrapped[1].start == 0
+    in_use = sorted((s[1].start, s[1].end) for s in [*spans[1:], end, wrapped] if s is not None)
+    assert all(e0 <= s1 for (_, e0), (s1, _) in zip(in_use, in_use[1:], strict=False)), "no overlap"
+
+
+def test_a_request_larger_than_the_ring_is_refused() -> None:
+    ring = PinnedRing(1 * MIB, allocate=_plain)
+    assert ring.acquire(3 * MIB) is None
+
+
+def test_cpu_tensors_are_handed_over_without_a_copy() -> None:
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    block = HostStager(torch.device("cpu")).to_host(tensor)
+    assert block.ready is None and block.release is None
+    assert np.shares_memory(block.array, tensor.numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copy_is_asynchronous_into_a_reused_pinned_buffer() -> None:
+    stager = HostStager(torch.device("cuda"), max_pinned_bytes=64 * MIB)
+    expected = []
+    blocks = []
+    for i in range(6):
+        tensor = torch.full((8, 256, 512), float(i), dtype=torch.float16, device="cuda")  # 2 MiB
+        blocks.append(stager.to_host(tensor))
+        expected.append(float(i))
+        del tensor  # the allocator may reuse it: record_stream keeps the copy safe
+    for block, value in zip(blocks, expected, strict=True):
+        assert block.ready is not None and block.release is not None
+        block.ready()
+        assert (block.array == value).all()
+        block.release()
+    assert stager.ring is not None and stager.ring.in_use_bytes == 0
+    small = stager.to_host(torch.ones(4, device="cuda"))  # below the threshold: copied at once
+    assert small.ready is None and small.array.tolist() == [1, 1, 1, 1]

@@ -1,0 +1,177 @@
+"""Device-to-host copies that do not stall the forward pass.
+
+On CUDA a block is copied into a reusable pinned host buffer on a side stream
+(``non_blocking``); the caller gets the numpy view at once, plus ``ready`` (waits for the copy's
+event) and ``release`` (gives the buffer back) for the writer thread that encodes it.
+The buffers are spans of one page-locked ring per process (``max_pinned_bytes``, allocated once):
+when the ring is full of blocks queued for writing, the next copy waits — backpressure from
+storage to the GPU, with host memory bounded by the ring, not by the sequence length. Small
+blocks (decode steps) are copied synchronously. On the CPU the tensor's own memory is handed over
+(no copy at all).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_MAX_PINNED_BYTES = 1 << 30
+SYNC_COPY_BELOW_BYTES = 1 << 20  # decode steps: one row per block, not worth a pinned buffer
+
+
+@dataclass
+class HostBlock:
+    """``array``: host data, valid once ``ready()`` returned; ``release()`` when done with it."""
+
+    array: np.ndarray
+    ready: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+
+    def materialize(self) -> np.ndarray:
+        """A plain numpy copy (waits for the transfer, gives the pinned buffer back)."""
+        if self.ready is None and self.release is None:
+            return self.array
+        if self.ready is not None:
+            self.ready()
+        out = np.array(self.array, copy=True)
+        if self.release is not None:
+            self.release()
+        return out
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+@dataclass
+class _Span:
+    start: int
+    end: int
+    done: bool = False
+
+
+class PinnedRing:
+    """One page-locked host arena of ``nbytes``, handed out as a ring of contiguous spans.
+
+    Allocated once (on first use) and reused by every job of the process: page-locking memory is
+    slow, reusing it is free. Spans are taken at the head and given back in any order; the tail
+    advances over the oldest spans once they are released, so a span is reused only after every
+    older one was stored. :meth:`acquire` waits while the ring is full (backpressure) and returns
+    None for a request larger than the whole ring (the caller copies synchronously instead).
+    ``allocate(nbytes)``: page-locked by default; tests pass a plain allocator.
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, nbytes: int, allocate: Callable[[int], torch.Tensor] = _pinned) -> None:
+        self.nbytes = nbytes
+        self._allocate = allocate
+        self._arena: torch.Tensor | None = None
+        self._spans: deque[_Span] = deque()
+        self._head = 0
+        self._cond = threading.Condition()
+        self.in_use_bytes = 0
+        self.peak_in_use_bytes = 0
+        self.waits = 0
+
+    def _take(self, size: int) -> int | None:
+        """Start of a free span of ``size`` bytes, or None while the ring is too full."""
+        if not self._spans:
+            return 0
+        tail = self._spans[0].start  # the oldest span still in use
+        if self._head > tail:  # free: [head, end) and, wrapping around, [0, tail)
+            if self.nbytes - self._head >= size:
+                return self._head
+            return 0 if tail >= size else None
+        if self._head < tail and tail - self._head >= size:  # free: [head, tail)
+            return self._head
+        return None  # head == tail: full
+
+    def allocate_now(self) -> None:
+        """Page-lock the arena now (a worker does it when it loads a model, not in a job)."""
+        with self._cond:
+            if self._arena is None:
+                self._arena = self._allocate(self.nbytes)
+
+    def acquire(self, nbytes: int) -> tuple[torch.Tensor, _Span] | None:
+        size = -(-nbytes // self.ALIGN) * self.ALIGN
+        if size > self.nbytes:
+            return None
+        with self._cond:
+            if self._arena is None:
+                self._arena = self._allocate(self.nbytes)
+            start = self._take(size)
+            while start is None:
+                self.waits += 1
+                self._cond.wait()
+                start = self._take(size)
+            span = _Span(start, start + size)
+            self._spans.append(span)
+            self._head = span.end
+            self.in_use_bytes += size
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+            return self._arena[start : start + nbytes], span
+
+    def release(self, span: _Span) -> None:
+        with self._cond:
+            span.done = True
+            self.in_use_bytes -= span.end - span.start
+            while self._spans and self._spans[0].done:
+                self._spans.popleft()
+            if not self._spans:
+                self._head = 0
+            self._cond.notify_all()
+
+
+_RINGS: dict[tuple[str, int], PinnedRing] = {}
+_RINGS_LOCK = threading.Lock()
+
+
+def pinned_ring(device: torch.device, nbytes: int = DEFAULT_MAX_PINNED_BYTES) -> PinnedRing:
+    """The process's ring for ``device`` (created on first use, allocated on first acquire)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), nbytes)
+    with _RINGS_LOCK:
+        ring = _RINGS.get(key)
+        if ring is None:
+            ring = _RINGS[key] = PinnedRing(nbytes)
+        return ring
+
+
+class HostStager:
+    """Copies blocks to the host for the writer: async into pinned buffers on CUDA, free on CPU."""
+
+    def __init__(self, device: torch.device, max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.ring = pinned_ring(device, max_pinned_bytes) if self.cuda else None
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def to_host(self, tensor: torch.Tensor) -> HostBlock:
+        """``tensor`` (any device) as host data; do not modify ``tensor`` afterwards."""
+        if tensor.device.type == "cpu":
+            return HostBlock(tensor.contiguous().numpy())
+        nbytes = tensor.numel() * tensor.element_size()
+        taken = None
+        if self.ring is not None and self._stream is not None and nbytes >= SYNC_COPY_BELOW_BYTES:
+            taken = self.ring.acquire(nbytes)
+        if taken is None:
+            return HostBlock(tensor.cpu().numpy())
+        assert self.ring is not None and self._stream is not None
+        tensor = tensor.contiguous()
+        buffer, span = taken
+        host = buffer.view(tensor.dtype).view(tensor.shape)
+        self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self._stream):
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        tensor.record_stream(self._stream)  # the allocator must not reuse it before the copy ends
+        ring = self.ring
+        return HostBlock(host.numpy(), ready=done.synchronize, release=lambda: ring.release(span))
