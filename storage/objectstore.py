@@ -217,8 +217,8 @@ def zarr_store(
 ) -> Any:
     """A zarr v3 store for a bundle URL: ``LocalStore`` for paths, ``FsspecStore`` (s3fs) for ``s3://``.
 
-    ``retry``: the retry policy of store operations; default :class:`StoreRetry` for ``s3://``,
-    none for local paths (a local disk error is not transient).
+    ``retry``: the retry policy of ``s3://`` store operations (default :class:`StoreRetry`); local
+    paths are never retried (a local disk error is not transient).
     """
     from zarr.storage import FsspecStore, LocalStore
 
@@ -230,8 +230,8 @@ def zarr_store(
         path = Path(_strip_file_scheme(url)).expanduser()
         if not read_only:
             os.makedirs(path, exist_ok=True)
-        store = LocalStore(path, read_only=read_only)
-    if retry is not None and retry.deadline_s > 0:
+        return LocalStore(path, read_only=read_only)
+    if retry.deadline_s > 0:
         from storage.retrystore import RetryingStore
 
         store = RetryingStore(store, retry)
