@@ -8,7 +8,9 @@ device-to-host copies) overlap compression and I/O of the previous one:
 - the bytes are exactly zarr's: the array's own codec chain (``bytes`` little endian, then
   Blosc with the array's parameters) applied to the chunk padded to the full chunk shape with
   the fill value, as zarr pads edge chunks; ``tests/storage/test_pipeline.py`` compares them;
-- Blosc (numcodecs, contextual mode off the main thread) and sha256 release the GIL;
+- Blosc (numcodecs, contextual mode off the main thread) and sha256 release the GIL; they run
+  in one pool (a thread per core), the stores in a smaller one (files written by many threads at
+  once go slower, not faster);
 - backpressure: :meth:`ChunkPipeline.submit` blocks while more than ``max_pending_bytes`` of
   row-block data are waiting, so memory is bounded by the budget, not by the sequence length;
 - every stored chunk becomes a :class:`~storage.index.records.ChunkRecord` only after the store
@@ -38,6 +40,7 @@ from zarr.storage import LocalStore
 from storage.index.records import ChunkRecord
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
+DEFAULT_IO_THREADS = 4
 
 
 def default_threads() -> int:
@@ -105,22 +108,27 @@ class ChunkEncoder:
 
 @dataclass
 class _Block:
-    """One submitted row block: its chunks share ``ready`` (e.g. a CUDA event) and ``release``."""
+    """One submitted row block: its chunks share ``ready`` (e.g. a CUDA event) and ``release``
+    (called once every chunk is encoded), and its ``nbytes`` count as pending until all are stored."""
 
     ready: Callable[[], None] | None
     release: Callable[[], None] | None
     nbytes: int
-    remaining: int
+    to_encode: int
+    to_store: int
     lock: threading.Lock
 
 
 class ChunkPipeline:
-    """Encode + checksum + store chunks in ``threads`` threads, ``max_pending_bytes`` at most queued.
+    """Encode + checksum chunks in ``threads`` threads and store them in ``io_threads`` threads,
+    with ``max_pending_bytes`` of row-block input at most queued.
 
-    ``put(key, data)`` stores the encoded bytes. ``should_write(key, checksum)`` (optional) is
-    asked before each put: False skips the write (e.g. a resumed job whose stored chunk already
-    verifies) and the chunk is still recorded. Errors of the worker threads are raised by the
-    next :meth:`submit` or :meth:`wait`.
+    Encoding scales with cores; writing many files at once does not (measured with
+    ``python -m bench.writer_probe``: a local file system stores less with 16 writers than with 4),
+    so the two are separate pools. ``put(key, data)`` stores the encoded bytes.
+    ``should_write(key, checksum)`` (optional) is asked before each put: False skips the write
+    (e.g. a resumed job whose stored chunk already verifies) and the chunk is still recorded.
+    Errors of the worker threads are raised by the next :meth:`submit` or :meth:`wait`.
     """
 
     def __init__(
@@ -128,14 +136,17 @@ class ChunkPipeline:
         put: Callable[[str, bytes], Any],
         *,
         threads: int | None = None,
+        io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         should_write: Callable[[str, str], bool] | None = None,
     ) -> None:
         self._should_write = should_write
         self.threads = threads or default_threads()
+        self.io_threads = max(1, io_threads)
         self.max_pending_bytes = max_pending_bytes
         self._put = put
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qkvault-chunks")
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qkvault-encode")
+        self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix="qkvault-store")
         self._cond = threading.Condition()
         self._pending_bytes = 0
         self._futures: set[Future[None]] = set()
@@ -155,7 +166,7 @@ class ChunkPipeline:
         release: Callable[[], None] | None = None,
     ) -> None:
         """Queue one row block: ``regions`` = (chunk coords, function returning the chunk's data)
-        evaluated in a worker thread after ``ready()``; ``release()`` runs once all are stored."""
+        evaluated in a worker thread after ``ready()``; ``release()`` runs once all are encoded."""
         self._raise_error()
         if not regions:
             if release is not None:
@@ -168,14 +179,16 @@ class ChunkPipeline:
                     break
             self._pending_bytes += nbytes
         self._raise_error()
-        block = _Block(ready, release, nbytes, len(regions), threading.Lock())
+        block = _Block(ready, release, nbytes, len(regions), len(regions), threading.Lock())
         for coords, region in regions:
-            future = self._pool.submit(self._store_chunk, encoder, array_name, coords, region, block)
-            with self._cond:
-                self._futures.add(future)
-            future.add_done_callback(self._done)
+            self._track(self._pool.submit(self._encode_chunk, encoder, array_name, coords, region, block))
 
-    def _store_chunk(
+    def _track(self, future: Future[None]) -> None:
+        with self._cond:
+            self._futures.add(future)
+        future.add_done_callback(self._done)
+
+    def _encode_chunk(
         self,
         encoder: ChunkEncoder,
         array_name: str,
@@ -183,28 +196,43 @@ class ChunkPipeline:
         region: Callable[[], np.ndarray],
         block: _Block,
     ) -> None:
+        stored = False
         try:
             if block.ready is not None:
                 block.ready()
             data = encoder.encode(region())
-            digest = checksum(data)
-            key = encoder.key(coords)
-            if self._should_write is None or self._should_write(key, digest):
-                self._put(key, data)
+            record = ChunkRecord(array_name, coords, encoder.key(coords), len(data), checksum(data))
+            # submitted before this task ends, so wait() never sees an empty set in between
+            self._track(self._io.submit(self._store_chunk, record, data, block))
+            stored = True
+        finally:
+            with block.lock:
+                block.to_encode -= 1
+                encoded = block.to_encode == 0
+            if encoded and block.release is not None:
+                block.release()
+            if not stored:
+                self._stored(block)
+
+    def _store_chunk(self, record: ChunkRecord, data: bytes, block: _Block) -> None:
+        try:
+            if self._should_write is None or self._should_write(record.key, record.checksum):
+                self._put(record.key, data)
             with self._cond:
-                self._records.append(ChunkRecord(array_name, coords, key, len(data), digest))
+                self._records.append(record)
                 self.chunks_stored += 1
                 self.bytes_stored += len(data)
         finally:
-            with block.lock:
-                block.remaining -= 1
-                last = block.remaining == 0
-            if last:
-                if block.release is not None:
-                    block.release()
-                with self._cond:
-                    self._pending_bytes -= block.nbytes
-                    self._cond.notify_all()
+            self._stored(block)
+
+    def _stored(self, block: _Block) -> None:
+        with block.lock:
+            block.to_store -= 1
+            last = block.to_store == 0
+        if last:
+            with self._cond:
+                self._pending_bytes -= block.nbytes
+                self._cond.notify_all()
 
     def _done(self, future: Future[None]) -> None:
         with self._cond:
@@ -237,6 +265,7 @@ class ChunkPipeline:
     def close(self) -> None:
         self.wait(raise_errors=False)
         self._pool.shutdown(wait=True)
+        self._io.shutdown(wait=True)
 
 
 def store_put(store: Any) -> Callable[[str, bytes], None]:
