@@ -3,6 +3,7 @@ the asynchronous copy delivers the tensor's values once ``ready()`` returns."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_ring_wraps_around_behind_the_oldest_span() -> None:
     assert end is not None and end[1].start == 3 * MIB
     assert wrapped is not None and wrapped[1].start == 0
     in_use = sorted((s[1].start, s[1].end) for s in [*spans[1:], end, wrapped] if s is not None)
-    assert all(e0 <= s1 for (_, e0), (s1, _) in zip(in_use, in_use[1:], strict=False)), "no overlap"
+    assert all(e0 <= s1 for (_, e0), (s1, _) in itertools.pairwise(in_use)), "no overlap"
 
 
 def test_a_request_larger_than_the_ring_is_refused() -> None:
