@@ -104,6 +104,9 @@ def test_cancel_while_running_while_the_worker_is_dead_and_while_waiting_for_it(
 ) -> None:
     settings, index, store = _stack(tmp_path, redis_url)
     spec = job_spec(tiny_model_dir("llama"), 0)
+    # long enough (about 1 s of decoding on 2 cores, against 0.2 s for the soak's jobs) that a cancel
+    # requested after the first chunks always lands before the job ends
+    spec["generation"]["max_new_tokens"] = 140
     running, dead, waiting = _submit(settings, index, store, spec, 3)
     env = fast_env(settings, model_cache_dir())
     app = create_celery_app(settings)
