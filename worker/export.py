@@ -24,6 +24,7 @@ from storage.index.records import ChunkRecord
 from storage.jobspec import JobSpec
 from storage.modelinfo import check_selection
 from worker.alternatives import AlternativesCollector
+from worker.bundle_attrs import root_attrs
 from worker.capture.hook import capturing
 from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
@@ -94,42 +95,7 @@ class Exporter:
 
     def base_attrs(self, job_id: str) -> dict[str, Any]:
         """Root attributes known before the first chunk (the rest are written last)."""
-        import transformers
-        import zarr
-
-        lm, facts, layout = self.lm, self.lm.facts, self.layout
-        return {
-            "job_id": job_id,
-            "model": {
-                "id": self.spec.model.id,
-                "revision": self.spec.model.revision,
-                "source": lm.source.kind,
-                "architecture": lm.info.get("architecture"),
-                **facts.to_dict(),
-                "dtype": str(lm.dtype).replace("torch.", ""),
-                "source_dtype": lm.source_dtype,
-                "device": lm.device.type,
-                "config": lm.info.get("config", {}),
-            },
-            "spec": self.spec.model_dump(mode="json"),
-            **self.attention_facts.root_attrs(facts),
-            "capture": {
-                **self.capture.model_dump(mode="json"),
-                "exported_heads": list(layout.heads),
-                "exported_kv_heads": list(layout.kv_heads),
-                "exported_layers": list(layout.layers),
-                "attention_dtype": layout.attention_dtype,
-                "qkv_dtype": layout.qkv_dtype,
-                "chunk_rows": layout.chunk_rows,
-                "probabilities": "softmax(scaling * q k^T + mask) in float32 per block of query rows",
-            },
-            "software": {
-                "qkvault": _qkvault_version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "zarr": zarr.__version__,
-            },
-        }
+        return root_attrs(job_id, self.spec, self.lm, self.capture, self.layout, self.attention_facts)
 
     # -- running -------------------------------------------------------------------------------
     def _forward(
@@ -398,12 +364,3 @@ class Exporter:
             partial=partial,
         )
         return summary
-
-
-def _qkvault_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("qkvault")
-    except PackageNotFoundError:
-        return "unknown"

@@ -1,0 +1,69 @@
+"""The bundle's root attributes known before the first chunk: model, spec, capture, software."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from storage.bundle.layout import BundleLayout
+from storage.capturespec import ResolvedCapture
+from storage.jobspec import JobSpec
+from worker.derived import AttentionFacts
+from worker.models import LoadedModel
+
+
+def root_attrs(
+    job_id: str,
+    spec: JobSpec,
+    lm: LoadedModel,
+    capture: ResolvedCapture,
+    layout: BundleLayout,
+    attention_facts: AttentionFacts,
+) -> dict[str, Any]:
+    """Attributes written when the bundle is created (the rest are written by ``finalize``)."""
+    import transformers
+    import zarr
+
+    facts = lm.facts
+    return {
+        "job_id": job_id,
+        "model": {
+            "id": spec.model.id,
+            "revision": spec.model.revision,
+            "source": lm.source.kind,
+            "architecture": lm.info.get("architecture"),
+            **facts.to_dict(),
+            "dtype": str(lm.dtype).replace("torch.", ""),
+            "source_dtype": lm.source_dtype,
+            "device": lm.device.type,
+            "config": lm.info.get("config", {}),
+        },
+        "spec": spec.model_dump(mode="json"),
+        **attention_facts.root_attrs(facts),
+        "capture": {
+            **capture.model_dump(mode="json"),
+            "exported_heads": list(layout.heads),
+            "exported_kv_heads": list(layout.kv_heads),
+            "exported_layers": list(layout.layers),
+            "attention_dtype": layout.attention_dtype,
+            "qkv_dtype": layout.qkv_dtype,
+            "chunk_rows": layout.chunk_rows,
+            "probabilities": "softmax(scaling * q k^T + mask) in float32 per block of query rows",
+        },
+        "software": {
+            "qkvault": qkvault_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "zarr": zarr.__version__,
+        },
+    }
+
+
+def qkvault_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qkvault")
+    except PackageNotFoundError:
+        return "unknown"
