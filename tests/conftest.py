@@ -8,12 +8,14 @@ so ``-m "not integration"`` runs the unit tests alone.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 # The project is used from the work tree (not necessarily installed): make ``storage``, ``api``,
 # ``worker`` and ``tests.services`` importable however pytest was started.
@@ -21,6 +23,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from storage.index import Index  # noqa: E402
 from tests.services import (  # noqa: E402
     S3Server,
     ServiceUnavailable,
@@ -95,3 +98,40 @@ def s3_store_url(s3_server: S3Server) -> str:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/index.db"
+
+
+IndexFactory = Callable[[], Index]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def new_index(request: pytest.FixtureRequest) -> Iterator[IndexFactory]:
+    """Factory of un-migrated Index objects that all point at one fresh, empty database: a SQLite
+    file, or a PostgreSQL schema of this test's own (dropped at the end)."""
+    made: list[Index] = []
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+        schema = None
+    else:
+        url = request.getfixturevalue("postgres_url")  # skips (or fails under CI=true) without PG
+        schema = f"qk_index_{secrets.token_hex(6)}"
+
+    def make() -> Index:
+        made.append(Index(url, schema=schema))
+        return made[-1]
+
+    yield make
+    for index in made:
+        index.dispose()
+    if schema is not None:
+        admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def index(new_index: IndexFactory) -> Index:
+    """A migrated, empty index of this test's own (SQLite and PostgreSQL)."""
+    idx = new_index()
+    idx.migrate()
+    return idx

@@ -6,35 +6,14 @@ ended) can no longer report progress, record chunks, finish or give the job back
 
 from __future__ import annotations
 
-import secrets
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from storage.errors import JobNotFound, JobStateConflict, LeaseLost
 from storage.index import ChunkRecord, Index, JobRecord, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
-    if request.param == "sqlite":
-        idx = Index(f"sqlite:///{tmp_path}/index.db")
-        idx.migrate()
-        yield idx
-        idx.dispose()
-        return
-    schema = f"qk_fence_{secrets.token_hex(5)}"
-    idx = Index(request.getfixturevalue("postgres_url"), schema=schema)
-    idx.migrate()
-    yield idx
-    with idx.engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    idx.dispose()
 
 
 def _create(index: Index, max_attempts: int = 3) -> JobRecord:

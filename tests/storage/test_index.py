@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,45 +20,13 @@ from storage.errors import JobNotFound, JobStateConflict
 from storage.index import TERMINAL_STATES, ChunkRecord, Index, JobRecord, JobState
 from storage.index.migrate import current_revision
 from storage.index.models import Base
+from tests.conftest import IndexFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-IndexFactory = Callable[[], Index]
 
 
 def _store_url(job_id: str) -> str:
     return f"file:///tmp/qkvault-store/{job_id}"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def new_index(request: pytest.FixtureRequest) -> Iterator[IndexFactory]:
-    """Factory of un-migrated Index objects that all point at one fresh, empty database."""
-    made: list[Index] = []
-    if request.param == "sqlite":
-        url = request.getfixturevalue("sqlite_url")
-        schema = None
-    else:
-        url = request.getfixturevalue("postgres_url")  # skips (or fails under CI=true) without PG
-        schema = f"qk_index_{secrets.token_hex(6)}"
-
-    def make() -> Index:
-        made.append(Index(url, schema=schema))
-        return made[-1]
-
-    yield make
-    for index in made:
-        index.dispose()
-    if schema is not None:
-        admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture
-def index(new_index: IndexFactory) -> Index:
-    idx = new_index()
-    idx.migrate()
-    return idx
 
 
 def _create(index: Index, owner: str = "alice", **kw: Any) -> JobRecord:

@@ -8,7 +8,6 @@ a worker that comes back between the reconciler's read and write. Time passes th
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -22,7 +21,6 @@ import pytest
 import redis
 from celery import Celery
 from pydantic import ValidationError
-from sqlalchemy import text
 
 from storage.index import ChunkRecord, Index, JobRecord, JobState
 from storage.index import reconcile as sql
@@ -36,24 +34,6 @@ from worker.reconciler import ReconcileReport, reconcile_once
 from .conftest import REPO, model_cache_dir
 
 DEAD = "host-a:4242"  # the lease holder whose process is gone
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
-    """An empty index: a SQLite file, or a PostgreSQL schema of this test's own (a pass scans all jobs)."""
-    if request.param == "sqlite":
-        idx = Index(f"sqlite:///{tmp_path}/index.db")
-        idx.migrate()
-        yield idx
-        idx.dispose()
-        return
-    schema = f"qk_rc_{secrets.token_hex(5)}"
-    idx = Index(request.getfixturevalue("postgres_url"), schema=schema)
-    idx.migrate()
-    yield idx
-    with idx.engine.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    idx.dispose()
 
 
 @pytest.fixture
