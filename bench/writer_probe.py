@@ -24,7 +24,7 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
-from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, store_put
+from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, local_put
 
 
 def _chunks(total_bytes: int, heads: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 list(pool.map(lambda e: hashlib.sha256(e).digest(), encoded))
                 sha_s = time.perf_counter() - t0
-                files = store_put(group.store)
+                files = local_put(Path(tmp))
                 keys = [f"files/{i}/0" for i in range(len(encoded))]
                 t0 = time.perf_counter()
                 list(pool.map(files, keys, encoded))
                 files_s = time.perf_counter() - t0
             rates = [_rate(nbytes, blosc_s), _rate(nbytes, sha_s), _rate(nbytes, files_s)]
-            for put in (lambda key, data: None, store_put(group.store)):
+            for put in (lambda key, data: None, local_put(Path(tmp))):
                 pipeline = ChunkPipeline(put, threads=threads)
                 t0 = time.perf_counter()
                 for i, chunk in enumerate(chunks):

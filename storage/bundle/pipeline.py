@@ -35,7 +35,6 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from storage.index.records import ChunkRecord
 
@@ -152,8 +151,6 @@ class ChunkPipeline:
         self._futures: set[Future[None]] = set()
         self._records: list[ChunkRecord] = []
         self._error: BaseException | None = None
-        self.chunks_stored = 0
-        self.bytes_stored = 0
 
     def submit(
         self,
@@ -220,8 +217,6 @@ class ChunkPipeline:
                 self._put(record.key, data)
             with self._cond:
                 self._records.append(record)
-                self.chunks_stored += 1
-                self.bytes_stored += len(data)
         finally:
             self._stored(block)
 
@@ -269,16 +264,9 @@ class ChunkPipeline:
 
 
 def store_put(store: Any) -> Callable[[str, bytes], None]:
-    """A thread-safe ``put(key, data)`` for a zarr store.
-
-    A plain :class:`zarr.storage.LocalStore` is written directly from the calling thread (a
-    temporary file renamed into place, as zarr does): going through zarr's single event-loop
-    thread would serialise the writer threads and keep them busy in Python, starving the forward
-    pass of the GIL. Any other store (S3, retrying or resuming wrappers) runs ``store.set`` on
-    zarr's event loop.
-    """
-    if type(store) is LocalStore and not store.read_only:
-        return local_put(Path(store.root))
+    """A thread-safe ``put(key, data)`` running ``store.set`` on zarr's event loop (S3, and any
+    wrapped store). Local directories use :func:`local_put` instead: going through zarr's single
+    event-loop thread would serialise the writer threads and keep them busy in Python."""
     prototype = default_buffer_prototype()
 
     def put(key: str, data: bytes) -> None:

@@ -76,7 +76,6 @@ class PinnedRing:
         self._head = 0
         self._cond = threading.Condition()
         self.in_use_bytes = 0
-        self.peak_in_use_bytes = 0
         self.waits = 0
 
     def _take(self, size: int) -> int | None:
@@ -114,7 +113,6 @@ class PinnedRing:
             self._spans.append(span)
             self._head = span.end
             self.in_use_bytes += size
-            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
             return self._arena[start : start + nbytes], span
 
     def release(self, span: _Span) -> None:
