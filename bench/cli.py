@@ -32,6 +32,7 @@ from bench.modes import (
     warm_up,
 )
 from bench.report import GIB, figures, table
+from storage.bundle.format import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION
 
 
 def parse_layers(text: str) -> list[int]:
@@ -67,7 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     dtypes = ("auto", "float32", "bfloat16", "float16")
     p.add_argument("--dtype", default="auto", choices=dtypes, help="weights (auto: SmolLM2 fp32 on cpu)")
-    p.add_argument("--chunk-rows", type=int, default=256, help="qkvault chunk rows (default 256)")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=DEFAULT_CHUNK_ROWS,
+        help=f"qkvault chunk rows (default {DEFAULT_CHUNK_ROWS}, a job's default)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=tuple(COMPRESSIONS),
+        default=DEFAULT_COMPRESSION,
+        help=f"qkvault chunk codec (default {DEFAULT_COMPRESSION}, a job's default)",
+    )
+    p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
+    p.add_argument("--io-threads", type=int, default=4, help="threads storing encoded chunks (default 4)")
     p.add_argument("--store", type=Path, help="store directory (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the qkvault bundle (else removed)")
     p.add_argument("--model-cache", type=Path, help="dequantised GGUF cache (default: the tests' cache)")
@@ -76,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _naive_fits(bm: BenchModel) -> str | None:
-    """On CPU the kernel's OOM killer ends the process instead of raising: refuse a naive run
-    that cannot fit in the available memory (every layer's attention is held at once)."""
-    if bm.lm.device.type != "cpu":
-        return None
+def _naive_fits(bm: BenchModel, store: Path) -> str | None:
+    """The kernel's OOM killer ends the process instead of raising, and a full disk breaks the rest
+    of the run: refuse a naive run whose host copies (every selected layer's attention in the
+    model's dtype, then an fp32 copy of each for ``np.savez``) cannot fit in the available memory,
+    or whose ``.npz`` cannot fit on the store's disk. On CPU every layer's attention is held."""
     try:
         with open("/proc/meminfo") as fh:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
@@ -90,10 +104,15 @@ def _naive_fits(bm: BenchModel) -> str | None:
     itemsize = torch.finfo(bm.lm.dtype).bits // 8
     dense = facts.num_heads * bm.positions**2
     upcast = 4 if itemsize != 4 else 0  # np.savez gets fp32 copies unless the attention is fp32
-    need = facts.num_layers * dense * itemsize + len(bm.layers) * dense * upcast
+    held = facts.num_layers if bm.lm.device.type == "cpu" else len(bm.layers)
+    need = held * dense * itemsize + len(bm.layers) * dense * upcast
     available = info.get("MemAvailable", 0)
     if need > 0.9 * available:
         return f"would need ≈{need / GIB:.1f} GiB of host memory, {available / GIB:.1f} GiB available"
+    disk = len(bm.layers) * dense * 4
+    free = shutil.disk_usage(store).free
+    if disk > 0.9 * free:
+        return f"its fp32 .npz would need ≈{disk / GIB:.1f} GiB of disk, {free / GIB:.1f} GiB free"
     return None
 
 
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             layers=args.layers,
             qkv=args.qkv,
             chunk_rows=args.chunk_rows,
+            compression=args.compression,
             model_cache=args.model_cache,
             attention=args.attention,
         )
@@ -127,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             f"model {name} ({facts.num_layers} layers, {facts.num_heads}/{facts.num_kv_heads} heads, "
             f"head_dim {facts.head_dim}, {str(bm.lm.dtype).replace('torch.', '')}) on {device}; "
             f"{len(bm.prompt_ids)} prompt tokens + {args.new_tokens} new; layers exported "
-            f"{len(bm.layers)}; q/k/v {'on' if args.qkv else 'off'}; "
+            f"{len(bm.layers)}; q/k/v {'on' if args.qkv else 'off'}; chunks of {args.chunk_rows} rows, "
+            f"{args.compression}; "
             + ("attention derived (q/k); " if bm.derived else "")
             + f"store {store}",
             flush=True,
@@ -137,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, ModeResult] = {}
         results["sdpa forward"] = run_sdpa_forward(bm, memory)
         settle(device)
-        results["qkvault"] = qkvault = run_qkvault(bm, store, memory, args.profile)
+        results["qkvault"] = qkvault = run_qkvault(
+            bm, store, memory, args.profile, encode_threads=args.encode_threads, io_threads=args.io_threads
+        )
         settle(device)
         if qkvault.status == "ok":
             sizes = tree_bytes(store / "bundle.zarr")[1]
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = ModeResult("raw write", status="skipped", note="no qkvault bundle to size it")
         results["raw write"] = raw
         settle(device)
-        reason = "--skip-naive" if args.skip_naive else _naive_fits(bm)
+        reason = "--skip-naive" if args.skip_naive else _naive_fits(bm, store)
         if bm.derived and not reason:
             reason = "--attention derived: the naive dump materialises T×T attention"
         if reason:
@@ -177,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                 "qkv": args.qkv,
                 "attention": args.attention,
                 "chunk_rows": args.chunk_rows,
+                "compression": args.compression,
+                "encode_threads": args.encode_threads,
+                "io_threads": args.io_threads,
                 "store": str(store),
                 "kept": args.keep,
                 "load_average_at_start": load_at_start,

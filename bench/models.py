@@ -166,6 +166,7 @@ def prepare(
     qkv: bool,
     chunk_rows: int,
     model_cache: Path | None,
+    compression: str = "lz4",
     attention: str = "materialised",
 ) -> BenchModel:
     """Load or build the model and the job spec of the qkvault run (attention fp16, q/k/v fp16).
@@ -199,7 +200,12 @@ def prepare(
                 "qkv": qkv,
                 "layers": layers,
             },
-            "storage": {"attention_dtype": "float16", "qkv_dtype": "float16", "chunk_rows": chunk_rows},
+            "storage": {
+                "attention_dtype": "float16",
+                "qkv_dtype": "float16",
+                "chunk_rows": chunk_rows,
+                "compression": compression,
+            },
         }
     )
     prompt_ids = tokenize(spec, lm.tokenizer, lm.facts.max_positions)[0]

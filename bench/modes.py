@@ -208,7 +208,15 @@ def run_naive(bm: BenchModel, store: Path, memory: PeakMemory) -> ModeResult:
     return result
 
 
-def run_qkvault(bm: BenchModel, store: Path, memory: PeakMemory, profile: Path | None = None) -> ModeResult:
+def run_qkvault(
+    bm: BenchModel,
+    store: Path,
+    memory: PeakMemory,
+    profile: Path | None = None,
+    *,
+    encode_threads: int | None = None,
+    io_threads: int = 4,
+) -> ModeResult:
     """The worker's Exporter in-process, writing a bundle under ``store`` (no database)."""
     from worker.export import Exporter
 
@@ -226,7 +234,9 @@ def run_qkvault(bm: BenchModel, store: Path, memory: PeakMemory, profile: Path |
         t0 = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        writer = TimedWriter(str(bundle), on_chunks=hooks.chunks_written)
+        writer = TimedWriter(
+            str(bundle), on_chunks=hooks.chunks_written, write_threads=encode_threads, io_threads=io_threads
+        )
         summary = Exporter(bm.spec, bm.lm, writer, hooks).run("bench")
         _sync(bm.lm.device)
         result.wall_s = time.perf_counter() - t0
@@ -252,6 +262,8 @@ def run_qkvault(bm: BenchModel, store: Path, memory: PeakMemory, profile: Path |
         "chunks": hooks.chunks,
         "chunk_bytes": hooks.chunk_bytes,
         "exporter_timings_s": summary["timings_s"],
+        "writer_threads": {"encode": writer.pipeline_threads[0], "store": writer.pipeline_threads[1]},
+        "writer_stats": writer.pipeline_stats.to_dict(),
     }
     if bm.derived:
         result.extra["attention"] = "derived"

@@ -92,7 +92,22 @@ def table(results: dict[str, ModeResult], cuda: bool) -> str:
         note = f" [{r.note}]" if r.note else ""
         if parts or note:
             lines.append(f"  {name}: {parts}{note}")
+        if "writer_stats" in r.extra:
+            lines.append("  " + writer_line(r))
     return "\n".join(lines)
+
+
+def writer_line(r: ModeResult) -> str:
+    """The chunk pipeline's work: thread-seconds per pool against the mode's wall time."""
+    stats, threads = r.extra["writer_stats"], r.extra["writer_threads"]
+    ratio = stats["input_bytes"] / stats["stored_bytes"] if stats["stored_bytes"] else 0.0
+    return (
+        f"qkvault writer: {stats['chunks']:,} chunks, {stats['input_bytes'] / 1e9:.2f} GB in, "
+        f"{stats['stored_bytes'] / 1e9:.2f} GB out (ratio {ratio:.2f}); thread-seconds: encode "
+        f"{stats['encode_s']:.2f} + checksum {stats['checksum_s']:.2f} on {threads['encode']} threads "
+        f"(waiting for input {stats['ready_wait_s']:.2f}), store {stats['store_s']:.2f} on "
+        f"{threads['store']} threads"
+    )
 
 
 def machine() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 :class:`~storage.bundle.pipeline.ChunkPipeline` (encode + checksum + store) into a local store.
 
     python -m bench.writer_probe --threads 1,4,8,16 --mib 2048 [--store DIR] [--cname zstd]
+        [--shuffle shuffle]
 
 Data: fp16 rows shaped like attention chunks (``heads x 256 x 256``), softmax-like values with a
 causal zero triangle on every 8th chunk (the diagonal), so the codec sees realistic input. Prints
@@ -49,14 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mib", type=int, default=1024, help="input MiB per measurement")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--cname", default="zstd", help="Blosc compressor (zstd, lz4, ...)")
+    parser.add_argument("--shuffle", default="shuffle", choices=("shuffle", "bitshuffle", "noshuffle"))
     parser.add_argument("--store", type=Path, default=None)
     args = parser.parse_args(argv)
     chunks = _chunks(args.mib << 20, args.heads, np.random.default_rng(0))
     nbytes = sum(c.nbytes for c in chunks)
-    blosc = Blosc(cname=args.cname, clevel=1, shuffle=Blosc.SHUFFLE, typesize=2)
+    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+    blosc = Blosc(cname=args.cname, clevel=1, shuffle=shuffle[args.shuffle], typesize=2)
     sample = chunks[:16]
     ratio = sum(c.nbytes for c in sample) / sum(len(blosc.encode(c)) for c in sample)
-    print(f"{len(chunks)} chunks, {nbytes / 1e9:.2f} GB fp16 input, Blosc {args.cname}-1 ratio {ratio:.2f}")
+    codec = f"Blosc {args.cname}-1 {args.shuffle}"
+    print(f"{len(chunks)} chunks, {nbytes / 1e9:.2f} GB fp16 input, {codec} ratio {ratio:.2f}")
     heads = ("blosc", "sha256", "files", "pipe, no put", "pipeline")
     print(f"{'threads':>7}  " + "  ".join(f"{h:>12}" for h in heads))
     with tempfile.TemporaryDirectory(dir=args.store) as tmp:
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             shape=(len(chunks), args.heads, 256, 256),
             chunks=(1, args.heads, 256, 256),
             dtype="float16",
-            compressors=BloscCodec(cname=args.cname, clevel=1, shuffle="shuffle", typesize=2),
+            compressors=BloscCodec(cname=args.cname, clevel=1, shuffle=args.shuffle, typesize=2),
         )
         encoder = ChunkEncoder.encoder_for(array)
         assert encoder is not None

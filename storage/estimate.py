@@ -54,7 +54,15 @@ ELEMENT_COST: dict[tuple[str, str], float] = {
     ("top_head_index", "int32"): 1.0,
 }
 ALTERNATIVES = ("topk_ids", "topk_logprobs", "topk_tokens", "logprob")
+# The costs above were measured with the "zstd" codec (Blosc zstd-1 + byte shuffle). Stored bytes
+# with "lz4" (Blosc lz4-1 + bitshuffle) relative to them, measured by encoding the same chunks with
+# both (``python -m bench.codecs``, docs/estimates.md): trained attention 1.03, near-uniform
+# attention 0.99, float q/k/v and hidden states 1.08 (SmolLM2 fp16 q 1.05, k 1.07, v 1.10;
+# bf16-sourced fp32 q 1.07).
+LZ4_FACTOR = {"trained": 1.03, "near-uniform": 0.99, "float": 1.08}
 ZERO_COST = 0.002  # stored bytes per element of a written chunk that holds no data (zeros or fill)
+# lz4 stores a run of zeros at ~1/225 of its bytes (zstd far smaller): 0.009 B per fp16 element
+LZ4_ZERO_COST_PER_BYTE = 0.0045
 
 
 @dataclass(frozen=True)
@@ -183,9 +191,10 @@ def _attention(
         data = float(local.sum()) * profile.local[dtype] + float(
             (far * profile.far_cost(dtype, visible)).sum()
         )
+        data *= LZ4_FACTOR[profile.name] if layout.compression == "lz4" else 1.0
         empty = seq_chunks * rows_per_chunk * rows_per_chunk - int(visible.sum())
         chunks += seq_chunks
-        cost += heads * (data + empty * ZERO_COST) + seq_chunks * CHUNK_HEADER
+        cost += heads * (data + empty * _zero_cost(layout, "attention")) + seq_chunks * CHUNK_HEADER
     layers = len(layout.layers)
     return chunks * layers, cost * layers
 
@@ -197,19 +206,31 @@ def _rows(layout: BundleLayout, name: str, lengths: list[int]) -> tuple[int, flo
     blocks = sum(-(-n // rows_per_chunk) for n in lengths)
     data = sum(lengths) * per_row
     empty = blocks * rows_per_chunk * per_row - data
-    cost = data * _cost(layout, name) + empty * ZERO_COST + blocks * CHUNK_HEADER
+    cost = data * _cost(layout, name) + empty * _zero_cost(layout, name) + blocks * CHUNK_HEADER
     return blocks * len(layout.layers), cost * len(layout.layers)
+
+
+def _zero_cost(layout: BundleLayout, name: str) -> float:
+    """Stored bytes per element of a written chunk's part without data."""
+    dtype = layout.dtype(name)
+    if layout.compression != "lz4" or dtype == "str":
+        return ZERO_COST
+    return np.dtype(dtype).itemsize * LZ4_ZERO_COST_PER_BYTE
 
 
 def _cost(layout: BundleLayout, name: str) -> float:
     dtype = layout.dtype(name)
-    return ELEMENT_COST.get((name, dtype), 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
+    cost = ELEMENT_COST.get((name, dtype), 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
+    if layout.compression == "lz4" and name in ROW_ARRAYS:  # float arrays streamed by row block
+        cost = min(cost * LZ4_FACTOR["float"], float(np.dtype(dtype).itemsize) + 0.01)
+    return cost
 
 
 def _per_sequence(layout: BundleLayout, name: str, data_elements: int) -> tuple[int, float]:
     """One chunk per sequence (tokens, top-k alternatives, logprob)."""
     empty = int(np.prod(layout.shape(name))) - data_elements
-    return layout.batch, data_elements * _cost(layout, name) + empty * ZERO_COST + layout.batch * CHUNK_HEADER
+    empty_cost = empty * _zero_cost(layout, name)
+    return layout.batch, data_elements * _cost(layout, name) + empty_cost + layout.batch * CHUNK_HEADER
 
 
 def _array(

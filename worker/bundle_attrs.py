@@ -49,6 +49,7 @@ def root_attrs(
             "attention_dtype": layout.attention_dtype,
             "qkv_dtype": layout.qkv_dtype,
             "chunk_rows": layout.chunk_rows,
+            "compression": layout.compression,
             "probabilities": "softmax(scaling * q k^T + mask) in float32 per block of query rows",
         },
         "software": {

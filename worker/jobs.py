@@ -185,6 +185,9 @@ def _attempt(
             )  # fmt: skip
             exporter = Exporter(spec, loaded, writer, hooks)
             summary = exporter.run(job_id)
+            # where the writer's time went (thread-seconds per pool, bytes in and out)
+            summary["writer"] = writer.pipeline_stats.to_dict()
+            log.info("job %s: chunk writer %s", job_id, summary["writer"])
         except JobCancelled:
             log.info("job %s cancelled at a chunk boundary", job_id)
             index.finish(job_id, JobState.CANCELLED, partial=True, worker=worker_id)

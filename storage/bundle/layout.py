@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from storage.bundle.format import DIMS, TOP_HEAD_ATTENTION_DIMS
+from storage.bundle.format import DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DIMS, TOP_HEAD_ATTENTION_DIMS
 from storage.capturespec import ResolvedCapture
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ class BundleLayout:
     qkv: bool
     attention_dtype: str = "float16"
     qkv_dtype: str = "float32"
-    chunk_rows: int = 256
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    compression: str = DEFAULT_COMPRESSION
     hidden_states: bool = False
     hidden_size: int = 0
     alternatives: bool = False
@@ -163,6 +164,7 @@ def plan_layout(
     attention_dtype: str,
     qkv_dtype: str,
     chunk_rows: int,
+    compression: str = DEFAULT_COMPRESSION,
 ) -> BundleLayout:
     """The layout of a job: the same function serves the API's estimate and the worker."""
     heads = tuple(capture.heads or range(num_heads))
@@ -183,6 +185,7 @@ def plan_layout(
         attention_dtype=attention_dtype,
         qkv_dtype=qkv_dtype,
         chunk_rows=chunk_rows,
+        compression=compression,
         hidden_states=capture.hidden_states,
         hidden_size=hidden_size,
         alternatives=capture.alternatives,
@@ -208,4 +211,5 @@ def layout_for_job(spec: JobSpec, facts: ModelFacts, prompt_lengths: Sequence[in
         attention_dtype=spec.storage.attention_dtype,
         qkv_dtype=spec.storage.qkv_dtype,
         chunk_rows=spec.storage.chunk_rows,
+        compression=spec.storage.compression,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +62,7 @@ class ChunkEncoder:
         self.key_prefix = array.path
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
         self.fill_value = array.fill_value
         self.metadata = array.metadata
         shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
@@ -103,6 +105,25 @@ class ChunkEncoder:
             full = np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
             full[tuple(slice(0, n) for n in region.shape)] = region
         return bytes(self._blosc.encode(full))
+
+
+@dataclass
+class PipelineStats:
+    """What the writer threads did, summed over threads (seconds are thread-seconds): compare
+    ``encode_s`` / ``threads`` and ``store_s`` / ``io_threads`` with the job's wall time to see
+    which pool limits it. ``ready_wait_s``: time encoder threads waited for their input (e.g. the
+    device-to-host copy); ``input_bytes`` / ``stored_bytes``: chunk bytes before / after encoding."""
+
+    chunks: int = 0
+    input_bytes: int = 0
+    stored_bytes: int = 0
+    ready_wait_s: float = 0.0
+    encode_s: float = 0.0
+    checksum_s: float = 0.0
+    store_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -151,6 +172,8 @@ class ChunkPipeline:
         self._futures: set[Future[None]] = set()
         self._records: list[ChunkRecord] = []
         self._error: BaseException | None = None
+        self.stats = PipelineStats()
+        self._stats_lock = threading.Lock()
 
     def submit(
         self,
@@ -195,10 +218,23 @@ class ChunkPipeline:
     ) -> None:
         stored = False
         try:
+            t0 = time.perf_counter()
             if block.ready is not None:
                 block.ready()
-            data = encoder.encode(region())
+            chunk = region()
+            t1 = time.perf_counter()
+            data = encoder.encode(chunk)
+            t2 = time.perf_counter()
             record = ChunkRecord(array_name, coords, encoder.key(coords), len(data), checksum(data))
+            t3 = time.perf_counter()
+            with self._stats_lock:
+                stats = self.stats
+                stats.chunks += 1
+                stats.input_bytes += encoder.chunk_nbytes
+                stats.stored_bytes += len(data)
+                stats.ready_wait_s += t1 - t0
+                stats.encode_s += t2 - t1
+                stats.checksum_s += t3 - t2
             # submitted before this task ends, so wait() never sees an empty set in between
             self._track(self._io.submit(self._store_chunk, record, data, block))
             stored = True
@@ -213,8 +249,12 @@ class ChunkPipeline:
 
     def _store_chunk(self, record: ChunkRecord, data: bytes, block: _Block) -> None:
         try:
+            t0 = time.perf_counter()
             if self._should_write is None or self._should_write(record.key, record.checksum):
                 self._put(record.key, data)
+            elapsed = time.perf_counter() - t0
+            with self._stats_lock:
+                self.stats.store_s += elapsed
             with self._cond:
                 self._records.append(record)
         finally:

@@ -25,12 +25,14 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
 
-from storage.bundle.format import FORMAT_NAME, FORMAT_VERSION
+from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
+    DEFAULT_IO_THREADS,
     DEFAULT_MAX_PENDING_BYTES,
     ChunkEncoder,
     ChunkPipeline,
+    PipelineStats,
     checksum,
     local_put,
     store_put,
@@ -49,13 +51,16 @@ def _create(
     dtype: str,
     fill_value: Any,
     dims: tuple[str, ...],
+    compression: str,
 ) -> zarr.Array:
-    """One array: Blosc zstd level 1 with byte shuffle (strings: zstd only); every chunk written."""
+    """One array: Blosc level 1 with the job's compressor and shuffle (``COMPRESSIONS``; strings:
+    zstd only); every chunk written."""
     if dtype == "str":
         compressors: Any = ZstdCodec(level=1)
     else:
         typesize = np.dtype(dtype).itemsize
-        compressors = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize)
+        cname, shuffle = COMPRESSIONS[compression]
+        compressors = BloscCodec(cname=cname, clevel=1, shuffle=shuffle, typesize=typesize)
     with warnings.catch_warnings():  # variable-length strings: "not yet part of the v3 spec" warning
         warnings.simplefilter("ignore", category=UserWarning)
         return group.create_array(
@@ -168,12 +173,14 @@ class BundleWriter:
         storage_options: dict[str, Any] | None = None,
         on_chunks: Callable[[Sequence[ChunkRecord]], None] | None = None,
         write_threads: int | None = None,
+        io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         record_interval_s: float = 0.5,
         resume: ResumeSet | None = None,
         retry: StoreRetry | None = None,
     ) -> None:
-        """``write_threads``: chunk encoder/writer threads (None: one per core, at most 16);
+        """``write_threads``: chunk encoder threads (None: one per core, at most 16); ``io_threads``:
+        threads storing encoded chunks;
         ``max_pending_bytes``: row-block bytes queued before :meth:`write_row_block` blocks;
         ``record_interval_s``: how often stored row-block chunks are handed to ``on_chunks``."""
         self.url = url
@@ -191,7 +198,11 @@ class BundleWriter:
         else:  # S3: through the wrappers (retry, resume) on zarr's event loop
             put, should_write = store_put(self._store.inner), None
         self._pipeline = ChunkPipeline(
-            put, threads=write_threads, max_pending_bytes=max_pending_bytes, should_write=should_write
+            put,
+            threads=write_threads,
+            io_threads=io_threads,
+            max_pending_bytes=max_pending_bytes,
+            should_write=should_write,
         )
         self._record_interval_s = record_interval_s
         self._last_records = time.monotonic()
@@ -217,6 +228,7 @@ class BundleWriter:
                     layout.dtype(name),
                     layout.fill_value(name),
                     layout.dims(name),
+                    layout.compression,
                 )
                 encoder = ChunkEncoder.encoder_for(self._arrays[name])
                 if name in ROW_BLOCK_ARRAYS and encoder is not None:
@@ -227,6 +239,16 @@ class BundleWriter:
         self.write_array("layer", np.asarray(layout.layers, dtype=np.int32))
         self.write_array("head", np.asarray(layout.heads, dtype=np.int32))
         self.write_array("kv_head", np.asarray(layout.kv_heads, dtype=np.int32))
+
+    @property
+    def pipeline_stats(self) -> PipelineStats:
+        """What the chunk pipeline's threads did so far (thread-seconds, bytes in and out)."""
+        return self._pipeline.stats
+
+    @property
+    def pipeline_threads(self) -> tuple[int, int]:
+        """(encoder threads, store threads) of the chunk pipeline."""
+        return self._pipeline.threads, self._pipeline.io_threads
 
     @property
     def group(self) -> zarr.Group:
@@ -369,7 +391,8 @@ class BundleWriter:
             chunks = data.shape
             if per_layer_batch and dims[:2] == ("layer", "batch"):
                 chunks = (1, 1, *data.shape[2:])
-            array = _create(group, name, data.shape, chunks, dtype, fill, dims)
+            compression = self.layout.compression if self.layout is not None else DEFAULT_COMPRESSION
+            array = _create(group, name, data.shape, chunks, dtype, fill, dims, compression)
             array[...] = data
         records = self._store.drain()
         if records and self._on_chunks is not None:

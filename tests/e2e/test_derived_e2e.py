@@ -10,6 +10,7 @@ import pytest
 
 from qkvault.show import describe_bundle
 from storage.bundle import Bundle
+from storage.bundle.format import FORMAT_VERSION
 
 from .conftest import Stack
 
@@ -30,7 +31,7 @@ def test_derived_job_round_trip(local_stack: Stack, tiny_llama: str, tmp_path: P
     zip_path = local_stack.client.download(job.id, tmp_path / "bundle.zip", progress=False)
     bundle = Bundle(zip_path)
     ds = bundle.dataset
-    assert bundle.derived and ds.attrs["format_version"] == "1.2"
+    assert bundle.derived and ds.attrs["format_version"] == FORMAT_VERSION
     assert {"q", "k", "attention_scaling", "attention_window"} <= set(ds.variables)
     assert "v" not in ds.variables
     lengths = ds["length"].values.tolist()

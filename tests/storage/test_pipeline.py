@@ -12,6 +12,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
+from storage.bundle.format import COMPRESSIONS
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, checksum
 from storage.bundle.writer import BundleWriter
@@ -20,7 +21,7 @@ from storage.index.records import ChunkRecord
 ROWS = 4  # chunk rows: small, so one test covers interior, edge and partial chunks
 
 
-def _layout(positions: int = 10) -> BundleLayout:
+def _layout(positions: int = 10, compression: str = "lz4") -> BundleLayout:
     return BundleLayout(
         batch=2,
         positions=positions,
@@ -33,6 +34,7 @@ def _layout(positions: int = 10) -> BundleLayout:
         attention_dtype="float16",
         qkv_dtype="float32",
         chunk_rows=ROWS,
+        compression=compression,
         hidden_states=True,
         hidden_size=6,
     )
@@ -55,9 +57,12 @@ def _chunk_files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path) -> None:
-    """Every chunk file equals what zarr's own ``array[...] = data`` writes for the same data."""
-    layout = _layout()
+@pytest.mark.parametrize("compression", sorted(COMPRESSIONS))
+def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str) -> None:
+    """Every chunk file equals what zarr's own ``array[...] = data`` writes for the same data, with
+    each of the chunk codecs a job can choose."""
+    layout = _layout(compression=compression)
+    cname, shuffle = COMPRESSIONS[compression]
     rng = np.random.default_rng(0)
     records: list[ChunkRecord] = []
     writer = BundleWriter(str(tmp_path / "ours.zarr"), on_chunks=records.extend, write_threads=3)
@@ -75,7 +80,7 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path) -> None:
             fill_value=0,
             dimension_names=layout.dims(name),
             compressors=BloscCodec(
-                cname="zstd", clevel=1, shuffle="shuffle", typesize=np.dtype(layout.dtype(name)).itemsize
+                cname=cname, clevel=1, shuffle=shuffle, typesize=np.dtype(layout.dtype(name)).itemsize
             ),
             config={"write_empty_chunks": True},
         )
