@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main, parse_layers
+from bench.codecs import main as codecs_main
 
 
 def test_parse_layers() -> None:
@@ -61,6 +62,24 @@ def test_bench_tiny_cpu_reports_all_modes(tmp_path: Path, capsys: pytest.Capture
     ds = xr.open_zarr(str(bundle), consolidated=True)
     assert ds["attention"].shape == (layers, 1, heads, tokens, tokens)
     assert ds["q"].dtype.name == "float16"
+
+    # the writer's own account: every chunk the hooks recorded, its bytes in and out
+    stats = modes["qkvault"]["writer_stats"]
+    row_chunks = [p for name in ("attention", "q", "k", "v") for p in (bundle / name / "c").rglob("*")]
+    assert stats["chunks"] == sum(p.is_file() for p in row_chunks) == 8  # the rest is written by zarr
+    assert stats["stored_bytes"] < modes["qkvault"]["chunk_bytes"]
+    assert stats["input_bytes"] > stats["stored_bytes"] > 0 and stats["encode_s"] > 0
+    assert modes["qkvault"]["writer_threads"]["store"] == 4
+    assert re.search(r"qkvault writer: \d+ chunks, .* GB in, .* GB out \(ratio", printed)
+    assert figures["run"]["compression"] == "lz4" and figures["run"]["chunk_rows"] == 512
+
+    # the codec comparison on the bundle just written: both codecs, the same input bytes
+    capsys.readouterr()
+    codecs_main([str(bundle), "--arrays", "attention,q"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.endswith("attention (float16): 2 chunks, 4 MB") for line in lines), lines  # 4x512x512x2
+    ratios = [float(m) for m in re.findall(r"ratio (\d+\.\d+)", "\n".join(lines))]
+    assert len(ratios) == 4 and all(r > 1 for r in ratios)
 
 
 def test_bench_temp_store_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

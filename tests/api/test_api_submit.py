@@ -107,6 +107,12 @@ def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]])
             "extra_forbidden",
             "",
         ),
+        (
+            {"storage": {"compression": "gzip"}},
+            "body.storage.compression",
+            "literal_error",
+            "'lz4' or 'zstd'",
+        ),
     ],
     ids=[
         "missing-prompts",
@@ -115,6 +121,7 @@ def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]])
         "empty-layers",
         "no-prompts",
         "remote-code",
+        "unknown-codec",
     ],
 )
 def test_invalid_spec_gives_field_level_422(

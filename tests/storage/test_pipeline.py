@@ -118,6 +118,16 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
         assert by_key[key].checksum == checksum(data) and by_key[key].nbytes == len(data)
     for name, data in expected.items():
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / name))[...], data)
+    # every array carries the job's codec in its metadata; the pipeline's account matches the files
+    for name in handles:
+        blosc = zarr.open_array(str(tmp_path / "ours.zarr" / name)).metadata.codecs[1]
+        assert isinstance(blosc, BloscCodec)
+        assert (blosc.cname.value, blosc.shuffle.value, blosc.clevel) == (cname, shuffle, 1)
+    stats = writer.pipeline_stats
+    assert stats.chunks == len(ours) and stats.stored_bytes == sum(len(v) for v in ours.values())
+    chunk_nbytes = {name: int(np.prod(h.chunks)) * h.dtype.itemsize for name, h in handles.items()}
+    assert stats.input_bytes == sum(chunk_nbytes[k.split("/")[0]] for k in ours)
+    assert stats.encode_s > 0 and stats.store_s > 0 and stats.checksum_s > 0
 
 
 def test_encoder_pads_edge_chunks_with_the_fill_value(tmp_path: Path) -> None:

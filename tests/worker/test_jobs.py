@@ -82,7 +82,14 @@ def test_succeeded_job_records_every_stored_chunk(env: dict[str, Any], tiny_mode
         assert record.checksum == "sha256:" + hashlib.sha256(data).hexdigest()
     assert job.bytes_written == sum(r.nbytes for r in records.values())
     assert job.chunks_written == len(records)
-    assert open_bundle(job.store_url).attrs["complete"] is True
+    attrs = open_bundle(job.store_url).attrs
+    assert attrs["complete"] is True and attrs["capture"]["compression"] == "lz4"
+    # the chunk writer's account in the result: the row-array chunks it encoded and stored
+    row_records = [r for r in records.values() if r.array in ("attention", "q", "k", "v")]
+    writer = job.result["writer"]
+    assert writer["chunks"] == len(row_records)
+    assert writer["stored_bytes"] == sum(r.nbytes for r in row_records)
+    assert writer["input_bytes"] > 0 and writer["encode_s"] > 0 and writer["store_s"] > 0
     # A redelivered message for a finished job does nothing.
     assert _run(env, job_id) is None
     assert env["index"].get_job(job_id).attempts == 1

@@ -91,9 +91,9 @@ def causal_block_probs(
     if not k_start <= q_start + rows - 1 < k_start + n_keys:
         raise ValueError("the last row's own position must be among the keys")
     groups = num_heads // kv_heads
-    q = query.float().reshape(kv_heads, groups * rows, head_dim)  # head h = kv * groups + g
+    # scaling applied to q ([H, n, D]) rather than to the scores ([H, n, K]): K/D times fewer products
+    q = (query.float() * scaling).reshape(kv_heads, groups * rows, head_dim)  # head h = kv * groups + g
     scores = torch.matmul(q, key.float().transpose(-1, -2)).view(num_heads, rows, n_keys)
-    scores.mul_(scaling)
     q_pos = torch.arange(q_start, q_start + rows, device=query.device)
     first_future = max(0, q_start + 1 - k_start)  # columns before it are in every row's past
     if first_future < n_keys:
