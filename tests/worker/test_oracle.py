@@ -70,6 +70,27 @@ def test_tiny_models_match_eager(kind: str, tiny_model_dir: Any, tmp_path: Path)
     assert hooks.units == hooks.units_total == 2 * (1 + 5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_row_blocks_larger_than_a_sub_block_match_eager(
+    kind: str, tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row blocks larger than ``SUB_BLOCK_ROWS``: each block's probabilities are computed in causal
+    sub-blocks over the keys up to each sub-block's last row (zeros right of it), prompt and
+    generated rows. (Sub-blocks of 32 rows in 128-row chunks: the
+    tiny models have 256 positions. A padded batch, and the sliding-window model, whose calls carry
+    the model's mask, take the masked path, tested above.)"""
+    import worker.capture.session as session
+
+    monkeypatch.setattr(session, "SUB_BLOCK_ROWS", 32)
+    folder = str(tiny_model_dir(kind))
+    spec = _spec(folder)
+    spec["prompts"] = [" ".join(PROMPTS) * 3]  # ~190 tokens: 2 row blocks; no padding: the fast path
+    spec["storage"]["chunk_rows"] = 128
+    ds, _, _ = export(spec, tmp_path / "b.zarr")
+    assert 128 + 32 < int(ds["prompt_length"][0]) < 250
+    _check_against_oracle(ds, folder, ATOL_FP16, check_qkv=False)
+
+
 def test_sliding_window_is_respected(tiny_model_dir: Any, tmp_path: Path) -> None:
     folder = str(tiny_model_dir("mistral"))  # sliding_window=6, prompts far longer
     ds, _, _ = export(_spec(folder), tmp_path / "b.zarr")

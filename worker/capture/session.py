@@ -33,6 +33,9 @@ BlockSink = Callable[[str, int, int, int, HostBlock], None]  # (array, layer_pos
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PROBS_BUDGET_BYTES = 256 << 20  # fp32 scores computed at once (a 32K-key row of 32 heads is 4 MiB)
+# rows of one probability computation: a 512-row block computed whole over the keys up to its last
+# row spends 25% of its work on the masked triangle; in sub-blocks of 128 rows, 6%
+SUB_BLOCK_ROWS = 128
 
 
 class RowObserver(Protocol):
@@ -254,15 +257,18 @@ class ExportSession:
             width_end = -(-(row + n) // rows_per_chunk) * rows_per_chunk
             n_keys = min(k_len - j0, width_end - col0)
             heads = head_idx.numel()
-            # fp32 scores of at most PROBS_BUDGET_BYTES at a time: GPU memory bounded at any length
-            step = max(1, min(n, PROBS_BUDGET_BYTES // (heads * n_keys * 4)))
+            # fp32 scores of at most PROBS_BUDGET_BYTES at a time: GPU memory bounded at any length;
+            # causal sub-blocks of SUB_BLOCK_ROWS rows see only the keys up to their last row
+            step = max(1, min(n, SUB_BLOCK_ROWS, PROBS_BUDGET_BYTES // (heads * n_keys * 4)))
             block: torch.Tensor | None = None
             for s0 in range(0, n, step):
                 s1 = min(n, s0 + step)
+                width = n_keys
                 if keys is None:
+                    width = min(n_keys, row + s1 - col0)  # later keys are masked: exact zeros
                     probs = causal_block_probs(
                         query[b, :, i0 + s0 : i0 + s1],
-                        key[b, :, j0 : j0 + n_keys],
+                        key[b, :, j0 : j0 + width],
                         scaling=call.scaling,
                         q_start=row + s0,
                         k_start=col0,
@@ -277,12 +283,12 @@ class ExportSession:
                     full = torch.nn.functional.pad(probs, (col0, 0)) if col0 else probs
                     self.observer.observe(lp, b, full, positions)
                 if self.store_attention:
-                    if step == n:
+                    if step == n and width == n_keys:
                         block = probs.to(dtype)
                     else:
-                        if block is None:
-                            block = torch.empty((heads, n, n_keys), dtype=dtype, device=query.device)
-                        block[:, s0:s1].copy_(probs)
+                        if block is None:  # zeros: right of each sub-block's last row
+                            block = torch.zeros((heads, n, n_keys), dtype=dtype, device=query.device)
+                        block[:, s0:s1, :width].copy_(probs)
                 del probs
             if block is not None:
                 self._emit_attention(lp, b, row, block, col0)
