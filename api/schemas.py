@@ -63,7 +63,10 @@ class ChunkPublic(BaseModel):
     coords: list[int] = Field(description="chunk grid coordinates", examples=[[0, 1, 0, 2, 0]])
     key: str = Field(description="store key relative to the bundle root", examples=["attention/c/0/1/0/2/0"])
     nbytes: int = Field(description="stored (encoded) size in bytes")
-    checksum: str = Field(examples=["sha256:9f86d08..."])
+    checksum: str = Field(
+        examples=["crc32c:e3069283"],
+        description="<algorithm>:<hex> of the stored bytes: crc32c (the default) or sha256",
+    )
 
 
 class PresignedObject(BaseModel):

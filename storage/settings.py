@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
+
 DEFAULT_HOME = Path(".qkvault")
 
 
@@ -43,6 +45,9 @@ class Settings(BaseSettings):
     write_threads: int = Field(0, ge=0, description="chunk encode/write threads (0: per core, at most 16)")
     record_interval_s: float = Field(
         0.5, ge=0, description="stored chunks are recorded in the index in batches at most this often"
+    )
+    chunk_checksum: ChecksumAlgorithm = Field(
+        DEFAULT_CHECKSUM, description="checksum of every chunk record: crc32c (fast) or sha256"
     )
     # object store outages (docs/reliability.md): a store operation is retried with backoff for this
     # long, then the attempt gives the job back (queued again after retry_delay_s) while attempts last

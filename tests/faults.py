@@ -74,13 +74,13 @@ class ChunkAudit:
 
 
 def audit_chunks(index: Index, job: JobRecord, files: dict[str, bytes]) -> ChunkAudit:
-    from storage.bundle.resume import sha256_checksum
+    from storage.bundle.checksum import matches
 
     rows = index.list_chunks(job.id)
     keys = [r.key for r in rows]
     chunk_files = {k for k in files if "/c/" in k}
     bad = [r.key for r in rows if r.key in files and
-           (sha256_checksum(files[r.key]) != r.checksum or len(files[r.key]) != r.nbytes)]  # fmt: skip
+           (not matches(files[r.key], r.checksum) or len(files[r.key]) != r.nbytes)]  # fmt: skip
     return ChunkAudit(
         rows=len(rows),
         missing_rows=sorted(chunk_files - set(keys)),

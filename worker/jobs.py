@@ -182,6 +182,7 @@ def _attempt(
                 job.store_url, storage_options=store.storage_options, on_chunks=hooks.chunks_written,
                 resume=resume, retry=StoreRetry(deadline_s=settings.store_retry_s),
                 write_threads=settings.write_threads or None, record_interval_s=settings.record_interval_s,
+                checksum_algorithm=settings.chunk_checksum,
             )  # fmt: skip
             exporter = Exporter(spec, loaded, writer, hooks)
             summary = exporter.run(job_id)

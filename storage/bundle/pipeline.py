@@ -8,7 +8,7 @@ device-to-host copies) overlap compression and I/O of the previous one:
 - the bytes are exactly zarr's: the array's own codec chain (``bytes`` little endian, then
   Blosc with the array's parameters) applied to the chunk padded to the full chunk shape with
   the fill value, as zarr pads edge chunks; ``tests/storage/test_pipeline.py`` compares them;
-- Blosc (numcodecs, contextual mode off the main thread) and sha256 release the GIL; they run
+- Blosc (numcodecs, contextual mode off the main thread) and the checksums release the GIL; they run
   in one pool (a thread per core), the stores in a smaller one (files written by many threads at
   once go slower, not faster);
 - backpressure: :meth:`ChunkPipeline.submit` blocks while more than ``max_pending_bytes`` of
@@ -19,7 +19,6 @@ device-to-host copies) overlap compression and I/O of the previous one:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -37,7 +36,10 @@ from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
 from storage.index.records import ChunkRecord
+
+__all__ = ["ChunkEncoder", "ChunkPipeline", "PipelineStats", "checksum", "local_put", "store_put"]
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 DEFAULT_IO_THREADS = 4
@@ -46,10 +48,6 @@ DEFAULT_IO_THREADS = 4
 def default_threads() -> int:
     """One thread per CPU core, at most 16 (Blosc level 1 saturates a disk well before that)."""
     return max(1, min(16, os.cpu_count() or 1))
-
-
-def checksum(data: bytes | memoryview) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class ChunkEncoder:
@@ -146,7 +144,7 @@ class ChunkPipeline:
     Encoding scales with cores; writing many files at once does not (measured with
     ``python -m bench.writer_probe``: a local file system stores less with 16 writers than with 4),
     so the two are separate pools. ``put(key, data)`` stores the encoded bytes.
-    ``should_write(key, checksum)`` (optional) is asked before each put: False skips the write
+    ``should_write(key, data, checksum)`` (optional) is asked before each put: False skips the write
     (e.g. a resumed job whose stored chunk already verifies) and the chunk is still recorded.
     Errors of the worker threads are raised by the next :meth:`submit` or :meth:`wait`.
     """
@@ -158,9 +156,11 @@ class ChunkPipeline:
         threads: int | None = None,
         io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
-        should_write: Callable[[str, str], bool] | None = None,
+        should_write: Callable[[str, bytes, str], bool] | None = None,
+        checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
     ) -> None:
         self._should_write = should_write
+        self.checksum_algorithm: ChecksumAlgorithm = checksum_algorithm
         self.threads = threads or default_threads()
         self.io_threads = max(1, io_threads)
         self.max_pending_bytes = max_pending_bytes
@@ -225,7 +225,8 @@ class ChunkPipeline:
             t1 = time.perf_counter()
             data = encoder.encode(chunk)
             t2 = time.perf_counter()
-            record = ChunkRecord(array_name, coords, encoder.key(coords), len(data), checksum(data))
+            digest = checksum(data, self.checksum_algorithm)
+            record = ChunkRecord(array_name, coords, encoder.key(coords), len(data), digest)
             t3 = time.perf_counter()
             with self._stats_lock:
                 stats = self.stats
@@ -250,7 +251,7 @@ class ChunkPipeline:
     def _store_chunk(self, record: ChunkRecord, data: bytes, block: _Block) -> None:
         try:
             t0 = time.perf_counter()
-            if self._should_write is None or self._should_write(record.key, record.checksum):
+            if self._should_write is None or self._should_write(record.key, data, record.checksum):
                 self._put(record.key, data)
             elapsed = time.perf_counter() - t0
             with self._stats_lock:

@@ -1,13 +1,13 @@
 """Resume a bundle by chunk: a retried job skips chunks an earlier attempt already stored.
 
 An attempt that died (killed, out of memory, lost its store) leaves chunks in the object store and
-their records (key, size, sha256 of the stored bytes) in the SQL index. Exports are deterministic,
-so the next attempt recomputes the same bytes. :class:`ResumeSet` holds the recorded chunks;
-:meth:`ResumeSet.wrap` puts a :class:`ResumingStore` under the bundle writer, which, for every
-chunk the new attempt sets:
+their records (key, size, checksum of the stored bytes: storage/bundle/checksum.py) in the SQL
+index. Exports are deterministic, so the next attempt recomputes the same bytes.
+:class:`ResumeSet` holds the recorded chunks; :meth:`ResumeSet.wrap` puts a :class:`ResumingStore`
+under the bundle writer, which, for every chunk the new attempt sets:
 
 - skips the write when the new bytes have the recorded checksum AND the stored object still has
-  it (read back and hashed): ``skipped``;
+  it (read back and checked with the algorithm the record names): ``skipped``;
 - writes it when the recorded object is missing or its bytes do not match (a torn or corrupted
   object): ``rewritten``;
 - writes it when the recomputed bytes differ from the record (the export was not deterministic):
@@ -22,7 +22,6 @@ consolidated metadata last).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,12 +30,8 @@ from zarr.abc.store import Store
 from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.storage import WrapperStore
 
+from storage.bundle.checksum import matches
 from storage.index.records import ChunkRecord
-
-
-def sha256_checksum(data: bytes) -> str:
-    """The checksum format of chunk records: ``sha256:<hex>`` of the stored bytes."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -61,7 +56,7 @@ class ResumeStats:
 
 @dataclass
 class ResumeSet:
-    """Chunks recorded by earlier attempts of one job: store key -> ``sha256:<hex>``."""
+    """Chunks recorded by earlier attempts of one job: store key -> ``<algorithm>:<hex>``."""
 
     checksums: dict[str, str] = field(default_factory=dict)
     stats: ResumeStats = field(default_factory=ResumeStats)
@@ -109,11 +104,11 @@ class ResumingStore(WrapperStore[Store]):
             await self._store.set(key, value)
             return
         data = value.to_bytes()
-        if sha256_checksum(data) != recorded:
+        if not matches(data, recorded):
             self.resume.count("changed")
         else:
             stored = await self._store.get(key, prototype=default_buffer_prototype())
-            if stored is not None and sha256_checksum(stored.to_bytes()) == recorded:
+            if stored is not None and matches(stored.to_bytes(), recorded):
                 self.resume.count("skipped", len(data))
                 return
             self.resume.count("rewritten")

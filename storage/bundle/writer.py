@@ -1,9 +1,9 @@
 """Streaming bundle writer (numpy + zarr only).
 
 Writes whole chunks only (a row block of one layer and sequence at a time). Row blocks go through
-a :class:`~storage.bundle.pipeline.ChunkPipeline` (encode, sha256 and store in a thread pool,
+a :class:`~storage.bundle.pipeline.ChunkPipeline` (encode, checksum and store in a thread pool,
 bounded by pending bytes) and return at once; small arrays and groups go through zarr. Every
-stored chunk's record (key, size, sha256 of the stored bytes, no re-read) reaches ``on_chunks``
+stored chunk's record (key, size, checksum of the stored bytes, no re-read) reaches ``on_chunks``
 once the store confirmed it, in batches at most every ``record_interval_s`` — the caller records
 them in the SQL index. Metadata (root attributes, consolidation) is written last, after every
 queued chunk is stored.
@@ -25,6 +25,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
 
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum, matches
 from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
@@ -33,7 +34,6 @@ from storage.bundle.pipeline import (
     ChunkEncoder,
     ChunkPipeline,
     PipelineStats,
-    checksum,
     local_put,
     store_put,
 )
@@ -101,15 +101,16 @@ def _local_root(store: Any) -> Path | None:
     return None
 
 
-def _resume_check(resume: ResumeSet, root: Path) -> Callable[[str, str], bool]:
-    """``should_write(key, checksum)`` with :class:`~storage.bundle.resume.ResumingStore`'s rules:
-    skip a recorded chunk whose new and stored bytes both have the recorded checksum."""
+def _resume_check(resume: ResumeSet, root: Path) -> Callable[[str, bytes, str], bool]:
+    """``should_write(key, data, checksum)`` with :class:`~storage.bundle.resume.ResumingStore`'s
+    rules: skip a recorded chunk whose new and stored bytes both have the recorded checksum (the
+    record names its algorithm: an earlier attempt may have used another one)."""
 
-    def should_write(key: str, digest: str) -> bool:
+    def should_write(key: str, data: bytes, digest: str) -> bool:
         recorded = resume.checksums.get(key)
         if recorded is None:
             return True
-        if digest != recorded:
+        if digest != recorded and not matches(data, recorded):
             resume.count("changed")
             return True
         try:
@@ -117,7 +118,7 @@ def _resume_check(resume: ResumeSet, root: Path) -> Callable[[str, str], bool]:
         except FileNotFoundError:
             resume.count("rewritten")
             return True
-        if checksum(stored) != recorded:
+        if len(stored) != len(data) or not matches(stored, recorded):
             resume.count("rewritten")
             return True
         resume.count("skipped", len(stored))
@@ -134,20 +135,26 @@ def _region(data: np.ndarray, col0: int, col1: int) -> Callable[[], np.ndarray]:
 class RecordingStore(WrapperStore[Store]):
     """Passes every operation through; remembers (key, size, checksum) of each chunk set."""
 
-    def __init__(self, store: Store, sink: list[ChunkRecord] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sink: list[ChunkRecord] | None = None,
+        algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
+    ) -> None:
         super().__init__(store)
         self._sink: list[ChunkRecord] = [] if sink is None else sink
         self._lock = threading.Lock()
+        self.algorithm: ChecksumAlgorithm = algorithm
 
     def _with_store(self, store: Store) -> RecordingStore:
-        return type(self)(store, self._sink)
+        return type(self)(store, self._sink, self.algorithm)
 
     async def set(self, key: str, value: Buffer) -> None:
         await self._store.set(key, value)
         parsed = parse_chunk_key(key)
         if parsed is not None:
             data = value.to_bytes()
-            record = ChunkRecord(parsed[0], parsed[1], key, len(data), checksum(data))
+            record = ChunkRecord(parsed[0], parsed[1], key, len(data), checksum(data, self.algorithm))
             with self._lock:
                 self._sink.append(record)
 
@@ -178,16 +185,19 @@ class BundleWriter:
         record_interval_s: float = 0.5,
         resume: ResumeSet | None = None,
         retry: StoreRetry | None = None,
+        checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
     ) -> None:
         """``write_threads``: chunk encoder threads (None: one per core, at most 16); ``io_threads``:
         threads storing encoded chunks;
         ``max_pending_bytes``: row-block bytes queued before :meth:`write_row_block` blocks;
-        ``record_interval_s``: how often stored row-block chunks are handed to ``on_chunks``."""
+        ``record_interval_s``: how often stored row-block chunks are handed to ``on_chunks``;
+        ``checksum_algorithm``: of the chunk records (storage/bundle/checksum.py)."""
         self.url = url
         # resume (storage/bundle/resume.py): chunks an earlier attempt recorded and that still verify
         # are not written again, and array creation keeps them; retry: the store's retry policy
         base = zarr_store(url, storage_options=storage_options, retry=retry)
-        self._store = RecordingStore(base if resume is None else resume.wrap(base))
+        wrapped = base if resume is None else resume.wrap(base)
+        self._store = RecordingStore(wrapped, algorithm=checksum_algorithm)
         self._on_chunks = on_chunks
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -203,6 +213,7 @@ class BundleWriter:
             io_threads=io_threads,
             max_pending_bytes=max_pending_bytes,
             should_write=should_write,
+            checksum_algorithm=checksum_algorithm,
         )
         self._record_interval_s = record_interval_s
         self._last_records = time.monotonic()

@@ -64,4 +64,4 @@ class ChunkRecord:
     coords: tuple[int, ...]  # chunk grid coordinates
     key: str  # store key relative to the bundle root, e.g. "attention/c/0/1/0/2/0"
     nbytes: int  # stored (encoded) size
-    checksum: str  # "sha256:<hex>" of the stored bytes
+    checksum: str  # "crc32c:<hex>" or "sha256:<hex>" of the stored bytes (storage/bundle/checksum.py)

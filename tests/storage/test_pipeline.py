@@ -237,10 +237,10 @@ def test_write_errors_surface_and_unwritten_chunks_are_not_recorded(tmp_path: Pa
 def test_should_write_false_skips_the_put_but_records_the_chunk(tmp_path: Path) -> None:
     encoder = _encoder(tmp_path)
     puts: list[str] = []
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, bytes, str]] = []
 
-    def should_write(key: str, digest: str) -> bool:
-        seen.append((key, digest))
+    def should_write(key: str, data: bytes, digest: str) -> bool:
+        seen.append((key, data, digest))
         return not key.endswith("/0/0")
 
     pipeline = ChunkPipeline(lambda key, data: puts.append(key), threads=1, should_write=should_write)
@@ -250,7 +250,7 @@ def test_should_write_false_skips_the_put_but_records_the_chunk(tmp_path: Path) 
     pipeline.wait()
     assert puts == ["a/c/1/0"]
     assert {r.key for r in pipeline.drain()} == {"a/c/0/0", "a/c/1/0"}
-    assert all(d == checksum(encoder.encode(block)) for _, d in seen)
+    assert all(data == encoder.encode(block) and d == checksum(data) for _, data, d in seen)
     pipeline.close()
 
 

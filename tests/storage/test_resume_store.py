@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from storage.bundle.resume import ResumeSet, sha256_checksum
+from storage.bundle.checksum import checksum
+from storage.bundle.resume import ResumeSet
 from storage.bundle.writer import RecordingStore
 from storage.objectstore import zarr_store
 
@@ -57,7 +58,7 @@ def test_resumed_writes_skip_verified_and_rewrite_damaged_chunks(tmp_path: Path)
     assert {k: (path / k).read_bytes() for k in before} == before  # repaired, byte for byte
     # every chunk set is still recorded (an upsert of the same row for skipped ones)
     records = {r.key: r.checksum for r in recording.drain()}
-    assert records == {k: sha256_checksum(v) for k, v in before.items()}
+    assert records == {k: checksum(v) for k, v in before.items()}
 
 
 def test_recomputed_bytes_that_differ_are_written_and_counted(tmp_path: Path) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 
 from storage.bundle import open_bundle
+from storage.bundle.checksum import matches
 from storage.errors import JobCancelled
 from storage.index import Index, JobState
 from storage.objectstore import ObjectStore
@@ -58,6 +59,22 @@ def _run(env: dict[str, Any], job_id: str) -> JobState | None:
     )
 
 
+def test_chunk_checksum_setting(
+    env: dict[str, Any], tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``QKVAULT_CHUNK_CHECKSUM=sha256``: every record of the job (pipeline and zarr writes) is sha256."""
+    monkeypatch.setenv("QKVAULT_CHUNK_CHECKSUM", "sha256")
+    from_env = Settings().chunk_checksum  # read from the environment, as a worker does
+    env["settings"] = env["settings"].model_copy(update={"chunk_checksum": from_env})
+    spec = {"model": {"id": str(tiny_model_dir("llama"))}, "prompts": ["hi"], "capture": {"qkv": True}}
+    job_id = _submit(env, spec)
+    assert _run(env, job_id) is JobState.SUCCEEDED
+    records = env["index"].list_chunks(job_id)
+    root = Path(env["index"].get_job(job_id).store_url)
+    assert records and all(r.checksum.startswith("sha256:") for r in records)
+    assert all(matches((root / r.key).read_bytes(), r.checksum) for r in records)
+
+
 def test_succeeded_job_records_every_stored_chunk(env: dict[str, Any], tiny_model_dir: Any) -> None:
     spec = {
         "model": {"id": str(tiny_model_dir("llama"))},
@@ -79,7 +96,7 @@ def test_succeeded_job_records_every_stored_chunk(env: dict[str, Any], tiny_mode
     for key, record in records.items():
         data = (Path(job.store_url) / key).read_bytes()
         assert record.nbytes == len(data) == chunk_files[key]
-        assert record.checksum == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert record.checksum == f"crc32c:{google_crc32c.value(data):08x}"  # the default algorithm
     assert job.bytes_written == sum(r.nbytes for r in records.values())
     assert job.chunks_written == len(records)
     attrs = open_bundle(job.store_url).attrs
