@@ -23,8 +23,9 @@ consolidated metadata last).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer, default_buffer_prototype
@@ -125,3 +126,30 @@ class ResumingStore(WrapperStore[Store]):
         for key in keys:
             if key not in self.resume:
                 await self._store.delete(key)
+
+
+def local_resume_check(resume: ResumeSet, root: Path) -> Callable[[str, bytes, str], bool]:
+    """For writes straight to the files under ``root`` (the chunk pipeline's local stores):
+    ``should_write(key, data, checksum)`` with :class:`ResumingStore`'s rules: skip a recorded
+    chunk whose new and stored bytes both have the recorded checksum (the record names its
+    algorithm: an earlier attempt may have used another one)."""
+
+    def should_write(key: str, data: bytes, digest: str) -> bool:
+        recorded = resume.checksums.get(key)
+        if recorded is None:
+            return True
+        if digest != recorded and not matches(data, recorded):
+            resume.count("changed")
+            return True
+        try:
+            stored = (root / key).read_bytes()
+        except FileNotFoundError:
+            resume.count("rewritten")
+            return True
+        if len(stored) != len(data) or not matches(stored, recorded):
+            resume.count("rewritten")
+            return True
+        resume.count("skipped", len(stored))
+        return False
+
+    return should_write

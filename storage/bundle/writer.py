@@ -25,7 +25,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
 
-from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum, matches
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
 from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
@@ -37,7 +37,7 @@ from storage.bundle.pipeline import (
     local_put,
     store_put,
 )
-from storage.bundle.resume import ResumeSet
+from storage.bundle.resume import ResumeSet, local_resume_check
 from storage.errors import StoreError
 from storage.index.records import ChunkRecord
 from storage.objectstore import StoreRetry, zarr_store
@@ -99,32 +99,6 @@ def _local_root(store: Any) -> Path | None:
     if type(store) is LocalStore and not store.read_only:
         return Path(store.root)
     return None
-
-
-def _resume_check(resume: ResumeSet, root: Path) -> Callable[[str, bytes, str], bool]:
-    """``should_write(key, data, checksum)`` with :class:`~storage.bundle.resume.ResumingStore`'s
-    rules: skip a recorded chunk whose new and stored bytes both have the recorded checksum (the
-    record names its algorithm: an earlier attempt may have used another one)."""
-
-    def should_write(key: str, data: bytes, digest: str) -> bool:
-        recorded = resume.checksums.get(key)
-        if recorded is None:
-            return True
-        if digest != recorded and not matches(data, recorded):
-            resume.count("changed")
-            return True
-        try:
-            stored = (root / key).read_bytes()
-        except FileNotFoundError:
-            resume.count("rewritten")
-            return True
-        if len(stored) != len(data) or not matches(stored, recorded):
-            resume.count("rewritten")
-            return True
-        resume.count("skipped", len(stored))
-        return False
-
-    return should_write
 
 
 def _region(data: np.ndarray, col0: int, col1: int) -> Callable[[], np.ndarray]:
@@ -204,7 +178,7 @@ class BundleWriter:
         self._encoders: dict[str, ChunkEncoder] = {}
         root = _local_root(base)
         if root is not None:  # row-block chunks go straight to the files, resume checked per chunk
-            put, should_write = local_put(root), None if resume is None else _resume_check(resume, root)
+            put, should_write = local_put(root), None if resume is None else local_resume_check(resume, root)
         else:  # S3: through the wrappers (retry, resume) on zarr's event loop
             put, should_write = store_put(self._store.inner), None
         self._pipeline = ChunkPipeline(

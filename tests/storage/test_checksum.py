@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from storage.bundle.checksum import algorithm_of, checksum, matches
-from storage.bundle.resume import ResumeSet
-from storage.bundle.writer import _resume_check
+from storage.bundle.resume import ResumeSet, local_resume_check
 from storage.index.records import ChunkRecord
 
 
@@ -47,7 +46,7 @@ def test_local_resume_accepts_records_of_another_algorithm(tmp_path: Path) -> No
         ChunkRecord("x", (2,), "x/c/2", 3, checksum(b"old", "sha256")),
     ]
     resume = ResumeSet.from_records(records)
-    should_write = _resume_check(resume, tmp_path)
+    should_write = local_resume_check(resume, tmp_path)
     assert should_write("x/c/0", good, checksum(good)) is False
     assert should_write("x/c/1", torn, checksum(torn)) is True
     assert should_write("x/c/2", b"new", checksum(b"new")) is True
