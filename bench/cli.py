@@ -33,6 +33,7 @@ from bench.modes import (
 )
 from bench.report import GIB, figures, table
 from storage.bundle.format import COMPRESSIONS, DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION
+from storage.bundle.pipeline import DEFAULT_IO_THREADS
 
 
 def parse_layers(text: str) -> list[int]:
@@ -81,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"qkvault chunk codec (default {DEFAULT_COMPRESSION}, a job's default)",
     )
     p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
-    p.add_argument("--io-threads", type=int, default=4, help="threads storing encoded chunks (default 4)")
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=DEFAULT_IO_THREADS,
+        help=f"threads storing encoded chunks (default {DEFAULT_IO_THREADS})",
+    )
     p.add_argument("--store", type=Path, help="store directory (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the qkvault bundle (else removed)")
     p.add_argument("--model-cache", type=Path, help="dequantised GGUF cache (default: the tests' cache)")

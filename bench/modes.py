@@ -24,6 +24,7 @@ import torch
 from bench.instrumented import NullHooks, TimedWriter
 from bench.memory import PeakMemory
 from bench.models import BenchModel
+from storage.bundle.pipeline import DEFAULT_IO_THREADS
 
 
 @dataclass
@@ -215,7 +216,7 @@ def run_qkvault(
     profile: Path | None = None,
     *,
     encode_threads: int | None = None,
-    io_threads: int = 4,
+    io_threads: int = DEFAULT_IO_THREADS,
 ) -> ModeResult:
     """The worker's Exporter in-process, writing a bundle under ``store`` (no database)."""
     from worker.export import Exporter

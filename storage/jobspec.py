@@ -71,7 +71,7 @@ class StorageSpec(_Strict):
     compression: Compression = Field(
         DEFAULT_COMPRESSION,
         description="chunk codec: lz4 (Blosc lz4 + bitshuffle, fast to write and read) or zstd "
-        "(Blosc zstd + byte shuffle: 3-7% smaller, about 3x slower to encode and decode)",
+        "(Blosc zstd + byte shuffle: 3-10% smaller, about 3x slower to encode and decode)",
     )
 
 

@@ -37,7 +37,8 @@ SUMMARY_GROUP = "summary"
 
 # Chunk codecs of numeric arrays (Blosc, level 1), chosen per job by ``storage.compression``:
 # name -> (Blosc compressor, shuffle). "lz4" (default since 1.3): 2.5-3x faster to encode and to
-# decode than "zstd", 3-7% larger on trained attention and q/k/v, smaller on near-uniform attention
+# decode than "zstd", 3% larger on trained attention, 5-10% on q/k/v, 1% smaller on near-uniform
+# attention
 # (docs/benchmarks.md, "Chunk codec"). "zstd" is the codec of formats 1.0-1.2.
 Compression = Literal["lz4", "zstd"]
 COMPRESSIONS: dict[str, tuple[Literal["lz4", "zstd"], Literal["bitshuffle", "shuffle"]]] = {
