@@ -20,7 +20,7 @@ from storage.estimate import JobEstimate, count_prompt_tokens, estimate
 from storage.jobspec import JobSpec
 from storage.modelinfo import (
     ModelFacts,
-    check_selection,
+    check_spec_for_model,
     check_supported,
     read_facts,
     resolve_source,
@@ -169,7 +169,7 @@ def check_model(spec: JobSpec) -> ModelFacts | None:
     if facts is None:
         return None
     check_supported(facts)
-    check_selection(spec.capture, facts)
+    check_spec_for_model(spec, facts)
     return facts
 
 

@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             f"head_dim {facts.head_dim}, {str(bm.lm.dtype).replace('torch.', '')}) on {device}; "
             f"{len(bm.prompt_ids)} prompt tokens + {args.new_tokens} new; layers exported "
             f"{len(bm.layers)}; q/k/v {'on' if args.qkv else 'off'}; chunks of {args.chunk_rows} rows, "
-            f"{args.compression}; "
-            + ("attention derived (q/k); " if bm.derived else "")
-            + f"store {store}",
+            f"{args.compression}; " + ("attention derived (q/k); " if bm.derived else "") + f"store {store}",
             flush=True,
         )
         warm_up(bm)

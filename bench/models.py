@@ -94,10 +94,9 @@ def _random_model(name: str, device: torch.device, dtype: torch.dtype, positions
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from storage.modelinfo import ModelSource, check_supported, facts_from_config
-    from tests.worker.tiny_models import byte_tokenizer
-    from worker.capture.hook import ATTN_IMPLEMENTATION, ensure_registered
+    from worker.archmatrix.tokenizer import byte_tokenizer
+    from worker.capture.hook import install_capture
 
-    ensure_registered()
     started = time.perf_counter()
     config = AutoConfig.for_model(
         "llama",
@@ -111,8 +110,9 @@ def _random_model(name: str, device: torch.device, dtype: torch.dtype, positions
     check_supported(facts)
     torch.manual_seed(0)
     with device:  # weights are created on the device: nothing is saved or copied
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval()
+    attention = install_capture(model)
     return LoadedModel(
         model=model,
         tokenizer=byte_tokenizer(),
@@ -122,7 +122,11 @@ def _random_model(name: str, device: torch.device, dtype: torch.dtype, positions
         dtype=dtype,
         source_dtype=str(dtype).replace("torch.", ""),
         load_s=time.perf_counter() - started,
-        info={"architecture": type(model).__name__, "config": {"max_position_embeddings": positions}},
+        info={
+            "architecture": type(model).__name__,
+            "attention_implementation": attention,
+            "config": {"max_position_embeddings": positions},
+        },
     )
 
 

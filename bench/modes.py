@@ -106,12 +106,14 @@ def warm_up(bm: BenchModel) -> None:
     """A short forward pass with each attention implementation used (kernels, thread pools); on
     CUDA also one SDPA pass at full length (kernel selection and workspaces for the real shapes)
     and the page-locked copy ring (a worker allocates it once, when it loads its model)."""
-    from worker.capture.hook import ATTN_IMPLEMENTATION
+    from worker.capture.hook import capture_name
+
+    capture = capture_name("sdpa")  # the bench's models run SDPA, wrapped by the capture
 
     ids = _input(bm)
     model = bm.lm.model
     try:
-        for impl in ("eager", "sdpa", ATTN_IMPLEMENTATION):
+        for impl in ("eager", "sdpa", capture):
             model.set_attn_implementation(impl)
             with torch.inference_mode():
                 model(input_ids=ids[:, :16], use_cache=False, logits_to_keep=1)
@@ -123,13 +125,15 @@ def warm_up(bm: BenchModel) -> None:
 
             pinned_ring(bm.lm.device).allocate_now()  # as a worker does when it loads a model
     finally:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.set_attn_implementation(capture)
     _sync(bm.lm.device)
 
 
 def run_sdpa_forward(bm: BenchModel, memory: PeakMemory) -> ModeResult:
     """Plain SDPA inference on the prompt: the reference for 'memory over inference'."""
-    from worker.capture.hook import ATTN_IMPLEMENTATION
+    from worker.capture.hook import capture_name
+
+    capture = capture_name("sdpa")  # the bench's models run SDPA, wrapped by the capture
 
     model, result = bm.lm.model, ModeResult("sdpa forward")
     model.set_attn_implementation("sdpa")
@@ -147,13 +151,15 @@ def run_sdpa_forward(bm: BenchModel, memory: PeakMemory) -> ModeResult:
         result.status, result.note = "OOM", str(exc).splitlines()[0][:200]
     finally:
         result.memory = memory.stop()
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.set_attn_implementation(capture)
     return result
 
 
 def run_naive(bm: BenchModel, store: Path, memory: PeakMemory) -> ModeResult:
     """HF eager ``output_attentions=True``, ``.cpu()`` of every selected layer, upcast, ``np.savez``."""
-    from worker.capture.hook import ATTN_IMPLEMENTATION
+    from worker.capture.hook import capture_name
+
+    capture = capture_name("sdpa")  # the bench's models run SDPA, wrapped by the capture
 
     device, model = bm.lm.device, bm.lm.model
     new = bm.spec.generation.max_new_tokens
@@ -204,7 +210,7 @@ def run_naive(bm: BenchModel, store: Path, memory: PeakMemory) -> ModeResult:
         result.status, result.note = "OOM", f"during {stage}: {str(exc).splitlines()[0][:200]}"
     finally:
         result.memory = memory.stop()
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.set_attn_implementation(capture)
         path.unlink(missing_ok=True)
     return result
 

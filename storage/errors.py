@@ -87,3 +87,11 @@ class StoreUnavailable(StoreError):
     budget. Transient: the job is queued again while attempts are left."""
 
     problem_type = "store-unavailable"
+
+
+class CertificationFailed(QkvaultError, ArithmeticError):
+    """The worker's self-check of an exported layer failed: the data would be wrong, so the job
+    fails instead of shipping it (``detail`` holds the measured errors and the tolerance)."""
+
+    problem_type = "certification-failed"
+    status = 500

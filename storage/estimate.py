@@ -194,9 +194,10 @@ def _attention(
         lz4 = layout.compression == "lz4"
         local_factor = LZ4_LOCAL_FACTOR[profile.name] if lz4 else 1.0
         far_factor = LZ4_FACTOR[profile.name] if lz4 else 1.0
-        data = float(local.sum()) * profile.local[dtype] * local_factor + float(
-            (far * profile.far_cost(dtype, visible)).sum()
-        ) * far_factor
+        data = (
+            float(local.sum()) * profile.local[dtype] * local_factor
+            + float((far * profile.far_cost(dtype, visible)).sum()) * far_factor
+        )
         empty = seq_chunks * rows_per_chunk * rows_per_chunk - int(visible.sum())
         chunks += seq_chunks
         cost += heads * (data + empty * _zero_cost(layout, "attention")) + seq_chunks * CHUNK_HEADER

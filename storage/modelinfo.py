@@ -15,15 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from storage.architectures import Architecture, architecture, attention_layers, canonical, evaluate, matrix
 from storage.errors import InvalidJobSpec, UnsupportedModel
-from storage.jobspec import CaptureSpec, ModelSpec
+from storage.jobspec import CaptureSpec, JobSpec, ModelSpec
 
-# Architectures whose attention the capture reproduces exactly (verified against eager attention
-# with output_attentions=True in tests/worker/test_oracle.py).
-SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
-
-# GGUF general.architecture -> transformers model_type
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+# GGUF general.architecture -> transformers model_type (where the names differ)
+_GGUF_ARCH = {"gpt2": "gpt2", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
 
 
 @dataclass(frozen=True)
@@ -37,9 +34,24 @@ class ModelFacts:
     max_positions: int | None = None
     sliding_window: int | None = None
     attn_logit_softcapping: float | None = None
+    v_head_dim: int | None = None  # latent attention (DeepSeek V2/V3): v's head size differs from q/k's
+    attention_layers: tuple[int, ...] | None = None  # hybrid models: the layers that have attention
+    sinks: bool = False  # learned attention sinks (gpt-oss): rows sum to 1 minus the sink mass
+
+    @property
+    def exported_layers(self) -> tuple[int, ...]:
+        """Layers whose attention can be exported (every layer unless the model is hybrid)."""
+        return self.attention_layers if self.attention_layers is not None else tuple(range(self.num_layers))
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.attention_layers is not None:
+            data["attention_layers"] = list(self.attention_layers)
+        return data
 
 
 @dataclass(frozen=True)
@@ -115,32 +127,44 @@ def tokenizer_file(model: ModelSpec, model_cache_dir: Path | None = None) -> str
     return found if isinstance(found, str) else None
 
 
-def facts_from_config(config: dict[str, Any]) -> ModelFacts:
-    """Facts from a transformers ``config.json`` dict (also ``PretrainedConfig.to_dict()``)."""
+def facts_from_config(config: dict[str, Any], entry: Architecture | None = None) -> ModelFacts:
+    """Facts from a transformers ``config.json`` dict (also ``PretrainedConfig.to_dict()``), read
+    through the model type's matrix entry: its config class's ``attribute_map`` and the rules that
+    give head sizes and attention layers (:mod:`storage.architectures`)."""
     model_type = str(config.get("model_type", "unknown"))
-    if model_type == "gpt2":
-        layers, heads, hidden = config.get("n_layer", 12), config.get("n_head", 12), config.get("n_embd", 768)
-        kv_heads, max_pos = heads, config.get("n_positions")
-    else:
-        layers = config.get("num_hidden_layers")
-        heads = config.get("num_attention_heads")
-        hidden = config.get("hidden_size")
-        kv_heads = config.get("num_key_value_heads") or heads
-        max_pos = config.get("max_position_embeddings")
+    entry = entry if entry is not None else architecture(model_type)
+    if entry is None or not entry.admitted:
+        check_supported_type(model_type)  # a type the matrix refused: its reason, not a size error
+    assert entry is not None
+    attribute_map, rules = entry.attribute_map, entry.rules
+    values = canonical(config, attribute_map)
+    layers = evaluate(rules.get("num_layers", "num_hidden_layers"), values)
+    heads = evaluate(rules.get("num_heads", "num_attention_heads"), values)
+    hidden = evaluate("hidden_size", values)
     if not (layers and heads and hidden):
-        raise UnsupportedModel(f"model config of type {model_type!r} lacks layer/head/hidden sizes")
-    head_dim = config.get("head_dim") or int(hidden) // int(heads)
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        raise UnsupportedModel(
+            f"model config of type {model_type!r} lacks layer/head/hidden sizes "
+            f"(num_hidden_layers, num_attention_heads, hidden_size or the aliases {attribute_map})"
+        )
+    kv_heads = evaluate(rules.get("num_kv_heads", "num_key_value_heads"), values) or heads
+    head_dim = evaluate(rules.get("head_dim", "head_dim"), values) or hidden // heads
+    v_head_dim = evaluate(rules["v_head_dim"], values) if "v_head_dim" in rules else None
+    max_pos = evaluate("max_position_embeddings", values)
+    window = values.get("sliding_window") if values.get("use_sliding_window", True) else None
+    attention = attention_layers(rules.get("attention_layers"), values, layers)
     return ModelFacts(
         model_type=model_type,
-        num_layers=int(layers),
-        num_heads=int(heads),
-        num_kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        hidden_size=int(hidden),
-        max_positions=int(max_pos) if max_pos else None,
-        sliding_window=int(window) if window else None,
-        attn_logit_softcapping=config.get("attn_logit_softcapping"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        max_positions=max_pos or None,
+        sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
+        attn_logit_softcapping=values.get("attn_logit_softcapping"),
+        v_head_dim=v_head_dim if v_head_dim and v_head_dim != head_dim else None,
+        attention_layers=attention if len(attention) != layers else None,
+        sinks=bool(rules.get("sinks", False)),
     )
 
 
@@ -199,22 +223,66 @@ def read_facts(model: ModelSpec) -> ModelFacts | None:
 
 
 def check_supported(facts: ModelFacts) -> None:
-    """Refuse architectures whose attention the capture cannot reproduce exactly."""
-    if facts.attn_logit_softcapping:
+    """:func:`check_supported_type` of the facts' model type."""
+    check_supported_type(facts.model_type)
+
+
+def check_supported_type(model_type: str) -> None:
+    """Admit exactly the model types the architecture matrix verified exact; refuse the others with
+    the matrix's reason (docs/architectures.md)."""
+    entry = architecture(model_type)
+    if entry is None:
         raise UnsupportedModel(
-            f"model type {facts.model_type!r} uses attention logit soft-capping "
-            f"({facts.attn_logit_softcapping}); exact capture of soft-capped attention is not supported yet"
+            f"model type {model_type!r} is not in the architecture matrix of this qkvault "
+            f"(transformers {matrix()['transformers']}): it is not a causal-LM type of that "
+            "transformers version; see docs/architectures.md for the types that are exported exactly"
         )
-    if facts.model_type not in SUPPORTED_MODEL_TYPES:
+    if not entry.admitted:
         raise UnsupportedModel(
-            f"model type {facts.model_type!r} is not supported: exported attention is verified exact "
-            "only for "
-            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+            f"model type {model_type!r} is refused: {entry.reason} (docs/architectures.md)"
+        )
+
+
+def check_spec_for_model(spec: JobSpec, facts: ModelFacts, *, verified_only: bool = True) -> None:
+    """What this model can export for ``spec``: selections in range (:func:`check_selection`),
+    derived attention only where the matrix verified its reconstruction (unless
+    ``verified_only=False``: the matrix's own runs), compressed KV only where q/k and v heads have
+    one size and the fidelity report models the softmax."""
+    check_selection(spec.capture, facts)
+    entry = architecture(facts.model_type) if verified_only else None
+    if spec.capture.resolved().derived_attention and entry is not None and not entry.derived:
+        raise InvalidJobSpec(
+            f'capture.attention="derived" is not exact for model type {facts.model_type!r}: '
+            f"{entry.derived_reason or 'not verified'}; export the attention itself (attention=true)",
+            detail={"field": "capture.attention"},
+        )
+    if spec.kv_compression and (facts.sinks or facts.attn_logit_softcapping):
+        mechanism = "learned attention sinks" if facts.sinks else "logit soft-capping"
+        raise InvalidJobSpec(
+            f"kv_compression's fidelity report scores the compressed keys with a plain softmax; this "
+            f"{facts.model_type} model uses {mechanism}, which it does not model yet: drop kv_compression",
+            detail={"field": "kv_compression"},
+        )
+    if spec.kv_compression and facts.v_head_dim is not None:
+        raise InvalidJobSpec(
+            f"kv_compression needs one head size for k and v; this {facts.model_type} model has "
+            f"q/k heads of {facts.head_dim} and v heads of {facts.v_head_dim} (latent attention): "
+            "drop kv_compression or export k/v with capture.qkv",
+            detail={"field": "kv_compression"},
         )
 
 
 def check_selection(capture: CaptureSpec, facts: ModelFacts) -> None:
     """Layer and head selections must lie inside the model's real ranges."""
+    if capture.layers and facts.attention_layers is not None:
+        bad = [i for i in capture.layers if i not in facts.attention_layers]
+        if bad:
+            raise InvalidJobSpec(
+                f"capture.layers {bad} have no attention: this {facts.model_type} model has attention "
+                f"in layers {list(facts.attention_layers)} only (the others are recurrent/state-space "
+                "or MLP layers); choose among those",
+                detail={"field": "capture.layers", "attention_layers": list(facts.attention_layers)},
+            )
     if capture.layers and capture.layers[-1] >= facts.num_layers:
         bad = [i for i in capture.layers if i >= facts.num_layers]
         raise InvalidJobSpec(

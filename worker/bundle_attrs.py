@@ -50,7 +50,8 @@ def root_attrs(
             "qkv_dtype": layout.qkv_dtype,
             "chunk_rows": layout.chunk_rows,
             "compression": layout.compression,
-            "probabilities": "softmax(scaling * q k^T + mask) in float32 per block of query rows",
+            "probabilities": "softmax(scaling * q k^T [softcap * tanh(./softcap)] + mask [, sink logit]) "
+            "in float32 per block of query rows; with sinks each row sums to 1 - attention_sink",
         },
         "software": {
             "qkvault": qkvault_version(),
@@ -68,3 +69,17 @@ def qkvault_version() -> str:
         return version("qkvault")
     except PackageNotFoundError:
         return "unknown"
+
+
+def provenance(lm: LoadedModel) -> dict[str, Any]:
+    """What produced the numbers: software versions, the wrapped attention implementation, weights."""
+    import transformers
+
+    return {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "attention_implementation": lm.info.get("attention_implementation"),
+        "weights_dtype": str(lm.dtype).replace("torch.", ""),
+        "source_dtype": lm.source_dtype,
+        "device": lm.device.type,
+    }

@@ -29,6 +29,7 @@ class AttentionFacts:
         self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
         self.scaling = np.full(len(layout.layers), np.nan, dtype=np.float64)
         self.window = np.full(len(layout.layers), -1, dtype=np.int32)  # -1: no call seen; 0: no window
+        self.sinks = np.full((len(layout.layers), len(layout.heads)), np.nan, dtype=np.float32)
 
     def wrap(self, sink: CaptureSink) -> CaptureSink:
         return _Recording(self, sink) if self.layout.derived_attention else sink
@@ -46,6 +47,8 @@ class AttentionFacts:
                 f"({self.scaling[lp]}, {self.window[lp]} then {call.scaling}, {window})"
             )
         self.scaling[lp], self.window[lp] = call.scaling, window
+        if call.sinks is not None and self.layout.sinks:
+            self.sinks[lp] = call.sinks.float().cpu().numpy()[list(self.layout.heads)]
 
     def root_attrs(self, facts: ModelFacts) -> dict[str, Any]:
         """The ``derived_attention`` root attribute (empty unless the job derives attention)."""
@@ -58,14 +61,21 @@ class AttentionFacts:
                 "num_kv_heads": facts.num_kv_heads,
                 "softcap": facts.attn_logit_softcapping,
                 "q_k_dtype": self.layout.qkv_dtype,
-                "arrays": ["q", "k", "attention_scaling", "attention_window", "length"],
+                "arrays": ["q", "k", "attention_scaling", "attention_window", "length"]
+                + (["attention_sinks"] if self.layout.sinks else []),
             }
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
         if not self.layout.derived_attention:
             return {}
-        return {"attention_scaling": self.scaling.copy(), "attention_window": self.window.copy()}
+        arrays: dict[str, np.ndarray] = {
+            "attention_scaling": self.scaling.copy(),
+            "attention_window": self.window.copy(),
+        }
+        if self.layout.sinks:
+            arrays["attention_sinks"] = self.sinks.copy()
+        return arrays
 
 
 class _Recording:

@@ -22,14 +22,24 @@ from storage.bundle.writer import BundleWriter
 from storage.errors import InvalidJobSpec, JobCancelled
 from storage.index.records import ChunkRecord
 from storage.jobspec import JobSpec
-from storage.modelinfo import check_selection
+from storage.modelinfo import check_spec_for_model
 from worker.alternatives import AlternativesCollector
-from worker.bundle_attrs import root_attrs
+from worker.bundle_attrs import provenance, root_attrs
+from worker.capture.certify import Certifier
 from worker.capture.hook import capturing
 from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
 from worker.derived import AttentionFacts
-from worker.generation import Batch, choose_next, eos_ids, hidden_state_hooks, make_batch, tokenize
+from worker.generation import (
+    Batch,
+    cache_argument,
+    choose_next,
+    eos_ids,
+    hidden_state_hooks,
+    make_batch,
+    returned_cache,
+    tokenize,
+)
 from worker.kvexport import KVExport
 from worker.models import LoadedModel
 from worker.summary_output import choose_top_heads, summary_arrays
@@ -47,7 +57,17 @@ class ExportHooks(Protocol):
 class Exporter:
     """Runs one job's forward passes under capture and writes the bundle."""
 
-    def __init__(self, spec: JobSpec, lm: LoadedModel, writer: BundleWriter, hooks: ExportHooks) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        lm: LoadedModel,
+        writer: BundleWriter,
+        hooks: ExportHooks,
+        *,
+        verified_only: bool = True,
+    ) -> None:
+        """``verified_only=False``: run capture options the architecture matrix has not verified for
+        this model type (the matrix itself, which produces the verdicts)."""
         self.spec, self.lm, self.writer, self.hooks = spec, lm, writer, hooks
         self.capture = spec.capture.resolved()
         self.timings: dict[str, float] = {"load_model": lm.load_s}
@@ -56,7 +76,7 @@ class Exporter:
         self.pad_id = int(pad) if pad is not None else 0
         self.prompt_ids = tokenize(spec, tok, lm.facts.max_positions)
         facts = lm.facts
-        check_selection(spec.capture, facts)
+        check_spec_for_model(spec, facts, verified_only=verified_only)
         self.layout: BundleLayout = layout_for_job(spec, facts, [len(p) for p in self.prompt_ids])
         if self.capture.top_heads is not None:
             longest = max(len(p) for p in self.prompt_ids) + spec.generation.max_new_tokens
@@ -91,7 +111,10 @@ class Exporter:
         self.generation_checks: dict[str, dict[str, Any]] = {}
         self.induction: np.ndarray | None = None
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+        self._cache_argument = cache_argument(lm.model)
         self._check_cancel = True
+        self.hidden_layers = self.layout.layers if self.layout.hidden_states else ()
+        self.certifier = Certifier(self.layout.layers, str(lm.dtype).replace("torch.", ""), provenance(lm))
 
     def base_attrs(self, job_id: str) -> dict[str, Any]:
         """Root attributes known before the first chunk (the rest are written last)."""
@@ -99,19 +122,27 @@ class Exporter:
 
     # -- running -------------------------------------------------------------------------------
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, all_logits: bool = False
-    ) -> torch.Tensor:
-        extra = {"logits_to_keep": 0 if all_logits else 1} if self._supports_logits_to_keep else {}
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        cache: Any,
+        *,
+        use_cache: bool = False,
+        all_logits: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (the last position's unless ``all_logits``) and the KV cache the model returns:
+        the model makes its own cache on the first pass (hybrid and recurrent models keep state
+        of their own kind in it)."""
+        extra: dict[str, Any] = (
+            {"logits_to_keep": 0 if all_logits else 1} if self._supports_logits_to_keep else {}
+        )
+        extra[self._cache_argument] = cache
         out = self.lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            **extra,
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **extra
         )
         logits: torch.Tensor = out.logits if all_logits else out.logits[:, -1]
-        return logits
+        return logits, returned_cache(out)
 
     def _one_pass(self, session: ExportSession, batch: Batch) -> None:
         """One forward pass over whole sequences (no cache) under ``session``: every row at once."""
@@ -141,6 +172,7 @@ class Exporter:
             on_layer_done=self.hooks.unit_done,
             observer=self.metrics,
             kv=self.kv,
+            certifier=self.certifier,
         )
         extra_passes = int(bool(layout.top_heads)) + int(self.capture.induction_probe is not None)
         units = len(layout.layers) * (1 + gen.max_new_tokens + extra_passes)
@@ -148,7 +180,9 @@ class Exporter:
             with (
                 torch.inference_mode(),
                 capturing(self.attention_facts.wrap(session)),
-                hidden_state_hooks(lm.model, layout.layers, session.on_hidden),
+                hidden_state_hooks(
+                    lm.model, layout.layers if layout.hidden_states else (), session.on_hidden
+                ),
             ):
                 self._generate(batch, session, units)
             session.flush()
@@ -168,20 +202,20 @@ class Exporter:
         return self._finish(started=started, partial=False)
 
     def _generate(self, batch: Batch, session: ExportSession, units: int) -> None:
-        from transformers import DynamicCache
-
         lm, gen = self.lm, self.spec.generation
         generator = torch.Generator(device=lm.device).manual_seed(gen.seed) if gen.do_sample else None
         eos = eos_ids(lm.tokenizer, lm.model) if gen.stop_at_eos else set()
         # prompt only: no KV cache (at 131K tokens an 8B model's cache alone is 17 GB)
-        cache = DynamicCache(config=lm.model.config) if gen.max_new_tokens else None
+        use_cache = gen.max_new_tokens > 0
         mask = batch.attention_mask
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         self.hooks.phase("prefill", units_total=units)
         t0 = time.perf_counter()
         session.begin_step(0, [True] * len(batch.pads))
         prompt_alts = self.alternatives is not None and self.capture.prompt_alternatives
-        logits = self._forward(batch.input_ids, mask, pos, cache, all_logits=prompt_alts)
+        logits, cache = self._forward(
+            batch.input_ids, mask, pos, None, use_cache=use_cache, all_logits=prompt_alts
+        )
         if prompt_alts:
             self._record_prompt_alternatives(batch, logits)
             logits = logits[:, -1]
@@ -206,7 +240,7 @@ class Exporter:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
             session.begin_step(width + step, active)  # feed the new token back: its row and q/k/v
-            logits = self._forward(next_ids[:, None], mask, pos, cache)
+            logits, cache = self._forward(next_ids[:, None], mask, pos, cache, use_cache=True)
             if all(done):
                 break
         self.timings["decode"] = time.perf_counter() - t0
@@ -356,6 +390,7 @@ class Exporter:
                 "token_strings": token_strings,
                 "texts": {"prompts": list(self.spec.prompts), "generated": generated_texts},
                 "attention_rows": lengths,
+                "certificate": self.certifier.certificate(),
                 "timings_s": summary["timings_s"],
                 **({"summary": summary_attrs} if summary_attrs else {}),
                 **({"kv_compression": kv_status} if kv_status else {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -93,17 +94,34 @@ def eos_ids(tokenizer: Any, model: Any) -> set[int]:
     return ids
 
 
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: ``cache`` since transformers deprecated
+    ``past_key_values`` (removed in 5.40), ``past_key_values`` before (5.17)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward pass returned (``cache``, or ``past_key_values`` before 5.2x)."""
+    return output["cache"] if "cache" in output else output.get("past_key_values")
+
+
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The model's decoder blocks in order (Llama/Mistral/Qwen: model.layers; GPT-2: transformer.h)."""
-    for path in ("model.layers", "transformer.h"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, torch.nn.ModuleList):
-            return list(obj)
-    raise UnsupportedModel(
-        f"cannot find the decoder layers of {type(model).__name__} for hidden-state capture"
-    )
+    """The model's decoder blocks in order, found by structure rather than by name
+    (``model.layers``, ``transformer.h``, ``gpt_neox.layers``...): the outermost ``ModuleList``
+    whose block ``i`` holds a module with ``layer_idx == i`` (the attention of that layer)."""
+    found: list[tuple[str, torch.nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or not len(module):
+            continue
+        indexed = [{getattr(m, "layer_idx", None) for m in block.modules()} - {None} for block in module]
+        if all(i in ids for i, ids in enumerate(indexed)):
+            found.append((name, module))
+    if not found:
+        raise UnsupportedModel(
+            f"cannot find the decoder layers of {type(model).__name__} for hidden-state capture"
+        )
+    name, blocks = min(found, key=lambda item: item[0].count("."))
+    return list(blocks)
 
 
 @contextlib.contextmanager
@@ -111,6 +129,9 @@ def hidden_state_hooks(
     model: Any, layers: tuple[int, ...], sink: Callable[[int, torch.Tensor], None]
 ) -> Iterator[None]:
     """Call ``sink(layer, hidden [B, T, hidden])`` with each selected block's output (the residual stream)."""
+    if not layers:
+        yield
+        return
     blocks = decoder_layers(model)
     handles = []
     for layer in layers:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from storage.kvspec import KVMethodSpec
-from worker.generation import Batch
+from worker.generation import Batch, cache_argument
 from worker.kvquant import KIVI, TurboQuantMSE, TurboQuantProd
 
 
@@ -36,6 +36,7 @@ def greedy_tokens(
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    cache_arg = cache_argument(model)
     mask = batch.attention_mask
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     generated: list[list[int]] = [[] for _ in batch.pads]
@@ -44,8 +45,8 @@ def greedy_tokens(
             input_ids=batch.input_ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_arg: cache},
         ).logits[:, -1]
         if method is not None:
             for layer in cache.layers:
@@ -65,8 +66,8 @@ def greedy_tokens(
                 input_ids=next_ids[:, None],
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_arg: cache},
             ).logits[:, -1]
     return generated
 

@@ -16,17 +16,18 @@ from typing import Any
 
 import torch
 
-from storage.errors import ModelLoadError
+from storage.errors import ModelLoadError, UnsupportedModel
 from storage.jobspec import ModelSpec
 from storage.modelinfo import (
     ModelFacts,
     ModelSource,
-    check_supported,
-    facts_from_config,
+    check_supported_type,
     gguf_cache_folder,
     resolve_source,
 )
-from worker.capture.hook import ATTN_IMPLEMENTATION, ensure_registered
+from worker.capture.hook import install_capture
+from worker.capture.probe import facts_with_probe, probe_attention
+from worker.generation import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,17 @@ def _dequantised_gguf(source: ModelSource, cache_root: Path) -> Path:
     return target
 
 
-def load_model(spec: ModelSpec, *, device: torch.device, cache_dir: Path) -> LoadedModel:
-    """Load ``spec`` with the capture attention. Raises ModelLoadError / UnsupportedModel."""
+def load_model(
+    spec: ModelSpec, *, device: torch.device, cache_dir: Path, admitted_only: bool = True
+) -> LoadedModel:
+    """Load ``spec`` with the capture wrapped around its own attention implementation; its facts
+    are read off one tiny forward pass (:mod:`worker.capture.probe`). Raises ModelLoadError /
+    UnsupportedModel (a model type the architecture matrix did not admit, unless
+    ``admitted_only=False``: the matrix itself)."""
     import time
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    ensure_registered()
     started = time.perf_counter()
     source = resolve_source(spec)
     kwargs: dict[str, Any] = {}
@@ -118,18 +123,19 @@ def load_model(spec: ModelSpec, *, device: torch.device, cache_dir: Path) -> Loa
             f"cannot load model {spec.id!r}: {exc}. Hub models must be in the worker's Hugging Face cache "
             "(or downloads allowed); local paths must exist on the worker."
         ) from exc
-    facts = facts_from_config(config.to_dict())
-    check_supported(facts)
+    if admitted_only:
+        check_supported_type(config.model_type)
     dtype = pick_dtype(spec.dtype, device)
     source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=False, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec.id!r}: {exc}") from exc
     model.eval().to(device)
+    attention = install_capture(model)
+    probe = probe_attention(model, device)
+    facts = facts_with_probe(config_facts(config, model), probe)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -140,7 +146,50 @@ def load_model(spec: ModelSpec, *, device: torch.device, cache_dir: Path) -> Loa
         source_dtype=source_dtype.replace("torch.", ""),
         folder=folder,
         load_s=time.perf_counter() - started,
-        info={"architecture": type(model).__name__, "config": _config_facts(config)},
+        info={
+            "architecture": type(model).__name__,
+            "attention_implementation": attention,
+            "attention_kwargs_unmodelled": sorted({k for a in probe.layers.values() for k in a.unknown}),
+            "config": _config_facts(config),
+        },
+    )
+
+
+def config_facts(config: Any, model: Any) -> ModelFacts:
+    """Sizes from the loaded config (its text part for a composite model; attribute access follows
+    the class's ``attribute_map``: ``n_layer`` is ``num_hidden_layers``), before the attention
+    calls correct the attention facts (:func:`worker.capture.probe.facts_with_probe`)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+    def size(*names: str) -> int | None:
+        for name in names:
+            try:
+                value = getattr(text, name, None)
+            except Exception:
+                value = None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    num_layers = size("num_hidden_layers", "decoder_layers", "num_layers")
+    if num_layers is None:
+        try:
+            num_layers = len(decoder_layers(model))
+        except UnsupportedModel:
+            num_layers = 0
+    heads = size("num_attention_heads", "decoder_attention_heads") or 1
+    window = size("sliding_window") if getattr(text, "use_sliding_window", True) else None
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    return ModelFacts(
+        model_type=str(config.model_type),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=size("num_key_value_heads") or heads,
+        head_dim=size("head_dim") or (size("hidden_size", "d_model") or heads) // heads,
+        hidden_size=size("hidden_size", "d_model") or 0,
+        max_positions=size("max_position_embeddings"),
+        sliding_window=window,
+        attn_logit_softcapping=float(softcap) if softcap else None,
     )
 
 

@@ -298,8 +298,11 @@ def bundle_urls(
     settings: SettingsDep,
     expires_in: Annotated[
         int | None,
-        Query(ge=1, description="URL lifetime in seconds (default QKVAULT_PRESIGN_EXPIRES_S, at most "
-              "QKVAULT_PRESIGN_MAX_EXPIRES_S)"),
+        Query(
+            ge=1,
+            description="URL lifetime in seconds (default QKVAULT_PRESIGN_EXPIRES_S, at most "
+            "QKVAULT_PRESIGN_MAX_EXPIRES_S)",
+        ),
     ] = None,
     prefix: Annotated[
         str | None, Query(max_length=255, description='only keys starting with this, e.g. "attention/"')

@@ -55,6 +55,10 @@ class DerivedAttention:
         self.kv_of_head = [kv_heads.index(h // group) for h in self.heads]  # position along kv_head
         softcap = info.get("softcap", model.get("attn_logit_softcapping"))
         self.softcap = float(softcap) if softcap else None
+        # learned sink logits [layer, head] (gpt-oss); absent: no sinks
+        self.sinks = (
+            np.asarray(ds["attention_sinks"].values, dtype=np.float32) if "attention_sinks" in ds else None
+        )
         self.positions = int(self.q.shape[3])
         self.backend, self.device, self.block_rows = backend, device, block_rows
         self.stats: dict[str, int] = {"rows": 0, "blocks": 0, "calls": 0}
@@ -105,6 +109,7 @@ class DerivedAttention:
                 scaling=scaling,
                 window=window,
                 softcap=self.softcap,
+                sink=None if self.sinks is None else float(self.sinks[layer_pos, h]),
                 block_rows=self.block_rows,
                 backend=self.backend,
                 device=self.device,

@@ -10,6 +10,8 @@ For one query row at position ``i`` and the keys at positions ``j`` (docs/bundle
     s_ij = softcap · tanh(s_ij / softcap)             only with logit soft-capping
     visible(i, j) = j ≤ i  and  i − j < window        (no window: j ≤ i)
     p_ij = exp(s_ij − max_visible s_i) / Σ_visible exp(s_ij − max_visible s_i), 0 where not visible
+    with a learned sink logit σ (``attention_sinks``): the denominator gains exp(σ − m), where
+    m = max(max_visible s_i, σ); the row then sums to 1 minus the sink's mass
 
 A row with no visible key is all zero. The softmax needs every visible key of a row, so callers pass
 the whole visible key range even when only a slice of keys is wanted.
@@ -53,6 +55,7 @@ def probabilities(
     scaling: float,
     window: int | None,
     softcap: float | None = None,
+    sink: float | None = None,
     backend: Backend = "auto",
     device: str | None = None,
 ) -> np.ndarray:
@@ -67,6 +70,7 @@ def probabilities(
             scaling=scaling,
             window=window,
             softcap=softcap,
+            sink=sink,
             device=device,
         )
     q32 = np.asarray(q_rows, dtype=np.float32)
@@ -77,9 +81,13 @@ def probabilities(
     hidden = _hidden(np.asarray(query_positions, dtype=np.int64) - key0, keys.shape[0], window)
     scores[hidden] = -np.inf
     row_max = scores.max(axis=-1, keepdims=True)
+    if sink is not None:
+        row_max = np.maximum(row_max, np.float32(sink))
     row_max[~np.isfinite(row_max)] = 0.0  # rows with no visible key: all -inf, become zeros below
     np.exp(scores - row_max, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total += np.exp(np.float32(sink) - row_max)
     scores /= np.where(total > 0, total, 1.0).astype(np.float32)
     return scores
 
@@ -103,6 +111,7 @@ def _probabilities_torch(
     scaling: float,
     window: int | None,
     softcap: float | None,
+    sink: float | None,
     device: str | None,
 ) -> np.ndarray:
     import torch  # optional: only when asked for, or already imported by the caller
@@ -118,7 +127,12 @@ def _probabilities_torch(
     hidden = columns > offsets
     if window:
         hidden |= columns <= offsets - window
-    probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if sink is not None:  # the sink's column joins the softmax, then is dropped
+        sink_column = torch.full_like(scores[:, :1], float(sink))
+        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[:, :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     out: np.ndarray = torch.nan_to_num(probs, nan=0.0).cpu().numpy()
     return out
 
@@ -134,6 +148,7 @@ def attention_block(
     scaling: float,
     window: int | None,
     softcap: float | None = None,
+    sink: float | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     backend: Backend = "auto",
     device: str | None = None,
@@ -176,6 +191,7 @@ def attention_block(
             scaling=scaling,
             window=window,
             softcap=softcap,
+            sink=sink,
             backend=backend,
             device=device,
         )
@@ -198,7 +214,8 @@ def materialised_bytes(layers: int, heads: int, lengths: list[int], itemsize: in
 def describe() -> dict[str, Any]:
     """The reconstruction recipe, as recorded in the bundle's ``derived_attention`` attribute."""
     return {
-        "formula": "p = softmax_j(scaling * q_i . k_j [softcap * tanh(./softcap)]) over visible j, fp32",
+        "formula": "p = softmax_j(scaling * q_i . k_j [softcap * tanh(./softcap)]) over visible j "
+        "[and the layer's sink logit attention_sinks[layer, head], whose column is dropped], fp32",
         "visible": "j <= i and i - j < window (attention_window 0: no window)",
         "gqa": "query head h reads kv head h // (num_heads // num_kv_heads)",
     }

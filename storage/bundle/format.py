@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 FORMAT_NAME = "qkvault.bundle"
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 SUPPORTED_MAJOR = 1
 
 DIMS: dict[str, tuple[str, ...]] = {
@@ -17,6 +17,8 @@ DIMS: dict[str, tuple[str, ...]] = {
     "kv_head": ("kv_head",),
     "attention": ("layer", "batch", "head", "query", "key"),
     "query_position": ("batch", "query"),
+    # models with learned attention sinks (1.4): each stored row's probability mass on the sink
+    "attention_sink": ("layer", "batch", "head", "query"),
     "top_head_index": ("layer", "top_head"),
     "q": ("layer", "batch", "head", "position", "head_dim"),
     "k": ("layer", "batch", "kv_head", "position", "head_dim"),
@@ -29,10 +31,15 @@ DIMS: dict[str, tuple[str, ...]] = {
     # attention="derived" (1.2): what reconstruction needs besides q and k
     "attention_scaling": ("layer",),
     "attention_window": ("layer",),
+    # attention="derived" of a model with learned sinks (1.4): each exported head's sink logit
+    "attention_sinks": ("layer", "head"),
 }
 TOP_HEAD_ATTENTION_DIMS = ("layer", "batch", "top_head", "query", "key")
+TOP_HEAD_SINK_DIMS = ("layer", "batch", "top_head", "query")
+# v of latent attention (1.4), whose head size differs from q/k's
+V_HEAD_DIMS = ("layer", "batch", "kv_head", "position", "v_head_dim")
 # Arrays streamed row block by row block (the rest are written whole at the end).
-ROW_ARRAYS = ("attention", "q", "k", "v", "hidden_states")
+ROW_ARRAYS = ("attention", "attention_sink", "q", "k", "v", "hidden_states")
 SUMMARY_GROUP = "summary"
 
 # Chunk codecs of numeric arrays (Blosc, level 1), chosen per job by ``storage.compression``:

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from storage.bundle.format import DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, DIMS, TOP_HEAD_ATTENTION_DIMS
+from storage.bundle.format import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_COMPRESSION,
+    DIMS,
+    TOP_HEAD_ATTENTION_DIMS,
+    TOP_HEAD_SINK_DIMS,
+    V_HEAD_DIMS,
+)
 from storage.capturespec import ResolvedCapture
 
 if TYPE_CHECKING:
@@ -24,7 +31,9 @@ class BundleLayout:
     rows per sequence when rows are selected (else every position); ``top_heads``: attention keeps
     this many heads per layer (dimension ``top_head``) instead of every exported head;
     ``derived_attention``: no T×T array, q and k (v only with ``qkv``) plus the per-layer
-    ``attention_scaling`` and ``attention_window`` that reconstruction needs."""
+    ``attention_scaling`` and ``attention_window`` that reconstruction needs; ``v_head_dim``: v's
+    head size where it differs from q/k's (latent attention); ``sinks``: the model has learned
+    attention sinks, each stored row's sink mass is kept in ``attention_sink``."""
 
     batch: int
     positions: int
@@ -46,6 +55,12 @@ class BundleLayout:
     query_rows: int | None = None
     top_heads: int | None = None
     derived_attention: bool = False
+    v_head_dim: int | None = None
+    sinks: bool = False
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     @property
     def attention_rows(self) -> int:
@@ -54,19 +69,24 @@ class BundleLayout:
     def heads_of(self, array: str) -> int:
         if array in ("k", "v"):
             return len(self.kv_heads)
-        if array == "attention" and self.top_heads is not None:
+        if array in ("attention", "attention_sink") and self.top_heads is not None:
             return self.top_heads
         return len(self.heads)
 
     def dims(self, array: str) -> tuple[str, ...]:
         if array == "attention" and self.top_heads is not None:
             return TOP_HEAD_ATTENTION_DIMS
+        if array == "attention_sink" and self.top_heads is not None:
+            return TOP_HEAD_SINK_DIMS
+        if array == "v" and self.v_head_dim is not None:
+            return V_HEAD_DIMS
         return DIMS[array]
 
     def shape(self, array: str) -> tuple[int, ...]:
         layers, batch, rows = len(self.layers), self.batch, self.positions
         shapes: dict[str, tuple[int, ...]] = {
             "attention": (layers, batch, self.heads_of("attention"), self.attention_rows, rows),
+            "attention_sink": (layers, batch, self.heads_of("attention"), self.attention_rows),
             "query_position": (batch, self.attention_rows),
             "top_head_index": (layers, self.top_heads or 0),
             "hidden_states": (layers, batch, rows, self.hidden_size),
@@ -79,9 +99,11 @@ class BundleLayout:
             "kv_head": (len(self.kv_heads),),
             "attention_scaling": (layers,),
             "attention_window": (layers,),
+            "attention_sinks": (layers, len(self.heads)),
         }
         if array in ("q", "k", "v"):
-            return (layers, batch, self.heads_of(array), rows, self.head_dim)
+            width = self.value_head_dim if array == "v" else self.head_dim
+            return (layers, batch, self.heads_of(array), rows, width)
         if array.startswith("topk_"):
             return (batch, rows, self.alternatives_k)
         return shapes[array]
@@ -91,7 +113,9 @@ class BundleLayout:
         if array == "attention":
             return (1, 1, self.heads_of(array), rows, rows)
         if array in ("q", "k", "v"):
-            return (1, 1, self.heads_of(array), rows, self.head_dim)
+            return (1, 1, self.heads_of(array), rows, self.shape(array)[-1])
+        if array == "attention_sink":
+            return (1, 1, self.heads_of(array), rows)
         if array == "hidden_states":
             return (1, 1, rows, self.hidden_size)
         if array in ("tokens", "logprob", "query_position") or array.startswith("topk_"):
@@ -103,7 +127,7 @@ class BundleLayout:
             return self.attention_dtype
         if array in ("q", "k", "v", "hidden_states"):
             return self.qkv_dtype
-        if array in ("topk_logprobs", "logprob"):
+        if array in ("topk_logprobs", "logprob", "attention_sink", "attention_sinks"):
             return "float32"
         if array == "attention_scaling":
             return "float64"
@@ -114,7 +138,7 @@ class BundleLayout:
     def fill_value(self, array: str) -> int | float | str:
         if array in ("tokens", "query_position", "topk_ids", "attention_window"):
             return -1
-        if array in ("topk_logprobs", "logprob", "attention_scaling"):
+        if array in ("topk_logprobs", "logprob", "attention_scaling", "attention_sinks"):
             return float("nan")
         if array == "topk_tokens":
             return ""
@@ -124,6 +148,8 @@ class BundleLayout:
         names = ["tokens", "length", "prompt_length", "layer", "head", "kv_head"]
         if self.attention:
             names.append("attention")
+            if self.sinks:
+                names.append("attention_sink")
             if self.query_rows is not None:
                 names.append("query_position")
             if self.top_heads is not None:
@@ -134,6 +160,8 @@ class BundleLayout:
             names += ["q", "k"]
         if self.derived_attention:
             names += ["attention_scaling", "attention_window"]
+            if self.sinks:
+                names.append("attention_sinks")
         if self.hidden_states:
             names.append("hidden_states")
         if self.alternatives:
@@ -165,6 +193,9 @@ def plan_layout(
     qkv_dtype: str,
     chunk_rows: int,
     compression: str = DEFAULT_COMPRESSION,
+    attention_layers: Sequence[int] | None = None,
+    v_head_dim: int | None = None,
+    sinks: bool = False,
 ) -> BundleLayout:
     """The layout of a job: the same function serves the API's estimate and the worker."""
     heads = tuple(capture.heads or range(num_heads))
@@ -176,7 +207,9 @@ def plan_layout(
     return BundleLayout(
         batch=len(prompt_lengths),
         positions=positions,
-        layers=tuple(capture.layers or range(num_layers)),
+        layers=tuple(
+            capture.layers or (attention_layers if attention_layers is not None else range(num_layers))
+        ),
         heads=heads,
         kv_heads=tuple(sorted({h // group for h in heads})),
         head_dim=head_dim,
@@ -194,6 +227,8 @@ def plan_layout(
         query_rows=query_rows,
         top_heads=capture.top_heads.n if capture.top_heads is not None else None,
         derived_attention=capture.derived_attention,
+        v_head_dim=v_head_dim,
+        sinks=sinks,
     )
 
 
@@ -212,4 +247,7 @@ def layout_for_job(spec: JobSpec, facts: ModelFacts, prompt_lengths: Sequence[in
         qkv_dtype=spec.storage.qkv_dtype,
         chunk_rows=spec.storage.chunk_rows,
         compression=spec.storage.compression,
+        attention_layers=facts.attention_layers,
+        v_head_dim=facts.v_head_dim,
+        sinks=facts.sinks,
     )

@@ -304,6 +304,8 @@ class BundleWriter:
             col1 = min(-(-cols // rows_per_chunk) * rows_per_chunk, layout.positions)
             cols = min(cols, col1)
             data = data[:, :, :cols]
+        elif name == "attention_sink":
+            col1 = 1  # [heads, rows, 1]: one value per row
         else:
             col1 = layout.shape(name)[-1]
         encoder = self._encoders.get(name)
@@ -328,7 +330,9 @@ class BundleWriter:
         """Rows ``[row0, row1)`` of row block ``block`` of ``name`` (the last one may be short)."""
         assert self.layout is not None
         rows_per_chunk = self.layout.chunk_rows
-        total = self.layout.attention_rows if name == "attention" else self.layout.positions
+        total = (
+            self.layout.attention_rows if name in ("attention", "attention_sink") else self.layout.positions
+        )
         row0 = block * rows_per_chunk
         return row0, min(row0 + rows_per_chunk, total)
 
@@ -353,6 +357,8 @@ class BundleWriter:
         full[:, :rows, :cols] = data
         if name == "hidden_states":
             self._arrays[name][layer_pos, batch, row0:row1, :] = full[0]
+        elif name == "attention_sink":
+            self._arrays[name][layer_pos, batch, :, row0:row1] = full[:, :, 0]
         else:
             self._arrays[name][layer_pos, batch, :, row0:row1, :col1] = full
         if release is not None:

@@ -199,22 +199,49 @@ def test_heads_out_of_range_on_smollm2(client: TestClient) -> None:
     assert body["errors"][0]["loc"] == "body.capture.heads"
 
 
-def test_unsupported_architecture_gives_422(client: TestClient, tmp_path: Path) -> None:
-    folder = tmp_path / "gemma2-tiny"
-    folder.mkdir()
-    config = {
-        "model_type": "gemma2",
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_size": 32,
-        "head_dim": 8,
-        "attn_logit_softcapping": 50.0,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+def _tiny_config_folder(tmp_path: Path, model_type: str) -> Path:
+    """A model folder with only the config.json of the matrix's tiny ``model_type`` (no weights:
+    the API reads configs, never models)."""
+    from worker.archmatrix.tiny import tiny_config
+
+    folder = tmp_path / f"{model_type}-tiny"
+    tiny_config(model_type).save_pretrained(folder)
+    return folder
+
+
+def test_refused_architecture_gives_422_with_the_matrix_reason(client: TestClient, tmp_path: Path) -> None:
+    from storage.architectures import architecture
+
+    folder = _tiny_config_folder(tmp_path, "bloom")  # attention outside AttentionInterface
     spec = {"model": {"id": str(folder)}, "prompts": ["hi"]}
     body = _problem(client.post("/v1/jobs", json=spec), 422, "unsupported-model")
-    assert "gemma2" in body["detail"]
+    entry = architecture("bloom")
+    assert entry is not None and not entry.admitted
+    assert "'bloom' is refused" in body["detail"] and entry.reason in body["detail"]
+    assert "AttentionInterface" in body["detail"] and "docs/architectures.md" in body["detail"]
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss", "deepseek_v3", "gpt_neox", "codegen"])
+def test_hard_cases_are_admitted(client: TestClient, tmp_path: Path, model_type: str) -> None:
+    """Soft-capping, sinks, latent attention, and config names of their own are admitted."""
+    folder = _tiny_config_folder(tmp_path, model_type)
+    response = client.post("/v1/jobs", json={"model": {"id": str(folder)}, "prompts": ["hi"]})
+    assert response.status_code == 202, response.text
+
+
+def test_layers_without_attention_give_422_listing_the_attention_layers(
+    client: TestClient, tmp_path: Path
+) -> None:
+    folder = _tiny_config_folder(tmp_path, "qwen3_next")  # linear-attention layers and full ones
+    config = json.loads((folder / "config.json").read_text())
+    attention = [i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention"]
+    other = next(i for i in range(config["num_hidden_layers"]) if i not in attention)
+    spec = {"model": {"id": str(folder)}, "prompts": ["hi"], "capture": {"layers": [other]}}
+    body = _problem(client.post("/v1/jobs", json=spec), 422, "invalid-job-spec")
+    assert f"capture.layers [{other}] have no attention" in body["detail"]
+    assert f"in layers {attention} only" in body["detail"]
+    ok = {"model": {"id": str(folder)}, "prompts": ["hi"], "capture": {"layers": attention}}
+    assert client.post("/v1/jobs", json=ok).status_code == 202
 
 
 def test_unreadable_model_config_gives_422(client: TestClient, tmp_path: Path) -> None:

@@ -22,9 +22,15 @@ RNG = np.random.default_rng(0)
 
 
 def reference(
-    q: np.ndarray, k: np.ndarray, scaling: float, window: int | None, softcap: float | None = None
+    q: np.ndarray,
+    k: np.ndarray,
+    scaling: float,
+    window: int | None,
+    softcap: float | None = None,
+    sink: float | None = None,
 ) -> np.ndarray:
-    """Row by row in float64, straight from the formula: ``q [T, D]``, ``k [T, D]`` → ``[T, T]``."""
+    """Row by row in float64, straight from the formula: ``q [T, D]``, ``k [T, D]`` → ``[T, T]``.
+    With a ``sink`` logit: p_ij = exp(s_ij) / (Σ_visible exp(s_ij) + exp(sink))."""
     length = q.shape[0]
     out = np.zeros((length, length))
     for i in range(length):
@@ -34,8 +40,10 @@ def reference(
         )
         if softcap:
             scores = softcap * np.tanh(scores / softcap)
-        weights = np.exp(scores - scores.max())
-        out[i, visible] = weights / weights.sum()
+        top = scores.max() if sink is None else max(scores.max(), sink)
+        weights = np.exp(scores - top)
+        total = weights.sum() + (0.0 if sink is None else np.exp(sink - top))
+        out[i, visible] = weights / total
     return out
 
 
@@ -65,6 +73,68 @@ def test_block_equals_the_formula(backend: Any, window: int | None, softcap: flo
             expected[r] = [ref[row, key] if key < length else 0.0 for key in keys]
     np.testing.assert_allclose(got, expected, atol=2e-6)
     assert not got[rows == 45].any()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    ("window", "softcap", "sink"),
+    [(None, None, 1.5), (5, None, -3.0), (None, 3.0, 8.0), (7, 2.0, 0.0), (None, None, 40.0)],
+)
+def test_block_with_a_sink_equals_the_formula(
+    backend: Any, window: int | None, softcap: float | None, sink: float
+) -> None:
+    """gpt-oss sinks: the sink logit joins every row's denominator; rows sum to 1 - sink mass."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    length, dim = 40, 8
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(length, dim)).astype(np.float32) * 2
+    k = rng.normal(size=(length, dim)).astype(np.float32) * 2
+    ref = reference(q, k, 0.3, window, softcap, sink)
+    full = probabilities(
+        q, k, np.arange(length), 0, scaling=0.3, window=window, softcap=softcap, sink=sink, backend=backend
+    )
+    assert full.dtype == np.float32
+    np.testing.assert_allclose(full, ref, atol=2e-6)
+    # the sink's mass, computed on its own: 1 - row sum = exp(σ) / (Σ_visible exp(s) + exp(σ))
+    mass = np.empty(length)
+    for i in range(length):
+        visible = [j for j in range(i + 1) if window is None or i - j < window]
+        scores = 0.3 * (q[i].astype(np.float64) @ k[visible].astype(np.float64).T)
+        if softcap:
+            scores = softcap * np.tanh(scores / softcap)
+        mass[i] = 1.0 / (1.0 + np.exp(scores - sink).sum())
+    assert mass.max() > 1e-3  # the sink changes the rows
+    np.testing.assert_allclose(full.sum(-1), 1.0 - mass, atol=2e-6)
+    rows = np.array([39, 0, 17, 17, 45, 3, 38])
+    keys = np.array([0, 1, 16, 17, 30, 39, 2, 50])
+    got = attention_block(
+        q[np.minimum(rows, length - 1)], k, rows, keys, length=length, scaling=0.3, window=window,
+        softcap=softcap, sink=sink, block_rows=2, backend=backend,
+    )  # fmt: skip
+    expected = np.zeros((rows.size, keys.size))
+    for r, row in enumerate(rows):
+        if row < length:
+            expected[r] = [ref[row, key] if key < length else 0.0 for key in keys]
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert not got[rows == 45].any()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_sink_row_without_visible_key_is_zero(backend: Any) -> None:
+    if backend == "torch":
+        pytest.importorskip("torch")
+    q = RNG.normal(size=(3, 4)).astype(np.float32)
+    k = RNG.normal(size=(4, 4)).astype(np.float32)
+    # keys start at position 2: the row at position 1 sees none of them, the row at 3 sees two
+    got = probabilities(q, k, np.array([1, 3, 5]), 2, scaling=1.0, window=None, sink=0.5, backend=backend)
+    assert np.isfinite(got).all() and not got[0].any()
+    expected = np.zeros((3, 4))
+    for r, position in enumerate([1, 3, 5]):
+        visible = [c for c in range(4) if c + 2 <= position]
+        scores = q[r].astype(np.float64) @ k[visible].astype(np.float64).T
+        expected[r, visible] = np.exp(scores) / (np.exp(scores).sum() + np.exp(0.5))
+    np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
 def test_output_matches_torch_sdpa_with_gqa_and_window() -> None:

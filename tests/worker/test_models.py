@@ -35,9 +35,29 @@ def test_model_cache_reuses_the_loaded_model(tiny_model_dir: Any, tmp_path: Path
     assert other is not first and other.facts.model_type == "gpt2"
 
 
-def test_softcap_models_are_refused(tiny_model_dir: Any, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedModel, match="soft-capping"):
-        ModelCache(tmp_path, "cpu").get(ModelSpec(id=str(tiny_model_dir("gemma2"))))
+def test_refused_types_give_the_matrix_reason(tmp_path: Path) -> None:
+    """A type the matrix refused is refused on load with the matrix's reason (not a generic one)."""
+    from storage.architectures import architecture
+    from worker.archmatrix.check import build_model_folder
+
+    build_model_folder("mamba", tmp_path / "mamba")
+    entry = architecture("mamba")
+    assert entry is not None and not entry.admitted
+    with pytest.raises(UnsupportedModel, match="no attention layers") as caught:
+        ModelCache(tmp_path, "cpu").get(ModelSpec(id=str(tmp_path / "mamba")))
+    assert entry.reason in str(caught.value)
+
+
+def test_hybrid_model_facts_come_from_its_attention_calls(tmp_path: Path) -> None:
+    """A hybrid model's attention layers, heads and sizes are what its attention calls showed."""
+    from worker.archmatrix.check import build_model_folder
+
+    config = build_model_folder("qwen3_next", tmp_path / "m")
+    lm = ModelCache(tmp_path, "cpu").get(ModelSpec(id=str(tmp_path / "m")))
+    kinds = list(config.layer_types)
+    assert lm.facts.attention_layers == tuple(i for i, k in enumerate(kinds) if k == "full_attention")
+    assert 0 < len(lm.facts.attention_layers) < lm.facts.num_layers
+    assert lm.info["attention_implementation"] == "sdpa"
 
 
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:

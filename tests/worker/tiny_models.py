@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-VOCAB = 256 + 2  # bytes + <bos> + <eos>
-BOS, EOS = 256, 257
+from worker.archmatrix.tokenizer import BOS, BYTE_VOCAB, EOS, byte_tokenizer
+
+VOCAB = BYTE_VOCAB
 
 _COMMON: dict[str, Any] = {"vocab_size": VOCAB, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": EOS}
 
@@ -66,23 +67,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=256,
     ),
 }
-
-
-def byte_tokenizer() -> Any:
-    """A real fast tokenizer: byte-level BPE with no merges (one token per byte) plus BOS/EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab.update({"<bos>": BOS, "<eos>": EOS})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>"
-    )
 
 
 def build_tiny_model(kind: str, folder: Path, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:

@@ -43,12 +43,16 @@ def attention_probs(
     allowed: torch.Tensor | None = None,
     additive_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities in fp32 for one block of query rows.
 
     ``query [B, H, Tq, D]``, ``key [B, KVH, Tk, D]`` (grouped-query expanded here);
     ``allowed`` boolean broadcastable to ``[B, H, Tq, Tk]`` (True = attend), or ``additive_mask``
-    (0 / large negative) of the same shape. Returns ``softmax(scaling · Q Kᵀ (+ soft-cap) + mask)``
+    (0 / large negative, or a bias such as ALiBi) of the same shape. ``softcap``: logits become
+    ``softcap · tanh(logits / softcap)`` before the mask (Gemma 2). ``sinks [H]``: one learned logit
+    per head that joins every row's softmax without being a key (gpt-oss): rows then sum to
+    ``1 - sink mass``. Returns ``softmax(scaling · Q Kᵀ (+ soft-cap) + mask (, sink))`` over the keys,
     ``[B, H, Tq, Tk]`` float32; rows with no visible key (padding rows) are all zero, never NaN.
     """
     num_heads = query.shape[1]
@@ -62,8 +66,19 @@ def attention_probs(
         allowed_mask = additive_mask > torch.finfo(additive_mask.dtype).min / 2
     if allowed_mask is not None:
         scores = scores.masked_fill(~allowed_mask, float("-inf"))
+    if sinks is not None:
+        return _softmax_with_sinks(scores, sinks.float())
     probs = torch.softmax(scores, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)
+
+
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """``scores [B, H, Tq, Tk]`` and ``sinks [H]``: the key columns of
+    ``softmax([scores, sink])`` (the sink's own column dropped), as the model normalises them."""
+    sink = sinks.view(1, -1, 1, 1)
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)  # finite: the sink is always there
+    weights = torch.exp(scores - top)
+    return weights / (weights.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
 
 
 def causal_block_probs(

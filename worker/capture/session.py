@@ -25,6 +25,7 @@ from worker.capture.attention_math import (
     causal_block_probs,
     expand_kv_heads,
 )
+from worker.capture.certify import Certifier
 from worker.capture.hook import AttentionCall
 from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager
 from worker.capture.rows import RowBlockBuffer
@@ -91,9 +92,11 @@ class ExportSession:
         store_qkv: bool | None = None,
         store_hidden: bool | None = None,
         kv: KVSink | None = None,
+        certifier: Certifier | None = None,
         max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES,
     ) -> None:
         self.layout = layout
+        self.certifier = certifier
         self.max_pinned_bytes = max_pinned_bytes
         self._stager: HostStager | None = None
         self.pads = list(pads)
@@ -107,6 +110,7 @@ class ExportSession:
         self.store_qkv = (layout.qkv or layout.derived_attention) if store_qkv is None else store_qkv
         self.store_v = self.store_qkv and layout.qkv
         self.store_hidden = layout.hidden_states if store_hidden is None else store_hidden
+        self.store_sink = self.store_attention and layout.sinks
         self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
         self.attention_heads = [list(h) for h in attention_heads] if attention_heads is not None else None
         self.q_start = 0
@@ -120,6 +124,7 @@ class ExportSession:
         self._buffers: dict[tuple[str, int, int], RowBlockBuffer] = {}
         for name, on in (
             ("attention", self.store_attention),
+            ("attention_sink", self.store_sink),
             ("q", self.store_qkv),
             ("k", self.store_qkv),
             ("v", self.store_v),
@@ -128,7 +133,7 @@ class ExportSession:
             if not on:
                 continue
             dtype = np.dtype(layout.dtype(name))
-            width = None if name == "attention" else layout.shape(name)[-1]
+            width = {"attention": None, "attention_sink": 1}.get(name, layout.shape(name)[-1])
             heads = 1 if name == "hidden_states" else layout.heads_of(name)
             for lp in range(len(layout.layers)):
                 for b in range(layout.batch):
@@ -177,6 +182,7 @@ class ExportSession:
         _, num_heads, q_len, _ = query.shape
         k_len = key.shape[2]
         k_abs0 = self.q_start + q_len - k_len  # keys are the most recent k_len positions
+        certify = self.certifier is not None and self.certifier.due(call.layer_idx, q_len)
         for b, pad in enumerate(self.pads):
             if not self.active[b]:
                 continue
@@ -185,6 +191,10 @@ class ExportSession:
                 continue
             col0 = max(0, k_abs0 - pad)  # first real key column available
             j0 = col0 + pad - k_abs0
+            computes_probs = self.store_attention or self.observer is not None
+            if certify and not computes_probs:  # nothing computed here: the certifier computes
+                assert self.certifier is not None
+                self.certifier.check(call, b, i0, j0, self.q_start, k_abs0)
             new0 = k_len - q_len + i0  # the rows' own (new) key/value positions
             if self.store_qkv:
                 self._capture_qkv(lp, b, row0, query[b, :, i0:], key[b, :, new0:], value[b, :, new0:])
@@ -202,8 +212,8 @@ class ExportSession:
                     call.scaling,
                     call.sliding_window,
                 )
-            if self.store_attention or self.observer is not None:
-                self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads)
+            if computes_probs:
+                self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads, certify)
         if self.on_layer_done is not None:
             self.on_layer_done()
 
@@ -236,17 +246,28 @@ class ExportSession:
             self._emit("v", lp, b, row0, self._host(v.index_select(0, kv_heads).to(dtype)))
 
     def _capture_attention(
-        self, lp: int, b: int, call: AttentionCall, row0: int, i0: int, col0: int, j0: int, num_heads: int
+        self,
+        lp: int,
+        b: int,
+        call: AttentionCall,
+        row0: int,
+        i0: int,
+        col0: int,
+        j0: int,
+        num_heads: int,
+        certify: bool = False,
     ) -> None:
         """Rows ``i0..`` of the call (real positions ``row0..``) of sequence ``b``; key index ``j0``
         of the call is real position ``col0``. Each block of rows is computed over the keys up to
-        its last row, rounded up to whole key chunks (the columns beyond are masked: exact zeros)."""
+        its last row, rounded up to whole key chunks (the columns beyond are masked: exact zeros).
+        ``certify``: the certifier verifies the sampled rows of these very probabilities."""
         query, key = call.query, call.key
         q_len, k_len = query.shape[2], key.shape[2]
         rows_per_chunk = self.layout.chunk_rows
         head_idx = self._index("att", lp, query.device)
         every_head = self._every_head(lp, num_heads)
-        fast = call.mask is None and every_head  # the common case: no padding, every head
+        # the common case: no padding, every head, plain softmax
+        fast = call.mask is None and every_head and call.softcap is None and call.sinks is None
         keys = None if fast else expand_kv_heads(key[b : b + 1, :, j0:], num_heads).index_select(1, head_idx)
         k_abs = torch.arange(self.q_start + q_len - k_len + j0, self.q_start + q_len, device=query.device)
         dtype = _TORCH_DTYPES[self.layout.attention_dtype]
@@ -261,6 +282,11 @@ class ExportSession:
             # causal sub-blocks of SUB_BLOCK_ROWS rows see only the keys up to their last row
             step = max(1, min(n, SUB_BLOCK_ROWS, PROBS_BUDGET_BYTES // (heads * n_keys * 4)))
             block: torch.Tensor | None = None
+            sink_block = (
+                torch.empty((heads, n, 1), dtype=torch.float32, device=query.device)
+                if self.store_sink
+                else None
+            )
             for s0 in range(0, n, step):
                 s1 = min(n, s0 + step)
                 width = n_keys
@@ -278,6 +304,12 @@ class ExportSession:
                     probs = self._masked_probs(
                         call, b, keys[:, :, :n_keys], k_abs[:n_keys], i0 + s0, s1 - s0, j0, head_idx
                     )
+                if certify:
+                    assert self.certifier is not None
+                    k_abs0 = self.q_start + q_len - k_len
+                    self.certifier.check_block(call, b, probs, i0 + s0, j0, head_idx, self.q_start, k_abs0)
+                if sink_block is not None:  # the mass the sink took: 1 minus the row's sum
+                    sink_block[:, s0:s1, 0] = 1.0 - probs.sum(dim=-1)
                 if self.observer is not None:
                     positions = torch.arange(row + s0, row + s1, device=query.device)
                     full = torch.nn.functional.pad(probs, (col0, 0)) if col0 else probs
@@ -292,21 +324,25 @@ class ExportSession:
                 del probs
             if block is not None:
                 self._emit_attention(lp, b, row, block, col0)
+            if sink_block is not None:
+                self._emit_attention(lp, b, row, sink_block, 0, name="attention_sink")
             i0 += n
             row += n
 
-    def _emit_attention(self, lp: int, b: int, row: int, block: torch.Tensor, col0: int) -> None:
-        """Hand ``block [H', n, K]`` (rows at real positions ``row ..``) to the writer: only the
-        stored rows (every one unless rows are selected)."""
+    def _emit_attention(
+        self, lp: int, b: int, row: int, block: torch.Tensor, col0: int, name: str = "attention"
+    ) -> None:
+        """Hand ``block [H', n, K]`` (rows at real positions ``row ..``) to the writer as array
+        ``name``: only the stored rows (every one unless rows are selected)."""
         n = block.shape[1]
         stored = self.row_index[b][row : row + n]
         keep = stored >= 0
         if keep.all():
-            self._emit("attention", lp, b, int(stored[0]), self._host(block), col0)
+            self._emit(name, lp, b, int(stored[0]), self._host(block), col0)
         elif keep.any():
             rows = torch.from_numpy(np.flatnonzero(keep)).to(block.device)
             kept = self._host(block.index_select(1, rows))
-            self._emit("attention", lp, b, int(stored[keep][0]), kept, col0)
+            self._emit(name, lp, b, int(stored[keep][0]), kept, col0)
 
     def _masked_probs(
         self,
@@ -335,7 +371,16 @@ class ExportSession:
                 allowed = mask
             else:
                 additive = mask
-        probs = attention_probs(q_block, keys, scaling=call.scaling, allowed=allowed, additive_mask=additive)
+        sinks = None if call.sinks is None else call.sinks.index_select(0, head_idx)
+        probs = attention_probs(
+            q_block,
+            keys,
+            scaling=call.scaling,
+            allowed=allowed,
+            additive_mask=additive,
+            softcap=call.softcap,
+            sinks=sinks,
+        )
         return probs[0]
 
     def flush(self) -> None:

@@ -1,0 +1,239 @@
+"""Every bundle certifies itself: a sampled block of each exported layer is checked on the worker.
+
+For the first (prefill) call and the first decode call of every exported layer, the last
+:data:`SAMPLE_ROWS` real rows of each sequence are recomputed with the export's probability
+function (:func:`worker.capture.attention_math.attention_probs`, the model's mask, soft-cap and
+sinks), over every query head, and checked three ways:
+
+- rows sum to 1, or to 1 minus the sink mass computed from the model's sink logits;
+- no probability where the model's mask hides the key;
+- probabilities times V equal the attention output the model's own function returned (before
+  the output projection), relative to the largest |v| of the visible keys.
+
+The measured maxima, the tolerances and the provenance (transformers/torch versions, the wrapped
+attention implementation, weights dtype) are stored in the bundle's ``certificate`` attribute. A
+check over its tolerance raises :class:`~storage.errors.CertificationFailed`: the job fails with the
+figures instead of shipping wrong data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from storage.errors import CertificationFailed
+from worker.capture.attention_math import attention_probs, causal_allowed
+from worker.capture.hook import AttentionCall
+
+SAMPLE_ROWS = 8
+# probabilities · V against the model's output, relative to max |v|: the model computes in the
+# weights' dtype (bf16: 8-bit mantissa, rounding ≈ 4e-3 per product, accumulated over the keys)
+OUTPUT_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+ROW_SUM_TOLERANCE = 1e-4  # the probabilities themselves are fp32
+
+
+@dataclass
+class LayerCertificate:
+    rows: int = 0
+    calls: int = 0
+    row_sum_error: float = 0.0
+    masked_mass: float = 0.0
+    output_error: float = 0.0
+
+
+@dataclass
+class Certifier:
+    """Checks sampled rows of each exported layer (``layer_pos`` of the layout), at most one
+    prefill call and one decode call per layer. ``weights_dtype`` sets the output tolerance."""
+
+    layers: tuple[int, ...]
+    weights_dtype: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    _done: set[tuple[int, bool]] = field(default_factory=set)
+    _layers: dict[int, LayerCertificate] = field(default_factory=dict)
+
+    @property
+    def output_tolerance(self) -> float:
+        return OUTPUT_TOLERANCE.get(self.weights_dtype, OUTPUT_TOLERANCE["bfloat16"])
+
+    def due(self, layer_idx: int, q_len: int) -> bool:
+        """Whether this call of ``layer_idx`` is to be checked (marks it checked)."""
+        key = (layer_idx, q_len == 1)
+        if layer_idx not in self.layers or key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
+    def check(self, call: AttentionCall, b: int, i0: int, j0: int, q_abs0: int, k_abs0: int) -> None:
+        """A call whose probabilities the export does not compute (q/k/v or derived jobs): compute
+        them for the sampled rows as the export would, then verify. Rows ``i0..`` of the call are
+        sequence ``b``'s real rows (absolute position of call row 0: ``q_abs0``), keys ``j0..`` its
+        real keys (absolute position of call key 0: ``k_abs0``)."""
+        if call.output is None:
+            return
+        q_len = call.query.shape[2]
+        r0 = max(i0, q_len - SAMPLE_ROWS)
+        heads = torch.arange(call.query.shape[1], device=call.query.device)
+        allowed, additive = _visibility(
+            call, b, r0, q_len - r0, j0, call.key.shape[2] - j0, heads, q_abs0, k_abs0
+        )
+        probs = attention_probs(
+            call.query[b : b + 1, :, r0:],
+            call.key[b : b + 1, :, j0:],
+            scaling=call.scaling,
+            allowed=allowed,
+            additive_mask=additive,
+            softcap=call.softcap,
+            sinks=call.sinks,
+        )[0]
+        self._verify(call, b, probs, r0, j0, heads, q_abs0, k_abs0)
+
+    def check_block(
+        self,
+        call: AttentionCall,
+        b: int,
+        probs: torch.Tensor,
+        r0: int,
+        j0: int,
+        heads: torch.Tensor,
+        q_abs0: int,
+        k_abs0: int,
+    ) -> None:
+        """The export's own probabilities ``probs [H', n, K]`` of call rows ``r0 .. r0 + n`` over call
+        keys ``j0 .. j0 + K`` (every key a row can see) for query heads ``heads [H']``: the rows among
+        the call's last :data:`SAMPLE_ROWS` are verified."""
+        if call.output is None:
+            return
+        first = max(r0, call.query.shape[2] - SAMPLE_ROWS)
+        if first < r0 + probs.shape[1]:
+            self._verify(call, b, probs[:, first - r0 :], first, j0, heads, q_abs0, k_abs0)
+
+    def _verify(
+        self,
+        call: AttentionCall,
+        b: int,
+        probs: torch.Tensor,
+        r0: int,
+        j0: int,
+        heads: torch.Tensor,
+        q_abs0: int,
+        k_abs0: int,
+    ) -> None:
+        """Row sums (with the sink's mass), masked keys, and probabilities·V against the model's
+        output for ``probs [H', n, K]`` (rows from ``r0``, keys from ``j0``, query heads ``heads``)."""
+        assert call.output is not None
+        rows, width = probs.shape[1], probs.shape[2]
+        probs = probs.float()
+        allowed, additive = _visibility(call, b, r0, rows, j0, width, heads, q_abs0, k_abs0)
+        if allowed is not None:
+            visible = allowed
+        else:
+            assert additive is not None
+            visible = additive > torch.finfo(additive.dtype).min / 2
+        visible = visible[0] if visible.dim() == 4 else visible
+        row_sums = probs.sum(dim=-1)
+        expected = torch.ones_like(row_sums)
+        if call.sinks is not None:
+            expected = expected - _sink_mass(call, b, r0, rows, j0, width, heads, visible, additive)
+        groups = call.query.shape[1] // call.value.shape[1]
+        v = call.value[b, :, j0 : j0 + width].float().index_select(0, heads // groups)  # [H', K, Dv]
+        ours = torch.matmul(probs, v)  # [H', n, Dv]
+        theirs = call.output[b, r0 : r0 + rows].float().index_select(1, heads).transpose(0, 1)
+        scale = max(float(v.abs().max()), 1e-6)
+        cert = self._layers.setdefault(call.layer_idx, LayerCertificate())
+        cert.rows += rows
+        cert.calls += 1
+        cert.row_sum_error = max(cert.row_sum_error, float((row_sums - expected).abs().max()))
+        cert.masked_mass = max(cert.masked_mass, float(probs.masked_fill(visible, 0.0).abs().max()))
+        cert.output_error = max(cert.output_error, float((ours - theirs).abs().max()) / scale)
+        self._raise_if_failed(call.layer_idx, cert)
+
+    def _raise_if_failed(self, layer_idx: int, cert: LayerCertificate) -> None:
+        problems = []
+        if cert.row_sum_error > ROW_SUM_TOLERANCE:
+            problems.append(f"rows sum to 1 (minus sink mass) within {cert.row_sum_error:.2g}")
+        if cert.masked_mass > 0:
+            problems.append(f"probability {cert.masked_mass:.2g} on keys the model's mask hides")
+        if cert.output_error > self.output_tolerance:
+            problems.append(
+                f"probabilities·V differ from the model's attention output by {cert.output_error:.2g} "
+                f"of max|v| (tolerance {self.output_tolerance:g} for {self.weights_dtype} weights)"
+            )
+        if problems:
+            raise CertificationFailed(
+                f"layer {layer_idx}: the exported attention does not reproduce the model's: "
+                + "; ".join(problems)
+                + ". The data would be wrong, so the job stopped; report the model type and versions",
+                detail={"layer": layer_idx, **vars(cert), "provenance": self.provenance},
+            )
+
+    def certificate(self) -> dict[str, Any]:
+        """The bundle's ``certificate`` attribute: tolerances, per-layer maxima, provenance."""
+        layers = {str(k): vars(v) for k, v in sorted(self._layers.items())}
+        worst = {
+            name: max((getattr(v, name) for v in self._layers.values()), default=0.0)
+            for name in ("row_sum_error", "masked_mass", "output_error")
+        }
+        return {
+            "method": "sampled rows per exported layer (prefill and first decode call), recomputed "
+            "in fp32 and checked: row sums, masked keys, probabilities·V vs the model's attention output",
+            "sample_rows": SAMPLE_ROWS,
+            "tolerance": {"row_sum": ROW_SUM_TOLERANCE, "output_relative": self.output_tolerance},
+            "max": worst,
+            "layers": layers,
+            "provenance": self.provenance,
+        }
+
+
+def _visibility(
+    call: AttentionCall,
+    b: int,
+    r0: int,
+    rows: int,
+    j0: int,
+    width: int,
+    heads: torch.Tensor,
+    q_abs0: int,
+    k_abs0: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The model's mask for call rows ``r0 .. r0 + rows`` and keys ``j0 .. j0 + width`` of sequence
+    ``b`` as ``(allowed, additive)`` (one of them set), for query heads ``heads``: the call's own
+    mask, or causal (with the window) when the call carries none."""
+    if call.mask is None:
+        device = call.query.device
+        q_abs = torch.arange(q_abs0 + r0, q_abs0 + r0 + rows, device=device)
+        k_abs = torch.arange(k_abs0 + j0, k_abs0 + j0 + width, device=device)
+        return causal_allowed(q_abs, k_abs, call.sliding_window), None
+    mask = call.mask[b : b + 1, :, r0 : r0 + rows, j0 : j0 + width]
+    if mask.shape[1] == call.query.shape[1]:
+        mask = mask.index_select(1, heads)
+    return (mask, None) if mask.dtype == torch.bool else (None, mask)
+
+
+def _sink_mass(
+    call: AttentionCall,
+    b: int,
+    r0: int,
+    rows: int,
+    j0: int,
+    width: int,
+    heads: torch.Tensor,
+    visible: torch.Tensor,
+    additive: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[H', n]``: exp(sink) / (Σ_visible exp(score) + exp(sink)), computed independently of
+    :func:`attention_probs` (logsumexp over the visible scores and the sink)."""
+    assert call.sinks is not None
+    query = call.query[b, :, r0 : r0 + rows].float().index_select(0, heads)  # [H', n, D]
+    groups = call.query.shape[1] // call.key.shape[1]
+    k = call.key[b, :, j0 : j0 + width].float().index_select(0, heads // groups)  # [H', K, D]
+    scores = torch.matmul(query, k.transpose(-1, -2)) * call.scaling
+    if call.softcap is not None:
+        scores = torch.tanh(scores / call.softcap) * call.softcap
+    if additive is not None:
+        scores = scores + additive[0].float()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = call.sinks.float().index_select(0, heads).view(-1, 1, 1).expand(-1, rows, 1)
+    return torch.exp(sink[..., 0] - torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1))
