@@ -10,6 +10,7 @@ No probability is computed here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,19 @@ class AttentionFacts:
     """Wraps the capture sink of the main passes (:meth:`wrap`); remembers per exported layer the
     scaling and sliding window of its attention calls."""
 
-    def __init__(self, layout: BundleLayout) -> None:
+    def __init__(self, layout: BundleLayout, chunks: Sequence[int] | None = None) -> None:
+        """``chunks``: per exported layer, the chunk size of chunked attention (0: none), which the
+        attention calls do not carry (:func:`layer_chunks` reads it from the config)."""
         self.layout = layout
+        self.chunks = np.asarray(chunks if chunks is not None else [0] * len(layout.layers), dtype=np.int32)
         self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
         self.scaling = np.full(len(layout.layers), np.nan, dtype=np.float64)
         self.window = np.full(len(layout.layers), -1, dtype=np.int32)  # -1: no call seen; 0: no window
         self.sinks = np.full((len(layout.layers), len(layout.heads)), np.nan, dtype=np.float32)
+
+    def chunk_of(self) -> dict[int, int]:
+        """Chunk size (0: none) of each exported layer, by the model's layer index."""
+        return {layer: int(c) for layer, c in zip(self.layout.layers, self.chunks, strict=True)}
 
     def wrap(self, sink: CaptureSink) -> CaptureSink:
         return _Recording(self, sink) if self.layout.derived_attention else sink
@@ -61,7 +69,7 @@ class AttentionFacts:
                 "num_kv_heads": facts.num_kv_heads,
                 "softcap": facts.attn_logit_softcapping,
                 "q_k_dtype": self.layout.qkv_dtype,
-                "arrays": ["q", "k", "attention_scaling", "attention_window", "length"]
+                "arrays": ["q", "k", "attention_scaling", "attention_window", "attention_chunk", "length"]
                 + (["attention_sinks"] if self.layout.sinks else []),
             }
         }
@@ -72,6 +80,7 @@ class AttentionFacts:
         arrays: dict[str, np.ndarray] = {
             "attention_scaling": self.scaling.copy(),
             "attention_window": self.window.copy(),
+            "attention_chunk": self.chunks.copy(),
         }
         if self.layout.sinks:
             arrays["attention_sinks"] = self.sinks.copy()
@@ -85,3 +94,16 @@ class _Recording:
     def on_attention(self, call: AttentionCall) -> None:
         self.facts.record(call)
         self.sink.on_attention(call)
+
+
+def layer_chunks(config: Any, layers: Sequence[int]) -> list[int]:
+    """Chunk size of each of ``layers`` whose type (``config.layer_types``) is chunked attention
+    (``attention_chunk_size``, Llama 4), else 0."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    size = getattr(text, "attention_chunk_size", None)
+    kinds = getattr(text, "layer_types", None) or []
+    if not size:
+        return [0] * len(layers)
+    return [
+        int(size) if layer < len(kinds) and kinds[layer] == "chunked_attention" else 0 for layer in layers
+    ]

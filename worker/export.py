@@ -29,7 +29,7 @@ from worker.capture.certify import Certifier
 from worker.capture.hook import capturing
 from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
-from worker.derived import AttentionFacts
+from worker.derived import AttentionFacts, layer_chunks
 from worker.generation import (
     Batch,
     cache_argument,
@@ -107,14 +107,20 @@ class Exporter:
         if spec.kv_compression:
             self.kv = KVExport(list(spec.kv_compression), self.layout, facts.num_heads, facts.num_kv_heads)
         self.top_head_index: np.ndarray | None = None
-        self.attention_facts = AttentionFacts(self.layout)  # derived attention: per-layer scaling/window
+        # derived attention: per-layer scaling/window (from the calls) and chunk size (from the config)
+        self.attention_facts = AttentionFacts(self.layout, layer_chunks(lm.model.config, self.layout.layers))
         self.generation_checks: dict[str, dict[str, Any]] = {}
         self.induction: np.ndarray | None = None
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         self._cache_argument = cache_argument(lm.model)
         self._check_cancel = True
         self.hidden_layers = self.layout.layers if self.layout.hidden_states else ()
-        self.certifier = Certifier(self.layout.layers, str(lm.dtype).replace("torch.", ""), provenance(lm))
+        self.certifier = Certifier(
+            self.layout.layers,
+            str(lm.dtype).replace("torch.", ""),
+            provenance(lm),
+            derived_chunks=self.attention_facts.chunk_of() if self.layout.derived_attention else None,
+        )
 
     def base_attrs(self, job_id: str) -> dict[str, Any]:
         """Root attributes known before the first chunk (the rest are written last)."""

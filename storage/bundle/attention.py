@@ -17,7 +17,7 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
-from storage.bundle.derived import DEFAULT_BLOCK_ROWS, Backend, attention_block, describe
+from storage.bundle.derived import DEFAULT_BLOCK_ROWS, Backend, attention_block, describe, visible_key_range
 from storage.errors import BundleNotReady
 
 Index = int | slice | Sequence[int] | np.ndarray
@@ -44,6 +44,9 @@ class DerivedAttention:
         self.lengths = np.asarray(ds["length"].values, dtype=np.int64)
         self.scaling = np.asarray(ds["attention_scaling"].values, dtype=np.float64)
         self.window = np.asarray(ds["attention_window"].values, dtype=np.int64)
+        # chunked attention (1.4; absent in older bundles: no chunks)
+        chunk = ds["attention_chunk"].values if "attention_chunk" in ds else np.zeros_like(self.window)
+        self.chunk = np.asarray(chunk, dtype=np.int64)
         self.layers = [int(v) for v in ds["layer"].values]
         self.heads = [int(v) for v in ds["head"].values]
         kv_heads = [int(v) for v in ds["kv_head"].values]
@@ -90,9 +93,9 @@ class DerivedAttention:
         if not valid.any() or key.size == 0:
             return out
         scaling, window = self.layer_facts(layer_pos)
+        chunk = int(self.chunk[layer_pos]) or None
         rows = np.unique(query[valid])
-        key_lo = max(0, int(rows[0]) - window + 1) if window else 0
-        key_hi = int(rows[-1]) + 1
+        key_lo, key_hi = visible_key_range(rows, window, chunk)
         kv_pos = sorted({self.kv_of_head[int(h)] for h in head_pos})
         heads = [int(h) for h in head_pos]
         q = self.q.isel(layer=layer_pos, batch=batch, head=heads, position=rows).values  # [H, n, D]
@@ -108,6 +111,7 @@ class DerivedAttention:
                 key0=key_lo,
                 scaling=scaling,
                 window=window,
+                chunk=chunk,
                 softcap=self.softcap,
                 sink=None if self.sinks is None else float(self.sinks[layer_pos, h]),
                 block_rows=self.block_rows,

@@ -9,6 +9,7 @@ For one query row at position ``i`` and the keys at positions ``j`` (docs/bundle
     s_ij = scaling · (q_i · k_j)                      fp32
     s_ij = softcap · tanh(s_ij / softcap)             only with logit soft-capping
     visible(i, j) = j ≤ i  and  i − j < window        (no window: j ≤ i)
+                    and  i // chunk == j // chunk      (chunked attention, Llama 4; no chunk: always)
     p_ij = exp(s_ij − max_visible s_i) / Σ_visible exp(s_ij − max_visible s_i), 0 where not visible
     with a learned sink logit σ (``attention_sinks``): the denominator gains exp(σ − m), where
     m = max(max_visible s_i, σ); the row then sums to 1 minus the sink's mass
@@ -30,11 +31,16 @@ BLOCK_ELEMENTS = 1 << 25
 DEFAULT_BLOCK_ROWS = 256
 
 
-def visible_key_range(query_positions: np.ndarray, window: int | None) -> tuple[int, int]:
+def visible_key_range(
+    query_positions: np.ndarray, window: int | None, chunk: int | None = None
+) -> tuple[int, int]:
     """``[lo, hi)`` of key positions visible to at least one of ``query_positions`` (non-empty)."""
-    lo = int(query_positions.min())
+    first = int(query_positions.min())
     hi = int(query_positions.max()) + 1
-    return (max(0, lo - window + 1) if window else 0), hi
+    lo = max(0, first - window + 1) if window else 0
+    if chunk:
+        lo = max(lo, first // chunk * chunk)
+    return lo, hi
 
 
 def use_torch(backend: Backend) -> bool:
@@ -56,6 +62,7 @@ def probabilities(
     window: int | None,
     softcap: float | None = None,
     sink: float | None = None,
+    chunk: int | None = None,
     backend: Backend = "auto",
     device: str | None = None,
 ) -> np.ndarray:
@@ -71,6 +78,7 @@ def probabilities(
             window=window,
             softcap=softcap,
             sink=sink,
+            chunk=chunk,
             device=device,
         )
     q32 = np.asarray(q_rows, dtype=np.float32)
@@ -78,7 +86,7 @@ def probabilities(
     scores = (q32 @ k32.T) * np.float32(scaling)
     if softcap:
         scores = np.tanh(scores / np.float32(softcap)) * np.float32(softcap)
-    hidden = _hidden(np.asarray(query_positions, dtype=np.int64) - key0, keys.shape[0], window)
+    hidden = _hidden(np.asarray(query_positions, dtype=np.int64), key0, keys.shape[0], window, chunk)
     scores[hidden] = -np.inf
     row_max = scores.max(axis=-1, keepdims=True)
     if sink is not None:
@@ -92,13 +100,18 @@ def probabilities(
     return scores
 
 
-def _hidden(offsets: np.ndarray, num_keys: int, window: int | None) -> np.ndarray:
-    """Boolean ``[n, K]``: True where key column c is not visible to the row at ``offsets[r]``
-    (the row's position minus the first key's position)."""
-    columns = np.arange(num_keys, dtype=np.int64)[None, :]
-    hidden: np.ndarray = columns > offsets[:, None]
+def _hidden(
+    query_positions: np.ndarray, key0: int, num_keys: int, window: int | None, chunk: int | None
+) -> np.ndarray:
+    """Boolean ``[n, K]``: True where the key at position ``key0 + c`` is not visible to the row at
+    ``query_positions[r]`` (later, outside the window, or in another chunk)."""
+    keys = key0 + np.arange(num_keys, dtype=np.int64)[None, :]
+    rows = query_positions[:, None]
+    hidden: np.ndarray = keys > rows
     if window:
-        hidden |= columns <= offsets[:, None] - window
+        hidden |= keys <= rows - window
+    if chunk:
+        hidden |= keys // chunk != rows // chunk
     return hidden
 
 
@@ -112,6 +125,7 @@ def _probabilities_torch(
     window: int | None,
     softcap: float | None,
     sink: float | None,
+    chunk: int | None,
     device: str | None,
 ) -> np.ndarray:
     import torch  # optional: only when asked for, or already imported by the caller
@@ -122,11 +136,9 @@ def _probabilities_torch(
     scores = torch.matmul(q32, k32.T) * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    offsets = torch.from_numpy(np.asarray(query_positions, dtype=np.int64) - key0).to(dev)[:, None]
-    columns = torch.arange(keys.shape[0], device=dev)[None, :]
-    hidden = columns > offsets
-    if window:
-        hidden |= columns <= offsets - window
+    hidden = torch.from_numpy(
+        _hidden(np.asarray(query_positions, dtype=np.int64), key0, keys.shape[0], window, chunk)
+    ).to(dev)
     scores = scores.masked_fill(hidden, float("-inf"))
     if sink is not None:  # the sink's column joins the softmax, then is dropped
         sink_column = torch.full_like(scores[:, :1], float(sink))
@@ -149,6 +161,7 @@ def attention_block(
     window: int | None,
     softcap: float | None = None,
     sink: float | None = None,
+    chunk: int | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     backend: Backend = "auto",
     device: str | None = None,
@@ -168,7 +181,7 @@ def attention_block(
     key_positions = np.asarray(key_positions, dtype=np.int64)
     out = np.zeros((query_positions.size, key_positions.size), dtype=np.float32)
     valid = np.flatnonzero((query_positions >= 0) & (query_positions < length))
-    if valid.size and visible_key_range(query_positions[valid], window)[0] < key0:
+    if valid.size and visible_key_range(query_positions[valid], window, chunk)[0] < key0:
         raise ValueError(f"keys start at position {key0}: the rows need keys from an earlier position")
     if valid.size == 0 or key_positions.size == 0:
         return out
@@ -179,7 +192,7 @@ def attention_block(
         while True:  # halve the block until its scores fit in BLOCK_ELEMENTS (one row always fits)
             block = order[start : start + step]
             positions = query_positions[block]
-            key_lo, key_hi = visible_key_range(positions, window)
+            key_lo, key_hi = visible_key_range(positions, window, chunk)
             if step == 1 or step * (key_hi - key_lo) <= BLOCK_ELEMENTS:
                 break
             step //= 2
@@ -192,6 +205,7 @@ def attention_block(
             window=window,
             softcap=softcap,
             sink=sink,
+            chunk=chunk,
             backend=backend,
             device=device,
         )
@@ -216,6 +230,7 @@ def describe() -> dict[str, Any]:
     return {
         "formula": "p = softmax_j(scaling * q_i . k_j [softcap * tanh(./softcap)]) over visible j "
         "[and the layer's sink logit attention_sinks[layer, head], whose column is dropped], fp32",
-        "visible": "j <= i and i - j < window (attention_window 0: no window)",
+        "visible": "j <= i and i - j < window (attention_window 0: no window) "
+        "and i // chunk == j // chunk (attention_chunk 0: no chunks)",
         "gqa": "query head h reads kv head h // (num_heads // num_kv_heads)",
     }

@@ -31,6 +31,8 @@ DIMS: dict[str, tuple[str, ...]] = {
     # attention="derived" (1.2): what reconstruction needs besides q and k
     "attention_scaling": ("layer",),
     "attention_window": ("layer",),
+    # attention="derived" (1.4): chunked attention's chunk size per layer (0: none)
+    "attention_chunk": ("layer",),
     # attention="derived" of a model with learned sinks (1.4): each exported head's sink logit
     "attention_sinks": ("layer", "head"),
 }

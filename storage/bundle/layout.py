@@ -99,6 +99,7 @@ class BundleLayout:
             "kv_head": (len(self.kv_heads),),
             "attention_scaling": (layers,),
             "attention_window": (layers,),
+            "attention_chunk": (layers,),
             "attention_sinks": (layers, len(self.heads)),
         }
         if array in ("q", "k", "v"):
@@ -159,7 +160,7 @@ class BundleLayout:
         elif self.derived_attention:
             names += ["q", "k"]
         if self.derived_attention:
-            names += ["attention_scaling", "attention_window"]
+            names += ["attention_scaling", "attention_window", "attention_chunk"]
             if self.sinks:
                 names.append("attention_sinks")
         if self.hidden_states:

@@ -32,8 +32,13 @@ def _sampled_tokens(folder: str, seed: int, out: Path) -> list[int]:
     spec: dict[str, Any] = {
         "model": {"id": folder},
         "prompts": ["seeded"],
-        "generation": {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "seed": seed,
-                       "stop_at_eos": False},
+        "generation": {
+            "max_new_tokens": 12,
+            "do_sample": True,
+            "temperature": 1.5,
+            "seed": seed,
+            "stop_at_eos": False,
+        },
         "capture": {"attention": True, "layers": [0]},
     }
     ds, _, _ = export(spec, out)

@@ -111,3 +111,16 @@ def test_latent_attention_v_has_its_own_head_size(model_folder: Any, tmp_path: P
     assert lm.facts.v_head_dim is not None and lm.facts.v_head_dim != lm.facts.head_dim
     assert ds["q"].dims[-1] == "head_dim" and ds.sizes["head_dim"] == lm.facts.head_dim
     assert ds["v"].dims[-1] == "v_head_dim" and ds.sizes["v_head_dim"] == lm.facts.v_head_dim
+
+
+def test_alibi_falcon_is_exact_and_its_derived_export_fails_its_certificate(tmp_path: Path) -> None:
+    """ALiBi reaches the attention as a bias in the model's additive mask: the export (which uses
+    the mask) is exact; derived attention stores no bias, so its job fails its certificate rather
+    than ship q/k that would reconstruct attention without ALiBi."""
+    from worker.archmatrix.check import check_type
+
+    result = check_type("falcon", overrides={"alibi": True})
+    assert result.status == "exact", result.reason
+    assert result.max_error is not None and result.max_error < 1e-5
+    assert not result.derived
+    assert "CertificationFailed" in result.derived_reason and "attention=true" in result.derived_reason

@@ -97,11 +97,14 @@ class _Hooks:
     def check_cancelled(self) -> None: ...
 
 
-def build_model_folder(model_type: str, folder: Path, seed: int = 0) -> Any:
-    """Save a tiny seeded ``model_type`` model and the byte tokenizer into ``folder``; returns the config."""
+def build_model_folder(
+    model_type: str, folder: Path, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> Any:
+    """Save a tiny seeded ``model_type`` model (``overrides``: config values on top of the tiny
+    sizes) and the byte tokenizer into ``folder``; returns the config."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
@@ -245,8 +248,11 @@ def _mechanisms(facts: Any, config: Any) -> str:
     notes = []
     if facts.attention_layers is not None:
         notes.append(f"attention in layers {list(facts.attention_layers)} of {facts.num_layers}")
-    if facts.sliding_window or getattr(config, "sliding_window", None):
+    text = config.get_text_config(decoder=True)
+    if facts.sliding_window or getattr(text, "sliding_window", None):
         notes.append("sliding window")
+    if getattr(text, "attention_chunk_size", None):
+        notes.append("chunked attention")
     if facts.attn_logit_softcapping:
         notes.append("logit soft-capping")
     if facts.sinks:
@@ -255,13 +261,17 @@ def _mechanisms(facts: Any, config: Any) -> str:
         notes.append(f"q/k head size {facts.head_dim}, v {facts.v_head_dim}")
     if facts.num_kv_heads < facts.num_heads:
         notes.append("grouped-query" if facts.num_kv_heads > 1 else "multi-query")
-    text = config.get_text_config(decoder=True)
     if any(getattr(text, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
         notes.append("mixture of experts")
     return ", ".join(notes)
 
 
-def check_type(model_type: str, workdir: Path | None = None, precision: Precision = CPU_FP32) -> TypeResult:
+def check_type(
+    model_type: str,
+    workdir: Path | None = None,
+    precision: Precision = CPU_FP32,
+    overrides: dict[str, Any] | None = None,
+) -> TypeResult:
     """The matrix's verdict on ``model_type`` (never raises for a model's failure: it is a reason)."""
     from worker.models import load_model
 
@@ -271,7 +281,7 @@ def check_type(model_type: str, workdir: Path | None = None, precision: Precisio
     try:
         with warnings.catch_warnings(), _time_limit(TYPE_TIME_LIMIT_S):
             warnings.simplefilter("ignore")
-            _check(model_type, root, result, load_model, precision)
+            _check(model_type, root, result, load_model, precision, overrides)
     except _TimeLimit:
         result.status, result.derived = "refused", False
         result.reason = (
@@ -279,6 +289,9 @@ def check_type(model_type: str, workdir: Path | None = None, precision: Precisio
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        # the verdicts are data: no temporary paths in them
+        result.reason = result.reason.replace(str(root), "<model folder>")
+        result.derived_reason = result.derived_reason.replace(str(root), "<model folder>")
         result.seconds = round(time.perf_counter() - started, 2)
     return result
 
@@ -306,13 +319,20 @@ def _time_limit(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _check(model_type: str, root: Path, result: TypeResult, load_model: Any, precision: Precision) -> None:
+def _check(
+    model_type: str,
+    root: Path,
+    result: TypeResult,
+    load_model: Any,
+    precision: Precision,
+    overrides: dict[str, Any] | None = None,
+) -> None:
     from storage.jobspec import ModelSpec
     from worker.archmatrix.reasons import refusal_reason, unknown_mechanism_reason
 
     folder = root / "model"
     try:
-        config = build_model_folder(model_type, folder)
+        config = build_model_folder(model_type, folder, overrides=overrides)
     except Exception as exc:
         result.reason = refusal_reason(model_type, exc, stage="config")
         return
@@ -364,7 +384,7 @@ def _check_derived(folder: Path, root: Path, lm: Any, result: TypeResult, precis
         ds = _export(folder, root / "derived.zarr", lm, precision, attention="derived", qkv=False)
         error = _compare(ds, folder, precision, with_qkv=False).worst
     except Exception as exc:
-        result.derived_reason = f"derived export failed: {type(exc).__name__}: {exc}"[:300]
+        result.derived_reason = f"derived export failed: {type(exc).__name__}: {exc}"[:600]
         return
     result.derived_error = error
     if error <= precision.atol:

@@ -51,6 +51,11 @@ class Certifier:
     layers: tuple[int, ...]
     weights_dtype: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    # derived-attention jobs: each exported layer's chunk size (0: none). The sampled rows are then
+    # computed by the reader's formula from what the bundle stores (scaling, window, chunk,
+    # soft-cap, sinks; no mask, no bias), so a model the formula cannot reproduce (an ALiBi bias in
+    # its mask) fails here instead of shipping q/k that reconstruct wrong attention
+    derived_chunks: dict[int, int] | None = None
     _done: set[tuple[int, bool]] = field(default_factory=set)
     _layers: dict[int, LayerCertificate] = field(default_factory=dict)
 
@@ -66,19 +71,35 @@ class Certifier:
         self._done.add(key)
         return True
 
-    def check(self, call: AttentionCall, b: int, i0: int, j0: int, q_abs0: int, k_abs0: int) -> None:
+    def check(
+        self,
+        call: AttentionCall,
+        b: int,
+        i0: int,
+        j0: int,
+        q_abs0: int,
+        k_abs0: int,
+        real: tuple[int, int] = (0, 0),
+    ) -> None:
         """A call whose probabilities the export does not compute (q/k/v or derived jobs): compute
-        them for the sampled rows as the export would, then verify. Rows ``i0..`` of the call are
-        sequence ``b``'s real rows (absolute position of call row 0: ``q_abs0``), keys ``j0..`` its
-        real keys (absolute position of call key 0: ``k_abs0``)."""
+        them for the sampled rows as the export (or, for derived jobs, the reader) would, then
+        verify. Rows ``i0..`` of the call are sequence ``b``'s real rows (absolute position of call
+        row 0: ``q_abs0``), keys ``j0..`` its real keys (absolute position of call key 0:
+        ``k_abs0``); ``real``: the token positions of row ``i0`` and key ``j0``."""
         if call.output is None:
             return
         q_len = call.query.shape[2]
         r0 = max(i0, q_len - SAMPLE_ROWS)
         heads = torch.arange(call.query.shape[1], device=call.query.device)
-        allowed, additive = _visibility(
-            call, b, r0, q_len - r0, j0, call.key.shape[2] - j0, heads, q_abs0, k_abs0
-        )
+        allowed: torch.Tensor | None
+        additive: torch.Tensor | None = None
+        if self.derived_chunks is not None:
+            num_keys = call.key.shape[2] - j0
+            allowed = self._derived_visibility(call, r0 - i0 + real[0], q_len - r0, real[1], num_keys)
+        else:
+            allowed, additive = _visibility(
+                call, b, r0, q_len - r0, j0, call.key.shape[2] - j0, heads, q_abs0, k_abs0
+            )
         probs = attention_probs(
             call.query[b : b + 1, :, r0:],
             call.key[b : b + 1, :, j0:],
@@ -89,6 +110,21 @@ class Certifier:
             sinks=call.sinks,
         )[0]
         self._verify(call, b, probs, r0, j0, heads, q_abs0, k_abs0)
+
+    def _derived_visibility(
+        self, call: AttentionCall, row: int, rows: int, col: int, num_keys: int
+    ) -> torch.Tensor:
+        """What the reader's formula lets rows at token positions ``row ..`` see of the ``num_keys``
+        keys from position ``col``: causal, the window, the chunk."""
+        assert self.derived_chunks is not None
+        device = call.query.device
+        q_pos = torch.arange(row, row + rows, device=device)
+        k_pos = torch.arange(col, col + num_keys, device=device)
+        allowed = causal_allowed(q_pos, k_pos, call.sliding_window)
+        chunk = self.derived_chunks.get(call.layer_idx, 0)
+        if chunk:
+            allowed &= (q_pos[:, None] // chunk) == (k_pos[None, :] // chunk)
+        return allowed
 
     def check_block(
         self,
@@ -162,10 +198,16 @@ class Certifier:
                 f"of max|v| (tolerance {self.output_tolerance:g} for {self.weights_dtype} weights)"
             )
         if problems:
+            advice = (
+                "derived attention stores q/k, scaling, window, chunk, soft-cap and sinks only, and this "
+                "model's attention depends on more (e.g. an ALiBi bias in its mask): export attention=true"
+                if self.derived_chunks is not None
+                else "report the model type and versions"
+            )
             raise CertificationFailed(
                 f"layer {layer_idx}: the exported attention does not reproduce the model's: "
                 + "; ".join(problems)
-                + ". The data would be wrong, so the job stopped; report the model type and versions",
+                + f". The data would be wrong, so the job stopped; {advice}",
                 detail={"layer": layer_idx, **vars(cert), "provenance": self.provenance},
             )
 

@@ -192,9 +192,12 @@ class ExportSession:
             col0 = max(0, k_abs0 - pad)  # first real key column available
             j0 = col0 + pad - k_abs0
             computes_probs = self.store_attention or self.observer is not None
-            if certify and not computes_probs:  # nothing computed here: the certifier computes
+            # the certifier computes when nothing is computed here, and for derived attention
+            # (what the reader will reconstruct, not what the metrics saw)
+            derived = self.certifier is not None and self.certifier.derived_chunks is not None
+            if certify and (derived or not computes_probs):
                 assert self.certifier is not None
-                self.certifier.check(call, b, i0, j0, self.q_start, k_abs0)
+                self.certifier.check(call, b, i0, j0, self.q_start, k_abs0, real=(row0, col0))
             new0 = k_len - q_len + i0  # the rows' own (new) key/value positions
             if self.store_qkv:
                 self._capture_qkv(lp, b, row0, query[b, :, i0:], key[b, :, new0:], value[b, :, new0:])
@@ -213,7 +216,7 @@ class ExportSession:
                     call.sliding_window,
                 )
             if computes_probs:
-                self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads, certify)
+                self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads, certify and not derived)
         if self.on_layer_done is not None:
             self.on_layer_done()
 
