@@ -2,8 +2,8 @@
 """Developer entry point; needs only Python 3.11+ (standard library).
 
     python3 dev.py demo          # set up .venv if needed, then run `qkvault demo`
-    python3 dev.py test [ARGS]   # set up .venv if needed, then pytest ARGS, ruff check, mypy
-    python3 dev.py lint          # ruff check and mypy only
+    python3 dev.py test [ARGS]   # set up .venv if needed, then pytest ARGS, ruff check, mypy, lint-imports
+    python3 dev.py lint          # ruff check, mypy and lint-imports only
     python3 dev.py setup         # only create/update .venv
 
 Setup creates ``.venv`` (stdlib venv) and installs, in this order: pip (upgraded); ``torch==2.13.0``
@@ -102,7 +102,9 @@ def lint() -> int:
     ruff = run([str(PYTHON), "-m", "ruff", "check", *LINT_PATHS])
     say("mypy")
     mypy = run([str(PYTHON), "-m", "mypy"])  # packages come from [tool.mypy] in pyproject.toml
-    return ruff or mypy
+    say("lint-imports")
+    imports = run([str(BIN / "lint-imports")])  # contracts: [tool.importlinter] in pyproject.toml
+    return ruff or mypy or imports
 
 
 def test(extra: list[str]) -> int:
@@ -111,7 +113,7 @@ def test(extra: list[str]) -> int:
     if tests == 5:
         print("pytest collected no tests: that counts as a failure", file=sys.stderr)
     linted = lint()
-    results = {"pytest": tests, "ruff + mypy": linted}
+    results = {"pytest": tests, "ruff + mypy + lint-imports": linted}
     failed = [name for name, code in results.items() if code != 0]
     say("all passed" if not failed else "FAILED: " + ", ".join(failed))
     return tests or linted
@@ -122,8 +124,12 @@ def demo(extra: list[str]) -> int:
     return run([str(BIN / "qkvault"), "demo", *extra])
 
 
-COMMANDS = {"setup": "create/update .venv", "demo": "run the demo", "test": "tests, ruff, mypy",
-            "lint": "ruff and mypy"}
+COMMANDS = {
+    "setup": "create/update .venv",
+    "demo": "run the demo",
+    "test": "tests, ruff, mypy, lint-imports",
+    "lint": "ruff, mypy and lint-imports",
+}
 
 
 def main(argv: list[str]) -> int:

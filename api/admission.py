@@ -4,24 +4,29 @@ the model's shape, then the job's size (docs/estimates.md).
 Model checks read only config.json / GGUF metadata (no weights, no torch); token counts use the
 model's ``tokenizer.json`` when readable here (``tokenizers``, no transformers). When the model's
 facts cannot be read here (e.g. a hub model absent from this machine's cache) the size of the job
-is unknown: it is admitted and the worker checks the model later.
+is unknown: it is admitted and the worker checks the model later — unless the workers' Hugging
+Face cache is visible here (``QKVAULT_HUB_CACHE_DIR``): then a hub id missing from it is refused.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 from api.problems import LIMIT_EXCEEDED, ApiProblem, field_error
 from api.schemas import LimitCheck, human_bytes
 from api.settings import ApiSettings
-from storage.errors import InvalidJobSpec, QkvaultError
+from storage.errors import InvalidJobSpec, QkvaultError, ServerMisconfigured
 from storage.estimate import JobEstimate, count_prompt_tokens, estimate
 from storage.jobspec import JobSpec
 from storage.modelinfo import (
     ModelFacts,
     check_spec_for_model,
     check_supported,
+    hub_model_cached,
+    hub_not_cached_message,
     read_facts,
     resolve_source,
     tokenizer_file,
@@ -29,6 +34,7 @@ from storage.modelinfo import (
 
 MODEL_NOT_ALLOWED = "model-not-allowed"
 ESTIMATE_UNAVAILABLE = "estimate-unavailable"
+MODEL_NOT_CACHED = "model-not-cached"
 _SIZE_HINT = (
     "export fewer layers/heads (capture.layers, capture.heads), select rows (capture.query_rows, "
     "capture.generation_steps), use fewer or shorter prompts, or use capture.detail=summary"
@@ -152,12 +158,40 @@ def check_limits(spec: JobSpec, settings: ApiSettings) -> None:
             raise limit.problem()
 
 
-def check_model(spec: JobSpec) -> ModelFacts | None:
+def check_hub_cached(spec: JobSpec, hub_cache_dir: Path | None) -> None:
+    """With the workers' hub cache visible here (``QKVAULT_HUB_CACHE_DIR``): 422 ``model-not-cached``
+    for a hub id missing from it, which the workers would fail to load."""
+    source = resolve_source(spec.model)
+    if source.kind != "hub" or hub_cache_dir is None or hub_model_cached(source, hub_cache_dir):
+        return
+    if importlib.util.find_spec("huggingface_hub") is None:
+        raise ServerMisconfigured(
+            "QKVAULT_HUB_CACHE_DIR is set but the Python package 'huggingface-hub' is not installed on "
+            "this API server, so its cache cannot be read; install it (pip install 'qkvault[api]')",
+            detail={"missing_package": "huggingface-hub"},
+        )
+    cache = str(hub_cache_dir)
+    where = f"the workers' Hugging Face cache ({cache}, QKVAULT_HUB_CACHE_DIR) that they load hub models from"
+    msg = hub_not_cached_message(spec.model.id, source, cache, where)
+    raise ApiProblem(
+        422,
+        MODEL_NOT_CACHED,
+        msg,
+        title="Model not in the workers' cache",
+        errors=[
+            field_error("body.model.id", "hub model not in the workers' Hugging Face cache", "not_cached")
+        ],
+        extensions={"hub_cache_dir": str(hub_cache_dir)},
+    )
+
+
+def check_model(spec: JobSpec, hub_cache_dir: Path | None = None) -> ModelFacts | None:
     """Raise :class:`InvalidJobSpec`/:class:`UnsupportedModel` (422) if the model cannot run this
-    spec; return its facts, or ``None`` when they cannot be read here."""
-    resolve_source(spec.model)
+    spec (or ``model-not-cached``, :func:`check_hub_cached`); return its facts, or ``None`` when
+    they cannot be read here."""
+    check_hub_cached(spec, hub_cache_dir)
     try:
-        facts = read_facts(spec.model)
+        facts = read_facts(spec.model, hub_cache_dir)
     except QkvaultError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -194,8 +228,8 @@ def assess(spec: JobSpec, settings: ApiSettings, *, enforce: bool = True) -> Adm
         check_allowed(spec, settings)
     for limit in _count_limits(spec, settings):
         result.check(limit, enforce)
-    result.facts = check_model(spec)
-    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir)
+    result.facts = check_model(spec, settings.hub_cache_dir)
+    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir, settings.hub_cache_dir)
     prompt_lengths, exact = count_prompt_tokens(spec, tokenizer_json)
     tokens = Limit(
         "max_total_tokens",

@@ -6,6 +6,7 @@ Same environment prefix (``QKVAULT_``). Constructed once, in :func:`api.app.crea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
@@ -58,6 +59,14 @@ class ApiSettings(Settings):
     )
     presign_max_expires_s: int = Field(
         default=3600, ge=1, le=7 * 24 * 3600, description="longest lifetime a client may ask for"
+    )
+    hub_cache_dir: Path | None = Field(
+        default=None,
+        description="the workers' Hugging Face hub cache as mounted on the API host (the folder "
+        "HF_HUB_CACHE names on the workers, e.g. /var/lib/qkvault/hf/hub): hub models' config and "
+        "tokenizer are read from it, and a hub id missing from it is refused at submission (422 "
+        "model-not-cached). Unset: the API's own default cache is read, and a hub id missing there "
+        "is admitted (the worker checks it)",
     )
     allowed_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -181,9 +181,9 @@ def prepare(
 
     if name == "smollm2":
         if model_cache is None:
-            from tests.worker.conftest import model_cache_dir
+            from worker.models import checkout_model_cache_dir
 
-            model_cache = model_cache_dir()
+            model_cache = checkout_model_cache_dir()
         model = {"id": SMOLLM2_GGUF, "dtype": dtype}
         lm = load_model(ModelSpec.model_validate(model), device=device, cache_dir=model_cache)
         prompt = word_prompt(lm.tokenizer, tokens)

@@ -61,8 +61,9 @@ def bundle_filename(job_id: str) -> str:
     return f"{job_id}.zarr.zip"
 
 
-def open_dataset(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-                 ) -> xr.Dataset:
+def open_dataset(
+    path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> xr.Dataset:
     """Open a bundle lazily with xarray: a downloaded ``.zip``, a ``.zarr`` directory, or an fsspec
     URL such as ``s3://bucket/jobs/<id>.zarr`` (``storage_options`` go to s3fs). Thin wrapper of
     :func:`storage.bundle.open_bundle` raising :class:`QkvaultClientError`."""
@@ -104,8 +105,14 @@ class Client:
     """Talks to one qkvault API. ``timeout_s`` bounds every HTTP call (connect, read, write, pool).
     ``api_key`` (default ``$QKVAULT_API_KEY``) is sent as ``Authorization: Bearer <key>``."""
 
-    def __init__(self, base_url: str | None = None, timeout_s: float = 30.0, *,
-                 api_key: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout_s: float = 30.0,
+        *,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.base_url = resolve_base_url(base_url)
@@ -137,8 +144,9 @@ class Client:
 
     def _http(self) -> httpx.Client:
         if self._http_client is None:
-            self._http_client = httpx.Client(base_url=self.base_url, headers=self._headers,
-                                             timeout=self._timeout, follow_redirects=True)
+            self._http_client = httpx.Client(
+                base_url=self.base_url, headers=self._headers, timeout=self._timeout, follow_redirects=True
+            )
         return self._http_client
 
     def _unreachable(self, exc: httpx.HTTPError, what: str) -> QkvaultClientError:
@@ -158,16 +166,28 @@ class Client:
             err = QkvaultClientError(
                 f"{err.message}\n(this client sent no API key: pass api_key= or --api-key, or set "
                 f"{API_KEY_ENV})",
-                status=err.status, type=err.type, title=err.title, detail=err.detail, problem=err.problem,
+                status=err.status,
+                type=err.type,
+                title=err.title,
+                detail=err.detail,
+                problem=err.problem,
             )
         return err
 
-    def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
         what = f"{method} {path}"
         try:
-            response = self._http().request(method, path, json=json, params=params, headers=headers,
-                                            timeout=self._timeout)
+            response = self._http().request(
+                method, path, json=json, params=params, headers=headers, timeout=self._timeout
+            )
         except httpx.HTTPError as exc:
             raise self._unreachable(exc, what) from exc
         if response.status_code >= 400:
@@ -223,8 +243,15 @@ class Client:
         except ValueError:  # an empty 202/204: read the job back
             return self.get(job_id)
 
-    def wait(self, job_id: str | Job, poll_s: float = 0.5, timeout_s: float | None = None,
-             progress: bool = True, *, stream: TextIO | None = None) -> Job:
+    def wait(
+        self,
+        job_id: str | Job,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        progress: bool = True,
+        *,
+        stream: TextIO | None = None,
+    ) -> Job:
         """Poll until the job is succeeded, failed or cancelled; return the final :class:`Job`.
 
         Raises :class:`JobFailed` when it failed, :class:`WaitTimeout` after ``timeout_s`` (the job
@@ -274,8 +301,14 @@ class Client:
             raise JobFailed(job)
         return job
 
-    def download(self, job_id: str | Job, dest_path: str | os.PathLike[str] | None = None, *,
-                 progress: bool = True, stream: TextIO | None = None) -> Path:
+    def download(
+        self,
+        job_id: str | Job,
+        dest_path: str | os.PathLike[str] | None = None,
+        *,
+        progress: bool = True,
+        stream: TextIO | None = None,
+    ) -> Path:
         """Stream the bundle zip to ``dest_path``: a file path, or a directory (existing, or written
         with a trailing ``/``) to put ``<id>.zarr.zip`` in; default: the current directory. Written to
         ``<dest>.partial`` and renamed when complete, so ``dest_path`` never holds half a bundle.
@@ -290,6 +323,8 @@ class Client:
         path = self._job_path(ident, "/bundle")
         printer = ProgressLine(stream) if progress else None
         received = 0
+        total: int | None = None  # known once the headers arrived (0: no Content-Length)
+        response: httpx.Response | None = None
         done = False
         try:
             with self._http().stream("GET", path, timeout=self._timeout) as response:
@@ -306,15 +341,16 @@ class Client:
                     fh.flush()
                     os.fsync(fh.fileno())
             if total and received != total:
-                raise QkvaultClientError(
-                    f"download of job {ident} ended early: {received} of {total} bytes; try again"
-                )
+                raise _ended_early(ident, received, total)
             if not zipfile.is_zipfile(partial):
                 raise QkvaultClientError(f"download of job {ident} is not a zip file ({received} bytes)")
             os.replace(partial, dest)
             done = True
         except httpx.HTTPError as exc:
             partial.unlink(missing_ok=True)
+            if response is not None and total is not None and not isinstance(exc, httpx.TimeoutException):
+                # the body broke off: count what arrived, also the piece not handed out yet
+                raise _ended_early(ident, response.num_bytes_downloaded, total, exc) from exc
             raise self._unreachable(exc, f"GET {path}") from exc
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -324,8 +360,9 @@ class Client:
                 printer.close(_download_line(received, received, done=dest) if done else None)
         return dest
 
-    def bundle_urls(self, job_id: str | Job, *, expires_in: int | None = None,
-                    prefix: str | None = None) -> dict[str, Any]:
+    def bundle_urls(
+        self, job_id: str | Job, *, expires_in: int | None = None, prefix: str | None = None
+    ) -> dict[str, Any]:
         """Presigned URLs of every object of a bundle kept on S3 (``GET /v1/jobs/{id}/bundle/urls``):
         ``{"expires_at", "objects": [{"key", "nbytes", "url"}, ...]}``. A server with a local store
         answers 409: use :meth:`download` instead."""
@@ -339,8 +376,13 @@ class Client:
             raise QkvaultClientError(f"unexpected answer from GET .../bundle/urls: {str(body)[:200]}")
         return dict(body)
 
-    def download_presigned(self, job_id: str | Job, dest_dir: str | os.PathLike[str] | None = None, *,
-                           expires_in: int | None = None) -> Path:
+    def download_presigned(
+        self,
+        job_id: str | Job,
+        dest_dir: str | os.PathLike[str] | None = None,
+        *,
+        expires_in: int | None = None,
+    ) -> Path:
         """Fetch a bundle kept on S3 straight from the object store through its presigned URLs (no
         API key or S3 credentials go with them) into ``<dest_dir>/<id>.zarr`` (default: the current
         directory); returns that directory, which :func:`open_dataset` opens."""
@@ -350,8 +392,13 @@ class Client:
         manifest = self.bundle_urls(ident, expires_in=expires_in)
         return fetch_objects(manifest["objects"], Path(dest_dir or ".") / f"{ident}.zarr", self._timeout)
 
-    def open(self, job_or_path: str | os.PathLike[str] | Job, *,
-             download_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> xr.Dataset:
+    def open(
+        self,
+        job_or_path: str | os.PathLike[str] | Job,
+        *,
+        download_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+    ) -> xr.Dataset:
         """Open a bundle as a lazy ``xarray.Dataset``: a local ``.zip``/``.zarr`` path, an
         ``s3://`` URL, or a job (id or :class:`Job`) — downloaded once into ``download_dir``
         (default ``.qkvault/downloads``) and reused afterwards."""
@@ -359,8 +406,13 @@ class Client:
             ident = job_or_path.id
         else:
             text = os.fspath(job_or_path)
-            looks_like_path = (isinstance(job_or_path, os.PathLike) or "://" in text or os.sep in text
-                               or text.endswith((".zip", ".zarr", ".zarr/")) or Path(text).exists())
+            looks_like_path = (
+                isinstance(job_or_path, os.PathLike)
+                or "://" in text
+                or os.sep in text
+                or text.endswith((".zip", ".zarr", ".zarr/"))
+                or Path(text).exists()
+            )
             if looks_like_path:
                 return open_dataset(text)
             ident = text
@@ -379,8 +431,17 @@ class Client:
         body = self._request("GET", "/v1/jobs", params=params).json()
         if not isinstance(body, Mapping) or not isinstance(body.get("items"), builtins.list):
             raise QkvaultClientError(f"unexpected answer from GET /v1/jobs: {str(body)[:200]}")
-        return JobPage(items=tuple(Job.from_api(item) for item in body["items"]),
-                       next_cursor=body.get("next_cursor"))
+        return JobPage(
+            items=tuple(Job.from_api(item) for item in body["items"]), next_cursor=body.get("next_cursor")
+        )
+
+
+def _ended_early(ident: str, received: int, total: int, cause: Exception | None = None) -> QkvaultClientError:
+    expected = f"{received} of {total} bytes" if total else f"{received} bytes"
+    why = f" ({type(cause).__name__}: the connection closed mid-body)" if cause is not None else ""
+    return QkvaultClientError(
+        f"download of job {ident} ended early: received {expected}{why}; nothing was kept, try again"
+    )
 
 
 def _download_line(received: int, total: int, *, done: Path | None = None) -> str:

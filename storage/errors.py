@@ -57,6 +57,14 @@ class ModelLoadError(QkvaultError, OSError):
     status = 422
 
 
+class ServerMisconfigured(QkvaultError, RuntimeError):
+    """This server lacks something it needs for the request (e.g. a package its install should have
+    brought): the operator must fix the installation; the request itself may be fine."""
+
+    problem_type = "server-misconfigured"
+    status = 503
+
+
 class BundleNotReady(QkvaultError, RuntimeError):
     problem_type = "bundle-not-ready"
     status = 409

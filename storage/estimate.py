@@ -1,6 +1,6 @@
 """What a job will cost before it runs: array shapes, raw bytes and expected stored bytes.
 
-numpy only (and ``tokenizers`` when a ``tokenizer.json`` is readable): the API calls this at
+numpy only (and ``tokenizers``, required when a ``tokenizer.json`` is readable): the API calls this at
 submission. Shapes come from :func:`storage.bundle.layout.layout_for_job`, the function the worker
 uses to create the arrays. Stored bytes count the chunks the worker actually writes and a
 per-element cost of the Blosc zstd-1 byte-shuffle encoding measured on real bundles; the model and
@@ -21,6 +21,7 @@ from storage.bundle.derived import materialised_bytes
 from storage.bundle.format import ROW_ARRAYS
 from storage.bundle.layout import BundleLayout, kept_positions, layout_for_job
 from storage.capturespec import ResolvedCapture
+from storage.errors import ServerMisconfigured
 from storage.jobspec import JobSpec
 from storage.modelinfo import ModelFacts
 
@@ -151,9 +152,21 @@ def _tokenizer(path: str, mtime_ns: int) -> Any:
 
 def count_prompt_tokens(spec: JobSpec, tokenizer_json: str | None) -> tuple[list[int], bool]:
     """Tokens per prompt and whether the count is exact. With ``chat_template`` the template is not
-    rendered here: the raw prompt plus :data:`CHAT_TEMPLATE_TOKENS` (approximate)."""
+    rendered here: the raw prompt plus :data:`CHAT_TEMPLATE_TOKENS` (approximate). Without a
+    ``tokenizer.json`` the count is approximated from UTF-8 bytes; with one but without the
+    ``tokenizers`` library this raises :class:`ServerMisconfigured` (503): an approximation would
+    admit prompts too long for the model."""
     prompts = list(spec.prompts)
     if tokenizer_json is not None:
+        try:
+            import tokenizers  # noqa: F401  (installed by the api extra)
+        except ImportError as exc:
+            raise ServerMisconfigured(
+                f"cannot count the prompt tokens of model {spec.model.id!r}: its tokenizer.json is "
+                f"readable here ({tokenizer_json}) but the Python package 'tokenizers' is not installed "
+                "on this API server; install it (pip install 'qkvault[api]' or pip install tokenizers)",
+                detail={"missing_package": "tokenizers"},
+            ) from exc
         try:
             tok = _tokenizer(tokenizer_json, os.stat(tokenizer_json).st_mtime_ns)
             special = spec.add_special_tokens and not spec.chat_template

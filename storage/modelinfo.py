@@ -106,9 +106,56 @@ def gguf_cache_folder(cache_root: Path, gguf_path: Path) -> Path:
     return cache_root / f"{gguf_path.stem}-{key}"
 
 
-def tokenizer_file(model: ModelSpec, model_cache_dir: Path | None = None) -> str | None:
+def hub_cache_path(cache_dir: Path | None = None) -> str:
+    """The Hugging Face hub cache used for hub ids: ``cache_dir``, else huggingface_hub's
+    (``HF_HUB_CACHE``, or ``HF_HOME``/hub)."""
+    if cache_dir is not None:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_cached_file(source: ModelSource, filename: str, cache_dir: Path | None = None) -> str | None:
+    """Path of ``filename`` of hub model ``source`` in the hub cache (``cache_dir``, else the default
+    one), or ``None`` when it is not there (or huggingface_hub is not installed). Never downloads."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(
+        source.path,
+        filename,
+        cache_dir=str(cache_dir) if cache_dir is not None else None,
+        revision=source.revision,
+    )
+    return found if isinstance(found, str) else None
+
+
+def hub_model_cached(source: ModelSource, cache_dir: Path | None = None) -> bool:
+    """Whether the hub cache holds what loading ``source`` reads first: its GGUF file, or config.json."""
+    return hub_cached_file(source, source.file or "config.json", cache_dir) is not None
+
+
+def hub_not_cached_message(model_id: str, source: ModelSource, cache: str, where: str) -> str:
+    """What to say about hub model ``source`` missing from the hub cache at ``cache`` (``where``
+    names it, e.g. "this worker's Hugging Face cache (...)" ) and how to add it."""
+    what = f"{model_id!r}" + (f" (file {source.file})" if source.file else "")
+    args = "".join(f" {a}" for a in (source.file, source.revision and f"--revision {source.revision}") if a)
+    return (
+        f"model {what} is not in {where}; add it to that cache on the worker host "
+        f"(`hf download {source.path}{args} --cache-dir {cache}`; huggingface_hub < 1.0: "
+        "`huggingface-cli download`), or mount a cache that holds it as the workers' HF_HUB_CACHE "
+        "(or HF_HOME/hub)"
+    )
+
+
+def tokenizer_file(
+    model: ModelSpec, model_cache_dir: Path | None = None, hub_cache_dir: Path | None = None
+) -> str | None:
     """A ``tokenizer.json`` for ``model`` readable here without transformers, or ``None``: in the
-    model folder, the local HF cache, or (GGUF) the worker's dequantised cache when shared."""
+    model folder, the HF hub cache (``hub_cache_dir``, else the default one), or (GGUF) the
+    worker's dequantised cache when shared."""
     source = resolve_source(model)
     if source.kind == "folder":
         candidate = os.path.join(source.path, "tokenizer.json")
@@ -119,12 +166,7 @@ def tokenizer_file(model: ModelSpec, model_cache_dir: Path | None = None) -> str
             return None
         candidate = str(gguf_cache_folder(model_cache_dir, gguf_path) / "tokenizer.json")
         return candidate if os.path.isfile(candidate) else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(source.path, "tokenizer.json", revision=source.revision)
-    return found if isinstance(found, str) else None
+    return hub_cached_file(source, "tokenizer.json", hub_cache_dir)
 
 
 def facts_from_config(config: dict[str, Any], entry: Architecture | None = None) -> ModelFacts:
@@ -197,8 +239,9 @@ def _gguf_facts(path: str, mtime_ns: int) -> ModelFacts:
     )
 
 
-def read_facts(model: ModelSpec) -> ModelFacts | None:
-    """Facts for ``model`` if its config is readable here without downloading; else ``None``."""
+def read_facts(model: ModelSpec, hub_cache_dir: Path | None = None) -> ModelFacts | None:
+    """Facts for ``model`` if its config is readable here without downloading (hub ids: from
+    ``hub_cache_dir``, else the default HF cache); else ``None``."""
     source = resolve_source(model)
     if source.kind == "gguf":
         path = os.path.join(source.path, source.file or "")
@@ -210,12 +253,7 @@ def read_facts(model: ModelSpec) -> ModelFacts | None:
         candidate = os.path.join(source.path, "config.json")
         config_path = candidate if os.path.isfile(candidate) else None
     else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        found = try_to_load_from_cache(source.path, "config.json", revision=source.revision)
-        config_path = found if isinstance(found, str) else None
+        config_path = hub_cached_file(source, "config.json", hub_cache_dir)
     if config_path is None:
         return None
     with open(config_path, encoding="utf-8") as fh:

@@ -23,6 +23,9 @@ from storage.modelinfo import (
     ModelSource,
     check_supported_type,
     gguf_cache_folder,
+    hub_cache_path,
+    hub_model_cached,
+    hub_not_cached_message,
     resolve_source,
 )
 from worker.capture.hook import install_capture
@@ -90,6 +93,44 @@ def _dequantised_gguf(source: ModelSource, cache_root: Path) -> Path:
     return target
 
 
+def checkout_model_cache_dir() -> Path:
+    """The dequantised-GGUF cache that the test suite, the worker processes it starts and ``bench``
+    share in a source checkout: ``$QKVAULT_TEST_MODEL_CACHE``, else ``<checkout>/.qkvault/test-models``
+    (created if missing). A deployed worker uses ``Settings.model_cache_dir`` instead."""
+    default = Path(__file__).resolve().parents[1] / ".qkvault" / "test-models"
+    path = Path(os.environ.get("QKVAULT_TEST_MODEL_CACHE", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _hub_offline() -> bool:
+    """Hugging Face's own switch (HF_HUB_OFFLINE=1, or TRANSFORMERS_OFFLINE=1): hub models come
+    from the cache only. Without it a hub id missing from the cache is downloaded."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _config_error(spec: ModelSpec, source: ModelSource, exc: Exception) -> ModelLoadError:
+    """The model's config could not be read. A hub id missing from the cache says so, with the
+    cache and how to add the model (not transformers' "check your internet connection")."""
+    if source.kind == "hub" and not hub_model_cached(source):
+        cache = hub_cache_path()
+        if _hub_offline():
+            why = "downloads are off on this worker (HF_HUB_OFFLINE=1)"
+        else:
+            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            why = f"downloading it failed ({type(exc).__name__}: {first_line})"
+        where = f"this worker's Hugging Face cache ({cache}) and {why}"
+        return ModelLoadError(
+            hub_not_cached_message(spec.id, source, cache, where), detail={"hub_cache": cache}
+        )
+    return ModelLoadError(
+        f"cannot load model {spec.id!r}: {exc}. Hub models must be in the worker's Hugging Face cache "
+        "(or downloads allowed); local paths must exist on the worker."
+    )
+
+
 def load_model(
     spec: ModelSpec, *, device: torch.device, cache_dir: Path, admitted_only: bool = True
 ) -> LoadedModel:
@@ -116,13 +157,12 @@ def load_model(
         kwargs["revision"] = source.revision
         if source.file:
             kwargs["gguf_file"] = source.file
+        if _hub_offline():
+            kwargs["local_files_only"] = True  # HF_HUB_OFFLINE=1: the cache only, no Hub round trips
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot load model {spec.id!r}: {exc}. Hub models must be in the worker's Hugging Face cache "
-            "(or downloads allowed); local paths must exist on the worker."
-        ) from exc
+        raise _config_error(spec, source, exc) from exc
     if admitted_only:
         check_supported_type(config.model_type)
     dtype = pick_dtype(spec.dtype, device)

@@ -41,7 +41,7 @@ from api.schemas import (
     job_public,
 )
 from api.settings import MAX_PAGE_SIZE
-from storage.bundle.zipstream import iter_bundle_zip
+from storage.bundle.zipstream import open_bundle_zip
 from storage.errors import BundleNotReady
 from storage.index import TERMINAL_STATES, JobRecord, JobState
 from storage.index.submit import submit_job as submit_to_index
@@ -106,7 +106,7 @@ def _estimate_public(spec: JobSpec, admission: Admission) -> JobEstimate:
     "/estimate",
     response_model=JobEstimate,
     summary="Estimate a job's size without running it",
-    responses=_problems(413, 422),
+    responses=_problems(413, 422, 503),
 )
 def estimate_job(
     spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)], settings: SettingsDep
@@ -114,7 +114,9 @@ def estimate_job(
     """Per array: shape, chunks written, raw and expected stored bytes; totals, token counts and
     this server's limits (``within_limits``: whether a submission would pass). Nothing is stored.
     An upper bound on rows when sequences may stop at EOS. 422 for a spec the model cannot run, or
-    when the model's config is not readable on this server (``estimate-unavailable``)."""
+    when the model's config is not readable on this server (``estimate-unavailable``) or a hub
+    model is missing from the workers' cache (``model-not-cached``, with ``QKVAULT_HUB_CACHE_DIR``).
+    503 ``server-misconfigured`` when this server lacks a package it needs (e.g. ``tokenizers``)."""
     return _estimate_public(spec, assess(spec, settings, enforce=False))
 
 
@@ -129,7 +131,7 @@ def estimate_job(
             "description": "a retry with the same Idempotency-Key and spec: the job created first "
             "(`Idempotent-Replayed: true`, `Location`); or, with dry_run=true, the estimate (nothing stored)",
         },
-        **_problems(403, 413, 422, 429),
+        **_problems(403, 413, 422, 429, 503),
     },
 )
 def submit_job(
@@ -265,13 +267,18 @@ def list_chunks(
 def download_bundle(job: JobDep, store: ObjectStoreDep, settings: SettingsDep) -> StreamingResponse:
     """Stream the Zarr v3 store as a zip; open it with
     ``xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)``. Available once the job
-    succeeded, or for a cancelled/failed job that left partial data (``X-Qkvault-Partial: true``)."""
+    succeeded, or for a cancelled/failed job that left partial data (``X-Qkvault-Partial: true``).
+    ``Content-Length`` is exact (computed from the store's listing before streaming), so a client
+    can show a percentage and tell a truncated download from a complete one."""
     partial = _require_bundle(job)
-    pieces = iter_bundle_zip(store, job.store_url, settings.bundle_piece_bytes)
-    headers = {"Content-Disposition": f'attachment; filename="{job.id}.zarr.zip"'}
+    bundle = open_bundle_zip(store, job.store_url, settings.bundle_piece_bytes)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{job.id}.zarr.zip"',
+        "Content-Length": str(bundle.size),
+    }
     if partial:
         headers["X-Qkvault-Partial"] = "true"
-    return StreamingResponse(pieces, media_type="application/zip", headers=headers)
+    return StreamingResponse(bundle.pieces, media_type="application/zip", headers=headers)
 
 
 def _require_bundle(job: JobRecord) -> bool:

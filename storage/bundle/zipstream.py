@@ -4,7 +4,9 @@ The zip is ``ZIP_STORED`` (chunks are already compressed by their codecs), has `
 root and is deterministic: names sorted, every timestamp 1980-01-01 00:00:00, fixed permissions, so
 one store always gives byte-identical zips. No file is ever held whole in memory: ``zipfile`` writes
 into a small non-seekable sink (so it uses data descriptors for sizes and CRCs, and ZIP64 where a
-file or the archive needs it), and the sink's buffer is handed out after each piece.
+file or the archive needs it), and the sink's buffer is handed out after each piece. The zip's exact
+length is computed from the listing before the first byte (:func:`zip_size`: the API's
+``Content-Length``).
 
 Open a downloaded bundle with ``xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)``.
 Imports neither fastapi nor torch: usable from the API, the CLI and a notebook.
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import BundleNotReady
@@ -61,6 +64,71 @@ def _entry(name: str, size_bytes: int) -> zipfile.ZipInfo:
     return info
 
 
+# Record sizes of what ``zipfile`` writes for a ZIP_STORED entry on a non-seekable stream (APPNOTE 4.3)
+_LOCAL_HEADER = 30
+_CENTRAL_HEADER = 46
+_END_RECORD = 22
+_ZIP64_END_RECORDS = 56 + 20  # ZIP64 end of central directory record + its locator
+_ZIP64_LOCAL_EXTRA = 20  # extra field of a local header: id, length, file size, compressed size
+_DATA_DESCRIPTOR, _ZIP64_DATA_DESCRIPTOR = 16, 24  # signature, CRC, sizes (32- or 64-bit)
+
+
+def _encoded_name(name: str) -> bytes:
+    try:  # as ZipInfo._encodeFilenameFlags: ASCII when it can, else UTF-8
+        return name.encode("ascii")
+    except UnicodeEncodeError:
+        return name.encode("utf-8")
+
+
+def zip_size(files: Sequence[tuple[str, int]]) -> int:
+    """Exact byte length of the zip :func:`iter_bundle_zip` streams for ``files`` ((name, size) in
+    any order), mirroring ``zipfile``'s writer: per entry a local header (+ a ZIP64 extra when
+    ``size x 1.05`` exceeds ``zipfile.ZIP64_LIMIT``, zipfile's own guess), the data and a data
+    descriptor (64-bit sizes after a ZIP64 header); then a central directory header per entry (+ a
+    ZIP64 extra holding the sizes past ``ZIP64_LIMIT`` and/or the header offset past it) and the end
+    record, preceded by the ZIP64 end record and locator when the entry count, the central
+    directory's offset or its size exceeds zipfile's limits. Limits are read from ``zipfile`` when
+    called. tests/api/test_api_zipstream.py checks every branch against the stream."""
+    limit = zipfile.ZIP64_LIMIT
+    offset = 0  # where the next local header starts
+    central = 0  # central directory bytes
+    for name, size in sorted(files):
+        encoded = _encoded_name(name)
+        zip64_local = size * 1.05 > limit
+        header_offset = offset
+        offset += _LOCAL_HEADER + len(encoded) + (_ZIP64_LOCAL_EXTRA if zip64_local else 0)
+        offset += size + (_ZIP64_DATA_DESCRIPTOR if zip64_local else _DATA_DESCRIPTOR)
+        extra_fields = (2 if size > limit else 0) + (1 if header_offset > limit else 0)
+        central += _CENTRAL_HEADER + len(encoded) + (4 + 8 * extra_fields if extra_fields else 0)
+    zip64_end = len(files) > zipfile.ZIP_FILECOUNT_LIMIT or offset > limit or central > limit
+    return offset + central + (_ZIP64_END_RECORDS if zip64_end else 0) + _END_RECORD
+
+
+@dataclass(frozen=True)
+class BundleZip:
+    """A bundle zip about to be streamed: its exact length and its pieces (consumed once)."""
+
+    size: int
+    pieces: Iterator[bytes]
+
+
+def open_bundle_zip(store: ObjectStore, bundle_url: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> BundleZip:
+    """List the bundle once: the zip's exact size (:func:`zip_size`) and its lazy pieces
+    (:func:`iter_bundle_zip`, from the same listing). The sizes are the store's; a file that changes
+    while it is streamed makes the body differ from ``size`` (a bundle is written before it is
+    downloadable, so this does not happen to a finished job)."""
+    if piece_bytes < 1:
+        raise ValueError(f"piece_bytes must be >= 1, got {piece_bytes}")
+    files = store.list_files(bundle_url)
+    if not any(name == "zarr.json" for name, _ in files):
+        raise BundleNotReady(
+            f"no bundle at {bundle_url}: zarr.json is missing (the job has not written its metadata yet)",
+            detail={"bundle_url": bundle_url},
+        )
+    ordered = sorted(files)
+    return BundleZip(zip_size(ordered), _generate(store, bundle_url, ordered, piece_bytes))
+
+
 def iter_bundle_zip(
     store: ObjectStore, bundle_url: str, piece_bytes: int = DEFAULT_PIECE_BYTES
 ) -> Iterator[bytes]:
@@ -70,15 +138,7 @@ def iter_bundle_zip(
     ``next()``), so a missing bundle raises :class:`BundleNotReady` before any byte is sent.
     Each yielded piece is at most about ``piece_bytes`` plus one header; memory stays O(piece_bytes).
     """
-    if piece_bytes < 1:
-        raise ValueError(f"piece_bytes must be >= 1, got {piece_bytes}")
-    files = store.list_files(bundle_url)
-    if not any(name == "zarr.json" for name, _ in files):
-        raise BundleNotReady(
-            f"no bundle at {bundle_url}: zarr.json is missing (the job has not written its metadata yet)",
-            detail={"bundle_url": bundle_url},
-        )
-    return _generate(store, bundle_url, sorted(files), piece_bytes)
+    return open_bundle_zip(store, bundle_url, piece_bytes).pieces
 
 
 def _generate(

@@ -95,6 +95,22 @@ def test_bundle_download_is_byte_identical_twice(
     assert first == second and len(first) > 0
 
 
+def test_bundle_download_declares_its_exact_length(
+    client: TestClient, submit: Submit, index: Index, tmp_path: Path
+) -> None:
+    """``Content-Length`` is computed before the first byte (clients show a percentage and detect a
+    truncated download); it equals the streamed body, which is sent without chunked encoding."""
+    job_id = submit()["id"]
+    _finish_with_bundle(index, job_id, JobState.SUCCEEDED)
+
+    response, path = _download(client, job_id, tmp_path / "bundle.zip")
+
+    assert response.status_code == 200
+    assert "content-length" in response.headers, dict(response.headers)
+    assert int(response.headers["content-length"]) == path.stat().st_size > 0
+    assert "transfer-encoding" not in response.headers
+
+
 @pytest.mark.parametrize("state", [JobState.FAILED, JobState.CANCELLED])
 def test_partial_bundle_of_ended_job_is_served_and_flagged(
     client: TestClient, submit: Submit, index: Index, tmp_path: Path, state: JobState

@@ -38,7 +38,7 @@ def test_derived_estimate_has_q_and_k_and_no_attention(client: TestClient, tiny:
     body = derived.json()
     arrays = {a["name"]: a for a in body["arrays"]}
     names = ["tokens", "length", "prompt_length", "layer", "head", "kv_head", "q", "k"]
-    assert list(arrays) == [*names, "attention_scaling", "attention_window"]
+    assert list(arrays) == [*names, "attention_scaling", "attention_window", "attention_chunk"]
     assert arrays["q"]["shape"] == [2, 2, 4, 17, 8] and arrays["k"]["shape"] == [2, 2, 2, 17, 8]
     assert arrays["attention_scaling"]["dtype"] == "float64" and arrays["attention_window"]["shape"] == [2]
     assert any("attention derived" in a for a in body["assumptions"])

@@ -5,6 +5,9 @@ written with ``tokenizers``) and the SmolLM2 GGUF metadata; nothing runs a model
 from __future__ import annotations
 
 import json
+import re
+import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -273,6 +276,34 @@ def test_chat_template_and_missing_tokenizer_are_approximate(client: TestClient,
 def test_prompt_too_long_for_the_model_is_refused_here(client: TestClient, tiny: str) -> None:
     body = _problem(client.post("/v1/jobs", json=_spec(tiny, prompts=["x" * 300])), 422, "invalid-job-spec")
     assert "prompt 0 is too long for the model: 301 tokens" in body["detail"]
+
+
+def test_without_the_tokenizers_library_a_long_prompt_is_not_admitted(
+    client: TestClient, tiny: str, monkeypatch: pytest.MonkeyPatch, broker: redis.Redis, queue_name: str
+) -> None:
+    """The model has a tokenizer.json but ``tokenizers`` is not importable (an API installed without
+    it): a server misconfiguration (503 naming the package), never a silently approximated count that
+    would admit a prompt too long for the model."""
+    from storage import estimate as estimate_module
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    estimate_module._tokenizer.cache_clear()
+    try:
+        response = client.post("/v1/jobs", json=_spec(tiny, prompts=["x" * 300]))
+        body = _problem(response, 503, "server-misconfigured")
+        assert "tokenizers" in body["detail"] and "pip install" in body["detail"]
+        _nothing_stored(client, broker, queue_name)
+        _problem(client.post("/v1/jobs/estimate", json=_spec(tiny)), 503, "server-misconfigured")
+    finally:
+        estimate_module._tokenizer.cache_clear()
+
+
+def test_api_extra_installs_tokenizers() -> None:
+    """The API counts prompt tokens with ``tokenizers``: the ``api`` extra must install it."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    api_extra = pyproject["project"]["optional-dependencies"]["api"]
+    names = {re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower() for requirement in api_extra}
+    assert "tokenizers" in names, api_extra
 
 
 def test_model_check_runs_before_the_estimate(client: TestClient) -> None:

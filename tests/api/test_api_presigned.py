@@ -161,6 +161,7 @@ def test_zip_through_the_api_works_for_s3_too(
     job_id, data = finished_s3_job
     response = s3_client.get(f"/v1/jobs/{job_id}/bundle")
     assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    assert int(response.headers.get("content-length", -1)) == len(response.content)  # exact, up front
     assert "zarr.json" in zipfile.ZipFile(io.BytesIO(response.content)).namelist()
     path = tmp_path / "b.zip"
     path.write_bytes(response.content)

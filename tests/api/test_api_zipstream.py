@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from storage.bundle.zipstream import ZIP_EPOCH, iter_bundle_zip, write_bundle_zip
+from storage.bundle.zipstream import ZIP_EPOCH, iter_bundle_zip, open_bundle_zip, write_bundle_zip
 from storage.errors import BundleNotReady
 from storage.objectstore import ObjectStore
 from tests.api.support import write_small_bundle
@@ -79,6 +79,56 @@ def test_zip_is_streamed_in_pieces(local_store: ObjectStore) -> None:
     assert max(len(p) for p in rest) <= piece_bytes + 512  # a piece plus at most a few headers
     with zipfile.ZipFile(io.BytesIO(first + b"".join(rest))) as zf:
         assert zf.read("a/c/0") == big
+
+
+def _size_and_bytes(store: ObjectStore, url: str, piece_bytes: int = 4096) -> tuple[int, bytes]:
+    bundle = open_bundle_zip(store, url, piece_bytes)
+    return bundle.size, b"".join(bundle.pieces)
+
+
+def test_zip_size_is_known_before_streaming(local_store: ObjectStore) -> None:
+    """The size (the API's Content-Length) is computed from the listing alone and is exact."""
+    url = local_store.bundle_url("job-size")
+    files = {
+        "zarr.json": b'{"zarr_format": 3}',
+        "empty": b"",
+        "q/c/0/0": os.urandom(70_000),
+        "ünïcode/zarr.json": b"{}",  # a UTF-8 name (flag bit 11, longer than its characters)
+    }
+    _write_files(Path(url), files)
+    size, data = _size_and_bytes(local_store, url)
+    assert size == len(data)
+    write_small_bundle(url)
+    size, data = _size_and_bytes(local_store, url)
+    assert size == len(data)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "count_limit"),
+    [
+        ([10, 960, 1001, 5], 1 << 16),  # ZIP64 in the local header only (size x 1.05 > limit), then sizes
+        ([400, 400, 400, 20], 1 << 16),  # header offsets and the central directory offset past the limit
+        ([3] * 12, 5),  # more entries than the count limit: ZIP64 end records
+        ([0] * 40, 1 << 16),  # many empty entries: the central directory past the limit too
+    ],
+)
+def test_zip_size_matches_with_zip64_records(
+    local_store: ObjectStore, monkeypatch: pytest.MonkeyPatch, sizes: list[int], count_limit: int
+) -> None:
+    """Every ZIP64 case of the stream, reached cheaply by lowering zipfile's limits (the size
+    function reads the same module attributes as ``zipfile`` itself)."""
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1000)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", count_limit)
+    url = local_store.bundle_url("job-zip64")
+    files = {"zarr.json": b"{}", **{f"a/c/{i}": os.urandom(n) for i, n in enumerate(sizes)}}
+    _write_files(Path(url), files)
+
+    size, data = _size_and_bytes(local_store, url, piece_bytes=256)
+
+    assert size == len(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.testzip() is None
+        assert {info.filename: zf.read(info) for info in zf.infolist()} == files
 
 
 def test_missing_zarr_json_raises_at_call_time(local_store: ObjectStore) -> None:

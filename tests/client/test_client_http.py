@@ -43,25 +43,57 @@ FAILURE_PROBLEM = {
 # what GET /v1/jobs/progress answers on successive polls
 PROGRESS_STEPS: list[dict[str, Any]] = [
     {"state": "queued"},
-    {"state": "running", "phase": "prefill",
-     "progress": {"units_done": 12, "units_total": 60, "fraction": 0.2, "bytes_written": 3_400_000}},
-    {"state": "running", "phase": "prefill",
-     "progress": {"units_done": 12, "units_total": 60, "fraction": 0.2, "bytes_written": 3_400_000}},
-    {"state": "running", "phase": "decoding",
-     "progress": {"units_done": 48, "units_total": 60, "fraction": 0.8, "bytes_written": 9_100_000}},
-    {"state": "succeeded", "phase": "finalizing",
-     "progress": {"units_done": 60, "units_total": 60, "fraction": 1.0, "bytes_written": 11_000_000,
-                  "chunks_written": 90}},
+    {
+        "state": "running",
+        "phase": "prefill",
+        "progress": {"units_done": 12, "units_total": 60, "fraction": 0.2, "bytes_written": 3_400_000},
+    },
+    {
+        "state": "running",
+        "phase": "prefill",
+        "progress": {"units_done": 12, "units_total": 60, "fraction": 0.2, "bytes_written": 3_400_000},
+    },
+    {
+        "state": "running",
+        "phase": "decoding",
+        "progress": {"units_done": 48, "units_total": 60, "fraction": 0.8, "bytes_written": 9_100_000},
+    },
+    {
+        "state": "succeeded",
+        "phase": "finalizing",
+        "progress": {
+            "units_done": 60,
+            "units_total": 60,
+            "fraction": 1.0,
+            "bytes_written": 11_000_000,
+            "chunks_written": 90,
+        },
+    },
 ]
 
 
 def job_doc(job_id: str, state: str = "running", **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "id": job_id, "state": state, "label": "demo <b>", "created_at": NOW, "started_at": NOW,
-        "finished_at": None, "updated_at": NOW, "attempts": 1, "phase": None,
-        "progress": {"units_done": 0, "units_total": 0, "fraction": None, "bytes_written": 0,
-                     "chunks_written": 0},
-        "error": None, "partial": False, "cancel_requested": False, "result": None,
+        "id": job_id,
+        "state": state,
+        "label": "demo <b>",
+        "created_at": NOW,
+        "started_at": NOW,
+        "finished_at": None,
+        "updated_at": NOW,
+        "attempts": 1,
+        "phase": None,
+        "progress": {
+            "units_done": 0,
+            "units_total": 0,
+            "fraction": None,
+            "bytes_written": 0,
+            "chunks_written": 0,
+        },
+        "error": None,
+        "partial": False,
+        "cancel_requested": False,
+        "result": None,
         "links": {"self": f"/v1/jobs/{job_id}", "bundle": f"/v1/jobs/{job_id}/bundle"},
         "spec": {"model": {"id": "m"}, "prompts": ["a", "b"]},
         "some_future_field": 1,
@@ -82,8 +114,13 @@ def make_handler(api: FakeApi) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-        def _send(self, status: int, body: Any, ctype: str = "application/json",
-                  headers: dict[str, str] | None = None) -> None:
+        def _send(
+            self,
+            status: int,
+            body: Any,
+            ctype: str = "application/json",
+            headers: dict[str, str] | None = None,
+        ) -> None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", ctype)
@@ -111,12 +148,32 @@ def make_handler(api: FakeApi) -> type[BaseHTTPRequestHandler]:
             if bundle:
                 if job_id == "done":
                     return self._send(200, api.bundle_zip, "application/zip")
-                problem = {"type": "bundle-not-ready", "title": "BundleNotReady", "status": 409,
-                           "detail": f"job {job_id} is running: the bundle is ready once it ends"}
+                if job_id == "short":  # declares the whole zip, sends half of it, hangs up
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/zip")
+                    self.send_header("Content-Length", str(len(api.bundle_zip)))
+                    self.end_headers()
+                    self.wfile.write(api.bundle_zip[: len(api.bundle_zip) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return None
+                problem = {
+                    "type": "bundle-not-ready",
+                    "title": "BundleNotReady",
+                    "status": 409,
+                    "detail": f"job {job_id} is running: the bundle is ready once it ends",
+                }
                 return self._problem(409, problem)
             if job_id == "missing":
-                return self._problem(404, {"type": "job-not-found", "title": "JobNotFound", "status": 404,
-                                           "detail": "job missing not found"})
+                return self._problem(
+                    404,
+                    {
+                        "type": "job-not-found",
+                        "title": "JobNotFound",
+                        "status": 404,
+                        "detail": "job missing not found",
+                    },
+                )
             if job_id == "plain":
                 return self._send(500, b"boom", "text/plain")
             if job_id == "slow":
@@ -169,8 +226,12 @@ def test_problem_document_becomes_client_error(api: tuple[FakeApi, str]) -> None
     with Client(url, timeout_s=5) as client, pytest.raises(QkvaultClientError) as info:
         client.submit({"model": {"id": "m"}, "prompts": []})
     err = info.value
-    assert (err.status, err.type, err.title, err.detail) == (422, "validation-error", "Invalid job spec",
-                                                             "2 validation errors")
+    assert (err.status, err.type, err.title, err.detail) == (
+        422,
+        "validation-error",
+        "Invalid job spec",
+        "2 validation errors",
+    )
     assert err.errors is not None and len(err.errors) == 2
     assert err.problem == VALIDATION_PROBLEM
     message = str(err)
@@ -235,7 +296,8 @@ def test_job_renders_for_terminal_and_notebook(api: tuple[FakeApi, str]) -> None
     assert "state     failed" in text and "error     ModelLoadError: cannot load gguf: file truncated" in text
     html = job._repr_html_()
     assert "demo &lt;b&gt;" in html and "<b>" not in html.replace("<b>qkvault job</b>", "").replace(
-        '<b style="color:#cf222e">', "")
+        '<b style="color:#cf222e">', ""
+    )
 
 
 def test_wait_shows_progress_and_returns_final_job(api: tuple[FakeApi, str]) -> None:
@@ -266,8 +328,12 @@ def test_wait_raises_job_failed_with_the_server_error(api: tuple[FakeApi, str]) 
         Client(url, timeout_s=5).wait("failed", poll_s=0.01, progress=False)
     err = info.value
     assert isinstance(err, QkvaultClientError)
-    assert (err.type, err.title, err.detail, err.status) == ("model-load-failed", "ModelLoadError",
-                                                             "cannot load gguf: file truncated", 422)
+    assert (err.type, err.title, err.detail, err.status) == (
+        "model-load-failed",
+        "ModelLoadError",
+        "cannot load gguf: file truncated",
+        422,
+    )
     assert err.job is not None and err.job.state == "failed"
     assert str(err) == "job failed failed: ModelLoadError: cannot load gguf: file truncated"
     assert pickle.loads(pickle.dumps(err)).detail == err.detail
@@ -304,3 +370,16 @@ def test_download_is_atomic_and_opens(api: tuple[FakeApi, str], tmp_path: Path) 
     ds2 = client.open("done", download_dir=tmp_path / "cache", progress=False)  # reuses the file
     assert len(fake.requests) == n_requests and ds2.attrs["format_version"] == "1.0"
     assert client.open(path).sizes["batch"] == 2  # a local path opens directly
+
+
+def test_truncated_download_is_a_clear_error(api: tuple[FakeApi, str], tmp_path: Path) -> None:
+    """A body shorter than its Content-Length: an error saying so (not "cannot reach the API"),
+    and nothing left at the destination."""
+    fake, url = api
+    total = len(fake.bundle_zip)
+    with pytest.raises(QkvaultClientError) as info:
+        Client(url, timeout_s=5).download("short", tmp_path / "s.zip", progress=False)
+    message = str(info.value)
+    assert "ended early" in message and f"{total // 2} of {total} bytes" in message, message
+    assert "cannot reach" not in message
+    assert not (tmp_path / "s.zip").exists() and not (tmp_path / "s.zip.partial").exists()

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def model_cache_dir() -> Path:
     """Dequantised GGUF cache shared by the test session and the worker processes it starts."""
-    path = Path(os.environ.get("QKVAULT_TEST_MODEL_CACHE", REPO / ".qkvault" / "test-models"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from worker.models import checkout_model_cache_dir
+
+    return checkout_model_cache_dir()
 
 
 @pytest.fixture(scope="session")

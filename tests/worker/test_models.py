@@ -63,3 +63,29 @@ def test_hybrid_model_facts_come_from_its_attention_calls(tmp_path: Path) -> Non
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"no config\.json"):
         ModelCache(tmp_path, "cpu").get(ModelSpec(id=str(tmp_path / "nope")))
+
+
+def test_hub_model_missing_from_the_cache_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id the worker's Hugging Face cache lacks, downloads off: the error names the cache and
+    how to add the model, not transformers' "check your internet connection"."""
+    import torch
+    from huggingface_hub import constants
+
+    from worker.models import load_model
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub read the env at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(ModelSpec(id="someorg/not-cached-model"), device=torch.device("cpu"), cache_dir=tmp_path)
+
+    message = str(caught.value)
+    assert "someorg/not-cached-model" in message and "not in this worker's Hugging Face cache" in message
+    assert str(cache) in message and "hf download someorg/not-cached-model" in message
+    assert "internet connection" not in message.lower()
