@@ -2,8 +2,8 @@
 """Developer entry point; needs only Python 3.11+ (standard library).
 
     python3 dev.py demo          # set up .venv if needed, then run `qkvault demo`
-    python3 dev.py test [ARGS]   # set up .venv if needed, then pytest ARGS, ruff check, mypy, lint-imports
-    python3 dev.py lint          # ruff check, mypy and lint-imports only
+    python3 dev.py test [ARGS]   # set up .venv if needed, then pytest ARGS, ruff check + format, mypy, lint-imports
+    python3 dev.py lint          # ruff check + format --check, mypy and lint-imports only
     python3 dev.py setup         # only create/update .venv
 
 Setup creates ``.venv`` (stdlib venv) and installs, in this order: pip (upgraded); ``torch==2.13.0``
@@ -100,6 +100,8 @@ def setup() -> int:
 def lint() -> int:
     say("ruff check")
     ruff = run([str(PYTHON), "-m", "ruff", "check", *LINT_PATHS])
+    say("ruff format --check")
+    ruff = run([str(PYTHON), "-m", "ruff", "format", "--check", *LINT_PATHS]) or ruff
     say("mypy")
     mypy = run([str(PYTHON), "-m", "mypy"])  # packages come from [tool.mypy] in pyproject.toml
     say("lint-imports")
@@ -109,7 +111,7 @@ def lint() -> int:
 
 def test(extra: list[str]) -> int:
     say("pytest " + " ".join(extra))
-    tests = run([str(PYTHON), "-m", "pytest", *extra])
+    tests = run([str(PYTHON), "-m", "pytest", "--durations=10", *extra])  # the slowest tests, every run
     if tests == 5:
         print("pytest collected no tests: that counts as a failure", file=sys.stderr)
     linted = lint()

@@ -99,8 +99,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     ):
         print(f"qkvault is up: {stack.base_url}   (API docs: {stack.base_url}/docs)", flush=True)
         print(f"  home {stack.home}, logs {stack.logs_dir}", flush=True)
-        print(f"  API key (owner {stack.api_key_owner!r}): {stack.api_key}   (kept in {stack.api_key_path})",
-              flush=True)
+        print(
+            f"  API key (owner {stack.api_key_owner!r}): {stack.api_key}   (kept in {stack.api_key_path})",
+            flush=True,
+        )
         print(f"  commands with the same --home find it; elsewhere: --api {stack.base_url}", flush=True)
         print("Ctrl-C to stop", flush=True)
         try:
@@ -277,9 +279,11 @@ def _common_options(top_level: bool) -> argparse.ArgumentParser:
         "--home", metavar="DIR", default=default(None), help="embedded stack directory (default: .qkvault)"
     )
     common.add_argument(
-        "--api-key", metavar="KEY", default=default(None),
+        "--api-key",
+        metavar="KEY",
+        default=default(None),
         help="API key (default: $QKVAULT_API_KEY, else the key of a stack started by `qkvault up` in --home)",
-    )  # fmt: skip
+    )
     common.add_argument(
         "--http-timeout",
         metavar="S",

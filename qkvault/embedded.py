@@ -100,7 +100,11 @@ def redis_ping(port: int, host: str = "127.0.0.1", timeout_s: float = 1.0) -> bo
 
 
 def start_redis_server(
-    port: int, workdir: Path, *, executable: str | None = None, log_path: Path | None = None,
+    port: int,
+    workdir: Path,
+    *,
+    executable: str | None = None,
+    log_path: Path | None = None,
     ready_timeout_s: float = 15.0,
 ) -> subprocess.Popen[bytes]:
     """Start a throwaway Redis (no RDB snapshots, no AOF) on 127.0.0.1:``port``, working files in
@@ -111,8 +115,23 @@ def start_redis_server(
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_path) if log_path is not None else workdir / "redis.log"
     rotate_log(log_path)
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "yes"]
+    args = [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+    ]
     proc = spawn(args, log_path)
     deadline = time.monotonic() + ready_timeout_s
     while True:
@@ -165,9 +184,15 @@ class EmbeddedStack:
     unless you set it). ``echo`` receives one line per step (e.g. ``print``).
     """
 
-    def __init__(self, home: Path = DEFAULT_HOME, api_port: int | None = None, *,
-                 ready_timeout_s: float = 180.0, grace_s: float = 10.0,
-                 echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path = DEFAULT_HOME,
+        api_port: int | None = None,
+        *,
+        ready_timeout_s: float = 180.0,
+        grace_s: float = 10.0,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.home = Path(home).expanduser().resolve()
         self.api_port = api_port
         self.ready_timeout_s = ready_timeout_s
@@ -272,9 +297,19 @@ class EmbeddedStack:
         for name in ("api", "worker", "reconciler"):
             rotate_log(self.log_path(name))
         self._procs["api"] = spawn(
-            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port)],
-            self.log_path("api"), env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            self.log_path("api"),
+            env=env,
         )
         self._procs["worker"] = spawn([sys.executable, "-m", "worker"], self.log_path("worker"), env=env)
         # re-enqueues lost messages, requeues jobs of a dead worker (docs/reliability.md)
@@ -283,9 +318,17 @@ class EmbeddedStack:
         )
         self._wait_ready(port)
         self._port = port
-        (self.home / STATE_FILE).write_text(json.dumps(
-            {"base_url": self.base_url, "pid": os.getpid(), "redis_url": self.env["QKVAULT_REDIS_URL"],
-             "logs": str(self.logs_dir)}, indent=2))
+        (self.home / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "base_url": self.base_url,
+                    "pid": os.getpid(),
+                    "redis_url": self.env["QKVAULT_REDIS_URL"],
+                    "logs": str(self.logs_dir),
+                },
+                indent=2,
+            )
+        )
 
     def _take_lock(self) -> None:
         import fcntl

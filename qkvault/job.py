@@ -245,8 +245,15 @@ class JobPage:
         for job in self.items:
             created = f"{job.created_at:%Y-%m-%d %H:%M}" if job.created_at else ""
             ratio = job.progress.ratio
-            out.append((job.id, job.state, f"{ratio * 100:.0f}%" if ratio is not None else "", created,
-                        job.label or ""))
+            out.append(
+                (
+                    job.id,
+                    job.state,
+                    f"{ratio * 100:.0f}%" if ratio is not None else "",
+                    created,
+                    job.label or "",
+                )
+            )
         return out
 
     def __str__(self) -> str:

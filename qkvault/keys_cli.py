@@ -103,9 +103,11 @@ def add_keys_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``keys`` and its subcommands on the ``qkvault`` subparsers ``sub``."""
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument(
-        "--database-url", metavar="URL", default=None,
+        "--database-url",
+        metavar="URL",
+        default=None,
         help="index database (default: $QKVAULT_DATABASE_URL, else <home>/index.db of the embedded stack)",
-    )  # fmt: skip
+    )
     keys = sub.add_parser(
         "keys",
         help="manage API keys (admin; talks to the index database directly)",

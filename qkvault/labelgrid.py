@@ -11,10 +11,16 @@ import numpy as np
 from storage.summary import LABELS
 
 COLOURS = {
-    "uniform": "#bdbdbd", "previous_token": "#e6550d", "sink": "#3182bd", "local": "#31a354",
-    "streaming": "#756bb1", "retrieval_candidate": "#d62728", "scattered": "#fdae6b", "mixed": "#9ecae1",
+    "uniform": "#bdbdbd",
+    "previous_token": "#e6550d",
+    "sink": "#3182bd",
+    "local": "#31a354",
+    "streaming": "#756bb1",
+    "retrieval_candidate": "#d62728",
+    "scattered": "#fdae6b",
+    "mixed": "#9ecae1",
     "undetermined": "#ffffff",
-}  # fmt: skip
+}
 
 
 def render_label_grid(
@@ -33,8 +39,14 @@ def render_label_grid(
     labels = np.array(labels.tolist(), dtype=str)  # zarr variable-length strings → plain numpy str
     codes = np.vectorize(LABELS.index)(labels)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(heads), 1.2 + 0.28 * len(layers)))
-    ax.imshow(codes, cmap=ListedColormap([COLOURS[n] for n in LABELS]), vmin=0, vmax=len(LABELS) - 1,
-              aspect="auto", interpolation="nearest")  # fmt: skip
+    ax.imshow(
+        codes,
+        cmap=ListedColormap([COLOURS[n] for n in LABELS]),
+        vmin=0,
+        vmax=len(LABELS) - 1,
+        aspect="auto",
+        interpolation="nearest",
+    )
     ax.set_xticks(range(len(heads)), [str(h) for h in heads])
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("head")
@@ -44,8 +56,12 @@ def render_label_grid(
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
     present = [n for n in LABELS if (labels == n).any()]
-    ax.legend(handles=[Patch(color=COLOURS[n], label=n.replace("_", " ")) for n in present],
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # fmt: skip
+    ax.legend(
+        handles=[Patch(color=COLOURS[n], label=n.replace("_", " ")) for n in present],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
     if title:
         ax.set_title(textwrap.fill(title, 48), fontsize=10)
     fig.tight_layout()

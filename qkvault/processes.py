@@ -80,14 +80,21 @@ def _die_with_parent_fn() -> Callable[[], None] | None:
     return setup
 
 
-def spawn(args: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``args`` in its own process group, stdout and stderr appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            list(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-            process_group=0, preexec_fn=_die_with_parent_fn(),
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            process_group=0,
+            preexec_fn=_die_with_parent_fn(),
         )
 
 

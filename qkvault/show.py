@@ -230,9 +230,14 @@ def describe_bundle(ds: xr.Dataset, *, layer: int | None = None, head: int = 0, 
         lines.append(f"model: {_model_line(attrs['model'])}")
     timings = attrs.get("timings_s")
     if isinstance(timings, Mapping) and timings:
-        lines.append("timings: " + ", ".join(
-            f"{k} {float(v):.2f} s" if float(v) < 10 else f"{k} {float(v):.1f} s"
-            for k, v in timings.items() if isinstance(v, int | float)))
+        lines.append(
+            "timings: "
+            + ", ".join(
+                f"{k} {float(v):.2f} s" if float(v) < 10 else f"{k} {float(v):.1f} s"
+                for k, v in timings.items()
+                if isinstance(v, int | float)
+            )
+        )
     lines += ["", "arrays:", *_arrays_section(ds)]
     sequences = _sequences_section(ds)
     if sequences:

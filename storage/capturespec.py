@@ -48,10 +48,24 @@ NO_PRESET = {"attention": True, "qkv": False, "hidden_states": False, "summary":
 
 # Per-head summary metrics (HEAD_METRICS.md) a researcher can rank heads by.
 RankMetric = Literal[
-    "sink", "bos", "local", "middle", "prev", "self", "prev_argmax_rate", "max_weight", "entropy",
-    "entropy_norm", "effective_keys", "k90", "k90_frac", "sparsity_1pct", "mean_distance",
-    "mean_distance_norm", "middle_k90",
-]  # fmt: skip
+    "sink",
+    "bos",
+    "local",
+    "middle",
+    "prev",
+    "self",
+    "prev_argmax_rate",
+    "max_weight",
+    "entropy",
+    "entropy_norm",
+    "effective_keys",
+    "k90",
+    "k90_frac",
+    "sparsity_1pct",
+    "mean_distance",
+    "mean_distance_norm",
+    "middle_k90",
+]
 
 
 class _Strict(BaseModel):

@@ -168,8 +168,13 @@ class StoreRetry:
     max_delay_s: float = 5.0
 
 
-_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-                        NotADirectoryError)  # fmt: skip
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -202,8 +207,14 @@ async def retrying(what: str, op: Callable[[], Awaitable[T]], policy: StoreRetry
                     f"{type(exc).__name__}: {exc}",
                     detail={"operation": what, "tries": tries, "seconds": round(spent, 1)},
                 ) from exc
-            log.warning("object store: %s failed (%s: %s); retry %d in %.1f s",
-                        what, type(exc).__name__, exc, tries, delay)  # fmt: skip
+            log.warning(
+                "object store: %s failed (%s: %s); retry %d in %.1f s",
+                what,
+                type(exc).__name__,
+                exc,
+                tries,
+                delay,
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, policy.max_delay_s)
 

@@ -17,12 +17,25 @@ import numpy as np
 from storage.capturespec import SummaryParams
 
 LABELS: tuple[str, ...] = (
-    "uniform", "previous_token", "sink", "local", "streaming", "retrieval_candidate", "scattered",
-    "mixed", "undetermined",
-)  # fmt: skip
+    "uniform",
+    "previous_token",
+    "sink",
+    "local",
+    "streaming",
+    "retrieval_candidate",
+    "scattered",
+    "mixed",
+    "undetermined",
+)
 LABEL_METRICS: tuple[str, ...] = (
-    "entropy_norm", "prev", "prev_argmax_rate", "sink", "local", "middle", "middle_k90",
-)  # fmt: skip
+    "entropy_norm",
+    "prev",
+    "prev_argmax_rate",
+    "sink",
+    "local",
+    "middle",
+    "middle_k90",
+)
 _LABEL_DTYPE = np.dtype(f"<U{max(map(len, LABELS))}")
 
 

@@ -79,8 +79,11 @@ def audit_chunks(index: Index, job: JobRecord, files: dict[str, bytes]) -> Chunk
     rows = index.list_chunks(job.id)
     keys = [r.key for r in rows]
     chunk_files = {k for k in files if "/c/" in k}
-    bad = [r.key for r in rows if r.key in files and
-           (not matches(files[r.key], r.checksum) or len(files[r.key]) != r.nbytes)]  # fmt: skip
+    bad = [
+        r.key
+        for r in rows
+        if r.key in files and (not matches(files[r.key], r.checksum) or len(files[r.key]) != r.nbytes)
+    ]
     return ChunkAudit(
         rows=len(rows),
         missing_rows=sorted(chunk_files - set(keys)),
@@ -168,8 +171,10 @@ class FaultyProxy:
                 if faulty:
                     with proxy._lock:
                         proxy.stats.failed_5xx += 1
-                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
-                               b"<Message>injected fault</Message></Error>")  # fmt: skip
+                    payload = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                        b"<Message>injected fault</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -238,9 +243,25 @@ class RestartableRedis:
         from qkvault.processes import spawn
         from tests.services import redis_ping
 
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                "--maxmemory-policy", "noeviction", "--daemonize", "no"]  # fmt: skip
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
+        ]
         self.proc = spawn(args, self.workdir / "redis.log")
         if not wait_until(lambda: redis_ping(self.url), 15):
             raise RuntimeError(

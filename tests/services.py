@@ -472,13 +472,15 @@ def start_worker(
     log_path = Path(log_path)
     command = list(argv) if argv is not None else [sys.executable, "-m", "worker"]
     with _running(
-        command, env, log_path,
+        command,
+        env,
+        log_path,
         what=f"worker {command}",
         ready=functools.partial(_log_matches, log_path, _READY_RE),
         waiting_for=f"a log line matching {_READY_RE.pattern!r}",
         ready_timeout_s=ready_timeout_s,
         stop_grace_s=stop_grace_s,
-    ) as proc:  # fmt: skip
+    ) as proc:
         yield proc
 
 
@@ -520,16 +522,25 @@ def start_api(
             log_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qk-api-"))) / "api.log"
         log_path = Path(log_path)
         command = [
-            sys.executable, "-m", "uvicorn", app, "--factory",
-            "--host", "127.0.0.1", "--port", str(port),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         health = f"http://127.0.0.1:{port}/healthz"
         with _running(
-            command, env, log_path,
+            command,
+            env,
+            log_path,
             what="API",
             ready=functools.partial(_healthz_ok, health),
             waiting_for=f"{health} to answer 200",
             ready_timeout_s=ready_timeout_s,
             stop_grace_s=stop_grace_s,
-        ) as proc:  # fmt: skip
+        ) as proc:
             yield RunningApi(proc=proc, port=port, log_path=log_path)

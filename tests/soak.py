@@ -61,12 +61,19 @@ def job_spec(model_dir: Path, n: int) -> dict[str, Any]:
 def fast_env(settings: Settings, model_cache: Path) -> dict[str, str]:
     """``QKVAULT_*`` of the worker and reconciler processes: ``settings``' services, a short lease."""
     return qkvault_env(
-        redis_url=settings.redis_url, database_url=settings.database_url, store_url=settings.store_url,
-        queue_name=settings.queue_name, device="cpu", model_cache_dir=str(model_cache),
-        heartbeat_interval_s=0.3, progress_interval_s=0.1, lease_timeout_s=LEASE_TIMEOUT_S,
-        requeue_after_s=LEASE_TIMEOUT_S, reconcile_interval_s=0.5,
+        redis_url=settings.redis_url,
+        database_url=settings.database_url,
+        store_url=settings.store_url,
+        queue_name=settings.queue_name,
+        device="cpu",
+        model_cache_dir=str(model_cache),
+        heartbeat_interval_s=0.3,
+        progress_interval_s=0.1,
+        lease_timeout_s=LEASE_TIMEOUT_S,
+        requeue_after_s=LEASE_TIMEOUT_S,
+        reconcile_interval_s=0.5,
         record_interval_s=0.0,  # chunk rows recorded per row block: "N chunks in" is early in a job
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -111,8 +118,12 @@ def _reference(
     from worker.jobs import run_job
     from worker.models import ModelCache
 
-    settings = Settings(database_url=f"sqlite:///{root}/index.db", store_url=str(root / "store"),
-                        model_cache_dir=model_cache, progress_interval_s=1.0)  # fmt: skip
+    settings = Settings(
+        database_url=f"sqlite:///{root}/index.db",
+        store_url=str(root / "store"),
+        model_cache_dir=model_cache,
+        progress_interval_s=1.0,
+    )
     index, store = Index(settings.database_url), ObjectStore.from_settings(settings)
     index.migrate()
     models = ModelCache(model_cache, "cpu")
@@ -170,9 +181,11 @@ def kill_scenario(
     reference = _reference(workdir / "reference", specs, model_cache)
     log(f"reference: {jobs} jobs run uninterrupted in {time.monotonic() - started:.0f} s")
     settings = Settings(
-        database_url=f"sqlite:///{workdir}/index.db", store_url=str(workdir / "store"), redis_url=redis_url,
+        database_url=f"sqlite:///{workdir}/index.db",
+        store_url=str(workdir / "store"),
+        redis_url=redis_url,
         queue_name=f"qk-soak-{uuid.uuid4().hex[:8]}",
-    )  # fmt: skip
+    )
     index, store = Index(settings.database_url), ObjectStore.from_settings(settings)
     index.migrate()
     env = fast_env(settings, model_cache)
@@ -180,8 +193,9 @@ def kill_scenario(
 
     app = create_celery_app(settings)
     for job_id, spec in specs.items():
-        index.create_job(spec=spec, owner="soak", store_url_for=store.bundle_url, max_attempts=kills + 2,
-                         job_id=job_id)  # fmt: skip
+        index.create_job(
+            spec=spec, owner="soak", store_url_for=store.bundle_url, max_attempts=kills + 2, job_id=job_id
+        )
         enqueue_export(app, job_id)
     app.close()
     dead: set[str] = set()
@@ -204,11 +218,19 @@ def kill_scenario(
             job = due[0]
             dead.add(str(job.lease_worker))
             where = point[0] or f"{point[1]:.0%} of units"
-            kill = {"job": job.id, "attempt": job.attempts, "where": where, "phase": job.phase,
-                    "units": f"{job.units_done}/{job.units_total}", "chunks": job.chunks_written}  # fmt: skip
+            kill = {
+                "job": job.id,
+                "attempt": job.attempts,
+                "where": where,
+                "phase": job.phase,
+                "units": f"{job.units_done}/{job.units_total}",
+                "chunks": job.chunks_written,
+            }
             report.kills.append(kill)
-            log(f"kill {n + 1}/{kills}: job {job.id[:8]} attempt {job.attempts} at {where} (phase "
-                f"{job.phase}, units {kill['units']}, chunks {job.chunks_written})")  # fmt: skip
+            log(
+                f"kill {n + 1}/{kills}: job {job.id[:8]} attempt {job.attempts} at {where} (phase "
+                f"{job.phase}, units {kill['units']}, chunks {job.chunks_written})"
+            )
         with start_worker(env, workdir / "worker.log"):
             wait_until(
                 lambda: all(index.get_job(j).terminal for j in specs), deadline - time.monotonic(), 0.2

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _compose() -> dict[str, Any]:
-    return yaml.safe_load((REPO / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
 def test_services_and_health_checks() -> None:
@@ -39,6 +39,8 @@ def test_docker_compose_config_passes() -> None:
         pytest.skip("docker CLI has no compose plugin")
     result = subprocess.run(
         ["docker", "compose", "--env-file", ".env.example", "config", "-q"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr

@@ -88,9 +88,21 @@ def test_celery_worker_process_over_redis(redis_url: str, tmp_path: Path) -> Non
     (tmp_path / "qkprobe_app.py").write_text(CELERY_APP)
     env = {"PROBE_REDIS_URL": redis_url, "PYTHONPATH": str(tmp_path)}
     argv = [
-        sys.executable, "-m", "celery", "-A", "qkprobe_app", "worker",
-        "--loglevel", "INFO", "--pool", "solo", "-Q", "qk-probe", "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "qkprobe_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--pool",
+        "solo",
+        "-Q",
+        "qk-probe",
+        "--without-mingle",
+        "--without-gossip",
+    ]
     with start_worker(env, tmp_path / "worker.log", argv=argv, ready_timeout_s=60) as proc:
         client = Celery("qkprobe", broker=redis_url, backend=redis_url, set_as_current=False)
         try:

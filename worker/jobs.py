@@ -179,11 +179,15 @@ def _attempt(
                     "job %s: attempt %d resumes over %d recorded chunks", job_id, job.attempts, len(resume)
                 )
             writer = BundleWriter(
-                job.store_url, storage_options=store.storage_options, on_chunks=hooks.chunks_written,
-                resume=resume, retry=StoreRetry(deadline_s=settings.store_retry_s),
-                write_threads=settings.write_threads or None, record_interval_s=settings.record_interval_s,
+                job.store_url,
+                storage_options=store.storage_options,
+                on_chunks=hooks.chunks_written,
+                resume=resume,
+                retry=StoreRetry(deadline_s=settings.store_retry_s),
+                write_threads=settings.write_threads or None,
+                record_interval_s=settings.record_interval_s,
                 checksum_algorithm=settings.chunk_checksum,
-            )  # fmt: skip
+            )
             exporter = Exporter(spec, loaded, writer, hooks)
             summary = exporter.run(job_id)
             # where the writer's time went (thread-seconds per pool, bytes in and out)

@@ -95,8 +95,14 @@ class TurboQuantMSE:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"method": "mse", "dim": self.dim, "bits": self.bits, "seed": self.seed,
-                "distribution": self.distribution, "rotation": "qr"}  # fmt: skip
+        return {
+            "method": "mse",
+            "dim": self.dim,
+            "bits": self.bits,
+            "seed": self.seed,
+            "distribution": self.distribution,
+            "rotation": "qr",
+        }
 
     def indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpacked codebook indices (uint8 ``[..., dim]``) and float16 norms of ``x``."""
@@ -143,8 +149,14 @@ class TurboQuantProd:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {**self.mse.params, "method": "prod", "bits": self.bits, "mse_bits": self.bits - 1,
-                "qjl_seed": self.qjl_seed, "qjl": "gaussian"}  # fmt: skip
+        return {
+            **self.mse.params,
+            "method": "prod",
+            "bits": self.bits,
+            "mse_bits": self.bits - 1,
+            "qjl_seed": self.qjl_seed,
+            "qjl": "gaussian",
+        }
 
     def encode(self, x: torch.Tensor) -> Encoded:
         x = x.to(self.device, torch.float32)
@@ -229,8 +241,12 @@ class KIVI:
         xq = k[..., :tq, :].reshape(*k.shape[:-2], tq // self.group, self.group, dim)
         scale, zero = self._scale_zero(xq.amin(dim=-2), xq.amax(dim=-2))
         codes = self._codes(xq, scale.unsqueeze(-2), zero.unsqueeze(-2)).reshape(*k.shape[:-2], tq, dim)
-        return {"codes_packed": pack_bits(codes, self.bits), "scale": scale, "zero": zero,
-                "residual": k[..., tq:, :].to(torch.float16)}  # fmt: skip
+        return {
+            "codes_packed": pack_bits(codes, self.bits),
+            "scale": scale,
+            "zero": zero,
+            "residual": k[..., tq:, :].to(torch.float16),
+        }
 
     def decode_keys(self, encoded: Encoded, dim: int) -> torch.Tensor:
         codes = unpack_bits(encoded["codes_packed"], self.bits, dim).to(torch.float32)
@@ -252,8 +268,12 @@ class KIVI:
         xg = xq.reshape(*xq.shape[:-1], n, self.group)
         scale, zero = self._scale_zero(xg.amin(dim=-1), xg.amax(dim=-1))
         codes = self._codes(xg, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(*xq.shape)[..., :dim]
-        return {"codes_packed": pack_bits(codes, self.bits), "scale": scale, "zero": zero,
-                "residual": v[..., tq:, :].to(torch.float16)}  # fmt: skip
+        return {
+            "codes_packed": pack_bits(codes, self.bits),
+            "scale": scale,
+            "zero": zero,
+            "residual": v[..., tq:, :].to(torch.float16),
+        }
 
     def decode_values(self, encoded: Encoded, dim: int) -> torch.Tensor:
         codes = unpack_bits(encoded["codes_packed"], self.bits, dim).to(torch.float32)

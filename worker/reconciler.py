@@ -163,8 +163,15 @@ def _send(
     return True
 
 
-def _expired(index: Index, app: Celery, settings: Settings, job: JobRecord, now: datetime,
-             broker: BrokerView | None, report: ReconcileReport) -> None:  # fmt: skip
+def _expired(
+    index: Index,
+    app: Celery,
+    settings: Settings,
+    job: JobRecord,
+    now: datetime,
+    broker: BrokerView | None,
+    report: ReconcileReport,
+) -> None:
     who = f"job {job.id}: lease of {job.lease_worker} expired (last heartbeat {job.heartbeat_at})"
     if job.cancel_requested or job.state is JobState.CANCELLING:
         if sql.end_expired(index, job, JobState.CANCELLED, now):
@@ -230,9 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     log.info(
         "reconciler: every %g s, lease timeout %g s, requeue after %g s, queue %s",
-        settings.reconcile_interval_s, settings.lease_timeout_s, settings.requeue_after_s,
+        settings.reconcile_interval_s,
+        settings.lease_timeout_s,
+        settings.requeue_after_s,
         settings.queue_name,
-    )  # fmt: skip
+    )
     while not stop.is_set():
         try:
             reconcile_once(index, app, settings)

@@ -123,13 +123,30 @@ class JobRow(Base):
     ) -> JobRow:
         """A new job in state ``queued`` with zeroed counters."""
         return cls(
-            id=job_id, owner=owner, state=JobState.QUEUED.value, spec=dict(spec), label=label,
-            created_at=now, updated_at=now, started_at=None, finished_at=None,
-            attempts=0, max_attempts=max_attempts, lease_worker=None, heartbeat_at=None,
-            cancel_requested=False, phase=None, units_done=0, units_total=0,
-            bytes_written=0, chunks_written=0, error=None, store_url=store_url,
-            partial=False, result=None,
-        )  # fmt: skip
+            id=job_id,
+            owner=owner,
+            state=JobState.QUEUED.value,
+            spec=dict(spec),
+            label=label,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+            attempts=0,
+            max_attempts=max_attempts,
+            lease_worker=None,
+            heartbeat_at=None,
+            cancel_requested=False,
+            phase=None,
+            units_done=0,
+            units_total=0,
+            bytes_written=0,
+            chunks_written=0,
+            error=None,
+            store_url=store_url,
+            partial=False,
+            result=None,
+        )
 
     def to_record(self) -> JobRecord:
         return JobRecord(

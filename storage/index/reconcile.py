@@ -109,9 +109,14 @@ def end_expired(
     """Job whose lease expired -> ``state`` (cancelled or failed), lease released; ``partial`` when
     chunks were recorded (counted in SQL, so a chunk recorded after the read still counts)."""
     values = {
-        "state": JobState(state).value, "finished_at": now, "updated_at": now, "lease_worker": None,
-        "partial": JobRow.chunks_written > 0, "error": error, "result": None,
-    }  # fmt: skip
+        "state": JobState(state).value,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_worker": None,
+        "partial": JobRow.chunks_written > 0,
+        "error": error,
+        "result": None,
+    }
     return _apply(index, seen, values)
 
 

@@ -123,9 +123,14 @@ class Index:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         row = JobRow.queued(
-            job_id=job_id, owner=owner, spec=spec, label=label, max_attempts=max_attempts,
-            store_url=store_url_for(job_id), now=utcnow(),
-        )  # fmt: skip
+            job_id=job_id,
+            owner=owner,
+            spec=spec,
+            label=label,
+            max_attempts=max_attempts,
+            store_url=store_url_for(job_id),
+            now=utcnow(),
+        )
         try:
             with self._session(write=True) as session:
                 session.add(row)
@@ -218,8 +223,11 @@ class Index:
             row = self._load(session, job_id, None)
             log.warning(
                 "heartbeat from %s ignored: job %s is %s, lease held by %s",
-                worker_id, job_id, row.state, row.lease_worker,
-            )  # fmt: skip
+                worker_id,
+                job_id,
+                row.state,
+                row.lease_worker,
+            )
             return False
 
     def update_progress(
@@ -265,10 +273,17 @@ class Index:
         latest = {(c.array, format_coords(c.coords)): c for c in chunks}  # last one wins
         now = utcnow()
         params = [
-            {"job_id": job_id, "array": array, "coords": coords, "key": c.key,
-             "nbytes": c.nbytes, "checksum": c.checksum, "created_at": now}
+            {
+                "job_id": job_id,
+                "array": array,
+                "coords": coords,
+                "key": c.key,
+                "nbytes": c.nbytes,
+                "checksum": c.checksum,
+                "created_at": now,
+            }
             for (array, coords), c in latest.items()
-        ]  # fmt: skip
+        ]
         if any(c.nbytes < 0 for c in latest.values()):
             raise ValueError(f"job {job_id}: chunk nbytes must be >= 0")
         with self._session(write=True) as session:

@@ -131,9 +131,14 @@ def submit_job(
                         detail={"limit": max_in_flight, "in_flight": int(count or 0)},
                     )
             row = JobRow.queued(
-                job_id=job_id, owner=owner, spec=spec, label=label, max_attempts=max_attempts,
-                store_url=store_url_for(job_id), now=utcnow(),
-            )  # fmt: skip
+                job_id=job_id,
+                owner=owner,
+                spec=spec,
+                label=label,
+                max_attempts=max_attempts,
+                store_url=store_url_for(job_id),
+                now=utcnow(),
+            )
             row.idempotency_key = idempotency_key
             row.request_hash = digest
             session.add(row)

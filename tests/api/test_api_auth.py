@@ -125,7 +125,7 @@ def test_public_endpoints_need_no_key(anonymous: TestClient) -> None:
     }
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            expected = None if path in PUBLIC_PATHS else [{"ApiKey": []}]
+            expected: list[dict[str, list[str]]] | None = None if path in PUBLIC_PATHS else [{"ApiKey": []}]
             assert operation.get("security") == expected, (method, path)
             if expected:
                 assert "401" in operation["responses"], (method, path)

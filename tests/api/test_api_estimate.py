@@ -128,8 +128,11 @@ def test_estimate_gives_shapes_chunks_bytes_and_totals(
     assert any("EOS" in a for a in body["assumptions"])
     assert body["within_limits"] is True and body["model_allowed"] is True
     assert {c["name"] for c in body["limits"]} == {
-        "max_prompts", "max_new_tokens", "max_total_tokens", "max_stored_bytes"
-    }  # fmt: skip
+        "max_prompts",
+        "max_new_tokens",
+        "max_total_tokens",
+        "max_stored_bytes",
+    }
     _nothing_stored(client, broker, queue_name)
     schema = client.get("/openapi.json").json()
     assert "JobEstimate" in schema["components"]["schemas"]
@@ -191,9 +194,13 @@ def test_stored_size_limit_refuses_and_says_by_how_much(
     assert value > 10_000 and estimate["within_limits"] is False
     check = next(c for c in estimate["limits"] if c["name"] == "max_stored_bytes")
     assert check == {
-        "name": "max_stored_bytes", "setting": "QKVAULT_MAX_STORED_BYTES", "limit": 10_000,
-        "value": value, "exceeded_by": value - 10_000, "ok": False,
-    }  # fmt: skip
+        "name": "max_stored_bytes",
+        "setting": "QKVAULT_MAX_STORED_BYTES",
+        "limit": 10_000,
+        "value": value,
+        "exceeded_by": value - 10_000,
+        "ok": False,
+    }
     for params in ({}, {"dry_run": "true"}):
         body = _problem(client.post("/v1/jobs", params=params, json=_spec(tiny)), 422, "limit-exceeded")
         assert body["title"] == "Server limit exceeded"

@@ -78,8 +78,12 @@ def test_malformed_idempotency_key_is_422(client: TestClient, bad: str) -> None:
 
 def test_dry_run_ignores_the_key(client: TestClient) -> None:
     assert _post(client, SPEC, "dry", **{}).status_code == 202
-    dry = client.post("/v1/jobs", params={"dry_run": "true"}, json={**SPEC, "prompts": ["x"]},
-                      headers={"Idempotency-Key": "dry"})  # fmt: skip
+    dry = client.post(
+        "/v1/jobs",
+        params={"dry_run": "true"},
+        json={**SPEC, "prompts": ["x"]},
+        headers={"Idempotency-Key": "dry"},
+    )
     assert dry.status_code == 200 and "expected_stored_bytes" in dry.json()
 
 

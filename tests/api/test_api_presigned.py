@@ -72,9 +72,12 @@ def _objects(fs: s3fs.S3FileSystem, store_url: str) -> dict[str, bytes]:
 
 
 def test_presigned_urls_fetch_every_object_without_credentials(
-    s3_client: TestClient, finished_s3_job: tuple[str, dict[str, np.ndarray]], s3: GatedS3, index: Index,
+    s3_client: TestClient,
+    finished_s3_job: tuple[str, dict[str, np.ndarray]],
+    s3: GatedS3,
+    index: Index,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     job_id, data = finished_s3_job
     before = datetime.now(UTC)
     response = s3_client.get(f"/v1/jobs/{job_id}/bundle/urls", params={"expires_in": 60})
@@ -116,8 +119,11 @@ def test_the_gate_refuses_what_s3_refuses(
 
     with httpx.Client() as plain:
         assert plain.get(url).status_code == 200
-        for bad, code in ((anonymous, "AccessDenied"), (tampered, "SignatureDoesNotMatch"),
-                          (swapped, "SignatureDoesNotMatch")):  # fmt: skip
+        for bad, code in (
+            (anonymous, "AccessDenied"),
+            (tampered, "SignatureDoesNotMatch"),
+            (swapped, "SignatureDoesNotMatch"),
+        ):
             refused = plain.get(bad)
             assert refused.status_code == 403 and f"<Code>{code}</Code>" in refused.text, bad
 

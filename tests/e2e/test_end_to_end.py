@@ -88,6 +88,7 @@ def test_failing_job_ends_failed_with_readable_error(stack: Stack, tmp_path: Pat
     job = stack.client.submit(_spec(str(tmp_path / "missing-model")))
     with pytest.raises(JobFailed) as failed:
         stack.client.wait(job.id, poll_s=0.2, timeout_s=120, progress=False)
+    assert failed.value.job is not None
     error = failed.value.job.error
     assert error is not None and error["type"] == "model-load-failed" and "missing-model" in error["detail"]
 

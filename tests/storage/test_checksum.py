@@ -27,7 +27,7 @@ def test_check_values() -> None:
 def test_records_are_verified_by_the_algorithm_they_name() -> None:
     data = b"chunk bytes"
     for algorithm in ("crc32c", "sha256"):
-        recorded = checksum(data, algorithm)  # type: ignore[arg-type]
+        recorded = checksum(data, algorithm)
         assert algorithm_of(recorded) == algorithm
         assert matches(data, recorded) and not matches(data + b"!", recorded)
     assert not matches(data, "md5:0cc175b9c0f1b6a831c399e269772661") and algorithm_of("nonsense") is None

@@ -64,9 +64,17 @@ def test_block_equals_the_formula(backend: Any, window: int | None, softcap: flo
     rows = np.array([39, 0, 17, 17, 45, 3, 38])
     keys = np.array([0, 1, 16, 17, 30, 39, 2, 50])
     got = attention_block(
-        q[np.minimum(rows, length - 1)], k, rows, keys, length=length, scaling=0.3, window=window,
-        softcap=softcap, block_rows=2, backend=backend,
-    )  # fmt: skip
+        q[np.minimum(rows, length - 1)],
+        k,
+        rows,
+        keys,
+        length=length,
+        scaling=0.3,
+        window=window,
+        softcap=softcap,
+        block_rows=2,
+        backend=backend,
+    )
     expected = np.zeros((rows.size, keys.size))
     for r, row in enumerate(rows):
         if row < length:
@@ -109,9 +117,18 @@ def test_block_with_a_sink_equals_the_formula(
     rows = np.array([39, 0, 17, 17, 45, 3, 38])
     keys = np.array([0, 1, 16, 17, 30, 39, 2, 50])
     got = attention_block(
-        q[np.minimum(rows, length - 1)], k, rows, keys, length=length, scaling=0.3, window=window,
-        softcap=softcap, sink=sink, block_rows=2, backend=backend,
-    )  # fmt: skip
+        q[np.minimum(rows, length - 1)],
+        k,
+        rows,
+        keys,
+        length=length,
+        scaling=0.3,
+        window=window,
+        softcap=softcap,
+        sink=sink,
+        block_rows=2,
+        backend=backend,
+    )
     expected = np.zeros((rows.size, keys.size))
     for r, row in enumerate(rows):
         if row < length:
@@ -154,9 +171,15 @@ def test_output_matches_torch_sdpa_with_gqa_and_window() -> None:
     for h in range(heads):
         kv = h // (heads // kv_heads)
         probs = attention_block(
-            q[0, h].numpy(), k[0, kv].numpy(), np.arange(length), np.arange(length),
-            length=length, scaling=0.25, window=window, backend="numpy",
-        )  # fmt: skip
+            q[0, h].numpy(),
+            k[0, kv].numpy(),
+            np.arange(length),
+            np.arange(length),
+            length=length,
+            scaling=0.25,
+            window=window,
+            backend="numpy",
+        )
         np.testing.assert_allclose(probs @ v[0, kv].numpy(), out[h], atol=1e-5)
 
 

@@ -18,9 +18,11 @@ from storage.index.models import utcnow
 
 def _create(index: Index, max_attempts: int = 3) -> JobRecord:
     return index.create_job(
-        spec={"model": {"id": "m"}, "prompts": ["hi"]}, owner="alice", max_attempts=max_attempts,
+        spec={"model": {"id": "m"}, "prompts": ["hi"]},
+        owner="alice",
+        max_attempts=max_attempts,
         store_url_for=lambda job_id: f"/nowhere/{job_id}.zarr",
-    )  # fmt: skip
+    )
 
 
 def _chunk(n: int) -> ChunkRecord:

@@ -205,9 +205,11 @@ def test_prod_arrays_scores_and_dequantize_agree() -> None:
     enc = prod_encode(keys, codebook, rot, s, bits)
     shapes = {name: (a.shape, a.dtype) for name, a in enc.items()}
     assert shapes == {
-        "idx_packed": ((2, n, dim * 2 // 8), np.uint8), "norms": ((2, n), np.float16),
-        "signs_packed": ((2, n, dim // 8), np.uint8), "gamma": ((2, n), np.float16),
-    }  # fmt: skip
+        "idx_packed": ((2, n, dim * 2 // 8), np.uint8),
+        "norms": ((2, n), np.float16),
+        "signs_packed": ((2, n, dim // 8), np.uint8),
+        "gamma": ((2, n), np.float16),
+    }
     mse_part = prod_decode(enc["idx_packed"], enc["norms"], codebook, rot, bits, dim)
     gamma = np.linalg.norm(keys - mse_part, axis=-1)
     np.testing.assert_allclose(enc["gamma"].astype(np.float32), gamma, rtol=1e-3)

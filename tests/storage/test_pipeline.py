@@ -3,6 +3,7 @@ its queue, and surfaces write errors."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from storage.bundle.format import COMPRESSIONS
 from storage.bundle.layout import BundleLayout
@@ -114,13 +116,15 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
     # one record per stored chunk, with the checksum of the stored bytes
     by_key = {r.key: r for r in records if r.array in handles}
     assert len(by_key) == len([r for r in records if r.array in handles])
-    for key, data in ours.items():
-        assert by_key[key].checksum == checksum(data) and by_key[key].nbytes == len(data)
+    for key, stored in ours.items():
+        assert by_key[key].checksum == checksum(stored) and by_key[key].nbytes == len(stored)
     for name, data in expected.items():
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / name))[...], data)
     # every array carries the job's codec in its metadata; the pipeline's account matches the files
     for name in handles:
-        blosc = zarr.open_array(str(tmp_path / "ours.zarr" / name)).metadata.codecs[1]
+        metadata = zarr.open_array(str(tmp_path / "ours.zarr" / name)).metadata
+        assert isinstance(metadata, ArrayV3Metadata)
+        blosc = metadata.codecs[1]
         assert isinstance(blosc, BloscCodec)
         assert (blosc.cname.value, blosc.shuffle.value, blosc.clevel) == (cname, shuffle, 1)
     stats = writer.pipeline_stats
@@ -198,7 +202,7 @@ def test_submit_blocks_when_the_byte_budget_is_queued(tmp_path: Path) -> None:
                 "a",
                 [((i, 0), lambda: block)],
                 nbytes=block.nbytes,
-                release=lambda i=i: released.append(i),
+                release=functools.partial(released.append, i),
             )
             submitted.append(i)
 

@@ -15,11 +15,16 @@ from storage.objectstore import zarr_store
 
 
 def _create(store: object) -> zarr.Array:
-    group = zarr.open_group(store, mode="a", zarr_format=3)  # type: ignore[arg-type]
+    group = zarr.open_group(store, mode="a", zarr_format=3)
     return group.create_array(
-        "x", shape=(4, 4), chunks=(2, 4), dtype="int32", fill_value=0, overwrite=True,
+        "x",
+        shape=(4, 4),
+        chunks=(2, 4),
+        dtype="int32",
+        fill_value=0,
+        overwrite=True,
         config={"write_empty_chunks": True},
-    )  # fmt: skip
+    )
 
 
 def _first_attempt(path: Path) -> tuple[ResumeSet, np.ndarray]:

@@ -9,9 +9,14 @@ from storage.capturespec import SummaryParams
 from storage.summary import LABEL_METRICS, LABELS, kv_head_mean, label_heads
 
 BASE = {  # a "mixed" head: no rule matches
-    "entropy_norm": 0.5, "prev": 0.05, "prev_argmax_rate": 0.1, "sink": 0.4, "local": 0.3,
-    "middle": 0.3, "middle_k90": 100.0,
-}  # fmt: skip
+    "entropy_norm": 0.5,
+    "prev": 0.05,
+    "prev_argmax_rate": 0.1,
+    "sink": 0.4,
+    "local": 0.3,
+    "middle": 0.3,
+    "middle_k90": 100.0,
+}
 
 
 def _label(metrics: dict[str, float], params: SummaryParams | None = None, rows: int = 10) -> str:

@@ -19,7 +19,7 @@ def eager_attentions(
 
     model = (
         AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
-        .to(device)
+        .to(device)  # type: ignore[arg-type]
         .eval()
     )
     with torch.no_grad():

@@ -141,9 +141,13 @@ def test_causal_block_probs_match_the_numpy_formula(
     diff = q_pos[:, None] - k_pos[None, :]
     allowed = (diff >= 0) & (diff < window if window is not None else True)
     got = causal_block_probs(
-        torch.from_numpy(q), torch.from_numpy(k), scaling=0.3, q_start=q_start, k_start=k_start,
+        torch.from_numpy(q),
+        torch.from_numpy(k),
+        scaling=0.3,
+        q_start=q_start,
+        k_start=k_start,
         sliding_window=window,
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(got.numpy(), _numpy_reference(q, k, 0.3, allowed), atol=1e-6)
 
 

@@ -171,10 +171,16 @@ def test_decode_call_passes() -> None:
     value = torch.cat([prefill.value, torch.randn(batch, kv_heads, 1, DV, generator=gen)], dim=2)
     mask = left_padded_mask(pads, LENGTH + 1)[:, :, -1:]  # [B, 1, 1, T + 1]
     call = AttentionCall(
-        layer_idx=LAYER, query=query, key=key, value=value, mask=mask, scaling=SCALING,
-        sliding_window=None, sinks=prefill.sinks,
+        layer_idx=LAYER,
+        query=query,
+        key=key,
+        value=value,
+        mask=mask,
+        scaling=SCALING,
+        sliding_window=None,
+        sinks=prefill.sinks,
         output=eager_output(query, key, value, mask, scaling=SCALING, sinks=prefill.sinks),
-    )  # fmt: skip
+    )
     certifier = Certifier((LAYER,), "float32")
     assert certify_prefill(certifier, prefill, pads)
     assert certifier.due(LAYER, 1)
@@ -223,9 +229,14 @@ def test_fails_when_the_model_used_another_scaling(name: str) -> None:
     call, pads = make_call(CASES[name])
     case = CASES[name]
     model = eager_output(
-        call.query, call.key, call.value, call.mask, scaling=SCALING * 1.1, softcap=case.softcap,
+        call.query,
+        call.key,
+        call.value,
+        call.mask,
+        scaling=SCALING * 1.1,
+        softcap=case.softcap,
         sinks=call.sinks,
-    )  # fmt: skip
+    )
     error = _raises_for_layer(Certifier((LAYER,), "float32"), dataclasses.replace(call, output=model), pads)
     assert "attention output" in error.message
 

@@ -140,8 +140,9 @@ def test_kivi_torch_matches_numpy_bit_for_bit(
             for name, want in ref.items():
                 assert arrays[name].dtype == want.dtype and arrays[name].shape == want.shape, (kind, name)
                 np.testing.assert_array_equal(arrays[name], want, err_msg=f"{kind} {name}")
-            decoded_np = dec_n(arrays["codes_packed"], arrays["scale"], arrays["zero"], arrays["residual"],
-                               bits, dim, 32)  # fmt: skip
+            decoded_np = dec_n(
+                arrays["codes_packed"], arrays["scale"], arrays["zero"], arrays["residual"], bits, dim, 32
+            )
             decoded_t = dec_t(enc, dim).cpu().numpy()
             np.testing.assert_array_equal(decoded_t, decoded_np)
             assert decoded_np.shape == xn.shape

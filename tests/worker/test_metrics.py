@@ -120,8 +120,15 @@ def test_row_metrics_rejects_positions_outside_the_keys() -> None:
 # --- synthetic patterns -----------------------------------------------------------------------------
 
 PATTERNS = (
-    "uniform", "previous_token", "sink", "local", "streaming", "retrieval_candidate", "scattered", "mixed",
-)  # fmt: skip
+    "uniform",
+    "previous_token",
+    "sink",
+    "local",
+    "streaming",
+    "retrieval_candidate",
+    "scattered",
+    "mixed",
+)
 NEEDLES = [40, 90, 130, 170, 200]  # middle keys for every eligible row (t ≥ 271 with s = 4, W = 64)
 
 

@@ -51,9 +51,11 @@ def test_sigkill_the_worker_mid_job_again_and_again_loses_nothing(
 
 def _stack(tmp_path: Path, redis_url: str) -> tuple[Settings, Index, ObjectStore]:
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path}/index.db", store_url=str(tmp_path / "store"), redis_url=redis_url,
+        database_url=f"sqlite:///{tmp_path}/index.db",
+        store_url=str(tmp_path / "store"),
+        redis_url=redis_url,
         queue_name=f"qk-faults-{uuid.uuid4().hex[:8]}",
-    )  # fmt: skip
+    )
     index = Index(settings.database_url)
     index.migrate()
     return settings, index, ObjectStore.from_settings(settings)

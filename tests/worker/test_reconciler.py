@@ -39,10 +39,14 @@ DEAD = "host-a:4242"  # the lease holder whose process is gone
 @pytest.fixture
 def settings(redis_url: str, index: Index, tmp_path: Path) -> Settings:
     return Settings(
-        redis_url=redis_url, database_url=index.database_url, store_url=str(tmp_path / "store"),
-        queue_name=f"qk-rc-{uuid.uuid4().hex[:8]}", heartbeat_interval_s=0.5,
-        lease_timeout_s=120, requeue_after_s=60,
-    )  # fmt: skip
+        redis_url=redis_url,
+        database_url=index.database_url,
+        store_url=str(tmp_path / "store"),
+        queue_name=f"qk-rc-{uuid.uuid4().hex[:8]}",
+        heartbeat_interval_s=0.5,
+        lease_timeout_s=120,
+        requeue_after_s=60,
+    )
 
 
 @pytest.fixture
@@ -61,9 +65,11 @@ def broker(settings: Settings) -> Iterator[redis.Redis]:
 
 def _create(index: Index, *, max_attempts: int = 3, spec: dict[str, Any] | None = None) -> JobRecord:
     return index.create_job(
-        spec=spec or {"model": {"id": "none"}, "prompts": ["hi"]}, owner="alice",
-        store_url_for=lambda job_id: f"/nonexistent/jobs/{job_id}.zarr", max_attempts=max_attempts,
-    )  # fmt: skip
+        spec=spec or {"model": {"id": "none"}, "prompts": ["hi"]},
+        owner="alice",
+        store_url_for=lambda job_id: f"/nonexistent/jobs/{job_id}.zarr",
+        max_attempts=max_attempts,
+    )
 
 
 def _later(seconds: float) -> Any:
@@ -123,10 +129,15 @@ def test_api_dies_before_enqueue_then_a_real_worker_runs_the_job(
     assert index.get_job(job.id).updated_at == now  # marked: not re-enqueued every pass
     assert _nothing(reconcile_once(index, app, settings, now=now))  # a second pass does nothing
     env = qkvault_env(
-        redis_url=settings.redis_url, database_url=index.database_url, store_url=settings.store_url,
-        queue_name=settings.queue_name, device="cpu", model_cache_dir=str(model_cache_dir()),
-        heartbeat_interval_s=0.5, progress_interval_s=0.1,
-    )  # fmt: skip
+        redis_url=settings.redis_url,
+        database_url=index.database_url,
+        store_url=settings.store_url,
+        queue_name=settings.queue_name,
+        device="cpu",
+        model_cache_dir=str(model_cache_dir()),
+        heartbeat_interval_s=0.5,
+        progress_interval_s=0.1,
+    )
     with start_worker(env, tmp_path / "worker.log"):
         deadline = time.monotonic() + 60
         while not (done := index.get_job(job.id)).terminal and time.monotonic() < deadline:
@@ -277,15 +288,21 @@ def test_command_runs_one_pass_without_torch(index: Index, settings: Settings, b
     job = _create(index)
     time.sleep(0.05)
     env = qkvault_env(
-        redis_url=settings.redis_url, database_url=index.database_url, queue_name=settings.queue_name,
+        redis_url=settings.redis_url,
+        database_url=index.database_url,
+        queue_name=settings.queue_name,
         requeue_after_s=0.01,
-    )  # fmt: skip
+    )
     probe = "import sys, runpy; sys.argv = ['r', '--once']; runpy.run_module('worker.reconciler', "
     probe += "run_name='__main__'); assert 'torch' not in sys.modules, 'torch loaded'"
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, env=subprocess_env(env), capture_output=True, text=True,
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        env=subprocess_env(env),
+        capture_output=True,
+        text=True,
         timeout=60,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr
     assert "requeued_lost=1" in done.stderr
     assert _queued(broker, settings) == [job.id]

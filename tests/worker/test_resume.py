@@ -59,10 +59,14 @@ def _spec(model: Path) -> dict[str, Any]:
 
 def _stack(root: Path, index_cls: type[Index] = Index) -> tuple[Index, ObjectStore, Settings]:
     settings = Settings(
-        database_url=f"sqlite:///{root}/index.db", store_url=str(root / "store"), progress_interval_s=0.0,
-        heartbeat_interval_s=0.2, lease_timeout_s=30, model_cache_dir=model_cache_dir(),
+        database_url=f"sqlite:///{root}/index.db",
+        store_url=str(root / "store"),
+        progress_interval_s=0.0,
+        heartbeat_interval_s=0.2,
+        lease_timeout_s=30,
+        model_cache_dir=model_cache_dir(),
         record_interval_s=0.0,  # one chunk batch per row block: "die after N batches" has N points
-    )  # fmt: skip
+    )
     index = index_cls(settings.database_url)
     index.migrate()
     return index, ObjectStore.from_settings(settings), settings
@@ -77,8 +81,13 @@ def _run(index: Index, store: ObjectStore, settings: Settings, worker: str) -> J
 def reference(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The bundle of an uninterrupted run of the job."""
     index, store, settings = _stack(tmp_path_factory.mktemp("reference"))
-    index.create_job(spec=_spec(tiny_model_dir("llama")), owner="alice", store_url_for=store.bundle_url,
-                     max_attempts=1, job_id=JOB_ID)  # fmt: skip
+    index.create_job(
+        spec=_spec(tiny_model_dir("llama")),
+        owner="alice",
+        store_url_for=store.bundle_url,
+        max_attempts=1,
+        job_id=JOB_ID,
+    )
     assert _run(index, store, settings, "ref-worker") is JobState.SUCCEEDED
     files = bundle_files(store, index.get_job(JOB_ID).store_url)
     index.dispose()
@@ -97,8 +106,13 @@ def test_retry_after_a_dead_attempt_skips_verified_chunks_and_matches_an_uninter
 ) -> None:
     index, store, settings = _stack(tmp_path, DyingIndex)
     assert isinstance(index, DyingIndex)
-    job = index.create_job(spec=_spec(tiny_model_dir("llama")), owner="alice", store_url_for=store.bundle_url,
-                           max_attempts=3, job_id=JOB_ID)  # fmt: skip
+    job = index.create_job(
+        spec=_spec(tiny_model_dir("llama")),
+        owner="alice",
+        store_url_for=store.bundle_url,
+        max_attempts=3,
+        job_id=JOB_ID,
+    )
     index.die_after = max(1, int(die_at * sum("/c/" in k for k in reference)))
     with pytest.raises(Killed):
         _run(index, store, settings, "dead-worker")
@@ -119,6 +133,7 @@ def test_retry_after_a_dead_attempt_skips_verified_chunks_and_matches_an_uninter
     assert _run(index, store, settings, "second-worker") is JobState.SUCCEEDED
     done = index.get_job(JOB_ID)
     assert done.attempts == 2 and done.error is None
+    assert done.result is not None
     resume = done.result["resume"]
     assert resume["attempt"] == 2 and resume["chunks_recorded"] == len(recorded)
     assert resume["chunks_skipped"] == len(recorded) - n_damaged and resume["chunks_rewritten"] == n_damaged
@@ -147,8 +162,13 @@ def test_worker_that_lost_its_lease_stops_without_touching_the_job(
             super().record_chunks(job_id, chunks, worker=worker)
 
     index, store, settings = _stack(tmp_path, StolenIndex)
-    index.create_job(spec=_spec(tiny_model_dir("llama")), owner="alice", store_url_for=store.bundle_url,
-                     max_attempts=3, job_id=JOB_ID)  # fmt: skip
+    index.create_job(
+        spec=_spec(tiny_model_dir("llama")),
+        owner="alice",
+        store_url_for=store.bundle_url,
+        max_attempts=3,
+        job_id=JOB_ID,
+    )
     assert _run(index, store, settings, "stale-worker") is None
     job = index.get_job(JOB_ID)
     assert (job.state, job.lease_worker, job.attempts) == (JobState.RUNNING, "new-worker", 2)

@@ -42,9 +42,13 @@ def _spec(model: Path, n: int) -> dict[str, Any]:
 
 def _settings(root: Path, store_url: str, retry_s: float) -> Settings:
     return Settings(
-        database_url=f"sqlite:///{root}/index.db", store_url=store_url, progress_interval_s=0.0,
-        heartbeat_interval_s=0.2, model_cache_dir=model_cache_dir(), store_retry_s=retry_s,
-    )  # fmt: skip
+        database_url=f"sqlite:///{root}/index.db",
+        store_url=store_url,
+        progress_interval_s=0.0,
+        heartbeat_interval_s=0.2,
+        model_cache_dir=model_cache_dir(),
+        store_retry_s=retry_s,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,11 @@ def proxy(s3_server: S3Server) -> Iterator[FaultyProxy]:
 def env(s3_server: S3Server, proxy: FaultyProxy, tmp_path: Path) -> dict[str, Any]:
     # botocore's own retries off (each try is one request through the proxy); s3fs and
     # storage.objectstore.StoreRetry retry what fails
-    options = {**s3_server.storage_options(), "endpoint_url": proxy.endpoint_url,
-               "config_kwargs": {"retries": {"max_attempts": 1}}}  # fmt: skip
+    options = {
+        **s3_server.storage_options(),
+        "endpoint_url": proxy.endpoint_url,
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
     store = ObjectStore(root_url=s3_server.new_store_url(), storage_options=options)
     index = Index(f"sqlite:///{tmp_path}/index.db")
     index.migrate()
@@ -86,8 +93,13 @@ def env(s3_server: S3Server, proxy: FaultyProxy, tmp_path: Path) -> dict[str, An
 
 
 def _submit(env: dict[str, Any], job_id: str, spec: dict[str, Any], max_attempts: int) -> None:
-    env["index"].create_job(spec=spec, owner="alice", store_url_for=env["store"].bundle_url,
-                            max_attempts=max_attempts, job_id=job_id)  # fmt: skip
+    env["index"].create_job(
+        spec=spec,
+        owner="alice",
+        store_url_for=env["store"].bundle_url,
+        max_attempts=max_attempts,
+        job_id=job_id,
+    )
 
 
 def _run_in_thread(env: dict[str, Any], job_id: str, retry_s: float) -> tuple[threading.Thread, list[Any]]:
@@ -95,8 +107,16 @@ def _run_in_thread(env: dict[str, Any], job_id: str, retry_s: float) -> tuple[th
     settings = _settings(env["root"], env["store"].root_url, retry_s)
 
     def target() -> None:
-        outcome.append(run_job(job_id, index=env["index"], store=env["store"], models=env["models"],
-                               settings=settings, worker_id="w1"))  # fmt: skip
+        outcome.append(
+            run_job(
+                job_id,
+                index=env["index"],
+                store=env["store"],
+                models=env["models"],
+                settings=settings,
+                worker_id="w1",
+            )
+        )
 
     thread = threading.Thread(target=target, name=f"job-{job_id[-2:]}")
     thread.start()

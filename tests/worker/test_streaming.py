@@ -33,7 +33,7 @@ def _peak(folder: Path, bundle: Path, layers: int) -> dict[str, int]:
         timeout=600,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow

@@ -17,13 +17,34 @@ import torch
 from storage.capturespec import SummaryParams
 
 ROW_METRICS: tuple[str, ...] = (
-    "sink", "bos", "local", "middle", "prev", "self", "prev_argmax_rate", "max_weight",
-    "entropy", "entropy_norm", "effective_keys", "k90", "k90_frac", "sparsity_1pct", "mean_distance",
-    "mean_distance_norm", "middle_k90",
-)  # fmt: skip
+    "sink",
+    "bos",
+    "local",
+    "middle",
+    "prev",
+    "self",
+    "prev_argmax_rate",
+    "max_weight",
+    "entropy",
+    "entropy_norm",
+    "effective_keys",
+    "k90",
+    "k90_frac",
+    "sparsity_1pct",
+    "mean_distance",
+    "mean_distance_norm",
+    "middle_k90",
+)
 QUANTILE_METRICS: tuple[str, ...] = (
-    "sink", "local", "middle", "prev", "max_weight", "entropy", "k90", "mean_distance",
-)  # fmt: skip
+    "sink",
+    "local",
+    "middle",
+    "prev",
+    "max_weight",
+    "entropy",
+    "k90",
+    "mean_distance",
+)
 QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 
 K90_MASS = 0.9
