@@ -2,7 +2,7 @@
 """Developer entry point; needs only Python 3.11+ (standard library).
 
     python3 dev.py demo          # set up .venv if needed, then run `qkvault demo`
-    python3 dev.py test [ARGS]   # set up .venv if needed, then pytest ARGS, ruff check + format, mypy, lint-imports
+    python3 dev.py test [ARGS]   # .venv if needed; pytest ARGS, ruff check + format, mypy, lint-imports
     python3 dev.py lint          # ruff check + format --check, mypy and lint-imports only
     python3 dev.py setup         # only create/update .venv
 

@@ -1,56 +1,22 @@
 """Public response schemas. Separate from the index records (``storage.index``) and from the
-request body (:class:`storage.jobspec.JobSpec`): what the API returns is decided here."""
+request body (:class:`storage.jobspec.JobSpec`): what the API returns is decided here. The job document
+is declared once in :mod:`storage.jobfields` (shared with the client); ``JobPublic`` is that model."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.estimate import JobEstimate as Estimate
-from storage.index import ChunkRecord, JobRecord, JobState
-from storage.jobspec import JobSpec
+from storage.index import ChunkRecord, JobRecord
+from storage.jobfields import JobFields, JobLinks
+from storage.jobspec import stored_spec
 
 
-class Progress(BaseModel):
-    units_done: int = Field(description="work units finished (e.g. layer x row-block writes)")
-    units_total: int = Field(description="work units planned; 0 until the worker has planned the job")
-    fraction: float | None = Field(description="units_done / units_total in [0, 1]; null while unknown")
-    bytes_written: int = Field(description="encoded bytes written to the store so far")
-    chunks_written: int = Field(description="chunks durably written and recorded in the index")
-
-
-class JobLinks(BaseModel):
-    self_: str = Field(alias="self", description="this job")
-    bundle: str
-    cancel: str
-    chunks: str
-
-
-class JobPublic(BaseModel):
-    """A job as the API shows it. Poll ``links.self`` until ``state`` is terminal, then download
-    ``links.bundle``."""
-
-    id: str
-    owner: str = Field(description="owner of the API key that submitted it")
-    state: JobState
-    label: str | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    attempts: int = Field(description="worker attempts so far (a redelivered job counts again)")
-    max_attempts: int
-    heartbeat_at: datetime | None = Field(description="last sign of life from the worker running it")
-    phase: str | None = Field(description='e.g. "loading_model", "prefill", "decoding", "finalizing"')
-    progress: Progress
-    error: dict[str, Any] | None = Field(description="problem document (type, title, detail) if it failed")
-    partial: bool = Field(description="a cancelled/failed job left readable partial data in its bundle")
-    cancel_requested: bool
-    result: dict[str, Any] | None = Field(description="small summary written when the job ends")
-    links: JobLinks
-    spec: JobSpec = Field(description="the job spec as submitted (defaults filled in)")
+class JobPublic(JobFields):
+    # The fields are declared once, in storage.jobfields (where a new one goes: see its docstring).
+    __doc__ = JobFields.__doc__
 
 
 class JobList(BaseModel):
@@ -183,47 +149,14 @@ def estimate_public(
 
 def job_links(job_id: str, root_path: str = "") -> JobLinks:
     base = f"{root_path.rstrip('/')}/v1/jobs/{job_id}"
-    links = {"self": base, "bundle": f"{base}/bundle", "cancel": f"{base}/cancel", "chunks": f"{base}/chunks"}
-    return JobLinks.model_validate(links)
-
-
-def progress_of(job: JobRecord) -> Progress:
-    total = job.units_total or 0
-    if total > 0:
-        fraction: float | None = min(1.0, max(0.0, job.units_done / total))
-    else:
-        fraction = 1.0 if job.state == JobState.SUCCEEDED else None
-    return Progress(
-        units_done=job.units_done,
-        units_total=total,
-        fraction=fraction,
-        bytes_written=job.bytes_written,
-        chunks_written=job.chunks_written,
-    )
+    return {"self": base, "bundle": f"{base}/bundle", "cancel": f"{base}/cancel", "chunks": f"{base}/chunks"}
 
 
 def job_public(job: JobRecord, root_path: str = "") -> JobPublic:
-    return JobPublic(
-        id=job.id,
-        owner=job.owner,
-        state=job.state,
-        label=job.label,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        heartbeat_at=job.heartbeat_at,
-        phase=job.phase,
-        progress=progress_of(job),
-        error=job.error,
-        partial=job.partial,
-        cancel_requested=job.cancel_requested,
-        result=job.result,
-        links=job_links(job.id, root_path),
-        spec=JobSpec.model_validate(job.spec),
-    )
+    """The record's public fields, its spec read leniently (a spec stored by another version never
+    fails the read) and its links."""
+    fields = job.public_fields()
+    return JobPublic(**{**fields, "spec": stored_spec(job.spec), "links": job_links(job.id, root_path)})
 
 
 def chunk_public(chunk: ChunkRecord) -> ChunkPublic:

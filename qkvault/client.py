@@ -29,13 +29,13 @@ import httpx
 from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
 from qkvault.job import Job, JobPage, human_bytes
 from qkvault.progress import ProgressLine
+from qkvault.settings import DEFAULT_API_BASE_URL, ClientSettings
 
 if TYPE_CHECKING:
     import xarray as xr
 
-DEFAULT_API_BASE_URL = "http://127.0.0.1:8000"
-API_BASE_URL_ENV = "QKVAULT_API_BASE_URL"
-API_KEY_ENV = "QKVAULT_API_KEY"
+API_BASE_URL_ENV = ClientSettings.env_var("api_base_url")
+API_KEY_ENV = ClientSettings.env_var("api_key")
 DEFAULT_DOWNLOAD_DIR = Path(".qkvault") / "downloads"
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
 _PIECE_BYTES = 1 << 20  # 1 MiB download pieces
@@ -49,7 +49,7 @@ class SpecModel(Protocol):
 
 def resolve_base_url(base_url: str | None = None) -> str:
     """``base_url``, else ``$QKVAULT_API_BASE_URL``, else ``http://127.0.0.1:8000``; no trailing ``/v1``."""
-    url = (base_url or os.environ.get(API_BASE_URL_ENV) or DEFAULT_API_BASE_URL).strip().rstrip("/")
+    url = (base_url or ClientSettings().api_base_url or DEFAULT_API_BASE_URL).strip().rstrip("/")
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
     if not url.startswith(("http://", "https://")):
@@ -117,7 +117,7 @@ class Client:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.base_url = resolve_base_url(base_url)
         self.timeout_s = float(timeout_s)
-        key = (api_key or os.environ.get(API_KEY_ENV) or "").strip()
+        key = (api_key or ClientSettings().api_key_value() or "").strip()
         self.has_api_key = bool(key)
         auth = {"Authorization": f"Bearer {key}"} if key else {}
         self._headers = {"User-Agent": "qkvault-client/0.1", **auth, **dict(headers or {})}

@@ -34,6 +34,7 @@ from qkvault.processes import (
     spawn,
     stop_process,
 )
+from qkvault.settings import ClientSettings
 
 if TYPE_CHECKING:
     from qkvault.client import Client
@@ -353,7 +354,7 @@ class EmbeddedStack:
             "QKVAULT_STORE_URL": str(self.home / "store"),
             "QKVAULT_API_BASE_URL": f"http://127.0.0.1:{api_port}",
         }
-        if not os.environ.get("QKVAULT_MODEL_CACHE_DIR"):
+        if ClientSettings().model_cache_dir is None:  # else the children inherit the variable
             settings["QKVAULT_MODEL_CACHE_DIR"] = str(self.home / "models")
         return settings
 

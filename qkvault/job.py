@@ -1,5 +1,7 @@
-"""Client-side view of a job (``JobPublic`` from the API): small frozen dataclasses that print well.
+"""Client-side view of a job (``JobPublic`` from the API): small frozen models that print well.
 
+The fields are not written out here: :class:`Job` and :class:`Progress` subclass the one declaration
+of the job document, :mod:`storage.jobfields` (the API's ``JobPublic`` is the same model).
 ``str(job)`` is a few aligned lines for a terminal, ``job._repr_html_()`` a table for Jupyter.
 Parsing is lenient: fields the API adds later are ignored, missing ones take defaults.
 """
@@ -8,11 +10,23 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from storage.jobfields import TERMINAL_STATES, JobFields
+from storage.jobfields import Progress as JobProgress
+
+__all__ = ["TERMINAL_STATES", "Job", "JobPage", "Progress", "human_bytes"]
 
 
 def human_bytes(n_bytes: float) -> str:
@@ -23,24 +37,6 @@ def human_bytes(n_bytes: float) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
-
-
-def _dt(value: Any) -> datetime | None:
-    if not value:
-        return None
-    if isinstance(value, datetime):
-        return value
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-
-
-def _int(value: Any, default: int = 0) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
 
 
 def _duration(start: datetime | None, end: datetime | None) -> str | None:
@@ -57,25 +53,31 @@ def _duration(start: datetime | None, end: datetime | None) -> str | None:
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
-@dataclass(frozen=True)
-class Progress:
-    units_done: int = 0
-    units_total: int = 0
-    fraction: float | None = None
-    bytes_written: int = 0
-    chunks_written: int = 0
+class _Lenient(BaseModel):
+    """Reads any server's job document: fields it lacks take their declared defaults (every field
+    added to :class:`storage.jobfields.JobFields` after the first release has one), fields it adds
+    are ignored, and a value of the wrong type falls back to the field's default."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _default_when_invalid(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            field = cls.model_fields[info.field_name]
+            if field.is_required():
+                raise
+            return field.get_default(call_default_factory=True)
+
+
+class Progress(JobProgress, _Lenient):
+    """Progress of a job: the API's ``progress`` (:class:`storage.jobfields.Progress`)."""
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any] | None) -> Progress:
-        data = data or {}
-        fraction = data.get("fraction")
-        return cls(
-            units_done=_int(data.get("units_done")),
-            units_total=_int(data.get("units_total")),
-            fraction=float(fraction) if isinstance(fraction, int | float) else None,
-            bytes_written=_int(data.get("bytes_written")),
-            chunks_written=_int(data.get("chunks_written")),
-        )
+        return cls.model_validate(data or {})
 
     @property
     def ratio(self) -> float | None:
@@ -87,58 +89,23 @@ class Progress:
         return None
 
 
-@dataclass(frozen=True)
-class Job:
-    """One export job as the API reports it (``GET /v1/jobs/{id}``)."""
+class Job(JobFields, _Lenient):
+    """One export job as the API reports it (``GET /v1/jobs/{id}``). Its fields are the API's, declared
+    once in :class:`storage.jobfields.JobFields`; a field added there appears here too."""
 
-    id: str
-    state: str
-    label: str | None = None
-    created_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    updated_at: datetime | None = None
-    attempts: int = 0
-    phase: str | None = None
-    progress: Progress = field(default_factory=Progress)
-    error: dict[str, Any] | None = None
-    partial: bool = False
-    cancel_requested: bool = False
-    result: dict[str, Any] | None = None
-    links: dict[str, Any] = field(default_factory=dict)
-    spec: dict[str, Any] = field(default_factory=dict, repr=False)
+    progress: Progress = Field(default_factory=Progress)
+    spec: dict[str, Any] = Field(default_factory=dict, repr=False)
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> Job:
         if not isinstance(data, Mapping) or "id" not in data:
             raise ValueError(f"not a job document (no 'id'): {str(data)[:200]}")
-        error = data.get("error")
-        result = data.get("result")
-        return cls(
-            id=str(data["id"]),
-            state=str(data.get("state") or "unknown"),
-            label=data.get("label"),
-            created_at=_dt(data.get("created_at")),
-            started_at=_dt(data.get("started_at")),
-            finished_at=_dt(data.get("finished_at")),
-            updated_at=_dt(data.get("updated_at")),
-            attempts=_int(data.get("attempts")),
-            phase=data.get("phase"),
-            progress=Progress.from_api(data.get("progress")),
-            error=dict(error) if isinstance(error, Mapping) else None,
-            partial=bool(data.get("partial", False)),
-            cancel_requested=bool(data.get("cancel_requested", False)),
-            result=dict(result) if isinstance(result, Mapping) else None,
-            links=dict(data.get("links") or {}),
-            spec=dict(data.get("spec") or {}),
-        )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(f"not a job document: {exc}") from exc
 
     # -- state ---------------------------------------------------------------------------------
-    @property
-    def terminal(self) -> bool:
-        """True once the job can change no more (succeeded, failed or cancelled)."""
-        return self.state in TERMINAL_STATES
-
     @property
     def succeeded(self) -> bool:
         return self.state == "succeeded"

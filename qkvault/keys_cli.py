@@ -9,7 +9,6 @@ only its sha256.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +20,9 @@ if TYPE_CHECKING:
 def _database_url(args: argparse.Namespace) -> str:
     if args.database_url:
         return str(args.database_url)
-    if os.environ.get("QKVAULT_DATABASE_URL"):
-        return os.environ["QKVAULT_DATABASE_URL"]
-    home = Path(args.home or os.environ.get("QKVAULT_HOME") or ".qkvault").expanduser().resolve()
-    return f"sqlite:///{home / 'index.db'}"
+    from qkvault.settings import ClientSettings
+
+    return ClientSettings().keys_database_url(Path(args.home) if args.home else None)
 
 
 def _keys(args: argparse.Namespace) -> ApiKeys:

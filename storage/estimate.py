@@ -293,14 +293,16 @@ def _summary(layout: BundleLayout) -> ArrayEstimate:
 
 def _kv_group(spec: JobSpec, index: int, layout: BundleLayout, lengths: list[int]) -> ArrayEstimate:
     """One ``kv/<method>_<bits>`` group: theoretical bits of the codes (the stored bytes measured on
-    SmolLM2 came within 7 % of it, docs/kv-compression.md) plus the d×d matrices."""
-    from storage.kvquant.accounting import job_kv_bits
+    SmolLM2 came within 7 % of it, docs/kv-compression.md) plus the group-wide arrays (TurboQuant's
+    d×d matrices), both from the method's registry entry."""
+    from storage.kvquant.registry import kv_method
 
     method = spec.kv_compression[index]
+    definition = kv_method(method.method)
     kv_heads, dim = len(layout.kv_heads), layout.head_dim
     cells = len(layout.layers) * kv_heads
-    bits = job_kv_bits(method.method, method.bits, dim, lengths, group=method.group, residual=method.residual)
-    stored = math.ceil(bits / 8 * cells) + (0 if method.method == "kivi" else 2 * dim * dim * 4)
+    bits = definition.job_bits(method, dim, lengths)
+    stored = math.ceil(bits / 8 * cells) + definition.shared_bytes(method, dim)
     raw = 2 * 2 * dim * sum(lengths) * cells  # the fp16 K and V it stands for
     shape = (len(layout.layers), layout.batch, kv_heads, layout.positions, dim)
     return ArrayEstimate(

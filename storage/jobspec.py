@@ -7,9 +7,9 @@ loading weights, and again on the worker.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.bundle.format import DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, Compression
 from storage.capturespec import CaptureSpec
@@ -140,3 +140,18 @@ class JobSpec(_Strict):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one character")
         return value
+
+
+def stored_spec(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec as shown when a job is read: never raises, whatever version stored it.
+
+    Validation is strict at submission only (``POST /v1/jobs``, and again on the worker before a run).
+    A stored spec that today's :class:`JobSpec` accepts is shown validated (defaults of fields added
+    since it was stored filled in; a spec stored by this version reads back unchanged); one it refuses
+    (a field since made required, renamed or removed, or one written by a newer version) is shown as
+    stored.
+    """
+    try:
+        return JobSpec.model_validate(stored).model_dump(mode="json")
+    except (ValidationError, ValueError, TypeError):
+        return dict(stored)

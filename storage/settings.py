@@ -1,87 +1,95 @@
-"""Settings shared by the API, the worker and the CLI (environment prefix ``QKVAULT_``).
+"""The settings classes' common ground (environment prefix ``QKVAULT_``).
 
-Constructed once per process by the entry point and passed in; nothing reads the environment at
-import time.
+One pydantic-settings class per deployable reads the environment: :class:`api.settings.ApiSettings`
+(the API), :class:`worker.settings.WorkerSettings` (the worker and the reconciler) and
+:class:`qkvault.settings.ClientSettings` (the Python client and the ``qkvault`` commands). The
+first two share :class:`ServiceSettings` (the index, the store, the broker); all three derive from
+:class:`QkvaultSettings`. Each is constructed once per process by its entry point and passed in;
+nothing reads the environment at import time and nothing else reads ``QKVAULT_*`` by hand.
+
+The field descriptions are the documentation: docs/operations.md's table of environment variables
+is generated from them (``python scripts/settings_table.py --write``; a test fails when it drifts).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
+DEFAULT_HOME = Path(".qkvault")  # the embedded stack's directory (``qkvault up``), relative to the cwd
+DEFAULT_QUEUE = "qkvault-export"
 
-DEFAULT_HOME = Path(".qkvault")
+
+class QkvaultSettings(BaseSettings):
+    """Base of every qkvault settings class: field ``name`` comes from ``QKVAULT_<NAME>``; an empty
+    variable counts as unset."""
+
+    model_config = SettingsConfigDict(env_prefix="QKVAULT_", extra="ignore", env_ignore_empty=True)
+
+    # Set by each deployable's class (its label in the table of environment variables).
+    deployable: ClassVar[str | None] = None
+
+    @classmethod
+    def env_var(cls, field: str) -> str:
+        """The environment variable of ``field`` (``database_url`` -> ``QKVAULT_DATABASE_URL``)."""
+        if field not in cls.model_fields:
+            raise KeyError(f"{cls.__name__} has no field {field!r}")
+        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QKVAULT_", extra="ignore")
+class ServiceSettings(QkvaultSettings):
+    """What the API and the worker share: the SQL index, the object store, the broker and the queue,
+    the model cache."""
 
-    # SQL index: sqlite:///path (WAL mode, busy timeout) or postgresql+psycopg://...
-    database_url: str = f"sqlite:///{DEFAULT_HOME / 'index.db'}"
-    # Object store root for bundles: file:///abs/path, a plain path, or s3://bucket/prefix
-    store_url: str = str(DEFAULT_HOME / "store")
-    s3_endpoint_url: str | None = None
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: SecretStr | None = None
-    s3_region: str | None = None
-
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Celery: soft < hard < visibility timeout (seconds)
-    task_soft_time_limit_s: int = 6 * 3600
-    task_hard_time_limit_s: int = 6 * 3600 + 300
-    broker_visibility_timeout_s: int = 7 * 3600
-    max_attempts: int = Field(3, ge=1, description="attempt cap kept in the database")
-    queue_name: str = "qkvault-export"
-
-    # worker
-    model_cache_dir: Path = Path.home() / ".cache" / "qkvault" / "models"
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    heartbeat_interval_s: float = Field(10.0, gt=0, description="lease renewal period of a running job")
-    progress_interval_s: float = 0.5
-    # chunk write pipeline (storage/bundle/pipeline.py; docs/benchmarks.md)
-    write_threads: int = Field(0, ge=0, description="chunk encode/write threads (0: per core, at most 16)")
-    record_interval_s: float = Field(
-        0.5, ge=0, description="stored chunks are recorded in the index in batches at most this often"
+    database_url: str = Field(
+        f"sqlite:///{DEFAULT_HOME / 'index.db'}",
+        description="SQL index: `sqlite:///path` (WAL, busy timeout) or "
+        "`postgresql+psycopg://user:pw@host/db`; also read by `alembic -c storage/index/alembic.ini`",
     )
-    chunk_checksum: ChecksumAlgorithm = Field(
-        DEFAULT_CHECKSUM, description="checksum of every chunk record: crc32c (fast) or sha256"
+    store_url: str = Field(
+        str(DEFAULT_HOME / "store"),
+        description="bundle store root: a path, `file:///abs/path` or `s3://bucket/prefix` "
+        "(any S3-compatible server)",
     )
-    # object store outages (docs/reliability.md): a store operation is retried with backoff for this
-    # long, then the attempt gives the job back (queued again after retry_delay_s) while attempts last
-    store_retry_s: float = Field(60.0, ge=0, description="retry budget of one object-store operation")
-    retry_delay_s: float = Field(10.0, ge=0, description="delay before a job given back is run again")
+    s3_endpoint_url: str | None = Field(
+        None, description="s3fs endpoint of `s3://` stores (e.g. `http://seaweedfs:8333`)"
+    )
+    s3_access_key_id: str | None = Field(None, description="s3fs access key of `s3://` stores")
+    s3_secret_access_key: SecretStr | None = Field(None, description="s3fs secret key of `s3://` stores")
+    s3_region: str | None = Field(None, description="s3fs region of `s3://` stores")
 
-    # reconciler (python -m worker.reconciler; docs/reliability.md)
-    reconcile_interval_s: float = Field(30.0, gt=0, description="seconds between reconciler passes")
-    lease_timeout_s: float = Field(
-        120.0,
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend")
+    task_soft_time_limit_s: int = Field(
+        6 * 3600,
         gt=0,
-        description="a running job whose last heartbeat is older than this lost its worker; must "
-        "exceed heartbeat_interval_s (allow several missed beats and the clock skew between hosts)",
+        description="Celery soft time limit of one job (seconds); soft < hard < broker visibility timeout "
+        "is enforced at start: a job must end before Redis redelivers it",
     )
-    requeue_after_s: float = Field(
-        60.0,
+    task_hard_time_limit_s: int = Field(
+        6 * 3600 + 300, gt=0, description="Celery hard time limit of one job (seconds)"
+    )
+    broker_visibility_timeout_s: int = Field(
+        7 * 3600,
         gt=0,
-        description="a queued job untouched for this long whose message is not in the broker is "
-        "re-enqueued (its message was lost)",
+        description="Redis visibility timeout (seconds): an unacknowledged job is redelivered after it",
+    )
+    queue_name: str = Field(
+        DEFAULT_QUEUE, description="Celery queue the API sends to and the worker consumes"
+    )
+    model_cache_dir: Path = Field(
+        Path("~/.cache/qkvault/models"),
+        validate_default=True,
+        description="dequantised GGUF cache (safetensors): the worker writes it, the API reads `pkg:` "
+        "models' tokenizers from it at admission",
     )
 
-    # api
-    api_base_url: str = "http://127.0.0.1:8000"
-    max_prompts: int = 64
-    max_new_tokens: int = 4096
-
-    @model_validator(mode="after")
-    def _lease_outlives_heartbeat(self) -> Settings:
-        if self.lease_timeout_s <= self.heartbeat_interval_s:
-            raise ValueError(
-                f"lease_timeout_s ({self.lease_timeout_s}) must exceed heartbeat_interval_s "
-                f"({self.heartbeat_interval_s}): raise QKVAULT_LEASE_TIMEOUT_S (3x the interval or more)"
-            )
-        return self
+    @field_validator("model_cache_dir")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
 
     def storage_options(self) -> dict[str, object]:
         """fsspec/s3fs options for ``s3://`` store URLs (empty for local stores)."""

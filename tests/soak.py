@@ -29,9 +29,9 @@ from typing import Any
 
 from storage.index import Index, JobRecord, JobState
 from storage.objectstore import ObjectStore
-from storage.settings import Settings
 from tests.faults import audit_chunks, bundle_differences, bundle_files, kill_group, wait_until
 from tests.services import REPO_ROOT, qkvault_env, start_worker, subprocess_env
+from worker.settings import WorkerSettings
 
 # (phase, fraction of the attempt's forward-pass units) at which the running job is killed, in turn
 KILL_POINTS: tuple[tuple[str | None, float], ...] = (
@@ -58,7 +58,7 @@ def job_spec(model_dir: Path, n: int) -> dict[str, Any]:
     }
 
 
-def fast_env(settings: Settings, model_cache: Path) -> dict[str, str]:
+def fast_env(settings: WorkerSettings, model_cache: Path) -> dict[str, str]:
     """``QKVAULT_*`` of the worker and reconciler processes: ``settings``' services, a short lease."""
     return qkvault_env(
         redis_url=settings.redis_url,
@@ -118,7 +118,7 @@ def _reference(
     from worker.jobs import run_job
     from worker.models import ModelCache
 
-    settings = Settings(
+    settings = WorkerSettings(
         database_url=f"sqlite:///{root}/index.db",
         store_url=str(root / "store"),
         model_cache_dir=model_cache,
@@ -180,7 +180,7 @@ def kill_scenario(
     specs = {str(uuid.uuid4()): job_spec(model_dir, n) for n in range(jobs)}
     reference = _reference(workdir / "reference", specs, model_cache)
     log(f"reference: {jobs} jobs run uninterrupted in {time.monotonic() - started:.0f} s")
-    settings = Settings(
+    settings = WorkerSettings(
         database_url=f"sqlite:///{workdir}/index.db",
         store_url=str(workdir / "store"),
         redis_url=redis_url,

@@ -225,14 +225,14 @@ def test_zarr_v3_over_s3_fsspec_store(s3_server: S3Server, s3_store_url: str) ->
 
 
 def test_s3_through_project_objectstore(s3_server: S3Server, s3_store_url: str) -> None:
-    """storage.Settings built from the fixture's QKVAULT_* env reaches the server (zarr + listing)."""
+    """ServiceSettings built from the fixture's QKVAULT_* env reaches the server (zarr + listing)."""
     import zarr
 
     from storage.objectstore import ObjectStore, zarr_store
-    from storage.settings import Settings
+    from storage.settings import ServiceSettings
 
     env = s3_server.qkvault_env(s3_store_url)
-    settings = Settings.model_validate({k.removeprefix("QKVAULT_").lower(): v for k, v in env.items()})
+    settings = ServiceSettings.model_validate({k.removeprefix("QKVAULT_").lower(): v for k, v in env.items()})
     objects = ObjectStore.from_settings(settings)
     bundle = objects.bundle_url("job-1")
     root = zarr.open_group(
@@ -256,8 +256,8 @@ def test_s3_reachable_from_another_process(s3_server: S3Server, s3_store_url: st
     script = textwrap.dedent(
         """
         import json, s3fs
-        from storage.settings import Settings
-        s = Settings()
+        from storage.settings import ServiceSettings
+        s = ServiceSettings()
         fs = s3fs.S3FileSystem(**s.storage_options())
         root = s.store_url.removeprefix("s3://")
         fs.pipe(root + "/from-child.txt", b"child")

@@ -1,6 +1,6 @@
 """``python -m worker``: one Celery worker process (concurrency 1: one per GPU).
 
-Configuration comes from ``QKVAULT_*`` environment variables (storage.settings.Settings). Extra
+Configuration comes from ``QKVAULT_*`` environment variables (worker.settings.WorkerSettings). Extra
 arguments are passed to ``celery worker``.
 """
 
@@ -11,13 +11,13 @@ import os
 import socket
 import sys
 
-from storage.settings import Settings
 from worker.app import create_celery_app
+from worker.settings import WorkerSettings
 from worker.tasks import register_tasks
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings()
+    settings = WorkerSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_celery_app(settings)
     register_tasks(app, settings)

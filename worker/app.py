@@ -11,12 +11,12 @@ from typing import Any
 
 from celery import Celery
 
-from storage.settings import Settings
+from storage.settings import ServiceSettings
 
 EXPORT_TASK = "qkvault.export"
 
 
-def create_celery_app(settings: Settings) -> Celery:
+def create_celery_app(settings: ServiceSettings) -> Celery:
     if not (
         settings.task_soft_time_limit_s
         < settings.task_hard_time_limit_s

@@ -24,8 +24,8 @@ from storage.index import Index
 from storage.index.records import ChunkRecord, JobRecord, JobState
 from storage.jobspec import JobSpec
 from storage.objectstore import ObjectStore, StoreRetry
-from storage.settings import Settings
 from worker.models import ModelCache
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,13 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 
 
 def run_job(
-    job_id: str, *, index: Index, store: ObjectStore, models: ModelCache, settings: Settings, worker_id: str
+    job_id: str,
+    *,
+    index: Index,
+    store: ObjectStore,
+    models: ModelCache,
+    settings: WorkerSettings,
+    worker_id: str,
 ) -> JobState | None:
     """Run ``job_id``; returns the state it left the job in: terminal, ``queued`` (given back after
     a store outage: send it again after ``settings.retry_delay_s``), or ``None`` when there was
@@ -160,7 +166,7 @@ def _attempt(
     index: Index,
     store: ObjectStore,
     models: ModelCache,
-    settings: Settings,
+    settings: WorkerSettings,
     worker_id: str,
 ) -> JobState:
     job_id = job.id

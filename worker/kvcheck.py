@@ -10,22 +10,13 @@ import torch
 
 from storage.kvspec import KVMethodSpec
 from worker.generation import Batch, cache_argument
-from worker.kvquant import KIVI, TurboQuantMSE, TurboQuantProd
+from worker.kvexport import codec_for
 
 
 def _round_trip(method: KVMethodSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantised ``k``/``v [KVH, T, D]`` (TurboQuant prod keys: the MSE part plus the QJL
-    correction, the key estimate whose inner products are unbiased)."""
-    dim, device = k.shape[-1], k.device
-    if method.method == "kivi":
-        kivi = KIVI(method.bits, method.group, method.residual)
-        return kivi.decode_keys(kivi.encode_keys(k), dim), kivi.decode_values(kivi.encode_values(v), dim)
-    values = TurboQuantMSE(dim, method.bits, method.seed, device)
-    v_hat = values.decode(values.encode(v))
-    if method.method == "turboquant_mse":
-        return values.decode(values.encode(k)), v_hat
-    prod = TurboQuantProd(dim, method.bits, method.seed, method.seed + 1, device)
-    return prod.dequantize(prod.encode(k)), v_hat
+    """Dequantised ``k``/``v [KVH, T, D]`` with the method's codec (TurboQuant prod keys: the MSE part
+    plus the QJL correction, the key estimate whose inner products are unbiased)."""
+    return codec_for(method, k.shape[-1], k.device).round_trip(k, v)
 
 
 def greedy_tokens(

@@ -7,44 +7,194 @@ token; KIVI: key groups and value tokens older than the full-precision window, t
 The same call's real post-RoPE queries are scored against that cache (over their causal /
 sliding-window keys) for the fidelity report. At the end each method's ``kv/<method>_<bits>/``
 group is written with its codes, matrices, codebooks and report.
+
+Each method's torch side is a :class:`KVCodec` registered here with :func:`register_codec` under
+the name its numpy side (:mod:`storage.kvquant.registry`) is registered with; nothing here or in
+``worker.kvcheck`` branches on a method's name.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from storage.bundle.layout import BundleLayout
-from storage.kvquant.accounting import job_kv_bits
-from storage.kvquant.codebook import lloyd_max_codebook
-from storage.kvquant.rotation import qjl_matrix, rotation_matrix
+from storage.kvquant.registry import kv_method
 from storage.kvspec import KVMethodSpec
 from worker.capture.attention_math import causal_allowed
 from worker.kvfidelity import METRICS, FidelityAccumulator, fidelity_block
 from worker.kvquant import KIVI, TurboQuantMSE, TurboQuantProd, to_numpy
 
 Arrays = dict[str, tuple[tuple[str, ...], np.ndarray]]
+Tensors = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass
-class _Stream:
+class KVStream(Protocol):
     """One method's state for one (layer, sequence)."""
 
-    codes: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
-    k_hat: torch.Tensor | None = None  # dequantised cache [KVH, T, D] (KIVI: quantised part only)
-    v_hat: torch.Tensor | None = None
-    k_tail: torch.Tensor | None = None  # KIVI: exact rows not yet quantised
-    v_tail: torch.Tensor | None = None
-    k_done = 0  # KIVI: tokens quantised so far
-    v_done = 0
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+        """Encode new rows ``k``/``v [KVH, n, D]`` (float32); return the cache a serving system holds
+        now, ``(k̂, v̂) [KVH, T, D]`` — what the fidelity report scores the real queries against."""
+        ...
+
+    def codes(self) -> dict[str, np.ndarray]:
+        """The arrays to store for this cell, ``k_``/``v_``-prefixed, ``[KVH, ...]`` (numpy)."""
+        ...
+
+
+class KVCodec(Protocol):
+    """One method's torch side for one (method spec, head size, device)."""
+
+    def stream(self) -> KVStream:
+        """A fresh per-(layer, sequence) stream."""
+        ...
+
+    def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+        """Dequantised ``k``/``v [KVH, T, D]`` of a whole prompt at once (the generation check)."""
+        ...
+
+
+CodecFactory = Callable[[KVMethodSpec, int, torch.device], KVCodec]
+_CODECS: dict[str, CodecFactory] = {}
+
+
+def register_codec(name: str, factory: CodecFactory) -> CodecFactory:
+    """Add the torch codec of the method registered as ``name`` in ``storage.kvquant.registry``."""
+    if name in _CODECS:
+        raise ValueError(f"a torch codec for KV method {name!r} is already registered")
+    _CODECS[name] = factory
+    return factory
+
+
+def unregister_codec(name: str) -> None:
+    del _CODECS[name]
+
+
+def codec_names() -> tuple[str, ...]:
+    return tuple(_CODECS)
+
+
+def codec_for(method: KVMethodSpec, dim: int, device: torch.device) -> KVCodec:
+    """The torch codec of ``method`` for heads of ``dim`` on ``device``."""
+    if method.method not in _CODECS:
+        raise ValueError(f"KV method {method.method!r} has no torch codec; known: {', '.join(_CODECS)}")
+    return _CODECS[method.method](method, dim, device)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
+
+
+def _joined(pieces: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate(parts, axis=1) for name, parts in pieces.items()}
+
+
+class TurboQuantCodec:
+    """``turboquant_prod`` (``prod=True``: prod keys, their cache the unbiased key estimate) and
+    ``turboquant_mse``; every token is encoded as it comes."""
+
+    def __init__(self, method: KVMethodSpec, dim: int, device: torch.device, *, prod: bool) -> None:
+        self.values = TurboQuantMSE(dim, method.bits, method.seed, device)
+        self.prod = TurboQuantProd(dim, method.bits, method.seed, method.seed + 1, device) if prod else None
+
+    def keys(self, k: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Encoded keys and their dequantised form."""
+        if self.prod is not None:
+            ek = self.prod.encode(k)
+            return ek, self.prod.dequantize(ek)
+        ek = self.values.encode(k)
+        return ek, self.values.decode(ek)
+
+    def stream(self) -> KVStream:
+        return _TurboQuantStream(self)
+
+    def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+        v_hat = self.values.decode(self.values.encode(v))
+        return self.keys(k)[1], v_hat
+
+
+class _TurboQuantStream:
+    def __init__(self, codec: TurboQuantCodec) -> None:
+        self.codec = codec
+        self.pieces: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.k_hat: torch.Tensor | None = None
+        self.v_hat: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+        (ek, k_hat), ev = self.codec.keys(k), self.codec.values.encode(v)
+        for prefix, encoded in (("k_", ek), ("v_", ev)):
+            for name, array in to_numpy(encoded).items():
+                self.pieces[prefix + name].append(array)
+        self.k_hat, self.v_hat = _cat(self.k_hat, k_hat), _cat(self.v_hat, self.codec.values.decode(ev))
+        return self.k_hat, self.v_hat
+
+    def codes(self) -> dict[str, np.ndarray]:
+        return _joined(self.pieces)
+
+
+class KIVICodec:
+    """``kivi``: key groups and value tokens are encoded once older than the full-precision window
+    (groups are cut by the stream, so its encoder keeps no window); the rest is held in fp16."""
+
+    def __init__(self, method: KVMethodSpec, dim: int, device: torch.device) -> None:
+        self.method, self.dim = method, dim
+        self.encoder = KIVI(method.bits, method.group, residual=0)
+
+    def stream(self) -> KVStream:
+        return _KIVIStream(self)
+
+    def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+        kivi, dim = KIVI(self.method.bits, self.method.group, self.method.residual), k.shape[-1]
+        return kivi.decode_keys(kivi.encode_keys(k), dim), kivi.decode_values(kivi.encode_values(v), dim)
+
+
+class _KIVIStream:
+    def __init__(self, codec: KIVICodec) -> None:
+        self.codec = codec
+        self.pieces: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.k_hat: torch.Tensor | None = None  # the quantised part only
+        self.v_hat: torch.Tensor | None = None
+        self.k_tail: torch.Tensor | None = None  # exact rows not yet quantised
+        self.v_tail: torch.Tensor | None = None
+        self.k_done = 0  # tokens quantised so far
+        self.v_done = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+        kivi, method, dim = self.codec.encoder, self.codec.method, k.shape[-1]
+        self.k_tail, self.v_tail = _cat(self.k_tail, k), _cat(self.v_tail, v)
+        total = self.k_done + self.k_tail.shape[1]
+        ready_k = max(0, (total - method.residual) // method.group * method.group - self.k_done)
+        if ready_k:  # whole key groups now older than the full-precision window
+            ek = kivi.encode_keys(self.k_tail[:, :ready_k])
+            for name in ("codes_packed", "scale", "zero"):
+                self.pieces["k_" + name].append(ek[name].cpu().numpy())
+            self.k_hat = _cat(self.k_hat, kivi.decode_keys(ek, dim))
+            self.k_tail, self.k_done = self.k_tail[:, ready_k:], self.k_done + ready_k
+        ready_v = max(0, total - method.residual - self.v_done)
+        if ready_v:  # value tokens now older than the window
+            ev = kivi.encode_values(self.v_tail[:, :ready_v])
+            for name in ("codes_packed", "scale", "zero"):
+                self.pieces["v_" + name].append(ev[name].cpu().numpy())
+            self.v_hat = _cat(self.v_hat, kivi.decode_values(ev, dim))
+            self.v_tail, self.v_done = self.v_tail[:, ready_v:], self.v_done + ready_v
+        tail_k, tail_v = self.k_tail.half().float(), self.v_tail.half().float()  # held in fp16
+        return _cat(self.k_hat, tail_k), _cat(self.v_hat, tail_v)
+
+    def codes(self) -> dict[str, np.ndarray]:
+        assert self.k_tail is not None and self.v_tail is not None
+        codes = _joined(self.pieces)
+        codes["k_residual"] = self.k_tail.half().cpu().numpy()
+        codes["v_residual"] = self.v_tail.half().cpu().numpy()
+        return codes
+
+
+register_codec("turboquant_prod", lambda method, dim, device: TurboQuantCodec(method, dim, device, prod=True))
+register_codec("turboquant_mse", lambda method, dim, device: TurboQuantCodec(method, dim, device, prod=False))
+register_codec("kivi", KIVICodec)
 
 
 class KVExport:
@@ -56,23 +206,18 @@ class KVExport:
         self.methods, self.layout = methods, layout
         self.group = num_heads // num_kv_heads
         self.kv_heads = list(layout.kv_heads)
-        self.streams: dict[tuple[str, int, int], _Stream] = defaultdict(_Stream)
+        self.streams: dict[tuple[str, int, int], KVStream] = {}
         self.fidelity = {m.name: FidelityAccumulator(len(layout.layers), len(self.kv_heads)) for m in methods}
         self.lengths: dict[int, int] = defaultdict(int)
-        self._encoders: dict[str, dict[str, Any]] = {}
+        self._codecs: dict[str, KVCodec] = {}
 
-    def _encoder(self, method: KVMethodSpec, dim: int, device: torch.device) -> dict[str, Any]:
-        if method.name not in self._encoders:
-            if method.method == "kivi":  # groups are cut here, so the encoder itself keeps no window
-                enc: dict[str, Any] = {"kivi": KIVI(method.bits, method.group, residual=0)}
-            else:
-                values = TurboQuantMSE(dim, method.bits, method.seed, device)
-                keys: Any = values
-                if method.method == "turboquant_prod":
-                    keys = TurboQuantProd(dim, method.bits, method.seed, method.seed + 1, device)
-                enc = {"k": keys, "v": values}
-            self._encoders[method.name] = enc
-        return self._encoders[method.name]
+    def _stream(self, method: KVMethodSpec, lp: int, b: int, dim: int, device: torch.device) -> KVStream:
+        key = (method.name, lp, b)
+        if key not in self.streams:
+            if method.name not in self._codecs:
+                self._codecs[method.name] = codec_for(method, dim, device)
+            self.streams[key] = self._codecs[method.name].stream()
+        return self.streams[key]
 
     def on_layer(
         self,
@@ -101,8 +246,8 @@ class KVExport:
         k_pos = torch.arange(col0, row0 + n, device=device)
         allowed = causal_allowed(q_pos, k_pos, sliding_window)
         for method in self.methods:
-            stream = self.streams[(method.name, lp, b)]
-            k_cache, v_cache = self._append(method, stream, k_new, v_new)
+            stream = self._stream(method, lp, b, k_new.shape[-1], k_new.device)
+            k_cache, v_cache = stream.append(k_new, v_new)
             for gi, g in enumerate(kv):
                 heads = [h for h in self.layout.heads if h // self.group == g]
                 metrics = fidelity_block(
@@ -116,40 +261,6 @@ class KVExport:
                 )
                 self.fidelity[method.name].add(lp, gi, metrics)
 
-    def _append(
-        self, method: KVMethodSpec, stream: _Stream, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the new rows; returns the cache a serving system holds now (k̂, v̂ ``[KVH, T, D]``)."""
-        enc = self._encoder(method, k.shape[-1], k.device)
-        if method.method != "kivi":
-            ek, ev = enc["k"].encode(k), enc["v"].encode(v)
-            for prefix, encoded in (("k_", ek), ("v_", ev)):
-                for name, array in to_numpy(encoded).items():
-                    stream.codes[prefix + name].append(array)
-            k_hat = enc["k"].dequantize(ek) if method.method == "turboquant_prod" else enc["k"].decode(ek)
-            stream.k_hat, stream.v_hat = _cat(stream.k_hat, k_hat), _cat(stream.v_hat, enc["v"].decode(ev))
-            assert stream.k_hat is not None and stream.v_hat is not None
-            return stream.k_hat, stream.v_hat
-        kivi, dim = enc["kivi"], k.shape[-1]
-        stream.k_tail, stream.v_tail = _cat(stream.k_tail, k), _cat(stream.v_tail, v)
-        total = stream.k_done + stream.k_tail.shape[1]
-        ready_k = max(0, (total - method.residual) // method.group * method.group - stream.k_done)
-        if ready_k:  # whole key groups now older than the full-precision window
-            ek = kivi.encode_keys(stream.k_tail[:, :ready_k])
-            for name in ("codes_packed", "scale", "zero"):
-                stream.codes["k_" + name].append(ek[name].cpu().numpy())
-            stream.k_hat = _cat(stream.k_hat, kivi.decode_keys(ek, dim))
-            stream.k_tail, stream.k_done = stream.k_tail[:, ready_k:], stream.k_done + ready_k
-        ready_v = max(0, total - method.residual - stream.v_done)
-        if ready_v:  # value tokens now older than the window
-            ev = kivi.encode_values(stream.v_tail[:, :ready_v])
-            for name in ("codes_packed", "scale", "zero"):
-                stream.codes["v_" + name].append(ev[name].cpu().numpy())
-            stream.v_hat = _cat(stream.v_hat, kivi.decode_values(ev, dim))
-            stream.v_tail, stream.v_done = stream.v_tail[:, ready_v:], stream.v_done + ready_v
-        tail_k, tail_v = stream.k_tail.half().float(), stream.v_tail.half().float()  # held in fp16
-        return _cat(stream.k_hat, tail_k), _cat(stream.v_hat, tail_v)
-
     def finish(self) -> tuple[dict[str, Arrays], dict[str, Any]]:
         """Per method: its group arrays (codes, matrices, codebooks, fidelity) and a status dict."""
         groups: dict[str, Arrays] = {}
@@ -159,12 +270,8 @@ class KVExport:
             for (name, lp, b), stream in self.streams.items():
                 if name != method.name:
                     continue
-                for array_name, pieces in stream.codes.items():
-                    codes[array_name][(lp, b)] = np.concatenate(pieces, axis=1)
-                if method.method == "kivi":
-                    assert stream.k_tail is not None and stream.v_tail is not None
-                    codes["k_residual"][(lp, b)] = stream.k_tail.half().cpu().numpy()
-                    codes["v_residual"][(lp, b)] = stream.v_tail.half().cpu().numpy()
+                for array_name, array in stream.codes().items():
+                    codes[array_name][(lp, b)] = array
             groups[method.name], status[method.name] = self._group_arrays(method, codes)
         return groups, status
 
@@ -187,13 +294,8 @@ class KVExport:
                 ("layer", "batch", "kv_head", *(f"{name}_{i}" for i in range(1, sample.ndim))),
                 data,
             )
-        if method.method != "kivi":
-            key_bits = method.bits - 1 if method.method == "turboquant_prod" else method.bits
-            arrays["rotation"] = (("row", "col"), rotation_matrix(dim, method.seed))
-            arrays["codebook_k"] = (("code_k",), lloyd_max_codebook(key_bits, dim).astype(np.float32))
-            arrays["codebook_v"] = (("code_v",), lloyd_max_codebook(method.bits, dim).astype(np.float32))
-            if method.method == "turboquant_prod":
-                arrays["qjl"] = (("row", "col"), qjl_matrix(dim, method.seed + 1))
+        definition = kv_method(method.method)
+        arrays.update(definition.shared_arrays(method, dim))  # matrices, codebooks
         accumulator = self.fidelity[method.name]
         report = accumulator.result()
         for metric in METRICS:
@@ -201,9 +303,7 @@ class KVExport:
         arrays["fidelity_rows"] = (("layer", "kv_head"), report["rows"].astype(np.int64))
         lengths = [self.lengths[b] for b in sorted(self.lengths)]
         cells = len(layout.layers) * len(self.kv_heads)
-        bits = job_kv_bits(
-            method.method, method.bits, dim, lengths, group=method.group, residual=method.residual
-        )
+        bits = definition.job_bits(method, dim, lengths)
         status = {
             "params": method.model_dump(),
             "fidelity": {k: round(float(v), 6) for k, v in accumulator.aggregate().items()},

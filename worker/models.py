@@ -96,9 +96,11 @@ def _dequantised_gguf(source: ModelSource, cache_root: Path) -> Path:
 def checkout_model_cache_dir() -> Path:
     """The dequantised-GGUF cache that the test suite, the worker processes it starts and ``bench``
     share in a source checkout: ``$QKVAULT_TEST_MODEL_CACHE``, else ``<checkout>/.qkvault/test-models``
-    (created if missing). A deployed worker uses ``Settings.model_cache_dir`` instead."""
+    (created if missing). A deployed worker uses ``WorkerSettings.model_cache_dir`` instead."""
+    from worker.settings import WorkerSettings
+
     default = Path(__file__).resolve().parents[1] / ".qkvault" / "test-models"
-    path = Path(os.environ.get("QKVAULT_TEST_MODEL_CACHE", default))
+    path = WorkerSettings().test_model_cache or default
     path.mkdir(parents=True, exist_ok=True)
     return path
 

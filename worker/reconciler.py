@@ -38,8 +38,8 @@ from celery import Celery
 from storage.index import Index, JobRecord, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
-from storage.settings import Settings
 from worker.app import EXPORT_TASK, create_celery_app, enqueue_export
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _send(
 def _expired(
     index: Index,
     app: Celery,
-    settings: Settings,
+    settings: WorkerSettings,
     job: JobRecord,
     now: datetime,
     broker: BrokerView | None,
@@ -197,7 +197,7 @@ def _expired(
 
 
 def reconcile_once(
-    index: Index, celery_app: Celery, settings: Settings, now: datetime | None = None
+    index: Index, celery_app: Celery, settings: WorkerSettings, now: datetime | None = None
 ) -> ReconcileReport:
     """One pass over the jobs table (see the module docstring); ``now`` defaults to the clock."""
     now = now or utcnow()
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--once", action="store_true", help="run one pass and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    settings = WorkerSettings()
     index, app = Index(settings.database_url), create_celery_app(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

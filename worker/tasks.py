@@ -8,14 +8,14 @@ from typing import Any
 
 from celery import Celery
 
-from storage.settings import Settings
 from worker.app import EXPORT_TASK
+from worker.settings import WorkerSettings
 
 
 class WorkerState:
     """Per-process resources, built lazily in the pool child (never in the prefork parent)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self._index: Any = None
         self._store: Any = None
@@ -37,7 +37,7 @@ class WorkerState:
         return self._index, self._store, self._models
 
 
-def register_tasks(app: Celery, settings: Settings) -> WorkerState:
+def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerState:
     state = WorkerState(settings)
 
     @app.task(name=EXPORT_TASK, ignore_result=False)

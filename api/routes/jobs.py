@@ -181,7 +181,7 @@ def submit_job(
         response.status_code = 200
         response.headers[IDEMPOTENT_REPLAYED] = "true"
     public = job_public(job, root_path)
-    response.headers["Location"] = public.links.self_
+    response.headers["Location"] = public.links["self"]
     return public
 
 

@@ -1,11 +1,14 @@
 """ORM tables of the SQL index (``jobs``, ``chunks``, ``api_keys``).
 
 The hand-written migrations ``migrations/versions/0001_initial.py`` and ``0002_api_keys_idempotency.py``
-create exactly these tables; ``tests/storage/test_index.py`` checks that the two agree.
+create exactly these tables; ``tests/storage/test_index.py`` checks that the two agree, and that every
+``JobRecord`` field has a ``jobs`` column of the same name (``JobRow.to_record`` copies them by name).
+Where a new job field goes: :mod:`storage.jobfields`.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from storage.index.records import ChunkRecord, JobRecord, JobState
+
+JOB_RECORD_FIELDS = tuple(f.name for f in fields(JobRecord))
 
 # Stable constraint names, so that migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -149,31 +154,11 @@ class JobRow(Base):
         )
 
     def to_record(self) -> JobRecord:
-        return JobRecord(
-            id=self.id,
-            owner=self.owner,
-            state=JobState(self.state),
-            spec=dict(self.spec),
-            label=self.label,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            attempts=self.attempts,
-            max_attempts=self.max_attempts,
-            lease_worker=self.lease_worker,
-            heartbeat_at=self.heartbeat_at,
-            cancel_requested=self.cancel_requested,
-            phase=self.phase,
-            units_done=self.units_done,
-            units_total=self.units_total,
-            bytes_written=self.bytes_written,
-            chunks_written=self.chunks_written,
-            error=None if self.error is None else dict(self.error),
-            store_url=self.store_url,
-            partial=self.partial,
-            result=None if self.result is None else dict(self.result),
-        )
+        """The record of this row: every ``JobRecord`` field copied from the column of the same name
+        (JSON columns as fresh dicts, so the record shares nothing with the session)."""
+        values = {name: getattr(self, name) for name in JOB_RECORD_FIELDS}
+        values = {name: dict(v) if isinstance(v, dict) else v for name, v in values.items()}
+        return JobRecord(**{**values, "state": JobState(self.state)})
 
 
 class ChunkRow(Base):

@@ -7,25 +7,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
+from storage.jobfields import COMPUTED_FIELDS, TERMINAL_STATES, JobFields, JobState, Progress
 
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.CANCELLED, JobState.SUCCEEDED, JobState.FAILED})
+__all__ = ["TERMINAL_STATES", "ChunkRecord", "JobRecord", "JobState"]
 
 
 @dataclass(frozen=True)
 class JobRecord:
-    """One row of ``jobs``. Every datetime is timezone-aware UTC."""
+    """One row of ``jobs``. Every datetime is timezone-aware UTC.
+
+    A field here is copied by name from the ``JobRow`` column of the same name
+    (:meth:`storage.index.models.JobRow.to_record`), and, when :class:`storage.jobfields.JobFields`
+    declares it, on to the public job document (:meth:`public_fields`). A new field: see
+    :mod:`storage.jobfields`.
+    """
 
     id: str
     owner: str
@@ -54,6 +51,29 @@ class JobRecord:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def progress(self) -> Progress:
+        total = self.units_total or 0
+        if total > 0:
+            fraction: float | None = min(1.0, max(0.0, self.units_done / total))
+        else:
+            fraction = 1.0 if self.state == JobState.SUCCEEDED else None
+        return Progress(
+            units_done=self.units_done,
+            units_total=total,
+            fraction=fraction,
+            bytes_written=self.bytes_written,
+            chunks_written=self.chunks_written,
+        )
+
+    def public_fields(self) -> dict[str, Any]:
+        """The fields of :class:`~storage.jobfields.JobFields` this record provides: each declared
+        field copied from the record field of the same name, and ``progress`` computed. ``links``
+        are left to the API; the stored ``spec`` is handed back as stored (see
+        :func:`storage.jobspec.stored_spec` for a lenient read)."""
+        values = {name: getattr(self, name) for name in JobFields.model_fields if name not in COMPUTED_FIELDS}
+        values["progress"] = self.progress()
+        return values
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ encoders that produce these arrays on the worker's device live in ``worker.kvqua
 - :mod:`~storage.kvquant.bitpack` — little-endian bit packing of codes along the last axis;
 - :mod:`~storage.kvquant.turboquant` — TurboQuant encode/decode and the inner-product estimator;
 - :mod:`~storage.kvquant.kivi` — KIVI encode/decode;
-- :mod:`~storage.kvquant.accounting` — theoretical bits per vector and ratios against fp16.
+- :mod:`~storage.kvquant.accounting` — theoretical bits per vector and ratios against fp16;
+- :mod:`~storage.kvquant.registry` — the ``kv_compression`` methods, each declared once (name, bit
+  widths, parameters, accounting, reader); the built-ins are in :mod:`~storage.kvquant.methods`;
+- :mod:`~storage.kvquant.reader` — ``KVBundle``, a bundle's compressed groups read back.
 """
 
 from __future__ import annotations

@@ -7,15 +7,32 @@ ratio of bytes actually stored next to these.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-METHODS: tuple[str, ...] = ("fp16", "mse", "prod", "kivi", "kivi_keys", "kivi_values")
+
+def _kivi(bits: int, dim: int, group: int) -> float:
+    if dim % group:
+        raise ValueError("'kivi' needs dim % group == 0; ask for 'kivi_keys' or 'kivi_values'")
+    return bits * dim + 32.0 * dim / group
+
+
+# vector quantizer → bits of one dim-vector (bits, dim, group); see theoretical_bits_per_vector
+_PER_VECTOR: dict[str, Callable[[int, int, int], float]] = {
+    "fp16": lambda bits, dim, group: 16.0 * dim,
+    "mse": lambda bits, dim, group: float(bits * dim + 16),
+    "prod": lambda bits, dim, group: float((bits - 1) * dim + dim + 32),
+    "kivi": _kivi,
+    "kivi_keys": lambda bits, dim, group: bits * dim + 32.0 * dim / group,
+    "kivi_values": lambda bits, dim, group: float(bits * dim + 32 * (-(-dim // group))),
+}
+METHODS: tuple[str, ...] = tuple(_PER_VECTOR)
 
 
 def theoretical_bits_per_vector(method: str, bits: int, dim: int, *, group: int = 32) -> float:
-    """Bits one ``dim``-vector costs:
+    """Bits one ``dim``-vector costs with a vector quantizer (not a ``kv_compression`` method: those
+    combine them, see :mod:`storage.kvquant.methods`):
 
     - ``fp16``: ``16·d``;
     - ``mse`` (TurboQuant values): ``b·d + 16`` (indices, fp16 norm);
@@ -24,21 +41,9 @@ def theoretical_bits_per_vector(method: str, bits: int, dim: int, *, group: int 
     - ``kivi_values``: ``b·d + 32·⌈d/G⌉`` (fp16 scale + zero per group of G channels of the token);
     - ``kivi``: the common value of the two when ``G | d`` (``b·d + 32·d/G``).
     """
-    if method == "fp16":
-        return 16.0 * dim
-    if method == "mse":
-        return float(bits * dim + 16)
-    if method == "prod":
-        return float((bits - 1) * dim + dim + 32)
-    if method == "kivi_keys":
-        return bits * dim + 32.0 * dim / group
-    if method == "kivi_values":
-        return float(bits * dim + 32 * (-(-dim // group)))
-    if method == "kivi":
-        if dim % group:
-            raise ValueError("'kivi' needs dim % group == 0; ask for 'kivi_keys' or 'kivi_values'")
-        return bits * dim + 32.0 * dim / group
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in _PER_VECTOR:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return _PER_VECTOR[method](bits, dim, group)
 
 
 def theoretical_ratio(
@@ -55,27 +60,3 @@ def theoretical_ratio(
 def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Bytes of an encoded payload (the dict an encoder returns), as stored uncompressed."""
     return sum(int(np.asarray(a).nbytes) for a in arrays.values())
-
-
-def job_kv_bits(
-    method: str, bits: int, dim: int, lengths: Sequence[int], *, group: int = 32, residual: int = 128
-) -> float:
-    """Theoretical bits of one kv head's K and V over sequences of ``lengths`` tokens with a
-    ``kv_compression`` method (``turboquant_prod`` | ``turboquant_mse`` | ``kivi``); KIVI's
-    full-precision tokens (residual window, incomplete key group) count at 16 bits."""
-    from storage.kvquant.kivi import quantized_tokens
-
-    total = 0.0
-    for length in lengths:
-        if method == "kivi":
-            kq = quantized_tokens(length, group, residual, kind="keys")
-            vq = quantized_tokens(length, group, residual, kind="values")
-            total += kq * theoretical_bits_per_vector("kivi_keys", bits, dim, group=group)
-            total += vq * theoretical_bits_per_vector("kivi_values", bits, dim, group=group)
-            total += (2 * length - kq - vq) * 16 * dim
-        else:
-            key = "prod" if method == "turboquant_prod" else "mse"
-            total += length * (
-                theoretical_bits_per_vector(key, bits, dim) + theoretical_bits_per_vector("mse", bits, dim)
-            )
-    return total

@@ -1,5 +1,6 @@
 """Read a bundle's compressed KV groups (``kv/<method>_<bits>``) with numpy alone: dequantise keys
-and values, and estimate attention scores (TurboQuant prod: the unbiased inner-product estimator)."""
+and values, and estimate attention scores (TurboQuant prod: the unbiased inner-product estimator).
+What each method stores and how it decodes is its registry entry's (:mod:`storage.kvquant.registry`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import xarray as xr
 
 from storage.bundle.reader import open_bundle, open_group
 from storage.errors import BundleNotReady
-from storage.kvquant.kivi import kivi_decode_keys, kivi_decode_values, quantized_tokens
-from storage.kvquant.turboquant import mse_decode, prod_scores
+from storage.kvquant.registry import KVMethodDef, StoredCell, kv_method
+from storage.kvspec import KVMethodSpec
 
 
 class KVBundle:
@@ -43,55 +44,30 @@ class KVBundle:
             if str(n).startswith(prefix)
         }
 
+    def _stored(self, name: str, layer_pos: int, batch: int) -> tuple[KVMethodDef, KVMethodSpec, StoredCell]:
+        """The method of group ``name``, its parameters and one stored (layer, sequence) cell."""
+        ds = self.group(name)
+        method = KVMethodSpec.from_params(self.root.attrs["kv_compression"][name]["params"])
+        cell = StoredCell(
+            k=self._cell(ds, "k_", layer_pos, batch),
+            v=self._cell(ds, "v_", layer_pos, batch),
+            shared=lambda array: ds[array].values,
+            length=int(self.lengths[batch]),
+            dim=self.head_dim,
+        )
+        return kv_method(method.method), method, cell
+
     def dequantize(self, name: str, layer_pos: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(k̂, v̂)`` ``[KVH, T, D]`` float32 for one exported layer and sequence (TurboQuant prod:
         k̂ is the MSE part; use :meth:`scores` for the unbiased inner products)."""
-        ds, attrs = self.group(name), self.root.attrs["kv_compression"][name]["params"]
-        length, dim, bits = int(self.lengths[batch]), self.head_dim, int(attrs["bits"])
-        k, v = self._cell(ds, "k_", layer_pos, batch), self._cell(ds, "v_", layer_pos, batch)
-        if attrs["method"] == "kivi":
-            group, residual = int(attrs["group"]), int(attrs["residual"])
-            kq = quantized_tokens(length, group, residual, kind="keys")
-            vq = quantized_tokens(length, group, residual, kind="values")
-            k_hat = kivi_decode_keys(
-                k["codes_packed"][:, :kq],
-                k["scale"][:, : kq // group],
-                k["zero"][:, : kq // group],
-                k["residual"][:, : length - kq],
-                bits,
-                dim,
-                group,
-            )
-            v_hat = kivi_decode_values(
-                v["codes_packed"][:, :vq],
-                v["scale"][:, :vq],
-                v["zero"][:, :vq],
-                v["residual"][:, : length - vq],
-                bits,
-                dim,
-                group,
-            )
-            return k_hat, v_hat
-        rotation = ds["rotation"].values
-        key_bits = bits - 1 if attrs["method"] == "turboquant_prod" else bits
-        k_hat = mse_decode(
-            k["idx_packed"][:, :length],
-            k["norms"][:, :length],
-            ds["codebook_k"].values,
-            rotation,
-            key_bits,
-            dim,
-        )
-        v_hat = mse_decode(
-            v["idx_packed"][:, :length], v["norms"][:, :length], ds["codebook_v"].values, rotation, bits, dim
-        )
-        return k_hat, v_hat
+        definition, method, cell = self._stored(name, layer_pos, batch)
+        return definition.dequantize(method, cell)
 
     def scores(self, name: str, layer_pos: int, batch: int, q: np.ndarray) -> np.ndarray:
-        """Estimated ``q·k`` for queries ``q [KVH, Nq, D]`` against every key: ``[KVH, Nq, T]``."""
-        k_hat, _ = self.dequantize(name, layer_pos, batch)
-        if self.root.attrs["kv_compression"][name]["params"]["method"] != "turboquant_prod":
+        """Estimated ``q·k`` for queries ``q [KVH, Nq, D]`` against every key: ``[KVH, Nq, T]`` (the
+        method's own estimator where it has one, else ``q @ k̂ᵀ``)."""
+        definition, method, cell = self._stored(name, layer_pos, batch)
+        k_hat, _ = definition.dequantize(method, cell)
+        if definition.scores is None:
             return np.asarray(q, dtype=np.float32) @ np.swapaxes(k_hat, -1, -2)
-        ds, length = self.group(name), int(self.lengths[batch])
-        k = self._cell(ds, "k_", layer_pos, batch)
-        return prod_scores(q, k_hat, k["signs_packed"][:, :length], k["gamma"][:, :length], ds["qjl"].values)
+        return definition.scores(method, cell, q, k_hat)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import storage.index.repo as repo_module
 from storage.errors import JobNotFound, JobStateConflict
 from storage.index import TERMINAL_STATES, ChunkRecord, Index, JobRecord, JobState
 from storage.index.migrate import current_revision
-from storage.index.models import Base
+from storage.index.models import Base, JobRow
+from storage.jobfields import COMPUTED_FIELDS, JobFields
 from tests.conftest import IndexFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +61,35 @@ def test_migrate_twice_is_a_noop_and_matches_models(index: Index) -> None:
             assert conn.execute(sa.text("SELECT current_schema()")).scalar() == index.schema
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == [], f"migrations and models disagree: {diff}"
+
+
+def test_job_fields_agree_from_row_to_record_to_public_document() -> None:
+    """The public job fields are declared once (storage.jobfields.JobFields); the record carries
+    each of them under the same name, and the row a column for every record field (the mappers copy by
+    name; the migrations match the row: test above)."""
+    record_fields = {f.name for f in fields(JobRecord)}
+    columns = {c.name for c in JobRow.__table__.columns}
+    assert columns - record_fields == {"idempotency_key", "request_hash"}  # submission bookkeeping
+    assert record_fields <= columns
+    public = set(JobFields.model_fields) - COMPUTED_FIELDS
+    assert public <= record_fields, public - record_fields
+    assert {"lease_worker", "store_url", "units_done", "units_total"} <= record_fields - public  # internal
+
+
+def test_record_maps_to_public_fields(index: Index) -> None:
+    job = index.create_job(
+        spec={"prompts": ["a"]}, owner="alice", store_url_for=lambda i: f"/s/{i}", max_attempts=2
+    )
+    index.claim(job.id, "w1")
+    index.update_progress(job.id, units_done=1, units_total=4, phase="prefill")
+    record = index.get_job(job.id)
+
+    values = record.public_fields()
+
+    assert set(values) == set(JobFields.model_fields) - {"links"}
+    assert values["spec"] == {"prompts": ["a"]} and values["owner"] == "alice" and values["attempts"] == 1
+    assert values["progress"].fraction == 0.25 and values["progress"].units_total == 4
+    assert JobFields.model_validate({**values, "links": {}}).state == "running"
 
 
 def test_concurrent_migrate_on_fresh_database(new_index: IndexFactory) -> None:

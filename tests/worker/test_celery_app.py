@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from storage.settings import Settings
 from worker.app import EXPORT_TASK, create_celery_app
+from worker.settings import WorkerSettings
 from worker.tasks import register_tasks
 
 
 def test_long_job_settings() -> None:
-    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0")
     app = create_celery_app(settings)
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
@@ -23,7 +23,7 @@ def test_long_job_settings() -> None:
 
 
 def test_time_limits_out_of_order_are_refused() -> None:
-    settings = Settings(
+    settings = WorkerSettings(
         task_soft_time_limit_s=100, task_hard_time_limit_s=200, broker_visibility_timeout_s=150
     )
     with pytest.raises(ValueError, match="soft < hard < visibility"):

@@ -13,9 +13,9 @@ from storage.bundle.checksum import matches
 from storage.errors import JobCancelled
 from storage.index import Index, JobState
 from storage.objectstore import ObjectStore
-from storage.settings import Settings
 from worker.jobs import run_job
 from worker.models import ModelCache
+from worker.settings import WorkerSettings
 
 from .conftest import CollectingHooks, model_cache_dir
 from .export_helpers import export
@@ -23,7 +23,7 @@ from .export_helpers import export
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, Any]:
-    settings = Settings(
+    settings = WorkerSettings(
         database_url=f"sqlite:///{tmp_path}/index.db",
         store_url=str(tmp_path / "store"),
         progress_interval_s=0.0,
@@ -64,7 +64,7 @@ def test_chunk_checksum_setting(
 ) -> None:
     """``QKVAULT_CHUNK_CHECKSUM=sha256``: every record of the job (pipeline and zarr writes) is sha256."""
     monkeypatch.setenv("QKVAULT_CHUNK_CHECKSUM", "sha256")
-    from_env = Settings().chunk_checksum  # read from the environment, as a worker does
+    from_env = WorkerSettings().chunk_checksum  # read from the environment, as a worker does
     env["settings"] = env["settings"].model_copy(update={"chunk_checksum": from_env})
     spec = {"model": {"id": str(tiny_model_dir("llama"))}, "prompts": ["hi"], "capture": {"qkv": True}}
     job_id = _submit(env, spec)

@@ -20,11 +20,11 @@ import pytest
 
 from storage.index import Index, JobState
 from storage.objectstore import ObjectStore
-from storage.settings import Settings
 from tests.faults import RestartableRedis, audit_chunks, bundle_files, kill_group, wait_until
 from tests.services import start_worker
 from tests.soak import fast_env, job_spec, kill_scenario, reconciler
 from worker.app import create_celery_app, enqueue_export
+from worker.settings import WorkerSettings
 
 from .conftest import model_cache_dir
 
@@ -49,8 +49,8 @@ def test_sigkill_the_worker_mid_job_again_and_again_loses_nothing(
     assert report.chunks_skipped > 0 and report.chunks_changed == 0
 
 
-def _stack(tmp_path: Path, redis_url: str) -> tuple[Settings, Index, ObjectStore]:
-    settings = Settings(
+def _stack(tmp_path: Path, redis_url: str) -> tuple[WorkerSettings, Index, ObjectStore]:
+    settings = WorkerSettings(
         database_url=f"sqlite:///{tmp_path}/index.db",
         store_url=str(tmp_path / "store"),
         redis_url=redis_url,
@@ -61,7 +61,9 @@ def _stack(tmp_path: Path, redis_url: str) -> tuple[Settings, Index, ObjectStore
     return settings, index, ObjectStore.from_settings(settings)
 
 
-def _submit(settings: Settings, index: Index, store: ObjectStore, spec: dict[str, Any], n: int) -> list[str]:
+def _submit(
+    settings: WorkerSettings, index: Index, store: ObjectStore, spec: dict[str, Any], n: int
+) -> list[str]:
     app = create_celery_app(settings)
     ids = []
     for _ in range(n):

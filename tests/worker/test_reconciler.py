@@ -26,10 +26,10 @@ from storage.index import ChunkRecord, Index, JobRecord, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
 from storage.objectstore import ObjectStore
-from storage.settings import Settings
 from tests.services import qkvault_env, start_worker, subprocess_env
 from worker.app import create_celery_app, enqueue_export
 from worker.reconciler import ReconcileReport, reconcile_once
+from worker.settings import WorkerSettings
 
 from .conftest import REPO, model_cache_dir
 
@@ -37,8 +37,8 @@ DEAD = "host-a:4242"  # the lease holder whose process is gone
 
 
 @pytest.fixture
-def settings(redis_url: str, index: Index, tmp_path: Path) -> Settings:
-    return Settings(
+def settings(redis_url: str, index: Index, tmp_path: Path) -> WorkerSettings:
+    return WorkerSettings(
         redis_url=redis_url,
         database_url=index.database_url,
         store_url=str(tmp_path / "store"),
@@ -50,14 +50,14 @@ def settings(redis_url: str, index: Index, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings) -> Iterator[Celery]:
+def app(settings: WorkerSettings) -> Iterator[Celery]:
     celery_app = create_celery_app(settings)
     yield celery_app
     celery_app.close()
 
 
 @pytest.fixture
-def broker(settings: Settings) -> Iterator[redis.Redis]:
+def broker(settings: WorkerSettings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url)
     yield client
     client.close()
@@ -76,7 +76,7 @@ def _later(seconds: float) -> Any:
     return utcnow() + timedelta(seconds=seconds)
 
 
-def _queued(broker: redis.Redis, settings: Settings) -> list[str]:
+def _queued(broker: redis.Redis, settings: WorkerSettings) -> list[str]:
     """Task ids of the messages waiting in the export queue, oldest first."""
     raw = broker.lrange(settings.queue_name, 0, -1)
     return [json.loads(m)["headers"]["id"] for m in reversed(raw)]
@@ -90,7 +90,7 @@ def _unacked(broker: redis.Redis, job_id: str) -> list[str]:
     ]
 
 
-def _take_and_die(broker: redis.Redis, settings: Settings, delivered_at: float | None = None) -> str:
+def _take_and_die(broker: redis.Redis, settings: WorkerSettings, delivered_at: float | None = None) -> str:
     """A worker takes the oldest message (kombu's BRPOP + unacked bookkeeping, late ack) and is
     SIGKILLed before it acks: the message sits in the ``unacked`` hash until the visibility timeout."""
     raw = broker.rpop(settings.queue_name)
@@ -110,7 +110,12 @@ def _nothing(report: ReconcileReport) -> bool:
 
 
 def test_api_dies_before_enqueue_then_a_real_worker_runs_the_job(
-    index: Index, settings: Settings, app: Celery, broker: redis.Redis, tiny_model_dir: Any, tmp_path: Path
+    index: Index,
+    settings: WorkerSettings,
+    app: Celery,
+    broker: redis.Redis,
+    tiny_model_dir: Any,
+    tmp_path: Path,
 ) -> None:
     """Fault: the API committed the job and died before ``enqueue_export``; no message exists."""
     if index.engine.dialect.name != "sqlite":
@@ -146,7 +151,7 @@ def test_api_dies_before_enqueue_then_a_real_worker_runs_the_job(
 
 
 def test_message_still_waiting_in_the_queue_is_not_sent_twice(
-    index: Index, settings: Settings, app: Celery, broker: redis.Redis
+    index: Index, settings: WorkerSettings, app: Celery, broker: redis.Redis
 ) -> None:
     """Not a fault: a job queued behind long jobs for longer than requeue_after_s."""
     job = _create(index)
@@ -157,7 +162,7 @@ def test_message_still_waiting_in_the_queue_is_not_sent_twice(
 
 
 def test_worker_took_the_message_and_died_before_claiming(
-    index: Index, settings: Settings, app: Celery, broker: redis.Redis
+    index: Index, settings: WorkerSettings, app: Celery, broker: redis.Redis
 ) -> None:
     """Fault: delivered to a worker that was SIGKILLed before its claim (message stuck in unacked).
     A delivery younger than requeue_after_s is a live worker's and is left alone."""
@@ -175,7 +180,7 @@ def test_worker_took_the_message_and_died_before_claiming(
 
 
 def test_expired_lease_under_the_cap_is_queued_and_reenqueued(
-    index: Index, settings: Settings, app: Celery, broker: redis.Redis
+    index: Index, settings: WorkerSettings, app: Celery, broker: redis.Redis
 ) -> None:
     """Fault: the worker (Celery parent and child) is SIGKILLed mid-job: heartbeats stop, its
     late-acked message stays in kombu's unacked hash."""
@@ -196,7 +201,7 @@ def test_expired_lease_under_the_cap_is_queued_and_reenqueued(
 
 
 def test_expired_lease_at_the_cap_fails_with_a_problem_document(
-    index: Index, settings: Settings, app: Celery, broker: redis.Redis
+    index: Index, settings: WorkerSettings, app: Celery, broker: redis.Redis
 ) -> None:
     """Fault: the worker dies during the last allowed attempt."""
     job = _create(index, max_attempts=2)
@@ -214,7 +219,7 @@ def test_expired_lease_at_the_cap_fails_with_a_problem_document(
 
 
 def test_expired_lease_with_cancel_requested_ends_cancelled(
-    index: Index, settings: Settings, app: Celery, broker: redis.Redis
+    index: Index, settings: WorkerSettings, app: Celery, broker: redis.Redis
 ) -> None:
     """Fault: cancel requested, then the worker dies before it reaches a chunk boundary."""
     job = _create(index)
@@ -231,7 +236,7 @@ def test_expired_lease_with_cancel_requested_ends_cancelled(
 # -- rule 3: live workers are never touched ------------------------------------------------------
 
 
-def test_fresh_heartbeat_is_never_touched(index: Index, settings: Settings, app: Celery) -> None:
+def test_fresh_heartbeat_is_never_touched(index: Index, settings: WorkerSettings, app: Celery) -> None:
     """Not a fault: a live worker; beside it a dead one, handled in the same pass."""
     live, dead = _create(index), _create(index)
     index.claim(dead.id, DEAD)
@@ -277,11 +282,13 @@ def test_worker_that_comes_back_between_read_and_write_wins(index: Index) -> Non
 
 def test_lease_timeout_must_exceed_the_heartbeat_interval() -> None:
     with pytest.raises(ValidationError, match="lease_timeout_s"):
-        Settings(heartbeat_interval_s=30, lease_timeout_s=30)
-    assert Settings(heartbeat_interval_s=1, lease_timeout_s=3).lease_timeout_s == 3
+        WorkerSettings(heartbeat_interval_s=30, lease_timeout_s=30)
+    assert WorkerSettings(heartbeat_interval_s=1, lease_timeout_s=3).lease_timeout_s == 3
 
 
-def test_command_runs_one_pass_without_torch(index: Index, settings: Settings, broker: redis.Redis) -> None:
+def test_command_runs_one_pass_without_torch(
+    index: Index, settings: WorkerSettings, broker: redis.Redis
+) -> None:
     """``python -m worker.reconciler --once``: configured from QKVAULT_*, loads no torch."""
     if index.engine.dialect.name != "sqlite":
         pytest.skip("the command is the same on every database")

@@ -19,10 +19,10 @@ from storage.index import ChunkRecord, Index, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
 from storage.objectstore import ObjectStore
-from storage.settings import Settings
 from tests.faults import audit_chunks, bundle_differences, bundle_files
 from worker.jobs import run_job
 from worker.models import ModelCache
+from worker.settings import WorkerSettings
 
 from .conftest import model_cache_dir
 
@@ -57,8 +57,8 @@ def _spec(model: Path) -> dict[str, Any]:
     }
 
 
-def _stack(root: Path, index_cls: type[Index] = Index) -> tuple[Index, ObjectStore, Settings]:
-    settings = Settings(
+def _stack(root: Path, index_cls: type[Index] = Index) -> tuple[Index, ObjectStore, WorkerSettings]:
+    settings = WorkerSettings(
         database_url=f"sqlite:///{root}/index.db",
         store_url=str(root / "store"),
         progress_interval_s=0.0,
@@ -72,7 +72,7 @@ def _stack(root: Path, index_cls: type[Index] = Index) -> tuple[Index, ObjectSto
     return index, ObjectStore.from_settings(settings), settings
 
 
-def _run(index: Index, store: ObjectStore, settings: Settings, worker: str) -> JobState | None:
+def _run(index: Index, store: ObjectStore, settings: WorkerSettings, worker: str) -> JobState | None:
     models = ModelCache(model_cache_dir(), "cpu")
     return run_job(JOB_ID, index=index, store=store, models=models, settings=settings, worker_id=worker)
 

@@ -18,12 +18,12 @@ import pytest
 
 from storage.index import Index, JobState
 from storage.objectstore import ObjectStore
-from storage.settings import Settings
 from tests.faults import FaultyProxy, audit_chunks, bundle_differences, bundle_files, wait_until
 from tests.services import S3Server
 from tests.soak import job_spec
 from worker.jobs import run_job
 from worker.models import ModelCache
+from worker.settings import WorkerSettings
 
 from .conftest import model_cache_dir
 
@@ -40,8 +40,8 @@ def _spec(model: Path, n: int) -> dict[str, Any]:
     return spec
 
 
-def _settings(root: Path, store_url: str, retry_s: float) -> Settings:
-    return Settings(
+def _settings(root: Path, store_url: str, retry_s: float) -> WorkerSettings:
+    return WorkerSettings(
         database_url=f"sqlite:///{root}/index.db",
         store_url=store_url,
         progress_interval_s=0.0,

@@ -10,31 +10,14 @@ Shapes: L exported layers, B sequences, H exported query heads, n query rows, K 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 
-from storage.capturespec import SummaryParams
+from storage.capturespec import RankMetric, SummaryParams
 
-ROW_METRICS: tuple[str, ...] = (
-    "sink",
-    "bos",
-    "local",
-    "middle",
-    "prev",
-    "self",
-    "prev_argmax_rate",
-    "max_weight",
-    "entropy",
-    "entropy_norm",
-    "effective_keys",
-    "k90",
-    "k90_frac",
-    "sparsity_1pct",
-    "mean_distance",
-    "mean_distance_norm",
-    "middle_k90",
-)
+ROW_METRICS: tuple[str, ...] = get_args(RankMetric)  # declared once, with the spec's ranking names
 QUANTILE_METRICS: tuple[str, ...] = (
     "sink",
     "local",

@@ -7,7 +7,6 @@ environment variable ``QKVAULT_DATABASE_URL``, else ``sqlalchemy.url`` in alembi
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -16,17 +15,18 @@ from sqlalchemy import Connection
 from storage.index.engine import create_index_engine
 from storage.index.migrate import migration_connection
 from storage.index.models import Base
+from storage.settings import ServiceSettings
 
 config = context.config
 target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    url = (
-        context.get_x_argument(as_dictionary=True).get("url")
-        or os.environ.get("QKVAULT_DATABASE_URL")
-        or config.get_main_option("sqlalchemy.url")
-    )
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    if not url:
+        settings = ServiceSettings()  # QKVAULT_DATABASE_URL only when set: not the class's default
+        explicit = "database_url" in settings.model_fields_set
+        url = settings.database_url if explicit else config.get_main_option("sqlalchemy.url")
     if not url:
         raise RuntimeError(
             "no database URL for the qkvault index: set QKVAULT_DATABASE_URL "

@@ -1,0 +1,91 @@
+"""Settings of the worker deployable: ``python -m worker`` and ``python -m worker.reconciler``.
+
+The shared :class:`storage.settings.ServiceSettings` (index, store, broker, model cache) plus the
+worker's own knobs, from ``QKVAULT_*``. Constructed once by each entry point and passed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
+from storage.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    """Worker settings; every field has a default and may come from ``QKVAULT_<NAME>``."""
+
+    if TYPE_CHECKING:  # every field is optional (env or default); mypy cannot see Field(<positional default>)
+
+        def __init__(self, **values: Any) -> None: ...
+
+    deployable: ClassVar[str | None] = "worker"
+
+    device: str = Field(default="auto", description="`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`")
+    heartbeat_interval_s: float = Field(
+        default=10.0, gt=0, description="lease renewal period of a running job"
+    )
+    progress_interval_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="how often a running job writes its progress and checks its cancel flag",
+    )
+    # chunk write pipeline (storage/bundle/pipeline.py; docs/benchmarks.md)
+    write_threads: int = Field(
+        default=0,
+        ge=0,
+        description="chunk encoder/writer threads (0: one a core, at most 16; docs/benchmarks.md)",
+    )
+    record_interval_s: float = Field(
+        default=0.5, ge=0, description="stored chunks are recorded in the index in batches at most this often"
+    )
+    chunk_checksum: ChecksumAlgorithm = Field(
+        default=DEFAULT_CHECKSUM,
+        description="checksum of every chunk record: `crc32c` (CRC-32C, hardware-accelerated, ~6 GB/s a "
+        "core) or `sha256` (0.4-1.3 GB/s a core: a third of the writer's CPU time). A record names its "
+        "algorithm; resumes verify either",
+    )
+    # object store outages (docs/reliability.md): a store operation is retried with backoff for this
+    # long, then the attempt gives the job back (queued again after retry_delay_s) while attempts last
+    store_retry_s: float = Field(
+        default=60.0, ge=0, description="retry budget of one object-store operation (docs/reliability.md)"
+    )
+    retry_delay_s: float = Field(
+        default=10.0, ge=0, description="delay before a job given back after a store outage is run again"
+    )
+
+    # reconciler (python -m worker.reconciler; docs/reliability.md)
+    reconcile_interval_s: float = Field(default=30.0, gt=0, description="reconciler: seconds between passes")
+    lease_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="reconciler (and a worker claiming a job): a running job whose last heartbeat is older "
+        "than this lost its worker; must exceed `QKVAULT_HEARTBEAT_INTERVAL_S` (allow several missed "
+        "beats and "
+        "the clock skew between hosts)",
+    )
+    requeue_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="reconciler: a queued job untouched for this long whose message is not in the broker "
+        "is re-enqueued (its message was lost)",
+    )
+
+    test_model_cache: Path | None = Field(
+        default=None,
+        description="source checkouts only: the dequantised-GGUF cache that the test suite, the workers "
+        "it starts and `bench` share (unset: `<checkout>/.qkvault/test-models`)",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> WorkerSettings:
+        if self.lease_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_timeout_s ({self.lease_timeout_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}): raise {self.env_var('lease_timeout_s')} "
+                "(3x the interval or more)"
+            )
+        return self
