@@ -36,7 +36,9 @@ def main() -> None:
     }
     with EmbeddedStack() as stack, stack.client() as client:
         job = client.wait(client.submit(spec).id, poll_s=1.0)
-        zip_path = client.download(job.id, REPO / ".qkvault" / "downloads")
+        downloads = REPO / ".qkvault" / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)  # a directory: the zip goes in as <id>.zarr.zip
+        zip_path = client.download(job.id, downloads)
     bundle, summary = open_bundle(zip_path), open_summary(zip_path)
     low, high = job.result["summary"]["context_length_range"] if job.result else (None, None)
     title = (
