@@ -247,6 +247,7 @@ class Exporter:
             pos = pos[:, -1:] + 1
             session.begin_step(width + step, active)  # feed the new token back: its row and q/k/v
             logits, cache = self._forward(next_ids[:, None], mask, pos, cache, use_cache=True)
+            self.hooks.check_cancelled()  # a cancel lands within one decoding step
             if all(done):
                 break
         self.timings["decode"] = time.perf_counter() - t0

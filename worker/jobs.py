@@ -38,8 +38,8 @@ class JobHooks:
         self.index, self.job_id, self.interval_s, self.worker_id = index, job_id, interval_s, worker_id
         self.units_done = 0
         self.lease_lost = threading.Event()  # set by the heartbeat thread
+        self.cancel_requested = threading.Event()  # kept fresh by the heartbeat thread
         self._last_progress = 0.0
-        self._last_cancel_check = 0.0
 
     def phase(self, name: str, units_total: int | None = None) -> None:
         self.index.update_progress(
@@ -61,18 +61,17 @@ class JobHooks:
         self.index.record_chunks(self.job_id, records, worker=self.worker_id)
 
     def check_cancelled(self) -> None:
+        """Called by the export between row blocks and decoding steps, on the forward thread: reads
+        two flags the heartbeat thread keeps fresh, never the database."""
         if self.lease_lost.is_set():
             raise LeaseLost(f"job {self.job_id}: the heartbeat of {self.worker_id} was refused (lease lost)")
-        now = time.monotonic()
-        if now - self._last_cancel_check < self.interval_s:
-            return
-        self._last_cancel_check = now
-        if self.index.is_cancel_requested(self.job_id):
+        if self.cancel_requested.is_set():
             raise JobCancelled(f"job {self.job_id} was cancelled; partial data kept")
 
 
 class Heartbeat:
-    """Background thread renewing the job's lease every ``interval_s``."""
+    """Background thread renewing the job's lease every ``interval_s`` and reading the job's cancel
+    request every ``cancel_poll_s`` (into ``cancelled``), so the forward thread never waits on SQL."""
 
     def __init__(
         self,
@@ -81,9 +80,14 @@ class Heartbeat:
         worker_id: str,
         interval_s: float,
         lost: threading.Event | None = None,
+        *,
+        cancelled: threading.Event | None = None,
+        cancel_poll_s: float | None = None,
     ) -> None:
         self._stop = threading.Event()
         self.lost = lost or threading.Event()  # set when the index refuses a beat (lease moved, job ended)
+        self.cancelled = cancelled or threading.Event()  # set once a cancel was requested
+        self._poll_s = min(interval_s, cancel_poll_s or interval_s)
         self._thread = threading.Thread(
             target=self._run,
             args=(index, job_id, worker_id, interval_s),
@@ -92,11 +96,16 @@ class Heartbeat:
         )
 
     def _run(self, index: Index, job_id: str, worker_id: str, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
+        last_beat = time.monotonic()
+        while not self._stop.wait(self._poll_s):
             try:
-                if not index.heartbeat(job_id, worker_id):
-                    self.lost.set()
-                    return
+                if not self.cancelled.is_set() and index.is_cancel_requested(job_id):
+                    self.cancelled.set()
+                if time.monotonic() - last_beat >= interval_s:
+                    last_beat = time.monotonic()
+                    if not index.heartbeat(job_id, worker_id):
+                        self.lost.set()
+                        return
             except Exception:  # a missed beat is not fatal; the lease tolerates it
                 log.warning("heartbeat for job %s failed", job_id, exc_info=True)
 
@@ -172,7 +181,15 @@ def _attempt(
     job_id = job.id
     hooks = JobHooks(index, job_id, settings.progress_interval_s, worker_id)
     resume: ResumeSet | None = None
-    with Heartbeat(index, job_id, worker_id, settings.heartbeat_interval_s, hooks.lease_lost):
+    with Heartbeat(
+        index,
+        job_id,
+        worker_id,
+        settings.heartbeat_interval_s,
+        hooks.lease_lost,
+        cancelled=hooks.cancel_requested,
+        cancel_poll_s=settings.progress_interval_s,
+    ):
         try:
             from worker.export import Exporter  # torch: imported while the lease is being renewed
 

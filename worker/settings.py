@@ -31,7 +31,7 @@ class WorkerSettings(ServiceSettings):
     progress_interval_s: float = Field(
         default=0.5,
         ge=0,
-        description="how often a running job writes its progress and checks its cancel flag",
+        description="how often a running job writes its progress and reads its cancel request",
     )
     # chunk write pipeline (storage/bundle/pipeline.py; docs/benchmarks.md)
     write_threads: int = Field(

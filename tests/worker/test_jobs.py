@@ -155,3 +155,43 @@ def test_cancel_at_chunk_boundary_keeps_partial_data(tiny_model_dir: Any, tmp_pa
     assert ds.attrs["partial"] is True and ds.attrs["complete"] is False
     assert hooks.units < hooks.units_total  # stopped early
     assert ds["attention"][0, 0, :, :16, :16].values.any()  # what was written is kept
+
+
+def test_cancel_during_a_long_generation_lands_within_a_decoding_step(
+    env: dict[str, Any], tiny_model_dir: Any
+) -> None:
+    """200 generated tokens under one 512-row block: no row block completes while decoding, so a
+    cancel must land at a decoding step (read from the flag the heartbeat thread keeps fresh, not
+    from the database on the forward thread), keep what was generated and mark it partial."""
+    import threading
+    import time
+
+    new_tokens = 200
+    spec = {
+        "model": {"id": str(tiny_model_dir("llama"))},
+        "prompts": ["hi"],
+        "generation": {"max_new_tokens": new_tokens, "stop_at_eos": False},
+        "storage": {"chunk_rows": 512},
+    }
+    job_id = _submit(env, spec)
+    index: Index = env["index"]
+
+    def cancel_once_decoding() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = index.get_job(job_id)
+            if job.phase == "decoding" and job.units_done > 20:
+                index.request_cancel(job_id)
+                return
+            time.sleep(0.02)
+
+    canceller = threading.Thread(target=cancel_once_decoding)
+    canceller.start()
+    state = _run(env, job_id)
+    canceller.join()
+    job = index.get_job(job_id)
+    assert state is JobState.CANCELLED and job.state is JobState.CANCELLED and job.partial
+    ds = open_bundle(env["store"].bundle_url(job_id))
+    generated = int(ds["length"][0]) - int(ds["prompt_length"][0])
+    assert 0 < generated < new_tokens, generated  # stopped mid-generation, what was made is kept
+    assert ds.attrs["partial"] is True
