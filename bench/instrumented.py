@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from storage.bundle.layout import BundleLayout
+from storage.bundle.records import ChunkRecord
 from storage.bundle.writer import BundleWriter
-from storage.index.records import ChunkRecord
 
 
 class NullHooks:
@@ -26,9 +26,10 @@ class NullHooks:
     def unit_done(self) -> None:
         pass
 
-    def chunks_written(self, records: Sequence[ChunkRecord]) -> None:
-        self.chunks += len(records)
-        self.chunk_bytes += sum(r.nbytes for r in records)
+    def chunk_stored(self, record: ChunkRecord) -> None:
+        """The writer's ``on_chunk`` (store threads): counted under the GIL, one record at a time."""
+        self.chunks += 1
+        self.chunk_bytes += record.nbytes
 
     def check_cancelled(self) -> None:
         pass

@@ -242,7 +242,7 @@ def run_qkvault(
         if profiler is not None:
             profiler.enable()
         writer = TimedWriter(
-            str(bundle), on_chunks=hooks.chunks_written, write_threads=encode_threads, io_threads=io_threads
+            str(bundle), on_chunk=hooks.chunk_stored, write_threads=encode_threads, io_threads=io_threads
         )
         summary = Exporter(bm.spec, bm.lm, writer, hooks).run("bench")
         _sync(bm.lm.device)

@@ -25,7 +25,8 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
-from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, local_put
+from storage.bundle.chunkstore import ChunkStore
+from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline
 
 
 def _chunks(total_bytes: int, heads: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -82,18 +83,18 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 list(pool.map(lambda e: hashlib.sha256(e).digest(), encoded))
                 sha_s = time.perf_counter() - t0
-                files = local_put(Path(tmp))
+                files = ChunkStore(tmp)
                 keys = [f"files/{i}/0" for i in range(len(encoded))]
                 t0 = time.perf_counter()
-                list(pool.map(files, keys, encoded))
+                list(pool.map(files.put, keys, encoded))
                 files_s = time.perf_counter() - t0
             rates = [_rate(nbytes, blosc_s), _rate(nbytes, sha_s), _rate(nbytes, files_s)]
-            for put in (lambda key, data: None, local_put(Path(tmp))):
+            for put in (lambda key, data, digest: None, ChunkStore(tmp).put):
                 pipeline = ChunkPipeline(put, threads=threads)
                 t0 = time.perf_counter()
                 for i, chunk in enumerate(chunks):
                     region: Callable[[], np.ndarray] = partial(np.asarray, chunk)
-                    pipeline.submit(encoder, "attention", [((i, 0, 0, 0), region)], nbytes=chunk.nbytes)
+                    pipeline.submit(encoder, [((i, 0, 0, 0), region)], nbytes=chunk.nbytes)
                 pipeline.wait()
                 rates.append(_rate(nbytes, time.perf_counter() - t0))
                 pipeline.close()

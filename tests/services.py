@@ -512,8 +512,10 @@ def start_api(
     app: str = "api.app:create_app",
     ready_timeout_s: float = API_READY_TIMEOUT_S,
     stop_grace_s: float = STOP_GRACE_S,
+    python: str = sys.executable,
 ) -> Iterator[RunningApi]:
-    """Run ``uvicorn <app> --factory`` on 127.0.0.1:``port`` until ``GET /healthz`` answers 200."""
+    """Run ``uvicorn <app> --factory`` on 127.0.0.1:``port`` until ``GET /healthz`` answers 200
+    (``python``: the interpreter, e.g. of another virtual environment)."""
     port = port or free_port()
     if not port_is_free(port):  # else another server's /healthz could pass for ours
         raise ServiceStartError(f"API: port {port} is in use")
@@ -522,7 +524,7 @@ def start_api(
             log_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qk-api-"))) / "api.log"
         log_path = Path(log_path)
         command = [
-            sys.executable,
+            python,
             "-m",
             "uvicorn",
             app,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,7 +19,6 @@ import torch
 from storage.bundle.layout import BundleLayout, layout_for_job
 from storage.bundle.writer import BundleWriter
 from storage.errors import InvalidJobSpec, JobCancelled
-from storage.index.records import ChunkRecord
 from storage.jobspec import JobSpec
 from storage.modelinfo import check_spec_for_model
 from worker.alternatives import AlternativesCollector
@@ -46,11 +44,12 @@ from worker.summary_output import choose_top_heads, summary_arrays
 
 
 class ExportHooks(Protocol):
-    """What the job runner learns while an export runs (progress, chunk records, cancellation)."""
+    """What the job runner learns while an export runs (progress, cancellation); chunk records go
+    from the writer's store threads to the writer's ``on_chunk``. Called on the forward thread: none
+    of them may wait on SQL (worker/reporting.py)."""
 
     def phase(self, name: str, units_total: int | None = None) -> None: ...
     def unit_done(self) -> None: ...
-    def chunks_written(self, records: Sequence[ChunkRecord]) -> None: ...
     def check_cancelled(self) -> None: ...  # raises JobCancelled; called between row blocks
 
 

@@ -13,8 +13,8 @@ device-to-host copies) overlap compression and I/O of the previous one:
   once go slower, not faster);
 - backpressure: :meth:`ChunkPipeline.submit` blocks while more than ``max_pending_bytes`` of
   row-block data are waiting, so memory is bounded by the budget, not by the sequence length;
-- every stored chunk becomes a :class:`~storage.index.records.ChunkRecord` only after the store
-  confirmed the write; :meth:`drain` hands them out in batches for the SQL index.
+- each encoded chunk goes to ``put(key, data, checksum)``: the bundle's
+  :class:`~storage.bundle.chunkstore.ChunkStore`, which checks resume, stores and records it.
 """
 
 from __future__ import annotations
@@ -22,24 +22,19 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
-from storage.index.records import ChunkRecord
 
-__all__ = ["ChunkEncoder", "ChunkPipeline", "PipelineStats", "checksum", "local_put", "store_put"]
+__all__ = ["ChunkEncoder", "ChunkPipeline", "PipelineStats", "checksum"]
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 DEFAULT_IO_THREADS = 4
@@ -143,23 +138,20 @@ class ChunkPipeline:
 
     Encoding scales with cores; writing many files at once does not (measured with
     ``python -m bench.writer_probe``: a local file system stores less with 16 writers than with 4),
-    so the two are separate pools. ``put(key, data)`` stores the encoded bytes.
-    ``should_write(key, data, checksum)`` (optional) is asked before each put: False skips the write
-    (e.g. a resumed job whose stored chunk already verifies) and the chunk is still recorded.
-    Errors of the worker threads are raised by the next :meth:`submit` or :meth:`wait`.
+    so the two are separate pools. ``put(key, data, checksum)`` stores (or, resuming, verifies) and
+    records the encoded bytes: :meth:`storage.bundle.chunkstore.ChunkStore.put`. Errors of the worker
+    threads are raised by the next :meth:`submit` or :meth:`wait`.
     """
 
     def __init__(
         self,
-        put: Callable[[str, bytes], Any],
+        put: Callable[[str, bytes, str], Any],
         *,
         threads: int | None = None,
         io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
-        should_write: Callable[[str, bytes, str], bool] | None = None,
         checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
     ) -> None:
-        self._should_write = should_write
         self.checksum_algorithm: ChecksumAlgorithm = checksum_algorithm
         self.threads = threads or default_threads()
         self.io_threads = max(1, io_threads)
@@ -170,7 +162,6 @@ class ChunkPipeline:
         self._cond = threading.Condition()
         self._pending_bytes = 0
         self._futures: set[Future[None]] = set()
-        self._records: list[ChunkRecord] = []
         self._error: BaseException | None = None
         self.stats = PipelineStats()
         self._stats_lock = threading.Lock()
@@ -178,7 +169,6 @@ class ChunkPipeline:
     def submit(
         self,
         encoder: ChunkEncoder,
-        array_name: str,
         regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]],
         *,
         nbytes: int,
@@ -201,7 +191,7 @@ class ChunkPipeline:
         self._raise_error()
         block = _Block(ready, release, nbytes, len(regions), len(regions), threading.Lock())
         for coords, region in regions:
-            self._track(self._pool.submit(self._encode_chunk, encoder, array_name, coords, region, block))
+            self._track(self._pool.submit(self._encode_chunk, encoder, coords, region, block))
 
     def _track(self, future: Future[None]) -> None:
         with self._cond:
@@ -211,7 +201,6 @@ class ChunkPipeline:
     def _encode_chunk(
         self,
         encoder: ChunkEncoder,
-        array_name: str,
         coords: tuple[int, ...],
         region: Callable[[], np.ndarray],
         block: _Block,
@@ -226,7 +215,6 @@ class ChunkPipeline:
             data = encoder.encode(chunk)
             t2 = time.perf_counter()
             digest = checksum(data, self.checksum_algorithm)
-            record = ChunkRecord(array_name, coords, encoder.key(coords), len(data), digest)
             t3 = time.perf_counter()
             with self._stats_lock:
                 stats = self.stats
@@ -237,7 +225,7 @@ class ChunkPipeline:
                 stats.encode_s += t2 - t1
                 stats.checksum_s += t3 - t2
             # submitted before this task ends, so wait() never sees an empty set in between
-            self._track(self._io.submit(self._store_chunk, record, data, block))
+            self._track(self._io.submit(self._store_chunk, encoder.key(coords), data, digest, block))
             stored = True
         finally:
             with block.lock:
@@ -248,16 +236,13 @@ class ChunkPipeline:
             if not stored:
                 self._stored(block)
 
-    def _store_chunk(self, record: ChunkRecord, data: bytes, block: _Block) -> None:
+    def _store_chunk(self, key: str, data: bytes, digest: str, block: _Block) -> None:
         try:
             t0 = time.perf_counter()
-            if self._should_write is None or self._should_write(record.key, data, record.checksum):
-                self._put(record.key, data)
+            self._put(key, data, digest)
             elapsed = time.perf_counter() - t0
             with self._stats_lock:
                 self.stats.store_s += elapsed
-            with self._cond:
-                self._records.append(record)
         finally:
             self._stored(block)
 
@@ -284,12 +269,6 @@ class ChunkPipeline:
         if error is not None:
             raise error
 
-    def drain(self) -> list[ChunkRecord]:
-        """Records of the chunks stored since the last call."""
-        with self._cond:
-            records, self._records = self._records, []
-        return records
-
     def wait(self, *, raise_errors: bool = True) -> None:
         """Block until every queued chunk is stored (or failed)."""
         with self._cond:
@@ -302,38 +281,3 @@ class ChunkPipeline:
         self.wait(raise_errors=False)
         self._pool.shutdown(wait=True)
         self._io.shutdown(wait=True)
-
-
-def store_put(store: Any) -> Callable[[str, bytes], None]:
-    """A thread-safe ``put(key, data)`` running ``store.set`` on zarr's event loop (S3, and any
-    wrapped store). Local directories use :func:`local_put` instead: going through zarr's single
-    event-loop thread would serialise the writer threads and keep them busy in Python."""
-    prototype = default_buffer_prototype()
-
-    def put(key: str, data: bytes) -> None:
-        sync(store.set(key, prototype.buffer.from_bytes(data)))
-
-    return put
-
-
-def local_put(root: Path) -> Callable[[str, bytes], None]:
-    """``put(key, data)`` writing ``root/key`` from the calling thread: a temporary file renamed
-    into place (readers never see a partial chunk), as zarr's LocalStore does."""
-    made: set[Path] = set()
-
-    def put(key: str, data: bytes) -> None:
-        path = root / key
-        parent = path.parent
-        if parent not in made:
-            parent.mkdir(parents=True, exist_ok=True)
-            made.add(parent)
-        tmp = parent / f".{path.name}.{uuid.uuid4().hex}.partial"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    return put

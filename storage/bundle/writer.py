@@ -1,31 +1,28 @@
 """Streaming bundle writer (numpy + zarr only).
 
 Writes whole chunks only (a row block of one layer and sequence at a time). Row blocks go through
-a :class:`~storage.bundle.pipeline.ChunkPipeline` (encode, checksum and store in a thread pool,
-bounded by pending bytes) and return at once; small arrays and groups go through zarr. Every
-stored chunk's record (key, size, checksum of the stored bytes, no re-read) reaches ``on_chunks``
-once the store confirmed it, in batches at most every ``record_interval_s`` — the caller records
-them in the SQL index. Metadata (root attributes, consolidation) is written last, after every
-queued chunk is stored.
+a :class:`~storage.bundle.pipeline.ChunkPipeline` (encode and checksum in a thread pool, bounded by
+pending bytes) and return at once; small arrays and groups are encoded by zarr. Both end in the
+bundle's one :class:`~storage.bundle.chunkstore.ChunkStore` (resume check, store with the store's
+retry policy, record): every stored chunk's record (key, size, checksum of the stored bytes, no
+re-read) reaches ``on_chunk`` from the storing thread once the store confirmed it — the worker
+queues it for the SQL index, off the forward thread. Metadata (root attributes, consolidation) is
+written last, after every queued chunk is stored.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import warnings
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.core.buffer import Buffer
-from zarr.storage import LocalStore, WrapperStore
 
-from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
+from storage.bundle.chunkstore import ChunkStore
 from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
@@ -34,13 +31,11 @@ from storage.bundle.pipeline import (
     ChunkEncoder,
     ChunkPipeline,
     PipelineStats,
-    local_put,
-    store_put,
 )
-from storage.bundle.resume import ResumeSet, local_resume_check
+from storage.bundle.records import ChunkRecord
+from storage.bundle.resume import ResumeSet
 from storage.errors import StoreError
-from storage.index.records import ChunkRecord
-from storage.objectstore import StoreRetry, zarr_store
+from storage.objectstore import StoreRetry
 
 
 def _create(
@@ -76,72 +71,13 @@ def _create(
         )
 
 
-__all__ = ["BundleWriter", "RecordingStore", "checksum", "parse_chunk_key"]
+__all__ = ["BundleWriter"]
 ROW_BLOCK_ARRAYS = ("attention", "q", "k", "v", "hidden_states")
-
-
-def parse_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
-    """``"attention/c/0/1/0/2/0"`` → ``("attention", (0, 1, 0, 2, 0))``; metadata keys → ``None``."""
-    array, sep, coords = key.partition("/c/")
-    if not sep:
-        return None
-    try:
-        return array, tuple(int(c) for c in coords.split("/"))
-    except ValueError:
-        return None
-
-
-def _local_root(store: Any) -> Path | None:
-    """The directory of a local store, also under pass-through wrappers (a local disk error is not
-    transient: retrying it is pointless); None for any other store."""
-    while isinstance(store, WrapperStore) and not isinstance(store, LocalStore):
-        store = store._store
-    if type(store) is LocalStore and not store.read_only:
-        return Path(store.root)
-    return None
 
 
 def _region(data: np.ndarray, col0: int, col1: int) -> Callable[[], np.ndarray]:
     """Columns ``col0:col1`` of ``data [heads, rows, cols]``, read when the writer thread needs them."""
     return lambda: data[:, :, col0:col1]
-
-
-class RecordingStore(WrapperStore[Store]):
-    """Passes every operation through; remembers (key, size, checksum) of each chunk set."""
-
-    def __init__(
-        self,
-        store: Store,
-        sink: list[ChunkRecord] | None = None,
-        algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
-    ) -> None:
-        super().__init__(store)
-        self._sink: list[ChunkRecord] = [] if sink is None else sink
-        self._lock = threading.Lock()
-        self.algorithm: ChecksumAlgorithm = algorithm
-
-    def _with_store(self, store: Store) -> RecordingStore:
-        return type(self)(store, self._sink, self.algorithm)
-
-    async def set(self, key: str, value: Buffer) -> None:
-        await self._store.set(key, value)
-        parsed = parse_chunk_key(key)
-        if parsed is not None:
-            data = value.to_bytes()
-            record = ChunkRecord(parsed[0], parsed[1], key, len(data), checksum(data, self.algorithm))
-            with self._lock:
-                self._sink.append(record)
-
-    def drain(self) -> list[ChunkRecord]:
-        with self._lock:
-            out = list(self._sink)
-            self._sink.clear()
-        return out
-
-    @property
-    def inner(self) -> Store:
-        """The wrapped store (writes to it are not recorded here)."""
-        return self._store
 
 
 class BundleWriter:
@@ -152,53 +88,59 @@ class BundleWriter:
         url: str,
         *,
         storage_options: dict[str, Any] | None = None,
-        on_chunks: Callable[[Sequence[ChunkRecord]], None] | None = None,
+        on_chunk: Callable[[ChunkRecord], None] | None = None,
         write_threads: int | None = None,
         io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
-        record_interval_s: float = 0.5,
         resume: ResumeSet | None = None,
         retry: StoreRetry | None = None,
         checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
     ) -> None:
-        """``write_threads``: chunk encoder threads (None: one per core, at most 16); ``io_threads``:
-        threads storing encoded chunks;
+        """``on_chunk(record)``: called from the storing thread for every stored chunk (it must not
+        block: the worker queues the record); ``write_threads``: chunk encoder threads (None: one
+        per core, at most 16); ``io_threads``: threads storing encoded chunks;
         ``max_pending_bytes``: row-block bytes queued before :meth:`write_row_block` blocks;
-        ``record_interval_s``: how often stored row-block chunks are handed to ``on_chunks``;
-        ``checksum_algorithm``: of the chunk records (storage/bundle/checksum.py)."""
+        ``resume``: chunks an earlier attempt recorded (storage/bundle/resume.py); ``retry``: the
+        store's retry policy; ``checksum_algorithm``: of the chunk records."""
         self.url = url
-        # resume (storage/bundle/resume.py): chunks an earlier attempt recorded and that still verify
-        # are not written again, and array creation keeps them; retry: the store's retry policy
-        base = zarr_store(url, storage_options=storage_options, retry=retry)
-        wrapped = base if resume is None else resume.wrap(base)
-        self._store = RecordingStore(wrapped, algorithm=checksum_algorithm)
-        self._on_chunks = on_chunks
+        self._on_chunk = on_chunk
+        self._collect_lock = threading.Lock()
+        self._collecting: tuple[str, list[ChunkRecord]] | None = None
+        self.chunks = ChunkStore(
+            url,
+            storage_options=storage_options,
+            retry=retry,
+            resume=resume,
+            checksum_algorithm=checksum_algorithm,
+            on_stored=self._stored,
+        )
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._encoders: dict[str, ChunkEncoder] = {}
-        root = _local_root(base)
-        if root is not None:  # row-block chunks go straight to the files, resume checked per chunk
-            put, should_write = local_put(root), None if resume is None else local_resume_check(resume, root)
-        else:  # S3: through the wrappers (retry, resume) on zarr's event loop
-            put, should_write = store_put(self._store.inner), None
         self._pipeline = ChunkPipeline(
-            put,
+            self.chunks.put,
             threads=write_threads,
             io_threads=io_threads,
             max_pending_bytes=max_pending_bytes,
-            should_write=should_write,
             checksum_algorithm=checksum_algorithm,
         )
-        self._record_interval_s = record_interval_s
-        self._last_records = time.monotonic()
         self.layout: BundleLayout | None = None
+
+    def _stored(self, record: ChunkRecord) -> None:
+        """A chunk the store confirmed (any thread): to ``on_chunk``, and to :meth:`write_group`'s
+        tally while it writes that group."""
+        with self._collect_lock:
+            if self._collecting is not None and record.key.startswith(self._collecting[0]):
+                self._collecting[1].append(record)
+        if self._on_chunk is not None:
+            self._on_chunk(record)
 
     # -- setup --------------------------------------------------------------------------------
     def create(self, layout: BundleLayout, attrs: dict[str, Any]) -> None:
         """Create the group and every array (overwriting a previous attempt's metadata)."""
         self.layout = layout
         try:
-            group = zarr.open_group(self._store, mode="a", zarr_format=3)
+            group = zarr.open_group(self.chunks.zarr(), mode="a", zarr_format=3)
             group.attrs.update(
                 {"qkvault_format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, **attrs}
             )
@@ -241,35 +183,18 @@ class BundleWriter:
             raise RuntimeError("BundleWriter.create() must be called first")
         return self._group
 
-    def _flush_records(self, *, force: bool = True) -> None:
-        """Hand stored chunks to ``on_chunks``: zarr's at once, the pipeline's every interval."""
-        records = self._store.drain()
-        now = time.monotonic()
-        if force or now - self._last_records >= self._record_interval_s:
-            records += self._pipeline.drain()
-            self._last_records = now
-        if records and self._on_chunks is not None:
-            self._on_chunks(records)
-
     def wait(self) -> None:
         """Block until every queued chunk is stored and recorded (raises the first write error)."""
-        try:
-            self._pipeline.wait()
-        finally:
-            self._flush_records()
+        self._pipeline.wait()
 
     def close(self) -> None:
         """Wait for queued chunks (errors are not raised), record them, stop the threads."""
-        try:
-            self._pipeline.close()
-        finally:
-            self._flush_records()
+        self._pipeline.close()
 
     # -- data ---------------------------------------------------------------------------------
     def write_array(self, name: str, data: np.ndarray) -> None:
         """Write a small array whole."""
         self._arrays[name][...] = data
-        self._flush_records()
 
     def write_row_block(
         self,
@@ -323,8 +248,7 @@ class BundleWriter:
             regions = [((layer_pos, batch, block, 0), lambda: data[0])]
         else:
             regions = [((layer_pos, batch, 0, block, 0), lambda: data)]
-        self._pipeline.submit(encoder, name, regions, nbytes=data.nbytes, ready=ready, release=release)
-        self._flush_records(force=False)
+        self._pipeline.submit(encoder, regions, nbytes=data.nbytes, ready=ready, release=release)
 
     def _row_range(self, name: str, block: int) -> tuple[int, int]:
         """Rows ``[row0, row1)`` of row block ``block`` of ``name`` (the last one may be short)."""
@@ -363,7 +287,6 @@ class BundleWriter:
             self._arrays[name][layer_pos, batch, :, row0:row1, :col1] = full
         if release is not None:
             release()
-        self._flush_records()
 
     def write_group(
         self,
@@ -374,7 +297,23 @@ class BundleWriter:
     ) -> list[ChunkRecord]:
         """Write a subgroup of arrays whole (``summary``, ``kv/<method>``): ``name -> (dims, data)``.
         ``per_layer_batch``: arrays whose dims start with (layer, batch) get one chunk per cell.
-        Returns the chunk records written (also passed to ``on_chunks``)."""
+        Returns the chunk records written (also passed to ``on_chunk``)."""
+        records: list[ChunkRecord] = []
+        with self._collect_lock:
+            self._collecting = (f"{group_name}/", records)
+        try:
+            self._write_group(group_name, arrays, per_layer_batch)
+        finally:
+            with self._collect_lock:
+                self._collecting = None
+        return records
+
+    def _write_group(
+        self,
+        group_name: str,
+        arrays: dict[str, tuple[tuple[str, ...], np.ndarray]],
+        per_layer_batch: bool,
+    ) -> None:
         group = self.group.require_group(group_name)
         for name, (dims, data) in arrays.items():
             dtype = "str" if data.dtype.kind in "OUT" else str(data.dtype)
@@ -385,10 +324,6 @@ class BundleWriter:
             compression = self.layout.compression if self.layout is not None else DEFAULT_COMPRESSION
             array = _create(group, name, data.shape, chunks, dtype, fill, dims, compression)
             array[...] = data
-        records = self._store.drain()
-        if records and self._on_chunks is not None:
-            self._on_chunks(records)
-        return records
 
     # -- metadata last ------------------------------------------------------------------------
     def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
@@ -398,4 +333,4 @@ class BundleWriter:
         self.group.attrs.update({**attrs, "complete": complete, "partial": partial})
         with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
             warnings.simplefilter("ignore", category=UserWarning)
-            zarr.consolidate_metadata(self._store, zarr_format=3)
+            zarr.consolidate_metadata(self.chunks.zarr(), zarr_format=3)

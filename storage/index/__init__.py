@@ -9,7 +9,8 @@ SQLite (WAL) or PostgreSQL through SQLAlchemy 2 and Alembic::
 Nothing connects at import time; the engine is created on first use.
 """
 
-from storage.index.records import TERMINAL_STATES, ChunkRecord, JobRecord, JobState
+from storage.bundle.records import ChunkRecord
+from storage.index.records import TERMINAL_STATES, JobRecord, JobState
 from storage.index.repo import Index
 
 __all__ = ["TERMINAL_STATES", "ChunkRecord", "Index", "JobRecord", "JobState"]

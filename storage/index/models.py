@@ -29,7 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from storage.index.records import ChunkRecord, JobRecord, JobState
+from storage.bundle.records import ChunkRecord
+from storage.index.records import JobRecord, JobState
 
 JOB_RECORD_FIELDS = tuple(f.name for f in fields(JobRecord))
 

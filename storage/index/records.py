@@ -11,7 +11,7 @@ from typing import Any
 
 from storage.jobfields import COMPUTED_FIELDS, TERMINAL_STATES, JobFields, JobState, Progress
 
-__all__ = ["TERMINAL_STATES", "ChunkRecord", "JobRecord", "JobState"]
+__all__ = ["TERMINAL_STATES", "JobRecord", "JobState"]
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,3 @@ class JobRecord:
         values = {name: getattr(self, name) for name in JobFields.model_fields if name not in COMPUTED_FIELDS}
         values["progress"] = self.progress()
         return values
-
-
-@dataclass(frozen=True)
-class ChunkRecord:
-    """One durably written chunk of a bundle."""
-
-    array: str  # e.g. "attention", "q", "tokens"
-    coords: tuple[int, ...]  # chunk grid coordinates
-    key: str  # store key relative to the bundle root, e.g. "attention/c/0/1/0/2/0"
-    nbytes: int  # stored (encoded) size
-    checksum: str  # "crc32c:<hex>" or "sha256:<hex>" of the stored bytes (storage/bundle/checksum.py)

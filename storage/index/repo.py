@@ -25,12 +25,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from storage.bundle.records import ChunkRecord
 from storage.errors import JobNotFound, JobStateConflict, LeaseLost
 from storage.index import lifecycle
 from storage.index.cursor import decode_cursor, encode_cursor
 from storage.index.engine import WRITE_OPTION, create_index_engine, prepare_url
 from storage.index.models import ChunkRow, JobRow, format_coords, utcnow
-from storage.index.records import TERMINAL_STATES, ChunkRecord, JobRecord, JobState
+from storage.index.records import TERMINAL_STATES, JobRecord, JobState
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from zarr.core.metadata import ArrayV3Metadata
 from storage.bundle.format import COMPRESSIONS
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, checksum
+from storage.bundle.records import ChunkRecord
 from storage.bundle.writer import BundleWriter
-from storage.index.records import ChunkRecord
 
 ROWS = 4  # chunk rows: small, so one test covers interior, edge and partial chunks
 
@@ -67,7 +66,7 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
     cname, shuffle = COMPRESSIONS[compression]
     rng = np.random.default_rng(0)
     records: list[ChunkRecord] = []
-    writer = BundleWriter(str(tmp_path / "ours.zarr"), on_chunks=records.extend, write_threads=3)
+    writer = BundleWriter(str(tmp_path / "ours.zarr"), on_chunk=records.append, write_threads=3)
     writer.create(layout, {})
     reference = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="w", zarr_format=3)
     expected: dict[str, np.ndarray] = {}
@@ -168,7 +167,7 @@ class _SlowStore:
         self.gate = threading.Event()
         self.stored: dict[str, bytes] = {}
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, digest: str) -> None:
         self.gate.wait(10)
         self.stored[key] = data
 
@@ -199,7 +198,6 @@ def test_submit_blocks_when_the_byte_budget_is_queued(tmp_path: Path) -> None:
         for i in range(6):
             pipeline.submit(
                 encoder,
-                "a",
                 [((i, 0), lambda: block)],
                 nbytes=block.nbytes,
                 release=functools.partial(released.append, i),
@@ -214,54 +212,35 @@ def test_submit_blocks_when_the_byte_budget_is_queued(tmp_path: Path) -> None:
     thread.join(10)
     pipeline.wait()
     assert sorted(released) == list(range(6))
-    assert sorted(r.coords for r in pipeline.drain()) == [(i, 0) for i in range(6)]
     assert len(store.stored) == 6
     pipeline.close()
 
 
 def test_write_errors_surface_and_unwritten_chunks_are_not_recorded(tmp_path: Path) -> None:
     encoder = _encoder(tmp_path)
+    stored: list[str] = []
 
-    def put(key: str, data: bytes) -> None:
+    def put(key: str, data: bytes, digest: str) -> None:
         if key.endswith("/3/0"):
             raise OSError("disk full")
+        stored.append(key)
 
     pipeline = ChunkPipeline(put, threads=2)
     block = np.zeros((1, 1024), dtype=np.float32)
     for i in range(6):
-        pipeline.submit(encoder, "a", [((i, 0), lambda: block)], nbytes=block.nbytes)
+        pipeline.submit(encoder, [((i, 0), lambda: block)], nbytes=block.nbytes)
     with pytest.raises(OSError, match="disk full"):
         pipeline.wait()
-    assert sorted(r.coords[0] for r in pipeline.drain()) == [0, 1, 2, 4, 5]
+    assert sorted(int(k.split("/")[2]) for k in stored) == [0, 1, 2, 4, 5]
     with pytest.raises(OSError, match="disk full"):
-        pipeline.submit(encoder, "a", [((9, 0), lambda: block)], nbytes=block.nbytes)
-    pipeline.close()
-
-
-def test_should_write_false_skips_the_put_but_records_the_chunk(tmp_path: Path) -> None:
-    encoder = _encoder(tmp_path)
-    puts: list[str] = []
-    seen: list[tuple[str, bytes, str]] = []
-
-    def should_write(key: str, data: bytes, digest: str) -> bool:
-        seen.append((key, data, digest))
-        return not key.endswith("/0/0")
-
-    pipeline = ChunkPipeline(lambda key, data: puts.append(key), threads=1, should_write=should_write)
-    block = np.zeros((1, 1024), dtype=np.float32)
-    for i in range(2):
-        pipeline.submit(encoder, "a", [((i, 0), lambda: block)], nbytes=block.nbytes)
-    pipeline.wait()
-    assert puts == ["a/c/1/0"]
-    assert {r.key for r in pipeline.drain()} == {"a/c/0/0", "a/c/1/0"}
-    assert all(data == encoder.encode(block) and d == checksum(data) for _, data, d in seen)
+        pipeline.submit(encoder, [((9, 0), lambda: block)], nbytes=block.nbytes)
     pipeline.close()
 
 
 def test_ready_runs_before_the_data_is_read(tmp_path: Path) -> None:
     encoder = _encoder(tmp_path)
     stored: dict[str, bytes] = {}
-    pipeline = ChunkPipeline(lambda key, data: stored.__setitem__(key, data), threads=2)
+    pipeline = ChunkPipeline(lambda key, data, digest: stored.__setitem__(key, data), threads=2)
     buffer = np.zeros((1, 1024), dtype=np.float32)
     done = threading.Event()
 
@@ -269,27 +248,31 @@ def test_ready_runs_before_the_data_is_read(tmp_path: Path) -> None:
         buffer[...] = 7
         done.set()
 
-    pipeline.submit(encoder, "a", [((0, 0), lambda: buffer)], nbytes=buffer.nbytes, ready=ready)
+    pipeline.submit(encoder, [((0, 0), lambda: buffer)], nbytes=buffer.nbytes, ready=ready)
     pipeline.wait()
     assert done.is_set()
     assert stored["a/c/0/0"] == encoder.encode(np.full((1, 1024), 7, dtype=np.float32))
     pipeline.close()
 
 
-def test_writer_records_in_batches(tmp_path: Path) -> None:
-    calls: list[int] = []
+def test_writer_records_each_chunk_once_after_it_is_stored(tmp_path: Path) -> None:
+    """``on_chunk`` gets one record per stored chunk (pipeline and zarr writes alike), with the
+    checksum of the bytes on disk, from the storing thread, never before the file exists."""
+    seen: list[tuple[ChunkRecord, bool, str]] = []
+    root = tmp_path / "b.zarr"
 
-    def on_chunks(records: Any) -> None:
-        calls.append(len(records))
+    def on_chunk(record: ChunkRecord) -> None:
+        seen.append((record, (root / record.key).is_file(), threading.current_thread().name))
 
-    layout = _layout()
-    writer = BundleWriter(str(tmp_path / "b.zarr"), on_chunks=on_chunks, record_interval_s=3600)
-    writer.create(layout, {})
-    calls.clear()
+    writer = BundleWriter(str(root), on_chunk=on_chunk)
+    writer.create(_layout(), {})
     for block in range(3):
         for lp in range(2):
             writer.write_row_block("q", lp, 0, block, np.ones((3, 2, 5), dtype=np.float32))
-    assert calls == []  # within the interval nothing is recorded yet
-    writer.wait()
-    assert calls == [6]
     writer.finalize({})
+    q = [(r, on_disk, thread) for r, on_disk, thread in seen if r.array == "q"]
+    assert sorted(r.coords for r, _, _ in q) == sorted((lp, 0, 0, b, 0) for lp in range(2) for b in range(3))
+    assert all(on_disk and thread.startswith("qkvault-store") for _, on_disk, thread in q)
+    assert {r.array for r, _, _ in seen} >= {"q", "layer", "head", "kv_head"}  # zarr's writes too
+    assert all(checksum((root / r.key).read_bytes()) == r.checksum for r, _, _ in seen)
+    assert len({r.key for r, _, _ in seen}) == len(seen)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from storage.index.records import ChunkRecord
+from storage.bundle.records import ChunkRecord
 from storage.jobspec import SMOLLM2_GGUF
 
 from .tiny_models import build_tiny_model
@@ -66,8 +65,8 @@ class CollectingHooks:
     def unit_done(self) -> None:
         self.units += 1
 
-    def chunks_written(self, records: Sequence[ChunkRecord]) -> None:
-        self.records.extend(records)
+    def chunk_stored(self, record: ChunkRecord) -> None:
+        self.records.append(record)
 
     def check_cancelled(self) -> None:
         from storage.errors import JobCancelled

@@ -32,6 +32,6 @@ def export(
     spec = JobSpec.model_validate(spec)
     hooks = hooks or CollectingHooks()
     lm = loaded(spec, device)
-    writer = BundleWriter(str(out), on_chunks=hooks.chunks_written)
+    writer = BundleWriter(str(out), on_chunk=hooks.chunk_stored)
     Exporter(spec, lm, writer, hooks).run("test-job")
     return open_bundle(str(out)), hooks, lm

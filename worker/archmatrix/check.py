@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from storage.errors import QkvaultError
-from storage.index.records import ChunkRecord
 from worker.archmatrix.rules import config_rules
 from worker.archmatrix.tiny import tiny_config
 from worker.archmatrix.tokenizer import byte_tokenizer
@@ -93,7 +92,6 @@ class _Hooks:
 
     def phase(self, name: str, units_total: int | None = None) -> None: ...
     def unit_done(self) -> None: ...
-    def chunks_written(self, records: Sequence[ChunkRecord]) -> None: ...
     def check_cancelled(self) -> None: ...
 
 

@@ -1,0 +1,194 @@
+"""The one place that decides how a bundle's objects reach its store (numpy + zarr only).
+
+Every object a bundle writer stores goes through :meth:`ChunkStore.put`, whoever produced it: the
+chunk pipeline's store threads (row blocks, bytes encoded by :class:`~storage.bundle.pipeline.
+ChunkEncoder`) and zarr itself (array metadata, small arrays, groups), through the zarr view
+:meth:`ChunkStore.zarr` returns. One attempt, first or resumed, local or S3:
+
+1. **checksum** the stored bytes (the pipeline passes the digest it already computed);
+2. **resume check** (a retried attempt, :class:`~storage.bundle.resume.ResumeSet`): a chunk an
+   earlier attempt recorded is not written again when the new bytes and the stored object both
+   have the recorded checksum (``skipped``); it is written when the object is missing or torn
+   (``rewritten``) or when the new bytes differ (``changed``);
+3. **store**: a local bundle's files are written from the calling thread (a temporary file renamed
+   into place: readers never see a partial chunk); an ``s3://`` bundle goes through zarr's
+   ``FsspecStore`` under the retry policy :class:`~storage.objectstore.StoreRetry` (transient
+   errors retried with backoff, then :class:`~storage.errors.StoreUnavailable`);
+4. **record**: each stored (or verified) chunk becomes a :class:`~storage.bundle.records.
+   ChunkRecord` handed to ``on_stored``, from the storing thread, once the store confirmed it.
+   Metadata documents are stored but not recorded.
+
+Deleting follows the same resume rule: while resuming, array creation (zarr's ``overwrite=True``
+deletes an array's keys) keeps recorded chunks and deletes only the other keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from zarr.abc.store import Store
+from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, WrapperStore
+
+from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum, matches
+from storage.bundle.records import ChunkRecord, parse_chunk_key
+from storage.bundle.resume import ResumeSet
+from storage.objectstore import StoreRetry, zarr_store
+
+__all__ = ["ChunkStore"]
+
+
+class _LocalFiles:
+    """A local bundle directory, written and read from the calling thread (no event loop: the
+    pipeline's store threads write in parallel)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: set[Path] = set()
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        parent = path.parent
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        tmp = parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+class _ZarrObjects:
+    """Any other store (S3): zarr's store, driven on zarr's event loop from the calling thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._prototype = default_buffer_prototype()
+
+    def write(self, key: str, data: bytes) -> None:
+        sync(self.store.set(key, self._prototype.buffer.from_bytes(data)))
+
+    def read(self, key: str) -> bytes | None:
+        found = sync(self.store.get(key, prototype=self._prototype))
+        return None if found is None else found.to_bytes()
+
+
+class ChunkStore:
+    """Stores a bundle's objects: checksum → resume check → store → record (module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        retry: StoreRetry | None = None,
+        resume: ResumeSet | None = None,
+        checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
+        on_stored: Callable[[ChunkRecord], None] | None = None,
+    ) -> None:
+        """``retry``: the retry policy of ``s3://`` stores (local disks are not retried: their
+        errors are not transient); ``resume``: chunks recorded by an earlier attempt;
+        ``on_stored(record)``: called from the storing thread for every stored chunk."""
+        self.url = url
+        self.resume = resume
+        self.algorithm: ChecksumAlgorithm = checksum_algorithm
+        self._on_stored = on_stored
+        self._base: Store = zarr_store(url, storage_options=storage_options, retry=retry)
+        self._objects: _LocalFiles | _ZarrObjects
+        if isinstance(self._base, LocalStore):
+            self._objects = _LocalFiles(Path(self._base.root))
+        else:
+            self._objects = _ZarrObjects(self._base)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self._objects, _LocalFiles)
+
+    def put(self, key: str, data: bytes, digest: str | None = None) -> None:
+        """Store one object (thread-safe). ``digest``: ``checksum(data, self.algorithm)`` when the
+        caller computed it already."""
+        parsed = parse_chunk_key(key)
+        if parsed is None:  # a metadata document: always written, never recorded
+            self._objects.write(key, data)
+            return
+        digest = digest or checksum(data, self.algorithm)
+        if self._should_write(key, data, digest):
+            self._objects.write(key, data)
+        if self._on_stored is not None:
+            self._on_stored(ChunkRecord(parsed[0], parsed[1], key, len(data), digest))
+
+    def _should_write(self, key: str, data: bytes, digest: str) -> bool:
+        """The resume check (module docstring, step 2). A record names its algorithm: an earlier
+        attempt may have used another one."""
+        recorded = None if self.resume is None else self.resume.checksums.get(key)
+        if recorded is None:
+            return True
+        assert self.resume is not None
+        if digest != recorded and not matches(data, recorded):
+            self.resume.count("changed")
+            return True
+        stored = self._objects.read(key)
+        if stored is None or len(stored) != len(data) or not matches(stored, recorded):
+            self.resume.count("rewritten")
+            return True
+        self.resume.count("skipped", len(stored))
+        return False
+
+    def keeps(self, key: str) -> bool:
+        """Whether deleting ``key`` is refused: a chunk recorded by an earlier attempt."""
+        return self.resume is not None and key in self.resume
+
+    def zarr(self) -> Store:
+        """A zarr store whose writes and deletes go through this object (reads pass through)."""
+        return _ZarrView(self._base, self)
+
+
+class _ZarrView(WrapperStore[Store]):
+    """zarr's view of a :class:`ChunkStore`: ``set`` is :meth:`ChunkStore.put` (run off zarr's
+    event loop, so a local write or a retried S3 write never blocks it), deletes skip the keys
+    :meth:`ChunkStore.keeps`."""
+
+    def __init__(self, store: Store, chunks: ChunkStore) -> None:
+        super().__init__(store)
+        self._chunks = chunks
+
+    def _with_store(self, store: Store) -> _ZarrView:
+        return type(self)(store, self._chunks)
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await asyncio.to_thread(self._chunks.put, key, value.to_bytes())
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        if not await self._store.exists(key):
+            await self.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        if not self._chunks.keeps(key):
+            await self._store.delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        for key in await _collect(self._store.list_prefix(prefix)):
+            if not self._chunks.keeps(key):
+                await self._store.delete(key)
+
+
+async def _collect(keys: AsyncIterator[str]) -> Iterable[str]:
+    return [key async for key in keys]
