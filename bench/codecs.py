@@ -19,7 +19,8 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from storage.bundle.format import COMPRESSIONS, ROW_ARRAYS
+from storage.bundle.arrays import ROW_ARRAYS
+from storage.bundle.format import COMPRESSIONS
 
 SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkvault.job import human_bytes
+from storage.bundle.arrays import ARRAYS
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -103,6 +104,15 @@ def _arrays_section(ds: xr.Dataset) -> list[str]:
     return [*lines, total]
 
 
+def _meanings_section(ds: xr.Dataset) -> list[str]:
+    """What each array of ``ds`` holds, from its declaration (docs/bundle-format.md's table)."""
+    specs = [ARRAYS[str(name)] for name in ds.variables if str(name) in ARRAYS]
+    if not specs:
+        return []
+    width = max(len(spec.name) for spec in specs)
+    return ["meaning:", *(f"  {spec.name:<{width}}  {spec.description}" for spec in specs)]
+
+
 def _ints(ds: xr.Dataset, name: str) -> list[int] | None:
     if name not in ds.variables:
         return None
@@ -161,7 +171,7 @@ def _attention_section(ds: xr.Dataset, layer: int | None, head: int, top: int) -
     if "attention" not in ds.variables:
         return ["attention: no `attention` array in this bundle (not captured); summary skipped"]
     att = ds["attention"]
-    if set(att.dims) != {"layer", "batch", "head", "query", "key"}:
+    if set(att.dims) != set(ARRAYS["attention"].dims):
         return [f"attention: unexpected dims {att.dims}; summary skipped"]
     li, note = _pick(_ints(ds, "layer"), layer, att.sizes["layer"], "layer")
     if li is None:
@@ -206,7 +216,8 @@ def _attention_section(ds: xr.Dataset, layer: int | None, head: int, top: int) -
 
 def describe_bundle(ds: xr.Dataset, *, layer: int | None = None, head: int = 0, top: int = 5) -> str:
     """Summary of an opened bundle: format, model, arrays (dims, shape, dtype, logical and — when
-    ``ds`` was opened from a local zip or directory — stored size), each sequence's prompt and
+    ``ds`` was opened from a local zip or directory — stored size; then what each known array
+    holds, from :data:`storage.bundle.arrays.ARRAYS`), each sequence's prompt and
     generated text, and the ``top`` keys the last captured token attends to in ``head`` of
     ``layer`` (model indices; ``layer`` defaults to the middle exported layer)."""
     attrs = ds.attrs
@@ -239,6 +250,9 @@ def describe_bundle(ds: xr.Dataset, *, layer: int | None = None, head: int = 0, 
             )
         )
     lines += ["", "arrays:", *_arrays_section(ds)]
+    meanings = _meanings_section(ds)
+    if meanings:
+        lines += ["", *meanings]
     sequences = _sequences_section(ds)
     if sequences:
         lines += ["", *sequences]

@@ -3,8 +3,9 @@
 numpy only (and ``tokenizers``, required when a ``tokenizer.json`` is readable): the API calls this at
 submission. Shapes come from :func:`storage.bundle.layout.layout_for_job`, the function the worker
 uses to create the arrays. Stored bytes count the chunks the worker actually writes and a
-per-element cost of the Blosc zstd-1 byte-shuffle encoding measured on real bundles; the model and
-the measurements are in ``docs/estimates.md``.
+per-element cost of the Blosc zstd-1 byte-shuffle encoding measured on real bundles; each array's
+rule and costs are part of its declaration (``ArraySpec.estimate``, :mod:`storage.bundle.arrays`).
+The model and the measurements are in ``docs/estimates.md``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from storage.bundle.arrays import ArraySpec, array_spec
 from storage.bundle.derived import materialised_bytes
-from storage.bundle.format import ROW_ARRAYS
 from storage.bundle.layout import BundleLayout, kept_positions, layout_for_job
 from storage.capturespec import ResolvedCapture
 from storage.errors import ServerMisconfigured
@@ -36,26 +37,8 @@ ROOT_METADATA = 4096  # root attributes except the per-token and per-prompt part
 TOKEN_METADATA = 12  # token_strings: one JSON string per token
 TOY_HIDDEN_SIZE = 128  # below this a model is a toy (randomly initialised test model)
 
-# Stored bytes per element with data (Blosc zstd-1 + byte shuffle), measured (docs/estimates.md).
-ELEMENT_COST: dict[tuple[str, str], float] = {
-    ("q", "float32"): 3.72,
-    ("k", "float32"): 3.72,
-    ("v", "float32"): 3.60,
-    ("q", "float16"): 1.87,
-    ("k", "float16"): 1.87,
-    ("v", "float16"): 1.83,
-    ("hidden_states", "float32"): 3.71,
-    ("hidden_states", "float16"): 1.86,
-    ("tokens", "int32"): 2.0,
-    ("topk_ids", "int32"): 1.67,
-    ("topk_logprobs", "float32"): 3.3,
-    ("logprob", "float32"): 3.8,
-    ("topk_tokens", "str"): 5.0,
-    ("query_position", "int32"): 1.0,
-    ("top_head_index", "int32"): 1.0,
-}
-ALTERNATIVES = ("topk_ids", "topk_logprobs", "topk_tokens", "logprob")
-# The costs above were measured with the "zstd" codec (Blosc zstd-1 + byte shuffle). Stored bytes
+# The per-element costs of the array declarations (``ArraySpec.estimate``, storage/bundle/arrays.py)
+# were measured with the "zstd" codec (Blosc zstd-1 + byte shuffle). Stored bytes
 # with "lz4" (Blosc lz4-1 + bitshuffle) relative to them, measured by encoding the same chunks with
 # both (``python -m bench.codecs``, docs/estimates.md), for attention beyond the local window: trained
 # 1.03, near-uniform 0.99 (2,048-token bundles); float16 q/k/v and hidden states 1.07 (SmolLM2 q
@@ -183,12 +166,17 @@ def count_prompt_tokens(spec: JobSpec, tokenizer_json: str | None) -> tuple[list
 
 # -- arrays --------------------------------------------------------------------------------------
 def _attention(
-    layout: BundleLayout, capture: ResolvedCapture, prompts: list[int], new: int, facts: ModelFacts
+    layout: BundleLayout,
+    spec: ArraySpec,
+    capture: ResolvedCapture,
+    prompts: list[int],
+    new: int,
+    facts: ModelFacts,
 ) -> tuple[int, float]:
-    """(chunks written, stored bytes) of ``attention``: per sequence the row blocks of its stored
-    rows; per row block the key chunks up to the diagonal block of its last row."""
-    rows_per_chunk, heads = layout.chunk_rows, layout.heads_of("attention")
-    profile, dtype = attention_profile(facts), layout.attention_dtype
+    """(chunks written, stored bytes) of the attention probabilities: per sequence the row blocks of
+    its stored rows; per row block the key chunks up to the diagonal block of its last row."""
+    rows_per_chunk, heads = layout.chunk_rows, spec.heads(layout)
+    profile, dtype = attention_profile(facts), spec.dtype_of(layout)
     key_chunks = -(-layout.positions // rows_per_chunk)
     chunks, cost = 0, 0.0
     for prompt in prompts:
@@ -213,20 +201,9 @@ def _attention(
         )
         empty = seq_chunks * rows_per_chunk * rows_per_chunk - int(visible.sum())
         chunks += seq_chunks
-        cost += heads * (data + empty * _zero_cost(layout, "attention")) + seq_chunks * CHUNK_HEADER
+        cost += heads * (data + empty * _zero_cost(layout, spec.name)) + seq_chunks * CHUNK_HEADER
     layers = len(layout.layers)
     return chunks * layers, cost * layers
-
-
-def _rows(layout: BundleLayout, name: str, lengths: list[int]) -> tuple[int, float]:
-    """q/k/v/hidden_states: per layer and sequence the row blocks up to its length."""
-    rows_per_chunk = layout.chunk_rows
-    per_row = int(np.prod(layout.chunks(name))) // rows_per_chunk
-    blocks = sum(-(-n // rows_per_chunk) for n in lengths)
-    data = sum(lengths) * per_row
-    empty = blocks * rows_per_chunk * per_row - data
-    cost = data * _cost(layout, name) + empty * _zero_cost(layout, name) + blocks * CHUNK_HEADER
-    return blocks * len(layout.layers), cost * len(layout.layers)
 
 
 def _zero_cost(layout: BundleLayout, name: str) -> float:
@@ -237,39 +214,64 @@ def _zero_cost(layout: BundleLayout, name: str) -> float:
     return np.dtype(dtype).itemsize * LZ4_ZERO_COST_PER_BYTE
 
 
-def _cost(layout: BundleLayout, name: str) -> float:
-    dtype = layout.dtype(name)
-    cost = ELEMENT_COST.get((name, dtype), 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
-    if layout.compression == "lz4" and name in ROW_ARRAYS:  # float arrays streamed by row block
+def _cost(layout: BundleLayout, spec: ArraySpec) -> float:
+    """Stored bytes per element with data: the declared zstd cost, times the lz4 factor for float
+    arrays streamed by row block."""
+    dtype = spec.dtype_of(layout)
+    cost = spec.estimate.cost.get(dtype, 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
+    if layout.compression == "lz4" and spec.written == "row blocks":
         cost = min(cost * LZ4_FACTOR.get(dtype, 1.0), float(np.dtype(dtype).itemsize) + 0.01)
     return cost
 
 
-def _per_sequence(layout: BundleLayout, name: str, data_elements: int) -> tuple[int, float]:
-    """One chunk per sequence (tokens, top-k alternatives, logprob)."""
-    empty = int(np.prod(layout.shape(name))) - data_elements
-    empty_cost = empty * _zero_cost(layout, name)
-    return layout.batch, data_elements * _cost(layout, name) + empty_cost + layout.batch * CHUNK_HEADER
+def _rows(layout: BundleLayout, spec: ArraySpec, lengths: list[int]) -> tuple[int, float]:
+    """Row-block arrays (q/k/v, hidden states): per layer and sequence the row blocks up to its length."""
+    rows_per_chunk, name = layout.chunk_rows, spec.name
+    per_row = int(np.prod(layout.chunks(name))) // rows_per_chunk
+    blocks = sum(-(-n // rows_per_chunk) for n in lengths)
+    data = sum(lengths) * per_row
+    empty = blocks * rows_per_chunk * per_row - data
+    cost = data * _cost(layout, spec) + empty * _zero_cost(layout, name) + blocks * CHUNK_HEADER
+    return blocks * len(layout.layers), cost * len(layout.layers)
+
+
+def _data_elements(
+    layout: BundleLayout, spec: ArraySpec, capture: ResolvedCapture, prompts: list[int], new: int
+) -> int:
+    """Elements with data of a "tokens", "alternatives" or "dense" array (the rest are fill)."""
+    shape = layout.shape(spec.name)
+    if spec.estimate.kind == "dense":
+        return int(np.prod(shape))
+    if spec.estimate.kind == "alternatives" and not capture.prompt_alternatives:
+        positions = new * len(prompts)
+    else:
+        positions = sum(prompts) + new * len(prompts)
+    return positions * int(np.prod(shape[2:]))  # values per position: k alternatives, or one
+
+
+def _chunked(
+    layout: BundleLayout, spec: ArraySpec, capture: ResolvedCapture, prompts: list[int], new: int
+) -> tuple[int, float]:
+    """Every chunk of the array is written (one per sequence, or one): the elements with data at
+    their cost, the rest as fill, one Blosc header per chunk."""
+    name = spec.name
+    grid = [-(-s // c) for s, c in zip(layout.shape(name), layout.chunks(name), strict=True)]
+    chunks = int(np.prod(grid)) if all(grid) else 0
+    data = _data_elements(layout, spec, capture, prompts, new)
+    empty_cost = (int(np.prod(layout.shape(name))) - data) * _zero_cost(layout, name)
+    return chunks, data * _cost(layout, spec) + empty_cost + chunks * CHUNK_HEADER
 
 
 def _array(
     name: str, layout: BundleLayout, capture: ResolvedCapture, prompts: list[int], new: int, facts: ModelFacts
 ) -> ArrayEstimate:
-    lengths = [p + new for p in prompts]
-    if name == "attention":
-        chunks, cost = _attention(layout, capture, prompts, new, facts)
-    elif name in ROW_ARRAYS:
-        chunks, cost = _rows(layout, name, lengths)
-    elif name == "tokens":
-        chunks, cost = _per_sequence(layout, name, sum(lengths))
-    elif name in ALTERNATIVES:
-        per_position = layout.alternatives_k if name.startswith("topk_") else 1
-        positions = sum(lengths) if capture.prompt_alternatives else new * len(prompts)
-        chunks, cost = _per_sequence(layout, name, positions * per_position)
-    else:  # small arrays (coordinates, lengths, query positions): one header per chunk
-        grid = [-(-s // c) for s, c in zip(layout.shape(name), layout.chunks(name), strict=True)]
-        chunks = int(np.prod(grid)) if all(grid) else 0
-        cost = int(np.prod(layout.shape(name))) * _cost(layout, name) + chunks * CHUNK_HEADER
+    spec = array_spec(name)
+    if spec.estimate.kind == "attention":
+        chunks, cost = _attention(layout, spec, capture, prompts, new, facts)
+    elif spec.estimate.kind == "row blocks":
+        chunks, cost = _rows(layout, spec, [p + new for p in prompts])
+    else:
+        chunks, cost = _chunked(layout, spec, capture, prompts, new)
     return ArrayEstimate(
         name=name,
         dims=tuple(layout.dims(name)),

@@ -94,17 +94,17 @@ def render_env_table(classes: Sequence[type[QkvaultSettings]]) -> str:
     return "\n".join(lines)
 
 
-def generated_part(document: str) -> str:
-    """The text between the markers of ``document`` (stripped)."""
-    start, end = document.find(BEGIN), document.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"the document lacks the markers {BEGIN!r} ... {END!r}")
-    return document[start + len(BEGIN) : end].strip()
+def generated_part(document: str, *, begin: str = BEGIN, end: str = END) -> str:
+    """The text between the markers of ``document`` (stripped; other generated tables pass theirs)."""
+    start, stop = document.find(begin), document.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"the document lacks the markers {begin!r} ... {end!r}")
+    return document[start + len(begin) : stop].strip()
 
 
-def with_table(document: str, table: str) -> str:
+def with_table(document: str, table: str, *, begin: str = BEGIN, end: str = END) -> str:
     """``document`` with the text between its markers replaced by ``table``."""
-    generated_part(document)  # the markers are there
-    head, rest = document.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+    generated_part(document, begin=begin, end=end)  # the markers are there
+    head, rest = document.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table}\n{end}{tail}"

@@ -17,6 +17,7 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from storage.bundle.arrays import ARRAYS
 from storage.bundle.derived import DEFAULT_BLOCK_ROWS, Backend, attention_block, describe, visible_key_range
 from storage.errors import BundleNotReady
 
@@ -159,7 +160,8 @@ def with_derived_attention(
     source = DerivedAttention(ds, backend=backend, device=device, block_rows=block_rows)
     data = indexing.LazilyIndexedArray(DerivedAttentionArray(source))
     attrs = {"derived": "computed on access from q and k (float32)", **describe()}
-    variable = xr.Variable(("layer", "batch", "head", "query", "key"), data, attrs=attrs)
+    # the dims of the materialised array as declared (every exported head)
+    variable = xr.Variable(ARRAYS["attention"].dims, data, attrs=attrs)
     out = ds.assign(attention=variable)
     out.encoding.update(ds.encoding)
     return out

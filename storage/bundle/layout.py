@@ -1,5 +1,6 @@
 """Shapes, chunks and dtypes of one job's bundle, computed the same way by the API (size
-estimates) and the worker (the arrays it creates)."""
+estimates) and the worker (the arrays it creates), from the arrays' declarations
+(:mod:`storage.bundle.arrays`)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from storage.bundle.format import (
-    DEFAULT_CHUNK_ROWS,
-    DEFAULT_COMPRESSION,
-    DIMS,
-    TOP_HEAD_ATTENTION_DIMS,
-    TOP_HEAD_SINK_DIMS,
-    V_HEAD_DIMS,
-)
+from storage.bundle.arrays import ARRAYS, array_spec
+from storage.bundle.format import DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION
 from storage.capturespec import ResolvedCapture
 
 if TYPE_CHECKING:
@@ -67,112 +60,30 @@ class BundleLayout:
         return self.positions if self.query_rows is None else self.query_rows
 
     def heads_of(self, array: str) -> int:
-        if array in ("k", "v"):
-            return len(self.kv_heads)
-        if array in ("attention", "attention_sink") and self.top_heads is not None:
-            return self.top_heads
-        return len(self.heads)
+        return array_spec(array).heads(self)
 
     def dims(self, array: str) -> tuple[str, ...]:
-        if array == "attention" and self.top_heads is not None:
-            return TOP_HEAD_ATTENTION_DIMS
-        if array == "attention_sink" and self.top_heads is not None:
-            return TOP_HEAD_SINK_DIMS
-        if array == "v" and self.v_head_dim is not None:
-            return V_HEAD_DIMS
-        return DIMS[array]
+        return array_spec(array).dims_of(self)
 
     def shape(self, array: str) -> tuple[int, ...]:
-        layers, batch, rows = len(self.layers), self.batch, self.positions
-        shapes: dict[str, tuple[int, ...]] = {
-            "attention": (layers, batch, self.heads_of("attention"), self.attention_rows, rows),
-            "attention_sink": (layers, batch, self.heads_of("attention"), self.attention_rows),
-            "query_position": (batch, self.attention_rows),
-            "top_head_index": (layers, self.top_heads or 0),
-            "hidden_states": (layers, batch, rows, self.hidden_size),
-            "tokens": (batch, rows),
-            "logprob": (batch, rows),
-            "length": (batch,),
-            "prompt_length": (batch,),
-            "layer": (layers,),
-            "head": (len(self.heads),),
-            "kv_head": (len(self.kv_heads),),
-            "attention_scaling": (layers,),
-            "attention_window": (layers,),
-            "attention_chunk": (layers,),
-            "attention_sinks": (layers, len(self.heads)),
-        }
-        if array in ("q", "k", "v"):
-            width = self.value_head_dim if array == "v" else self.head_dim
-            return (layers, batch, self.heads_of(array), rows, width)
-        if array.startswith("topk_"):
-            return (batch, rows, self.alternatives_k)
-        return shapes[array]
+        return array_spec(array).shape(self)
 
     def chunks(self, array: str) -> tuple[int, ...]:
-        rows = self.chunk_rows
-        if array == "attention":
-            return (1, 1, self.heads_of(array), rows, rows)
-        if array in ("q", "k", "v"):
-            return (1, 1, self.heads_of(array), rows, self.shape(array)[-1])
-        if array == "attention_sink":
-            return (1, 1, self.heads_of(array), rows)
-        if array == "hidden_states":
-            return (1, 1, rows, self.hidden_size)
-        if array in ("tokens", "logprob", "query_position") or array.startswith("topk_"):
-            return (1, *self.shape(array)[1:])
-        return self.shape(array)
+        return array_spec(array).chunks(self)
 
     def dtype(self, array: str) -> str:
-        if array == "attention":
-            return self.attention_dtype
-        if array in ("q", "k", "v", "hidden_states"):
-            return self.qkv_dtype
-        if array in ("topk_logprobs", "logprob", "attention_sink", "attention_sinks"):
-            return "float32"
-        if array == "attention_scaling":
-            return "float64"
-        if array == "topk_tokens":
-            return "str"
-        return "int32"
+        return array_spec(array).dtype_of(self)
 
     def fill_value(self, array: str) -> int | float | str:
-        if array in ("tokens", "query_position", "topk_ids", "attention_window"):
-            return -1
-        if array in ("topk_logprobs", "logprob", "attention_scaling", "attention_sinks"):
-            return float("nan")
-        if array == "topk_tokens":
-            return ""
-        return 0
+        return array_spec(array).fill_value
 
     def arrays(self) -> list[str]:
-        names = ["tokens", "length", "prompt_length", "layer", "head", "kv_head"]
-        if self.attention:
-            names.append("attention")
-            if self.sinks:
-                names.append("attention_sink")
-            if self.query_rows is not None:
-                names.append("query_position")
-            if self.top_heads is not None:
-                names.append("top_head_index")
-        if self.qkv:
-            names += ["q", "k", "v"]
-        elif self.derived_attention:
-            names += ["q", "k"]
-        if self.derived_attention:
-            names += ["attention_scaling", "attention_window", "attention_chunk"]
-            if self.sinks:
-                names.append("attention_sinks")
-        if self.hidden_states:
-            names.append("hidden_states")
-        if self.alternatives:
-            names += ["topk_ids", "topk_logprobs", "topk_tokens", "logprob"]
-        return names
+        """The arrays this layout creates, in creation order (:data:`storage.bundle.arrays.ARRAYS`)."""
+        return [name for name, spec in ARRAYS.items() if spec.present(self)]
 
     def raw_bytes(self, array: str) -> int:
         """Uncompressed bytes of the whole array (strings counted at 8 bytes each)."""
-        itemsize = 8 if self.dtype(array) == "str" else np.dtype(self.dtype(array)).itemsize
-        return int(np.prod(self.shape(array), dtype=np.int64)) * itemsize
+        return array_spec(array).raw_bytes(self)
 
 
 def kept_positions(capture: ResolvedCapture, prompt_length: int, length: int) -> list[int]:

@@ -48,7 +48,7 @@ def default_threads() -> int:
 class ChunkEncoder:
     """The bytes zarr would store for one chunk of ``array`` (``bytes`` + Blosc codec chains).
 
-    ``encoder_for`` returns None for any other codec chain; callers then write through zarr.
+    ``encoder_for`` returns None for any other codec chain (``for_array`` raises).
     """
 
     def __init__(self, array: zarr.Array, blosc: BloscCodec) -> None:
@@ -68,6 +68,14 @@ class ChunkEncoder:
                 "typesize": blosc.typesize,
             }
         )
+
+    @classmethod
+    def for_array(cls, array: zarr.Array) -> ChunkEncoder:
+        """The encoder of a streamed array (numeric, Blosc: every row-block array of a bundle)."""
+        encoder = cls.encoder_for(array)
+        if encoder is None:
+            raise ValueError(f"{array.path}: the chunk pipeline encodes only bytes + Blosc codec chains")
+        return encoder
 
     @classmethod
     def encoder_for(cls, array: zarr.Array) -> ChunkEncoder | None:

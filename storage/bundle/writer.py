@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from storage.bundle.arrays import array_spec
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
 from storage.bundle.chunkstore import ChunkStore
 from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
@@ -34,6 +35,7 @@ from storage.bundle.pipeline import (
 )
 from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
+from storage.bundle.rowblocks import place_row_block
 from storage.errors import StoreError
 from storage.objectstore import StoreRetry
 
@@ -72,12 +74,6 @@ def _create(
 
 
 __all__ = ["BundleWriter"]
-ROW_BLOCK_ARRAYS = ("attention", "q", "k", "v", "hidden_states")
-
-
-def _region(data: np.ndarray, col0: int, col1: int) -> Callable[[], np.ndarray]:
-    """Columns ``col0:col1`` of ``data [heads, rows, cols]``, read when the writer thread needs them."""
-    return lambda: data[:, :, col0:col1]
 
 
 class BundleWriter:
@@ -157,9 +153,8 @@ class BundleWriter:
                     layout.dims(name),
                     layout.compression,
                 )
-                encoder = ChunkEncoder.encoder_for(self._arrays[name])
-                if name in ROW_BLOCK_ARRAYS and encoder is not None:
-                    self._encoders[name] = encoder
+                if array_spec(name).written == "row blocks":
+                    self._encoders[name] = ChunkEncoder.for_array(self._arrays[name])
         except OSError as exc:
             raise StoreError(f"cannot create bundle at {self.url}: {exc}") from exc
         self._group = group
@@ -210,83 +205,18 @@ class BundleWriter:
         """Queue row block ``block`` of ``name`` for one exported layer and sequence (returns at once;
         blocks only while ``max_pending_bytes`` are queued).
 
-        ``data`` is ``[heads, rows, cols]``: for ``attention`` cols are key positions from 0 (any
-        width; the rest of the row is zero, and key chunks right of the widest row are never
-        written); for q/k/v cols are head_dim; for hidden_states heads is 1 and cols the hidden
-        size. ``rows`` may be shorter than the chunk (the rest is zero). Whole chunks only.
+        ``data`` is ``[heads, rows, cols]`` as :meth:`storage.bundle.arrays.ArraySpec.row_block`
+        says: e.g. for ``attention`` cols are key positions from 0 (any width; the rest of the row
+        is zero, and key chunks right of the widest row are never written), for q/k/v head_dim,
+        for hidden_states heads is 1 and cols the hidden size. ``rows`` may be shorter than the
+        chunk (the rest is zero). Whole chunks only; where they land: storage/bundle/rowblocks.py.
         ``ready()`` is called (in a writer thread) before ``data`` is read — e.g. waiting for an
         asynchronous device-to-host copy — and ``release()`` once every chunk of it is stored.
         """
-        layout = self.layout
-        assert layout is not None
-        rows_per_chunk = layout.chunk_rows
-        row0, row1 = self._row_range(name, block)
-        _, rows, cols = data.shape
-        if rows > row1 - row0:
-            raise ValueError(f"{name}: {rows} rows do not fit row block {block} ({row1 - row0} rows)")
-        if name == "attention":
-            # whole key chunks up to the block's widest row; chunks right of it are never written
-            col1 = min(-(-cols // rows_per_chunk) * rows_per_chunk, layout.positions)
-            cols = min(cols, col1)
-            data = data[:, :, :cols]
-        elif name == "attention_sink":
-            col1 = 1  # [heads, rows, 1]: one value per row
-        else:
-            col1 = layout.shape(name)[-1]
-        encoder = self._encoders.get(name)
-        if encoder is None:
-            self._write_through_zarr(name, layer_pos, batch, block, data, col1, ready, release)
-            return
-        regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]]
-        if name == "attention":
-            starts = range(0, col1, rows_per_chunk)
-            regions = [
-                ((layer_pos, batch, 0, block, c0 // rows_per_chunk), _region(data, c0, c0 + rows_per_chunk))
-                for c0 in starts
-            ]
-        elif name == "hidden_states":
-            regions = [((layer_pos, batch, block, 0), lambda: data[0])]
-        else:
-            regions = [((layer_pos, batch, 0, block, 0), lambda: data)]
-        self._pipeline.submit(encoder, regions, nbytes=data.nbytes, ready=ready, release=release)
-
-    def _row_range(self, name: str, block: int) -> tuple[int, int]:
-        """Rows ``[row0, row1)`` of row block ``block`` of ``name`` (the last one may be short)."""
         assert self.layout is not None
-        rows_per_chunk = self.layout.chunk_rows
-        total = (
-            self.layout.attention_rows if name in ("attention", "attention_sink") else self.layout.positions
-        )
-        row0 = block * rows_per_chunk
-        return row0, min(row0 + rows_per_chunk, total)
-
-    def _write_through_zarr(
-        self,
-        name: str,
-        layer_pos: int,
-        batch: int,
-        block: int,
-        data: np.ndarray,
-        col1: int,
-        ready: Callable[[], None] | None,
-        release: Callable[[], None] | None,
-    ) -> None:
-        """Arrays whose codecs the pipeline does not reproduce: zarr writes them, synchronously."""
-        assert self.layout is not None
-        if ready is not None:
-            ready()
-        row0, row1 = self._row_range(name, block)
-        heads, rows, cols = data.shape
-        full = np.zeros((heads, row1 - row0, col1), dtype=np.dtype(self.layout.dtype(name)))
-        full[:, :rows, :cols] = data
-        if name == "hidden_states":
-            self._arrays[name][layer_pos, batch, row0:row1, :] = full[0]
-        elif name == "attention_sink":
-            self._arrays[name][layer_pos, batch, :, row0:row1] = full[:, :, 0]
-        else:
-            self._arrays[name][layer_pos, batch, :, row0:row1, :col1] = full
-        if release is not None:
-            release()
+        placement, data = place_row_block(self.layout, name, layer_pos, batch, block, data)
+        chunks = placement.chunks(data)
+        self._pipeline.submit(self._encoders[name], chunks, nbytes=data.nbytes, ready=ready, release=release)
 
     def write_group(
         self,

@@ -11,6 +11,7 @@ from client_bundles import HEADS, JOB_ID, LAST_ROW_SEQ0, MODEL_ID, build_dataset
 
 from qkvault.client import open_dataset
 from qkvault.show import describe_bundle, stored_sizes
+from storage.bundle.arrays import ARRAYS
 
 
 def _array_line(text: str, name: str) -> str:
@@ -66,6 +67,14 @@ def test_directory_bundle_has_stored_sizes(make_bundle: Callable[..., Path]) -> 
     text = describe_bundle(ds, layer=0, head=HEADS - 1, top=2)
     assert "layer 0, head 3 (top 2 keys)" in text
     assert text.splitlines()[5].split()[-1] == "stored"
+
+
+def test_each_array_meaning_comes_from_its_declaration() -> None:
+    text = describe_bundle(build_dataset())
+    meanings = text.split("\nmeaning:\n")[1].split("\n\n")[0].splitlines()
+    described = {line.split()[0]: line.split(None, 1)[1] for line in meanings}
+    assert described["attention"] == ARRAYS["attention"].description
+    assert described["k"] == ARRAYS["k"].description and "tokens" in described
 
 
 def test_in_memory_dataset_omits_stored_size() -> None:

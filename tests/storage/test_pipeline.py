@@ -38,6 +38,7 @@ def _layout(positions: int = 10, compression: str = "lz4") -> BundleLayout:
         compression=compression,
         hidden_states=True,
         hidden_size=6,
+        sinks=True,
     )
 
 
@@ -71,7 +72,7 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
     reference = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="w", zarr_format=3)
     expected: dict[str, np.ndarray] = {}
     handles: dict[str, zarr.Array] = {}  # reopening by name would drop write_empty_chunks
-    for name in ("attention", "q", "k", "v", "hidden_states"):
+    for name in ("attention", "attention_sink", "q", "k", "v", "hidden_states"):
         expected[name] = np.zeros(layout.shape(name), dtype=layout.dtype(name))
         handles[name] = reference.create_array(
             name,
@@ -93,6 +94,9 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
                 att = _causal_block(rng, 3, row0, rows)
                 writer.write_row_block("attention", lp, b, block, att)
                 expected["attention"][lp, b, :, row0 : row0 + rows, : att.shape[2]] = att
+                sink = rng.random((3, rows, 1)).astype(np.float32)
+                writer.write_row_block("attention_sink", lp, b, block, sink)
+                expected["attention_sink"][lp, b, :, row0 : row0 + rows] = sink[:, :, 0]
                 for name, heads in (("q", 3), ("k", 1), ("v", 1)):
                     data = rng.standard_normal((heads, rows, 5)).astype(np.float32)
                     writer.write_row_block(name, lp, b, block, data)

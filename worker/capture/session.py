@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from storage.bundle.arrays import array_spec
 from storage.bundle.layout import BundleLayout
 from storage.capturespec import ResolvedCapture
 from worker.capture.attention_math import (
@@ -133,8 +134,7 @@ class ExportSession:
             if not on:
                 continue
             dtype = np.dtype(layout.dtype(name))
-            width = {"attention": None, "attention_sink": 1}.get(name, layout.shape(name)[-1])
-            heads = 1 if name == "hidden_states" else layout.heads_of(name)
+            heads, width = array_spec(name).row_block(layout)
             for lp in range(len(layout.layers)):
                 for b in range(layout.batch):
                     self._buffers[(name, lp, b)] = RowBlockBuffer(heads, layout.chunk_rows, dtype, width)
