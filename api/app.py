@@ -57,8 +57,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.services = services
-    install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    install_problem_handlers(app)  # after the middleware: its catch-all wraps them
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

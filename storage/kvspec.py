@@ -15,6 +15,7 @@ from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from storage.kvquant.registry import kv_method, method_names
+from storage.specinputs import MAX_SEED
 
 # Parameters only some methods use (a method lists those it uses in ``KVMethodDef.params``); the
 # others must keep their defaults.
@@ -59,7 +60,9 @@ class KVMethodSpec(BaseModel):
 
     method: str = Field(json_schema_extra=_method_enum)
     bits: int = Field(json_schema_extra=_bits_enum)
-    seed: int = Field(0, ge=0, description="seed of the random rotation (and, +1, of the QJL matrix)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of the random rotation (and, +1, of the QJL matrix)"
+    )
     group: int = Field(
         32, ge=1, le=1024, description="KIVI group size (tokens for keys, channels for values)"
     )

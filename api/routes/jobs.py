@@ -46,6 +46,7 @@ from storage.errors import BundleNotReady
 from storage.index import TERMINAL_STATES, JobRecord, JobState
 from storage.index.submit import submit_job as submit_to_index
 from storage.jobspec import SMOLLM2_GGUF, JobSpec
+from storage.specinputs import utf8
 from worker.app import enqueue_export, revoke_export
 
 log = logging.getLogger("qkvault.api")
@@ -207,9 +208,7 @@ def list_jobs(
             owner=scope, limit=limit or settings.default_page_size, cursor=cursor, state=state
         )
     except ValueError as exc:
-        raise ApiProblem(
-            400, "invalid-cursor", f"invalid cursor: {exc}; pass next_cursor from a previous page unchanged"
-        ) from exc
+        raise ApiProblem(400, "invalid-cursor", str(exc)) from exc  # names the cursor and the fix
     return JobList(items=[job_public(j, root_path) for j in jobs], next_cursor=next_cursor)
 
 
@@ -249,7 +248,9 @@ def list_chunks(
     job: JobDep,
     index: IndexDep,
     array: Annotated[
-        str | None, Query(max_length=255, description='only this array, e.g. "attention"')
+        str | None,
+        Query(max_length=255, description='only this array, e.g. "attention"'),
+        utf8("array", nul=False),
     ] = None,
 ) -> list[ChunkPublic]:
     return [chunk_public(c) for c in index.list_chunks(job.id, array=array)]

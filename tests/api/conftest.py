@@ -4,6 +4,7 @@ tests look at the task messages in Redis and drive job states through the index,
 
 Authentication is real: ``api_key`` is a key of owner ``local`` created in the test's index (as
 ``qkvault keys create`` would), and ``client`` sends it on every request; ``make_key`` creates more.
+``backend_client`` runs the app on SQLite and on PostgreSQL, for what differs between the two.
 """
 
 from __future__ import annotations
@@ -110,3 +111,19 @@ def submit(client: TestClient) -> Callable[..., dict[str, Any]]:
         return body
 
     return _submit
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend_client(
+    request: pytest.FixtureRequest, api_settings: ApiSettings
+) -> Iterator[tuple[TestClient, Index]]:
+    """The app on SQLite (the test's file) or PostgreSQL (the session's schema) with a key of a
+    fresh owner."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    index = Index(url)
+    index.migrate()
+    secret, _ = ApiKeys(index).create(owner=f"conc-{uuid.uuid4().hex[:8]}")
+    app = create_app(api_settings.model_copy(update={"database_url": url}))
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {secret}"}) as c:
+        yield c, index
+    index.dispose()

@@ -3,6 +3,8 @@ no torch in the API process, no import-time side effects."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import ApiSettings
 from tests.api.support import SMOLLM2
-from tests.services import REPO_ROOT, free_port
+from tests.services import REPO_ROOT, free_port, qkvault_env, start_api
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -120,6 +122,39 @@ def test_unexpected_error_on_submit_is_500_problem(unmigrated_client: TestClient
     response = unmigrated_client.post("/v1/jobs", json={"model": {"id": SMOLLM2}, "prompts": ["hi"]})
     assert response.status_code == 500
     assert "Traceback" not in response.text
+
+
+def test_a_500_leaves_the_keep_alive_connection_usable(tmp_path: Path, redis_url: str) -> None:
+    """Under uvicorn, as deployed: after an unexpected error the same connection serves the next
+    request. (Starlette's catch-all handler re-raises after sending the 500; uvicorn then closed
+    the connection, and a client's next request on it was reset.)"""
+    env = qkvault_env(
+        redis_url=redis_url,
+        database_url=f"sqlite:///{tmp_path / 'unmigrated.db'}",  # no tables: every /v1 request fails
+        store_url=str(tmp_path / "store"),
+        migrate_on_startup="false",
+    )
+    headers = {"Authorization": "Bearer qk_" + "x" * 43, "Content-Type": "application/json"}
+    spec = json.dumps({"model": {"id": SMOLLM2}, "prompts": ["hi"]})
+    with start_api(env, log_path=tmp_path / "api.log") as running:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        try:
+            conn.connect()
+            sock = conn.sock
+            for method, path, body in [("GET", "/v1/jobs", None), ("POST", "/v1/jobs", spec)]:
+                conn.request(method, path, body=body, headers=headers)
+                failed = conn.getresponse()
+                problem = json.loads(failed.read())
+                assert failed.status == 500 and problem["type"] == "internal-error"
+                assert failed.getheader("connection") != "close"
+                conn.request("GET", "/healthz")  # the next request, on the same connection
+                after = conn.getresponse()
+                assert after.status == 200 and json.loads(after.read())["status"] == "ok"
+                assert conn.sock is sock  # not reconnected
+        finally:
+            conn.close()
+        log = running.log_path.read_text()
+    assert problem["error_id"] in log and "Traceback" in log  # the server log has the details
 
 
 def test_unknown_route_and_wrong_method_are_problems(client: TestClient) -> None:

@@ -7,7 +7,6 @@ PostgreSQL; Redis shows how many task messages were sent (a replay must not enqu
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +17,6 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import ApiSettings
 from storage.index import Index
-from storage.index.apikeys import ApiKeys
 from tests.api.support import SMOLLM2, queued_messages
 
 PROBLEM_JSON = "application/problem+json"
@@ -85,22 +83,6 @@ def test_dry_run_ignores_the_key(client: TestClient) -> None:
         headers={"Idempotency-Key": "dry"},
     )
     assert dry.status_code == 200 and "expected_stored_bytes" in dry.json()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def backend_client(
-    request: pytest.FixtureRequest, api_settings: ApiSettings
-) -> Iterator[tuple[TestClient, Index]]:
-    """The app on SQLite (the test's file) or PostgreSQL (the session's schema) with a key of a
-    fresh owner."""
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-    index = Index(url)
-    index.migrate()
-    secret, _ = ApiKeys(index).create(owner=f"conc-{uuid.uuid4().hex[:8]}")
-    app = create_app(api_settings.model_copy(update={"database_url": url}))
-    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {secret}"}) as c:
-        yield c, index
-    index.dispose()
 
 
 def test_concurrent_duplicates_create_exactly_one_job(

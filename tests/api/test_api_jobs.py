@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +15,11 @@ from storage.index import ChunkRecord, Index, JobState
 
 PROBLEM_JSON = "application/problem+json"
 Submit = Callable[..., dict[str, Any]]
+
+
+def _cursor(created_at: str, job_id: str) -> str:
+    """A cursor as the API encodes one, of any content (JSON escapes a lone surrogate)."""
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).rstrip(b"=").decode()
 
 
 def test_get_unknown_job_is_404_problem(client: TestClient) -> None:
@@ -79,6 +86,9 @@ def test_list_filters_by_state(client: TestClient, submit: Submit) -> None:
     ("params", "status", "type_", "loc"),
     [
         ({"cursor": "not-a-cursor"}, 400, "invalid-cursor", None),
+        # decodes, but the time is before datetime.min in UTC (OverflowError when bound: a 500 before)
+        ({"cursor": _cursor("0001-01-01T00:00:00+01:00", "x")}, 400, "invalid-cursor", None),
+        ({"cursor": _cursor("2030-01-02T03:04:05+00:00", "a\ud800b")}, 400, "invalid-cursor", None),
         ({"limit": 0}, 422, "validation-error", "query.limit"),
         ({"limit": 201}, 422, "validation-error", "query.limit"),
         ({"state": "sleeping"}, 422, "validation-error", "query.state"),
@@ -176,3 +186,25 @@ def test_chunks_lists_index_rows(client: TestClient, submit: Submit, index: Inde
 
 def test_chunks_of_unknown_job_is_404(client: TestClient) -> None:
     assert client.get("/v1/jobs/nope/chunks").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/jobs/a%00b", "/v1/jobs/a%00b/cancel", "/v1/jobs/{id}/chunks?array=a%00b"],
+    ids=["job-id", "job-id-cancel", "chunks-array"],
+)
+def test_nul_in_a_job_id_or_array_name_is_422_on_every_database(
+    backend_client: tuple[TestClient, Index], path: str
+) -> None:
+    """PostgreSQL refuses NUL in text (a 500 before); SQLite took it. Refused before any query."""
+    client, _ = backend_client
+    job = client.post("/v1/jobs", json={"model": {"id": "qkvault-test-org/m"}, "prompts": ["hi"]})
+    assert job.status_code == 202, job.text
+    url = path.format(id=job.json()["id"])
+
+    response = client.post(url) if url.endswith("/cancel") else client.get(url)
+
+    assert response.status_code == 422, response.text
+    error = response.json()["errors"][0]
+    assert error["loc"] in {"path.job_id", "query.array"}
+    assert "NUL character (U+0000) at character 1" in error["msg"] and "remove it" in error["msg"]

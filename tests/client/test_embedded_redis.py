@@ -1,4 +1,5 @@
-"""The Redis part of the embedded stack, and process-group shutdown: real processes, no mocks."""
+"""The Redis part of the embedded stack, process-group shutdown and the free-port probe: real
+processes and sockets, no mocks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from qkvault.embedded import (
     EmbeddedStackError,
     find_redis_server,
     free_port,
+    port_is_free,
     redis_ping,
     spawn,
     start_redis_server,
@@ -132,3 +135,33 @@ def test_stop_process_on_a_cooperative_process(tmp_path: Path) -> None:
     proc = spawn([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "x.log")
     assert stop_process(proc, grace_s=5) == -signal.SIGTERM
     assert stop_process(proc) == -signal.SIGTERM  # idempotent
+
+
+def _time_wait_on(port: int) -> bool:
+    """Whether a TCP socket with local port ``port`` is in TIME-WAIT (Linux ``/proc/net/tcp``)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(f.split()[1].endswith(f":{port:04X}") and f.split()[3] == "06" for f in lines)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads TIME-WAIT sockets from /proc")
+def test_a_port_in_time_wait_is_free_but_a_listening_one_is_not() -> None:
+    """``qkvault up --port P`` right after a clean stop: the connections the server closed leave its
+    end in TIME-WAIT on P for about 60 s. uvicorn binds with SO_REUSEADDR, so the probe must as
+    well (it refused P for a minute before); a port someone listens on is still taken."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn (asyncio) binds
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = int(listener.getsockname()[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        served, _ = listener.accept()
+        assert not port_is_free(port)  # listening: taken
+        served.close()  # the server closes first, as at shutdown: its end goes to TIME-WAIT
+        assert client.recv(1) == b""
+    listener.close()
+    deadline = time.monotonic() + 5
+    while not _time_wait_on(port) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _time_wait_on(port)
+
+    assert port_is_free(port)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from pydantic import ValidationError
 
 from storage.jobspec import GenerationSpec
+from storage.specinputs import MAX_SEED
 from worker.export import choose_next
 
 from .export_helpers import export
@@ -19,6 +22,16 @@ def test_greedy_is_argmax_and_top_k_1_sampling_equals_greedy() -> None:
     assert torch.equal(greedy, logits.argmax(-1))
     sampled = choose_next(logits, GenerationSpec(do_sample=True, top_k=1), torch.Generator().manual_seed(3))
     assert torch.equal(sampled, greedy)
+
+
+def test_the_spec_seed_bound_is_what_torch_takes() -> None:
+    """generation.seed is refused past MAX_SEED at submission (422): torch takes exactly 0..2**64-1."""
+    assert torch.Generator().manual_seed(MAX_SEED).initial_seed() == MAX_SEED
+    with pytest.raises((RuntimeError, ValueError), match="Overflow"):
+        torch.Generator().manual_seed(MAX_SEED + 1)
+    assert GenerationSpec(seed=MAX_SEED).seed == MAX_SEED
+    with pytest.raises(ValidationError, match="less than or equal to 18446744073709551615"):
+        GenerationSpec(seed=MAX_SEED + 1)
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:
