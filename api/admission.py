@@ -19,11 +19,11 @@ from api.problems import LIMIT_EXCEEDED, ApiProblem, field_error
 from api.schemas import LimitCheck, human_bytes
 from api.settings import ApiSettings
 from storage.errors import InvalidJobSpec, QkvaultError, ServerMisconfigured
-from storage.estimate import JobEstimate, count_prompt_tokens, estimate
-from storage.jobspec import JobSpec
-from storage.modelinfo import (
+from storage.jobs.estimate import JobEstimate, count_prompt_tokens, estimate
+from storage.jobs.modelcheck import check_spec_for_model
+from storage.jobs.spec import JobSpec
+from storage.models.facts import (
     ModelFacts,
-    check_spec_for_model,
     check_supported,
     hub_model_cached,
     hub_not_cached_message,

@@ -18,8 +18,8 @@ from api.services import Services
 from api.settings import ApiSettings
 from storage.index import Index, JobRecord
 from storage.index.apikeys import ApiKeyRecord, ApiKeys
-from storage.objectstore import ObjectStore
-from storage.specinputs import utf8
+from storage.inputs import utf8
+from storage.stores.objectstore import ObjectStore
 
 UNAUTHENTICATED = "unauthenticated"
 _CREATE_HINT = (

@@ -1,6 +1,6 @@
 """Public response schemas. Separate from the index records (``storage.index``) and from the
-request body (:class:`storage.jobspec.JobSpec`): what the API returns is decided here. The job document
-is declared once in :mod:`storage.jobfields` (shared with the client); ``JobPublic`` is that model."""
+request body (:class:`storage.jobs.spec.JobSpec`): what the API returns is decided here. The job document
+is declared once in :mod:`storage.jobs.fields` (shared with the client); ``JobPublic`` is that model."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.estimate import JobEstimate as Estimate
 from storage.index import ChunkRecord, JobRecord
-from storage.jobfields import JobFields, JobLinks
-from storage.jobspec import stored_spec
+from storage.jobs.estimate import JobEstimate as Estimate
+from storage.jobs.fields import JobFields, JobLinks
+from storage.jobs.spec import stored_spec
 
 
 class JobPublic(JobFields):
-    # The fields are declared once, in storage.jobfields (where a new one goes: see its docstring).
+    # The fields are declared once, in storage.jobs.fields (where a new one goes: see its docstring).
     __doc__ = JobFields.__doc__
 
 

@@ -13,7 +13,7 @@ from celery import Celery
 
 from api.settings import ApiSettings
 from storage.index import Index
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from worker.app import create_celery_app
 
 

@@ -2,7 +2,7 @@
 Llama-shaped model built directly on the device, and a prompt of an exact token count.
 
 Both become a :class:`worker.models.LoadedModel` with the capture attention set, and a
-:class:`storage.jobspec.JobSpec` whose prompt the worker's own ``tokenize`` turns into exactly
+:class:`storage.jobs.spec.JobSpec` whose prompt the worker's own ``tokenize`` turns into exactly
 ``tokens`` ids — the naive baseline runs on those same ids.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from storage.jobspec import SMOLLM2_GGUF, JobSpec
+from storage.jobs.spec import JobSpec
+from storage.models.spec import SMOLLM2_GGUF
 from worker.models import LoadedModel
 
 # Random-weight Llama shapes (bf16). Token ids come from the byte-level test tokenizer
@@ -93,7 +94,7 @@ class BenchModel:
 def _random_model(name: str, device: torch.device, dtype: torch.dtype, positions: int) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from storage.modelinfo import ModelSource, check_supported, facts_from_config
+    from storage.models.facts import ModelSource, check_supported, facts_from_config
     from worker.archmatrix.tokenizer import byte_tokenizer
     from worker.capture.hook import install_capture
 
@@ -175,7 +176,7 @@ def prepare(
 ) -> BenchModel:
     """Load or build the model and the job spec of the qkvault run (attention fp16, q/k/v fp16).
     ``attention="derived"``: the bundle stores q and k instead of the T×T probabilities."""
-    from storage.jobspec import ModelSpec
+    from storage.models.spec import ModelSpec
     from worker.generation import tokenize
     from worker.models import load_model
 

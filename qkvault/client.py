@@ -42,7 +42,7 @@ _PIECE_BYTES = 1 << 20  # 1 MiB download pieces
 
 
 class SpecModel(Protocol):
-    """A pydantic model such as :class:`storage.jobspec.JobSpec` (not imported here)."""
+    """A pydantic model such as :class:`storage.jobs.spec.JobSpec` (not imported here)."""
 
     def model_dump(self, *, mode: str = ..., exclude_none: bool = ...) -> dict[str, Any]: ...
 
@@ -217,7 +217,7 @@ class Client:
         return dict(body) if isinstance(body, Mapping) else {"status": body}
 
     def submit(self, spec: SpecModel | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
-        """Submit an export job (a :class:`storage.jobspec.JobSpec` or the same as a dict).
+        """Submit an export job (a :class:`storage.jobs.spec.JobSpec` or the same as a dict).
         The server validates it; an invalid spec raises :class:`QkvaultClientError` with status 422
         and one entry per problem in ``errors``. With ``idempotency_key`` (e.g. a UUID you keep),
         submitting again after a lost answer returns the job created the first time."""

@@ -1,7 +1,7 @@
 """Client-side view of a job (``JobPublic`` from the API): small frozen models that print well.
 
 The fields are not written out here: :class:`Job` and :class:`Progress` subclass the one declaration
-of the job document, :mod:`storage.jobfields` (the API's ``JobPublic`` is the same model).
+of the job document, :mod:`storage.jobs.fields` (the API's ``JobPublic`` is the same model).
 ``str(job)`` is a few aligned lines for a terminal, ``job._repr_html_()`` a table for Jupyter.
 Parsing is lenient: fields the API adds later are ignored, missing ones take defaults.
 """
@@ -23,8 +23,8 @@ from pydantic import (
     field_validator,
 )
 
-from storage.jobfields import TERMINAL_STATES, JobFields
-from storage.jobfields import Progress as JobProgress
+from storage.jobs.fields import TERMINAL_STATES, JobFields
+from storage.jobs.fields import Progress as JobProgress
 
 __all__ = ["TERMINAL_STATES", "Job", "JobPage", "Progress", "human_bytes"]
 
@@ -55,7 +55,7 @@ def _duration(start: datetime | None, end: datetime | None) -> str | None:
 
 class _Lenient(BaseModel):
     """Reads any server's job document: fields it lacks take their declared defaults (every field
-    added to :class:`storage.jobfields.JobFields` after the first release has one), fields it adds
+    added to :class:`storage.jobs.fields.JobFields` after the first release has one), fields it adds
     are ignored, and a value of the wrong type falls back to the field's default."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -73,7 +73,7 @@ class _Lenient(BaseModel):
 
 
 class Progress(JobProgress, _Lenient):
-    """Progress of a job: the API's ``progress`` (:class:`storage.jobfields.Progress`)."""
+    """Progress of a job: the API's ``progress`` (:class:`storage.jobs.fields.Progress`)."""
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any] | None) -> Progress:
@@ -91,7 +91,7 @@ class Progress(JobProgress, _Lenient):
 
 class Job(JobFields, _Lenient):
     """One export job as the API reports it (``GET /v1/jobs/{id}``). Its fields are the API's, declared
-    once in :class:`storage.jobfields.JobFields`; a field added there appears here too."""
+    once in :class:`storage.jobs.fields.JobFields`; a field added there appears here too."""
 
     progress: Progress = Field(default_factory=Progress)
     spec: dict[str, Any] = Field(default_factory=dict, repr=False)

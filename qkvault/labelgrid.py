@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.summary import LABELS
+from storage.bundle.labels import LABELS
 
 COLOURS = {
     "uniform": "#bdbdbd",

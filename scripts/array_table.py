@@ -4,7 +4,7 @@
     .venv/bin/python scripts/array_table.py --write    # rewrite it in docs/bundle-format.md
     .venv/bin/python scripts/array_table.py --check    # exit 1 when the doc's table is stale
 
-Each row is one ``ArraySpec`` of ``storage.bundle.arrays.ARRAYS`` (storage/bundle/arrays_doc.py
+Each row is one ``ArraySpec`` of ``storage.bundle.arrays.ARRAYS`` (storage/jobs/arrays_doc.py
 renders it): edit the declaration, not the table.
 """
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "bundle-format.md"
 sys.path.insert(0, str(REPO))
 
-from storage.bundle.arrays_doc import array_table_of, render_array_table, with_array_table  # noqa: E402
+from storage.jobs.arrays_doc import array_table_of, render_array_table, with_array_table  # noqa: E402
 
 
 def main() -> int:

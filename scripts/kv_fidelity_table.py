@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage.jobspec import SMOLLM2_GGUF  # noqa: E402
+from storage.jobs.spec import SMOLLM2_GGUF  # noqa: E402
 from tests.worker.export_helpers import export  # noqa: E402
 
 

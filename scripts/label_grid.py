@@ -17,7 +17,7 @@ from pathlib import Path
 from qkvault.embedded import EmbeddedStack
 from qkvault.labelgrid import render_label_grid
 from storage.bundle import open_bundle, open_summary
-from storage.jobspec import SMOLLM2_GGUF
+from storage.jobs.spec import SMOLLM2_GGUF
 
 REPO = Path(__file__).resolve().parents[1]
 

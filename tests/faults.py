@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from storage.index import Index, JobRecord
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 
 # Root attributes that differ between any two runs of the same job (wall-clock timings): the only
 # thing bundle comparisons leave out.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.index import Index, JobRecord, JobState
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.faults import audit_chunks, bundle_differences, bundle_files, kill_group, wait_until
 from tests.services import REPO_ROOT, qkvault_env, start_worker, subprocess_env
 from worker.settings import WorkerSettings

@@ -11,7 +11,7 @@ import pytest
 
 from qkvault.embedded import EmbeddedStack, exited
 from storage.index import Index, JobState
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.faults import wait_until
 from tests.worker.tiny_models import build_tiny_model
 

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from storage.kvquant.registry import kv_method
-from storage.kvspec import KVMethodSpec
+from storage.kvquant.spec import KVMethodSpec
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 HEAD_DIM = 64  # SmolLM2-135M

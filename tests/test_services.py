@@ -228,8 +228,8 @@ def test_s3_through_project_objectstore(s3_server: S3Server, s3_store_url: str) 
     """ServiceSettings built from the fixture's QKVAULT_* env reaches the server (zarr + listing)."""
     import zarr
 
-    from storage.objectstore import ObjectStore, zarr_store
     from storage.settings import ServiceSettings
+    from storage.stores.objectstore import ObjectStore, zarr_store
 
     env = s3_server.qkvault_env(s3_store_url)
     settings = ServiceSettings.model_validate({k.removeprefix("QKVAULT_").lower(): v for k, v in env.items()})

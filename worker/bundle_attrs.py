@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from storage.bundle.layout import BundleLayout
-from storage.capturespec import ResolvedCapture
-from storage.jobspec import JobSpec
+from storage.jobs.capture import ResolvedCapture
+from storage.jobs.spec import JobSpec
 from worker.derived import AttentionFacts
 from worker.models import LoadedModel
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from storage.bundle.derived import describe
 from storage.bundle.layout import BundleLayout
-from storage.modelinfo import ModelFacts
+from storage.models.facts import ModelFacts
 from worker.capture.hook import AttentionCall, CaptureSink
 
 

@@ -16,11 +16,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from storage.bundle.layout import BundleLayout, layout_for_job
+from storage.bundle.layout import BundleLayout
 from storage.bundle.writer import BundleWriter
 from storage.errors import InvalidJobSpec, JobCancelled
-from storage.jobspec import JobSpec
-from storage.modelinfo import check_spec_for_model
+from storage.jobs.layout import layout_for_job
+from storage.jobs.modelcheck import check_spec_for_model
+from storage.jobs.spec import JobSpec
 from worker.alternatives import AlternativesCollector
 from worker.bundle_attrs import provenance, root_attrs
 from worker.capture.certify import Certifier

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from storage.errors import InvalidJobSpec, UnsupportedModel
-from storage.jobspec import GenerationSpec, JobSpec
+from storage.jobs.spec import GenerationSpec, JobSpec
 
 
 @dataclass

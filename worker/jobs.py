@@ -19,8 +19,8 @@ from storage.bundle.writer import BundleWriter
 from storage.errors import JobCancelled, LeaseLost, QkvaultError, StoreUnavailable
 from storage.index import Index
 from storage.index.records import JobRecord, JobState
-from storage.jobspec import JobSpec
-from storage.objectstore import ObjectStore, StoreRetry
+from storage.jobs.spec import JobSpec
+from storage.stores.objectstore import ObjectStore, StoreRetry
 from worker.models import ModelCache
 from worker.reporting import JobReporter, ReportIntervals
 from worker.settings import WorkerSettings

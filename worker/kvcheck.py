@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from storage.kvspec import KVMethodSpec
+from storage.kvquant.spec import KVMethodSpec
 from worker.generation import Batch, cache_argument
 from worker.kvexport import codec_for
 

@@ -24,7 +24,7 @@ import torch
 
 from storage.bundle.layout import BundleLayout
 from storage.kvquant.registry import kv_method
-from storage.kvspec import KVMethodSpec
+from storage.kvquant.spec import KVMethodSpec
 from worker.capture.attention_math import causal_allowed
 from worker.kvfidelity import METRICS, FidelityAccumulator, fidelity_block
 from worker.kvquant import KIVI, TurboQuantMSE, TurboQuantProd, to_numpy

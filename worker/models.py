@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from storage.errors import ModelLoadError, UnsupportedModel
-from storage.jobspec import ModelSpec
-from storage.modelinfo import (
+from storage.jobs.spec import ModelSpec
+from storage.models.facts import (
     ModelFacts,
     ModelSource,
     check_supported_type,

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from storage.bundle.labels import LABELS, SummaryParams, kv_head_mean, label_heads
 from storage.bundle.layout import BundleLayout
-from storage.capturespec import SummaryParams, TopHeadsSpec
-from storage.summary import LABELS, kv_head_mean, label_heads
+from storage.jobs.capture import TopHeadsSpec
 from worker.capture.metrics import QUANTILES, HeadSummary
 
 KV_AGGREGATES = ("sink", "local", "middle", "entropy", "k90_frac", "max_weight")

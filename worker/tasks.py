@@ -28,7 +28,7 @@ class WorkerState:
     def resources(self) -> tuple[Any, Any, Any]:
         if self._index is None:
             from storage.index import Index
-            from storage.objectstore import ObjectStore
+            from storage.stores.objectstore import ObjectStore
             from worker.models import ModelCache
 
             self._index = Index(self.settings.database_url)

@@ -45,8 +45,9 @@ from storage.bundle.zipstream import open_bundle_zip
 from storage.errors import BundleNotReady
 from storage.index import TERMINAL_STATES, JobRecord, JobState
 from storage.index.submit import submit_job as submit_to_index
-from storage.jobspec import SMOLLM2_GGUF, JobSpec
-from storage.specinputs import utf8
+from storage.inputs import utf8
+from storage.jobs.spec import JobSpec
+from storage.models.spec import SMOLLM2_GGUF
 from worker.app import enqueue_export, revoke_export
 
 log = logging.getLogger("qkvault.api")

@@ -5,12 +5,12 @@ numpy only (the layout is only a type here). Everything else reads this registry
 
 - ``storage.bundle.layout.BundleLayout``: which arrays a job creates, their shapes, chunks, dtypes
   and fill values (the worker creates them, the API estimates them);
-- ``storage.estimate``: the stored-bytes rule and the measured cost per element of each array;
+- ``storage.jobs.estimate``: the stored-bytes rule and the measured cost per element of each array;
 - ``worker.capture.session``: the row blocks it buffers for the streamed arrays;
 - ``storage.bundle.attention``: the dims of a derived bundle's computed ``attention``;
 - ``qkvault.show``: each array's meaning;
 - docs/bundle-format.md: its array table (``python scripts/array_table.py --write``,
-  :mod:`storage.bundle.arrays_doc`).
+  :mod:`storage.jobs.arrays_doc`).
 
 Adding an array: one :class:`ArraySpec` in :data:`ARRAYS` (and ``FORMAT_VERSION``), its producer on
 the worker, its chunk regions in ``storage/bundle/writer.py`` if it is written in row blocks.
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # model runs; "per sequence": one chunk per sequence; "whole": one chunk. The last two are written in
 # one piece (the coordinates when the bundle is created, the rest when the job ends).
 Chunking = Literal["row blocks", "per sequence", "whole"]
-# How the estimate counts stored bytes (storage/estimate.py, docs/estimates.md):
+# How the estimate counts stored bytes (storage/jobs/estimate.py, docs/estimates.md):
 # "attention": stored rows × visible keys, costed by the model's attention profile;
 # "row blocks": every position of every sequence, ⌈length / chunk_rows⌉ row blocks per layer;
 # "tokens": one value per token of each sequence (positions past its length are fill);
@@ -71,7 +71,7 @@ class Rename:
 
 @dataclass(frozen=True)
 class EstimateRule:
-    """How :mod:`storage.estimate` counts an array: ``kind`` (see :data:`EstimateKind`) and
+    """How :mod:`storage.jobs.estimate` counts an array: ``kind`` (see :data:`EstimateKind`) and
     ``cost``, stored bytes per element with data for each dtype, measured with the "zstd" codec
     (docs/estimates.md; a dtype not listed costs its raw size, 8 bytes per string)."""
 

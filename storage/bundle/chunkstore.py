@@ -12,7 +12,7 @@ ChunkEncoder`) and zarr itself (array metadata, small arrays, groups), through t
    (``rewritten``) or when the new bytes differ (``changed``);
 3. **store**: a local bundle's files are written from the calling thread (a temporary file renamed
    into place: readers never see a partial chunk); an ``s3://`` bundle goes through zarr's
-   ``FsspecStore`` under the retry policy :class:`~storage.objectstore.StoreRetry` (transient
+   ``FsspecStore`` under the retry policy :class:`~storage.stores.objectstore.StoreRetry` (transient
    errors retried with backoff, then :class:`~storage.errors.StoreUnavailable`);
 4. **record**: each stored (or verified) chunk becomes a :class:`~storage.bundle.records.
    ChunkRecord` handed to ``on_stored``, from the storing thread, once the store confirmed it.
@@ -39,7 +39,7 @@ from zarr.storage import LocalStore, WrapperStore
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum, matches
 from storage.bundle.records import ChunkRecord, parse_chunk_key
 from storage.bundle.resume import ResumeSet
-from storage.objectstore import StoreRetry, zarr_store
+from storage.stores.objectstore import StoreRetry, zarr_store
 
 __all__ = ["ChunkStore"]
 

@@ -12,7 +12,7 @@ import xarray as xr
 from storage.bundle.derived import Backend
 from storage.bundle.format import FORMAT_NAME, SUPPORTED_MAJOR
 from storage.errors import BundleNotReady, QkvaultError
-from storage.objectstore import is_s3, zarr_store
+from storage.stores.objectstore import is_s3, zarr_store
 
 
 class UnsupportedBundle(QkvaultError, ValueError):

@@ -37,7 +37,7 @@ from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
 from storage.bundle.rowblocks import place_row_block
 from storage.errors import StoreError
-from storage.objectstore import StoreRetry
+from storage.stores.objectstore import StoreRetry
 
 
 def _create(

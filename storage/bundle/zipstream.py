@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import BundleNotReady
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest timestamp ZIP can express
 FILE_MODE = 0o100644  # regular file, rw-r--r--

@@ -3,7 +3,7 @@
 The hand-written migrations ``migrations/versions/0001_initial.py`` and ``0002_api_keys_idempotency.py``
 create exactly these tables; ``tests/storage/test_index.py`` checks that the two agree, and that every
 ``JobRecord`` field has a ``jobs`` column of the same name (``JobRow.to_record`` copies them by name).
-Where a new job field goes: :mod:`storage.jobfields`.
+Where a new job field goes: :mod:`storage.jobs.fields`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from storage.jobfields import COMPUTED_FIELDS, TERMINAL_STATES, JobFields, JobState, Progress
+from storage.jobs.fields import COMPUTED_FIELDS, TERMINAL_STATES, JobFields, JobState, Progress
 
 __all__ = ["TERMINAL_STATES", "JobRecord", "JobState"]
 
@@ -19,9 +19,9 @@ class JobRecord:
     """One row of ``jobs``. Every datetime is timezone-aware UTC.
 
     A field here is copied by name from the ``JobRow`` column of the same name
-    (:meth:`storage.index.models.JobRow.to_record`), and, when :class:`storage.jobfields.JobFields`
+    (:meth:`storage.index.models.JobRow.to_record`), and, when :class:`storage.jobs.fields.JobFields`
     declares it, on to the public job document (:meth:`public_fields`). A new field: see
-    :mod:`storage.jobfields`.
+    :mod:`storage.jobs.fields`.
     """
 
     id: str
@@ -67,10 +67,10 @@ class JobRecord:
         )
 
     def public_fields(self) -> dict[str, Any]:
-        """The fields of :class:`~storage.jobfields.JobFields` this record provides: each declared
+        """The fields of :class:`~storage.jobs.fields.JobFields` this record provides: each declared
         field copied from the record field of the same name, and ``progress`` computed. ``links``
         are left to the API; the stored ``spec`` is handed back as stored (see
-        :func:`storage.jobspec.stored_spec` for a lenient read)."""
+        :func:`storage.jobs.spec.stored_spec` for a lenient read)."""
         values = {name: getattr(self, name) for name in JobFields.model_fields if name not in COMPUTED_FIELDS}
         values["progress"] = self.progress()
         return values

@@ -13,7 +13,7 @@ import xarray as xr
 from storage.bundle.reader import open_bundle, open_group
 from storage.errors import BundleNotReady
 from storage.kvquant.registry import KVMethodDef, StoredCell, kv_method
-from storage.kvspec import KVMethodSpec
+from storage.kvquant.spec import KVMethodSpec
 
 
 class KVBundle:

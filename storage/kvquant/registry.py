@@ -6,8 +6,8 @@ torch); its torch codec (encoder, the dequantised cache the fidelity report scor
 check's round trip) is registered under the same name with ``worker.kvexport.register_codec``.
 Everything else looks the method up by name:
 
-- ``storage.kvspec``: which names, bit widths and method parameters a job spec may give;
-- ``storage.estimate``: theoretical bits of the codes plus the group-wide arrays;
+- ``storage.kvquant.spec``: which names, bit widths and method parameters a job spec may give;
+- ``storage.jobs.estimate``: theoretical bits of the codes plus the group-wide arrays;
 - ``worker.kvexport``: the group-wide arrays written next to the codes, the theoretical ratio;
 - ``storage.kvquant.reader``: dequantisation and score estimation of a stored cell.
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from storage.kvspec import KVMethodSpec
+    from storage.kvquant.spec import KVMethodSpec
 
 # name → (dims, data) of one array of a ``kv/<method>_<bits>`` group
 GroupArrays = dict[str, tuple[tuple[str, ...], np.ndarray]]

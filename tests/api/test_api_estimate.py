@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.schemas import human_bytes
 from api.settings import ApiSettings
-from storage.bundle.layout import kept_positions
-from storage.jobspec import JobSpec
-from storage.modelinfo import tokenizer_file
+from storage.jobs.layout import kept_positions
+from storage.jobs.spec import JobSpec
+from storage.models.facts import tokenizer_file
 from tests.api.support import MAX_PROMPTS, SMOLLM2
 
 PROBLEM_JSON = "application/problem+json"
@@ -291,7 +291,7 @@ def test_without_the_tokenizers_library_a_long_prompt_is_not_admitted(
     """The model has a tokenizer.json but ``tokenizers`` is not importable (an API installed without
     it): a server misconfiguration (503 naming the package), never a silently approximated count that
     would admit a prompt too long for the model."""
-    from storage import estimate as estimate_module
+    from storage.jobs import estimate as estimate_module
 
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
     estimate_module._tokenizer.cache_clear()
@@ -324,7 +324,7 @@ def test_gguf_tokenizer_from_the_model_cache(make_client: Callable[..., TestClie
 
     spec = JobSpec.model_validate({"model": {"id": SMOLLM2}, "prompts": ["The capital of France is"]})
     if tokenizer_file(spec.model, model_cache_dir()) is None:  # the worker dequantises once (~15 s)
-        from storage.modelinfo import resolve_source
+        from storage.models.facts import resolve_source
         from worker.models import _dequantised_gguf
 
         _dequantised_gguf(resolve_source(spec.model), model_cache_dir())

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from storage.index import Index
-from storage.jobspec import JobSpec
+from storage.jobs.spec import JobSpec
 from tests.api.support import SMOLLM2
 
 TodaysJobSpec = JobSpec  # not replaced by spec_gains_a_field

@@ -300,7 +300,7 @@ def _tiny_config_folder(tmp_path: Path, model_type: str) -> Path:
 
 
 def test_refused_architecture_gives_422_with_the_matrix_reason(client: TestClient, tmp_path: Path) -> None:
-    from storage.architectures import architecture
+    from storage.models.architectures import architecture
 
     folder = _tiny_config_folder(tmp_path, "bloom")  # attention outside AttentionInterface
     spec = {"model": {"id": str(folder)}, "prompts": ["hi"]}

@@ -14,7 +14,7 @@ import zarr
 
 from storage.bundle.zipstream import ZIP_EPOCH, iter_bundle_zip, open_bundle_zip, write_bundle_zip
 from storage.errors import BundleNotReady
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.api.support import write_small_bundle
 from tests.services import S3Server
 

@@ -273,7 +273,7 @@ def test_submit_get_list_cancel(api: tuple[FakeApi, str]) -> None:
     assert job.spec["prompts"] == ["hello"]
     assert job.created_at is not None and job.created_at.tzinfo is not None
 
-    from storage.jobspec import JobSpec
+    from storage.jobs.spec import JobSpec
 
     typed = client.submit(JobSpec.model_validate({"model": {"id": "m"}, "prompts": "one prompt"}))
     assert typed.spec["prompts"] == ["one prompt"] and typed.spec["generation"]["max_new_tokens"] == 0

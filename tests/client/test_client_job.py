@@ -1,5 +1,5 @@
 """The client's Job reads the API's job document: its fields are the API's (one declaration,
-storage.jobfields), parsed leniently so that older and newer servers' documents still read."""
+storage.jobs.fields), parsed leniently so that older and newer servers' documents still read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from qkvault.job import Job, Progress
-from storage.jobfields import JobFields
+from storage.jobs.fields import JobFields
 
 NOW = "2026-01-02T03:04:05Z"
 

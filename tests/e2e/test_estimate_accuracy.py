@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from storage.estimate import JobEstimate, count_prompt_tokens, estimate
-from storage.jobspec import SMOLLM2_GGUF, JobSpec
-from storage.modelinfo import read_facts, tokenizer_file
+from storage.jobs.estimate import JobEstimate, count_prompt_tokens, estimate
+from storage.jobs.spec import JobSpec
+from storage.models.facts import read_facts, tokenizer_file
+from storage.models.spec import SMOLLM2_GGUF
 
 LONG = (
     "Honeybees live in colonies that can number tens of thousands of workers, a single queen and, in "

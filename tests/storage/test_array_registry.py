@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from storage.bundle.arrays import ARRAYS, DIM_SIZES, ROW_ARRAYS, array_spec
-from storage.bundle.arrays_doc import BEGIN, END, array_table_of, render_array_table, with_array_table
 from storage.bundle.format import FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
-from storage.estimate import estimate
-from storage.jobspec import JobSpec
-from storage.modelinfo import ModelFacts
+from storage.jobs.arrays_doc import BEGIN, END, array_table_of, render_array_table, with_array_table
+from storage.jobs.estimate import estimate
+from storage.jobs.spec import JobSpec
+from storage.models.facts import ModelFacts
 
 REPO = Path(__file__).resolve().parents[2]
 NAN = float("nan")
@@ -165,7 +165,7 @@ CASES: dict[str, tuple[ModelFacts, dict[str, Any], dict[str, Any], list[int]]] =
     ),
 }
 # per array (chunks written, raw bytes, expected stored bytes), and the job's expected stored bytes,
-# as storage/estimate.py computed them before the registry
+# as storage/jobs/estimate.py computed them before the registry
 ESTIMATES: dict[str, tuple[dict[str, tuple[int, int, int]], int]] = {
     "toy_qkv_lz4": (
         {

@@ -21,7 +21,7 @@ from storage.errors import JobNotFound, JobStateConflict
 from storage.index import TERMINAL_STATES, ChunkRecord, Index, JobRecord, JobState
 from storage.index.migrate import current_revision
 from storage.index.models import Base, JobRow
-from storage.jobfields import COMPUTED_FIELDS, JobFields
+from storage.jobs.fields import COMPUTED_FIELDS, JobFields
 from tests.conftest import IndexFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_migrate_twice_is_a_noop_and_matches_models(index: Index) -> None:
 
 
 def test_job_fields_agree_from_row_to_record_to_public_document() -> None:
-    """The public job fields are declared once (storage.jobfields.JobFields); the record carries
+    """The public job fields are declared once (storage.jobs.fields.JobFields); the record carries
     each of them under the same name, and the row a column for every record field (the mappers copy by
     name; the migrations match the row: test above)."""
     record_fields = {f.name for f in fields(JobRecord)}

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from storage.kvquant.registry import kv_method, method_names, register
-from storage.kvspec import KVMethodSpec
+from storage.kvquant.spec import KVMethodSpec
 
 
 def test_spec_names_bits_and_parameters_come_from_the_registry() -> None:

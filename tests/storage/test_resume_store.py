@@ -15,7 +15,7 @@ from storage.bundle.checksum import checksum
 from storage.bundle.chunkstore import ChunkStore
 from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
-from storage.objectstore import zarr_store
+from storage.stores.objectstore import zarr_store
 from tests.services import S3Server
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.capturespec import SummaryParams
-from storage.summary import LABEL_METRICS, LABELS, kv_head_mean, label_heads
+from storage.bundle.labels import LABEL_METRICS, LABELS, SummaryParams, kv_head_mean, label_heads
 
 BASE = {  # a "mixed" head: no rule matches
     "entropy_norm": 0.5,

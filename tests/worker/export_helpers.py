@@ -10,7 +10,7 @@ import xarray as xr
 
 from storage.bundle import open_bundle
 from storage.bundle.writer import BundleWriter
-from storage.jobspec import JobSpec
+from storage.jobs.spec import JobSpec
 from worker.export import Exporter
 from worker.models import LoadedModel, load_model
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.architectures import MATRIX_FILE, admitted_types, matrix
+from storage.models.architectures import MATRIX_FILE, admitted_types, matrix
 from worker.archmatrix.check import EXACT_ATOL, TypeResult
 from worker.archmatrix.report import COMMAND, markdown
 from worker.archmatrix.run import causal_lm_types, run_matrix

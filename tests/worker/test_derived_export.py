@@ -13,7 +13,7 @@ import pytest
 
 from storage.bundle import Bundle, open_bundle
 from storage.bundle.attention import derived_source
-from storage.jobspec import JobSpec
+from storage.jobs.spec import JobSpec
 
 from .export_helpers import export, loaded
 from .oracle import eager_attentions
@@ -179,8 +179,8 @@ def test_worker_computes_no_probabilities_and_one_logit_row(
 
 
 def test_estimate_counts_derived_bytes(tiny_model_dir: Any, tmp_path: Path) -> None:
-    from storage.estimate import count_prompt_tokens, estimate
-    from storage.modelinfo import read_facts, tokenizer_file
+    from storage.jobs.estimate import count_prompt_tokens, estimate
+    from storage.models.facts import read_facts, tokenizer_file
     from tests.e2e.test_estimate_accuracy import on_disk
 
     folder = str(tiny_model_dir("llama"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from storage.jobspec import GenerationSpec
-from storage.specinputs import MAX_SEED
+from storage.inputs import MAX_SEED
+from storage.jobs.spec import GenerationSpec
 from worker.export import choose_next
 
 from .export_helpers import export

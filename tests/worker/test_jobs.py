@@ -12,7 +12,7 @@ from storage.bundle import open_bundle
 from storage.bundle.checksum import matches
 from storage.errors import JobCancelled
 from storage.index import Index, JobState
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from worker.jobs import run_job
 from worker.models import ModelCache
 from worker.settings import WorkerSettings

@@ -87,7 +87,7 @@ def test_numpy_reader_equals_worker_dequantisation(kv_bundle: tuple[Path, Any]) 
 def test_duplicate_methods_and_foreign_parameters_are_refused() -> None:
     from pydantic import ValidationError
 
-    from storage.jobspec import JobSpec
+    from storage.jobs.spec import JobSpec
 
     base = {"model": {"id": "a/b"}, "prompts": ["x"]}
     with pytest.raises(ValidationError, match="more than once"):

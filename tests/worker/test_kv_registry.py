@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from storage.jobspec import JobSpec
+from storage.jobs.spec import JobSpec
 from storage.kvquant.reader import KVBundle
 from storage.kvquant.registry import KVMethodDef, StoredCell, method_names, register, unregister
-from storage.kvspec import KVMethodSpec
+from storage.kvquant.spec import KVMethodSpec
 from worker.kvexport import codec_names, register_codec, unregister_codec
 
 from .export_helpers import export
@@ -106,7 +106,7 @@ def test_a_method_registered_here_is_validated_from_its_entry(fp16_method: str) 
 
 
 def test_a_method_registered_here_exports_reads_and_estimates(fp16_method: str, tmp_path: Path) -> None:
-    from storage.estimate import estimate
+    from storage.jobs.estimate import estimate
 
     from .tiny_models import build_tiny_model
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage.capturespec import SummaryParams
-from storage.summary import label_heads
+from storage.bundle.labels import SummaryParams, label_heads
 from worker.capture.metrics import (
     QUANTILE_METRICS,
     QUANTILES,

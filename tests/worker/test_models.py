@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from storage.errors import ModelLoadError, UnsupportedModel
-from storage.jobspec import ModelSpec
-from storage.modelinfo import resolve_source
+from storage.jobs.spec import ModelSpec
+from storage.models.facts import resolve_source
 from worker.models import ModelCache, _dequantised_gguf
 
 from .conftest import model_cache_dir
@@ -37,7 +37,7 @@ def test_model_cache_reuses_the_loaded_model(tiny_model_dir: Any, tmp_path: Path
 
 def test_refused_types_give_the_matrix_reason(tmp_path: Path) -> None:
     """A type the matrix refused is refused on load with the matrix's reason (not a generic one)."""
-    from storage.architectures import architecture
+    from storage.models.architectures import architecture
     from worker.archmatrix.check import build_model_folder
 
     build_model_folder("mamba", tmp_path / "mamba")

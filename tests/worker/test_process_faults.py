@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from storage.index import Index, JobState
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.faults import RestartableRedis, audit_chunks, bundle_files, kill_group, wait_until
 from tests.services import start_worker
 from tests.soak import fast_env, job_spec, kill_scenario, reconciler

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from storage.index import ChunkRecord, Index, JobRecord, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.services import qkvault_env, start_worker, subprocess_env
 from worker.app import create_celery_app, enqueue_export
 from worker.reconciler import ReconcileReport, reconcile_once

@@ -151,7 +151,7 @@ def test_stored_summary_equals_numpy_reference_from_exported_attention(
 ) -> None:
     """The summary computed while rows streamed equals a plain numpy computation (the spec's
     formulas, tests/worker/test_metrics.py) over the same job's exported full attention."""
-    from storage.capturespec import SummaryParams
+    from storage.bundle.labels import SummaryParams
 
     from .test_metrics import ROW_METRICS, reference_row
 
@@ -194,7 +194,7 @@ def test_induction_probe_scores_match_eager_attention(long_llama: str, tmp_path:
     spec = _spec(long_llama, summary=True, attention=False, induction_probe={"length": 20, "seed": 3})
     export(spec, tmp_path / "b.zarr")
     summary = xr.open_zarr(str(tmp_path / "b.zarr"), group="summary", zarr_format=3).load()
-    from storage.capturespec import InductionProbeSpec
+    from storage.jobs.capture import InductionProbeSpec
     from worker.capture.induction import probe_tokens
 
     model = AutoModelForCausalLM.from_pretrained(long_llama)

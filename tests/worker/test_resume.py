@@ -18,7 +18,7 @@ import pytest
 from storage.index import ChunkRecord, Index, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.faults import audit_chunks, bundle_differences, bundle_files
 from worker.jobs import run_job
 from worker.models import ModelCache

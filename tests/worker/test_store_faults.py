@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from storage.index import Index, JobState
-from storage.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore
 from tests.faults import FaultyProxy, audit_chunks, bundle_differences, bundle_files, wait_until
 from tests.services import S3Server
 from tests.soak import job_spec
@@ -80,7 +80,7 @@ def proxy(s3_server: S3Server) -> Iterator[FaultyProxy]:
 @pytest.fixture
 def env(s3_server: S3Server, proxy: FaultyProxy, tmp_path: Path) -> dict[str, Any]:
     # botocore's own retries off (each try is one request through the proxy); s3fs and
-    # storage.objectstore.StoreRetry retry what fails
+    # storage.stores.objectstore.StoreRetry retry what fails
     options = {
         **s3_server.storage_options(),
         "endpoint_url": proxy.endpoint_url,

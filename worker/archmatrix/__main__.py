@@ -1,7 +1,7 @@
 """``python -m worker.archmatrix``: run the architecture matrix and write its verdicts.
 
-    python -m worker.archmatrix                 # every causal-LM type; writes storage/architectures.json
-                                                # and docs/architectures.md
+    python -m worker.archmatrix                 # every causal-LM type; writes its verdicts to
+                                                # storage/models/architectures.json and docs/architectures.md
     python -m worker.archmatrix llama gemma2    # only these types (printed, nothing written)
     python -m worker.archmatrix --jobs 2        # processes (default: the CPU count, at most 4)
     python -m worker.archmatrix --cuda-bf16 gemma2 gpt_oss   # the CUDA oracle: bf16 weights on the GPU
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{exact} of {len(results)} model types exact", file=sys.stderr)
     if not args.types and not args.cuda_bf16:
         write_outputs(results, docs=args.docs)
-        print(f"wrote storage/architectures.json and {args.docs}", file=sys.stderr)
+        print(f"wrote storage/models/architectures.json and {args.docs}", file=sys.stderr)
     else:
         for r in results:
             print(

@@ -80,7 +80,7 @@ class TypeResult:
     seconds: float = 0.0
 
     def entry(self) -> dict[str, Any]:
-        """The ``storage/architectures.json`` entry (what the API and the worker read)."""
+        """The ``storage/models/architectures.json`` entry (what the API and the worker read)."""
         data = asdict(self)
         for key in ("model_type", "qkv_error", "logits_error", "derived_error", "seconds"):
             data.pop(key)
@@ -113,7 +113,7 @@ def build_model_folder(
 def _export(folder: Path, out: Path, lm: Any, precision: Precision, **capture: Any) -> Any:
     from storage.bundle import open_bundle
     from storage.bundle.writer import BundleWriter
-    from storage.jobspec import JobSpec
+    from storage.jobs.spec import JobSpec
     from worker.export import Exporter
 
     spec = JobSpec.model_validate(
@@ -325,7 +325,7 @@ def _check(
     precision: Precision,
     overrides: dict[str, Any] | None = None,
 ) -> None:
-    from storage.jobspec import ModelSpec
+    from storage.jobs.spec import ModelSpec
     from worker.archmatrix.reasons import refusal_reason, unknown_mechanism_reason
 
     folder = root / "model"

@@ -1,4 +1,4 @@
-"""The matrix's outputs: ``storage/architectures.json`` (read by the API and the worker) and
+"""The matrix's outputs: ``storage/models/architectures.json`` (read by the API and the worker) and
 docs/architectures.md (one row per model type), both generated from the same results."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from storage.architectures import MATRIX_FILE
+from storage.models.architectures import MATRIX_FILE
 from worker.archmatrix.check import EXACT_ATOL, NEW_TOKENS, PROMPTS, TypeResult
 
 COMMAND = "python -m worker.archmatrix"

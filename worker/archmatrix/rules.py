@@ -2,7 +2,7 @@
 attention calls against a few generic rule forms (no per-type code).
 
 The API reads configs without torch, so it cannot run the model: it evaluates these rules
-(:mod:`storage.architectures`). Each rule is the first candidate that gives, on the tiny config,
+(:mod:`storage.models.architectures`). Each rule is the first candidate that gives, on the tiny config,
 exactly what the model's attention calls showed.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.architectures import attention_layers, canonical, evaluate
-from storage.modelinfo import ModelFacts
+from storage.models.architectures import attention_layers, canonical, evaluate
+from storage.models.facts import ModelFacts
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "num_layers": ("num_hidden_layers", "decoder_layers", "num_layers"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from storage.capturespec import InductionProbeSpec
+from storage.jobs.capture import InductionProbeSpec
 
 
 def probe_tokens(

@@ -2,7 +2,7 @@
 
 :func:`row_metrics` turns one block of attention rows into per-row metrics on the device the rows
 live on (CPU or CUDA); :class:`HeadMetricsAccumulator` keeps the eligible rows' running sums (float64)
-and the per-row values the quantiles need on the host. Labels come from :mod:`storage.summary`.
+and the per-row values the quantiles need on the host. Labels come from :mod:`storage.bundle.labels`.
 
 Shapes: L exported layers, B sequences, H exported query heads, n query rows, K key columns.
 """
@@ -15,7 +15,8 @@ from typing import get_args
 import numpy as np
 import torch
 
-from storage.capturespec import RankMetric, SummaryParams
+from storage.bundle.labels import SummaryParams
+from storage.jobs.capture import RankMetric
 
 ROW_METRICS: tuple[str, ...] = get_args(RankMetric)  # declared once, with the spec's ranking names
 QUANTILE_METRICS: tuple[str, ...] = (

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from storage.errors import UnsupportedModel
-from storage.modelinfo import ModelFacts
+from storage.models.facts import ModelFacts
 from worker.capture.hook import AttentionCall, capturing
 
 

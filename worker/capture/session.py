@@ -19,7 +19,7 @@ import torch
 
 from storage.bundle.arrays import array_spec
 from storage.bundle.layout import BundleLayout
-from storage.capturespec import ResolvedCapture
+from storage.jobs.capture import ResolvedCapture
 from worker.capture.attention_math import (
     attention_probs,
     causal_allowed,

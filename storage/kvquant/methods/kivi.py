@@ -16,7 +16,7 @@ from storage.kvquant.kivi import kivi_decode_keys, kivi_decode_values, quantized
 from storage.kvquant.registry import KVMethodDef, StoredCell
 
 if TYPE_CHECKING:
-    from storage.kvspec import KVMethodSpec
+    from storage.kvquant.spec import KVMethodSpec
 
 
 def job_bits(method: KVMethodSpec, dim: int, lengths: Sequence[int]) -> float:

@@ -18,7 +18,7 @@ from storage.kvquant.rotation import qjl_matrix, rotation_matrix
 from storage.kvquant.turboquant import mse_decode, prod_scores
 
 if TYPE_CHECKING:
-    from storage.kvspec import KVMethodSpec
+    from storage.kvquant.spec import KVMethodSpec
 
 BITS = (2, 3, 4)
 

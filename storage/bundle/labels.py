@@ -3,7 +3,7 @@
 numpy only: the worker labels heads with it when it writes a bundle, and a researcher can relabel
 the stored means with other thresholds in Jupyter::
 
-    from storage.capturespec import SummaryParams
+    from storage.bundle.labels import SummaryParams, label_heads
     labels = label_heads(means, rows[..., None], SummaryParams(sink_mass=0.7))
 """
 
@@ -13,8 +13,33 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from storage.capturespec import SummaryParams
+
+class SummaryParams(BaseModel):
+    """Parameters of the per-head metrics and labels (HEAD_METRICS.md): ``capture.summary_params``
+    of a job spec, stored in the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sink_tokens: int = Field(4, ge=1, le=1024, description="s: the first s keys are the sink set")
+    local_window: int = Field(64, ge=1, le=65536, description="W: the last W keys are the local set")
+    uniform_entropy_norm: float = Field(0.85, ge=0, le=1)
+    previous_token_weight: float = Field(0.4, ge=0, le=1)
+    previous_token_argmax_rate: float = Field(0.9, ge=0, le=1)
+    sink_mass: float = Field(0.8, ge=0, le=1)
+    local_mass: float = Field(0.8, ge=0, le=1)
+    streaming_middle_max: float = Field(0.1, ge=0, le=1)
+    streaming_sink_min: float = Field(0.1, ge=0, le=1)
+    streaming_local_min: float = Field(0.1, ge=0, le=1)
+    middle_mass: float = Field(0.5, ge=0, le=1)
+    retrieval_middle_k90_max: int = Field(16, ge=1)
+
+    @property
+    def min_keys(self) -> int:
+        """Rows with fewer visible keys than ``4 (s + W)`` are not eligible for metrics."""
+        return 4 * (self.sink_tokens + self.local_window)
+
 
 LABELS: tuple[str, ...] = (
     "uniform",

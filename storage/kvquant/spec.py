@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, fi
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
+from storage.inputs import MAX_SEED
 from storage.kvquant.registry import kv_method, method_names
-from storage.specinputs import MAX_SEED
 
 # Parameters only some methods use (a method lists those it uses in ``KVMethodDef.params``); the
 # others must keep their defaults.

@@ -1,7 +1,7 @@
 """The architecture matrix's verdicts, read without torch: which model types are admitted, why the
 others are refused, and how a type's config names its sizes.
 
-``storage/architectures.json`` is written by ``python -m worker.archmatrix`` (docs/architectures.md)
+``storage/models/architectures.json`` is written by ``python -m worker.archmatrix`` (docs/architectures.md)
 from a real export of a tiny model of every causal-LM type in transformers' registry, compared with
 eager attention. The API and the worker both read it; nothing here is per-type code: each entry
 carries the config class's own ``attribute_map`` and the rules, found by the matrix, that give the

@@ -243,7 +243,7 @@ def zarr_store(
             os.makedirs(path, exist_ok=True)
         return LocalStore(path, read_only=read_only)
     if retry.deadline_s > 0:
-        from storage.retrystore import RetryingStore
+        from storage.stores.retry import RetryingStore
 
         store = RetryingStore(store, retry)
     return store

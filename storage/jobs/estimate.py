@@ -1,7 +1,7 @@
 """What a job will cost before it runs: array shapes, raw bytes and expected stored bytes.
 
 numpy only (and ``tokenizers``, required when a ``tokenizer.json`` is readable): the API calls this at
-submission. Shapes come from :func:`storage.bundle.layout.layout_for_job`, the function the worker
+submission. Shapes come from :func:`storage.jobs.layout.layout_for_job`, the function the worker
 uses to create the arrays. Stored bytes count the chunks the worker actually writes and a
 per-element cost of the Blosc zstd-1 byte-shuffle encoding measured on real bundles; each array's
 rule and costs are part of its declaration (``ArraySpec.estimate``, :mod:`storage.bundle.arrays`).
@@ -20,11 +20,12 @@ import numpy as np
 
 from storage.bundle.arrays import ArraySpec, array_spec
 from storage.bundle.derived import materialised_bytes
-from storage.bundle.layout import BundleLayout, kept_positions, layout_for_job
-from storage.capturespec import ResolvedCapture
+from storage.bundle.layout import BundleLayout
 from storage.errors import ServerMisconfigured
-from storage.jobspec import JobSpec
-from storage.modelinfo import ModelFacts
+from storage.jobs.capture import ResolvedCapture
+from storage.jobs.layout import kept_positions, layout_for_job
+from storage.jobs.spec import JobSpec
+from storage.models.facts import ModelFacts
 
 CHAT_TEMPLATE_TOKENS = 32  # per prompt: system block + role markers (SmolLM2's template adds 30)
 BYTES_PER_TOKEN = 4  # UTF-8 bytes per token when no tokenizer is readable (English prose ~4-5, code ~3)

@@ -23,7 +23,7 @@ Nothing else: the API response, the docs and the client pick it up. This module 
 so that the client (``qkvault``) can import it without the SQL index or the bundle reader.
 
 The job **spec** is stored as the JSON submitted (validated strictly at submission, defaults filled
-in) and shown as stored: :func:`storage.jobspec.stored_spec` reads it leniently, so a spec stored by
+in) and shown as stored: :func:`storage.jobs.spec.stored_spec` reads it leniently, so a spec stored by
 an older or newer version still lists and reads after ``JobSpec`` changes.
 """
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from storage.bundle.labels import SummaryParams
+
 Detail = Literal["summary", "attention_only", "top_heads", "full"]
 SWITCHES = ("attention", "qkv", "hidden_states", "summary", "alternatives")
 
@@ -70,28 +72,6 @@ RankMetric = Literal[
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SummaryParams(_Strict):
-    """Parameters of the per-head metrics and labels (HEAD_METRICS.md); stored in the bundle."""
-
-    sink_tokens: int = Field(4, ge=1, le=1024, description="s: the first s keys are the sink set")
-    local_window: int = Field(64, ge=1, le=65536, description="W: the last W keys are the local set")
-    uniform_entropy_norm: float = Field(0.85, ge=0, le=1)
-    previous_token_weight: float = Field(0.4, ge=0, le=1)
-    previous_token_argmax_rate: float = Field(0.9, ge=0, le=1)
-    sink_mass: float = Field(0.8, ge=0, le=1)
-    local_mass: float = Field(0.8, ge=0, le=1)
-    streaming_middle_max: float = Field(0.1, ge=0, le=1)
-    streaming_sink_min: float = Field(0.1, ge=0, le=1)
-    streaming_local_min: float = Field(0.1, ge=0, le=1)
-    middle_mass: float = Field(0.5, ge=0, le=1)
-    retrieval_middle_k90_max: int = Field(16, ge=1)
-
-    @property
-    def min_keys(self) -> int:
-        """Rows with fewer visible keys than ``4 (s + W)`` are not eligible for metrics."""
-        return 4 * (self.sink_tokens + self.local_window)
 
 
 class InductionProbeSpec(_Strict):

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import get_args
 
 from storage.bundle.arrays import ARRAYS, ArraySpec
-from storage.jobspec import StorageDtype, StorageSpec
+from storage.jobs.spec import StorageDtype, StorageSpec
 from storage.settings_doc import generated_part, with_table
 
 BEGIN = (
