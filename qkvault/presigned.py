@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 
+from qkvault.bundlefile import PIECE_BYTES
 from qkvault.errors import QkvaultClientError
-
-_PIECE_BYTES = 1 << 20
 
 
 def fetch_objects(objects: Iterable[Mapping[str, Any]], dest: Path, timeout: httpx.Timeout) -> Path:
@@ -40,7 +39,7 @@ def fetch_objects(objects: Iterable[Mapping[str, Any]], dest: Path, timeout: htt
                             status=response.status_code,
                         )
                     with open(target, "wb") as fh:
-                        for piece in response.iter_bytes(_PIECE_BYTES):
+                        for piece in response.iter_bytes(PIECE_BYTES):
                             fh.write(piece)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(partial, dest)

@@ -149,7 +149,8 @@ def test_commands_use_the_embedded_stacks_key_only_for_that_stack(
     import json
     import os
 
-    from qkvault.cli import _api_target, build_parser
+    from qkvault.cli import build_parser
+    from qkvault.cli_common import api_target
     from qkvault.embedded import API_KEY_FILE, STATE_FILE
 
     monkeypatch.delenv("QKVAULT_API_KEY", raising=False)
@@ -160,12 +161,12 @@ def test_commands_use_the_embedded_stacks_key_only_for_that_stack(
     (home / STATE_FILE).write_text(json.dumps({"base_url": "http://127.0.0.1:9", "pid": os.getpid()}))
     parse = build_parser().parse_args
 
-    assert _api_target(parse(["list", "--home", str(home)])) == ("http://127.0.0.1:9", "qk_local")
-    assert _api_target(parse(["list", "--home", str(home), "--api-key", "qk_mine"]))[1] == "qk_mine"
+    assert api_target(parse(["list", "--home", str(home)])) == ("http://127.0.0.1:9", "qk_local")
+    assert api_target(parse(["list", "--home", str(home), "--api-key", "qk_mine"]))[1] == "qk_mine"
     # another server never receives the local key
-    assert _api_target(parse(["list", "--home", str(home), "--api", "http://other:8000"])) == (
+    assert api_target(parse(["list", "--home", str(home), "--api", "http://other:8000"])) == (
         "http://other:8000",
         None,
     )
     monkeypatch.setenv("QKVAULT_API_BASE_URL", "http://other:8000")
-    assert _api_target(parse(["list", "--home", str(home)])) == (None, None)
+    assert api_target(parse(["list", "--home", str(home)])) == (None, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from client_bundles import HEADS, JOB_ID, LAST_ROW_SEQ0, MODEL_ID, build_dataset
 
-from qkvault.client import open_dataset
+from qkvault.bundlefile import open_dataset
 from qkvault.show import describe_bundle, stored_sizes
 from storage.bundle.arrays import ARRAYS
 
