@@ -6,11 +6,14 @@ model's ``tokenizer.json`` when readable here (``tokenizers``, no transformers).
 facts cannot be read here (e.g. a hub model absent from this machine's cache) the size of the job
 is unknown: it is admitted and the worker checks the model later — unless the workers' Hugging
 Face cache is visible here (``QKVAULT_HUB_CACHE_DIR``): then a hub id missing from it is refused.
+An absolute path outside the model roots (``QKVAULT_MODEL_ROOTS``) is refused before anything is
+read, with one message whatever exists there (:mod:`storage.models.roots`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 from api.problems import LIMIT_EXCEEDED, ApiProblem, field_error
 from api.schemas import LimitCheck, human_bytes
 from api.settings import ApiSettings
+from api.sources import check_source, inline_sequences
 from storage.errors import InvalidJobSpec, QkvaultError, ServerMisconfigured
 from storage.jobs.estimate import JobEstimate, count_prompt_tokens, estimate
 from storage.jobs.modelcheck import check_spec_for_model
@@ -31,6 +35,9 @@ from storage.models.facts import (
     resolve_source,
     tokenizer_file,
 )
+from storage.sources.spec import SourceSpec
+from storage.stores.objectstore import ObjectStore
+from storage.stores.uploads import UploadRecord
 
 MODEL_NOT_ALLOWED = "model-not-allowed"
 ESTIMATE_UNAVAILABLE = "estimate-unavailable"
@@ -131,25 +138,60 @@ def check_allowed(spec: JobSpec, settings: ApiSettings) -> None:
 
 
 def _count_limits(spec: JobSpec, settings: ApiSettings) -> list[Limit]:
+    if spec.source is not None:  # a bulk job: its inline sequences, if any (files: api/sources.py)
+        return [*_sequence_limits(spec.source, settings), _new_tokens_limit(spec, settings)]
+    prompts = Limit(
+        "max_prompts",
+        "QKVAULT_MAX_PROMPTS",
+        "body.prompts",
+        "number of prompts",
+        len(spec.inline_prompts),
+        settings.max_prompts,
+        "split the prompts over several jobs, or send them as a bulk job's source",
+    )
+    return [prompts, _new_tokens_limit(spec, settings)]
+
+
+def _new_tokens_limit(spec: JobSpec, settings: ApiSettings) -> Limit:
+    return Limit(
+        "max_new_tokens",
+        "QKVAULT_MAX_NEW_TOKENS",
+        "body.generation.max_new_tokens",
+        "generation.max_new_tokens",
+        spec.generation.max_new_tokens,
+        settings.max_new_tokens,
+    )
+
+
+def _sequence_limits(source: SourceSpec, settings: ApiSettings) -> list[Limit]:
+    inline = inline_sequences(source)
+    if inline is None:
+        return []
+    name, count = inline
     return [
         Limit(
-            "max_prompts",
-            "QKVAULT_MAX_PROMPTS",
-            "body.prompts",
-            "number of prompts",
-            len(spec.prompts),
-            settings.max_prompts,
-            "split the prompts over several jobs",
-        ),
-        Limit(
-            "max_new_tokens",
-            "QKVAULT_MAX_NEW_TOKENS",
-            "body.generation.max_new_tokens",
-            "generation.max_new_tokens",
-            spec.generation.max_new_tokens,
-            settings.max_new_tokens,
-        ),
+            "max_sequences",
+            "QKVAULT_MAX_SEQUENCES",
+            f"body.source.{name}",
+            f"number of inline sequences (source.{name})",
+            count,
+            settings.max_sequences,
+            "upload them as a file (POST /v1/uploads, qkvault submit --prompts-file) and use a file source",
+        )
     ]
+
+
+def _upload_limit(upload: UploadRecord, settings: ApiSettings) -> Limit:
+    return Limit(
+        "max_upload_bytes",
+        "QKVAULT_MAX_UPLOAD_BYTES",
+        "body.source.upload",
+        f"uploaded file {upload.id}",
+        upload.nbytes or 0,
+        settings.max_upload_bytes,
+        "split the file over several uploads and jobs",
+        unit="bytes",
+    )
 
 
 def check_limits(spec: JobSpec, settings: ApiSettings) -> None:
@@ -185,13 +227,16 @@ def check_hub_cached(spec: JobSpec, hub_cache_dir: Path | None) -> None:
     )
 
 
-def check_model(spec: JobSpec, hub_cache_dir: Path | None = None) -> ModelFacts | None:
+def check_model(
+    spec: JobSpec, hub_cache_dir: Path | None = None, roots: Sequence[Path] | None = None
+) -> ModelFacts | None:
     """Raise :class:`InvalidJobSpec`/:class:`UnsupportedModel` (422) if the model cannot run this
-    spec (or ``model-not-cached``, :func:`check_hub_cached`); return its facts, or ``None`` when
-    they cannot be read here."""
+    spec (a path outside ``roots`` among them, whatever exists there; or ``model-not-cached``,
+    :func:`check_hub_cached`); return its facts, or ``None`` when they cannot be read here."""
+    resolve_source(spec.model, roots)  # the model roots first: nothing is read for a refused path
     check_hub_cached(spec, hub_cache_dir)
     try:
-        facts = read_facts(spec.model, hub_cache_dir)
+        facts = read_facts(spec.model, hub_cache_dir, roots)
     except QkvaultError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -220,16 +265,30 @@ def _check_lengths(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int]) 
             )
 
 
-def assess(spec: JobSpec, settings: ApiSettings, *, enforce: bool = True) -> Admission:
+def assess(
+    spec: JobSpec,
+    settings: ApiSettings,
+    *,
+    enforce: bool = True,
+    store: ObjectStore | None = None,
+    owner: str | None = None,
+) -> Admission:
     """Run every check. ``enforce``: raise the first limit exceeded (submission); otherwise only
-    record the limits (``POST /v1/jobs/estimate``). Invalid specs raise either way."""
+    record the limits (``POST /v1/jobs/estimate``). Invalid specs raise either way. ``store`` and
+    ``owner`` (the caller): where a bulk job's uploaded file is looked up (:mod:`api.sources`)."""
     result = Admission(model_allowed=model_allowed(spec, settings))
     if enforce:
         check_allowed(spec, settings)
     for limit in _count_limits(spec, settings):
         result.check(limit, enforce)
-    result.facts = check_model(spec, settings.hub_cache_dir)
-    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir, settings.hub_cache_dir)
+    roots = settings.model_root_dirs()
+    result.facts = check_model(spec, settings.hub_cache_dir, roots)
+    if spec.source is not None:
+        upload = check_source(spec.source, settings, store, owner)
+        if upload is not None:
+            result.check(_upload_limit(upload, settings), enforce)
+        return result
+    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir, settings.hub_cache_dir, roots)
     prompt_lengths, exact = count_prompt_tokens(spec, tokenizer_json)
     tokens = Limit(
         "max_total_tokens",
@@ -275,6 +334,8 @@ def require_estimate(spec: JobSpec, admission: Admission) -> JobEstimate:
     return admission.estimate
 
 
-def admit(spec: JobSpec, settings: ApiSettings) -> Admission:
+def admit(
+    spec: JobSpec, settings: ApiSettings, *, store: ObjectStore | None = None, owner: str | None = None
+) -> Admission:
     """Submission: every check enforced (403 model not allowed, 422 limits and invalid specs)."""
-    return assess(spec, settings, enforce=True)
+    return assess(spec, settings, enforce=True, store=store, owner=owner)

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.middleware import BodySizeLimit
 from api.problems import install_problem_handlers
-from api.routes import health, jobs
+from api.routes import health, jobs, uploads
 from api.services import Services
 from api.settings import ApiSettings
 
@@ -31,6 +31,9 @@ all); another owner's job id answers 404, like a missing one.
 3. `GET /v1/jobs/{id}/bundle` downloads the Zarr v3 store as a zip; open it with
    `xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)`; or, for bundles on S3,
    `GET /v1/jobs/{id}/bundle/urls` lists short-lived presigned URLs of the store's objects.
+
+A bulk job reads many sequences from a `source` instead of `prompts`: inline texts or token ids, a
+file sent first with `POST /v1/uploads` (JSONL, Parquet, text), or a dataset on the workers' disk.
 
 Every error is an RFC 9457 problem document (`application/problem+json`).
 """
@@ -57,8 +60,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.services = services
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # uploads stream into the store under their own limit (QKVAULT_MAX_UPLOAD_BYTES)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, streamed=[("POST", uploads.PREFIX)]
+    )
     install_problem_handlers(app)  # after the middleware: its catch-all wraps them
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(uploads.router)
     return app

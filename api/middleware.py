@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
@@ -13,11 +14,22 @@ from api.problems import problem_response
 
 class BodySizeLimit:
     """A declared ``Content-Length`` over the limit is answered before the body is read; a chunked
-    body is counted while it streams in (FastAPI re-raises the HTTPException from ``receive``)."""
+    body is counted while it streams in (FastAPI re-raises the HTTPException from ``receive``).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``streamed``: ``(method, path)`` of the routes that stream their body into the store and enforce
+    a limit of their own (``POST /v1/uploads``: ``QKVAULT_MAX_UPLOAD_BYTES``); not limited here."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed: Collection[tuple[str, str]] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.streamed = frozenset(streamed)
+
+    def _is_streamed(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return (scope["method"], path.rstrip("/") or "/") in self.streamed
 
     def _too_large(self, size: str) -> str:
         return (
@@ -26,7 +38,7 @@ class BodySizeLimit:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self._is_streamed(scope):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

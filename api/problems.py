@@ -5,7 +5,9 @@ Members: ``type`` (a slug shared with :mod:`storage.errors` and the job ``error`
 path), plus ``errors: [{loc, msg, type}]`` for field-level validation failures (``loc`` is a dotted
 path such as ``body.generation.max_new_tokens``). Stack traces are logged, never sent; an unexpected
 error is a 500 ``internal-error`` with the ``error_id`` it is logged under, and leaves the connection
-open (:class:`UnexpectedErrors`).
+open (:class:`UnexpectedErrors`). A database that stays unavailable past the retry budget
+(``QKVAULT_DB_RETRY_S``) is a 503 ``index-unavailable`` with ``Retry-After``, never a 500: from the
+index's :class:`~storage.errors.IndexUnavailable`, or a transient database error that escaped it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage.errors import QkvaultError
+from storage.errors import IndexUnavailable, QkvaultError
+from storage.index.retry import is_transient
 
 log = logging.getLogger("qkvault.api")
 
@@ -127,6 +130,7 @@ async def _on_qkvault_error(request: Request, exc: Exception) -> ProblemResponse
     field = exc.detail.get("field")
     errors = [field_error(f"body.{field}", exc.message, doc["type"])] if isinstance(field, str) else None
     extensions = {k: v for k, v in doc.items() if k not in {"type", "title", "detail"}}
+    retry_after = exc.retry_after_s if isinstance(exc, IndexUnavailable) else None
     return problem_response(
         request,
         status=exc.status,
@@ -135,6 +139,7 @@ async def _on_qkvault_error(request: Request, exc: Exception) -> ProblemResponse
         detail=doc["detail"],
         errors=errors,
         extensions=extensions,
+        headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
     )
 
 
@@ -210,7 +215,16 @@ class UnexpectedErrors:
         except Exception as exc:
             if started:
                 raise
-            await _unexpected(Request(scope), exc)(scope, receive, send)
+            request = Request(scope)
+            if is_transient(exc):  # a database error no retry saw (the index retries its own)
+                unavailable = IndexUnavailable(
+                    f"the index database is unavailable ({type(exc).__name__}); try again shortly",
+                    retry_after_s=1,
+                )
+                response = await _on_qkvault_error(request, unavailable)
+                await response(scope, receive, send)
+                return
+            await _unexpected(request, exc)(scope, receive, send)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -5,6 +5,7 @@ is declared once in :mod:`storage.jobs.fields` (shared with the client); ``JobPu
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,6 +52,30 @@ class BundleUrls(BaseModel):
     expires_at: datetime = Field(description="when the URLs stop working")
     total_bytes: int
     objects: list[PresignedObject]
+
+
+class UploadPublic(BaseModel):
+    """An uploaded source file of bulk jobs (``POST /v1/uploads``): reference it from a job as
+    ``{"source": {"kind": "file", "upload": "<id>", "format": "jsonl", "field": "text"}}``."""
+
+    id: str = Field(examples=["5f0c9a1e2b7d4c4f9a3e8d6b1c2f7a90"])
+    state: Literal["complete", "pending"] = Field(
+        description="complete: the file is stored; pending: a presigned upload whose PUT has not arrived"
+    )
+    nbytes: int | None = Field(description="size of the stored file (null while pending)")
+    sha256: str | None = Field(
+        description="SHA-256 of the file as the API received it (null for presigned uploads)"
+    )
+    filename: str | None = Field(None, description="the name the client gave (informative only)")
+    created_at: datetime
+    links: dict[str, str] = Field(examples=[{"self": "/v1/uploads/5f0c9a1e2b7d4c4f9a3e8d6b1c2f7a90"}])
+    upload_url: str | None = Field(
+        None, description="presigned upload only: PUT the file's bytes here (no API key) before expires_at"
+    )
+    upload_method: Literal["PUT"] | None = Field(None, description="presigned upload only: the HTTP method")
+    expires_at: datetime | None = Field(
+        None, description="presigned upload only: when upload_url stops working"
+    )
 
 
 class Health(BaseModel):

@@ -13,6 +13,7 @@ from celery import Celery
 
 from api.settings import ApiSettings
 from storage.index import Index
+from storage.index.retry import IndexRetry
 from storage.stores.objectstore import ObjectStore
 from worker.app import create_celery_app
 
@@ -64,7 +65,8 @@ class Services:
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = Index(self.settings.database_url)
+                    retry = IndexRetry(budget_s=self.settings.db_retry_s)
+                    self._index = Index(self.settings.database_url, retry=retry)
         return self._index
 
     @property

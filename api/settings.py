@@ -6,14 +6,13 @@ Same environment prefix (``QKVAULT_``). Constructed once, in :func:`api.app.crea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from storage.settings import ServiceSettings
+from storage.settings import ServiceSettings, list_setting
 
 MAX_PAGE_SIZE = 200  # hard cap of ``GET /v1/jobs?limit=`` (part of the API contract)
 
@@ -46,6 +45,15 @@ class ApiSettings(ServiceSettings):
         le=30,
         description="connect/socket timeout towards Redis: enqueueing and `/readyz` give up after "
         "about this long",
+    )
+    # A database fault must not hang a request either: past this the API answers 503 + Retry-After.
+    db_retry_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="retry budget of one index transaction after a transient database error (locked, "
+        "busy, connection lost, read-only after a fault, a PostgreSQL restart or failover); then 503 "
+        "`index-unavailable` with `Retry-After` (docs/reliability.md)",
     )
     migrate_on_startup: bool = Field(
         default=True,
@@ -81,6 +89,20 @@ class ApiSettings(ServiceSettings):
         default=20,
         ge=0,
         description="queued + running + cancelling jobs one owner may have; more get 429 (0: no limit)",
+    )
+    max_sequences: int = Field(
+        default=100_000,
+        ge=1,
+        description="inline sequences of one bulk job (`source.prompts`, `source.token_ids`); more get "
+        "422 naming the limit (larger jobs upload a file: docs/bulk-jobs.md)",
+    )
+    # Uploads of bulk jobs' source files (POST /v1/uploads, docs/bulk-jobs.md)
+    max_upload_bytes: int = Field(
+        default=10 << 30,
+        ge=1,
+        description="largest uploaded source file (10 GiB): a larger upload gets 413 naming the limit; "
+        "streamed into the store, never held in memory (not bound by `QKVAULT_MAX_REQUEST_BYTES`); a "
+        "larger file sent to a presigned URL is refused when a job references it",
     )
     # Presigned downloads of S3 bundles (GET /v1/jobs/{id}/bundle/urls)
     presign_expires_s: int = Field(
@@ -118,9 +140,10 @@ class ApiSettings(ServiceSettings):
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _patterns(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return list_setting(value)
+
+    def default_model_roots(self) -> tuple[Path, ...]:
+        """The model cache, the API's own Hugging Face hub cache and, when set, the workers' hub
+        cache as mounted here (``hub_cache_dir``)."""
+        extra = (self.hub_cache_dir.expanduser(),) if self.hub_cache_dir is not None else ()
+        return super().default_model_roots() + extra

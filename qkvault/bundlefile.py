@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 from qkvault.errors import QkvaultClientError
 from qkvault.job import human_bytes
 from qkvault.progress import ProgressLine
+from storage.settings import DEFAULT_HOME
 
 if TYPE_CHECKING:
     import xarray as xr
 
-DEFAULT_DOWNLOAD_DIR = Path(".qkvault") / "downloads"
+DEFAULT_DOWNLOAD_DIR = DEFAULT_HOME / "downloads"
 PIECE_BYTES = 1 << 20  # 1 MiB download pieces
 
 

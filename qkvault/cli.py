@@ -31,6 +31,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not isinstance(spec, dict):
         raise QkvaultClientError(f"{source} must hold a JSON object (a job spec), not {type(spec).__name__}")
     client = api_client(args)
+    if args.prompts_file is not None:
+        from qkvault.uploads import with_file_source
+
+        spec, upload = with_file_source(client, spec, args.prompts_file, fmt=args.format, field=args.field)
+        if not args.quiet:
+            err(f"uploaded {args.prompts_file} ({upload.get('nbytes')} bytes) as upload {upload['id']}")
+    elif args.format is not None or args.field is not None:
+        raise QkvaultClientError("--format and --field describe --prompts-file: give the file too")
     job = client.submit(spec)
     print(job.id if args.quiet else job, flush=True)
     if args.wait:
@@ -197,6 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=None, metavar="S", help="with --wait: give up after S seconds"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
+    p.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        default=None,
+        help="upload FILE (JSONL, Parquet or text, one prompt per line) and make it the job's source (a "
+        "bulk job); the spec's source options (limit, offset, shuffle_seed, ...) are kept",
+    )
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "parquet", "text"],
+        default=None,
+        help="format of --prompts-file (default: from its extension)",
+    )
+    p.add_argument(
+        "--field", default=None, help="JSONL field / Parquet column of --prompts-file (default: text)"
+    )
 
     p = add("status", cmd_status, "show a job's state and progress")
     p.add_argument("job_id", metavar="ID")

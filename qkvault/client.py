@@ -212,6 +212,13 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._job(self._request("POST", "/v1/jobs", json=payload, headers=headers))
 
+    def upload(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Stream a file (JSONL, Parquet or text) to ``POST /v1/uploads``; returns the upload (``id``,
+        ``nbytes``, ``sha256``, ...): a bulk job's ``{"source": {"kind": "file", "upload": id, ...}}``."""
+        from qkvault.uploads import upload_file
+
+        return upload_file(self, path)
+
     def get(self, job_id: str | Job) -> Job:
         """The job's current state and progress (``GET /v1/jobs/{id}``)."""
         return self._job(self._request("GET", self._job_path(job_id)))

@@ -361,18 +361,17 @@ class EmbeddedStack:
     def _migrate(self, env: dict[str, str]) -> None:
         log_path = self.log_path("migrate")
         rotate_log(log_path)
-        code = (
-            "import sys\n"
-            "from storage.index import Index\n"
-            "index = Index(sys.argv[1])\n"
-            "index.migrate()\n"
-            "from pathlib import Path\n"  # the local user's API key: reused while valid, else created
-            "from storage.index.apikeys import ApiKeys\n"
-            "ApiKeys(index).ensure_key_file(Path(sys.argv[2]), owner=sys.argv[3])\n"
-            "getattr(index, 'dispose', lambda: None)()\n"
-        )
-        database_url = self.env["QKVAULT_DATABASE_URL"]
-        args = [sys.executable, "-c", code, database_url, str(self.api_key_path), LOCAL_OWNER]
+        args = [
+            sys.executable,
+            "-m",
+            "storage.index.migrate",
+            "--database-url",
+            self.env["QKVAULT_DATABASE_URL"],
+            "--api-key-file",
+            str(self.api_key_path),
+            "--owner",
+            LOCAL_OWNER,
+        ]
         proc = spawn(args, log_path, env=env)
         try:
             returncode = proc.wait(timeout=self.ready_timeout_s)

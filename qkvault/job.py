@@ -165,7 +165,8 @@ class Job(JobFields, _Lenient):
         if self.error:
             title = self.error.get("title") or self.error.get("type") or "error"
             detail = self.error.get("detail")
-            rows.append(("error", f"{title}: {detail}" if detail else str(title)))
+            key = "retrying" if self.error.get("retrying") else "error"  # given back: queued again
+            rows.append((key, f"{title}: {detail}" if detail else str(title)))
         return rows
 
     def __str__(self) -> str:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qkvault.bundlefile import DEFAULT_DOWNLOAD_DIR
 from qkvault.embedded import EmbeddedStack
 from qkvault.labelgrid import render_label_grid
 from storage.bundle import open_bundle, open_summary
-from storage.jobs.spec import SMOLLM2_GGUF
+from storage.models.spec import SMOLLM2_GGUF
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def main() -> None:
     }
     with EmbeddedStack() as stack, stack.client() as client:
         job = client.wait(client.submit(spec).id, poll_s=1.0)
-        downloads = REPO / ".qkvault" / "downloads"
+        downloads = REPO / DEFAULT_DOWNLOAD_DIR
         downloads.mkdir(parents=True, exist_ok=True)  # a directory: the zip goes in as <id>.zarr.zip
         zip_path = client.download(job.id, downloads)
     bundle, summary = open_bundle(zip_path), open_summary(zip_path)

@@ -97,6 +97,28 @@ class StoreUnavailable(StoreError):
     problem_type = "store-unavailable"
 
 
+class StoreNotWritable(StoreError):
+    """The store refuses writes for a reason an operator can fix: its disk is full or over quota,
+    it is mounted read-only, or the worker may not write there (local permissions, an S3 bucket's
+    policy). ``detail`` names the ``resource``, the ``errno`` and the ``fix``. Transient for the job:
+    it is queued again while attempts are left, this problem in its ``error`` meanwhile."""
+
+    problem_type = "store-not-writable"
+
+
+class IndexUnavailable(QkvaultError, RuntimeError):
+    """The index database kept failing with transient errors (locked, busy, connection lost,
+    read-only after a fault, a PostgreSQL restart or failover) for longer than the retry budget.
+    The API answers 503 with ``Retry-After: retry_after_s``; the worker gives the job back."""
+
+    problem_type = "index-unavailable"
+    status = 503
+
+    def __init__(self, message: str, *, detail: dict[str, Any] | None = None, retry_after_s: int = 5) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after_s = retry_after_s
+
+
 class CertificationFailed(QkvaultError, ArithmeticError):
     """The worker's self-check of an exported layer failed: the data would be wrong, so the job
     fails instead of shipping it (``detail`` holds the measured errors and the tolerance)."""

@@ -13,14 +13,44 @@ is generated from them (``python scripts/settings_table.py --write``; a test fai
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_HOME = Path(".qkvault")  # the embedded stack's directory (``qkvault up``), relative to the cwd
 DEFAULT_QUEUE = "qkvault-export"
+
+
+def list_setting(value: Any) -> Any:
+    """A list setting's variable: comma-separated (``a,b``) or a JSON list (``["a", "b"]``, for
+    items holding commas); a field declares ``Annotated[list[...], NoDecode]`` and runs this
+    ``mode="before"``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def huggingface_hub_cache() -> Path:
+    """This process's Hugging Face hub cache, as huggingface_hub finds it: ``HF_HUB_CACHE``, else
+    ``HF_HOME``/hub, else ``~/.cache/huggingface/hub`` (read without huggingface_hub when it is
+    not installed)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+        if cache:
+            return Path(cache).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+        home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
+        return Path(home, "hub").expanduser()
+    return Path(constants.HF_HUB_CACHE).expanduser()
 
 
 class QkvaultSettings(BaseSettings):
@@ -48,6 +78,15 @@ class ServiceSettings(QkvaultSettings):
         f"sqlite:///{DEFAULT_HOME / 'index.db'}",
         description="SQL index: `sqlite:///path` (WAL, busy timeout) or "
         "`postgresql+psycopg://user:pw@host/db`; also read by `alembic -c storage/index/alembic.ini`",
+    )
+    # Database faults (docs/reliability.md): one index transaction is retried with backoff this long
+    db_retry_s: float = Field(
+        120.0,
+        gt=0,
+        description="retry budget of one index transaction after a transient database error (locked, "
+        "busy, connection lost, read-only after a fault, a PostgreSQL restart or failover); then the "
+        "worker gives the job back. As long as the default lease, so a job survives an outage shorter "
+        "than `QKVAULT_LEASE_TIMEOUT_S` (docs/reliability.md)",
     )
     store_url: str = Field(
         str(DEFAULT_HOME / "store"),
@@ -85,11 +124,52 @@ class ServiceSettings(QkvaultSettings):
         description="dequantised GGUF cache (safetensors): the worker writes it, the API reads `pkg:` "
         "models' tokenizers from it at admission",
     )
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="model roots: the folders an absolute `model.id` must lie under, symlinks resolved "
+        "(comma-separated or a JSON list of absolute paths); any other path is refused with one and "
+        "the same 422, on the API and again on the worker. Empty: the model cache "
+        "(`QKVAULT_MODEL_CACHE_DIR`) and the process's Hugging Face hub cache (`HF_HUB_CACHE`; on the "
+        'API also `QKVAULT_HUB_CACHE_DIR`). See "Model roots" below',
+    )
 
-    @field_validator("model_cache_dir")
+    datasets_dir: Path | None = Field(
+        None,
+        description="local Hugging Face datasets of bulk jobs' `dataset` sources (docs/bulk-jobs.md): "
+        "`source.path` is a folder under it (`org/name`, as `hf download --repo-type dataset org/name "
+        "--local-dir <dir>/org/name` makes it), a dataset in its hub-cache layout "
+        "(`datasets--org--name`), or an absolute path inside it; nothing is downloaded. Unset: the "
+        "process's Hugging Face hub cache (`HF_HUB_CACHE`). The API samples a dataset it can read here "
+        "at submission, else the worker checks it",
+    )
+
+    @field_validator("model_cache_dir", "datasets_dir")
     @classmethod
-    def _expand_user(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _root_list(cls, value: Any) -> Any:
+        return list_setting(value)
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        roots = [root.expanduser() for root in value]
+        for root in roots:
+            if not root.is_absolute():
+                raise ValueError(f"model root {str(root)!r} is not an absolute path: give the full path")
+        return [Path(os.path.normpath(root)) for root in roots]
+
+    def model_root_dirs(self) -> tuple[Path, ...]:
+        """The model roots in force: ``model_roots``, else :meth:`default_model_roots`."""
+        return tuple(self.model_roots) or self.default_model_roots()
+
+    def default_model_roots(self) -> tuple[Path, ...]:
+        """The model roots when ``model_roots`` is empty: the model cache and the Hugging Face hub
+        cache of this process."""
+        return (self.model_cache_dir, huggingface_hub_cache())
 
     def storage_options(self) -> dict[str, object]:
         """fsspec/s3fs options for ``s3://`` store URLs (empty for local stores)."""

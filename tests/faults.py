@@ -1,5 +1,6 @@
 """Helpers of the fault tests (docs/reliability.md): compare bundles, check chunk rows, kill process
-groups, and a fault-injecting HTTP proxy in front of an S3 server.
+groups, a fault-injecting HTTP proxy in front of an S3 server, and a small disk (tmpfs) that fills up
+or turns read-only.
 
 Plain functions and classes (no pytest import), usable from tests and from ``python -m tests.soak``.
 """
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -125,7 +127,8 @@ class FaultyProxy:
 
     ``mode``: ``"ok"`` forwards; ``"5xx"`` answers every request ``503 SlowDown``-free
     ``ServiceUnavailable`` without forwarding; ``"down"`` closes each connection without an answer
-    (the server disappeared). ``fail_puts_only`` limits faults to writes (PUT/POST/DELETE).
+    (the server disappeared); ``"denied"`` answers ``403 AccessDenied`` (a bucket policy that
+    refuses the credentials). ``fail_puts_only`` limits faults to writes (PUT/POST/DELETE).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -169,13 +172,15 @@ class FaultyProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if faulty:
+                    denied = proxy.mode == "denied"
                     with proxy._lock:
-                        proxy.stats.failed_5xx += 1
+                        proxy.stats.failed_5xx += not denied
+                    code = b"AccessDenied" if denied else b"ServiceUnavailable"
                     payload = (
-                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>' + code + b"</Code>"
                         b"<Message>injected fault</Message></Error>"
                     )
-                    self.send_response(503)
+                    self.send_response(403 if denied else 503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -279,3 +284,72 @@ class RestartableRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.crash()
+
+
+# -- a small disk for a store: a tmpfs that fills up and turns read-only ---------------------------
+
+
+class Tmpfs:
+    """A tmpfs of ``size_bytes`` mounted at ``path`` while the ``with`` block runs: a store disk
+    that :meth:`fill` fills up, :meth:`free` frees and :meth:`remount` makes read-only or writable
+    again. Mounting needs root (CAP_SYS_ADMIN); :meth:`unavailable` says why it cannot here."""
+
+    FILLER = ".filler"
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        self.path = Path(path)
+        self.size_bytes = size_bytes
+
+    @staticmethod
+    def unavailable(probe_dir: Path) -> str | None:
+        """Why a tmpfs cannot be mounted here (None when it can): tries one at ``probe_dir``."""
+        if os.geteuid() != 0:
+            return f"mounting a tmpfs needs root (CAP_SYS_ADMIN); the test runs as uid {os.geteuid()}"
+        probe = Tmpfs(probe_dir, 1 << 16)
+        try:
+            with probe:
+                pass
+        except (OSError, subprocess.CalledProcessError) as exc:
+            return f"mount -t tmpfs is not permitted here: {getattr(exc, 'stderr', '') or exc}"
+        return None
+
+    def _mount(self, *args: str) -> None:
+        subprocess.run(["mount", *args], check=True, capture_output=True, text=True, timeout=30)
+
+    def __enter__(self) -> Tmpfs:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._mount("-t", "tmpfs", "-o", f"size={self.size_bytes},mode=0755", "qkvault-test", str(self.path))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True, timeout=30)
+
+    def remount(self, *, read_only: bool, timeout_s: float = 10.0) -> None:
+        """Remount read-only or read-write. A read-only remount is refused (busy) while a file is
+        open for writing: it is tried again until ``timeout_s``."""
+        mode = "ro" if read_only else "rw"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._mount("-o", f"remount,{mode}", str(self.path))
+                return
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, leave_bytes: int = 0) -> None:
+        """Take every free byte but ``leave_bytes`` with one file (:meth:`free` deletes it)."""
+        filler = self.path / self.FILLER
+        taken = filler.stat().st_size if filler.exists() else 0
+        more = self.free_bytes() - leave_bytes
+        if more > 0:
+            with open(filler, "ab") as f:
+                os.posix_fallocate(f.fileno(), taken, more)
+
+    def free(self) -> None:
+        (self.path / self.FILLER).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import os
 import re
 import secrets
@@ -126,13 +127,18 @@ def qkvault_env(
     database_url: str | None = None,
     store_url: str | None = None,
     s3: S3Server | None = None,
+    model_roots: Sequence[Path | str] = (),
     **extra: str | int | float,
 ) -> dict[str, str]:
     """``QKVAULT_*`` variables for a worker/API subprocess (see ``storage/settings.py``).
 
-    ``extra`` keys are settings field names (``device="cpu"`` -> ``QKVAULT_DEVICE=cpu``).
+    ``model_roots``: the folders of the models the test made (``QKVAULT_MODEL_ROOTS``, a JSON list;
+    empty: the processes' default roots). ``extra`` keys are settings field names
+    (``device="cpu"`` -> ``QKVAULT_DEVICE=cpu``).
     """
     env: dict[str, str] = {}
+    if model_roots:
+        env["QKVAULT_MODEL_ROOTS"] = json.dumps([str(root) for root in model_roots])
     if s3 is not None:
         env.update(s3.qkvault_env(store_url))
     elif store_url is not None:

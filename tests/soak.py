@@ -58,9 +58,12 @@ def job_spec(model_dir: Path, n: int) -> dict[str, Any]:
     }
 
 
-def fast_env(settings: WorkerSettings, model_cache: Path) -> dict[str, str]:
-    """``QKVAULT_*`` of the worker and reconciler processes: ``settings``' services, a short lease."""
+def fast_env(settings: WorkerSettings, model_cache: Path, model_dir: Path | None = None) -> dict[str, str]:
+    """``QKVAULT_*`` of the worker and reconciler processes: ``settings``' services, a short lease;
+    the model root is the folder holding ``model_dir`` (``None``: the system's temporary folder,
+    which holds pytest's ``tmp_path`` folders)."""
     return qkvault_env(
+        model_roots=[model_dir.parent if model_dir is not None else Path(tempfile.gettempdir())],
         redis_url=settings.redis_url,
         database_url=settings.database_url,
         store_url=settings.store_url,
@@ -188,7 +191,7 @@ def kill_scenario(
     )
     index, store = Index(settings.database_url), ObjectStore.from_settings(settings)
     index.migrate()
-    env = fast_env(settings, model_cache)
+    env = fast_env(settings, model_cache, model_dir)
     from worker.app import create_celery_app, enqueue_export
 
     app = create_celery_app(settings)

@@ -23,6 +23,7 @@ def test_embedded_stack_reconciles_a_job_whose_message_was_never_sent(
 ) -> None:
     monkeypatch.setenv("QKVAULT_REQUEUE_AFTER_S", "1")  # read by the stack's children only
     monkeypatch.setenv("QKVAULT_RECONCILE_INTERVAL_S", "0.5")
+    monkeypatch.setenv("QKVAULT_MODEL_ROOTS", str(tmp_path))  # where the tiny model is
     model = build_tiny_model("llama", tmp_path / "tiny-llama")
     with EmbeddedStack(tmp_path / "home", ready_timeout_s=120) as stack:
         reconciler: Any = stack._procs["reconciler"]

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from api.settings import ApiSettings
 from qkvault.settings import ClientSettings
-from storage.settings import ServiceSettings
+from storage.settings import ServiceSettings, huggingface_hub_cache
 from storage.settings_doc import (
     BEGIN,
     END,
@@ -160,6 +160,40 @@ def test_embedded_stack_keeps_a_model_cache_the_user_set(env: pytest.MonkeyPatch
     assert stack._child_settings(1, 2)["QKVAULT_MODEL_CACHE_DIR"] == str(tmp_path.resolve() / "models")
     env.setenv("QKVAULT_MODEL_CACHE_DIR", str(tmp_path / "mine"))
     assert "QKVAULT_MODEL_CACHE_DIR" not in stack._child_settings(1, 2)  # inherited by the children
+
+
+def test_model_roots_from_env(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``QKVAULT_MODEL_ROOTS``: comma-separated or a JSON list of absolute folders; unset, the model
+    cache and the Hugging Face hub cache (and, on the API, ``QKVAULT_HUB_CACHE_DIR``)."""
+    from huggingface_hub import constants
+
+    env.setenv("QKVAULT_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    default = WorkerSettings().model_root_dirs()
+    assert (
+        default
+        == (tmp_path / "cache", Path(constants.HF_HUB_CACHE))
+        == (tmp_path / "cache", huggingface_hub_cache())
+    )
+    env.setenv("QKVAULT_HUB_CACHE_DIR", str(tmp_path / "workers-hf"))
+    assert ApiSettings().model_root_dirs() == (*default, tmp_path / "workers-hf")
+    env.setenv("QKVAULT_MODEL_ROOTS", f" {tmp_path}/a/ , ~/b ,{tmp_path}/c/../d")
+    expected = (tmp_path / "a", Path.home() / "b", tmp_path / "d")
+    assert WorkerSettings().model_root_dirs() == ApiSettings().model_root_dirs() == expected
+    env.setenv("QKVAULT_MODEL_ROOTS", f'["{tmp_path}/with,comma"]')
+    assert WorkerSettings().model_root_dirs() == (tmp_path / "with,comma",)
+    env.setenv("QKVAULT_MODEL_ROOTS", "models")
+    with pytest.raises(ValidationError, match="model root 'models' is not an absolute path"):
+        WorkerSettings()
+
+
+def test_embedded_stack_children_admit_their_model_cache(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``qkvault up``: the API's and the worker's default model roots hold the stack's model cache."""
+    from qkvault.embedded import EmbeddedStack
+
+    for name, value in EmbeddedStack(tmp_path)._child_settings(1, 2).items():
+        env.setenv(name, value)
+    for settings in (WorkerSettings(), ApiSettings()):
+        assert tmp_path.resolve() / "models" in settings.model_root_dirs()
 
 
 HAND_READ = re.compile(

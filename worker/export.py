@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,8 +55,20 @@ class ExportHooks(Protocol):
     def check_cancelled(self) -> None: ...  # raises JobCancelled; called between row blocks
 
 
+@dataclass(frozen=True)
+class BatchInput:
+    """The sequences of one micro-batch of a bulk job (worker/bulk.py), tokenized: their token ids,
+    texts (empty for token-id rows), job-wide indices and source rows."""
+
+    prompt_ids: list[list[int]]
+    texts: list[str]
+    sequences: list[int]
+    source_rows: list[int]
+
+
 class Exporter:
-    """Runs one job's forward passes under capture and writes the bundle."""
+    """Runs one padded batch's forward passes under capture and writes its bundle: a job's
+    ``prompts``, or one micro-batch of a bulk job (``batch``)."""
 
     def __init__(
         self,
@@ -65,16 +78,20 @@ class Exporter:
         hooks: ExportHooks,
         *,
         verified_only: bool = True,
+        batch: BatchInput | None = None,
     ) -> None:
         """``verified_only=False``: run capture options the architecture matrix has not verified for
-        this model type (the matrix itself, which produces the verdicts)."""
+        this model type (the matrix itself, which produces the verdicts); ``batch``: the sequences
+        of a bulk job's micro-batch (else the spec's prompts, tokenized here)."""
         self.spec, self.lm, self.writer, self.hooks = spec, lm, writer, hooks
         self.capture = spec.capture.resolved()
         self.timings: dict[str, float] = {"load_model": lm.load_s}
         tok = lm.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.prompt_ids = tokenize(spec, tok, lm.facts.max_positions)
+        self.batch = batch
+        self.prompt_ids = batch.prompt_ids if batch else tokenize(spec, tok, lm.facts.max_positions)
+        self.texts = batch.texts if batch else list(spec.inline_prompts)
         facts = lm.facts
         check_spec_for_model(spec, facts, verified_only=verified_only)
         self.layout: BundleLayout = layout_for_job(spec, facts, [len(p) for p in self.prompt_ids])
@@ -344,6 +361,9 @@ class Exporter:
         self.writer.write_array("tokens", tokens)
         self.writer.write_array("length", np.asarray(lengths, dtype=np.int32))
         self.writer.write_array("prompt_length", np.asarray(prompt_lengths, dtype=np.int32))
+        if self.batch is not None:
+            self.writer.write_array("sequence", np.asarray(self.batch.sequences, dtype=np.int64))
+            self.writer.write_array("source_row", np.asarray(self.batch.source_rows, dtype=np.int64))
         if layout.attention and layout.query_rows is not None:
             query_position = np.full((layout.batch, layout.query_rows), -1, dtype=np.int32)
             for b, length in enumerate(lengths):
@@ -395,7 +415,7 @@ class Exporter:
         self.writer.finalize(
             {
                 "token_strings": token_strings,
-                "texts": {"prompts": list(self.spec.prompts), "generated": generated_texts},
+                "texts": {"prompts": self.texts, "generated": generated_texts},
                 "attention_rows": lengths,
                 "certificate": self.certifier.certificate(),
                 "timings_s": summary["timings_s"],

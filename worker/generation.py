@@ -22,20 +22,25 @@ class Batch:
     pad_id: int
 
 
-def tokenize(spec: JobSpec, tokenizer: Any, max_positions: int | None) -> list[list[int]]:
-    prompts = list(spec.prompts)
+def tokenize_texts(spec: JobSpec, tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` with the job's chat-template and special-token options."""
     add_special = spec.add_special_tokens
     if spec.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidJobSpec("chat_template=true but this model's tokenizer has no chat template")
-        prompts = [
+        texts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
             )
-            for p in prompts
+            for p in texts
         ]
         add_special = False
-    ids = [list(tokenizer(p, add_special_tokens=add_special)["input_ids"]) for p in prompts]
+    return [list(tokenizer(p, add_special_tokens=add_special)["input_ids"]) for p in texts]
+
+
+def tokenize(spec: JobSpec, tokenizer: Any, max_positions: int | None) -> list[list[int]]:
+    """The job's prompts tokenized, each checked to fit the model with its new tokens."""
+    ids = tokenize_texts(spec, tokenizer, list(spec.inline_prompts))
     new = spec.generation.max_new_tokens
     for i, prompt_ids in enumerate(ids):
         if not prompt_ids:

@@ -6,7 +6,11 @@ and cancellation is cooperative (checked between row blocks). Every write of the
 on its lease: once the lease moved (the worker stalled past ``lease_timeout_s`` and the job was
 requeued) or the job ended, the index raises LeaseLost and the attempt stops without touching the
 job. A retried attempt resumes by chunk (storage/bundle/resume.py). An object store that stays
-down past ``store_retry_s`` gives the job back (queued again) while attempts are left.
+down past ``store_retry_s``, or a store that refuses writes for a reason an operator can fix (disk
+full, read-only, permission denied), gives the job back (queued again, the problem shown in its
+``error`` with ``retrying: true``) while attempts are left. The index retries transient database
+errors itself for ``db_retry_s``; past that a claim is sent again later and an attempt gives the job
+back, or leaves it to its lease when the index still does not answer: never ``failed`` for it.
 """
 
 from __future__ import annotations
@@ -16,16 +20,27 @@ from typing import Any
 
 from storage.bundle.resume import ResumeSet
 from storage.bundle.writer import BundleWriter
-from storage.errors import JobCancelled, LeaseLost, QkvaultError, StoreUnavailable
+from storage.errors import (
+    IndexUnavailable,
+    JobCancelled,
+    LeaseLost,
+    QkvaultError,
+    StoreNotWritable,
+    StoreUnavailable,
+)
 from storage.index import Index
 from storage.index.records import JobRecord, JobState
 from storage.jobs.spec import JobSpec
+from storage.sources.rows import SourceContext
 from storage.stores.objectstore import ObjectStore, StoreRetry
 from worker.models import ModelCache
 from worker.reporting import JobReporter, ReportIntervals
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+# Failures a later attempt may not meet: the job is given back while attempts are left
+GIVEN_BACK: tuple[type[Exception], ...] = (StoreUnavailable, StoreNotWritable)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -64,9 +79,14 @@ def run_job(
     worker_id: str,
 ) -> JobState | None:
     """Run ``job_id``; returns the state it left the job in: terminal, ``queued`` (given back after
-    a store outage: send it again after ``settings.retry_delay_s``), or ``None`` when there was
-    nothing to run or the lease was lost (another attempt, or the reconciler, owns the job)."""
-    job = index.claim(job_id, worker_id, lease_timeout_s=settings.lease_timeout_s)
+    a store or database outage, or not claimed because the index stayed unavailable: send it again
+    after ``settings.retry_delay_s``), or ``None`` when there was nothing to run or the lease was
+    lost (another attempt, or the reconciler, owns the job)."""
+    try:  # retried for settings.db_retry_s (storage/index/retry.py)
+        job = index.claim(job_id, worker_id, lease_timeout_s=settings.lease_timeout_s)
+    except IndexUnavailable as exc:
+        log.warning("job %s: not claimed, %s; sent again in %g s", job_id, exc, settings.retry_delay_s)
+        return JobState.QUEUED
     if job is None:
         log.info(
             "job %s: nothing to run (finished, cancelled, out of attempts, or running elsewhere)", job_id
@@ -76,6 +96,27 @@ def run_job(
         return _attempt(job, index=index, store=store, models=models, settings=settings, worker_id=worker_id)
     except LeaseLost as exc:
         log.warning("job %s: stopped, lease lost: %s", job_id, exc)
+        return None
+    except IndexUnavailable as exc:
+        return _index_unavailable(job, exc, index, worker_id)
+
+
+def _index_unavailable(
+    job: JobRecord, exc: IndexUnavailable, index: Index, worker_id: str
+) -> JobState | None:
+    """The index stayed unavailable past ``db_retry_s`` during the attempt: give the job back
+    (``queued``; the next attempt resumes by chunk) if the index answers now, else leave it to the
+    reconciler (the lease expires, the job is queued again)."""
+    log.warning(
+        "job %s: attempt %d of %d: %s; giving the job back", job.id, job.attempts, job.max_attempts, exc
+    )
+    problem = {**exc.to_problem(), "attempts": job.attempts, "max_attempts": job.max_attempts}
+    try:
+        return index.release(
+            job.id, worker_id, error={**problem, "retrying": job.attempts < job.max_attempts}
+        )
+    except (IndexUnavailable, LeaseLost) as again:
+        log.warning("job %s: not given back (%s); its lease will expire", job.id, again)
         return None
 
 
@@ -107,27 +148,40 @@ def _attempt(
                 log.info(
                     "job %s: attempt %d resumes over %d recorded chunks", job_id, job.attempts, len(resume)
                 )
-            writer = BundleWriter(
-                job.store_url,
-                storage_options=store.storage_options,
-                on_chunk=reporter.chunk_stored,
-                resume=resume,
-                retry=StoreRetry(deadline_s=settings.store_retry_s),
-                write_threads=settings.write_threads or None,
-                checksum_algorithm=settings.chunk_checksum,
-            )
-            exporter = Exporter(spec, loaded, writer, reporter)
-            summary = exporter.run(job_id)
-            # where the writer's time went (thread-seconds per pool, bytes in and out)
-            summary["writer"] = writer.pipeline_stats.to_dict()
-            log.info("job %s: chunk writer %s", job_id, summary["writer"])
+            writer_options: dict[str, Any] = {
+                "storage_options": store.storage_options,
+                "on_chunk": reporter.chunk_stored,
+                "resume": resume,
+                "retry": StoreRetry(deadline_s=settings.store_retry_s),
+                "write_threads": settings.write_threads or None,
+                "checksum_algorithm": settings.chunk_checksum,
+            }
+            if spec.bulk:  # sequences from a source, in micro-batches (worker/bulk.py)
+                from worker.bulk import BulkExporter
+
+                context = SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=job.owner)
+                bulk = BulkExporter(
+                    spec,
+                    loaded,
+                    reporter,
+                    bundle_url=job.store_url,
+                    writer_options=writer_options,
+                    context=context,
+                )
+                summary = bulk.run(job_id)
+            else:
+                writer = BundleWriter(job.store_url, **writer_options)
+                summary = Exporter(spec, loaded, writer, reporter).run(job_id)
+                # where the writer's time went (thread-seconds per pool, bytes in and out)
+                summary["writer"] = writer.pipeline_stats.to_dict()
+                log.info("job %s: chunk writer %s", job_id, summary["writer"])
         except JobCancelled:
             log.info("job %s cancelled at a chunk boundary", job_id)
             reporter.flush()
             index.finish(job_id, JobState.CANCELLED, partial=True, worker=worker_id)
             return JobState.CANCELLED
-        except LeaseLost:
-            raise
+        except (LeaseLost, IndexUnavailable):
+            raise  # the job is not failed for a database outage: run_job gives it back
         except Exception as exc:
             _flush_quietly(reporter)
             return _failed(job, exc, index, worker_id)
@@ -158,14 +212,21 @@ def _flush_quietly(reporter: JobReporter) -> None:
 
 
 def _failed(job: JobRecord, exc: Exception, index: Index, worker_id: str) -> JobState:
-    """A failed attempt: a store outage with attempts left gives the job back; else ``failed``."""
-    if isinstance(exc, StoreUnavailable) and job.attempts < job.max_attempts:
+    """A failed attempt. A store outage or a store an operator must fix (:data:`GIVEN_BACK`) with
+    attempts left gives the job back: ``queued``, its problem document in the job's ``error`` with
+    ``"retrying": true`` until the job ends. Anything else, or the last attempt: ``failed``."""
+    problem = {**_failure(exc), "attempts": job.attempts, "max_attempts": job.max_attempts}
+    if isinstance(exc, GIVEN_BACK) and job.attempts < job.max_attempts:
         log.warning(
             "job %s: attempt %d of %d: %s; giving the job back", job.id, job.attempts, job.max_attempts, exc
         )
-        return index.release(job.id, worker_id)
+        return index.release(job.id, worker_id, error={**problem, "retrying": True})
     log.exception("job %s failed", job.id)
-    problem = {**_failure(exc), "attempts": job.attempts, "max_attempts": job.max_attempts}
+    if isinstance(exc, GIVEN_BACK):
+        problem["detail"] = (
+            f"{problem['detail']} (attempt {job.attempts} of {job.max_attempts}, none left: "
+            "submit the job again once this is fixed)"
+        )
     written = index.get_job(job.id).chunks_written
     index.finish(job.id, JobState.FAILED, error=problem, partial=written > 0, worker=worker_id)
     return JobState.FAILED

@@ -1,7 +1,9 @@
 """Model loading: hub ids, local folders and GGUF files; one loaded model per worker process.
 
 GGUF weights are dequantised once and cached as safetensors under ``model_cache_dir``; later loads
-read the cache. The capture attention is set as the model's attention implementation.
+read the cache. The capture attention is set as the model's attention implementation. A job's
+absolute path outside the worker's model roots (``QKVAULT_MODEL_ROOTS``) fails before anything is
+read, with the API's message (:mod:`storage.models.roots`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,6 @@ from typing import Any
 import torch
 
 from storage.errors import ModelLoadError, UnsupportedModel
-from storage.jobs.spec import ModelSpec
 from storage.models.facts import (
     ModelFacts,
     ModelSource,
@@ -28,6 +30,8 @@ from storage.models.facts import (
     hub_not_cached_message,
     resolve_source,
 )
+from storage.models.roots import check_model_roots
+from storage.models.spec import ModelSpec
 from worker.capture.hook import install_capture
 from worker.capture.probe import facts_with_probe, probe_attention
 from worker.generation import decoder_layers
@@ -97,9 +101,10 @@ def checkout_model_cache_dir() -> Path:
     """The dequantised-GGUF cache that the test suite, the worker processes it starts and ``bench``
     share in a source checkout: ``$QKVAULT_TEST_MODEL_CACHE``, else ``<checkout>/.qkvault/test-models``
     (created if missing). A deployed worker uses ``WorkerSettings.model_cache_dir`` instead."""
+    from storage.settings import DEFAULT_HOME
     from worker.settings import WorkerSettings
 
-    default = Path(__file__).resolve().parents[1] / ".qkvault" / "test-models"
+    default = Path(__file__).resolve().parents[1] / DEFAULT_HOME / "test-models"
     path = WorkerSettings().test_model_cache or default
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -134,18 +139,25 @@ def _config_error(spec: ModelSpec, source: ModelSource, exc: Exception) -> Model
 
 
 def load_model(
-    spec: ModelSpec, *, device: torch.device, cache_dir: Path, admitted_only: bool = True
+    spec: ModelSpec,
+    *,
+    device: torch.device,
+    cache_dir: Path,
+    admitted_only: bool = True,
+    roots: Sequence[Path] | None = None,
 ) -> LoadedModel:
     """Load ``spec`` with the capture wrapped around its own attention implementation; its facts
     are read off one tiny forward pass (:mod:`worker.capture.probe`). Raises ModelLoadError /
     UnsupportedModel (a model type the architecture matrix did not admit, unless
-    ``admitted_only=False``: the matrix itself)."""
+    ``admitted_only=False``: the matrix itself) / InvalidJobSpec (a path outside ``roots``, the
+    model roots, before anything is read; ``None``: not checked, for models the caller made)."""
     import time
+
+    started = time.perf_counter()
+    source = resolve_source(spec, roots)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
-    source = resolve_source(spec)
     kwargs: dict[str, Any] = {}
     if source.kind == "gguf":
         folder: str = str(_dequantised_gguf(source, cache_dir))
@@ -256,16 +268,24 @@ def _config_facts(config: Any) -> dict[str, Any]:
 
 
 class ModelCache:
-    """One loaded model per worker process (GPU memory holds one); reused across jobs."""
+    """One loaded model per worker process (GPU memory holds one); reused across jobs.
 
-    def __init__(self, cache_dir: Path, device_setting: str = "auto") -> None:
+    ``roots``: the model roots a job's absolute path must lie under (the worker's task passes
+    ``WorkerSettings.model_root_dirs()``); ``None``: not checked (tests that load models they made)."""
+
+    def __init__(
+        self, cache_dir: Path, device_setting: str = "auto", roots: Sequence[Path] | None = None
+    ) -> None:
         self.cache_dir = cache_dir
         self.device_setting = device_setting
+        self.roots = None if roots is None else tuple(roots)
         self._lock = threading.Lock()
         self._key: tuple[str, ...] | None = None
         self._loaded: LoadedModel | None = None
 
     def get(self, spec: ModelSpec) -> LoadedModel:
+        if self.roots is not None:  # also for the model already loaded: a symlink may have moved
+            check_model_roots(spec, self.roots)
         device = pick_device(self.device_setting)
         key = (
             spec.id,
@@ -279,7 +299,7 @@ class ModelCache:
                 self._loaded = None  # free the previous model before loading the next
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir)
+                self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir, roots=self.roots)
                 self._key = key
                 if device.type == "cuda":  # the device-to-host ring, page-locked once per process
                     from worker.capture.hostcopy import pinned_ring

@@ -38,6 +38,7 @@ from celery import Celery
 from storage.index import Index, JobRecord, JobState
 from storage.index import reconcile as sql
 from storage.index.models import utcnow
+from storage.index.retry import IndexRetry
 from worker.app import EXPORT_TASK, create_celery_app, enqueue_export
 from worker.settings import WorkerSettings
 
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = WorkerSettings()
-    index, app = Index(settings.database_url), create_celery_app(settings)
+    index = Index(settings.database_url, retry=IndexRetry(budget_s=settings.db_retry_s))
+    app = create_celery_app(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -54,7 +54,10 @@ class WorkerSettings(ServiceSettings):
         default=60.0, ge=0, description="retry budget of one object-store operation (docs/reliability.md)"
     )
     retry_delay_s: float = Field(
-        default=10.0, ge=0, description="delay before a job given back after a store outage is run again"
+        default=10.0,
+        ge=0,
+        description="delay before a job given back (store outage, store disk full or not writable) is "
+        "run again",
     )
 
     # reconciler (python -m worker.reconciler; docs/reliability.md)

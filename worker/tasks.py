@@ -28,12 +28,17 @@ class WorkerState:
     def resources(self) -> tuple[Any, Any, Any]:
         if self._index is None:
             from storage.index import Index
+            from storage.index.retry import IndexRetry
             from storage.stores.objectstore import ObjectStore
             from worker.models import ModelCache
 
-            self._index = Index(self.settings.database_url)
+            self._index = Index(
+                self.settings.database_url, retry=IndexRetry(budget_s=self.settings.db_retry_s)
+            )
             self._store = ObjectStore.from_settings(self.settings)
-            self._models = ModelCache(self.settings.model_cache_dir, self.settings.device)
+            self._models = ModelCache(
+                self.settings.model_cache_dir, self.settings.device, self.settings.model_root_dirs()
+            )
         return self._index, self._store, self._models
 
 

@@ -58,8 +58,9 @@ IDEMPOTENT_REPLAYED = "Idempotent-Replayed"
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    # every route here may answer 401 (missing, unknown or revoked API key)
-    return {s: {"model": ProblemDoc, "content": {PROBLEM_JSON: {}}} for s in sorted({401, *statuses})}
+    # every route here may answer 401 (missing, unknown or revoked API key) and 503 (the index
+    # database unavailable past QKVAULT_DB_RETRY_S: `index-unavailable`, with Retry-After)
+    return {s: {"model": ProblemDoc, "content": {PROBLEM_JSON: {}}} for s in sorted({401, 503, *statuses})}
 
 
 IdempotencyKeyHeader = Annotated[
@@ -111,7 +112,10 @@ def _estimate_public(spec: JobSpec, admission: Admission) -> JobEstimate:
     responses=_problems(413, 422, 503),
 )
 def estimate_job(
-    spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)], settings: SettingsDep
+    spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)],
+    settings: SettingsDep,
+    store: ObjectStoreDep,
+    owner: OwnerDep,
 ) -> JobEstimate:
     """Per array: shape, chunks written, raw and expected stored bytes; totals, token counts and
     this server's limits (``within_limits``: whether a submission would pass). Nothing is stored.
@@ -119,7 +123,7 @@ def estimate_job(
     when the model's config is not readable on this server (``estimate-unavailable``) or a hub
     model is missing from the workers' cache (``model-not-cached``, with ``QKVAULT_HUB_CACHE_DIR``).
     503 ``server-misconfigured`` when this server lacks a package it needs (e.g. ``tokenizers``)."""
-    return _estimate_public(spec, assess(spec, settings, enforce=False))
+    return _estimate_public(spec, assess(spec, settings, enforce=False, store=store, owner=owner))
 
 
 @router.post(
@@ -160,7 +164,7 @@ def submit_job(
     validation, so key order and defaults do not matter) answers **200** with the job created first,
     its ``Location`` and ``Idempotent-Replayed: true``; nothing new is stored or queued. The same
     key with a different spec answers 422 ``idempotency-key-reused``."""
-    admission = admit(spec, settings)
+    admission = admit(spec, settings, store=store, owner=owner)
     if dry_run:
         return JSONResponse(_estimate_public(spec, admission).model_dump(mode="json"))
     submitted = submit_to_index(

@@ -18,6 +18,11 @@ ChunkEncoder`) and zarr itself (array metadata, small arrays, groups), through t
    ChunkRecord` handed to ``on_stored``, from the storing thread, once the store confirmed it.
    Metadata documents are stored but not recorded.
 
+A store that refuses a write, a read or a delete for a reason an operator can fix (disk full or
+over quota, read-only, permission denied) raises :class:`~storage.errors.StoreNotWritable` naming
+the bundle, the errno and the fix (:func:`storage.stores.objectstore.not_writable`, one
+classification for every object and for the bundle directory itself).
+
 Deleting follows the same resume rule: while resuming, array creation (zarr's ``overwrite=True``
 deletes an array's keys) keeps recorded chunks and deletes only the other keys.
 """
@@ -39,7 +44,7 @@ from zarr.storage import LocalStore, WrapperStore
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum, matches
 from storage.bundle.records import ChunkRecord, parse_chunk_key
 from storage.bundle.resume import ResumeSet
-from storage.stores.objectstore import StoreRetry, zarr_store
+from storage.stores.objectstore import StoreRetry, store_errors, zarr_store
 
 __all__ = ["ChunkStore"]
 
@@ -101,15 +106,20 @@ class ChunkStore:
         resume: ResumeSet | None = None,
         checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
         on_stored: Callable[[ChunkRecord], None] | None = None,
+        key_prefix: str = "",
     ) -> None:
         """``retry``: the retry policy of ``s3://`` stores (local disks are not retried: their
         errors are not transient); ``resume``: chunks recorded by an earlier attempt;
-        ``on_stored(record)``: called from the storing thread for every stored chunk."""
+        ``on_stored(record)``: called from the storing thread for every stored chunk;
+        ``key_prefix``: where ``url`` lies inside the job's bundle (a bulk job's micro-batch group,
+        ``"batches/000012/"``): records and the resume check use keys relative to the bundle."""
         self.url = url
+        self.key_prefix = key_prefix
         self.resume = resume
         self.algorithm: ChecksumAlgorithm = checksum_algorithm
         self._on_stored = on_stored
-        self._base: Store = zarr_store(url, storage_options=storage_options, retry=retry)
+        with store_errors(url, "create the bundle directory"):
+            self._base: Store = zarr_store(url, storage_options=storage_options, retry=retry)
         self._objects: _LocalFiles | _ZarrObjects
         if isinstance(self._base, LocalStore):
             self._objects = _LocalFiles(Path(self._base.root))
@@ -122,21 +132,24 @@ class ChunkStore:
 
     def put(self, key: str, data: bytes, digest: str | None = None) -> None:
         """Store one object (thread-safe). ``digest``: ``checksum(data, self.algorithm)`` when the
-        caller computed it already."""
+        caller computed it already. Raises :class:`~storage.errors.StoreNotWritable` when the
+        store refuses it for a reason an operator can fix."""
         parsed = parse_chunk_key(key)
-        if parsed is None:  # a metadata document: always written, never recorded
-            self._objects.write(key, data)
-            return
-        digest = digest or checksum(data, self.algorithm)
-        if self._should_write(key, data, digest):
-            self._objects.write(key, data)
+        with store_errors(self.url, f"write {key}"):
+            if parsed is None:  # a metadata document: always written, never recorded
+                self._objects.write(key, data)
+                return
+            digest = digest or checksum(data, self.algorithm)
+            if self._should_write(key, data, digest):
+                self._objects.write(key, data)
         if self._on_stored is not None:
-            self._on_stored(ChunkRecord(parsed[0], parsed[1], key, len(data), digest))
+            array = self.key_prefix + parsed[0]
+            self._on_stored(ChunkRecord(array, parsed[1], self.key_prefix + key, len(data), digest))
 
     def _should_write(self, key: str, data: bytes, digest: str) -> bool:
         """The resume check (module docstring, step 2). A record names its algorithm: an earlier
         attempt may have used another one."""
-        recorded = None if self.resume is None else self.resume.checksums.get(key)
+        recorded = None if self.resume is None else self.resume.checksums.get(self.key_prefix + key)
         if recorded is None:
             return True
         assert self.resume is not None
@@ -152,7 +165,13 @@ class ChunkStore:
 
     def keeps(self, key: str) -> bool:
         """Whether deleting ``key`` is refused: a chunk recorded by an earlier attempt."""
-        return self.resume is not None and key in self.resume
+        return self.resume is not None and self.key_prefix + key in self.resume
+
+    async def delete(self, store: Store, key: str) -> None:
+        """Delete ``key`` from ``store`` (zarr's view of this one) unless :meth:`keeps` refuses."""
+        if not self.keeps(key):
+            with store_errors(self.url, f"delete {key}"):
+                await store.delete(key)
 
     def zarr(self) -> Store:
         """A zarr store whose writes and deletes go through this object (reads pass through)."""
@@ -179,15 +198,13 @@ class _ZarrView(WrapperStore[Store]):
             await self.set(key, value)
 
     async def delete(self, key: str) -> None:
-        if not self._chunks.keeps(key):
-            await self._store.delete(key)
+        await self._chunks.delete(self._store, key)
 
     async def delete_dir(self, prefix: str) -> None:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         for key in await _collect(self._store.list_prefix(prefix)):
-            if not self._chunks.keeps(key):
-                await self._store.delete(key)
+            await self._chunks.delete(self._store, key)
 
 
 async def _collect(keys: AsyncIterator[str]) -> Iterable[str]:

@@ -6,7 +6,14 @@ from __future__ import annotations
 from typing import Literal
 
 FORMAT_NAME = "qkvault.bundle"
-FORMAT_VERSION = "1.4"
+FORMAT_VERSION = "1.5"
+# A bulk job's bundle (2.0): a root with the sequence table (group ``sequences``) and one group per
+# micro-batch (``batches/<k>``), each a bundle of format FORMAT_VERSION of its sequences (1.5: with
+# their job-wide ``sequence`` indices and ``source_row``s).
+BULK_FORMAT_VERSION = "2.0"
+BULK_MAJOR = 2
+BULK_BATCHES = "batches"
+BULK_SEQUENCES = "sequences"
 SUPPORTED_MAJOR = 1
 
 SUMMARY_GROUP = "summary"

@@ -20,7 +20,8 @@ class BundleLayout:
     ``derived_attention``: no T×T array, q and k (v only with ``qkv``) plus the per-layer
     ``attention_scaling`` and ``attention_window`` that reconstruction needs; ``v_head_dim``: v's
     head size where it differs from q/k's (latent attention); ``sinks``: the model has learned
-    attention sinks, each stored row's sink mass is kept in ``attention_sink``."""
+    attention sinks, each stored row's sink mass is kept in ``attention_sink``; ``bulk``: one
+    micro-batch of a bulk job (its sequences' job-wide indices and source rows are stored)."""
 
     batch: int
     positions: int
@@ -44,6 +45,7 @@ class BundleLayout:
     derived_attention: bool = False
     v_head_dim: int | None = None
     sinks: bool = False
+    bulk: bool = False
 
     @property
     def value_head_dim(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import xarray as xr
 
 from storage.bundle.derived import Backend
-from storage.bundle.format import FORMAT_NAME, SUPPORTED_MAJOR
+from storage.bundle.format import BULK_MAJOR, FORMAT_NAME, SUPPORTED_MAJOR
 from storage.errors import BundleNotReady, QkvaultError
 from storage.stores.objectstore import is_s3, zarr_store
 
@@ -70,6 +70,8 @@ def open_bundle(
     A derived-attention bundle (``capture.attention="derived"``) gets a lazily computed float32
     ``attention`` variable: indexing it reconstructs only the selected block from q and k
     (``backend``: ``auto`` = torch when already imported, else numpy; ``device`` for torch).
+    A bulk job's bundle (format 2.x) opens as its sequence table; one sequence's arrays:
+    ``storage.bundle.bulk.open_bulk(location).sequence(i)``.
     """
     store = open_store(location, storage_options)  # a missing path raises FileNotFoundError here
     try:
@@ -79,6 +81,10 @@ def open_bundle(
     if ds.attrs.get("qkvault_format") != FORMAT_NAME:
         raise UnsupportedBundle(f"{location} is not a qkvault bundle (no qkvault_format attribute)")
     major = int(str(ds.attrs.get("format_version", "0")).split(".")[0])
+    if major == BULK_MAJOR:  # a bulk job: its sequence table (storage/bundle/bulk.py reads the rest)
+        from storage.bundle.bulk import open_bulk
+
+        return open_bulk(location, storage_options=storage_options).sequences
     if major != SUPPORTED_MAJOR:
         raise UnsupportedBundle(
             f"{location} has bundle format {ds.attrs.get('format_version')}; this reader understands "

@@ -12,9 +12,10 @@ written last, after every queued chunk is stored.
 
 from __future__ import annotations
 
+import json
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,13 +92,15 @@ class BundleWriter:
         resume: ResumeSet | None = None,
         retry: StoreRetry | None = None,
         checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
+        key_prefix: str = "",
     ) -> None:
         """``on_chunk(record)``: called from the storing thread for every stored chunk (it must not
         block: the worker queues the record); ``write_threads``: chunk encoder threads (None: one
         per core, at most 16); ``io_threads``: threads storing encoded chunks;
         ``max_pending_bytes``: row-block bytes queued before :meth:`write_row_block` blocks;
         ``resume``: chunks an earlier attempt recorded (storage/bundle/resume.py); ``retry``: the
-        store's retry policy; ``checksum_algorithm``: of the chunk records."""
+        store's retry policy; ``checksum_algorithm``: of the chunk records; ``key_prefix``: where
+        ``url`` lies inside the job's bundle (:class:`~storage.bundle.chunkstore.ChunkStore`)."""
         self.url = url
         self._on_chunk = on_chunk
         self._collect_lock = threading.Lock()
@@ -109,6 +112,7 @@ class BundleWriter:
             resume=resume,
             checksum_algorithm=checksum_algorithm,
             on_stored=self._stored,
+            key_prefix=key_prefix,
         )
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -132,6 +136,19 @@ class BundleWriter:
             self._on_chunk(record)
 
     # -- setup --------------------------------------------------------------------------------
+    def create_root(
+        self, attrs: dict[str, Any], *, format_version: str, children: Sequence[str] = ()
+    ) -> None:
+        """Create a group without arrays of its own, with empty child groups ``children``: a bulk
+        job's root (its micro-batches are groups written by writers of their own, its sequence
+        table a :meth:`write_group`). The group's metadata is written anew, without an earlier
+        attempt's consolidated metadata (which would hide groups added since); children stay."""
+        root = {"qkvault_format": FORMAT_NAME, "format_version": format_version, "complete": False, **attrs}
+        for key, attributes in (("zarr.json", root), *((f"{c}/zarr.json", {}) for c in children)):
+            document = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+            self.chunks.put(key, json.dumps(document).encode("utf-8"))
+        self._group = zarr.open_group(self.chunks.zarr(), mode="r+", zarr_format=3)
+
     def create(self, layout: BundleLayout, attrs: dict[str, Any]) -> None:
         """Create the group and every array (overwriting a previous attempt's metadata)."""
         self.layout = layout
@@ -155,6 +172,8 @@ class BundleWriter:
                 )
                 if array_spec(name).written == "row blocks":
                     self._encoders[name] = ChunkEncoder.for_array(self._arrays[name])
+        except StoreError:
+            raise  # classified by the ChunkStore (e.g. StoreNotWritable: disk full, read-only)
         except OSError as exc:
             raise StoreError(f"cannot create bundle at {self.url}: {exc}") from exc
         self._group = group
@@ -230,7 +249,7 @@ class BundleWriter:
         Returns the chunk records written (also passed to ``on_chunk``)."""
         records: list[ChunkRecord] = []
         with self._collect_lock:
-            self._collecting = (f"{group_name}/", records)
+            self._collecting = (f"{self.chunks.key_prefix}{group_name}/", records)
         try:
             self._write_group(group_name, arrays, per_layer_batch)
         finally:
@@ -258,8 +277,12 @@ class BundleWriter:
     # -- metadata last ------------------------------------------------------------------------
     def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
         """Store every queued chunk, then write final root attributes and consolidate metadata
-        (the last write of a job)."""
-        self.close()
+        (the last write of a job). A chunk that could not be stored raises its error here, before
+        the bundle is marked complete."""
+        try:
+            self.wait()
+        finally:
+            self.close()
         self.group.attrs.update({**attrs, "complete": complete, "partial": partial})
         with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
             warnings.simplefilter("ignore", category=UserWarning)

@@ -21,19 +21,17 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.errors import QkvaultError
-from storage.index.engine import WRITE_OPTION
 from storage.index.models import ApiKeyRow, utcnow
 from storage.index.repo import Index
+from storage.index.retry import retried
 
 KEY_PREFIX = "qk_"
 PREFIX_CHARS = 12  # "qk_" + 9 characters of the secret are stored, to tell keys apart
@@ -101,14 +99,6 @@ def _record(row: ApiKeyRow) -> ApiKeyRecord:
     )
 
 
-@contextmanager
-def _session(engine: Engine, *, write: bool = False) -> Iterator[Session]:
-    options = {WRITE_OPTION: True} if write else {}
-    session = Session(engine, expire_on_commit=False, execution_options=options)
-    with session, session.begin():
-        yield session
-
-
 class ApiKeys:
     """Create, list, revoke and check API keys in the index database of ``index``."""
 
@@ -123,36 +113,40 @@ class ApiKeys:
         check_owner(owner)
         if label is not None and len(label) > 255:
             raise ValueError("label must be at most 255 characters")
-        secret = new_secret()
-        row = ApiKeyRow(
-            id=secrets.token_hex(8),
-            owner=owner,
-            admin=admin,
-            label=label,
-            key_hash=hash_key(secret),
-            prefix=secret[:PREFIX_CHARS],
-            created_at=utcnow(),
-            revoked_at=None,
-        )
-        with _session(self.index.engine, write=True) as session:
+        secret, key_id = new_secret(), secrets.token_hex(8)
+
+        def work(session: Session) -> ApiKeyRecord:
+            if retried(session) and (mine := session.get(ApiKeyRow, key_id)) is not None:
+                return _record(mine)  # the first try's COMMIT landed
+            row = ApiKeyRow(
+                id=key_id,
+                owner=owner,
+                admin=admin,
+                label=label,
+                key_hash=hash_key(secret),
+                prefix=secret[:PREFIX_CHARS],
+                created_at=utcnow(),
+                revoked_at=None,
+            )
             session.add(row)
-        return secret, _record(row)
+            session.flush()
+            return _record(row)
+
+        return secret, self.index.transact(work, write=True)
 
     def authenticate(self, secret: str) -> ApiKeyRecord | None:
         """The key's record when ``secret`` is a key that exists and is not revoked, else None."""
         if not looks_like_key(secret):
             return None
         stmt = select(ApiKeyRow).where(ApiKeyRow.key_hash == hash_key(secret), ApiKeyRow.revoked_at.is_(None))
-        with _session(self.index.engine) as session:
-            row = session.scalars(stmt).one_or_none()
-            return None if row is None else _record(row)
+        row = self.index.transact(lambda session: session.scalars(stmt).one_or_none())
+        return None if row is None else _record(row)
 
     def get(self, key_id: str) -> ApiKeyRecord:
-        with _session(self.index.engine) as session:
-            row = session.get(ApiKeyRow, key_id)
-            if row is None:
-                raise _not_found(key_id)
-            return _record(row)
+        row = self.index.transact(lambda session: session.get(ApiKeyRow, key_id))
+        if row is None:
+            raise _not_found(key_id)
+        return _record(row)
 
     def list(self, *, owner: str | None = None, include_revoked: bool = False) -> list[ApiKeyRecord]:
         """Keys, oldest first (optionally of one owner; revoked ones only when asked)."""
@@ -161,12 +155,12 @@ class ApiKeys:
             stmt = stmt.where(ApiKeyRow.owner == owner)
         if not include_revoked:
             stmt = stmt.where(ApiKeyRow.revoked_at.is_(None))
-        with _session(self.index.engine) as session:
-            return [_record(row) for row in session.scalars(stmt)]
+        return self.index.transact(lambda session: [_record(row) for row in session.scalars(stmt)])
 
     def revoke(self, key_id: str) -> ApiKeyRecord:
         """Revoke a key (at once: the next request with it gets 401). Revoking twice is a no-op."""
-        with _session(self.index.engine, write=True) as session:
+
+        def work(session: Session) -> ApiKeyRecord:
             row = session.scalars(
                 select(ApiKeyRow).where(ApiKeyRow.id == key_id).with_for_update()
             ).one_or_none()
@@ -175,6 +169,8 @@ class ApiKeys:
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
             return _record(row)
+
+        return self.index.transact(work, write=True)
 
     def ensure_key_file(self, path: Path, *, owner: str, label: str = "embedded") -> tuple[str, bool]:
         """The key kept in ``path`` (mode 0600) when it still authenticates, else a new key written

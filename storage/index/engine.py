@@ -4,7 +4,13 @@ SQLite notes: Python's sqlite3 driver does not BEGIN before SELECT or DDL, so SQ
 transaction control (the recipe from SQLAlchemy's SQLite docs). A connection carrying the
 ``WRITE_OPTION`` execution option begins with ``BEGIN IMMEDIATE``: it takes the write lock up front,
 so a read-then-write transaction never fails half-way with ``SQLITE_BUSY`` and concurrent writers
-queue on ``busy_timeout`` instead. On PostgreSQL, writers lock rows with ``SELECT ... FOR UPDATE``.
+queue on ``busy_timeout`` instead; each transaction of the index sets its own busy timeout
+(``BUSY_OPTION``: what is left of its retry budget, at most 10 s). On PostgreSQL, writers lock rows
+with ``SELECT ... FOR UPDATE``, and a connection attempt gives up after ``PG_CONNECT_TIMEOUT_S``.
+
+Both: pooled connections are pinged before use (``pool_pre_ping``), and the errors that make them
+suspect (a SQLite file that was read-only when a connection opened it, a PostgreSQL server going
+away or turned standby) discard the pool's connections (:func:`storage.index.retry.install`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
+from storage.index.retry import BUSY_OPTION, SQLITE_BUSY_TIMEOUT_S, install
+
 WRITE_OPTION = "qkvault_write"  # execution option: this transaction will write
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT_S * 1000)  # a connection's default
+PG_CONNECT_TIMEOUT_S = 5  # libpq connect_timeout unless the URL sets one
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SEARCH_PATH_RE = re.compile(r"-c\s*search_path=\S*")
@@ -55,13 +64,18 @@ def create_index_engine(database_url: str | URL, schema: str | None = None) -> E
     """Create the engine (no connection is opened until first use)."""
     url, connect_args = prepare_url(database_url, schema)
     if url.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        if "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        install(engine)
+        return engine
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    engine = create_engine(url, pool_pre_ping=True)
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
+    install(engine)
     return engine
 
 
@@ -97,5 +111,7 @@ def _enable_wal(cursor: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    options = conn.get_execution_options()
+    busy_ms = int(options.get(BUSY_OPTION, SQLITE_BUSY_TIMEOUT_MS))
+    conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_ms}")
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE_OPTION, False) else "BEGIN")

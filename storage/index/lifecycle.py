@@ -22,6 +22,7 @@ from storage.index.records import TERMINAL_STATES, JobState
 
 DEFAULT_LEASE_TIMEOUT_S = 120.0  # Settings.lease_timeout_s's default
 LEASED_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING})
+LEASED_VALUES = tuple(sorted(s.value for s in LEASED_STATES))  # as stored in the ``state`` column
 
 
 def end(
@@ -100,12 +101,15 @@ def holds_lease(row: JobRow, worker_id: str) -> bool:
     return JobState(row.state) in LEASED_STATES and row.lease_worker == worker_id
 
 
-def release(row: JobRow, now: datetime) -> JobState:
+def release(row: JobRow, now: datetime, *, error: dict[str, Any] | None = None) -> JobState:
     """The lease holder gives the job back after a transient failure: queued again (the next claim
-    is the next attempt), or cancelled when a cancel was requested meanwhile."""
+    is the next attempt), with ``error`` (the failure) kept until the job ends; or cancelled when a
+    cancel was requested meanwhile."""
     if row.cancel_requested or JobState(row.state) is JobState.CANCELLING:
         end(row, JobState.CANCELLED, now, partial=row.chunks_written > 0)
         return JobState.CANCELLED
+    if error is not None:
+        row.error = dict(error)
     row.state = JobState.QUEUED.value
     row.lease_worker = None
     row.heartbeat_at = None

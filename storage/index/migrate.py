@@ -60,3 +60,33 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m storage.index.migrate``: bring the index at ``--database-url`` (default:
+    ``QKVAULT_DATABASE_URL``) to the newest schema; with ``--api-key-file``, also make sure a valid
+    API key of ``--owner`` is in that file (the embedded stack's local key)."""
+    import argparse
+
+    from storage.index.apikeys import ApiKeys
+    from storage.index.repo import Index
+    from storage.settings import ServiceSettings
+
+    parser = argparse.ArgumentParser(prog="python -m storage.index.migrate", description=main.__doc__)
+    parser.add_argument("--database-url", default=None, help="default: QKVAULT_DATABASE_URL")
+    parser.add_argument("--api-key-file", type=Path, default=None, help="keep a valid API key in this file")
+    parser.add_argument("--owner", default="local", help="owner of that key")
+    args = parser.parse_args(argv)
+    index = Index(args.database_url or ServiceSettings().database_url)
+    try:
+        index.migrate()
+        if args.api_key_file is not None:  # reused while valid, else created
+            ApiKeys(index).ensure_key_file(args.api_key_file, owner=args.owner)
+    finally:
+        index.dispose()
+    print(f"index at {current_revision(index.engine) or 'no revision'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,35 +9,24 @@ False (the next pass reads the row again).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from storage.index.engine import WRITE_OPTION
+from storage.index.lifecycle import LEASED_VALUES
 from storage.index.models import JobRow
 from storage.index.records import JobRecord, JobState
 from storage.index.repo import Index
+from storage.index.retry import retried
 
-LEASED_STATES = (JobState.RUNNING.value, JobState.CANCELLING.value)
 DEFAULT_BATCH = 500  # rows per find: a pass stays short; the rest waits for the next pass
-
-
-@contextmanager
-def _session(index: Index, *, write: bool = False) -> Iterator[Session]:
-    options = {WRITE_OPTION: True} if write else {}  # SQLite: BEGIN IMMEDIATE for writers
-    session = Session(index.engine, expire_on_commit=False, execution_options=options)
-    with session, session.begin():
-        yield session
 
 
 def _find(index: Index, *where: ColumnElement[bool], order: Any, limit: int) -> list[JobRecord]:
     stmt = select(JobRow).where(*where).order_by(order).limit(limit)
-    with _session(index) as session:
-        return [row.to_record() for row in session.scalars(stmt)]
+    return index.transact(lambda session: [row.to_record() for row in session.scalars(stmt)])
 
 
 def stale_queued(index: Index, *, untouched_since: datetime, limit: int = DEFAULT_BATCH) -> list[JobRecord]:
@@ -57,7 +46,7 @@ def expired_leases(index: Index, *, beat_before: datetime, limit: int = DEFAULT_
     heartbeat at all is judged by ``updated_at``): their worker is gone."""
     return _find(
         index,
-        JobRow.state.in_(LEASED_STATES),
+        JobRow.state.in_(LEASED_VALUES),
         or_(
             JobRow.heartbeat_at < beat_before,
             and_(JobRow.heartbeat_at.is_(None), JobRow.updated_at < beat_before),
@@ -72,7 +61,8 @@ def _same(column: InstrumentedAttribute[Any], value: Any) -> ColumnElement[bool]
 
 
 def _apply(index: Index, seen: JobRecord, values: dict[str, Any]) -> bool:
-    """UPDATE the job with ``values`` if its row is still as ``seen``; True when it was changed."""
+    """UPDATE the job with ``values`` if its row is still as ``seen``; True when it was changed
+    (also on a retry after this UPDATE's COMMIT landed: the row then has ``values``' ``updated_at``)."""
     stmt = (
         update(JobRow)
         .where(
@@ -87,8 +77,14 @@ def _apply(index: Index, seen: JobRecord, values: dict[str, Any]) -> bool:
         .values(**values)
         .returning(JobRow.id)
     )
-    with _session(index, write=True) as session:
-        return session.scalars(stmt).first() is not None
+    mine = select(JobRow.id).where(JobRow.id == seen.id, JobRow.updated_at == values["updated_at"])
+
+    def work(session: Session) -> bool:
+        if session.scalars(stmt).first() is not None:
+            return True
+        return retried(session) and session.scalars(mine).first() is not None
+
+    return index.transact(work, write=True)
 
 
 def mark_requeued(index: Index, seen: JobRecord, now: datetime) -> bool:

@@ -1,8 +1,12 @@
 """The SQL index of jobs and chunks: the source of truth for job state (see DESIGN.md, "Job lifecycle").
 
-Every method runs in its own short transaction. Methods that change a job lock its row first
-(``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so concurrent API requests,
-redelivered Celery tasks and workers see each state change whole.
+Every method runs in its own short transaction (:meth:`Index.transact`), run again whole after a
+transient database error (locked, busy, connection lost, read-only after a fault, a PostgreSQL
+restart or failover) for the retry budget, then :class:`~storage.errors.IndexUnavailable`
+(storage/index/retry.py). A write whose COMMIT landed but whose acknowledgement was lost finds its
+own change on the retry (``updated_at`` is the call's time) and does not apply it twice. Methods that
+change a job lock its row first (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite), so concurrent API requests, redelivered Celery tasks and workers see each state change whole.
 
 Worker-side writes are fenced on the lease: ``update_progress``, ``record_chunks``, ``finish`` and
 ``release`` given ``worker=`` raise :class:`~storage.errors.LeaseLost` (and change nothing) once that
@@ -12,14 +16,12 @@ worker no longer holds the job's lease. Without ``worker`` (API and admin caller
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -29,69 +31,27 @@ from storage.bundle.records import ChunkRecord
 from storage.errors import JobNotFound, JobStateConflict, LeaseLost
 from storage.index import lifecycle
 from storage.index.cursor import decode_cursor, encode_cursor
-from storage.index.engine import WRITE_OPTION, create_index_engine, prepare_url
+from storage.index.database import Database
 from storage.index.models import ChunkRow, JobRow, format_coords, utcnow
 from storage.index.records import TERMINAL_STATES, JobRecord, JobState
+from storage.index.retry import retried
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 1000
 
 
-class Index:
+class Index(Database):
     """Jobs and chunks in SQLite or PostgreSQL.
 
     ``database_url``: ``sqlite:///path/index.db`` or ``postgresql+psycopg://user@host/db``.
     ``schema`` (PostgreSQL only): keep the tables in this schema (set as the connection's
     ``search_path``; :meth:`migrate` creates it). ``?options=-csearch_path%3D<schema>`` in the URL
     does the same without creating it. The engine is created on first use and its pool is replaced
-    in a forked child, so one ``Index`` can be shared with Celery prefork children.
+    in a forked child, so one ``Index`` can be shared with Celery prefork children. ``retry``: how
+    long a transaction is retried after transient database errors (the deployable's
+    ``db_retry_s``; :class:`~storage.index.database.Database`).
     """
-
-    def __init__(self, database_url: str, *, schema: str | None = None) -> None:
-        prepare_url(database_url, schema)  # fail fast on a bad URL; no connection yet
-        self.database_url = database_url
-        self.schema = schema
-        self._engine: Engine | None = None
-        self._pid = os.getpid()
-        self._engine_lock = threading.Lock()
-
-    # -- engine ------------------------------------------------------------------------------------
-
-    @property
-    def engine(self) -> Engine:
-        """The engine, created on first use; after a fork the child gets a fresh connection pool."""
-        engine, pid = self._engine, os.getpid()
-        if engine is not None and self._pid == pid:
-            return engine
-        with self._engine_lock:
-            if self._engine is None:
-                self._engine = create_index_engine(self.database_url, self.schema)
-            elif self._pid != pid:
-                # inherited through fork (Celery prefork): never touch the parent's connections
-                self._engine.dispose(close=False)
-            self._pid = pid
-            return self._engine
-
-    def migrate(self) -> None:
-        """Bring the schema to the newest revision (``alembic upgrade head``); a no-op when current."""
-        from storage.index.migrate import upgrade
-
-        upgrade(self.engine, schema=self.schema)
-
-    def dispose(self) -> None:
-        """Close pooled connections; the next call opens new ones."""
-        with self._engine_lock:
-            if self._engine is not None:
-                self._engine.dispose()
-                self._engine = None
-
-    @contextmanager
-    def _session(self, *, write: bool = False) -> Iterator[Session]:
-        options = {WRITE_OPTION: True} if write else {}
-        session = Session(self.engine, expire_on_commit=False, execution_options=options)
-        with session, session.begin():
-            yield session
 
     @staticmethod
     def _load(session: Session, job_id: str, owner: str | None, *, lock: bool = False) -> JobRow:
@@ -123,29 +83,36 @@ class Index:
             raise ValueError(f"job id {job_id!r} is longer than 36 characters")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        row = JobRow.queued(
-            job_id=job_id,
-            owner=owner,
-            spec=spec,
-            label=label,
-            max_attempts=max_attempts,
-            store_url=store_url_for(job_id),
-            now=utcnow(),
-        )
+        store_url, clock = store_url_for(job_id), _Clock()
+
+        def work(session: Session) -> JobRecord:
+            mine = session.get(JobRow, job_id) if retried(session) else None
+            if mine is not None and mine.owner == owner and mine.created_at in clock.stamps:
+                return mine.to_record()  # an earlier try's COMMIT landed
+            row = JobRow.queued(
+                job_id=job_id,
+                owner=owner,
+                spec=spec,
+                label=label,
+                max_attempts=max_attempts,
+                store_url=store_url,
+                now=clock.now(),
+            )
+            session.add(row)
+            session.flush()
+            return row.to_record()
+
         try:
-            with self._session(write=True) as session:
-                session.add(row)
+            return self.transact(work, write=True)
         except IntegrityError as exc:
             raise JobStateConflict(
                 f"job {job_id} already exists: submit without a job id to get a new one",
                 detail={"job_id": job_id},
             ) from exc
-        return row.to_record()
 
     def get_job(self, job_id: str, owner: str | None = None) -> JobRecord:
         """The job (``owner=None``: any owner). Another owner's job raises JobNotFound, like a missing one."""
-        with self._session() as session:
-            return self._load(session, job_id, owner).to_record()
+        return self.transact(lambda session: self._load(session, job_id, owner).to_record())
 
     def list_jobs(
         self,
@@ -172,18 +139,22 @@ class Index:
                 )
             )
         stmt = stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
-        with self._session() as session:
-            rows = session.scalars(stmt).all()
-            records = [row.to_record() for row in rows[:limit]]
+        rows = self.transact(lambda session: [row.to_record() for row in session.scalars(stmt)])
+        records = rows[:limit]
         next_cursor = encode_cursor(records[-1]) if len(rows) > limit else None
         return records, next_cursor
 
     def request_cancel(self, job_id: str, owner: str | None = None) -> JobRecord:
         """Queued -> cancelled at once; running -> cancelling (the worker stops at the next chunk)."""
-        with self._session(write=True) as session:
+        clock = _Clock()
+
+        def work(session: Session) -> JobRecord:
             row = self._load(session, job_id, owner, lock=True)
-            lifecycle.request_cancel(row, utcnow())
+            if not clock.committed(session, row):
+                lifecycle.request_cancel(row, clock.now())
             return row.to_record()
+
+        return self.transact(work, write=True)
 
     # -- worker side -------------------------------------------------------------------------------
 
@@ -194,17 +165,31 @@ class Index:
         attempts, or another worker holds a lease renewed less than ``lease_timeout_s`` ago (a
         duplicate delivery; attempts are not counted). Raises JobNotFound for an unknown id.
         """
-        with self._session(write=True) as session:
-            row = self._load(session, job_id, None, lock=True)
-            return row.to_record() if lifecycle.claim(row, worker_id, utcnow(), lease_timeout_s) else None
+        clock = _Clock()
 
-    def release(self, job_id: str, worker: str) -> JobState:
-        """The lease holder gives the job back after a transient failure: ``queued`` (the next claim
-        is the next attempt), or ``cancelled`` if a cancel was requested. Raises LeaseLost."""
-        with self._session(write=True) as session:
+        def work(session: Session) -> JobRecord | None:
             row = self._load(session, job_id, None, lock=True)
+            if clock.committed(session, row):  # this claim already counted its attempt
+                return row.to_record() if lifecycle.holds_lease(row, worker_id) else None
+            claimed = lifecycle.claim(row, worker_id, clock.now(), lease_timeout_s)
+            return row.to_record() if claimed else None
+
+        return self.transact(work, write=True)
+
+    def release(self, job_id: str, worker: str, *, error: dict[str, Any] | None = None) -> JobState:
+        """The lease holder gives the job back after a transient failure: ``queued`` (the next claim
+        is the next attempt), or ``cancelled`` if a cancel was requested. ``error``: the failure's
+        problem document, shown in the queued job's ``error`` until the job ends. Raises LeaseLost."""
+        clock = _Clock()
+
+        def work(session: Session) -> JobState:
+            row = self._load(session, job_id, None, lock=True)
+            if clock.committed(session, row):
+                return JobState(row.state)
             _fence(row, worker)
-            return lifecycle.release(row, utcnow())
+            return lifecycle.release(row, clock.now(), error=error)
+
+        return self.transact(work, write=True)
 
     def heartbeat(self, job_id: str, worker_id: str) -> bool:
         """Refresh the lease of ``worker_id``; False (logged) if another worker holds it or the job ended."""
@@ -218,7 +203,8 @@ class Index:
             .values(heartbeat_at=utcnow())
             .returning(JobRow.id)
         )
-        with self._session(write=True) as session:
+
+        def work(session: Session) -> bool:
             if session.scalars(stmt).first() is not None:
                 return True
             row = self._load(session, job_id, None)
@@ -230,6 +216,8 @@ class Index:
                 row.lease_worker,
             )
             return False
+
+        return self.transact(work, write=True)
 
     def update_progress(
         self,
@@ -252,18 +240,21 @@ class Index:
             values["phase"] = phase
         stmt = update(JobRow).where(JobRow.id == job_id)
         if worker is not None:
-            stmt = stmt.where(JobRow.lease_worker == worker, JobRow.state.in_(_LEASED))
-        with self._session(write=True) as session:
+            stmt = stmt.where(JobRow.lease_worker == worker, JobRow.state.in_(lifecycle.LEASED_VALUES))
+
+        def work(session: Session) -> bool:
             cancel_requested = session.scalars(
                 stmt.values(**values).returning(JobRow.cancel_requested)
             ).first()
             if cancel_requested is None:
                 _fence(self._load(session, job_id, None), worker)  # raises JobNotFound or LeaseLost
-        return bool(cancel_requested)
+            return bool(cancel_requested)
+
+        return self.transact(work, write=True)
 
     def is_cancel_requested(self, job_id: str) -> bool:
-        with self._session() as session:
-            flag = session.scalars(select(JobRow.cancel_requested).where(JobRow.id == job_id)).one_or_none()
+        stmt = select(JobRow.cancel_requested).where(JobRow.id == job_id)
+        flag = self.transact(lambda session: session.scalars(stmt).one_or_none())
         if flag is None:
             raise _not_found(job_id)
         return bool(flag)
@@ -287,7 +278,8 @@ class Index:
         ]
         if any(c.nbytes < 0 for c in latest.values()):
             raise ValueError(f"job {job_id}: chunk nbytes must be >= 0")
-        with self._session(write=True) as session:
+
+        def work(session: Session) -> None:  # upserts and totals recounted: safe to run twice
             _fence(self._load(session, job_id, None, lock=True), worker)
             if params:
                 insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
@@ -310,14 +302,19 @@ class Index:
                 )
             )
 
+        self.transact(work, write=True)
+
     def list_chunks(self, job_id: str, array: str | None = None) -> list[ChunkRecord]:
         """Chunks recorded for the job (optionally one array), ordered by array then coords."""
         stmt = select(ChunkRow).where(ChunkRow.job_id == job_id)
         if array is not None:
             stmt = stmt.where(ChunkRow.array == array)
-        with self._session() as session:
+
+        def work(session: Session) -> list[ChunkRecord]:
             self._load(session, job_id, None)
-            records = [row.to_record() for row in session.scalars(stmt)]
+            return [row.to_record() for row in session.scalars(stmt)]
+
+        records = self.transact(work)
         # coords are stored as text ("10.0" < "2.0"), so order numerically here
         return sorted(records, key=lambda c: (c.array, c.coords))
 
@@ -341,14 +338,33 @@ class Index:
             raise ValueError(
                 f"finish() needs a terminal state (cancelled, succeeded or failed), got {state.value}"
             )
-        with self._session(write=True) as session:
+        clock = _Clock()
+
+        def work(session: Session) -> JobRecord:
             row = self._load(session, job_id, None, lock=True)
+            if clock.committed(session, row):
+                return row.to_record()
             _fence(row, worker)
-            lifecycle.finish(row, state, utcnow(), partial=partial, error=error, result=result)
+            lifecycle.finish(row, state, clock.now(), partial=partial, error=error, result=result)
             return row.to_record()
 
+        return self.transact(work, write=True)
 
-_LEASED = [s.value for s in lifecycle.LEASED_STATES]
+
+class _Clock:
+    """The times one call's tries stamped on a row (read under the row's lock, so that concurrent
+    writers stay in order). On a retry, a row whose ``updated_at`` is one of them was last changed
+    by this call: an earlier try's COMMIT landed and only its acknowledgement was lost."""
+
+    def __init__(self) -> None:
+        self.stamps: list[datetime] = []
+
+    def now(self) -> datetime:
+        self.stamps.append(utcnow())
+        return self.stamps[-1]
+
+    def committed(self, session: Session, row: JobRow) -> bool:
+        return retried(session) and row.updated_at in self.stamps
 
 
 def _fence(row: JobRow, worker: str | None) -> None:

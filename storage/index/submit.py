@@ -6,7 +6,9 @@ the whole database. Inside it: a job of this owner with the same ``idempotency_k
 as is (or refused when its request differed), else the owner's jobs in flight are counted against
 the limit, else the new job is inserted. The unique index on ``(owner, idempotency_key)`` backs
 this up: a duplicate that slipped past (another writer, a different lock) is an IntegrityError, and
-the job that won is returned.
+the job that won is returned. The transaction is retried whole after a transient database error
+(``Index.transact``); a retry after a COMMIT whose acknowledgement was lost finds the job it
+inserted (its fresh id) and answers as the first try would have (``created=True``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import hashlib
 import json
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.errors import QkvaultError
-from storage.index.engine import WRITE_OPTION
 from storage.index.models import JobRow, utcnow
 from storage.index.records import JobRecord, JobState
 from storage.index.repo import Index
+from storage.index.retry import retried
 
 IN_FLIGHT_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.CANCELLING.value)
 _PG_OWNER_LOCK_SPACE = 0x716B7375  # "qksu": first key of pg_advisory_xact_lock(int, int)
@@ -58,16 +59,13 @@ def request_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-@contextmanager
-def _write_session(index: Index, owner: str) -> Iterator[Session]:
-    session = Session(index.engine, expire_on_commit=False, execution_options={WRITE_OPTION: True})
-    with session, session.begin():
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:owner AS integer))"),
-                {"space": _PG_OWNER_LOCK_SPACE, "owner": zlib.crc32(owner.encode()) - (1 << 31)},
-            )
-        yield session
+def _lock_owner(session: Session, owner: str) -> None:
+    """PostgreSQL: queue this owner's submissions behind each other (SQLite: BEGIN IMMEDIATE did)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:owner AS integer))"),
+            {"space": _PG_OWNER_LOCK_SPACE, "owner": zlib.crc32(owner.encode()) - (1 << 31)},
+        )
 
 
 def _existing(session: Session, owner: str, key: str) -> JobRow | None:
@@ -89,8 +87,7 @@ def _replay(row: JobRow, key: str, digest: str) -> Submitted:
 def jobs_in_flight(index: Index, owner: str) -> int:
     """The owner's jobs that are queued, running or cancelling."""
     stmt = select(func.count()).where(JobRow.owner == owner, JobRow.state.in_(IN_FLIGHT_STATES))
-    with Session(index.engine) as session:
-        return int(session.scalar(stmt) or 0)
+    return int(index.transact(lambda session: session.scalar(stmt)) or 0)
 
 
 def submit_job(
@@ -114,42 +111,53 @@ def submit_job(
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     digest = request_hash(spec)
     job_id = str(uuid.uuid4())
-    try:
-        with _write_session(index, owner) as session:
-            if idempotency_key is not None and (row := _existing(session, owner, idempotency_key)):
-                return _replay(row, idempotency_key, digest)
-            if max_in_flight > 0:
-                count = session.scalar(
-                    select(func.count()).where(JobRow.owner == owner, JobRow.state.in_(IN_FLIGHT_STATES))
-                )
-                if int(count or 0) >= max_in_flight:
-                    raise TooManyJobsInFlight(
-                        f"{owner} has {count} jobs queued or running, the limit of this server "
-                        f"(QKVAULT_MAX_JOBS_IN_FLIGHT={max_in_flight}); wait until one finishes "
-                        "(GET /v1/jobs?state=running) or cancel one (POST /v1/jobs/{id}/cancel), "
-                        "then submit again",
-                        detail={"limit": max_in_flight, "in_flight": int(count or 0)},
-                    )
-            row = JobRow.queued(
-                job_id=job_id,
-                owner=owner,
-                spec=spec,
-                label=label,
-                max_attempts=max_attempts,
-                store_url=store_url_for(job_id),
-                now=utcnow(),
+    store_url = store_url_for(job_id)
+
+    def work(session: Session) -> Submitted:
+        _lock_owner(session, owner)
+        if retried(session) and (mine := session.get(JobRow, job_id)) is not None:
+            return Submitted(mine.to_record(), created=True)  # the first try's COMMIT landed
+        if idempotency_key is not None and (row := _existing(session, owner, idempotency_key)):
+            return _replay(row, idempotency_key, digest)
+        if max_in_flight > 0:
+            count = session.scalar(
+                select(func.count()).where(JobRow.owner == owner, JobRow.state.in_(IN_FLIGHT_STATES))
             )
-            row.idempotency_key = idempotency_key
-            row.request_hash = digest
-            session.add(row)
-            session.flush()
-            return Submitted(row.to_record(), created=True)
+            if int(count or 0) >= max_in_flight:
+                raise TooManyJobsInFlight(
+                    f"{owner} has {count} jobs queued or running, the limit of this server "
+                    f"(QKVAULT_MAX_JOBS_IN_FLIGHT={max_in_flight}); wait until one finishes "
+                    "(GET /v1/jobs?state=running) or cancel one (POST /v1/jobs/{id}/cancel), "
+                    "then submit again",
+                    detail={"limit": max_in_flight, "in_flight": int(count or 0)},
+                )
+        row = JobRow.queued(
+            job_id=job_id,
+            owner=owner,
+            spec=spec,
+            label=label,
+            max_attempts=max_attempts,
+            store_url=store_url,
+            now=utcnow(),
+        )
+        row.idempotency_key = idempotency_key
+        row.request_hash = digest
+        session.add(row)
+        session.flush()
+        return Submitted(row.to_record(), created=True)
+
+    try:
+        return index.transact(work, write=True)
     except IntegrityError:
         if idempotency_key is None:
             raise
-    # a concurrent submission with the same key won the unique index: hand back its job
-    with Session(index.engine, expire_on_commit=False) as session:
-        row = _existing(session, owner, idempotency_key)
+    key = idempotency_key
+
+    def replay(session: Session) -> Submitted:
+        # a concurrent submission with the same key won the unique index: hand back its job
+        row = _existing(session, owner, key)
         if row is None:
-            raise RuntimeError(f"job with Idempotency-Key {idempotency_key!r} vanished after a conflict")
-        return _replay(row, idempotency_key, digest)
+            raise RuntimeError(f"job with Idempotency-Key {key!r} vanished after a conflict")
+        return _replay(row, key, digest)
+
+    return index.transact(replay)

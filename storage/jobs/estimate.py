@@ -140,7 +140,7 @@ def count_prompt_tokens(spec: JobSpec, tokenizer_json: str | None) -> tuple[list
     ``tokenizer.json`` the count is approximated from UTF-8 bytes; with one but without the
     ``tokenizers`` library this raises :class:`ServerMisconfigured` (503): an approximation would
     admit prompts too long for the model."""
-    prompts = list(spec.prompts)
+    prompts = list(spec.inline_prompts)
     if tokenizer_json is not None:
         try:
             import tokenizers  # noqa: F401  (installed by the api extra)
@@ -330,7 +330,7 @@ def estimate(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int], exact_
     lengths = [p + new for p in prompt_lengths]
     arrays += [_kv_group(spec, i, layout, lengths) for i in range(len(spec.kv_compression))]
     total_tokens = sum(prompt_lengths) + new * len(prompt_lengths)
-    prompt_bytes = sum(len(p.encode("utf-8")) for p in spec.prompts)
+    prompt_bytes = sum(len(p.encode("utf-8")) for p in spec.inline_prompts)
     metadata = (
         ROOT_METADATA
         + ARRAY_METADATA * len(layout.arrays())

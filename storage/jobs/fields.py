@@ -94,7 +94,10 @@ class JobFields(BaseModel):
     phase: str | None = Field(None, description='e.g. "loading_model", "prefill", "decoding", "finalizing"')
     progress: Progress = Field(default_factory=Progress)
     error: dict[str, Any] | None = Field(
-        None, description="problem document (type, title, detail) if it failed"
+        None,
+        description="problem document (type, title, detail) if it failed; a job given back after "
+        "a store failure (store down, disk full, not writable) shows that failure with "
+        '`"retrying": true` until it ends',
     )
     partial: bool = Field(
         False, description="a cancelled/failed job left readable partial data in its bundle"

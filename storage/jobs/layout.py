@@ -35,6 +35,7 @@ def plan_layout(
     attention_layers: Sequence[int] | None = None,
     v_head_dim: int | None = None,
     sinks: bool = False,
+    bulk: bool = False,
 ) -> BundleLayout:
     """The layout of a job: the same function serves the API's estimate and the worker."""
     heads = tuple(capture.heads or range(num_heads))
@@ -68,6 +69,7 @@ def plan_layout(
         derived_attention=capture.derived_attention,
         v_head_dim=v_head_dim,
         sinks=sinks,
+        bulk=bulk,
     )
 
 
@@ -89,4 +91,5 @@ def layout_for_job(spec: JobSpec, facts: ModelFacts, prompt_lengths: Sequence[in
         attention_layers=facts.attention_layers,
         v_head_dim=facts.v_head_dim,
         sinks=facts.sinks,
+        bulk=spec.bulk,
     )

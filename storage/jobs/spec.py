@@ -16,6 +16,7 @@ from storage.inputs import MAX_SEED, utf8, utf8_text
 from storage.jobs.capture import CaptureSpec
 from storage.kvquant.spec import KVMethodSpec, unique_methods
 from storage.models.spec import SMOLLM2_GGUF, ModelSpec
+from storage.sources.spec import SourceSpec
 
 StorageDtype = Literal["float16", "float32"]
 
@@ -74,7 +75,17 @@ class JobSpec(_Strict):
     )
 
     model: ModelSpec
-    prompts: list[str] = Field(min_length=1, description="one or many prompts; batched with padding")
+    prompts: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="one or many prompts, exported as one padded batch (bundle format 1.x); or, "
+        "instead, a `source` of many sequences (a bulk job)",
+    )
+    source: SourceSpec | None = Field(
+        None,
+        description="a bulk job's sequences (inline, an uploaded file, a dataset, token ids), streamed "
+        "in micro-batches grouped by length (bundle format 2.x); instead of `prompts`",
+    )
     add_special_tokens: bool = Field(True, description="let the tokenizer add BOS etc.")
     chat_template: bool = Field(False, description="wrap each prompt as a user turn with the chat template")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
@@ -101,6 +112,27 @@ class JobSpec(_Strict):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _prompts_or_source(self) -> JobSpec:
+        if (self.prompts is None) == (self.source is None):
+            raise ValueError(
+                "give either prompts (one padded batch) or source (a bulk job of many sequences), not "
+                + ("both" if self.prompts is not None else "neither")
+            )
+        return self
+
+    @property
+    def bulk(self) -> bool:
+        """A bulk job: sequences streamed from ``source`` in micro-batches (bundle format 2.x)."""
+        return self.source is not None
+
+    @property
+    def inline_prompts(self) -> list[str]:
+        """The prompts of a one-batch job (a bulk job's sequences come from :attr:`source`)."""
+        if self.prompts is None:
+            raise ValueError("a bulk job has no inline prompts: its sequences come from source")
+        return self.prompts
+
+    @model_validator(mode="after")
     def _steps_exist(self) -> JobSpec:
         steps = self.capture.generation_steps
         new = self.generation.max_new_tokens
@@ -116,8 +148,8 @@ class JobSpec(_Strict):
 
     @field_validator("prompts")
     @classmethod
-    def _prompts_are_text(cls, value: list[str]) -> list[str]:
-        for i, prompt in enumerate(value):
+    def _prompts_are_text(cls, value: list[str] | None) -> list[str] | None:
+        for i, prompt in enumerate(value or ()):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one character")
             utf8_text(prompt, f"prompt {i}")

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from storage.models.architectures import (
     evaluate,
     matrix,
 )
+from storage.models.roots import check_model_roots
 from storage.models.spec import ModelSpec
 
 # GGUF general.architecture -> transformers model_type (where the names differ)
@@ -73,8 +75,13 @@ class ModelSource:
     revision: str | None = None
 
 
-def resolve_source(model: ModelSpec) -> ModelSource:
-    """Turn ``ModelSpec.id`` into a concrete location (no file is read)."""
+def resolve_source(model: ModelSpec, roots: Sequence[Path] | None = None) -> ModelSource:
+    """Turn ``ModelSpec.id`` into a concrete location (no file is read). With ``roots`` (the
+    server's model roots), an absolute path outside them is refused first, whatever exists there
+    (:func:`storage.models.roots.check_model_roots`: resolves its symlinks, reads nothing);
+    ``None``: not checked, for callers that load models they made (tests, bench, the matrix)."""
+    if roots is not None:
+        check_model_roots(model, roots)
     ident = model.id
     if ident.startswith("pkg:"):
         package, _, name = ident[4:].partition("/")
@@ -158,12 +165,15 @@ def hub_not_cached_message(model_id: str, source: ModelSource, cache: str, where
 
 
 def tokenizer_file(
-    model: ModelSpec, model_cache_dir: Path | None = None, hub_cache_dir: Path | None = None
+    model: ModelSpec,
+    model_cache_dir: Path | None = None,
+    hub_cache_dir: Path | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> str | None:
     """A ``tokenizer.json`` for ``model`` readable here without transformers, or ``None``: in the
     model folder, the HF hub cache (``hub_cache_dir``, else the default one), or (GGUF) the
-    worker's dequantised cache when shared."""
-    source = resolve_source(model)
+    worker's dequantised cache when shared. ``roots``: as in :func:`resolve_source`."""
+    source = resolve_source(model, roots)
     if source.kind == "folder":
         candidate = os.path.join(source.path, "tokenizer.json")
         return candidate if os.path.isfile(candidate) else None
@@ -246,10 +256,13 @@ def _gguf_facts(path: str, mtime_ns: int) -> ModelFacts:
     )
 
 
-def read_facts(model: ModelSpec, hub_cache_dir: Path | None = None) -> ModelFacts | None:
+def read_facts(
+    model: ModelSpec, hub_cache_dir: Path | None = None, roots: Sequence[Path] | None = None
+) -> ModelFacts | None:
     """Facts for ``model`` if its config is readable here without downloading (hub ids: from
-    ``hub_cache_dir``, else the default HF cache); else ``None``."""
-    source = resolve_source(model)
+    ``hub_cache_dir``, else the default HF cache); else ``None``. ``roots``: as in
+    :func:`resolve_source` (a path outside them is refused before anything is read)."""
+    source = resolve_source(model, roots)
     if source.kind == "gguf":
         path = os.path.join(source.path, source.file or "")
         if not os.path.isfile(path):

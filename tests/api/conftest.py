@@ -2,6 +2,9 @@
 broker (``redis_url`` from ``tests/conftest.py``) with a queue of the test's own. No worker runs:
 tests look at the task messages in Redis and drive job states through the index, as a worker would.
 
+Model folders the tests write live in ``tmp_path``: it is the app's one model root
+(``QKVAULT_MODEL_ROOTS``), so an absolute path elsewhere is refused as on a real server.
+
 Authentication is real: ``api_key`` is a key of owner ``local`` created in the test's index (as
 ``qkvault keys create`` would), and ``client`` sends it on every request; ``make_key`` creates more.
 ``backend_client`` runs the app on SQLite and on PostgreSQL, for what differs between the two.
@@ -54,6 +57,7 @@ def api_settings(tmp_path: Path, sqlite_url: str, redis_url: str, queue_name: st
         max_new_tokens=MAX_NEW_TOKENS,
         max_attempts=3,
         migrate_on_startup=False,
+        model_roots=[tmp_path],
     )
 
 

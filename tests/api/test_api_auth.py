@@ -66,7 +66,12 @@ def test_route_list_is_complete(anonymous: TestClient) -> None:
     routes = _protected_routes(anonymous.app)
     with_job_id = {(m, p) for m, p in routes if "{job_id}" in p}
     assert with_job_id == set(JOB_ROUTES)
-    assert {p for _, p in routes} - {p for _, p in JOB_ROUTES} == {"/v1/jobs", "/v1/jobs/estimate"}
+    assert {p for _, p in routes} - {p for _, p in JOB_ROUTES} == {
+        "/v1/jobs",
+        "/v1/jobs/estimate",
+        "/v1/uploads",  # uploads: another owner's id is tested in test_api_uploads.py
+        "/v1/uploads/{upload_id}",
+    }
 
 
 @pytest.mark.parametrize("credentials", ["none", "wrong-scheme", "unknown", "malformed", "revoked"])
@@ -90,9 +95,9 @@ def test_every_protected_route_needs_a_valid_key(
         headers = _bearer(secret)
 
     routes = _protected_routes(anonymous.app)
-    assert len(routes) == 8
+    assert len(routes) == 11
     for method, template in routes:
-        path = template.replace("{job_id}", MISSING_ID)
+        path = template.replace("{job_id}", MISSING_ID).replace("{upload_id}", MISSING_ID.replace("-", ""))
         response = _call(anonymous, method, path, headers)
         where = f"{method} {path} with {credentials} credentials"
         assert response.status_code == 401, f"{where}: {response.status_code} {response.text}"

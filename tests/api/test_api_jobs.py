@@ -48,6 +48,34 @@ def test_get_job_shows_progress(client: TestClient, submit: Submit, index: Index
     assert body["progress"]["fraction"] == pytest.approx(0.25)
 
 
+def test_a_job_given_back_shows_its_failure_while_queued(
+    client: TestClient, submit: Submit, index: Index
+) -> None:
+    """A worker gave the job back (store down, disk full, read-only): ``queued`` with the failure in
+    ``error``, ``retrying: true``, until the job ends."""
+    job_id = submit()["id"]
+    assert index.claim(job_id, "worker-1") is not None
+    problem = {
+        "type": "store-not-writable",
+        "title": "StoreNotWritable",
+        "detail": "store not writable: no space left on device (ENOSPC) on write zarr.json in /d/x.zarr",
+        "extra": {"resource": "/d/x.zarr", "errno": "ENOSPC", "fix": "free space on /d"},
+        "attempts": 1,
+        "max_attempts": 3,
+        "retrying": True,
+    }
+    assert index.release(job_id, "worker-1", error=problem) is JobState.QUEUED
+
+    body = client.get(f"/v1/jobs/{job_id}").json()
+    assert (body["state"], body["attempts"], body["error"]) == ("queued", 1, problem)
+    listed = client.get("/v1/jobs", params={"state": "queued"}).json()["items"]
+    assert [job["error"] for job in listed if job["id"] == job_id] == [problem]
+
+    assert index.claim(job_id, "worker-2") is not None  # the next attempt succeeds: error cleared
+    index.finish(job_id, JobState.SUCCEEDED, worker="worker-2")
+    assert client.get(f"/v1/jobs/{job_id}").json()["error"] is None
+
+
 def test_list_paginates_newest_first_with_cursor(client: TestClient, submit: Submit) -> None:
     submitted = [submit(label=f"job {i}")["id"] for i in range(5)]
 

@@ -80,6 +80,7 @@ def api(api_only_python: Path, tmp_path: Path, redis_url: str, queue_name: str) 
         store_url=str(tmp_path / "store"),
         queue_name=queue_name,
         migrate_on_startup="false",
+        model_roots=[tmp_path],  # where ``tiny`` is
     )
     with (
         start_api(env, python=str(api_only_python), log_path=tmp_path / "api.log") as running,

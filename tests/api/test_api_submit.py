@@ -96,7 +96,7 @@ def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]])
 @pytest.mark.parametrize(
     ("patch", "loc", "error_type", "msg_part"),
     [
-        ({"prompts": None}, "body.prompts", "missing", "required"),
+        ({"prompts": None}, "body", "value_error", "give either prompts (one padded batch) or source"),
         ({"generation": {"max_new_tokens": -1}}, "body.generation.max_new_tokens", "greater_than_equal", "0"),
         ({"bogus": 1}, "body.bogus", "extra_forbidden", "not permitted"),
         ({"capture": {"layers": []}}, "body.capture.layers", "value_error", "must not be empty"),
@@ -180,13 +180,13 @@ def test_invalid_spec_gives_field_level_422(
     assert client.get("/v1/jobs").json()["items"] == []
 
 
-def test_the_largest_values_are_accepted(submit: Callable[..., dict[str, Any]]) -> None:
-    """The bounds above are the real ones: a seed torch takes, a path component of 255 bytes, a
-    hub name of 96 characters (huggingface_hub's limit) pass admission."""
+def test_the_largest_values_are_accepted(submit: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    """The bounds above are the real ones: a seed torch takes, a path component of 255 bytes (in a
+    model root: ``tmp_path``), a hub name of 96 characters (huggingface_hub's limit) pass admission."""
     assert (
         submit(generation={"seed": 2**64 - 1, "do_sample": True})["spec"]["generation"]["seed"] == 2**64 - 1
     )
-    assert submit(model={"id": "/models/" + "m" * 255})["state"] == "queued"
+    assert submit(model={"id": str(tmp_path / ("m" * 255))})["state"] == "queued"
     assert submit(model={"id": "o" * 96 + "/" + "m" * 96})["state"] == "queued"
 
 

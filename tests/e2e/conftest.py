@@ -80,6 +80,7 @@ def _stack(
         s3=s3,
         device="cpu",
         model_cache_dir=str(model_cache_dir()),
+        model_roots=[tmp_path_factory.getbasetemp()],  # the tiny models' folders (tmp_path_factory)
         queue_name=f"qk-e2e-{uuid.uuid4().hex[:8]}",
         progress_interval_s=0.1,
     )

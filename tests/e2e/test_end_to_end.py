@@ -148,7 +148,7 @@ def test_cancel_running_and_queued_jobs(local_stack: Stack, long_llama: str) -> 
 
 @pytest.mark.slow
 def test_smollm2_through_the_service(local_stack: Stack, tmp_path: Path) -> None:
-    from storage.jobs.spec import SMOLLM2_GGUF
+    from storage.models.spec import SMOLLM2_GGUF
 
     spec = _spec(
         SMOLLM2_GGUF, capture={"attention": True, "qkv": True, "layers": [0, 29]}, storage={"chunk_rows": 256}

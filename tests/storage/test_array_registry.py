@@ -33,6 +33,7 @@ BASE: dict[str, Any] = {
 }
 LAYOUTS: dict[str, dict[str, Any]] = {
     "plain": {"attention": True, "qkv": False},
+    "bulk_micro_batch": {"attention": True, "qkv": False, "bulk": True},
     "qkv_top_heads_rows": {"attention": True, "qkv": True, "top_heads": 2, "query_rows": 5, "summary": True},
     "sinks": {"attention": True, "qkv": False, "sinks": True},
     "derived": {"attention": False, "qkv": False, "derived_attention": True},
@@ -78,6 +79,14 @@ DERIVED: dict[str, Row] = {
 }
 EXPECTED: dict[str, dict[str, Row]] = {
     "plain": {**ALWAYS, "attention": (ATT, (2, 2, 4, 17, 17), (1, 1, 4, 16, 16), "float16", 0)},
+    # one micro-batch of a bulk job (1.5): the sequences' job-wide indices and source rows
+    "bulk_micro_batch": {
+        **{k: v for k, v in ALWAYS.items() if k in ("tokens", "length", "prompt_length")},
+        "sequence": (("batch",), (2,), (2,), "int64", -1),
+        "source_row": (("batch",), (2,), (2,), "int64", -1),
+        **{k: v for k, v in ALWAYS.items() if k in ("layer", "head", "kv_head")},
+        "attention": (ATT, (2, 2, 4, 17, 17), (1, 1, 4, 16, 16), "float16", 0),
+    },
     "qkv_top_heads_rows": {
         **ALWAYS,
         "attention": (
@@ -275,7 +284,9 @@ def test_layout_arrays_are_the_declared_ones_with_todays_shapes(name: str) -> No
         assert layout.chunks(array) == chunks, array
         assert layout.dtype(array) == dtype, array
         assert _same(layout.fill_value(array), fill), array
-        itemsize = 8 if dtype == "str" else {"int32": 4, "float16": 2, "float32": 4, "float64": 8}[dtype]
+        itemsize = (
+            8 if dtype == "str" else {"int32": 4, "int64": 8, "float16": 2, "float32": 4, "float64": 8}[dtype]
+        )
         assert layout.raw_bytes(array) == math.prod(shape) * itemsize
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from storage.bundle.records import ChunkRecord
-from storage.jobs.spec import SMOLLM2_GGUF
+from storage.models.spec import SMOLLM2_GGUF
 
 from .tiny_models import build_tiny_model
 

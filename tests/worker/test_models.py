@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from storage.errors import ModelLoadError, UnsupportedModel
-from storage.jobs.spec import ModelSpec
 from storage.models.facts import resolve_source
+from storage.models.spec import ModelSpec
 from worker.models import ModelCache, _dequantised_gguf
 
 from .conftest import model_cache_dir

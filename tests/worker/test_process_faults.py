@@ -86,7 +86,7 @@ def test_redis_restart_with_jobs_queued_and_one_running_loses_nothing(
         settings, index, store = _stack(tmp_path, server.url)
         spec = job_spec(tiny_model_dir("llama"), 0)
         ids = _submit(settings, index, store, spec, 3)
-        env = fast_env(settings, model_cache_dir())
+        env = fast_env(settings, model_cache_dir(), tiny_model_dir("llama"))
         with reconciler(env, tmp_path / "reconciler.log"), start_worker(env, tmp_path / "worker.log"):
             assert wait_until(lambda: _running_with_chunks(index, ids[0], 20), 120)
             server.crash()  # SIGKILL: what the AOF (fsync every second) holds is what survives
@@ -112,7 +112,7 @@ def test_cancel_while_running_while_the_worker_is_dead_and_while_waiting_for_it(
     # requested after the first chunks always lands before the job ends
     spec["generation"]["max_new_tokens"] = 140
     running, dead, waiting = _submit(settings, index, store, spec, 3)
-    env = fast_env(settings, model_cache_dir())
+    env = fast_env(settings, model_cache_dir(), tiny_model_dir("llama"))
     app = create_celery_app(settings)
     with reconciler(env, tmp_path / "reconciler.log"):
         with start_worker(env, tmp_path / "worker.log") as proc:

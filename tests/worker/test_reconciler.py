@@ -140,6 +140,7 @@ def test_api_dies_before_enqueue_then_a_real_worker_runs_the_job(
         queue_name=settings.queue_name,
         device="cpu",
         model_cache_dir=str(model_cache_dir()),
+        model_roots=[tiny_model_dir("llama").parent],
         heartbeat_interval_s=0.5,
         progress_interval_s=0.1,
     )

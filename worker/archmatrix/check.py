@@ -325,7 +325,7 @@ def _check(
     precision: Precision,
     overrides: dict[str, Any] | None = None,
 ) -> None:
-    from storage.jobs.spec import ModelSpec
+    from storage.models.spec import ModelSpec
     from worker.archmatrix.reasons import refusal_reason, unknown_mechanism_reason
 
     folder = root / "model"

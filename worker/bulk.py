@@ -1,0 +1,229 @@
+"""A bulk job: a source's sequences streamed through the model in micro-batches grouped by length.
+
+Rows are read from the job's ``source`` (:mod:`storage.sources`), tokenized, and planned into
+micro-batches in windows (:mod:`storage.jobs.microbatch`: at most ``token_budget`` padded tokens
+and 5% padding each). Each micro-batch is exported by the one-batch :class:`~worker.export.Exporter`
+into its own group of the bundle, ``batches/<k>`` (a complete format-1.x bundle of its sequences,
+with their job-wide indices and source rows), written and consolidated before the next one starts:
+a reader sees every finished micro-batch while the job runs. The root (format 2.0) holds the
+sequence table (group ``sequences``) once the job ends.
+
+A resumed attempt plans the same micro-batches (the plan depends only on the rows and the spec)
+and skips those whose group is complete; a cancel stops within one micro-batch and keeps the
+finished ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from storage.bundle.format import BULK_BATCHES, BULK_FORMAT_VERSION, BULK_SEQUENCES
+from storage.bundle.writer import BundleWriter
+from storage.errors import JobCancelled
+from storage.jobs.microbatch import DEFAULT_WINDOW, MicroBatch, PaddingTally, cut_window
+from storage.jobs.spec import JobSpec
+from storage.sources.rows import SourceContext, SourceRow, SourceRowError, iter_rows
+from storage.stores.objectstore import zarr_store
+from worker.export import BatchInput, Exporter, ExportHooks
+from worker.generation import tokenize_texts
+from worker.models import LoadedModel
+
+__all__ = ["BulkExporter", "batch_group"]
+
+
+def batch_group(index: int) -> str:
+    """The group of micro-batch ``index`` inside a bulk bundle."""
+    return f"{BULK_BATCHES}/{index:06d}"
+
+
+@dataclass
+class _Sequence:
+    """One tokenized row of the source."""
+
+    row: SourceRow
+    ids: list[int]
+
+
+@dataclass
+class _Table:
+    """The sequence table, filled as micro-batches finish (one entry per exported sequence)."""
+
+    columns: dict[str, list[Any]] = field(
+        default_factory=lambda: {
+            k: [] for k in ("sequence", "source_row", "batch", "slot", "length", "prompt_length", "text")
+        }
+    )
+
+    def add(self, batch: int, slot: int, seq: _Sequence, length: int, prompt_length: int) -> None:
+        values = (seq.row.index, seq.row.row, batch, slot, length, prompt_length, seq.row.text or "")
+        for name, value in zip(self.columns, values, strict=True):
+            self.columns[name].append(value)
+
+    def arrays(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        order = np.argsort(np.asarray(self.columns["sequence"], dtype=np.int64), kind="stable")
+        out: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+        for name, values in self.columns.items():
+            dtype: Any = (
+                object if name == "text" else (np.int64 if name in ("sequence", "source_row") else np.int32)
+            )
+            out[name] = (("sequence",), np.asarray(values, dtype=dtype)[order])
+        return out
+
+
+class _MicroBatchHooks:
+    """The outer job's hooks as one micro-batch's Exporter sees them: its phases and layer units are
+    the micro-batch's own (the job counts sequences); cancel and lease checks go through."""
+
+    def __init__(self, outer: ExportHooks) -> None:
+        self.outer = outer
+
+    def phase(self, name: str, units_total: int | None = None) -> None: ...
+    def unit_done(self) -> None: ...
+
+    def check_cancelled(self) -> None:
+        self.outer.check_cancelled()
+
+
+class BulkExporter:
+    """Runs a bulk job (module docstring). ``writer_options``: keyword arguments of every
+    :class:`BundleWriter` (store options, chunk callback, resume set, retry, threads, checksum)."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        lm: LoadedModel,
+        hooks: ExportHooks,
+        *,
+        bundle_url: str,
+        writer_options: dict[str, Any] | None = None,
+        context: SourceContext | None = None,
+    ) -> None:
+        assert spec.source is not None, "a bulk job has a source"
+        self.spec, self.lm, self.hooks = spec, lm, hooks
+        self.source = spec.source
+        self.bundle_url = bundle_url.rstrip("/")
+        self.writer_options = dict(writer_options or {})
+        self.context = context or SourceContext()
+        self.table = _Table()
+        self.padding = PaddingTally()
+        self.resumed_batches = 0
+
+    def _writer(self, group: str | None = None) -> BundleWriter:
+        url = self.bundle_url if group is None else f"{self.bundle_url}/{group}"
+        return BundleWriter(url, key_prefix="" if group is None else f"{group}/", **self.writer_options)
+
+    def _sequences(self) -> Iterator[_Sequence]:
+        """The source's rows, tokenized and checked against the model's positions."""
+        new = self.spec.generation.max_new_tokens
+        limit = self.lm.facts.max_positions
+        rows = iter_rows(self.source, self.context)
+        while window := list(itertools.islice(rows, 256)):
+            texts = [r.text for r in window if r.text is not None]
+            tokenized = iter(tokenize_texts(self.spec, self.lm.tokenizer, texts))
+            for row in window:
+                ids = list(row.token_ids) if row.token_ids is not None else next(tokenized)
+                where = {"field": "source", "row": row.row}
+                if not ids:
+                    raise SourceRowError(f"source row {row.row} tokenizes to no tokens", detail=where)
+                if limit is not None and len(ids) + new > limit:
+                    raise SourceRowError(
+                        f"source row {row.row} is too long for the model: {len(ids)} tokens + "
+                        f"max_new_tokens {new} > {limit} positions; drop or shorten it (source.offset/limit)",
+                        detail=where,
+                    )
+                yield _Sequence(row, ids)
+
+    def _plan(self) -> Iterator[tuple[MicroBatch, list[_Sequence]]]:
+        new = self.spec.generation.max_new_tokens
+        index = 0
+        sequences = self._sequences()
+        while window := list(itertools.islice(sequences, DEFAULT_WINDOW)):
+            lengths = [(i, len(s.ids) + new) for i, s in enumerate(window)]
+            for batch in cut_window(lengths, self.source.token_budget, self.source.max_sequences, index):
+                index += 1
+                yield batch, [window[i] for i in batch.sequences]
+
+    def _read_store(self) -> Any:
+        options = self.writer_options.get("storage_options")
+        return zarr_store(self.bundle_url, storage_options=options, read_only=True)
+
+    def _complete(self, group: str) -> bool:
+        """Whether an earlier attempt finished micro-batch ``group`` (its metadata says complete)."""
+        try:
+            found = zarr.open_group(self._read_store(), path=group, mode="r", zarr_format=3)
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            return False
+        return bool(found.attrs.get("complete"))
+
+    def run(self, job_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        root = self._writer()
+        root.create_root(
+            self._root_attrs(job_id), format_version=BULK_FORMAT_VERSION, children=[BULK_BATCHES]
+        )
+        total = len(getattr(self.source, "prompts", None) or getattr(self.source, "token_ids", None) or [])
+        if self.source.limit is not None:
+            total = min(total, self.source.limit) if total else self.source.limit
+        self.hooks.phase("micro-batches", units_total=total or None)
+        batches = 0
+        try:
+            for batch, members in self._plan():
+                self._run_batch(job_id, batch, members)
+                batches += 1
+        except JobCancelled:
+            self._finish(root, started, batches, partial=True)
+            raise
+        return self._finish(root, started, batches, partial=False)
+
+    def _run_batch(self, job_id: str, batch: MicroBatch, members: list[_Sequence]) -> None:
+        group = batch_group(batch.index)
+        self.padding.add(batch)
+        if self._complete(group):  # an earlier attempt finished it
+            self.resumed_batches += 1
+            stored = zarr.open_group(self._read_store(), path=group, mode="r", zarr_format=3)
+            lengths = [int(n) for n in np.asarray(stored["length"])]
+            prompts = [int(n) for n in np.asarray(stored["prompt_length"])]
+        else:
+            inputs = BatchInput(
+                prompt_ids=[m.ids for m in members],
+                texts=[m.row.text or "" for m in members],
+                sequences=[m.row.index for m in members],
+                source_rows=[m.row.row for m in members],
+            )
+            exporter = Exporter(
+                self.spec, self.lm, self._writer(group), _MicroBatchHooks(self.hooks), batch=inputs
+            )
+            summary = exporter.run(f"{job_id}/{group}")
+            lengths, prompts = summary["lengths"], summary["prompt_lengths"]
+        for slot, member in enumerate(members):
+            self.table.add(batch.index, slot, member, lengths[slot], prompts[slot])
+            self.hooks.unit_done()
+
+    def _root_attrs(self, job_id: str) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "kind": "bulk",
+            "model": self.spec.model.id,
+            "source": self.source.model_dump(mode="json", exclude={"prompts", "token_ids"}),
+        }
+
+    def _finish(self, root: BundleWriter, started: float, batches: int, *, partial: bool) -> dict[str, Any]:
+        self.hooks.phase("finalizing")
+        root.write_group(BULK_SEQUENCES, self.table.arrays())
+        bulk = {
+            "sequences": len(self.table.columns["sequence"]),
+            "micro_batches": batches,
+            "tokens": self.padding.tokens,
+            "padded_tokens": self.padding.padded_tokens,
+            "padding_fraction": round(self.padding.fraction, 4),
+        }
+        timings = {"total": round(time.perf_counter() - started, 3)}
+        root.finalize({"bulk": bulk, "timings_s": timings}, complete=not partial, partial=partial)
+        return {**bulk, "resumed_micro_batches": self.resumed_batches, "timings_s": timings}
