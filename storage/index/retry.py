@@ -4,10 +4,12 @@ A transient error (:func:`is_transient`) is one the same transaction may not mee
 
 - SQLite: ``database is locked`` / busy (another connection holds the write lock past the busy
   timeout), ``attempt to write a readonly database`` (the file was not writable when this
-  connection opened it), ``disk I/O error``, ``unable to open database file``;
+  connection opened it), ``disk I/O error``, ``database or disk is full`` (the index's disk: an
+  operator frees space), ``unable to open database file``;
 - PostgreSQL: no answer from the server (refused, reset, timed out), a connection SQLAlchemy found
   dead (``connection_invalidated``), SQLSTATE class 08 (connection exception), ``57P01``-``57P03``
-  (shutdown, crash, "the database system is starting up"), ``53300`` (too many connections),
+  (shutdown, crash, "the database system is starting up"), ``53100`` (disk full), ``53300`` (too
+  many connections),
   ``40001``/``40P01`` (serialization failure, deadlock) and ``25006`` (a read-only transaction:
   the server is a standby after a failover);
 - a pool checkout that timed out.
@@ -54,17 +56,18 @@ SQLITE_BUSY_TIMEOUT_S = 10.0  # longest one try waits on SQLite's write lock
 ATTEMPT_KEY = "qkvault_attempt"  # Session.info: 1 on the first try of a transaction, 2 on its retry...
 BUSY_OPTION = "qkvault_busy_ms"  # execution option: SQLite busy timeout of this transaction
 
-# SQLite primary result codes: BUSY, LOCKED, READONLY, IOERR, CANTOPEN, PROTOCOL
-_SQLITE_TRANSIENT = frozenset({5, 6, 8, 10, 14, 15})
+# SQLite primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL
+_SQLITE_TRANSIENT = frozenset({5, 6, 8, 10, 13, 14, 15})
 _SQLITE_DISCARD = frozenset({8, 10, 14})  # the connection (or the file it opened) is suspect
 _SQLITE_MESSAGES = {
     "database is locked": 5,
     "database table is locked": 6,
     "readonly database": 8,
     "disk i/o error": 10,
+    "database or disk is full": 13,
     "unable to open database file": 14,
 }
-_PG_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01", "25006"})
+_PG_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53100", "53300", "40001", "40P01", "25006"})
 _PG_DISCARD = frozenset({"57P01", "57P02", "57P03", "25006"})
 
 

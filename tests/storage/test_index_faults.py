@@ -65,6 +65,12 @@ def test_which_errors_are_transient(tmp_path: Path) -> None:
         with pytest.raises(IntegrityError) as duplicate:
             conn.exec_driver_sql("INSERT INTO t VALUES (1)")
         errors["duplicate"] = duplicate.value
+        # the index's disk is full (SQLITE_FULL): pages capped at what the file has now
+        (pages,) = conn.exec_driver_sql("PRAGMA page_count").one()
+        conn.exec_driver_sql(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(OperationalError) as full:
+            conn.exec_driver_sql("CREATE TABLE big AS SELECT zeroblob(1000000) AS b")
+        errors["disk full"] = full.value
     engine.dispose()
     assert "database is locked" in str(errors["locked"])
     assert {name: is_transient(exc) for name, exc in errors.items()} == {
@@ -72,7 +78,9 @@ def test_which_errors_are_transient(tmp_path: Path) -> None:
         "syntax": False,
         "no table": False,
         "duplicate": False,
+        "disk full": True,
     }
+    assert "database or disk is full" in str(errors["disk full"])
     assert not is_transient(ValueError("database is locked"))  # only database errors
 
 
