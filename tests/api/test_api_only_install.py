@@ -40,7 +40,8 @@ def _python(env_dir: Path) -> Path:
 def _api_only_python() -> Path:
     """The interpreter of a virtual environment with ``qkvault[api]`` only (built when missing or
     when pyproject.toml changed)."""
-    fingerprint = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()
+    inputs = (ROOT / "pyproject.toml").read_bytes() + (ROOT / "constraints.txt").read_bytes()
+    fingerprint = hashlib.sha256(inputs + sys.version.encode()).hexdigest()
     stamp = API_VENV / ".qkvault-api-only"
     python = _python(API_VENV)
     if python.exists() and stamp.exists() and stamp.read_text() == fingerprint:
@@ -48,7 +49,18 @@ def _api_only_python() -> Path:
     shutil.rmtree(API_VENV, ignore_errors=True)
     venv.EnvBuilder(with_pip=True).create(API_VENV)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[api]"],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-e",
+            f"{ROOT}[api]",
+            "-c",
+            str(ROOT / "constraints.txt"),
+        ],
         check=True,
         stdin=subprocess.DEVNULL,
         timeout=PIP_INSTALL_TIMEOUT_S,
