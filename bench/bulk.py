@@ -1,0 +1,398 @@
+"""``python -m bench.bulk``: a bulk job's throughput, capture mode by capture mode, on the same
+micro-batches in one process (issue 13; docs/benchmarks.md, "Bulk jobs").
+
+Prompts: windows of real English text (``scripts/data/long-prompt.txt``, read cyclically, cut at
+word boundaries) whose token counts are drawn log-uniformly between ``--min-tokens`` and
+``--max-tokens`` with a fixed seed, tokenized once by the model's tokenizer. The micro-batches are
+planned once (:func:`storage.jobs.microbatch.plan_microbatches`, the planner a bulk job uses), and
+every mode runs them:
+
+1. **plain**: batched inference without capture — each micro-batch left-padded, one
+   ``model(input_ids, attention_mask, position_ids)`` forward under ``torch.inference_mode`` with
+   the model's own attention implementation (the capture wrapper swapped out, as ``python -m bench``
+   does for its plain SDPA pass), greedy decoding with the KV cache for ``--new-tokens``;
+2. **summary**, **derived**, **hidden states**, **full attention** (``--attention-layers``): the
+   worker's :class:`worker.bulk.BulkExporter` on a ``token_ids`` source of the same ids, with the
+   planner's ``token_budget`` and ``max_sequences``, into a local store (the bundle is removed after
+   each mode); it plans the same micro-batches, which is checked. ``--layers``: derived and hidden
+   states of a layer subset;
+3. **raw write**: files of the sizes the hidden-state bundle's files had, random bytes, ``write`` +
+   ``fsync`` each (:func:`bench.modes.run_raw_write`) into the same store.
+
+Before any mode is timed, plain inference runs every micro-batch once (kernels, allocator) and
+each qkvault mode runs two short sequences; ``os.sync`` runs between modes (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.cli import parse_layers
+from bench.instrumented import NullHooks
+from bench.memory import PeakMemory
+from bench.models import MODELS, prepare
+from bench.modes import run_raw_write, settle, tree_bytes
+from bench.report import machine
+from storage.bundle.bulk import open_bulk
+from storage.jobs.microbatch import MicroBatch, PaddingTally, plan_microbatches
+from storage.jobs.spec import JobSpec
+from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
+from worker.generation import cache_argument, make_batch, returned_cache
+from worker.models import LoadedModel
+
+TEXT = Path(__file__).resolve().parents[1] / "scripts" / "data" / "long-prompt.txt"
+PLAIN, RAW = "plain", "raw write"
+# the capture of each qkvault mode; "layers" is filled in by the run
+CAPTURES: dict[str, dict[str, Any]] = {
+    "summary": {"attention": False, "summary": True},
+    "derived": {"attention": "derived"},
+    "hidden states": {"attention": False, "hidden_states": True},
+    "full attention": {"attention": True},
+}
+
+
+@dataclass
+class BulkMode:
+    """One mode's figures: ``tokens`` are real tokens (prompt + new, no padding)."""
+
+    mode: str
+    sequences: int
+    micro_batches: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    bytes_written: int = 0
+    capture: dict[str, Any] | None = None
+    memory: dict[str, int | bool | None] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Workload:
+    """The prompts (token ids) and the micro-batches every mode runs."""
+
+    ids: list[list[int]]
+    new_tokens: int
+    token_budget: int
+    max_sequences: int
+    batches: list[MicroBatch]
+
+    @property
+    def padding(self) -> PaddingTally:
+        tally = PaddingTally()
+        for batch in self.batches:
+            tally.add(batch)
+        return tally
+
+
+def text_prompts(tokenizer: Any, n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """``n`` token-id sequences of real text: windows of :data:`TEXT` starting at a random word,
+    about ``L`` tokens each with ``log L`` uniform in ``[log min_tokens, log max_tokens]`` (never more
+    than ``max_tokens``)."""
+    words = re.findall(r"\s*\S+", TEXT.read_text(encoding="utf-8"))
+    counts = [len(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    for _ in range(n):
+        target = round(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens))))
+        start = rng.randrange(len(words))
+        end, tokens = start + 1, counts[start]  # the text is read cyclically
+        while tokens < min_tokens or tokens + counts[end % len(words)] <= target:
+            end, tokens = end + 1, tokens + counts[end % len(words)]
+        text = "".join(words[i % len(words)] for i in range(start, end)).strip()
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        out.append(ids[:max_tokens])
+    return out
+
+
+def workload(ids: list[list[int]], new_tokens: int, token_budget: int, max_sequences: int) -> Workload:
+    """Plan the micro-batches once, as a bulk job plans them (lengths = prompt + new tokens)."""
+    lengths = [len(s) + new_tokens for s in ids]
+    batches = list(plan_microbatches(lengths, token_budget=token_budget, max_sequences=max_sequences))
+    return Workload(ids, new_tokens, token_budget, max_sequences, batches)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plain_batch(lm: LoadedModel, sequences: list[list[int]], pad_id: int, new_tokens: int) -> None:
+    """One micro-batch of plain batched inference: left-padded prefill, greedy decode with the cache."""
+    batch = make_batch(sequences, pad_id, lm.device)
+    mask = batch.attention_mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, cache = batch.input_ids, None
+    for step in range(new_tokens + 1):
+        extra = {cache_argument(lm.model): cache} if step else {}
+        out = lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=new_tokens > 0,
+            logits_to_keep=1,
+            **extra,
+        )
+        if step < new_tokens:
+            ids, cache = out.logits[:, -1].argmax(-1, keepdim=True), returned_cache(out)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+
+
+def run_plain(lm: LoadedModel, work: Workload, memory: PeakMemory) -> BulkMode:
+    """Plain batched inference over every micro-batch, the capture wrapper swapped out."""
+    from worker.capture.hook import capture_name
+
+    tok, model = lm.tokenizer, lm.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    inner = str(lm.info.get("attention_implementation") or "sdpa")
+    model.set_attn_implementation(inner)
+    try:
+        memory.start()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for batch in work.batches:
+                _plain_batch(lm, [work.ids[i] for i in batch.sequences], int(pad or 0), work.new_tokens)
+        _sync(lm.device)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.set_attn_implementation(capture_name(inner))
+    tally, peaks = work.padding, memory.stop()
+    counts = (len(work.ids), len(work.batches), tally.tokens, tally.padded_tokens)
+    return BulkMode(PLAIN, *counts, seconds, memory=peaks)
+
+
+def bulk_spec(model: dict[str, Any], work: Workload, capture: dict[str, Any], qkv_dtype: str) -> JobSpec:
+    """The bulk job of one qkvault mode: a ``token_ids`` source of the workload's ids."""
+    source = dict(kind="token_ids", token_ids=work.ids, token_budget=work.token_budget)
+    spec = dict(
+        model=model,
+        source={**source, "max_sequences": work.max_sequences},
+        generation={"max_new_tokens": work.new_tokens, "stop_at_eos": False},
+        capture=capture,
+        storage={"attention_dtype": "float16", "qkv_dtype": qkv_dtype},
+    )
+    return JobSpec.model_validate(spec)
+
+
+def run_bulk(lm: LoadedModel, spec: JobSpec, name: str, bundle: Path, memory: PeakMemory) -> BulkMode:
+    """The worker's BulkExporter in-process (no database) writing ``bundle`` (measured here, removed
+    by the caller)."""
+    from worker.bulk import BulkExporter
+
+    hooks = NullHooks()
+    lm.load_s = 0.0
+    exporter = BulkExporter(
+        spec, lm, hooks, bundle_url=str(bundle), writer_options={"on_chunk": hooks.chunk_stored}
+    )
+    memory.start()
+    t0 = time.perf_counter()
+    result = exporter.run("bench-bulk")
+    _sync(lm.device)
+    seconds = time.perf_counter() - t0
+    stored, sizes = tree_bytes(bundle)
+    peaks = memory.stop()
+    counts = (result["sequences"], result["micro_batches"], result["tokens"], result["padded_tokens"])
+    capture = spec.capture.model_dump(mode="json", exclude_unset=True)
+    extra = {"files": len(sizes), "file_sizes": sizes, "chunks": hooks.chunks}
+    return BulkMode(name, *counts, seconds, stored, capture, memory=peaks, extra=extra)
+
+
+def run_benchmark(
+    lm: LoadedModel,
+    model: dict[str, Any],
+    work: Workload,
+    store: Path,
+    *,
+    layers: list[int] | None = None,
+    attention_layers: list[int],
+    qkv_dtype: str = "float16",
+) -> dict[str, BulkMode]:
+    """Every mode on ``work``'s micro-batches (module docstring), after a warm-up of each."""
+    memory = PeakMemory(lm.device)
+    captures = {n: {**c, "layers": layers} for n, c in CAPTURES.items()}
+    captures["summary"]["layers"] = None  # small whatever the layers: always all of them
+    captures["full attention"]["layers"] = attention_layers
+    run_plain(lm, work, memory)  # every shape once (kernels, allocator) before any mode is timed
+    warm = workload([ids[:32] for ids in work.ids[:2]], work.new_tokens, work.token_budget, 2)
+    for name, capture in captures.items():
+        run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)
+        shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
+    settle(lm.device)
+    results = {PLAIN: run_plain(lm, work, memory)}
+    for name, capture in captures.items():
+        settle(lm.device)
+        bundle = store / f"{name.replace(' ', '-')}.zarr"
+        result = run_bulk(lm, bulk_spec(model, work, capture, qkv_dtype), name, bundle, memory)
+        table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
+        done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
+        shutil.rmtree(bundle, ignore_errors=True)
+        if done != {i: b.index for b in work.batches for i in b.sequences}:
+            raise RuntimeError(f"{name}: the bulk job ran other micro-batches than the plan")
+        results[name] = result
+        if name == "hidden states":  # the same bytes at the store's own speed
+            settle(lm.device)
+            raw = run_raw_write(result.extra["file_sizes"], store, memory)
+            assert raw.wall_s is not None and raw.stored_bytes is not None
+            counts = (result.sequences, result.micro_batches, result.tokens, result.padded_tokens)
+            extra = {"parts_s": raw.parts_s, "files": len(result.extra["file_sizes"])}
+            results[RAW] = BulkMode(
+                RAW, *counts, raw.wall_s, raw.stored_bytes, memory=raw.memory, extra=extra
+            )
+    for result in results.values():
+        result.extra.pop("file_sizes", None)
+    return results
+
+
+def ratios(results: dict[str, BulkMode]) -> dict[str, dict[str, float | None]]:
+    """``× plain``: plain seconds / mode seconds (= the tokens/s ratio, the tokens being equal);
+    ``× raw write``: hidden-state seconds / raw-write seconds (the same bytes)."""
+    plain, raw = results[PLAIN].seconds, results[RAW].seconds if RAW in results else None
+    out: dict[str, dict[str, float | None]] = {}
+    for name, r in results.items():
+        over_raw = r.seconds / raw if name == "hidden states" and raw else None
+        out[name] = {"x_plain": plain / r.seconds if name != RAW and r.seconds else None, "x_raw": over_raw}
+    return out
+
+
+def table(results: dict[str, BulkMode]) -> str:
+    """The markdown table of the run, and its padding and micro-batch line."""
+    head = (
+        "| mode | sequences | tokens | padded tokens | s | tokens/s | × plain | bytes written | × raw write |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    factors = ratios(results)
+    for name, r in results.items():
+        x_plain, x_raw = factors[name]["x_plain"], factors[name]["x_raw"]
+        speed = f"{r.tokens_per_s:,.0f}" if name != RAW else "—"
+        cells = [name, f"{r.sequences:,}", f"{r.tokens:,}", f"{r.padded_tokens:,}", f"{r.seconds:.2f}", speed]
+        cells += [f"{x_plain:.2f}×" if x_plain is not None else "—", f"{r.bytes_written:,}"]
+        cells.append(f"{x_raw:.2f}×" if x_raw is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    plain = results[PLAIN]
+    padding = 1 - plain.tokens / plain.padded_tokens if plain.padded_tokens else 0.0
+    lines.append(f"\n{plain.micro_batches} micro-batches; padding {padding:.1%} of the padded tokens")
+    return "\n".join(lines)
+
+
+def _estimate_bytes(lm: LoadedModel, work: Workload, layers: int, attention_layers: int, item: int) -> int:
+    """The largest bundle of one mode (before compression): q/k, hidden states or causal attention."""
+    f = lm.facts
+    tokens = work.padding.tokens
+    derived = layers * tokens * f.head_dim * (f.num_heads + f.num_kv_heads) * item
+    hidden = layers * tokens * f.hidden_size * item
+    triangle = sum(n * (n + 1) // 2 for n in (len(s) + work.new_tokens for s in work.ids))
+    return max(derived, hidden, attention_layers * f.num_heads * triangle * 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bulk",
+        description="A bulk job's tokens/s: plain batched inference vs qkvault's capture modes on the "
+        "same micro-batches, and a raw write of the hidden states' bytes (docs/benchmarks.md).",
+    )
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--model", choices=MODELS, help="default: smollm2 on cpu, llama-8b on cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--prompts", type=int, help="number of prompts (default 200 on cpu, 1000 on cuda)")
+    p.add_argument("--min-tokens", type=int, default=16, help="shortest prompt, about (default 16)")
+    p.add_argument("--max-tokens", type=int, help="longest prompt (default 256 on cpu, 2048 on cuda)")
+    p.add_argument("--new-tokens", type=int, default=0, help="generated tokens (default 0: prefill only)")
+    p.add_argument(
+        "--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="padded tokens per micro-batch"
+    )
+    p.add_argument(
+        "--max-sequences", type=int, default=DEFAULT_MAX_SEQUENCES, help="sequences per micro-batch"
+    )
+    p.add_argument("--layers", type=parse_layers, help="derived and hidden-state layers (default: all)")
+    p.add_argument("--attention-layers", type=parse_layers, help="full attention layers (default: 4 spread)")
+    p.add_argument(
+        "--qkv-dtype", choices=("float16", "float32"), default="float16", help="q/k, hidden states"
+    )
+    p.add_argument("--seed", type=int, default=0, help="prompt lengths and windows")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 on a busy machine)")
+    p.add_argument("--store", type=Path, help="store directory (default: a temporary directory)")
+    p.add_argument("--model-cache", type=Path, help="dequantised GGUF cache (default: the tests' cache)")
+    p.add_argument("--json", type=Path, help="write the figures as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = " ".join(["python -m bench.bulk", *(sys.argv[1:] if argv is None else argv)])
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available here", file=sys.stderr)
+        return 2
+    cpu = device.type == "cpu"
+    name = args.model or ("smollm2" if cpu else "llama-8b")
+    n, max_tokens = args.prompts or (200 if cpu else 1000), args.max_tokens or (256 if cpu else 2048)
+    options = dict(layers=None, qkv=False, chunk_rows=512, model_cache=args.model_cache, new_tokens=0)
+    # the model, with a prompt of the longest length (so the positions are checked)
+    bm = prepare(name, device=device, dtype=args.dtype, tokens=max_tokens + args.new_tokens, **options)
+    lm, count = bm.lm, bm.lm.facts.num_layers
+    attention_layers = args.attention_layers or sorted({round(i * (count - 1) / 3) for i in range(4)})
+    ids = text_prompts(lm.tokenizer, n, args.min_tokens, max_tokens, args.seed)
+    work = workload(ids, args.new_tokens, args.token_budget, args.max_sequences)
+    root = Path(tempfile.mkdtemp(prefix="qkvault-bench-bulk-")) if args.store is None else args.store
+    store = root / f"bulk-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    store.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    run = {**vars(args), "model": name, "dtype": str(lm.dtype).replace("torch.", ""), "prompts": n}
+    run.update(max_tokens=max_tokens, attention_layers=attention_layers, store=store)
+    run.update(prompt_tokens=[min(map(len, ids)), max(map(len, ids))], padding=work.padding.fraction)
+    print(f"command: {command}")
+    print(
+        f"machine: {info.get('gpu') or info.get('cpu')}; {info['cpus']} CPUs; torch {info['torch']} "
+        f"({info['torch_threads']} threads); load average {info['load_average_1_5_15']}"
+    )
+    print(
+        f"model {name} ({count} layers, {run['dtype']}) on {device}; {n} prompts of {run['prompt_tokens']} "
+        f"tokens + {args.new_tokens} new; micro-batches of ≤ {args.token_budget:,} padded tokens and ≤ "
+        f"{args.max_sequences} sequences; full attention layers {attention_layers}; store {store}",
+        flush=True,
+    )
+    item = 2 if args.qkv_dtype == "float16" else 4
+    need = _estimate_bytes(lm, work, len(args.layers or range(count)), len(attention_layers), item)
+    try:
+        if need > 0.9 * shutil.disk_usage(store).free:
+            print(f"one mode would write ≈{need / 1e9:.1f} GB: too much for the disk; use --layers")
+            return 2
+        model = bm.spec.model.model_dump(mode="json")
+        options = dict(layers=args.layers, attention_layers=attention_layers, qkv_dtype=args.qkv_dtype)
+        results = run_benchmark(lm, model, work, store, **options)
+    finally:
+        shutil.rmtree(root if args.store is None else store, ignore_errors=True)
+    print("\n" + table(results))
+    if args.json is not None:
+        modes = {k: {**asdict(r), "tokens_per_s": r.tokens_per_s} for k, r in results.items()}
+        figures = {"command": command, "machine": info, "run": run, "modes": modes, "ratios": ratios(results)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
