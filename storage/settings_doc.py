@@ -11,9 +11,10 @@ tests/test_settings.py fails when it drifts. This module imports no deployable: 
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from pydantic import SecretStr
@@ -108,3 +109,29 @@ def with_table(document: str, table: str, *, begin: str = BEGIN, end: str = END)
     head, rest = document.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def generated_table_main(
+    description: str, *, doc: Path, what: str, table: str, begin: str = BEGIN, end: str = END
+) -> int:
+    """The command line of a script that keeps a generated table of ``doc`` current: print it,
+    ``--write`` it between the markers, or ``--check`` it (exit 1 when the document's is stale)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help=f"rewrite the table in {doc.name}")
+    mode.add_argument("--check", action="store_true", help="exit 1 when the table there is not current")
+    args = parser.parse_args()
+    if not (args.write or args.check):
+        print(table)
+        return 0
+    text = doc.read_text(encoding="utf-8")
+    if args.check:
+        if generated_part(text, begin=begin, end=end) != table:
+            print(f"{doc}: the {what} is stale; run {Path(sys.argv[0]).name} --write")
+            return 1
+        return 0
+    doc.write_text(with_table(text, table, begin=begin, end=end), encoding="utf-8")
+    print(f"wrote the {what} of {doc}")
+    return 0

@@ -173,6 +173,20 @@ _TOPK = ("batch", "position", "rank")
 _NAN = float("nan")
 
 
+def _micro_batch_index(name: str, meaning: str) -> ArraySpec:
+    """A per-sequence index of a bulk job's micro-batch (1.5): int64, -1 where unset."""
+    return ArraySpec(
+        name,
+        ("batch",),
+        f"a bulk job's micro-batch: {meaning}",
+        present=lambda layout: layout.bulk,
+        produced_by="source",
+        dtype="int64",
+        fill_value=-1,
+        since="1.5",
+    )
+
+
 def _qk_present(layout: BundleLayout) -> bool:
     return layout.qkv or layout.derived_attention
 
@@ -192,26 +206,8 @@ _DECLARED: tuple[ArraySpec, ...] = (
     ),
     ArraySpec("length", ("batch",), "tokens in the sequence (prompt + generated)"),
     ArraySpec("prompt_length", ("batch",), "prompt tokens"),
-    ArraySpec(
-        "sequence",
-        ("batch",),
-        "a bulk job's micro-batch: the job-wide index of each of its sequences",
-        present=lambda layout: layout.bulk,
-        produced_by="source",
-        dtype="int64",
-        fill_value=-1,
-        since="1.5",
-    ),
-    ArraySpec(
-        "source_row",
-        ("batch",),
-        "a bulk job's micro-batch: the row of the source each sequence came from",
-        present=lambda layout: layout.bulk,
-        produced_by="source",
-        dtype="int64",
-        fill_value=-1,
-        since="1.5",
-    ),
+    _micro_batch_index("sequence", "the job-wide index of each of its sequences"),
+    _micro_batch_index("source_row", "the row of the source each sequence came from"),
     ArraySpec("layer", ("layer",), "coordinate: the model's real layer index of each exported layer"),
     ArraySpec("head", ("head",), "coordinate: the model's real query-head index"),
     ArraySpec(
