@@ -235,3 +235,19 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiProblem, _on_api_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_middleware(UnexpectedErrors)  # added last: the outermost of the app's middleware
+
+
+def presign_lifetime(expires_in: int | None, default_s: int, max_s: int) -> int:
+    """A presigned URL's lifetime in seconds: ``expires_in`` or the server's default; a 422 past
+    the server's limit (``QKVAULT_PRESIGN_MAX_EXPIRES_S``)."""
+    lifetime = expires_in if expires_in is not None else default_s
+    if lifetime > max_s:
+        raise ApiProblem(
+            422,
+            "validation-error",
+            f"expires_in={lifetime} exceeds this server's limit of {max_s} s "
+            "(QKVAULT_PRESIGN_MAX_EXPIRES_S); ask for a shorter lifetime",
+            title="Request validation failed",
+            errors=[field_error("query.expires_in", "too long", "less_than_equal")],
+        )
+    return lifetime

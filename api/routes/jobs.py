@@ -27,7 +27,7 @@ from api.deps import (
     SettingsDep,
     get_principal,
 )
-from api.problems import PROBLEM_JSON, ApiProblem
+from api.problems import PROBLEM_JSON, ApiProblem, presign_lifetime
 from api.schemas import (
     BundleUrls,
     ChunkPublic,
@@ -335,16 +335,7 @@ def bundle_urls(
             f"zip through the API: GET /v1/jobs/{job.id}/bundle",
             title="Presigned URLs unavailable",
         )
-    lifetime = expires_in if expires_in is not None else settings.presign_expires_s
-    if lifetime > settings.presign_max_expires_s:
-        raise ApiProblem(
-            422,
-            "validation-error",
-            f"expires_in={lifetime} exceeds this server's limit of {settings.presign_max_expires_s} s "
-            "(QKVAULT_PRESIGN_MAX_EXPIRES_S); ask for a shorter lifetime",
-            title="Request validation failed",
-            errors=[{"loc": "query.expires_in", "msg": "too long", "type": "less_than_equal"}],
-        )
+    lifetime = presign_lifetime(expires_in, settings.presign_expires_s, settings.presign_max_expires_s)
     files = [(key, size) for key, size in store.list_files(job.store_url) if key.startswith(prefix or "")]
     signed_at = datetime.now(UTC)
     urls = store.presigned_urls(

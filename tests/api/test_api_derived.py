@@ -3,23 +3,18 @@ T×T array), and combinations that make no sense get a 422 naming the fix. Nothi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.test_api_estimate import CONFIG, _byte_tokenizer_json
+from tests.api.support import write_tiny_model
 
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> str:
-    folder = tmp_path / "tiny-llama"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    _byte_tokenizer_json(folder / "tokenizer.json")
-    return str(folder)
+    return write_tiny_model(tmp_path / "tiny-llama")
 
 
 def _spec(model: str, capture: dict[str, Any]) -> dict[str, Any]:

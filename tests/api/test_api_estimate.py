@@ -4,7 +4,6 @@ written with ``tokenizers``) and the SmolLM2 GGUF metadata; nothing runs a model
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import tomllib
@@ -23,39 +22,14 @@ from api.settings import ApiSettings
 from storage.jobs.layout import kept_positions
 from storage.jobs.spec import JobSpec
 from storage.models.facts import tokenizer_file
-from tests.api.support import MAX_PROMPTS, SMOLLM2
+from tests.api.support import MAX_PROMPTS, SMOLLM2, write_tiny_model
 
 PROBLEM_JSON = "application/problem+json"
-CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-
-
-def _byte_tokenizer_json(path: Path) -> None:
-    """One token per UTF-8 byte, ``<bos>`` in front (as tests/worker/tiny_models.py, no transformers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab.update({"<bos>": 256, "<eos>": 257})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 256)])
-    core.save(str(path))
 
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> str:
-    folder = tmp_path / "tiny-llama"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    _byte_tokenizer_json(folder / "tokenizer.json")
-    return str(folder)
+    return write_tiny_model(tmp_path / "tiny-llama")
 
 
 @pytest.fixture

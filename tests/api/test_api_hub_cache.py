@@ -16,16 +16,9 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import ApiSettings
+from tests.api.support import TINY_CONFIG
 
 MISSING = "someorg/not-cached-model"
-CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
 
 
 @pytest.fixture
@@ -78,7 +71,7 @@ def test_hub_model_missing_from_the_workers_cache_is_refused(
 def test_hub_model_in_the_workers_cache_is_admitted_and_estimated(
     client: TestClient, hub_cache: Path
 ) -> None:
-    _cache_model(hub_cache, "someorg/cached-model", {"config.json": json.dumps(CONFIG)})
+    _cache_model(hub_cache, "someorg/cached-model", {"config.json": json.dumps(TINY_CONFIG)})
     spec = {"model": {"id": "someorg/cached-model"}, "prompts": ["hi"], "capture": {"attention": True}}
 
     estimate = client.post("/v1/jobs/estimate", json=spec)

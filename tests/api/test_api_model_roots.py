@@ -18,21 +18,14 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import ApiSettings
 from storage.models.roots import outside_roots_message
+from tests.api.support import TINY_CONFIG
 
-CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
 ENDPOINTS = ["/v1/jobs", "/v1/jobs/estimate"]
 
 
 def _model_folder(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(CONFIG))
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
     return folder
 
 

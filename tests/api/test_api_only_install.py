@@ -10,7 +10,6 @@ changes (pip's cache makes a rebuild take about a minute)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 
 from storage.index import Index
 from storage.index.apikeys import ApiKeys
-from tests.api.test_api_estimate import CONFIG, _byte_tokenizer_json
+from tests.api.support import write_tiny_model
 from tests.services import qkvault_env, start_api
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -103,11 +102,7 @@ def api(api_only_python: Path, tmp_path: Path, redis_url: str, queue_name: str) 
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> str:
-    folder = tmp_path / "tiny-llama"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    _byte_tokenizer_json(folder / "tokenizer.json")
-    return str(folder)
+    return write_tiny_model(tmp_path / "tiny-llama")
 
 
 def test_the_api_extra_has_no_torch_and_counts_tokens_exactly(api_only_python: Path) -> None:
