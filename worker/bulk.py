@@ -30,6 +30,7 @@ from storage.errors import JobCancelled
 from storage.jobs.microbatch import DEFAULT_WINDOW, MicroBatch, PaddingTally, cut_window
 from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext, SourceRow, SourceRowError, iter_rows
+from storage.sources.spec import PromptsSource, TokenIdsSource
 from storage.stores.objectstore import zarr_store
 from worker.export import BatchInput, Exporter, ExportHooks
 from worker.generation import tokenize_texts
@@ -168,7 +169,11 @@ class BulkExporter:
         root.create_root(
             self._root_attrs(job_id), format_version=BULK_FORMAT_VERSION, children=[BULK_BATCHES]
         )
-        total = len(getattr(self.source, "prompts", None) or getattr(self.source, "token_ids", None) or [])
+        source, total = self.source, 0  # rows of a file or dataset are counted as they stream
+        if isinstance(source, PromptsSource):
+            total = len(source.prompts)
+        elif isinstance(source, TokenIdsSource):
+            total = len(source.token_ids)
         if self.source.limit is not None:
             total = min(total, self.source.limit) if total else self.source.limit
         self.hooks.phase("micro-batches", units_total=total or None)
