@@ -37,7 +37,7 @@ class InductionObserver:
             return
         rows = torch.nonzero(keep)[:, 0]
         targets = positions[rows] - self.length + 1
-        picked = probs[:, rows, targets]  # [H, n]
+        picked = probs[:, rows.to(probs.device), targets.to(probs.device)]  # [H, n]
         self.sums[layer_pos] += picked.double().sum(dim=1).cpu().numpy()
         self.rows[layer_pos] += int(rows.numel())
 

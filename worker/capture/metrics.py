@@ -64,6 +64,17 @@ def _k90_pair(a: torch.Tensor, in_middle: torch.Tensor) -> tuple[torch.Tensor, t
     return k90.float(), middle_k90.float()
 
 
+def _device_positions(positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``positions`` as a long tensor on ``device`` and their (min, max), read where they live:
+    host positions cost no device synchronisation (a contiguous run is made on the device)."""
+    host = positions.device.type == "cpu"
+    lo, hi = int(positions.min()), int(positions.max())  # on the host when positions are
+    n = positions.shape[0]
+    if host and hi - lo + 1 == n and (n < 2 or bool((positions[1:] > positions[:-1]).all())):
+        return torch.arange(lo, hi + 1, device=device), (lo, hi)
+    return positions.to(device=device, dtype=torch.long, non_blocking=host), (lo, hi)
+
+
 def row_metrics(
     probs: torch.Tensor, positions: torch.Tensor, *, sink_tokens: int, local_window: int
 ) -> dict[str, torch.Tensor]:
@@ -75,7 +86,9 @@ def row_metrics(
     ``R = {max(s, t-W+1)..t}`` and middle ``M`` = the rest of ``0..t`` (definitions in HEAD_METRICS.md).
     ``prev_argmax_rate`` is per row 1.0 when the (first) argmax is ``t-1``, else 0.0; ``prev`` is 0 at
     ``t = 0``; ``entropy_norm`` and ``mean_distance_norm`` are 0 where ``ln n`` or ``t`` is 0;
-    ``middle_k90`` is 0 where the middle mass is 0. Memory O(H·n·K); no loop over rows.
+    ``middle_k90`` is 0 where the middle mass is 0. Memory O(H·n·K); no loop over rows. With
+    ``positions`` on the host (CPU) and ``probs`` on a GPU nothing waits for the GPU: the positions'
+    range is read on the host and the metrics stay on the device.
     """
     if probs.dim() != 3:
         raise ValueError(f"probs must be [H, n, K], got shape {tuple(probs.shape)}")
@@ -87,8 +100,7 @@ def row_metrics(
     device = probs.device
     if n_rows == 0:
         return {name: torch.zeros(heads, 0, device=device) for name in ROW_METRICS}
-    t = positions.to(device=device, dtype=torch.long)
-    lo, hi = int(t.min()), int(t.max())
+    t, (lo, hi) = _device_positions(positions, device)
     if lo < 0 or hi >= width:
         raise ValueError(f"positions must lie in 0..{width - 1} (K = {width}), got {lo}..{hi}")
 
@@ -167,9 +179,10 @@ class HeadMetricsAccumulator:
     """Accumulates :func:`row_metrics` of eligible rows (``t + 1 ≥ params.min_keys``) per (layer, sequence).
 
     Rows of one (layer, sequence) may arrive in any number of :meth:`observe` calls (prefill blocks,
-    then one row per generated token). Sums are float64 on the host; the per-row values of
-    :data:`QUANTILE_METRICS` are kept on the host as float32 (``4 · 8 · H`` bytes per eligible row
-    and layer) so the quantiles are exact.
+    then one row per generated token). Sums are float64, kept on the rows' device; the per-row values
+    of :data:`QUANTILE_METRICS` are copied to the host as float32 (``4 · 8 · H`` bytes per eligible
+    row and layer; from a GPU asynchronously, into pinned memory) so the quantiles are exact. With
+    host ``positions`` an observation never waits for the GPU: :meth:`result` synchronises once.
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, params: SummaryParams) -> None:
@@ -177,35 +190,52 @@ class HeadMetricsAccumulator:
             raise ValueError("num_layers, batch and num_heads must be >= 1")
         self.num_layers, self.batch, self.num_heads = num_layers, batch, num_heads
         self.params = params
-        self._sums = np.zeros((len(ROW_METRICS), num_layers, batch, num_heads), dtype=np.float64)
+        self._sums: torch.Tensor | None = None  # [M, L, B, H] float64 on the rows' device
         self._rows = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_min = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_max = np.zeros((num_layers, batch), dtype=np.int64)
         self._quantile_index = [ROW_METRICS.index(name) for name in QUANTILE_METRICS]
-        self._values: dict[tuple[int, int], list[np.ndarray]] = {}  # (l, b) → blocks [Q, H, n] float32
+        self._values: dict[tuple[int, int], list[torch.Tensor]] = {}  # (l, b) → host blocks [Q, H, n]
+        self._devices: set[torch.device] = set()
 
     def observe(self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add one block of rows: ``probs [H, n, K]`` (any device) at ``positions [n]``; see row_metrics."""
+        """Add one block of rows: ``probs [H, n, K]`` (any device) at ``positions [n]`` (best on the
+        host: then nothing here waits for the device); see :func:`row_metrics`."""
         if not (0 <= layer_pos < self.num_layers and 0 <= batch_index < self.batch):
             raise IndexError(f"(layer_pos, batch_index) = ({layer_pos}, {batch_index}) out of range")
         if probs.dim() != 3 or probs.shape[0] != self.num_heads:
             raise ValueError(f"probs must be [{self.num_heads}, n, K], got shape {tuple(probs.shape)}")
         host_positions = positions.detach().to("cpu", torch.long)
-        keep = torch.nonzero(host_positions + 1 >= self.params.min_keys).flatten()
-        if keep.numel() == 0:
+        eligible = host_positions + 1 >= self.params.min_keys
+        if not bool(eligible.any()):
             return
-        kept_positions = host_positions[keep]
-        rows = probs.detach()[:, :, : int(kept_positions.max()) + 1]  # later keys carry no weight
-        if keep.numel() != rows.shape[1]:
-            rows = rows.index_select(1, keep.to(rows.device))
+        rows = probs.detach()
+        if bool(eligible.all()):
+            kept_positions = host_positions
+        else:
+            keep = torch.nonzero(eligible).flatten()
+            kept_positions = host_positions[keep]
+            first = int(keep[0])
+            if int(keep[-1]) - first + 1 == keep.numel():  # a run of rows (the usual case): a view
+                rows = rows[:, first : first + keep.numel()]
+            else:
+                rows = rows.index_select(1, keep.to(rows.device))
+        rows = rows[:, :, : int(kept_positions.max()) + 1]  # later keys carry no weight
         metrics = row_metrics(
             rows,
             kept_positions,
             sink_tokens=self.params.sink_tokens,
             local_window=self.params.local_window,
         )
-        values = torch.stack([metrics[name] for name in ROW_METRICS]).cpu().numpy()  # [M, H, n]
-        self._sums[:, layer_pos, batch_index] += values.sum(axis=-1, dtype=np.float64)
+        values = torch.stack([metrics[name] for name in ROW_METRICS])  # [M, H, n] on the device
+        if self._sums is None or self._sums.device != values.device:
+            self._sums = self._host_sums().to(values.device)
+        self._sums[:, layer_pos, batch_index] += values.sum(dim=-1, dtype=torch.float64)
+        self._devices.add(values.device)
+        block = values[self._quantile_index]
+        on_gpu = block.device.type != "cpu"
+        host_block = block.to("cpu", non_blocking=on_gpu) if on_gpu else block.clone()
+        self._values.setdefault((layer_pos, batch_index), []).append(host_block)
         n_keys = kept_positions.numpy() + 1
         low, high = int(n_keys.min()), int(n_keys.max())
         seen = self._rows[layer_pos, batch_index] > 0
@@ -214,21 +244,33 @@ class HeadMetricsAccumulator:
         )
         self._context_max[layer_pos, batch_index] = max(high, int(self._context_max[layer_pos, batch_index]))
         self._rows[layer_pos, batch_index] += len(n_keys)
-        block = np.ascontiguousarray(values[self._quantile_index])
-        self._values.setdefault((layer_pos, batch_index), []).append(block)
+
+    def _host_sums(self) -> torch.Tensor:
+        if self._sums is None:
+            shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
+            return torch.zeros(shape, dtype=torch.float64)
+        return self._sums.cpu()
+
+    def _synchronize(self) -> None:
+        """Wait for the asynchronous copies of every device this accumulator saw."""
+        for device in self._devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
     def result(self) -> HeadSummary:
         """The summary of every row observed so far (may be called more than once)."""
+        self._synchronize()
+        sums = self._host_sums().numpy()
         shape = (self.num_layers, self.batch, self.num_heads)
         with np.errstate(invalid="ignore", divide="ignore"):
             rows = self._rows[None, :, :, None]
-            means_all = np.where(rows > 0, self._sums / rows, np.nan)
+            means_all = np.where(rows > 0, sums / rows, np.nan)
             pooled_rows = self._rows.sum(axis=1)
             pooled = pooled_rows[None, :, None]
-            pooled_all = np.where(pooled > 0, self._sums.sum(axis=2) / pooled, np.nan)
+            pooled_all = np.where(pooled > 0, sums.sum(axis=2) / pooled, np.nan)
         quantiles = {name: np.full((*shape, len(QUANTILES)), np.nan, np.float32) for name in QUANTILE_METRICS}
         for (layer_pos, batch_index), blocks in self._values.items():
-            values = np.concatenate(blocks, axis=-1).astype(np.float64)  # [Q, H, rows]
+            values = np.concatenate([b.numpy() for b in blocks], axis=-1).astype(np.float64)  # [Q, H, rows]
             q = np.quantile(values, QUANTILES, axis=-1, method="linear")  # [3, Q, H]
             for i, name in enumerate(QUANTILE_METRICS):
                 quantiles[name][layer_pos, batch_index] = q[:, i].T

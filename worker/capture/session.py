@@ -42,7 +42,8 @@ SUB_BLOCK_ROWS = 128
 
 class RowObserver(Protocol):
     """Sees every attention row block: ``probs [H, n, K]`` (column j = key position j) of the rows
-    at real ``positions [n]`` (e.g. :class:`worker.capture.metrics.HeadMetricsAccumulator`)."""
+    at real ``positions [n]``, a host (CPU) tensor whatever device ``probs`` is on (e.g.
+    :class:`worker.capture.metrics.HeadMetricsAccumulator`)."""
 
     def observe(
         self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor
@@ -314,7 +315,7 @@ class ExportSession:
                 if sink_block is not None:  # the mass the sink took: 1 minus the row's sum
                     sink_block[:, s0:s1, 0] = 1.0 - probs.sum(dim=-1)
                 if self.observer is not None:
-                    positions = torch.arange(row + s0, row + s1, device=query.device)
+                    positions = torch.arange(row + s0, row + s1)  # on the host: no device sync
                     full = torch.nn.functional.pad(probs, (col0, 0)) if col0 else probs
                     self.observer.observe(lp, b, full, positions)
                 if self.store_attention:
