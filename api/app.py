@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.middleware import BodySizeLimit
 from api.problems import install_problem_handlers
-from api.routes import health, jobs, uploads
+from api.routes import health, jobs, ui, uploads
 from api.services import Services
 from api.settings import ApiSettings
 
@@ -36,6 +36,8 @@ A bulk job reads many sequences from a `source` instead of `prompts`: inline tex
 file sent first with `POST /v1/uploads` (JSONL, Parquet, text), or a dataset on the workers' disk.
 
 Every error is an RFC 9457 problem document (`application/problem+json`).
+
+A web page at `/ui/` (`GET /` redirects there) lists your jobs and draws their attention.
 """
 
 
@@ -68,4 +70,5 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
+    app.include_router(ui.router)  # the web page: GET / -> /ui/ (docs/viewer.md)
     return app
