@@ -3,6 +3,9 @@
     from qkvault import Client
     job = Client("http://127.0.0.1:8000").submit(spec)
 
+    from qkvault import open_bundle, sequence_view     # a notebook: read a bundle, one sequence
+    import qkvault.plot as qkplot                       # heatmap, attention_to_token, head_grid
+
 Names are imported on first use, so ``import qkvault`` stays cheap (no xarray, zarr or httpx).
 """
 
@@ -18,6 +21,9 @@ if TYPE_CHECKING:
     from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
     from qkvault.job import Job, JobPage, Progress
     from qkvault.show import describe_bundle
+    from storage.bundle.bulk import open_bulk
+    from storage.bundle.reader import open_bundle, open_summary
+    from storage.bundle.trim import sequence_view
 
 __version__ = "0.1.0"
 
@@ -33,6 +39,11 @@ _EXPORTS = {
     "JobPage": "qkvault.job",
     "Progress": "qkvault.job",
     "describe_bundle": "qkvault.show",
+    # reading bundles in a notebook (numpy + zarr + xarray; pictures: qkvault.plot)
+    "open_bundle": "storage.bundle.reader",
+    "open_summary": "storage.bundle.reader",
+    "open_bulk": "storage.bundle.bulk",
+    "sequence_view": "storage.bundle.trim",
 }
 
 __all__ = [
@@ -47,7 +58,11 @@ __all__ = [
     "WaitTimeout",
     "__version__",
     "describe_bundle",
+    "open_bulk",
+    "open_bundle",
     "open_dataset",
+    "open_summary",
+    "sequence_view",
 ]
 
 

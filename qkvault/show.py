@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from qkvault.job import human_bytes
 from storage.bundle.arrays import ARRAYS
+from storage.bundle.tokencoords import TOKEN_COORDINATES
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -85,6 +86,8 @@ def _arrays_section(ds: xr.Dataset) -> list[str]:
     rows: list[tuple[str, ...]] = [header]
     total_logical = 0
     for name in ds.variables:
+        if name in TOKEN_COORDINATES.values():
+            continue  # labels made from the token_strings attribute on opening, not stored arrays
         var = ds.variables[name]
         logical = int(var.nbytes)
         total_logical += logical

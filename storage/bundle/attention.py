@@ -19,6 +19,7 @@ from xarray.core import indexing
 
 from storage.bundle.arrays import ARRAYS
 from storage.bundle.derived import DEFAULT_BLOCK_ROWS, Backend, attention_block, describe, visible_key_range
+from storage.bundle.tokencoords import with_token_coords
 from storage.errors import BundleNotReady
 
 Index = int | slice | Sequence[int] | np.ndarray
@@ -156,7 +157,8 @@ def with_derived_attention(
     device: str | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> xr.Dataset:
-    """``ds`` with a lazily computed float32 ``attention (layer, batch, head, query, key)``."""
+    """``ds`` with a lazily computed float32 ``attention (layer, batch, head, query, key)`` (and the
+    ``query_token``/``key_token`` coordinates of :mod:`storage.bundle.tokencoords`)."""
     source = DerivedAttention(ds, backend=backend, device=device, block_rows=block_rows)
     data = indexing.LazilyIndexedArray(DerivedAttentionArray(source))
     attrs = {"derived": "computed on access from q and k (float32)", **describe()}
@@ -164,7 +166,7 @@ def with_derived_attention(
     variable = xr.Variable(ARRAYS["attention"].dims, data, attrs=attrs)
     out = ds.assign(attention=variable)
     out.encoding.update(ds.encoding)
-    return out
+    return with_token_coords(out)  # query_token/key_token for the new query/key dimensions
 
 
 def derived_source(ds: xr.Dataset) -> DerivedAttention | None:

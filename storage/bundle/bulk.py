@@ -25,6 +25,7 @@ import zarr
 
 from storage.bundle.format import BULK_BATCHES, BULK_MAJOR, BULK_SEQUENCES, FORMAT_NAME
 from storage.bundle.reader import UnsupportedBundle, _dataset, open_store
+from storage.bundle.tokencoords import with_token_coords
 from storage.errors import BundleNotReady
 
 __all__ = ["BulkBundle", "open_bulk"]
@@ -94,7 +95,8 @@ class BulkBundle:
 
     def sequence(self, index: int) -> xr.Dataset:
         """Sequence ``index`` of the job alone: its micro-batch's bundle at its slot, positions (and
-        attention rows) cut to its length."""
+        attention rows) cut to its length, with its ``query_token``/``key_token``/``position_token``
+        coordinates (:mod:`storage.bundle.tokencoords`)."""
         table = self.sequences
         if index not in table.indexes["sequence"]:
             raise KeyError(f"sequence {index} is not in this bundle (finished: {table.sizes['sequence']})")
@@ -105,6 +107,7 @@ class BulkBundle:
 
         if is_derived(ds) and "attention" not in ds.variables:
             ds = with_derived_attention(ds)
+        ds = with_token_coords(ds)  # query_token/key_token/position_token, cut below with the rest
         length = int(entry["length"])
         one = ds.isel(batch=int(entry["slot"]))
         dims = ("position", "key") if "query_position" in one.variables else ("position", "query", "key")

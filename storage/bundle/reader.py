@@ -11,6 +11,7 @@ import xarray as xr
 
 from storage.bundle.derived import Backend
 from storage.bundle.format import BULK_MAJOR, FORMAT_NAME, SUPPORTED_MAJOR
+from storage.bundle.tokencoords import with_token_coords
 from storage.errors import BundleNotReady, QkvaultError
 from storage.stores.objectstore import is_s3, zarr_store
 
@@ -70,6 +71,9 @@ def open_bundle(
     A derived-attention bundle (``capture.attention="derived"``) gets a lazily computed float32
     ``attention`` variable: indexing it reconstructs only the selected block from q and k
     (``backend``: ``auto`` = torch when already imported, else numpy; ``device`` for torch).
+    Token strings are coordinates: ``query_token``/``key_token``/``position_token`` (per sequence,
+    dims ``(batch, query)`` etc.; :mod:`storage.bundle.tokencoords`); one sequence without its
+    padding: :func:`storage.bundle.trim.sequence_view`.
     A bulk job's bundle (format 2.x) opens as its sequence table; one sequence's arrays:
     ``storage.bundle.bulk.open_bulk(location).sequence(i)``.
     """
@@ -94,7 +98,7 @@ def open_bundle(
 
     if is_derived(ds) and "attention" not in ds.variables:
         ds = with_derived_attention(ds, backend=backend, device=device)
-    return ds
+    return with_token_coords(ds)
 
 
 def open_summary(location: str | Path, *, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
