@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.middleware import BodySizeLimit
 from api.problems import install_problem_handlers
-from api.routes import health, jobs, ui, uploads
+from api.routes import events, health, jobs, ui, uploads
 from api.services import Services
 from api.settings import ApiSettings
 
@@ -27,7 +27,8 @@ keys with `qkvault keys create --owner NAME`). A key sees only its owner's jobs 
 all); another owner's job id answers 404, like a missing one.
 
 1. `POST /v1/jobs` with a job spec (model, prompts, generation, what to capture) → 202 and `Location`.
-2. Poll `GET /v1/jobs/{id}` until `state` is `succeeded` (or `failed` / `cancelled`).
+2. Poll `GET /v1/jobs/{id}` until `state` is `succeeded` (or `failed` / `cancelled`), or follow
+   `GET /v1/jobs/{id}/events`: the same document as server-sent events, sent when it changes.
 3. `GET /v1/jobs/{id}/bundle` downloads the Zarr v3 store as a zip; open it with
    `xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)`; or, for bundles on S3,
    `GET /v1/jobs/{id}/bundle/urls` lists short-lived presigned URLs of the store's objects.
@@ -69,6 +70,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_problem_handlers(app)  # after the middleware: its catch-all wraps them
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(uploads.router)
     app.include_router(ui.router)  # the web page: GET / -> /ui/ (docs/viewer.md)
     return app

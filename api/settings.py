@@ -123,6 +123,27 @@ class ApiSettings(ServiceSettings):
         le=7 * 24 * 3600,
         description="longest presigned-URL lifetime a client may ask for (SigV4 allows at most 7 days)",
     )
+    # Live progress (GET /v1/jobs/{id}/events, server-sent events; docs/operations.md)
+    events_poll_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="how often an event stream (`GET /v1/jobs/{id}/events`) reads its job from the index; "
+        "a change reaches the client within about this long",
+    )
+    events_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=30,
+        description="an event stream that sent nothing for this long sends a `: keep-alive` comment "
+        "(proxies and clients then keep the connection open)",
+    )
+    events_max_stream_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="longest time one event stream stays open (1 h); it then closes and the client "
+        "reconnects (the SSE `retry:` field says when)",
+    )
     hub_cache_dir: Path | None = Field(
         default=None,
         description="the workers' Hugging Face hub cache as mounted on the API host (the folder "

@@ -42,7 +42,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job = client.submit(spec)
     print(job.id if args.quiet else job, flush=True)
     if args.wait:
-        job = client.wait(job.id, timeout_s=args.timeout, progress=not args.quiet)
+        job = client.wait(job.id, timeout_s=args.timeout, progress=not args.quiet, events=not args.poll)
         if not args.quiet:
             print(job, flush=True)
         return 0 if job.succeeded else 1
@@ -55,7 +55,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    job = api_client(args).wait(args.job_id, timeout_s=args.timeout)
+    job = api_client(args).wait(args.job_id, timeout_s=args.timeout, events=not args.poll)
     print(job, flush=True)
     return 0 if job.succeeded else 1
 
@@ -156,6 +156,15 @@ def _common_options(top_level: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _poll_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--poll",
+        action="store_true",
+        help="poll the job every 0.5 s instead of following its live events (GET /v1/jobs/{id}/events; "
+        "used by default, with polling as the fallback when the server has none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(top_level=False)
     parser = argparse.ArgumentParser(
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=None, metavar="S", help="with --wait: give up after S seconds"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
+    _poll_option(p)
     p.add_argument(
         "--prompts-file",
         metavar="FILE",
@@ -228,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("wait", cmd_wait, "wait for a job to finish, showing progress (exit 1 unless it succeeded)")
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds")
+    _poll_option(p)
 
     p = add("list", cmd_list, "list jobs, newest first")
     p.add_argument("--state", choices=["queued", "running", "cancelling", "cancelled", "succeeded", "failed"])

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import builtins
 import os
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from urllib.parse import quote
@@ -34,17 +33,18 @@ from qkvault.bundlefile import (
     open_dataset,
     zip_destination,
 )
-from qkvault.errors import JobFailed, QkvaultClientError, WaitTimeout
+from qkvault.errors import QkvaultClientError
+from qkvault.events import DEFAULT_RECONNECTS, follow_job
 from qkvault.job import Job, JobPage
 from qkvault.progress import ProgressLine
 from qkvault.settings import DEFAULT_API_BASE_URL, ClientSettings
+from qkvault.waiting import wait_for_job
 
 if TYPE_CHECKING:
     import xarray as xr
 
 API_BASE_URL_ENV = ClientSettings.env_var("api_base_url")
 API_KEY_ENV = ClientSettings.env_var("api_key")
-TRANSIENT_STATUSES = frozenset({502, 503, 504})
 
 
 class SpecModel(Protocol):
@@ -240,55 +240,34 @@ class Client:
         progress: bool = True,
         *,
         stream: TextIO | None = None,
+        events: bool = True,
     ) -> Job:
-        """Poll until the job is succeeded, failed or cancelled; return the final :class:`Job`.
+        """Follow the job until it is succeeded, failed or cancelled; return the final :class:`Job`.
 
-        Raises :class:`JobFailed` when it failed, :class:`WaitTimeout` after ``timeout_s`` (the job
-        keeps running; wait again later). Transient errors (server unreachable, 502/503/504) are
-        retried for up to 60 s in a row. ``progress`` prints a status line to ``stream`` (stderr).
+        Follows the server's live events (:meth:`events`) and falls back to polling every
+        ``poll_s`` when the server has none (an older server) or the stream keeps breaking;
+        ``events=False`` polls from the start. Raises :class:`JobFailed` when it failed,
+        :class:`WaitTimeout` after ``timeout_s`` (the job keeps running; wait again later). While
+        polling, transient errors (server unreachable, 502/503/504) are retried for up to 60 s in a
+        row. ``progress`` prints a status line to ``stream`` (stderr).
         """
-        if poll_s <= 0:
-            raise ValueError(f"poll_s must be > 0, got {poll_s}")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        printer = ProgressLine(stream) if progress else None
-        transient_since: float | None = None
-        job: Job | None = None
-        try:
-            while True:
-                try:
-                    job = self.get(job_id)
-                    transient_since = None
-                except QkvaultClientError as exc:
-                    if exc.status is not None and exc.status not in TRANSIENT_STATUSES:
-                        raise
-                    now = time.monotonic()
-                    transient_since = transient_since or now
-                    if now - transient_since > 60.0:
-                        raise
-                    if printer:
-                        printer.update(f"[retrying] {exc.message.splitlines()[0][:120]}", key="retry")
-                else:
-                    if printer:
-                        printer.update(job.status_line(), key=(job.state, job.phase))
-                    if job.terminal:
-                        break
-                if deadline is not None and time.monotonic() >= deadline:
-                    last = f" (last seen: {job.status_line()})" if job else ""
-                    raise WaitTimeout(
-                        f"job {job_id if isinstance(job_id, str) else job_id.id} not finished after "
-                        f"{timeout_s:g} s{last}; it keeps running: wait again or cancel it"
-                    )
-                pause = poll_s if transient_since is None else min(max(poll_s, 1.0) * 2, 5.0)
-                if deadline is not None:
-                    pause = max(min(pause, deadline - time.monotonic()), 0.0)
-                time.sleep(pause)
-        finally:
-            if printer:
-                printer.close()
-        assert job is not None
-        if job.state == "failed":
-            raise JobFailed(job)
-        return job
+        ident = job_id.id if isinstance(job_id, Job) else str(job_id)
+        return wait_for_job(
+            self, ident, poll_s=poll_s, timeout_s=timeout_s, progress=progress, stream=stream, events=events
+        )
+
+    def events(self, job_id: str | Job, *, reconnects: int = DEFAULT_RECONNECTS) -> Iterator[Job]:
+        """The job at once, then again each time it changes, until it is terminal (live, from
+        ``GET /v1/jobs/{id}/events``; server-sent events)::
+
+            for job in client.events(job_id):
+                print(job.status_line())
+
+        A broken stream is reopened (``reconnects`` times in a row at most); then, or when the
+        server has no event stream, :class:`~qkvault.events.EventsUnavailable` (a
+        :class:`QkvaultClientError`): poll :meth:`get` instead, as :meth:`wait` does."""
+        ident = job_id.id if isinstance(job_id, Job) else str(job_id)
+        return follow_job(self, ident, reconnects=reconnects)
 
     def download(
         self,
