@@ -401,7 +401,7 @@ class Exporter:
                 stored = sum(r.nbytes for r in records if "/fidelity_" not in r.key)
                 kv_status[name]["stored_bytes"] = stored
                 kv_status[name]["stored_ratio"] = round(kv_status[name]["fp16_bytes"] / max(stored, 1), 4)
-                self.writer.group[f"kv/{name}"].attrs.update(kv_status[name])
+                self.writer.group[f"kv/{name}"].update_attributes(kv_status[name])
             self.timings["kv_compression"] = time.perf_counter() - t0
         self.timings["total"] = time.perf_counter() - started + self.timings.get("load_model", 0.0)
         summary = {
