@@ -249,3 +249,14 @@ def test_head_grid_draws_the_summary_labels(bundles: dict[str, Path]) -> None:
     one = qkplot.head_grid(summary, seq=1)
     per_sequence = np.array(summary["label"].values[:, 1].tolist(), dtype=str)
     np.testing.assert_array_equal(_image(one), np.vectorize(LABELS.index)(per_sequence))
+
+
+def test_qkvault_labels_writes_the_same_grid(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from qkvault.cli import main
+
+    out = tmp_path / "labels.png"
+    assert main(["labels", str(bundles["plain"]), "-o", str(out)]) == 0
+    height, width = imread(out).shape[:2]  # figure_size_in(summary) at 110 dpi: 4 heads, 2 layers
+    assert (width, height) == (int((1.0 + 0.55 * 4) * 110), int((1.2 + 0.28 * 2) * 110))
