@@ -26,4 +26,6 @@ RUN pip install ".[api]" \
 
 USER qkvault
 EXPOSE 8000
-CMD ["uvicorn", "api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# --timeout-graceful-shutdown: open event streams (GET /v1/jobs/{id}/events) would hold a SIGTERM for up to an hour
+CMD ["uvicorn", "api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", \
+     "--timeout-graceful-shutdown", "5"]

@@ -308,6 +308,8 @@ class EmbeddedStack:
                 "127.0.0.1",
                 "--port",
                 str(port),
+                "--timeout-graceful-shutdown",  # open event streams must not hold the stop
+                "2",
             ],
             self.log_path("api"),
             env=env,
