@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.middleware import BodySizeLimit
 from api.problems import install_problem_handlers
-from api.routes import events, health, jobs, ui, uploads
+from api.routes import arrays, events, health, jobs, tiles, ui, uploads
 from api.services import Services
 from api.settings import ApiSettings
 
@@ -72,5 +72,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(uploads.router)
+    app.include_router(arrays.router)
+    app.include_router(tiles.router)
     app.include_router(ui.router)  # the web page: GET / -> /ui/ (docs/viewer.md)
     return app

@@ -144,6 +144,19 @@ class ApiSettings(ServiceSettings):
         description="longest time one event stream stays open (1 h); it then closes and the client "
         "reconnects (the SSE `retry:` field says when)",
     )
+    # Slices and tiles of bundles (docs/viewer-api.md)
+    json_slice_max_values: int = Field(
+        default=65_536,
+        ge=1,
+        description="most values a JSON slice (`GET /v1/jobs/{id}/arrays/{name}?format=json`) holds; a "
+        "larger one gets 413 naming the limit (ask for `format=npy` or a smaller slice)",
+    )
+    slice_max_bytes: int = Field(
+        default=256 << 20,
+        ge=1024,
+        description="largest slice `GET /v1/jobs/{id}/arrays/{name}` reads into memory (256 MiB, as stored; "
+        "derived attention counts 4 bytes a value); a larger one gets 413 naming the limit",
+    )
     hub_cache_dir: Path | None = Field(
         default=None,
         description="the workers' Hugging Face hub cache as mounted on the API host (the folder "
