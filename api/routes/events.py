@@ -149,7 +149,7 @@ async def job_event_stream(
         reason = f"job {job.state}"
         yield sse_message("end", doc)
     except QkvaultError as exc:  # e.g. the job vanished (404): say so as data, the response has started
-        reason = f"{exc.problem_type}"
+        reason = exc.problem_type
         yield _problem_message({**exc.to_problem(), "status": exc.status, "instance": instance})
     finally:
         log.debug(
