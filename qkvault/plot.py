@@ -90,6 +90,10 @@ def _select(data: Any, layer: int | None, head: int | None, seq: int) -> tuple[A
     """The ``(query, key)`` DataArray of one layer, head and sequence of a bundle's Dataset."""
     from storage.bundle.trim import sequence_view
 
+    if "attention" not in data.variables and "sequence" in data.dims:
+        raise ValueError(
+            "this is a bulk job's sequence table: plot one sequence, open_bulk(path).sequence(i)"
+        )
     if "attention" not in data.variables:
         raise ValueError(
             "this bundle has no attention: export with capture.attention=true, or 'derived' "

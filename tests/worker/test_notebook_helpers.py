@@ -171,6 +171,11 @@ def test_bulk_sequences_carry_their_own_token_coordinates(bundles: dict[str, Pat
         assert view.sizes == one.sizes and view[KEY_TOKEN].values.tolist() == one[KEY_TOKEN].values.tolist()
     with pytest.raises(IndexError, match="one sequence only"):
         sequence_view(bulk.sequence(1), 3)
+    with pytest.raises(ValueError, match=r"bulk job's sequence table: plot one sequence"):
+        qkplot.heatmap(open_bundle(bundles["bulk"]), layer=0, head=0)
+    ax = qkplot.heatmap(bulk.sequence(1), layer=0, head=0, seq=1)
+    n = int(plain["length"].values[1])
+    np.testing.assert_array_equal(_image(ax), bulk.sequence(1)["attention"].values[0, 0, :n, :n])
 
 
 def test_heatmap_draws_the_trimmed_matrix_with_token_labels(bundles: dict[str, Path]) -> None:
