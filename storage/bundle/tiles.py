@@ -14,7 +14,8 @@ sibling prefix of the bundle, never inside it (the bundle is complete and checks
 Building reads the matrix in bands of rows (the causal upper triangle is never read: keys after a
 row are zero) and pools each band down every level; each level keeps at most one row of tiles
 before it writes it, so memory stays near ``band_rows × tokens`` values plus one tile row per level,
-whatever ``tokens``. Two builders of the same pyramid (threads, processes, API replicas) never
+whatever ``tokens``. The next band is read, and finished rows of tiles written (at most four
+waiting), on two threads while the current band is pooled. Two builders of the same pyramid (threads, processes, API replicas) never
 disturb each other: each writes under its own build id, and ``ready.json``, a single object written
 whole (atomically replaced on a local disk), names the finished build that readers use.
 """
@@ -25,7 +26,11 @@ import json
 import os
 import threading
 import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -73,6 +78,7 @@ class _Level:
     below_size: int
     tokens: int
     arrays: dict[str, zarr.Array]
+    write: Callable[[Callable[[], None]], None]  # runs a write of whole chunks (in the background)
     pending: tuple[np.ndarray, np.ndarray, int] | None = None
     rows_done: int = 0
     buffer: dict[str, np.ndarray] = field(default_factory=dict)
@@ -120,9 +126,32 @@ class _Level:
                 # rest stays unwritten and reads as the fill value, zero (the causal upper triangle)
                 stop = min(self.size, -(-self.width // TILE) * TILE)
                 for pool in POOLS:
-                    self.arrays[pool][start : start + self.filled, :stop] = self.buffer[pool][:, :stop]
-                self.buffer, self.width = {}, 0
+                    self.write(partial(_put, self.arrays[pool], start, self.buffer[pool][:, :stop]))
+                self.buffer, self.width = {}, 0  # the write owns the old buffers now
         self.rows_done += rows
+
+
+def _put(array: zarr.Array, row: int, data: np.ndarray) -> None:
+    array[row : row + data.shape[0], : data.shape[1]] = data
+
+
+class _Writes:
+    """Writes of tile rows on a thread of their own while the next band is read and pooled: at most
+    ``depth`` waiting (memory stays bounded); the first error is raised by :meth:`submit` or
+    :meth:`wait`."""
+
+    def __init__(self, pool: ThreadPoolExecutor, depth: int = 4) -> None:
+        self.pool, self.depth = pool, depth
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.pending.append(self.pool.submit(write))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
 
 
 def _widen(rows: np.ndarray, width: int) -> np.ndarray:
@@ -277,6 +306,15 @@ class TilePyramid:
         store = zarr_store(f"{self.cache_url}/{build_id}", storage_options=self.storage_options)
         group = zarr.open_group(store, mode="w", zarr_format=3)
         tokens = self.matrix.tokens
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qkvault-tiles") as pool:
+            writes = _Writes(pool)
+            self._pool_bands(group, tokens, pool, writes)
+            writes.wait()
+        group.attrs.update({"tokens": tokens, "level_sizes": self.sizes, "pools": list(POOLS)})
+
+    def _pool_bands(self, group: zarr.Group, tokens: int, pool: ThreadPoolExecutor, writes: _Writes) -> None:
+        """Read the matrix band by band (the next band read while this one is pooled) and feed
+        every level; rows of tiles are written by ``writes``."""
         levels: list[_Level] = []
         for number, size in enumerate(self.sizes[1:], start=1):
             arrays = {
@@ -291,13 +329,21 @@ class TilePyramid:
                 )
                 for pool in POOLS
             }
-            levels.append(_Level(number, size, self.sizes[number - 1], tokens, arrays))
-        for start in range(0, tokens, self.band_rows):
+            levels.append(_Level(number, size, self.sizes[number - 1], tokens, arrays, writes.submit))
+        starts = range(0, tokens, self.band_rows)
+
+        def read(start: int) -> np.ndarray:
             stop = min(tokens, start + self.band_rows)
-            block = self.matrix.read(start, stop, 0, stop)  # keys after the band's last row are zero
+            return self.matrix.read(start, stop, 0, stop)  # keys after the band's last row are zero
+
+        upcoming = pool.submit(read, 0)
+        for start in starts:
+            block = upcoming.result()
+            if start + self.band_rows < tokens:
+                upcoming = pool.submit(read, start + self.band_rows)
+            stop = min(tokens, start + self.band_rows)
             rows: tuple[Any, ...] | None = (block, block, stop)
             for level in levels:  # the last band empties every level (last=True pools odd rows)
                 if rows is None:
                     break
                 rows = level.feed(rows[0], rows[1], rows[2], last=stop == tokens)
-        group.attrs.update({"tokens": tokens, "level_sizes": self.sizes, "pools": list(POOLS)})
