@@ -536,6 +536,8 @@ export class Heatmap {
     tip.dataset.key = at.key;
     tip.dataset.value = found.value;
     tip.dataset.level = found.level;
+    tip.dataset.x = point.x; // canvas CSS pixels of the pointer
+    tip.dataset.y = point.y;
     const head = `query ${at.query} ${JSON.stringify(strings[at.query] ?? "")} · key ${at.key} ${JSON.stringify(strings[at.key] ?? "")}`;
     let detail;
     if (found.masked) detail = "0 (the key comes after the query: masked)";

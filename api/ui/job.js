@@ -10,8 +10,9 @@ import { renderText } from "./tokens.js";
 
 const ITEM_BYTES = { bool: 1, int8: 1, uint8: 1, int16: 2, uint16: 2, float16: 2, int32: 4, uint32: 4, float32: 4, int64: 8, uint64: 8, float64: 8 };
 
+/** How the slices route addresses an array: "<group>/<name>" for group arrays ("summary/label"). */
 function arrayName(entry) {
-  return entry.group ? `${entry.group}/${entry.name}` : entry.name;
+  return entry.group && !entry.name.startsWith(`${entry.group}/`) ? `${entry.group}/${entry.name}` : entry.name;
 }
 
 function arrayBytes(entry) {
@@ -47,10 +48,10 @@ export function jobView(main, jobId) {
   main.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "← my jobs")),
     h("section", { className: "job-head" }, title, h("div", { className: "job-line" }, state, progress), facts, error),
-    h("section", {}, h("h3", {}, "Arrays"), arraysBox),
     sections.attention,
     sections.text,
     sections.labels,
+    h("section", {}, h("h3", {}, "Arrays"), arraysBox),
   );
 
   let bundle = null; // what loadBundle found
@@ -217,15 +218,20 @@ export function jobView(main, jobId) {
       attentionBox.status = status;
       await showHeatmap();
     } else {
-      tokenStrings = listedTokenStrings(0);
+      tokenStrings = await listedTokenStrings(0);
     }
     await showSequenceViews();
   }
 
-  function listedTokenStrings(seq) {
-    const listed = bundle.listing.token_strings;
-    if (!Array.isArray(listed)) return null;
-    return Array.isArray(listed[0]) ? listed[seq] ?? null : listed;
+  /** The tokens of sequence `seq` from the arrays route (GET .../arrays?seq= lists them). */
+  async function listedTokenStrings(seq) {
+    try {
+      const listed = (await getJson(jobPath(jobId, `/arrays${query({ seq })}`))).token_strings;
+      return Array.isArray(listed) ? listed : null;
+    } catch (e) {
+      console.warn(`token strings of sequence ${seq}: ${e.message}`);
+      return null;
+    }
   }
 
   async function pick(change) {
@@ -235,7 +241,7 @@ export function jobView(main, jobId) {
       pickers.layer.value = String(choice.layer);
       pickers.head.value = String(choice.head);
     }
-    await showHeatmap();
+    if (bundle.attention) await showHeatmap();
     if (seqChanged) await showSequenceViews();
   }
 
@@ -251,7 +257,7 @@ export function jobView(main, jobId) {
       status.textContent = `no heatmap: ${e.message}`;
       return;
     }
-    tokenStrings = info.token_strings ?? listedTokenStrings(seq);
+    tokenStrings = info.token_strings ?? (await listedTokenStrings(seq));
     const previous = heatmap && heatmap.tokens === info.tokens ? { ...heatmap.view } : null;
     heatmap?.destroy();
     heatmap = new Heatmap(attentionBox.host, {
@@ -262,7 +268,7 @@ export function jobView(main, jobId) {
       onChange: (s) => {
         status.textContent =
           `layer ${layer} · head ${head} · sequence ${seq} · ${info.tokens} tokens · level ${s.level} of ${info.levels} ` +
-          `(${2 ** s.level}×${2 ** s.level} tokens per cell) · ${s.visibleTiles} tiles on screen, ${s.loading} loading, ` +
+          `(${2 ** s.level}×${2 ** s.level} tokens per cell) · tiles: ${s.visibleTiles} on screen, ${s.loading} loading, ` +
           `${s.cachedTiles}/${s.maxCachedTiles} cached${s.labelsDrawn ? " · token labels" : " · zoom in for token labels"}` +
           (s.lastError ? ` · last error: ${s.lastError}` : "");
       },
