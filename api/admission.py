@@ -21,8 +21,9 @@ from pathlib import Path
 from api.problems import LIMIT_EXCEEDED, ApiProblem, field_error
 from api.schemas import LimitCheck, human_bytes
 from api.settings import ApiSettings
-from api.sources import check_source, inline_sequences
+from api.sources import check_source, inline_sequences, sample
 from storage.errors import InvalidJobSpec, QkvaultError, ServerMisconfigured
+from storage.jobs.bulkestimate import estimate_bulk, sample_lengths
 from storage.jobs.estimate import JobEstimate, count_prompt_tokens, estimate
 from storage.jobs.modelcheck import check_spec_for_model
 from storage.jobs.spec import JobSpec
@@ -35,6 +36,7 @@ from storage.models.facts import (
     resolve_source,
     tokenizer_file,
 )
+from storage.sources.sample import SourceSample
 from storage.sources.spec import SourceSpec
 from storage.stores.objectstore import ObjectStore
 from storage.stores.uploads import UploadRecord
@@ -283,12 +285,15 @@ def assess(
         result.check(limit, enforce)
     roots = settings.model_root_dirs()
     result.facts = check_model(spec, settings.hub_cache_dir, roots)
+    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir, settings.hub_cache_dir, roots)
     if spec.source is not None:
         upload = check_source(spec.source, settings, store, owner)
         if upload is not None:
             result.check(_upload_limit(upload, settings), enforce)
+        _assess_bulk(
+            spec, settings, result, enforce, sample(spec.source, settings, store, owner), tokenizer_json
+        )
         return result
-    tokenizer_json = tokenizer_file(spec.model, settings.model_cache_dir, settings.hub_cache_dir, roots)
     prompt_lengths, exact = count_prompt_tokens(spec, tokenizer_json)
     tokens = Limit(
         "max_total_tokens",
@@ -319,6 +324,76 @@ def assess(
     )
     result.check(size, enforce)
     return result
+
+
+def _assess_bulk(
+    spec: JobSpec,
+    settings: ApiSettings,
+    result: Admission,
+    enforce: bool,
+    found: SourceSample | None,
+    tokenizer_json: str | None,
+) -> None:
+    """A bulk job's whole-job limits and estimate, from a sample of its source (None: a dataset
+    this host cannot read; the worker checks the limits as it reads)."""
+    assert spec.source is not None
+    if found is None or not found.rows:
+        return
+    lengths, exact = sample_lengths(spec, found, tokenizer_json)
+    new = spec.generation.max_new_tokens
+    scale = (found.sequences or len(lengths)) / len(lengths)
+    tokens = round(sum(lengths) * scale) + new * (found.sequences or len(lengths))
+    how = "counted" if found.exact else f"estimated from {len(lengths):,} sampled rows"
+    if found.sequences is not None and inline_sequences(spec.source) is None:  # inline: counted already
+        result.check(
+            Limit(
+                "max_sequences",
+                "QKVAULT_MAX_SEQUENCES",
+                "body.source",
+                "number of sequences",
+                found.sequences,
+                settings.max_sequences,
+                "select fewer rows with source.limit (and source.offset), or split the source over jobs",
+                note=f"{how}: {found.how}",
+            ),
+            enforce,
+        )
+    if found.sequences is not None:
+        counted = (
+            "counted with the model's tokenizer" if exact else "approximated, no tokenizer readable here"
+        )
+        result.check(
+            Limit(
+                "max_job_tokens",
+                "QKVAULT_MAX_JOB_TOKENS",
+                "body.source",
+                "total tokens of the job",
+                tokens,
+                settings.max_job_tokens,
+                "select fewer rows with source.limit, or lower generation.max_new_tokens",
+                note=f"prompt tokens + max_new_tokens over {found.sequences:,} sequences, {how}; {counted}",
+            ),
+            enforce,
+        )
+    if result.facts is None:
+        return
+    result.estimate = estimate_bulk(spec, result.facts, found, lengths, exact)
+    if found.sequences is None:
+        return
+    result.check(
+        Limit(
+            "max_stored_bytes",
+            "QKVAULT_MAX_STORED_BYTES",
+            "body.capture",
+            "expected stored size of the job",
+            result.estimate.expected_stored_bytes,
+            settings.max_stored_bytes,
+            f"{_SIZE_HINT}, or select fewer rows with source.limit",
+            unit="bytes",
+            note=how,
+        ),
+        enforce,
+    )
 
 
 def require_estimate(spec: JobSpec, admission: Admission) -> JobEstimate:

@@ -128,6 +128,22 @@ class LimitCheck(BaseModel):
     ok: bool
 
 
+class BulkEstimate(BaseModel):
+    """A bulk job as a whole, estimated from a sample of its source (docs/bulk-jobs.md, "Limits")."""
+
+    sequences: int | None = Field(
+        description="sequences the job exports (null: the source's size is unknown)"
+    )
+    sequences_exact: bool = Field(
+        description="counted (inline sources, Parquet metadata, small files) or estimated"
+    )
+    sampled_rows: int = Field(description="rows of the source read for this estimate")
+    sampled: str = Field(description="how the source was sampled")
+    total_tokens: int = Field(description="prompt tokens + max_new_tokens over every sequence")
+    micro_batches: int = Field(description="micro-batches, the sample's plan scaled to the job")
+    padding_fraction: float = Field(description="padding of the sample's micro-batches")
+
+
 class JobEstimate(BaseModel):
     """What a job will write, computed from the spec and the model's config without running it."""
 
@@ -142,6 +158,7 @@ class JobEstimate(BaseModel):
     upper_bound: bool = Field(description="sequences may stop early at EOS: the real bundle can be smaller")
     approximate: bool = Field(description="prompt token counts are approximated")
     assumptions: list[str]
+    bulk: BulkEstimate | None = Field(None, description="a bulk job's whole-job figures (null otherwise)")
     model_allowed: bool = Field(description="model.id matches this server's QKVAULT_ALLOWED_MODELS")
     limits: list[LimitCheck] = Field(description="this server's limits, checked against the estimate")
     within_limits: bool = Field(description="a submission of this spec would pass every limit")

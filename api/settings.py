@@ -90,12 +90,6 @@ class ApiSettings(ServiceSettings):
         ge=0,
         description="queued + running + cancelling jobs one owner may have; more get 429 (0: no limit)",
     )
-    max_sequences: int = Field(
-        default=100_000,
-        ge=1,
-        description="inline sequences of one bulk job (`source.prompts`, `source.token_ids`); more get "
-        "422 naming the limit (larger jobs upload a file: docs/bulk-jobs.md)",
-    )
     # Uploads of bulk jobs' source files (POST /v1/uploads, docs/bulk-jobs.md)
     max_upload_bytes: int = Field(
         default=10 << 30,

@@ -13,7 +13,9 @@
 - inline ``prompts`` / ``token_ids``: counted against ``QKVAULT_MAX_SEQUENCES``
   (:func:`inline_sequences`; the limit itself is an :class:`api.admission.Limit`).
 
-Rows further in are checked by the worker as it streams them.
+Then :func:`sample` reads a sample spread over the source (:mod:`storage.sources.sample`) for the
+whole job's estimate and limits (sequences, tokens, stored bytes). Rows further in are checked by the
+worker as it streams them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from storage.errors import InvalidJobSpec
 from storage.sources.hfdatasets import DatasetNotFound, dataset_folder
 from storage.sources.readers import read_rows
 from storage.sources.rows import SourceContext
+from storage.sources.sample import SourceSample, sample_source
 from storage.sources.spec import DatasetSource, FileSource, PromptsSource, SourceSpec, TokenIdsSource
 from storage.stores.objectstore import ObjectStore
 from storage.stores.uploads import UploadRecord, read_upload
@@ -65,6 +68,23 @@ def check_source(
         except DatasetNotFound:
             return None
     return None
+
+
+def sample(
+    source: SourceSpec, settings: ApiSettings, store: ObjectStore | None, owner: str | None
+) -> SourceSample | None:
+    """A sample of the source for the whole job's estimate, or None when it cannot be read here (a
+    dataset not on this host, or without the ``datasets`` package): the worker checks it."""
+    context = SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=owner)
+    if isinstance(source, DatasetSource):
+        if importlib.util.find_spec("datasets") is None:
+            return None
+        try:
+            dataset_folder(source, settings.datasets_dir)
+            return sample_source(source, context)
+        except DatasetNotFound:
+            return None
+    return sample_source(source, context)
 
 
 def _upload(source: FileSource, store: ObjectStore, owner: str) -> UploadRecord:

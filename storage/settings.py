@@ -143,6 +143,23 @@ class ServiceSettings(QkvaultSettings):
         "at submission, else the worker checks it",
     )
 
+    # The size of one bulk job: checked at submission on a sample of the source, and by the worker.
+    max_sequences: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="sequences of one bulk job, whatever its source: counted for inline sources and "
+        "Parquet files, estimated from a sample of other files and of datasets (docs/bulk-jobs.md, "
+        '"Limits"); more get 422 naming the limit, and the worker fails a job that reads more '
+        "(keeping its finished micro-batches)",
+    )
+    max_job_tokens: int = Field(
+        default=500_000_000,
+        ge=1,
+        description="prompt tokens + `max_new_tokens` over every sequence of one bulk job, estimated "
+        "from a sample of its source; more get 422 naming the limit, and the worker fails a job that "
+        "reads more (keeping its finished micro-batches)",
+    )
+
     @field_validator("model_cache_dir", "datasets_dir")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:

@@ -26,7 +26,7 @@ import zarr
 
 from storage.bundle.format import BULK_BATCHES, BULK_FORMAT_VERSION, BULK_SEQUENCES
 from storage.bundle.writer import BundleWriter
-from storage.errors import JobCancelled
+from storage.errors import InvalidJobSpec, JobCancelled
 from storage.jobs.microbatch import DEFAULT_WINDOW, MicroBatch, PaddingTally, cut_window
 from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext, SourceRow, SourceRowError, iter_rows
@@ -78,6 +78,21 @@ class _Table:
         return out
 
 
+@dataclass(frozen=True)
+class JobLimits:
+    """The size a bulk job may reach (``QKVAULT_MAX_SEQUENCES``, ``QKVAULT_MAX_JOB_TOKENS``):
+    admission checked an estimate from a sample; the worker checks every row it reads."""
+
+    max_sequences: int
+    max_job_tokens: int
+
+
+class JobLimitExceeded(InvalidJobSpec):
+    """The source holds more than the job may export (the message names the limit and the row)."""
+
+    problem_type = "limit-exceeded"
+
+
 class _MicroBatchHooks:
     """The outer job's hooks as one micro-batch's Exporter sees them: its phases and layer units are
     the micro-batch's own (the job counts sequences); cancel and lease checks go through."""
@@ -90,6 +105,37 @@ class _MicroBatchHooks:
 
     def check_cancelled(self) -> None:
         self.outer.check_cancelled()
+
+
+@dataclass
+class _Read:
+    """Sequences and tokens (prompt + new) read so far, checked against the job's limits."""
+
+    sequences: int = 0
+    tokens: int = 0
+
+    def add(self, row: SourceRow, tokens: int, limits: JobLimits | None) -> None:
+        self.sequences += 1
+        self.tokens += tokens
+        if limits is None:
+            return
+        where = {"field": "source", "row": row.row}
+        fix = "select fewer rows with source.limit (and source.offset), or split the source over jobs"
+        kept = "the finished micro-batches are kept"
+        if self.sequences > limits.max_sequences:
+            raise JobLimitExceeded(
+                f"source row {row.row} is sequence {self.sequences:,}: more than this server's limit of "
+                f"{limits.max_sequences:,} sequences a job (QKVAULT_MAX_SEQUENCES; the estimate at "
+                f"submission, from a sample of the source, was below it); {fix}; {kept}",
+                detail=where,
+            )
+        if self.tokens > limits.max_job_tokens:
+            raise JobLimitExceeded(
+                f"source row {row.row} brings the job to {self.tokens:,} tokens (prompt + max_new_tokens): "
+                f"more than this server's limit of {limits.max_job_tokens:,} (QKVAULT_MAX_JOB_TOKENS; the "
+                f"estimate at submission, from a sample of the source, was below it); {fix}; {kept}",
+                detail=where,
+            )
 
 
 class BulkExporter:
@@ -105,7 +151,9 @@ class BulkExporter:
         bundle_url: str,
         writer_options: dict[str, Any] | None = None,
         context: SourceContext | None = None,
+        limits: JobLimits | None = None,
     ) -> None:
+        """``limits``: checked on every row read (None: unlimited, as in the benchmark)."""
         assert spec.source is not None, "a bulk job has a source"
         self.spec, self.lm, self.hooks = spec, lm, hooks
         self.source = spec.source
@@ -115,6 +163,7 @@ class BulkExporter:
         self.table = _Table()
         self.padding = PaddingTally()
         self.resumed_batches = 0
+        self.limits = limits
 
     def _writer(self, group: str | None = None) -> BundleWriter:
         url = self.bundle_url if group is None else f"{self.bundle_url}/{group}"
@@ -125,6 +174,7 @@ class BulkExporter:
         new = self.spec.generation.max_new_tokens
         limit = self.lm.facts.max_positions
         rows = iter_rows(self.source, self.context)
+        read = _Read()
         while window := list(itertools.islice(rows, 256)):
             texts = [r.text for r in window if r.text is not None]
             tokenized = iter(tokenize_texts(self.spec, self.lm.tokenizer, texts))
@@ -139,6 +189,7 @@ class BulkExporter:
                         f"max_new_tokens {new} > {limit} positions; drop or shorten it (source.offset/limit)",
                         detail=where,
                     )
+                read.add(row, len(ids) + new, self.limits)
                 yield _Sequence(row, ids)
 
     def _plan(self) -> Iterator[tuple[MicroBatch, list[_Sequence]]]:
@@ -182,7 +233,7 @@ class BulkExporter:
             for batch, members in self._plan():
                 self._run_batch(job_id, batch, members)
                 batches += 1
-        except JobCancelled:
+        except (JobCancelled, JobLimitExceeded):  # keep the finished micro-batches, readable
             self._finish(root, started, batches, partial=True)
             raise
         return self._finish(root, started, batches, partial=False)

@@ -157,7 +157,7 @@ def _attempt(
                 "checksum_algorithm": settings.chunk_checksum,
             }
             if spec.bulk:  # sequences from a source, in micro-batches (worker/bulk.py)
-                from worker.bulk import BulkExporter
+                from worker.bulk import BulkExporter, JobLimits
 
                 context = SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=job.owner)
                 bulk = BulkExporter(
@@ -167,6 +167,7 @@ def _attempt(
                     bundle_url=job.store_url,
                     writer_options=writer_options,
                     context=context,
+                    limits=JobLimits(settings.max_sequences, settings.max_job_tokens),
                 )
                 summary = bulk.run(job_id)
             else:

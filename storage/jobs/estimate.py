@@ -111,6 +111,22 @@ class TokenEstimate:
 
 
 @dataclass(frozen=True)
+class BulkFigures:
+    """A bulk job as a whole, estimated from a sample of its source (storage/sources/sample.py):
+    ``sequences`` it exports (None: unknown), whether that count is exact, the rows sampled, how
+    the source was sampled, its total tokens (prompt + new), micro-batches and padding (the
+    sample's plan scaled to the job)."""
+
+    sequences: int | None
+    sequences_exact: bool
+    sampled_rows: int
+    sampled: str
+    total_tokens: int
+    micro_batches: int
+    padding_fraction: float
+
+
+@dataclass(frozen=True)
 class JobEstimate:
     arrays: list[ArrayEstimate]
     raw_bytes: int
@@ -121,6 +137,7 @@ class JobEstimate:
     upper_bound: bool  # sequences may stop early at EOS: fewer rows than estimated
     approximate: bool  # token counts are approximated
     assumptions: list[str] = field(default_factory=list)
+    bulk: BulkFigures | None = None  # a bulk job's whole-job figures (storage/jobs/bulkestimate.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,12 +152,18 @@ def _tokenizer(path: str, mtime_ns: int) -> Any:
 
 
 def count_prompt_tokens(spec: JobSpec, tokenizer_json: str | None) -> tuple[list[int], bool]:
-    """Tokens per prompt and whether the count is exact. With ``chat_template`` the template is not
-    rendered here: the raw prompt plus :data:`CHAT_TEMPLATE_TOKENS` (approximate). Without a
-    ``tokenizer.json`` the count is approximated from UTF-8 bytes; with one but without the
-    ``tokenizers`` library this raises :class:`ServerMisconfigured` (503): an approximation would
-    admit prompts too long for the model."""
-    prompts = list(spec.inline_prompts)
+    """Tokens per prompt of a one-batch job and whether the count is exact (:func:`count_tokens`)."""
+    return count_tokens(spec, list(spec.inline_prompts), tokenizer_json)
+
+
+def count_tokens(spec: JobSpec, prompts: list[str], tokenizer_json: str | None) -> tuple[list[int], bool]:
+    """Tokens of each of ``prompts`` as ``spec`` tokenizes them, and whether the count is exact.
+    With ``chat_template`` the template is not rendered here: the raw prompt plus
+    :data:`CHAT_TEMPLATE_TOKENS` (approximate). Without a ``tokenizer.json`` the count is
+    approximated from UTF-8 bytes; with one but without the ``tokenizers`` library this raises
+    :class:`ServerMisconfigured` (503): an approximation would admit prompts too long for the model."""
+    if not prompts:
+        return [], True
     if tokenizer_json is not None:
         try:
             import tokenizers  # noqa: F401  (installed by the api extra)
@@ -320,8 +343,15 @@ def _kv_group(spec: JobSpec, index: int, layout: BundleLayout, lengths: list[int
     )
 
 
-def estimate(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int], exact_tokens: bool) -> JobEstimate:
-    """The bundle of ``spec`` on a model with ``facts`` for prompts of ``prompt_lengths`` tokens."""
+def estimate(
+    spec: JobSpec,
+    facts: ModelFacts,
+    prompt_lengths: list[int],
+    exact_tokens: bool,
+    prompt_bytes: int | None = None,
+) -> JobEstimate:
+    """The bundle of ``spec`` on a model with ``facts`` for prompts of ``prompt_lengths`` tokens
+    (``prompt_bytes``: their UTF-8 bytes; default: the spec's inline prompts')."""
     capture, new = spec.capture.resolved(), spec.generation.max_new_tokens
     layout = layout_for_job(spec, facts, prompt_lengths)
     arrays = [_array(name, layout, capture, prompt_lengths, new, facts) for name in layout.arrays()]
@@ -330,7 +360,8 @@ def estimate(spec: JobSpec, facts: ModelFacts, prompt_lengths: list[int], exact_
     lengths = [p + new for p in prompt_lengths]
     arrays += [_kv_group(spec, i, layout, lengths) for i in range(len(spec.kv_compression))]
     total_tokens = sum(prompt_lengths) + new * len(prompt_lengths)
-    prompt_bytes = sum(len(p.encode("utf-8")) for p in spec.inline_prompts)
+    if prompt_bytes is None:
+        prompt_bytes = sum(len(p.encode("utf-8")) for p in spec.inline_prompts)
     metadata = (
         ROOT_METADATA
         + ARRAY_METADATA * len(layout.arrays())

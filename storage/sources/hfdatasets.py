@@ -35,7 +35,7 @@ from storage.settings import huggingface_hub_cache
 from storage.sources.rows import RawRow, SourceContext, SourceRowError, row_value
 from storage.sources.spec import DatasetSource
 
-__all__ = ["DatasetNotFound", "dataset_folder", "dataset_rows"]
+__all__ = ["DatasetNotFound", "dataset_folder", "dataset_rows", "split_rows"]
 
 DATASETS_SETTING = "QKVAULT_DATASETS_DIR"
 
@@ -172,3 +172,13 @@ def dataset_rows(source: DatasetSource, context: SourceContext) -> Iterator[RawR
         text, ids = row_value(record[source.column], f"{what} row {row}, column {source.column!r}", row)
         yield row, text, ids
         row += 1
+
+
+def split_rows(source: DatasetSource, folder: Path) -> int | None:
+    """The split's row count as the dataset records it (``info.splits``; a hub dataset's card), or
+    None when it is not recorded (data files without metadata)."""
+    splits = getattr(_load(source, folder).info, "splits", None)
+    if not splits or source.split not in splits:
+        return None
+    count = splits[source.split].num_examples
+    return int(count) if count else None

@@ -18,7 +18,8 @@ from storage.bundle.records import ChunkRecord
 from storage.errors import JobCancelled
 from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceRowError
-from worker.bulk import BulkExporter
+from worker import bulk as bulk_module
+from worker.bulk import BulkExporter, JobLimitExceeded, JobLimits
 
 from .conftest import CollectingHooks
 from .export_helpers import export, loaded
@@ -187,3 +188,24 @@ def test_open_bundle_gives_the_table_and_a_running_jobs_finished_micro_batches(
     assert seen[-1] == 12 and seen[0] >= 1 and seen == sorted(seen)  # grows as micro-batches finish
     table = open_bundle(tmp_path / "r.zarr")
     assert table.sizes["sequence"] == 12 and table.attrs["bulk"]["padding_fraction"] <= 0.05
+
+
+def test_the_job_limits_stop_a_source_larger_than_its_estimate(
+    tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission checks an estimate from a sample; the worker checks every row it reads and fails
+    the job at the first one over a limit, keeping the micro-batches it finished (readable)."""
+    monkeypatch.setattr(bulk_module, "DEFAULT_WINDOW", 4)  # plan 4 rows at a time
+    model = tiny_model_dir("llama")
+    spec = _spec(model, {"kind": "prompts", "prompts": _prompts(12), "max_sequences": 4}, qkv=False)
+    out = tmp_path / "limited.zarr"
+    with pytest.raises(JobLimitExceeded, match=r"source row 9 is sequence 10.*QKVAULT_MAX_SEQUENCES") as exc:
+        _run(spec, out, limits=JobLimits(max_sequences=9, max_job_tokens=10**9))
+    assert exc.value.detail == {"field": "source", "row": 9}
+    kept = open_bulk(out)
+    assert kept.sequences["sequence"].values.tolist() == list(range(8))  # two whole windows
+    assert kept.attrs["partial"] is True
+
+    with pytest.raises(JobLimitExceeded, match=r"to [0-9,]+ tokens .*QKVAULT_MAX_JOB_TOKENS"):
+        _run(spec, tmp_path / "tokens.zarr", limits=JobLimits(max_sequences=100, max_job_tokens=60))
+    assert _run(spec, tmp_path / "fits.zarr", limits=JobLimits(12, 10**9))["sequences"] == 12
