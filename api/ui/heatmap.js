@@ -243,11 +243,10 @@ export class Heatmap {
     ctx.rect(corner.x, corner.y, side, side);
     ctx.clip();
     ctx.imageSmoothingEnabled = false;
+    // causal zeros first, on whole pixels: the tiles drawn over them leave no seam at their edges
+    for (const tile of visible) if (tile.col > tile.row) this.fillCausalZeros(ctx, tile);
     for (const tile of visible) {
-      if (tile.col > tile.row) {
-        this.fillCausalZeros(ctx, tile);
-        continue;
-      }
+      if (tile.col > tile.row) continue;
       const cached = this.touch(this.key(tile));
       if (cached) {
         this.blit(ctx, cached, this.tokenRect(tile));
@@ -277,8 +276,10 @@ export class Heatmap {
   fillCausalZeros(ctx, tile) {
     const { q0, k0, span } = this.tokenRect(tile);
     const at = this.screenPoint(q0, k0);
+    const end = this.screenPoint(q0 + span, k0 + span);
     ctx.fillStyle = cssColor(0, this.colorScale);
-    ctx.fillRect(at.x, at.y, span * this.view.scale, span * this.view.scale);
+    const [x, y] = [Math.floor(at.x), Math.floor(at.y)];
+    ctx.fillRect(x, y, Math.ceil(end.x) - x, Math.ceil(end.y) - y);
   }
 
   /** Draw the part of `tile` inside token square `rect`. */
