@@ -227,3 +227,20 @@ def test_text_with_alternatives_and_the_label_grid(viewer: Viewer, browser: WebD
         "the heatmap of layer 1 head 3",
         lambda: "layer 1 · head 3" in browser.find_element(By.CSS_SELECTOR, ".heatmap-status").text,
     )
+
+
+def test_progress_falls_back_to_polling_when_events_fail(viewer: Viewer, browser: WebDriver) -> None:
+    job_id = viewer.jobs["running"]
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/events"]})  # every stream fails
+    try:
+        open_page(browser, viewer, "#/")
+        row = wait_for("the running job's row", lambda: rows_by_id(browser).get(job_id))
+        viewer.index.update_progress(
+            job_id, units_done=5, units_total=10, phase="decoding", worker=RUNNING_WORKER
+        )
+        wait_for("the progress read by polling", lambda: "5 / 10 units (50%)" in row.text, timeout_s=10)
+        assert stats(browser)["jobPolls"] >= 1 and stats(browser)["eventMessages"] == 0
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        browser.execute_cdp_cmd("Network.disable", {})
