@@ -106,10 +106,12 @@ export function jobView(main, jobId) {
     }
   }
 
-  async function coordinate(names, name, fallbackCount) {
+  async function coordinate(listing, names, name, fallbackCount) {
     if (names.has(name)) {
       try {
-        return (await getJson(jobPath(jobId, `/arrays/${name}${query({ format: "json" })}`))).data;
+        // a bulk job's arrays are read per sequence (its micro-batches share the coordinates)
+        const params = { format: "json", seq: listing.bulk ? 0 : undefined };
+        return (await getJson(jobPath(jobId, `/arrays/${name}${query(params)}`))).data;
       } catch (e) {
         console.warn(`coordinate ${name}: ${e.message}`);
       }
@@ -123,8 +125,8 @@ export function jobView(main, jobId) {
     const attention = arrays.get("attention");
     const dimSize = (entry, dim) => (entry ? entry.shape[entry.dims.indexOf(dim)] : undefined);
     const q = arrays.get("q");
-    const layers = await coordinate(names, "layer", dimSize(attention ?? q, "layer") ?? 0);
-    const heads = await coordinate(names, "head", dimSize(attention ?? q, "head") ?? 0);
+    const layers = await coordinate(listing, names, "layer", dimSize(attention ?? q, "layer") ?? 0);
+    const heads = await coordinate(listing, names, "head", dimSize(attention ?? q, "head") ?? 0);
     return { listing, arrays, names, attention, layers, heads, sequences: listing.sequences ?? 1 };
   }
 
