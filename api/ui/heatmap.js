@@ -31,10 +31,14 @@ export class Heatmap {
    * @param {HTMLElement} container where the canvas and its tooltip go
    * @param {object} options info: the tiles route's pyramid info; tilePath(level, row, col, pool)
    *   -> API path; pool: "max" | "mean"; colorScale: "linear" | "sqrt" | "log";
-   *   onChange(snapshot) after each draw
+   *   onChange(snapshot) after each draw; maxCachedTiles: the LRU's size
    */
-  constructor(container, { info, tilePath, pool = "max", colorScale = "linear", onChange }) {
+  constructor(
+    container,
+    { info, tilePath, pool = "max", colorScale = "linear", onChange, maxCachedTiles = MAX_CACHED_TILES },
+  ) {
     this.info = info;
+    this.maxCachedTiles = maxCachedTiles;
     this.tokens = info.tokens;
     this.levels = info.levels;
     this.tilePath = tilePath;
@@ -444,10 +448,10 @@ export class Heatmap {
     return image;
   }
 
-  /** Drop least recently used tiles past MAX_CACHED_TILES (never one on screen). */
+  /** Drop least recently used tiles past maxCachedTiles (never one on screen). */
   evict() {
     for (const key of this.cache.keys()) {
-      if (this.cache.size <= MAX_CACHED_TILES) break;
+      if (this.cache.size <= this.maxCachedTiles) break;
       if (!this.visibleKeys.has(key)) this.cache.delete(key);
     }
   }
@@ -571,7 +575,7 @@ export class Heatmap {
       visibleTiles: this.visibleKeys.size,
       loading: this.wanted.length,
       cachedTiles: this.cache.size,
-      maxCachedTiles: MAX_CACHED_TILES,
+      maxCachedTiles: this.maxCachedTiles,
       labelsDrawn: this.labelsDrawn,
       lastError: this.lastError,
     };

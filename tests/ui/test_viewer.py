@@ -244,3 +244,46 @@ def test_progress_falls_back_to_polling_when_events_fail(viewer: Viewer, browser
     finally:
         browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
         browser.execute_cdp_cmd("Network.disable", {})
+
+
+# A heatmap of a 65,536-token matrix whose every tile is the long job's first tile (the page's own
+# Heatmap module, imported in the page), panned along the diagonal across 24 tiles with an LRU of 6.
+LRU_SCRIPT = """
+const [tilePath, done] = [arguments[0], arguments[arguments.length - 1]];
+const { Heatmap } = await import("./heatmap.js");
+const host = document.createElement("div");
+host.style.width = "600px";
+document.body.append(host);
+const tokens = 65536, levels = 9;
+const info = { tokens, levels, tile: 256, token_strings: [],
+  level_sizes: Array.from({ length: levels }, (_, l) => [tokens >> l, tokens >> l]) };
+const requested = new Set();
+const map = new Heatmap(host, { info, maxCachedTiles: 6,
+  tilePath: (level, row, col) => { requested.add(`${level}/${row}/${col}`); return tilePath; } });
+const settled = () => new Promise((resolve) => {
+  const poll = () => (map.snapshot().loading ? setTimeout(poll, 20) : resolve());
+  setTimeout(poll, 50);
+});
+let largest = 0;
+for (let tile = 0; tile < 24; tile++) {
+  map.centerOn(tile * 256 + 128, tile * 256 + 128, 4);  // 4 px per token: one or two tiles on screen
+  await settled();
+  largest = Math.max(largest, map.cache.size);
+}
+const onScreen = [...map.visibleKeys].every((key) => map.cache.has(key));
+done({ largest, requested: requested.size, cached: map.cache.size, onScreen });
+map.destroy();
+"""
+
+
+def test_tile_memory_is_bounded_by_the_lru_not_by_the_matrix(viewer: Viewer, browser: WebDriver) -> None:
+    job_id = viewer.jobs["long"]
+    open_page(browser, viewer, f"#/jobs/{job_id}")
+    wait_heatmap_loaded(browser)
+    browser.set_script_timeout(30)
+    result = browser.execute_async_script(
+        f"(async () => {{ {LRU_SCRIPT} }})()", f"v1/jobs/{job_id}/tiles/0/0/0/0/0/0?format=npy"
+    )
+    assert result["requested"] >= 24, result  # every tile on the way was fetched...
+    assert result["largest"] <= 6 and result["cached"] <= 6, result  # ...and at most 6 were kept
+    assert result["onScreen"], result  # never the ones on screen
