@@ -114,6 +114,7 @@ class Admission:
     estimate: JobEstimate | None = None
     limits: list[Limit] = field(default_factory=list)
     model_allowed: bool = True
+    bulk_tokens: int = 0  # a bulk job's tokens, estimated from a sample of its source (0: unknown)
 
     def check(self, limit: Limit, enforce: bool) -> None:
         self.limits.append(limit)
@@ -343,6 +344,8 @@ def _assess_bulk(
     new = spec.generation.max_new_tokens
     scale = (found.sequences or len(lengths)) / len(lengths)
     tokens = round(sum(lengths) * scale) + new * (found.sequences or len(lengths))
+    if found.sequences is not None:
+        result.bulk_tokens = tokens
     how = "counted" if found.exact else f"estimated from {len(lengths):,} sampled rows"
     if found.sequences is not None and inline_sequences(spec.source) is None:  # inline: counted already
         result.check(

@@ -39,6 +39,11 @@ def human_bytes(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _tokens(done: int, total: int) -> str:
+    """``1,234/50,000 tokens`` (``1,234 tokens`` while the total is unknown)."""
+    return f"{done:,}/{total:,} tokens" if total else f"{done:,} tokens"
+
+
 def _duration(start: datetime | None, end: datetime | None) -> str | None:
     if start is None or end is None:
         return None
@@ -111,6 +116,11 @@ class Job(JobFields, _Lenient):
         return self.state == "succeeded"
 
     @property
+    def _unit_name(self) -> str:
+        """What a unit of progress is: a bulk job counts sequences, a one-batch job layer steps."""
+        return "sequences" if self.spec.get("source") else "units"
+
+    @property
     def elapsed(self) -> str | None:
         return _duration(self.started_at, self.finished_at or self.updated_at)
 
@@ -124,9 +134,11 @@ class Job(JobFields, _Lenient):
             parts.append("waiting for a worker")
         p = self.progress
         if p.units_total > 0:
-            parts.append(f"{p.units_done}/{p.units_total} units")
+            parts.append(f"{p.units_done}/{p.units_total} {self._unit_name}")
         if p.ratio is not None:
             parts.append(f"{p.ratio * 100:.0f}%")
+        if p.tokens_done or p.tokens_total:
+            parts.append(_tokens(p.tokens_done, p.tokens_total))
         if p.bytes_written:
             parts.append(human_bytes(p.bytes_written))
         if self.cancel_requested and self.state not in ("cancelling", "cancelled"):
@@ -146,9 +158,11 @@ class Job(JobFields, _Lenient):
             rows.append(("phase", self.phase))
         progress = []
         if p.units_total:
-            progress.append(f"{p.units_done}/{p.units_total} units")
+            progress.append(f"{p.units_done}/{p.units_total} {self._unit_name}")
         if p.ratio is not None:
             progress.append(f"{p.ratio * 100:.0f}%")
+        if p.tokens_done or p.tokens_total:
+            progress.append(_tokens(p.tokens_done, p.tokens_total))
         if p.bytes_written or p.chunks_written:
             progress.append(f"{human_bytes(p.bytes_written)} in {p.chunks_written} chunks")
         if progress:

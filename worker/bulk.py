@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,8 +152,10 @@ class BulkExporter:
         writer_options: dict[str, Any] | None = None,
         context: SourceContext | None = None,
         limits: JobLimits | None = None,
+        on_tokens: Callable[[int], None] | None = None,
     ) -> None:
-        """``limits``: checked on every row read (None: unlimited, as in the benchmark)."""
+        """``limits``: checked on every row read (None: unlimited, as in the benchmark);
+        ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress)."""
         assert spec.source is not None, "a bulk job has a source"
         self.spec, self.lm, self.hooks = spec, lm, hooks
         self.source = spec.source
@@ -164,6 +166,7 @@ class BulkExporter:
         self.padding = PaddingTally()
         self.resumed_batches = 0
         self.limits = limits
+        self.on_tokens = on_tokens
 
     def _writer(self, group: str | None = None) -> BundleWriter:
         url = self.bundle_url if group is None else f"{self.bundle_url}/{group}"
@@ -261,6 +264,8 @@ class BulkExporter:
         for slot, member in enumerate(members):
             self.table.add(batch.index, slot, member, lengths[slot], prompts[slot])
             self.hooks.unit_done()
+        if self.on_tokens is not None:
+            self.on_tokens(sum(lengths))
 
     def _root_attrs(self, job_id: str) -> dict[str, Any]:
         return {

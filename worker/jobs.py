@@ -168,6 +168,7 @@ def _attempt(
                     writer_options=writer_options,
                     context=context,
                     limits=JobLimits(settings.max_sequences, settings.max_job_tokens),
+                    on_tokens=reporter.tokens,
                 )
                 summary = bulk.run(job_id)
             else:
@@ -190,12 +191,15 @@ def _attempt(
         summary = {**summary, "resume": {"attempt": job.attempts, **resume.stats.as_dict()}}
         log.info("job %s: resumed: %s", job_id, resume.stats.as_dict())
     reporter.flush()
+    tokens = reporter.tokens_done or None  # a bulk job's: now exact
     index.update_progress(
         job_id,
         units_done=reporter.units_done,
         units_total=reporter.units_done,
         phase="done",
         worker=worker_id,
+        tokens_done=tokens,
+        tokens_total=tokens,
     )
     index.finish(job_id, JobState.SUCCEEDED, result=summary, worker=worker_id)
     return JobState.SUCCEEDED

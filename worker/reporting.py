@@ -50,6 +50,7 @@ class JobReporter:
     def __init__(self, index: Index, job_id: str, worker_id: str, intervals: ReportIntervals) -> None:
         self.index, self.job_id, self.worker_id, self.intervals = index, job_id, worker_id, intervals
         self.units_done = 0
+        self.tokens_done = 0
         self.lease_lost = threading.Event()
         self.cancel_requested = threading.Event()
         self._lock = threading.Lock()  # guards the queued state below
@@ -76,6 +77,12 @@ class JobReporter:
     def unit_done(self) -> None:
         with self._lock:
             self.units_done += 1
+            self._progress_due = True
+
+    def tokens(self, count: int) -> None:
+        """``count`` more real tokens done (a bulk job's finished micro-batch)."""
+        with self._lock:
+            self.tokens_done += count
             self._progress_due = True
 
     def chunk_stored(self, record: ChunkRecord) -> None:
@@ -157,13 +164,19 @@ class JobReporter:
                 if not self._progress_due:
                     return
                 phase, total, done = self._phase, self._units_total, self.units_done
+                tokens = self.tokens_done or None
             if self.index.update_progress(
-                self.job_id, phase=phase, units_total=total, units_done=done, worker=self.worker_id
+                self.job_id,
+                phase=phase,
+                units_total=total,
+                units_done=done,
+                tokens_done=tokens,
+                worker=self.worker_id,
             ):
                 self.cancel_requested.set()
             with self._lock:
                 self._phase_new = False
-                self._progress_due = self.units_done != done
+                self._progress_due = self.units_done != done or (self.tokens_done or None) != tokens
 
     def flush(self) -> None:
         """Write every queued record and the latest progress now, from the calling thread."""

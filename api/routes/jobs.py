@@ -176,6 +176,7 @@ def submit_job(
         label=spec.label,
         idempotency_key=idempotency_key,
         max_in_flight=settings.max_jobs_in_flight,
+        tokens_total=admission.bulk_tokens,
     )
     job = submitted.job
     if submitted.created:

@@ -106,6 +106,8 @@ class JobRow(Base):
     phase: Mapped[str | None] = mapped_column(String(64))
     units_done: Mapped[int] = mapped_column(BigInteger)
     units_total: Mapped[int] = mapped_column(BigInteger)
+    tokens_done: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    tokens_total: Mapped[int] = mapped_column(BigInteger, server_default="0")
     bytes_written: Mapped[int] = mapped_column(BigInteger)
     chunks_written: Mapped[int] = mapped_column(BigInteger)
     error: Mapped[dict[str, Any] | None]
@@ -126,6 +128,7 @@ class JobRow(Base):
         max_attempts: int,
         store_url: str,
         now: datetime,
+        tokens_total: int = 0,
     ) -> JobRow:
         """A new job in state ``queued`` with zeroed counters."""
         return cls(
@@ -146,6 +149,8 @@ class JobRow(Base):
             phase=None,
             units_done=0,
             units_total=0,
+            tokens_done=0,
+            tokens_total=tokens_total,
             bytes_written=0,
             chunks_written=0,
             error=None,

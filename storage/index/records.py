@@ -41,6 +41,8 @@ class JobRecord:
     phase: str | None  # e.g. "loading_model", "prefill", "decoding", "finalizing"
     units_done: int
     units_total: int
+    tokens_done: int  # a bulk job's real tokens (prompt + new) of its finished micro-batches
+    tokens_total: int  # ... expected: the estimate at submission, exact once the job ends
     bytes_written: int
     chunks_written: int
     error: dict[str, Any] | None  # problem document {"type", "title", "detail", ...}
@@ -62,6 +64,8 @@ class JobRecord:
             units_done=self.units_done,
             units_total=total,
             fraction=fraction,
+            tokens_done=self.tokens_done,
+            tokens_total=self.tokens_total,
             bytes_written=self.bytes_written,
             chunks_written=self.chunks_written,
         )

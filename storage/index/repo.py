@@ -227,6 +227,8 @@ class Index(Database):
         units_total: int | None = None,
         phase: str | None = None,
         worker: str | None = None,
+        tokens_done: int | None = None,
+        tokens_total: int | None = None,
     ) -> bool:
         """Record progress (and refresh the heartbeat); returns whether cancellation was requested.
         ``worker``: fenced on its lease (LeaseLost when it moved or the job ended)."""
@@ -238,6 +240,10 @@ class Index(Database):
             values["units_total"] = units_total
         if phase is not None:
             values["phase"] = phase
+        if tokens_done is not None:
+            values["tokens_done"] = tokens_done
+        if tokens_total is not None:
+            values["tokens_total"] = tokens_total
         stmt = update(JobRow).where(JobRow.id == job_id)
         if worker is not None:
             stmt = stmt.where(JobRow.lease_worker == worker, JobRow.state.in_(lifecycle.LEASED_VALUES))

@@ -100,12 +100,13 @@ def submit_job(
     label: str | None = None,
     idempotency_key: str | None = None,
     max_in_flight: int = 0,
+    tokens_total: int = 0,
 ) -> Submitted:
     """Insert a queued job for ``owner`` unless ``idempotency_key`` names an earlier one.
 
     ``max_in_flight`` > 0 caps the owner's queued + running + cancelling jobs (TooManyJobsInFlight);
     a replayed submission is never refused by the cap. A key reused with another spec raises
-    IdempotencyKeyReused.
+    IdempotencyKeyReused. ``tokens_total``: a bulk job's tokens as admission estimated them.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -139,6 +140,7 @@ def submit_job(
             max_attempts=max_attempts,
             store_url=store_url,
             now=utcnow(),
+            tokens_total=tokens_total,
         )
         row.idempotency_key = idempotency_key
         row.request_hash = digest

@@ -61,6 +61,14 @@ class Progress(BaseModel):
     units_done: int = Field(0, description="work units finished (e.g. layer x row-block writes)")
     units_total: int = Field(0, description="work units planned; 0 until the worker has planned the job")
     fraction: float | None = Field(None, description="units_done / units_total in [0, 1]; null while unknown")
+    tokens_done: int = Field(
+        0, description="bulk jobs: real tokens (prompt + new) of the finished micro-batches"
+    )
+    tokens_total: int = Field(
+        0,
+        description="bulk jobs: tokens expected, estimated at submission from a sample of the source and "
+        "exact once the job ends; 0 when unknown (and for one-batch jobs)",
+    )
     bytes_written: int = Field(0, description="encoded bytes written to the store so far")
     chunks_written: int = Field(0, description="chunks durably written and recorded in the index")
 

@@ -25,12 +25,17 @@ def test_bulk_job_end_to_end(stack: Stack, tiny_llama: str, tmp_path: Path) -> N
         "capture": {"attention": True, "qkv": True},
         "storage": {"chunk_rows": 16},
     }
-    job = stack.client.wait(stack.client.submit(spec).id, poll_s=0.2, timeout_s=180, progress=False)
+    submitted = stack.client.submit(spec)
+    expected_tokens = submitted.progress.tokens_total  # admission's count, with the model's tokenizer
+    job = stack.client.wait(submitted.id, poll_s=0.2, timeout_s=180, progress=False)
     assert job.state == "succeeded", job
     assert job.progress.units_done == job.progress.units_total == 30  # progress in sequences
     assert job.result is not None
     result = job.result
     assert result["sequences"] == 30 and result["micro_batches"] >= 4 and result["padding_fraction"] <= 0.05
+    # ... and in tokens: the estimate at submission was exact for inline prompts
+    assert job.progress.tokens_done == job.progress.tokens_total == result["tokens"] == expected_tokens
+    assert "30/30 sequences" in job.status_line() and f"{result['tokens']:,} tokens" in job.status_line()
     zip_path = stack.client.download(job.id, tmp_path / "bulk.zip", progress=False)
     from_zip = open_bulk(zip_path)
     from_store = open_bulk(f"{stack.store_url}/jobs/{job.id}.zarr", storage_options=stack.storage_options)

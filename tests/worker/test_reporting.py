@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,19 +34,9 @@ class GatedIndex(Index):
             raise ConnectionError("server closed the connection unexpectedly")
         super().record_chunks(job_id, chunks, worker=worker)
 
-    def update_progress(
-        self,
-        job_id: str,
-        *,
-        units_done: int | None = None,
-        units_total: int | None = None,
-        phase: str | None = None,
-        worker: str | None = None,
-    ) -> bool:
+    def update_progress(self, job_id: str, **progress: Any) -> bool:
         self.gate.wait()
-        return super().update_progress(
-            job_id, units_done=units_done, units_total=units_total, phase=phase, worker=worker
-        )
+        return super().update_progress(job_id, **progress)
 
 
 @pytest.fixture
