@@ -124,16 +124,19 @@ class BulkBundle:
         totals: dict[str, np.ndarray] = {}
         rows: np.ndarray | None = None
         first: xr.Dataset | None = None
-        for group in self.batches():
-            cell = _dataset(self.store, f"{group}/summary", self.location)
-            first = cell if first is None else first
-            weight = cell["pooled_rows"].values.astype(np.float64)
+        batches = self.batches()
+        for group in batches:
+            # zarr directly (an xarray Dataset per micro-batch costs ~0.15 s: 100,000 sequences
+            # in ~800 micro-batches would take minutes); only the pooled means are read
+            cell = zarr.open_group(self.store, path=f"{group}/summary", mode="r", zarr_format=3)
+            first = first if first is not None else _dataset(self.store, f"{group}/summary", self.location)
+            weight = np.asarray(cell["pooled_rows"]).astype(np.float64)
             rows = weight if rows is None else rows + weight
-            for name in (v for v in cell.data_vars if str(v).startswith("pooled_") and v != "pooled_rows"):
-                if cell[name].dtype.kind != "f":
+            for name, array in cell.arrays():
+                if not name.startswith("pooled_") or name == "pooled_rows" or array.dtype.kind != "f":
                     continue
-                values = np.nan_to_num(cell[name].values.astype(np.float64)) * weight[:, None]
-                totals[str(name)] = totals.get(str(name), 0) + values
+                values = np.nan_to_num(np.asarray(array).astype(np.float64)) * weight[:, None]
+                totals[name] = totals.get(name, 0) + values
         if first is None or rows is None:
             raise BundleNotReady(f"{self.location}: no finished micro-batch holds a summary group")
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -149,7 +152,7 @@ class BulkBundle:
         data["label"] = (("layer", "head"), labels)
         data["rows"] = (("layer",), rows.astype(np.int64))
         coords = {"layer": first["layer"].values, "head": first["head"].values}
-        return xr.Dataset(data, coords=coords, attrs={"micro_batches": len(self.batches())})
+        return xr.Dataset(data, coords=coords, attrs={"micro_batches": len(batches)})
 
     def sequence_attrs(self) -> dict[str, Any]:
         """The root attributes of the first finished micro-batch's bundle (model, capture, summary

@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec, BytesCodec
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
 
-__all__ = ["ChunkEncoder", "ChunkPipeline", "PipelineStats", "checksum"]
+__all__ = ["ChunkEncoder", "ChunkPipeline", "PipelineStats", "blosc_encoder", "checksum"]
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 DEFAULT_IO_THREADS = 4
@@ -43,6 +43,20 @@ DEFAULT_IO_THREADS = 4
 def default_threads() -> int:
     """One thread per CPU core, at most 16 (Blosc level 1 saturates a disk well before that)."""
     return max(1, min(16, os.cpu_count() or 1))
+
+
+def blosc_encoder(blosc: BloscCodec) -> Blosc:
+    """numcodecs' Blosc with the configuration of zarr's codec: the same bytes zarr stores."""
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
+    return Blosc.from_config(
+        {
+            "cname": blosc.cname.value,
+            "clevel": blosc.clevel,
+            "shuffle": shuffle,
+            "blocksize": blosc.blocksize,
+            "typesize": blosc.typesize,
+        }
+    )
 
 
 class ChunkEncoder:
@@ -58,16 +72,7 @@ class ChunkEncoder:
         self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
         self.fill_value = array.fill_value
         self.metadata = array.metadata
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
-        self._blosc = Blosc.from_config(
-            {
-                "cname": blosc.cname.value,
-                "clevel": blosc.clevel,
-                "shuffle": shuffle,
-                "blocksize": blosc.blocksize,
-                "typesize": blosc.typesize,
-            }
-        )
+        self._blosc = blosc_encoder(blosc)
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> ChunkEncoder:

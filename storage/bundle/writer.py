@@ -12,24 +12,19 @@ written last, after every queued chunk is stored.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.core.group import AsyncGroup
-from zarr.core.sync import sync
 
 from storage.bundle.arrays import array_spec
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
 from storage.bundle.chunkstore import ChunkStore
-from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
+from storage.bundle.format import DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
     DEFAULT_IO_THREADS,
@@ -41,64 +36,9 @@ from storage.bundle.pipeline import (
 from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
 from storage.bundle.rowblocks import place_row_block
+from storage.bundle.smallarrays import NewArray, create_arrays
 from storage.errors import StoreError
 from storage.stores.objectstore import StoreRetry
-
-
-@dataclass(frozen=True)
-class _NewArray:
-    """One array to create: Blosc level 1 with the job's compressor and shuffle (``COMPRESSIONS``;
-    strings: zstd only); every chunk written; ``data``: written whole right after."""
-
-    name: str
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    dtype: str
-    fill_value: Any
-    dims: tuple[str, ...]
-    compression: str
-    data: np.ndarray | None = None
-
-    async def create(self, group: AsyncGroup, overwrite: bool) -> Any:
-        if self.dtype == "str":
-            compressors: Any = ZstdCodec(level=1)
-        else:
-            typesize = np.dtype(self.dtype).itemsize
-            cname, shuffle = COMPRESSIONS[self.compression]
-            compressors = BloscCodec(cname=cname, clevel=1, shuffle=shuffle, typesize=typesize)
-        array = await group.create_array(
-            self.name,
-            shape=self.shape,
-            chunks=self.chunks,
-            dtype=self.dtype,
-            fill_value=self.fill_value,
-            dimension_names=self.dims,
-            compressors=compressors,
-            config={"write_empty_chunks": True},
-            overwrite=overwrite,
-        )
-        if self.data is not None:
-            await array.setitem(..., self.data)
-        return array
-
-
-def _create_all(group: zarr.Group, arrays: Sequence[_NewArray]) -> dict[str, zarr.Array]:
-    """Create (and write) ``arrays`` concurrently: one round trip to zarr's event loop for all of
-    them, their metadata documents and chunks stored in parallel (a micro-batch of a bulk job
-    creates about 70 small arrays: one after another they cost more than its forward pass). Only
-    arrays that exist already (an earlier attempt's) are overwritten: replacing one lists and
-    deletes its keys first."""
-    existing = set(group.array_keys())
-
-    async def create() -> list[Any]:
-        made = (a.create(group._async_group, a.name in existing) for a in arrays)
-        return await asyncio.gather(*made)
-
-    with warnings.catch_warnings():  # variable-length strings: "not yet part of the v3 spec" warning
-        warnings.simplefilter("ignore", category=UserWarning)
-        created = sync(create())
-    return {a.name: zarr.Array(made) for a, made in zip(arrays, created, strict=True)}
-
 
 __all__ = ["BundleWriter"]
 
@@ -185,7 +125,7 @@ class BundleWriter:
             )
             index = {"layer": layout.layers, "head": layout.heads, "kv_head": layout.kv_heads}
             new = [
-                _NewArray(
+                NewArray(
                     name,
                     layout.shape(name),
                     layout.chunks(name),
@@ -199,7 +139,7 @@ class BundleWriter:
             ]
             # keep the handles: reopening by name would drop write_empty_chunks (zarr's default
             # skips all-zero chunks) and re-read metadata on every write
-            self._arrays.update(_create_all(group, new))
+            self._arrays.update(create_arrays(group, new, self.chunks.put))
             for name in layout.arrays():
                 if array_spec(name).written == "row blocks":
                     self._encoders[name] = ChunkEncoder.for_array(self._arrays[name])
@@ -235,8 +175,15 @@ class BundleWriter:
 
     # -- data ---------------------------------------------------------------------------------
     def write_array(self, name: str, data: np.ndarray) -> None:
-        """Write a small array whole."""
-        self._arrays[name][...] = data
+        """Write a small array whole (an array of one chunk: its chunk encoded and stored here,
+        without a round trip to zarr's event loop)."""
+        array = self._arrays[name]
+        encoder = ChunkEncoder.encoder_for(array) if tuple(array.chunks) == data.shape else None
+        if encoder is None or data.size == 0:
+            array[...] = data
+            return
+        key = encoder.key((0,) * data.ndim)
+        self.chunks.put(key.removeprefix("/"), encoder.encode(data))
 
     def write_row_block(
         self,
@@ -300,8 +247,8 @@ class BundleWriter:
             chunks = data.shape
             if per_layer_batch and dims[:2] == ("layer", "batch"):
                 chunks = (1, 1, *data.shape[2:])
-            new.append(_NewArray(name, data.shape, chunks, dtype, fill, dims, compression, data))
-        _create_all(group, new)
+            new.append(NewArray(name, data.shape, chunks, dtype, fill, dims, compression, data))
+        create_arrays(group, new, self.chunks.put)
 
     # -- metadata last ------------------------------------------------------------------------
     def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from qkvault.client import JobFailed
+from qkvault.errors import JobFailed
 from qkvault.errors import QkvaultClientError
 from storage.bundle import open_bundle
 

@@ -1,0 +1,100 @@
+"""storage/bundle/smallarrays.py: arrays written without zarr give the files zarr writes, byte for
+byte, and BundleWriter.write_array's direct path equals zarr's setitem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from storage.bundle.chunkstore import ChunkStore
+from storage.bundle.smallarrays import NewArray, create_arrays
+
+RNG = np.random.default_rng(0)
+CASES = [
+    NewArray("probs", (2, 3, 5), (2, 3, 5), "float32", float("nan"), ("layer", "batch", "head"), "lz4",
+             RNG.random((2, 3, 5), dtype=np.float32)),
+    NewArray("half", (4, 7), (4, 7), "float16", float("nan"), ("a", "b"), "zstd",
+             RNG.random((4, 7)).astype(np.float16)),
+    NewArray("tokens", (3, 9), (3, 9), "int32", -1, ("batch", "position"), "lz4",
+             RNG.integers(-1, 50_000, (3, 9), dtype=np.int32)),
+    NewArray("sequence", (6,), (6,), "int64", 0, ("batch",), "lz4", np.arange(6, dtype=np.int64) * 2**40),
+    NewArray("flags", (5,), (5,), "bool", False, ("x",), "lz4", np.array([1, 0, 1, 1, 0], dtype=bool)),
+    NewArray("codes", (2, 2, 8), (1, 1, 8), "uint8", 0, ("layer", "batch", "d"), "lz4",
+             RNG.integers(0, 255, (2, 2, 8), dtype=np.uint8)),  # several chunks: through zarr
+    NewArray("label", (2, 3), (2, 3), "str", "", ("layer", "head"), "lz4", np.array([["a", "bb", ""]] * 2)),
+    NewArray("empty", (0, 4), (0, 4), "float32", float("nan"), ("layer", "head"), "lz4",
+             np.zeros((0, 4), np.float32)),
+]  # fmt: skip
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_direct_arrays_are_the_files_zarr_writes(tmp_path: Path) -> None:
+    assert [a.direct for a in CASES] == [True, True, True, True, True, False, False, False]
+    mine, theirs = tmp_path / "mine", tmp_path / "zarr"
+    store = ChunkStore(str(mine))
+    group = zarr.open_group(store.zarr(), mode="a", zarr_format=3).require_group("summary")
+    handles = create_arrays(group, CASES, store.put)
+    assert sorted(handles) == ["codes", "empty", "label"]  # the others need no handle
+    reference = zarr.open_group(str(theirs), mode="a", zarr_format=3).require_group("summary")
+    for case in CASES:
+        array = reference.create_array(
+            case.name,
+            shape=case.shape,
+            chunks=case.chunks,
+            dtype=case.dtype,
+            fill_value=case.fill_value,
+            dimension_names=case.dims,
+            compressors=case.compressors(),
+            config={"write_empty_chunks": True},
+        )
+        assert case.data is not None
+        array[...] = case.data
+    written, expected = _files(mine), _files(theirs)
+    assert sorted(written) == sorted(expected)
+    for key, data in expected.items():
+        if key.endswith("zarr.json"):
+            assert json.loads(written[key]) == json.loads(data), key
+        else:
+            assert written[key] == data, key
+    reread = zarr.open_group(str(mine), mode="r", zarr_format=3)["summary"]
+    assert isinstance(reread, zarr.Group)
+    for case in CASES:
+        np.testing.assert_array_equal(np.asarray(reread[case.name]), case.data)
+
+
+def test_an_existing_array_is_replaced_through_zarr(tmp_path: Path) -> None:
+    store = ChunkStore(str(tmp_path / "b"))
+    group = zarr.open_group(store.zarr(), mode="a", zarr_format=3)
+    first = CASES[0]
+    create_arrays(group, [first], store.put)
+    again = NewArray(first.name, (1, 2, 4), (1, 2, 4), "float32", float("nan"), first.dims, "lz4",
+                     np.ones((1, 2, 4), np.float32))  # fmt: skip
+    assert set(create_arrays(group, [again], store.put)) == {first.name}  # an earlier attempt's: zarr
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(tmp_path / "b" / first.name))), again.data)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("probs", "tokens", "flags")], ids=str)
+def test_write_array_direct_path_equals_zarr(tmp_path: Path, case: NewArray) -> None:
+    from storage.bundle.writer import BundleWriter
+
+    writer = BundleWriter(str(tmp_path / "w"))
+    writer.create_root({}, format_version="1.5")
+    empty = NewArray(
+        case.name, case.shape, case.chunks, case.dtype, case.fill_value, case.dims, case.compression
+    )
+    writer._arrays.update(create_arrays(writer.group, [empty], writer.chunks.put))
+    assert case.data is not None
+    writer.write_array(case.name, case.data)
+    reference = zarr.open_array(str(tmp_path / "w" / case.name), mode="r+")
+    stored = (tmp_path / "w" / case.name / "c").rglob("*")
+    chunk = next(p for p in stored if p.is_file()).read_bytes()
+    reference[...] = case.data  # zarr's own bytes for the same data
+    assert next(p for p in (tmp_path / "w" / case.name / "c").rglob("*") if p.is_file()).read_bytes() == chunk
+    np.testing.assert_array_equal(np.asarray(reference), case.data)
