@@ -48,7 +48,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_source(store: ObjectStore, sequences: int, min_tokens: int, max_tokens: int, vocab: int) -> tuple[str, int]:
+def write_source(
+    store: ObjectStore, sequences: int, min_tokens: int, max_tokens: int, vocab: int
+) -> tuple[str, int]:
     """An upload of ``sequences`` JSONL rows ``{"ids": [...]}``, streamed: (upload id, tokens)."""
     rng = random.Random(0)
     sink = UploadSink(store, OWNER, "scale", max_bytes=1 << 40)
