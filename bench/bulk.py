@@ -135,13 +135,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _plain_batch(lm: LoadedModel, sequences: list[list[int]], pad_id: int, new_tokens: int) -> None:
-    """One micro-batch of plain batched inference: left-padded prefill, greedy decode with the cache."""
+def _plain_batch(lm: LoadedModel, sequences: list[list[int]], pad_id: int, new_tokens: int) -> float:
+    """One micro-batch of plain batched inference: left-padded prefill, greedy decode with the cache.
+    Returns the decoding's seconds (every step after the prefill, the device synchronised)."""
     batch = make_batch(sequences, pad_id, lm.device)
     mask = batch.attention_mask
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     ids, cache = batch.input_ids, None
+    decode_from = 0.0
     for step in range(new_tokens + 1):
+        if step == 1:
+            _sync(lm.device)
+            decode_from = time.perf_counter()
         extra = {cache_argument(lm.model): cache} if step else {}
         out = lm.model(
             input_ids=ids,
@@ -155,6 +160,10 @@ def _plain_batch(lm: LoadedModel, sequences: list[list[int]], pad_id: int, new_t
             ids, cache = out.logits[:, -1].argmax(-1, keepdim=True), returned_cache(out)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
+    if not new_tokens:
+        return 0.0
+    _sync(lm.device)
+    return time.perf_counter() - decode_from
 
 
 def run_plain(lm: LoadedModel, work: Workload, memory: PeakMemory) -> BulkMode:
@@ -168,16 +177,19 @@ def run_plain(lm: LoadedModel, work: Workload, memory: PeakMemory) -> BulkMode:
     try:
         memory.start()
         t0 = time.perf_counter()
+        decode_s = 0.0
         with torch.inference_mode():
             for batch in work.batches:
-                _plain_batch(lm, [work.ids[i] for i in batch.sequences], int(pad or 0), work.new_tokens)
+                sequences = [work.ids[i] for i in batch.sequences]
+                decode_s += _plain_batch(lm, sequences, int(pad or 0), work.new_tokens)
         _sync(lm.device)
         seconds = time.perf_counter() - t0
     finally:
         model.set_attn_implementation(capture_name(inner))
     tally, peaks = work.padding, memory.stop()
     counts = (len(work.ids), len(work.batches), tally.tokens, tally.padded_tokens)
-    return BulkMode(PLAIN, *counts, seconds, memory=peaks)
+    extra = {"decode_s": decode_s, "new_tokens": work.new_tokens}
+    return BulkMode(PLAIN, *counts, seconds, memory=peaks, extra=extra)
 
 
 def bulk_spec(model: dict[str, Any], work: Workload, capture: dict[str, Any], qkv_dtype: str) -> JobSpec:
@@ -212,7 +224,9 @@ def run_bulk(lm: LoadedModel, spec: JobSpec, name: str, bundle: Path, memory: Pe
     peaks = memory.stop()
     counts = (result["sequences"], result["micro_batches"], result["tokens"], result["padded_tokens"])
     capture = spec.capture.model_dump(mode="json", exclude_unset=True)
+    timings = result["timings_s"]
     extra = {"files": len(sizes), "file_sizes": sizes, "chunks": hooks.chunks}
+    extra["decode_s"] = timings.get("micro_batches_decode", 0.0)  # the generation loop's, every step
     return BulkMode(name, *counts, seconds, stored, capture, memory=peaks, extra=extra)
 
 
@@ -264,13 +278,28 @@ def run_benchmark(
 
 def ratios(results: dict[str, BulkMode]) -> dict[str, dict[str, float | None]]:
     """``× plain``: plain seconds / mode seconds (= the tokens/s ratio, the tokens being equal);
-    ``× raw write``: hidden-state seconds / raw-write seconds (the same bytes)."""
+    ``× raw write``: hidden-state seconds / raw-write seconds (the same bytes); with generated
+    tokens, ``decode × plain``: the mode's decoding seconds / plain decoding's (issue 13's target:
+    at most 1.2)."""
     plain, raw = results[PLAIN].seconds, results[RAW].seconds if RAW in results else None
+    plain_decode = results[PLAIN].extra.get("decode_s") or 0.0
     out: dict[str, dict[str, float | None]] = {}
     for name, r in results.items():
         over_raw = r.seconds / raw if name == "hidden states" and raw else None
-        out[name] = {"x_plain": plain / r.seconds if name != RAW and r.seconds else None, "x_raw": over_raw}
+        decode = r.extra.get("decode_s") or 0.0
+        out[name] = {
+            "x_plain": plain / r.seconds if name != RAW and r.seconds else None,
+            "x_raw": over_raw,
+            "decode_x_plain": decode / plain_decode if plain_decode and decode and name != RAW else None,
+        }
     return out
+
+
+def decode_ms_per_step(mode: BulkMode, new_tokens: int) -> float | None:
+    """Milliseconds per decoding step of one micro-batch (one generated token per sequence)."""
+    decode = mode.extra.get("decode_s") or 0.0
+    steps = new_tokens * mode.micro_batches
+    return 1000 * decode / steps if decode and steps else None
 
 
 def table(results: dict[str, BulkMode]) -> str:
@@ -290,6 +319,14 @@ def table(results: dict[str, BulkMode]) -> str:
     plain = results[PLAIN]
     padding = 1 - plain.tokens / plain.padded_tokens if plain.padded_tokens else 0.0
     lines.append(f"\n{plain.micro_batches} micro-batches; padding {padding:.1%} of the padded tokens")
+    new_tokens = int(plain.extra.get("new_tokens", 0))
+    if new_tokens:
+        lines += ["", "| mode | decode ms / step | decode × plain |", "|---|---|---|"]
+        for name, r in results.items():
+            per_step, x_decode = decode_ms_per_step(r, new_tokens), factors[name]["decode_x_plain"]
+            if per_step is not None:
+                shown = f"{x_decode:.2f}×" if x_decode is not None else "—"
+                lines.append(f"| {name} | {per_step:.2f} | {shown} |")
     return "\n".join(lines)
 
 

@@ -48,6 +48,14 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
     assert modes["full attention"]["capture"]["layers"] == [0, 1]  # the tiny model's two layers
     assert modes["hidden states"]["capture"] == {"attention": False, "hidden_states": True, "layers": None}
     assert figures["run"]["new_tokens"] == 2 and figures["machine"]["cpus"] >= 1
+    # generated tokens: each mode's decoding time per step beside plain generation's
+    decode_rows = re.findall(r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+)× \|$", printed, re.MULTILINE)
+    assert [r[0] for r in decode_rows] == [m for m in MODES if m != RAW]
+    for name, mode in modes.items():
+        if name != RAW:
+            assert mode["extra"]["decode_s"] > 0
+            expected = mode["extra"]["decode_s"] / plain["extra"]["decode_s"]
+            assert ratios[name]["decode_x_plain"] == pytest.approx(expected)
     assert not any(store.iterdir())  # every bundle and the raw-write files removed
 
 

@@ -167,6 +167,8 @@ class BulkExporter:
         self.resumed_batches = 0
         self.limits = limits
         self.on_tokens = on_tokens
+        # seconds summed over the micro-batches exported here (each group's attrs keep its own)
+        self.batch_timings: dict[str, float] = {}
 
     def _writer(self, group: str | None = None) -> BundleWriter:
         url = self.bundle_url if group is None else f"{self.bundle_url}/{group}"
@@ -261,6 +263,10 @@ class BulkExporter:
             )
             summary = exporter.run(f"{job_id}/{group}")
             lengths, prompts = summary["lengths"], summary["prompt_lengths"]
+            timings = dict(summary["timings_s"])
+            timings["total"] -= timings.pop("load_model", 0.0)  # the model loads once per process
+            for phase, seconds in timings.items():
+                self.batch_timings[phase] = self.batch_timings.get(phase, 0.0) + seconds
         for slot, member in enumerate(members):
             self.table.add(batch.index, slot, member, lengths[slot], prompts[slot])
             self.hooks.unit_done()
@@ -286,5 +292,6 @@ class BulkExporter:
             "padding_fraction": round(self.padding.fraction, 4),
         }
         timings = {"total": round(time.perf_counter() - started, 3)}
+        timings.update({f"micro_batches_{k}": round(v, 3) for k, v in self.batch_timings.items()})
         root.finalize({"bulk": bulk, "timings_s": timings}, complete=not partial, partial=partial)
         return {**bulk, "resumed_micro_batches": self.resumed_batches, "timings_s": timings}
