@@ -23,6 +23,9 @@ from storage.index.records import TERMINAL_STATES, JobState
 DEFAULT_LEASE_TIMEOUT_S = 120.0  # Settings.lease_timeout_s's default
 LEASED_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING})
 LEASED_VALUES = tuple(sorted(s.value for s in LEASED_STATES))  # as stored in the ``state`` column
+# jobs.lease_worker of a bulk job whose shards run (storage/index/shards.py): each shard has its own
+# lease; the job-level reconciler leaves such a job to the shard pass
+SHARDED_LEASE = "qkvault:shards"
 
 
 def end(

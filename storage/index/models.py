@@ -1,4 +1,4 @@
-"""ORM tables of the SQL index (``jobs``, ``chunks``, ``api_keys``).
+"""ORM tables of the SQL index (``jobs``, ``chunks``, ``api_keys``, ``job_shards``).
 
 The hand-written migrations ``migrations/versions/0001_initial.py`` and ``0002_api_keys_idempotency.py``
 create exactly these tables; ``tests/storage/test_index.py`` checks that the two agree, and that every
@@ -45,6 +45,8 @@ NAMING_CONVENTION = {
 
 # The CHECK on jobs.state; a new state needs a migration that rewrites it.
 STATE_CHECK = "state IN ({})".format(", ".join(f"'{s.value}'" for s in JobState))
+SHARD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")  # job_shards.state
+SHARD_STATE_CHECK = "state IN ({})".format(", ".join(f"'{s}'" for s in SHARD_STATES))
 
 
 def utcnow() -> datetime:
@@ -204,6 +206,40 @@ class ApiKeyRow(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # first characters of the secret, to recognise it
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+
+
+class ShardRow(Base):
+    """One shard of a sharded bulk job: a range of its micro-batches, run by any worker
+    (storage/index/shards.py). Its lease, attempts and progress are its own; the job's progress is
+    the sum over its shards."""
+
+    __tablename__ = "job_shards"
+    __table_args__ = (CheckConstraint(SHARD_STATE_CHECK, name="state"),)
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    first_window: Mapped[int] = mapped_column(Integer)  # planning window of the first micro-batch
+    window_first_batch: Mapped[int] = mapped_column(Integer)  # micro-batch index where that window starts
+    first_batch: Mapped[int] = mapped_column(Integer)
+    batches: Mapped[int] = mapped_column(Integer)
+    units_total: Mapped[int] = mapped_column(BigInteger)  # sequences of its micro-batches
+    units_done: Mapped[int] = mapped_column(BigInteger)
+    tokens_planned: Mapped[int] = mapped_column(BigInteger)  # prompt + max_new_tokens, planned
+    padded_tokens: Mapped[int] = mapped_column(BigInteger)
+    tokens_done: Mapped[int] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    lease_worker: Mapped[str | None] = mapped_column(String(255))
+    last_worker: Mapped[str | None] = mapped_column(String(255))  # who ran (or runs) it last
+    heartbeat_at: Mapped[datetime | None]
+    error: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
 
 
 def format_coords(coords: tuple[int, ...]) -> str:

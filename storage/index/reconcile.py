@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from storage.index.lifecycle import LEASED_VALUES
+from storage.index.lifecycle import LEASED_VALUES, SHARDED_LEASE
 from storage.index.models import JobRow
 from storage.index.records import JobRecord, JobState
 from storage.index.repo import Index
@@ -47,6 +47,7 @@ def expired_leases(index: Index, *, beat_before: datetime, limit: int = DEFAULT_
     return _find(
         index,
         JobRow.state.in_(LEASED_VALUES),
+        or_(JobRow.lease_worker.is_(None), JobRow.lease_worker != SHARDED_LEASE),  # shards: their own pass
         or_(
             JobRow.heartbeat_at < beat_before,
             and_(JobRow.heartbeat_at.is_(None), JobRow.updated_at < beat_before),

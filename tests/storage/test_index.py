@@ -54,7 +54,7 @@ def _assert_utc(*values: datetime | None) -> None:
 def test_migrate_twice_is_a_noop_and_matches_models(index: Index) -> None:
     job = _create(index)
     index.migrate()
-    assert current_revision(index.engine) == "0003"
+    assert current_revision(index.engine) == "0004"
     assert index.get_job(job.id) == job
     with index.engine.connect() as conn:
         if index.schema is not None:  # PostgreSQL: the tables live in the schema given to Index()
@@ -108,7 +108,7 @@ def test_concurrent_migrate_on_fresh_database(new_index: IndexFactory) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert current_revision(indexes[0].engine) == "0003"
+    assert current_revision(indexes[0].engine) == "0004"
 
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_alembic_cli(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     index = Index(url)
-    assert current_revision(index.engine) == "0003"
+    assert current_revision(index.engine) == "0004"
     index.migrate()  # already at head
     index.dispose()
 
