@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from api.placement import check_placement
 from api.problems import LIMIT_EXCEEDED, ApiProblem, field_error
 from api.schemas import LimitCheck, human_bytes
 from api.settings import ApiSettings
@@ -415,5 +416,8 @@ def require_estimate(spec: JobSpec, admission: Admission) -> JobEstimate:
 def admit(
     spec: JobSpec, settings: ApiSettings, *, store: ObjectStore | None = None, owner: str | None = None
 ) -> Admission:
-    """Submission: every check enforced (403 model not allowed, 422 limits and invalid specs)."""
-    return assess(spec, settings, enforce=True, store=store, owner=owner)
+    """Submission: every check enforced (403 model not allowed, 422 limits and invalid specs, 422
+    ``placement-unavailable`` when live workers report and none can place the model: api/placement.py)."""
+    admission = assess(spec, settings, enforce=True, store=store, owner=owner)
+    check_placement(spec, settings)
+    return admission

@@ -12,6 +12,7 @@ import socket
 import sys
 
 from worker.app import create_celery_app
+from worker.capabilities import connect_capability_reports
 from worker.settings import WorkerSettings
 from worker.tasks import register_tasks
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_celery_app(settings)
     register_tasks(app, settings)
+    connect_capability_reports(settings)  # each pool child reports its GPUs and packages (Redis, TTL)
     name = f"qkvault-{os.getpid()}@{socket.gethostname()}"
     args = [
         "worker",

@@ -37,6 +37,7 @@ def root_attrs(
             "dtype": str(lm.dtype).replace("torch.", ""),
             "source_dtype": lm.source_dtype,
             "device": lm.device.type,
+            "placement": lm.placement,
             "config": lm.info.get("config", {}),
         },
         "spec": spec.model_dump(mode="json"),
@@ -72,14 +73,19 @@ def qkvault_version() -> str:
 
 
 def provenance(lm: LoadedModel) -> dict[str, Any]:
-    """What produced the numbers: software versions, the wrapped attention implementation, weights."""
+    """What produced the numbers: software versions, the wrapped attention implementation, weights
+    (dtype or quantisation) and the devices the model sat on (:func:`worker.models.placement_facts`)."""
     import transformers
 
+    weights = lm.placement.get("weights") or {}
     return {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "attention_implementation": lm.info.get("attention_implementation"),
-        "weights_dtype": str(lm.dtype).replace("torch.", ""),
+        # the stored weights: a float dtype, or "nf4"/"fp4"/"int8" when quantised (then see "weights")
+        "weights_dtype": weights.get("dtype", str(lm.dtype).replace("torch.", "")),
         "source_dtype": lm.source_dtype,
         "device": lm.device.type,
+        "devices": lm.placement.get("devices", [str(lm.device)]),
+        "weights": lm.placement.get("weights"),
     }

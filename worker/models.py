@@ -2,12 +2,18 @@
 
 GGUF weights are dequantised once and cached as safetensors under ``model_cache_dir``; later loads
 read the cache. The capture attention is set as the model's attention implementation. A job's
+placement (:mod:`storage.models.placement`: ``device_map`` over the worker's GPUs with accelerate,
+bitsandbytes ``quantization``) is checked against this process first
+(:func:`worker.capabilities.check_placement_here`), then passed to ``from_pretrained``; the model's
+inputs go to the device of its input embeddings (``LoadedModel.device``), and every layer's tensors
+stay on that layer's device. A job's
 absolute path outside the worker's model roots (``QKVAULT_MODEL_ROOTS``) fails before anything is
 read, with the API's message (:mod:`storage.models.roots`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,8 +36,10 @@ from storage.models.facts import (
     hub_not_cached_message,
     resolve_source,
 )
+from storage.models.placement import is_placed, placement_dict
 from storage.models.roots import check_model_roots
 from storage.models.spec import ModelSpec
+from worker.capabilities import check_placement_here
 from worker.capture.hook import install_capture
 from worker.capture.probe import facts_with_probe, probe_attention
 from worker.generation import decoder_layers
@@ -47,12 +55,14 @@ class LoadedModel:
     tokenizer: Any
     facts: ModelFacts
     source: ModelSource
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device  # where the inputs go: the input embeddings' device (the one device, unplaced)
+    dtype: torch.dtype  # compute dtype (the dtype of the weights, unless quantised)
     source_dtype: str
     folder: str = ""  # where the weights were read from (the safetensors cache for GGUF)
     load_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    # how the weights were placed and stored (bundle attrs "model.placement"; :func:`placement_facts`)
+    placement: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -181,12 +191,19 @@ def load_model(
         check_supported_type(config.model_type)
     dtype = pick_dtype(spec.dtype, device)
     source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    placed = placement_kwargs(spec, device, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, **placed, **kwargs
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {spec.id!r}: {exc}") from exc
-    model.eval().to(device)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load model {spec.id!r}{_placed_as(spec)}: {exc}") from exc
+    if placed:  # already where accelerate / bitsandbytes put it
+        model.eval()
+        device = input_device(model)
+    else:
+        model.eval().to(device)
     attention = install_capture(model)
     probe = probe_attention(model, device)
     facts = facts_with_probe(config_facts(config, model), probe)
@@ -206,7 +223,103 @@ def load_model(
             "attention_kwargs_unmodelled": sorted({k for a in probe.layers.values() for k in a.unknown}),
             "config": _config_facts(config),
         },
+        placement=placement_facts(spec, model, dtype),
     )
+
+
+def placement_kwargs(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` arguments of the spec's placement: ``device_map`` (+ ``max_memory``) and
+    ``quantization_config``; none for an unplaced model (loaded, then moved to ``device``)."""
+    if not is_placed(spec):
+        return {}
+    out: dict[str, Any] = {}
+    quant = spec.quantization
+    if quant is not None:
+        from transformers import BitsAndBytesConfig
+
+        if quant.bits == 4:
+            compute = _DTYPES[quant.compute_dtype] if quant.compute_dtype else dtype
+            out["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_compute_dtype=compute,
+                bnb_4bit_quant_type=quant.resolved_quant_type,
+                bnb_4bit_use_double_quant=quant.double_quant,
+            )
+        else:
+            out["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if spec.device_map is None:  # quantised on the worker's one device
+        out["device_map"] = {"": str(device)}
+        return out
+    out["device_map"] = spec.device_map
+    max_memory = _max_memory(spec, device)
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    return out
+
+
+def _max_memory(spec: ModelSpec, device: torch.device) -> dict[int | str, int | str] | None:
+    """accelerate's ``max_memory``: the spec's caps, or the first ``num_gpus`` GPUs (+ host memory)
+    at accelerate's own defaults; ``None``: every device the process sees, at the defaults."""
+    if spec.max_memory_gib:
+        return {(k if k == "cpu" else int(k)): f"{gib}GiB" for k, gib in spec.max_memory_gib.items()}
+    if spec.num_gpus is None or device.type != "cuda":
+        return None
+    from accelerate.utils import get_max_memory
+
+    return {k: v for k, v in get_max_memory().items() if not isinstance(k, int) or k < spec.num_gpus}
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a placed model's token ids go: the device of its input embeddings."""
+    return torch.device(model.get_input_embeddings().weight.device)
+
+
+def _placed_as(spec: ModelSpec) -> str:
+    if not is_placed(spec):
+        return ""
+    parts = [f"device_map={spec.device_map!r}"] if spec.device_map else []
+    if spec.quantization is not None:
+        parts.append(f"{spec.quantization.bits}-bit {spec.quantization.method}")
+    return f" ({', '.join(parts)})"
+
+
+def placement_facts(spec: ModelSpec, model: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """How the loaded weights sit: the spec's placement, the device of each decoder layer, the
+    devices used, and the weights' storage (dtype, or the quantisation with its library version)."""
+    try:
+        layers = decoder_layers(model)
+        layer_devices = [_module_device(layer) for layer in layers]
+    except UnsupportedModel:
+        layer_devices = []
+    devices = sorted({str(p.device) for p in model.parameters()})
+    quant = spec.quantization
+    weights: dict[str, Any] = {"dtype": str(dtype).replace("torch.", ""), "quantization": None}
+    if quant is not None:
+        from importlib.metadata import version
+
+        weights = {
+            "dtype": f"int{quant.bits}" if quant.bits == 8 else str(quant.resolved_quant_type),
+            "compute_dtype": (quant.compute_dtype or str(dtype).replace("torch.", ""))
+            if quant.bits == 4
+            else str(dtype).replace("torch.", ""),
+            "quantization": {
+                **quant.model_dump(mode="json"),
+                "quant_type": quant.resolved_quant_type,
+                "bitsandbytes": version("bitsandbytes"),
+            },
+        }
+    return {
+        **placement_dict(spec),
+        "devices": devices,
+        "layer_devices": layer_devices,
+        "weights": weights,
+    }
+
+
+def _module_device(module: Any) -> str:
+    for param in module.parameters():
+        return str(param.device)
+    return "none"
 
 
 def config_facts(config: Any, model: Any) -> ModelFacts:
@@ -286,6 +399,7 @@ class ModelCache:
     def get(self, spec: ModelSpec) -> LoadedModel:
         if self.roots is not None:  # also for the model already loaded: a symlink may have moved
             check_model_roots(spec, self.roots)
+        check_placement_here(spec, self.device_setting)  # before anything is freed or read
         device = pick_device(self.device_setting)
         key = (
             spec.id,
@@ -293,6 +407,7 @@ class ModelCache:
             spec.gguf_file or "",
             str(pick_dtype(spec.dtype, device)),
             str(device),
+            json.dumps(placement_dict(spec), sort_keys=True),
         )
         with self._lock:
             if self._key != key or self._loaded is None:
@@ -304,7 +419,7 @@ class ModelCache:
                 if device.type == "cuda":  # the device-to-host ring, page-locked once per process
                     from worker.capture.hostcopy import pinned_ring
 
-                    pinned_ring(device).allocate_now()
+                    pinned_ring(self._loaded.device).allocate_now()
             else:
                 self._loaded.load_s = 0.0
             return self._loaded

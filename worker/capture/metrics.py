@@ -190,7 +190,9 @@ class HeadMetricsAccumulator:
             raise ValueError("num_layers, batch and num_heads must be >= 1")
         self.num_layers, self.batch, self.num_heads = num_layers, batch, num_heads
         self.params = params
-        self._sums: torch.Tensor | None = None  # [M, L, B, H] float64 on the rows' device
+        # [M, L, B, H] float64 per device the rows came from (a model placed over several GPUs sends
+        # each layer's rows from that layer's device); added up on the host by result()
+        self._sums: dict[torch.device, torch.Tensor] = {}
         self._rows = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_min = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_max = np.zeros((num_layers, batch), dtype=np.int64)
@@ -228,9 +230,11 @@ class HeadMetricsAccumulator:
             local_window=self.params.local_window,
         )
         values = torch.stack([metrics[name] for name in ROW_METRICS])  # [M, H, n] on the device
-        if self._sums is None or self._sums.device != values.device:
-            self._sums = self._host_sums().to(values.device)
-        self._sums[:, layer_pos, batch_index] += values.sum(dim=-1, dtype=torch.float64)
+        sums = self._sums.get(values.device)
+        if sums is None:
+            shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
+            sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
+        sums[:, layer_pos, batch_index] += values.sum(dim=-1, dtype=torch.float64)
         self._devices.add(values.device)
         block = values[self._quantile_index]
         on_gpu = block.device.type != "cpu"
@@ -246,10 +250,11 @@ class HeadMetricsAccumulator:
         self._rows[layer_pos, batch_index] += len(n_keys)
 
     def _host_sums(self) -> torch.Tensor:
-        if self._sums is None:
-            shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
-            return torch.zeros(shape, dtype=torch.float64)
-        return self._sums.cpu()
+        shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
+        total = torch.zeros(shape, dtype=torch.float64)
+        for sums in self._sums.values():
+            total += sums.cpu()
+        return total
 
     def _synchronize(self) -> None:
         """Wait for the asynchronous copies of every device this accumulator saw."""

@@ -100,7 +100,9 @@ class ExportSession:
         self.layout = layout
         self.certifier = certifier
         self.max_pinned_bytes = max_pinned_bytes
-        self._stager: HostStager | None = None
+        # one stager per device: a model placed over several GPUs hands each layer's rows over from
+        # that layer's device, and a stager (its copy stream, its pinned ring) belongs to one device
+        self._stagers: dict[torch.device, HostStager] = {}
         self.pads = list(pads)
         self.write_block = write_block
         self.on_layer_done = on_layer_done
@@ -142,9 +144,10 @@ class ExportSession:
 
     def _host(self, tensor: torch.Tensor) -> HostBlock:
         """``tensor`` on the host for the writer (asynchronously from CUDA)."""
-        if self._stager is None or self._stager.device != tensor.device:
-            self._stager = HostStager(tensor.device, self.max_pinned_bytes)
-        return self._stager.to_host(tensor)
+        stager = self._stagers.get(tensor.device)
+        if stager is None:
+            stager = self._stagers[tensor.device] = HostStager(tensor.device, self.max_pinned_bytes)
+        return stager.to_host(tensor)
 
     def begin_step(self, q_start: int, active: Sequence[bool]) -> None:
         self.q_start = q_start
