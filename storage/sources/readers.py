@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Generator, Iterator
-from typing import IO
+from typing import IO, Any
 
 from storage.sources.rows import RawRow, SourceContext, SourceRowError, row_value
 from storage.sources.spec import DatasetSource, FileSource
 
-__all__ = ["DEFAULT_FIELD", "MAX_LINE_BYTES", "file_field", "read_rows"]
+__all__ = ["DEFAULT_FIELD", "MAX_LINE_BYTES", "file_field", "jsonl_value", "open_parquet", "read_rows"]
 
 DEFAULT_FIELD = "text"
 MAX_LINE_BYTES = 64 << 20  # one line of a JSONL or text file; longer: an error naming the line
@@ -141,34 +141,47 @@ def _text_lines(fh: IO[bytes], what: str) -> Iterator[tuple[int, str]]:
             ) from None
 
 
+def jsonl_value(
+    line: str, field: str, where: str, row: int | None = None
+) -> tuple[str | None, tuple[int, ...] | None]:
+    """The sequence of one JSONL line: its ``field``, a text or token ids (``where`` names the
+    line in errors; ``row`` goes into their detail when known)."""
+
+    def detail(name: str) -> dict[str, object]:
+        return {"field": name} if row is None else {"field": name, "row": row}
+
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise SourceRowError(
+            f"{where} is not JSON ({exc}): a JSONL file holds one JSON object per line",
+            detail=detail("source.format"),
+        ) from None
+    if not isinstance(record, dict):
+        raise SourceRowError(
+            f"{where} is a JSON {type(record).__name__}, not an object: a JSONL file holds one JSON "
+            f'object per line, e.g. {{"{field}": "..."}}',
+            detail=detail("source.format"),
+        )
+    if field not in record:
+        fields = ", ".join(repr(k) for k in list(record)[:20]) or "none"
+        raise SourceRowError(
+            f"{where} has no field {field!r} (its fields: {fields}); set source.field to the field "
+            "that holds the text or token ids",
+            detail=detail("source.field"),
+        )
+    return row_value(record[field], f"{where}, field {field!r}", row)
+
+
 def _jsonl_rows(fh: IO[bytes], field: str, what: str) -> Iterator[RawRow]:
     for number, line in _text_lines(fh, what):
-        where = f"{what} line {number + 1} (row {number})"
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise SourceRowError(
-                f"{where} is not JSON ({exc}): a JSONL file holds one JSON object per line",
-                detail={"field": "source.format", "row": number},
-            ) from None
-        if not isinstance(record, dict):
-            raise SourceRowError(
-                f"{where} is a JSON {type(record).__name__}, not an object: a JSONL file holds one JSON "
-                f'object per line, e.g. {{"{field}": "..."}}',
-                detail={"field": "source.format", "row": number},
-            )
-        if field not in record:
-            fields = ", ".join(repr(k) for k in list(record)[:20]) or "none"
-            raise SourceRowError(
-                f"{where} has no field {field!r} (its fields: {fields}); set source.field to the field "
-                "that holds the text or token ids",
-                detail={"field": "source.field", "row": number},
-            )
-        text, ids = row_value(record[field], f"{where}, field {field!r}", number)
+        text, ids = jsonl_value(line, field, f"{what} line {number + 1} (row {number})", number)
         yield number, text, ids
 
 
-def _parquet_rows(fh: IO[bytes], column: str, what: str) -> Iterator[RawRow]:
+def open_parquet(fh: IO[bytes], column: str, what: str) -> Any:
+    """``fh`` as a ``pyarrow.parquet.ParquetFile`` holding ``column`` (else a SourceRowError
+    naming the problem: not Parquet, or the columns there are)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -186,6 +199,13 @@ def _parquet_rows(fh: IO[bytes], column: str, what: str) -> Iterator[RawRow]:
             "source.field to the column that holds the text or token ids",
             detail={"field": "source.field"},
         )
+    return parquet
+
+
+def _parquet_rows(fh: IO[bytes], column: str, what: str) -> Iterator[RawRow]:
+    import pyarrow as pa
+
+    parquet = open_parquet(fh, column, what)
     row = 0
     batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column])
     while True:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 from dataclasses import dataclass
 from typing import IO, Any
 
-from storage.sources.readers import file_field, read_rows
+from storage.sources.readers import file_field, jsonl_value, open_parquet, read_rows
 from storage.sources.rows import SourceContext, SourceRowError, row_value
 from storage.sources.spec import DatasetSource, FileSource, PromptsSource, SourceSpec, TokenIdsSource
 
@@ -124,24 +123,8 @@ def _whole_file(source: FileSource, context: SourceContext, rows: int) -> Source
 
 
 def _parquet_sample(fh: IO[bytes], source: FileSource, rows: int) -> SourceSample:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     what, column = f"upload {source.upload} (parquet)", file_field(source)
-    try:
-        parquet = pq.ParquetFile(fh)
-    except pa.ArrowException as exc:
-        raise SourceRowError(
-            f"{what} is not a readable Parquet file ({exc}); check source.format",
-            detail={"field": "source.format"},
-        ) from None
-    if column not in parquet.schema_arrow.names:
-        names = ", ".join(repr(n) for n in parquet.schema_arrow.names)
-        raise SourceRowError(
-            f"{what} has no column {column!r}; its columns: {names}; set source.field to the column "
-            "that holds the text or token ids",
-            detail={"field": "source.field"},
-        )
+    parquet = open_parquet(fh, column, what)
     total, groups = parquet.metadata.num_rows, parquet.metadata.num_row_groups
     spread = min(WINDOWS, groups)
     chosen = [i * groups // spread for i in range(spread)]  # row groups spread over the file
@@ -189,27 +172,15 @@ def _parse_line(source: FileSource, line: bytes, where: str) -> SampledRow | Non
     line = line.removesuffix(b"\r").removeprefix(b"\xef\xbb\xbf")
     if not line.strip():
         return None
-    detail = {"field": "source.format"}
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise SourceRowError(f"{where} is not UTF-8 text; save the file as UTF-8", detail=detail) from None
+        raise SourceRowError(
+            f"{where} is not UTF-8 text; save the file as UTF-8", detail={"field": "source.format"}
+        ) from None
     if source.format == "text":
         return row_value(text, where)
-    field = file_field(source)
-    try:
-        record = json.loads(text)
-    except ValueError as exc:
-        raise SourceRowError(
-            f"{where} is not JSON ({exc}): a JSONL file holds one JSON object per line", detail=detail
-        ) from None
-    if not isinstance(record, dict) or field not in record:
-        raise SourceRowError(
-            f"{where} is not a JSON object with the field {field!r}; set source.field to the field that "
-            "holds the text or token ids",
-            detail={"field": "source.field"},
-        )
-    return row_value(record[field], f"{where}, field {field!r}")
+    return jsonl_value(text, file_field(source), where)
 
 
 def _windows(fh: IO[bytes], size: int, source: FileSource, rows: int) -> SourceSample:
