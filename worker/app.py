@@ -8,12 +8,15 @@ GPU, CUDA initialised only in the child process (models load lazily inside the t
 from __future__ import annotations
 
 from typing import Any
+from uuid import uuid4
 
 from celery import Celery
 
 from storage.settings import ServiceSettings
 
 EXPORT_TASK = "qkvault.export"
+SHARD_TASK = "qkvault.shard"  # one shard of a sharded bulk job (worker/shards.py)
+FINALIZE_TASK = "qkvault.finalize"  # a sharded job's sequence table and root metadata
 
 
 def create_celery_app(settings: ServiceSettings) -> Celery:
@@ -63,6 +66,59 @@ def enqueue_export(
         task_id=job_id,
         queue=queue or app.conf.task_default_queue,
         countdown=countdown,
+    )
+
+
+def shard_key(job_id: str, shard: int) -> str:
+    """What names a shard's messages: their task ids are ``<key>:<8 hex>``, a new one per send."""
+    return f"{job_id}:shard:{shard}"
+
+
+def enqueue_shards(app: Celery, job_id: str, shards: list[int], queue: str | None = None) -> None:
+    """Send a sharded job's shard tasks as a chord whose body finalizes the job (every shard
+    recorded done); with no shard left to run, only the finalize task."""
+    from celery import chord, group
+
+    queue = queue or app.conf.task_default_queue
+    finalize = app.signature(
+        FINALIZE_TASK,
+        args=[job_id],
+        queue=queue,
+        immutable=True,
+        task_id=f"{job_id}:finalize:{uuid4().hex[:8]}",
+    )
+    if not shards:
+        finalize.apply_async()
+        return
+    header = [
+        app.signature(
+            SHARD_TASK, args=[job_id, n], queue=queue, task_id=f"{shard_key(job_id, n)}:{uuid4().hex[:8]}"
+        )
+        for n in shards
+    ]
+    chord(group(header, app=app), app=app)(finalize)
+
+
+def enqueue_shard(
+    app: Celery, job_id: str, shard: int, queue: str | None = None, countdown: float | None = None
+) -> None:
+    """Send one shard task again, outside its chord (the reconciler, a shard given back): the shard
+    that records the job's last success sends the finalize task itself."""
+    app.send_task(
+        SHARD_TASK,
+        args=[job_id, shard],
+        task_id=f"{shard_key(job_id, shard)}:{uuid4().hex[:8]}",
+        queue=queue or app.conf.task_default_queue,
+        countdown=countdown,
+    )
+
+
+def enqueue_finalize(app: Celery, job_id: str, queue: str | None = None) -> None:
+    app.send_task(
+        FINALIZE_TASK,
+        args=[job_id],
+        task_id=f"{job_id}:finalize:{uuid4().hex[:8]}",
+        queue=queue or app.conf.task_default_queue,
     )
 
 

@@ -16,6 +16,7 @@ back, or leaves it to its lease when the index still does not answer: never ``fa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from storage.bundle.resume import ResumeSet
@@ -77,11 +78,15 @@ def run_job(
     models: ModelCache,
     settings: WorkerSettings,
     worker_id: str,
+    launch_shards: Callable[[str, list[int]], None] | None = None,
 ) -> JobState | None:
     """Run ``job_id``; returns the state it left the job in: terminal, ``queued`` (given back after
     a store or database outage, or not claimed because the index stayed unavailable: send it again
     after ``settings.retry_delay_s``), or ``None`` when there was nothing to run or the lease was
-    lost (another attempt, or the reconciler, owns the job)."""
+    lost (another attempt, or the reconciler, owns the job). ``launch_shards(job_id, shards)``:
+    sends the shards of a bulk job split over workers (worker/shards.py; ``settings.
+    shard_micro_batches``), which then stays ``running`` under its shards' leases; None: every job
+    runs here."""
     try:  # retried for settings.db_retry_s (storage/index/retry.py)
         job = index.claim(job_id, worker_id, lease_timeout_s=settings.lease_timeout_s)
     except IndexUnavailable as exc:
@@ -93,7 +98,15 @@ def run_job(
         )
         return None
     try:
-        return _attempt(job, index=index, store=store, models=models, settings=settings, worker_id=worker_id)
+        return _attempt(
+            job,
+            index=index,
+            store=store,
+            models=models,
+            settings=settings,
+            worker_id=worker_id,
+            launch_shards=launch_shards,
+        )
     except LeaseLost as exc:
         log.warning("job %s: stopped, lease lost: %s", job_id, exc)
         return None
@@ -128,6 +141,7 @@ def _attempt(
     models: ModelCache,
     settings: WorkerSettings,
     worker_id: str,
+    launch_shards: Callable[[str, list[int]], None] | None = None,
 ) -> JobState:
     job_id = job.id
     intervals = ReportIntervals(
@@ -160,6 +174,23 @@ def _attempt(
                 from worker.bulk import BulkExporter, JobLimits
 
                 context = SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=job.owner)
+                if launch_shards is not None and settings.shard_micro_batches > 0:
+                    from worker.shards import start_sharded
+
+                    shards = start_sharded(
+                        job,
+                        spec,
+                        loaded,
+                        reporter,
+                        index=index,
+                        settings=settings,
+                        context=context,
+                        writer_options=writer_options,
+                        worker_id=worker_id,
+                    )
+                    if shards is not None:  # the job's lease passed to its shards
+                        launch_shards(job_id, shards)
+                        return JobState.RUNNING
                 bulk = BulkExporter(
                     spec,
                     loaded,

@@ -37,9 +37,19 @@ from celery import Celery
 
 from storage.index import Index, JobRecord, JobState
 from storage.index import reconcile as sql
+from storage.index import shards as shard_sql
 from storage.index.models import utcnow
 from storage.index.retry import IndexRetry
-from worker.app import EXPORT_TASK, create_celery_app, enqueue_export
+from worker.app import (
+    EXPORT_TASK,
+    FINALIZE_TASK,
+    SHARD_TASK,
+    create_celery_app,
+    enqueue_export,
+    enqueue_finalize,
+    enqueue_shard,
+    shard_key,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -84,11 +94,15 @@ class BrokerView:
 
 
 def _task_id(payload: Any) -> str | None:
+    """The job id of an export message; :func:`~worker.app.shard_key` of a shard message; the job
+    id + ``:finalize`` of a finalize message."""
     headers = payload.get("headers") if isinstance(payload, dict) else None
-    if not isinstance(headers, dict) or headers.get("task") != EXPORT_TASK:
+    if not isinstance(headers, dict) or headers.get("task") not in (EXPORT_TASK, SHARD_TASK, FINALIZE_TASK):
         return None
     task_id = headers.get("id")
-    return task_id if isinstance(task_id, str) else None
+    if not isinstance(task_id, str):
+        return None
+    return task_id if headers.get("task") == EXPORT_TASK else task_id.rsplit(":", 1)[0]
 
 
 def _redis(channel: Any) -> tuple[Any, str]:
@@ -218,9 +232,86 @@ def reconcile_once(
         elif _send(celery_app, job.id, broker, queue_cutoff.timestamp(), report):
             report.requeued_lost += 1
             log.info("job %s: queued since %s, no message in the broker: re-enqueued", job.id, job.updated_at)
+    _reconcile_shards(index, celery_app, settings, now, report)
     level = logging.INFO if report.changed or report.enqueue_errors else logging.DEBUG
     log.log(level, "reconcile: %s", report)
     return report
+
+
+def _reconcile_shards(
+    index: Index, app: Celery, settings: WorkerSettings, now: datetime, report: ReconcileReport
+) -> None:
+    """The shards of sharded bulk jobs (storage/index/shards.py), as jobs are reconciled: an
+    expired shard lease is cancelled, failed past its attempts (failing the job) or queued and sent
+    again (the dead worker's delivery dropped); a queued shard without a message is sent again; a
+    job whose shards all succeeded but that nobody finalized gets its finalize message again."""
+    lease_cutoff = now - timedelta(seconds=settings.lease_timeout_s)
+    queue_cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    expired = shard_sql.expired_shards(index, beat_before=lease_cutoff)
+    stale = shard_sql.stale_queued_shards(index, untouched_since=queue_cutoff)
+    unfinalized = shard_sql.unfinalized(index, untouched_since=queue_cutoff)
+    if not (expired or stale or unfinalized):
+        return
+    broker = inspect_broker(app, settings.queue_name)
+    for shard in expired:
+        key = shard_key(shard.job_id, shard.shard)
+        outcome = shard_sql.expire_shard(index, shard, now)
+        who = f"job {shard.job_id} shard {shard.shard}: lease of {shard.lease_worker} expired"
+        if outcome is None:
+            report.raced += 1
+        elif outcome == shard_sql.CANCELLED:
+            report.cancelled_expired += 1
+        elif outcome == shard_sql.FAILED:
+            report.failed_expired += 1
+            log.warning(
+                "%s on attempt %d of %d: failed, and the job with it", who, shard.attempts, shard.max_attempts
+            )
+        else:
+            report.requeued_expired += 1
+            log.info("%s on attempt %d of %d: queued again", who, shard.attempts, shard.max_attempts)
+            beat = (shard.heartbeat_at or lease_cutoff).timestamp()
+            if broker is None or not broker.holds(key, beat):
+                _send_shard(app, shard.job_id, shard.shard, broker, beat, report)
+    for shard in stale:
+        key = shard_key(shard.job_id, shard.shard)
+        if broker is not None and broker.holds(key, queue_cutoff.timestamp()):
+            report.still_in_broker += 1
+            continue
+        shard_sql.touch_shard(index, shard.job_id, shard.shard, now)
+        if _send_shard(app, shard.job_id, shard.shard, broker, queue_cutoff.timestamp(), report):
+            report.requeued_lost += 1
+    for job_id in unfinalized:
+        if broker is not None and broker.holds(f"{job_id}:finalize", queue_cutoff.timestamp()):
+            report.still_in_broker += 1
+            continue
+        shard_sql.touch_job(index, job_id, now)
+        try:
+            enqueue_finalize(app, job_id, queue=settings.queue_name)
+            report.requeued_lost += 1
+            log.info("job %s: every shard succeeded, not finalized: finalize sent again", job_id)
+        except Exception:
+            log.warning("job %s: finalize not sent; retried later", job_id, exc_info=True)
+            report.enqueue_errors += 1
+
+
+def _send_shard(
+    app: Celery,
+    job_id: str,
+    shard: int,
+    broker: BrokerView | None,
+    live_after: float,
+    report: ReconcileReport,
+) -> bool:
+    try:
+        stale = broker.stale(shard_key(job_id, shard), live_after) if broker is not None else []
+        if stale:
+            drop_deliveries(app, stale)
+        enqueue_shard(app, job_id, shard)
+    except Exception:
+        log.warning("job %s shard %d: re-enqueue failed; retried later", job_id, shard, exc_info=True)
+        report.enqueue_errors += 1
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

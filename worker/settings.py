@@ -59,6 +59,13 @@ class WorkerSettings(ServiceSettings):
         description="delay before a job given back (store outage, store disk full or not writable) is "
         "run again",
     )
+    shard_micro_batches: int = Field(
+        default=0,
+        ge=0,
+        description="scale-out: a bulk job planned into more micro-batches than this is split into shards "
+        "of this many micro-batches, run by every worker that listens (docs/operations.md 'Scale-out'); "
+        "0: never (each job on one worker)",
+    )
 
     # reconciler (python -m worker.reconciler; docs/reliability.md)
     reconcile_interval_s: float = Field(default=30.0, gt=0, description="reconciler: seconds between passes")

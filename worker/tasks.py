@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.app import EXPORT_TASK
+from worker.app import EXPORT_TASK, FINALIZE_TASK, SHARD_TASK
 from worker.settings import WorkerSettings
 
 
@@ -48,15 +48,53 @@ def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerState:
     @app.task(name=EXPORT_TASK, ignore_result=False)
     def export(job_id: str) -> str | None:
         from storage.index import JobState
-        from worker.app import enqueue_export
+        from worker.app import enqueue_export, enqueue_shards
         from worker.jobs import run_job
 
         index, store, models = state.resources()
         outcome = run_job(
-            job_id, index=index, store=store, models=models, settings=settings, worker_id=state.worker_id
+            job_id,
+            index=index,
+            store=store,
+            models=models,
+            settings=settings,
+            worker_id=state.worker_id,
+            launch_shards=lambda job, shards: enqueue_shards(app, job, shards, queue=settings.queue_name),
         )
         if outcome is JobState.QUEUED:  # given back after a store outage: run it again later
             enqueue_export(app, job_id, queue=settings.queue_name, countdown=settings.retry_delay_s)
+        return None if outcome is None else outcome.value
+
+    @app.task(name=SHARD_TASK, ignore_result=False)
+    def shard(job_id: str, number: int) -> str | None:
+        """One shard of a sharded bulk job (worker/shards.py); the chord's body finalizes the job.
+        The shard that records the job's last success sends the finalize task too (a shard sent
+        again by the reconciler runs outside the chord); a second finalize does nothing."""
+        from worker.app import enqueue_finalize, enqueue_shard
+        from worker.shards import run_shard
+
+        index, store, models = state.resources()
+        outcome = run_shard(
+            job_id,
+            number,
+            index=index,
+            store=store,
+            models=models,
+            settings=settings,
+            worker_id=state.worker_id,
+        )
+        if outcome == "finalize":
+            enqueue_finalize(app, job_id, queue=settings.queue_name)
+        elif outcome == "retry":
+            enqueue_shard(app, job_id, number, queue=settings.queue_name, countdown=settings.retry_delay_s)
+        return outcome
+
+    @app.task(name=FINALIZE_TASK, ignore_result=False)
+    def finalize(job_id: str) -> str | None:
+        from worker.shards import run_finalize
+
+        index, store, _ = state.resources()
+        outcome = run_finalize(job_id, index=index, store=store, settings=settings, worker_id=state.worker_id)
         return None if outcome is None else outcome.value
 
     return state

@@ -1,0 +1,112 @@
+"""A bulk job split into shards (worker/shards.py), run in-process by two worker ids: the plan
+numbers micro-batches as one worker does, each shard exports its range, the finalize writes the
+sequence table and root; the bundle equals a one-worker run's, every array of every sequence and
+the table (byte for byte, timings aside), and the job's result names who ran which shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.index import Index, JobState
+from storage.index import shards as sh
+from storage.stores.objectstore import ObjectStore
+from tests.faults import audit_chunks, bundle_differences, bundle_files
+from worker.jobs import run_job
+from worker.models import ModelCache
+from worker.settings import WorkerSettings
+from worker.shards import run_finalize, run_shard
+
+from .conftest import model_cache_dir
+
+JOB_ID = "00000000-0000-4000-8000-00000005a4d0"
+
+
+def bulk_spec(model: Path, sequences: int = 30, shuffle_seed: int | None = 3) -> dict[str, Any]:
+    prompts = [
+        ("seven small birds sing in the old oak tree " * (1 + i % 5)).strip() for i in range(sequences)
+    ]
+    source: dict[str, Any] = {"kind": "prompts", "prompts": prompts, "token_budget": 384, "max_sequences": 6}
+    if shuffle_seed is not None:
+        source |= {"shuffle_seed": shuffle_seed, "shuffle_buffer": 7}
+    return {
+        "model": {"id": str(model)},
+        "source": source,
+        "generation": {"max_new_tokens": 3},
+        "capture": {"attention": True, "qkv": True},
+        "storage": {"chunk_rows": 16},
+    }
+
+
+def _job(
+    tmp_path: Path, name: str, spec: dict[str, Any], **kw: Any
+) -> tuple[WorkerSettings, Index, ObjectStore]:
+    settings = WorkerSettings(
+        database_url=f"sqlite:///{tmp_path}/{name}.db",
+        store_url=str(tmp_path / name),
+        model_cache_dir=model_cache_dir(),
+        **kw,
+    )
+    index, store = Index(settings.database_url), ObjectStore.from_settings(settings)
+    index.migrate()
+    index.create_job(spec=spec, owner="t", store_url_for=store.bundle_url, max_attempts=2, job_id=JOB_ID)
+    return settings, index, store
+
+
+def test_sharded_bundle_equals_a_one_worker_run(tiny_model_dir: Any, tmp_path: Path) -> None:
+    spec = bulk_spec(tiny_model_dir("llama"))
+    models = ModelCache(model_cache_dir(), "cpu")
+    ref_settings, ref_index, ref_store = _job(tmp_path, "ref", spec)
+    assert run_job(
+        JOB_ID, index=ref_index, store=ref_store, models=models, settings=ref_settings, worker_id="ref"
+    )
+    reference = bundle_files(ref_store, ref_index.get_job(JOB_ID).store_url)
+    batches = ref_index.get_job(JOB_ID).result["micro_batches"]  # type: ignore[index]
+    assert batches >= 5
+
+    settings, index, store = _job(tmp_path, "sharded", spec, shard_micro_batches=2)
+    launched: list[list[int]] = []
+    outcome = run_job(
+        JOB_ID, index=index, store=store, models=models, settings=settings, worker_id="planner",
+        launch_shards=lambda job, shards: launched.append(shards),
+    )  # fmt: skip
+    assert outcome is JobState.RUNNING and launched == [list(range((batches + 1) // 2))]
+    job = index.get_job(JOB_ID)
+    assert job.lease_worker == sh.SHARDED_LEASE and job.units_total == 30
+    outcomes = [
+        run_shard(
+            JOB_ID, n, index=index, store=store, models=models, settings=settings, worker_id=f"w{n % 2}"
+        )
+        for n in launched[0]
+    ]
+    assert outcomes == ["succeeded"] * (len(outcomes) - 1) + ["finalize"]
+    assert index.get_job(JOB_ID).units_done == 30  # summed from the shards
+    assert (
+        run_finalize(JOB_ID, index=index, store=store, settings=settings, worker_id="w1")
+        is JobState.SUCCEEDED
+    )
+    assert run_finalize(JOB_ID, index=index, store=store, settings=settings, worker_id="w0") is None  # once
+    done = index.get_job(JOB_ID)
+    assert done.state is JobState.SUCCEEDED and done.result is not None
+    runs = done.result["shards"]["runs"]
+    assert done.result["shards"]["count"] == len(launched[0]) and {r["worker"] for r in runs} == {"w0", "w1"}
+    assert runs[1]["micro_batches"] == [2, 4] and done.result["micro_batches"] == batches
+    files = bundle_files(store, done.store_url)
+    assert bundle_differences(files, reference) == []
+    assert audit_chunks(index, done, files).clean
+
+
+@pytest.mark.parametrize("shard_micro_batches", [0, 100])
+def test_small_or_unsharded_bulk_jobs_run_on_one_worker(
+    tiny_model_dir: Any, tmp_path: Path, shard_micro_batches: int
+) -> None:
+    spec = bulk_spec(tiny_model_dir("llama"), sequences=8, shuffle_seed=None)
+    settings, index, store = _job(tmp_path, "one", spec, shard_micro_batches=shard_micro_batches)
+    launched: list[list[int]] = []
+    outcome = run_job(
+        JOB_ID, index=index, store=store, models=ModelCache(model_cache_dir(), "cpu"), settings=settings,
+        worker_id="w", launch_shards=lambda job, shards: launched.append(shards),
+    )  # fmt: skip
+    assert outcome is JobState.SUCCEEDED and launched == [] and sh.list_shards(index, JOB_ID) == []
