@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# GPU worker image: the official PyTorch CUDA runtime image + `.[worker]` (transformers, celery, s3fs,
-# SQLAlchemy). The base image's torch is kept: pip sees it installed and does not replace it.
+# GPU worker image: the official PyTorch CUDA runtime image + `.[worker,quant]` (transformers, celery,
+# s3fs, SQLAlchemy; bitsandbytes for model.quantization). The base image's torch is kept: pip sees it
+# installed and does not replace it.
 # Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t qkvault-worker .
 ARG PYTORCH_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
@@ -26,7 +27,7 @@ COPY worker ./worker
 COPY qkvault ./qkvault
 # Pin the base image's torch so that resolving `.[worker]` can never swap the CUDA build.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
- && pip install -c /tmp/constraints.txt ".[worker]" \
+ && pip install -c /tmp/constraints.txt ".[worker,quant]" \
  && python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" \
  && rm -rf /tmp/constraints.txt /app/build /app/*.egg-info
 
