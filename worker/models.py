@@ -248,6 +248,8 @@ def placement_kwargs(spec: ModelSpec, device: torch.device, dtype: torch.dtype) 
         else:
             out["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if spec.device_map is None:  # quantised on the worker's one device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         out["device_map"] = {"": str(device)}
         return out
     out["device_map"] = spec.device_map
