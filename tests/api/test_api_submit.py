@@ -57,6 +57,8 @@ def test_submit_returns_202_location_body_and_task_message(
         "units_done": 0,
         "units_total": 0,
         "fraction": None,
+        "tokens_done": 0,
+        "tokens_total": 0,
         "bytes_written": 0,
         "chunks_written": 0,
     }
