@@ -32,7 +32,23 @@ JOB_ROUTES = [
     ("GET", "/v1/jobs/{job_id}/chunks"),
     ("GET", "/v1/jobs/{job_id}/bundle"),
     ("GET", "/v1/jobs/{job_id}/bundle/urls"),
+    ("GET", "/v1/jobs/{job_id}/events"),
+    ("GET", "/v1/jobs/{job_id}/arrays"),
+    ("GET", "/v1/jobs/{job_id}/arrays/{name}"),
+    ("GET", "/v1/jobs/{job_id}/tiles/{layer}/{head}/{seq}"),
+    ("GET", "/v1/jobs/{job_id}/tiles/{layer}/{head}/{seq}/{level}/{row}/{col}"),
 ]
+# the other path parameters of the job routes, filled with plausible values
+PATH_VALUES = {"{name}": "attention", "{layer}": "0", "{head}": "1", "{seq}": "0", "{level}": "2"}
+PATH_VALUES |= {"{row}": "0", "{col}": "0"}
+
+
+def _fill(template: str, job_id: str) -> str:
+    """A job route's path: ``job_id`` and plausible values for its other parameters."""
+    path = template.replace("{job_id}", job_id)
+    for placeholder, value in PATH_VALUES.items():
+        path = path.replace(placeholder, value)
+    return path
 
 
 @pytest.fixture
@@ -95,9 +111,9 @@ def test_every_protected_route_needs_a_valid_key(
         headers = _bearer(secret)
 
     routes = _protected_routes(anonymous.app)
-    assert len(routes) == 11
+    assert len(routes) == 16
     for method, template in routes:
-        path = template.replace("{job_id}", MISSING_ID).replace("{upload_id}", MISSING_ID.replace("-", ""))
+        path = _fill(template, MISSING_ID).replace("{upload_id}", MISSING_ID.replace("-", ""))
         response = _call(anonymous, method, path, headers)
         where = f"{method} {path} with {credentials} credentials"
         assert response.status_code == 401, f"{where}: {response.status_code} {response.text}"
@@ -164,11 +180,11 @@ def test_another_users_job_is_indistinguishable_from_a_missing_one(
 ) -> None:
     job_id, alice = alices_finished_job
     bob = _bearer(make_key("bob"))
-    path = template.replace("{job_id}", job_id)
+    path = _fill(template, job_id)
 
     as_owner = _call(anonymous, method, path, alice)
     as_bob = _call(anonymous, method, path, bob)
-    missing = _call(anonymous, method, template.replace("{job_id}", MISSING_ID), bob)
+    missing = _call(anonymous, method, _fill(template, MISSING_ID), bob)
 
     assert as_owner.status_code != 404, as_owner.text  # the job exists and alice reaches it
     assert as_bob.status_code == 404
