@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-budget", type=int, default=16_384)
     parser.add_argument("--max-sequences", type=int, default=1024, help="sequences per micro-batch")
     parser.add_argument("--reads", type=int, default=20, help="random sequences read back")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--store", type=Path, default=None, help="a folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None)
     return parser
@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    if args.threads:  # restored after the run: a caller in the same process (a test) keeps its own
+        torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="qkvault-bench-scale-", dir=args.store))
     command = " ".join(["python -m bench.scale", *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}", flush=True)
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = run(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        torch.set_num_threads(threads)
     for key, value in figures.items():
         print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
     if args.json is not None:
