@@ -15,9 +15,10 @@ Building reads the matrix in bands of rows (the causal upper triangle is never r
 row are zero) and pools each band down every level; each level keeps at most one row of tiles
 before it writes it, so memory stays near ``band_rows × tokens`` values plus one tile row per level,
 whatever ``tokens``. The next band is read, and finished rows of tiles written (at most four
-waiting), on two threads while the current band is pooled. Two builders of the same pyramid (threads, processes, API replicas) never
-disturb each other: each writes under its own build id, and ``ready.json``, a single object written
-whole (atomically replaced on a local disk), names the finished build that readers use.
+waiting), on two threads while the current band is pooled. Two builders of the same pyramid
+(threads, processes, API replicas) never disturb each other: each writes under its own build id,
+and ``ready.json``, a single object written whole (atomically replaced on a local disk), names the
+finished build that readers use.
 """
 
 from __future__ import annotations

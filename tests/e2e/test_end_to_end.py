@@ -10,8 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from qkvault.errors import JobFailed
-from qkvault.errors import QkvaultClientError
+from qkvault.errors import JobFailed, QkvaultClientError
 from storage.bundle import open_bundle
 
 from .conftest import Stack
