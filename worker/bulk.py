@@ -293,5 +293,7 @@ class BulkExporter:
         }
         timings = {"total": round(time.perf_counter() - started, 3)}
         timings.update({f"micro_batches_{k}": round(v, 3) for k, v in self.batch_timings.items()})
-        root.finalize({"bulk": bulk, "timings_s": timings}, complete=not partial, partial=partial)
+        root.finalize(
+            {"bulk": bulk, "timings_s": timings}, complete=not partial, partial=partial, consolidate=False
+        )
         return {**bulk, "resumed_micro_batches": self.resumed_batches, "timings_s": timings}

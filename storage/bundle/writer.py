@@ -251,15 +251,21 @@ class BundleWriter:
         create_arrays(group, new, self.chunks.put)
 
     # -- metadata last ------------------------------------------------------------------------
-    def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
+    def finalize(
+        self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False, consolidate: bool = True
+    ) -> None:
         """Store every queued chunk, then write final root attributes and consolidate metadata
         (the last write of a job). A chunk that could not be stored raises its error here, before
-        the bundle is marked complete."""
+        the bundle is marked complete. ``consolidate=False``: a bulk job's root, whose tree holds
+        every micro-batch's arrays (each micro-batch group is consolidated on its own; the root's
+        copy of them all, ~130 KB a micro-batch, would make every open read and parse tens of MB)."""
         try:
             self.wait()
         finally:
             self.close()
         self.group.update_attributes({**attrs, "complete": complete, "partial": partial})
+        if not consolidate:
+            return
         with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
             warnings.simplefilter("ignore", category=UserWarning)
             zarr.consolidate_metadata(self.chunks.zarr(), zarr_format=3)
