@@ -136,9 +136,16 @@ def lint() -> int:
     return ruff or mypy or imports
 
 
+# The whole suite on two processes, a test file per process at a time (module fixtures built once):
+# many tests wait on worker processes, servers and disks, so a 2-core machine runs two of them in
+# about the time of one. Arguments given to `dev.py test` replace these.
+PARALLEL = ["-n", "2", "--dist", "loadfile"]
+
+
 def test(extra: list[str]) -> int:
-    say("pytest " + " ".join(extra))
-    tests = run([str(PYTHON), "-m", "pytest", "--durations=10", *extra])  # the slowest tests, every run
+    args = extra or PARALLEL
+    say("pytest " + " ".join(args))
+    tests = run([str(PYTHON), "-m", "pytest", "--durations=10", *args])  # the slowest tests, every run
     if tests == 5:
         print("pytest collected no tests: that counts as a failure", file=sys.stderr)
     linted = lint()

@@ -98,7 +98,10 @@ def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -
         "QKVAULT_DEVICE": "cpu",
         "QKVAULT_MODEL_ROOTS": json.dumps([str(model.parent)]),
         "QKVAULT_SHARD_MICRO_BATCHES": str(args.shard_micro_batches),
-        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
+        # the same threads per worker at every count (a worker per core by default): with the
+        # cores split between workers instead, one 2-thread worker on this 2-core machine ran 4x
+        # slower than two 1-thread ones (its parallel regions wait for a descheduled thread)
+        "OMP_NUM_THREADS": str(args.threads_per_worker),
     }
     from worker.app import create_celery_app, enqueue_export
 
@@ -164,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-budget", type=int, default=2048)
     parser.add_argument("--shard-micro-batches", type=int, default=4)
     parser.add_argument("--timeout-s", type=float, default=1200.0)
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads of each worker")
     return parser
 
 
