@@ -69,10 +69,12 @@ class TimedWriter(BundleWriter):
         super().write_array(name, data)
         self.metadata_s += time.perf_counter() - t0
 
-    def finalize(self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False) -> None:
+    def finalize(
+        self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False, consolidate: bool = True
+    ) -> None:
         t0 = time.perf_counter()
         self.wait()
         self.drain_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        super().finalize(attrs, complete=complete, partial=partial)
+        super().finalize(attrs, complete=complete, partial=partial, consolidate=consolidate)
         self.metadata_s += time.perf_counter() - t0

@@ -268,45 +268,11 @@ class Index(Database):
     def record_chunks(self, job_id: str, chunks: Sequence[ChunkRecord], *, worker: str | None = None) -> None:
         """Record durably written chunks (upsert on job, array, coords) and refresh the job's totals.
         ``worker``: fenced on its lease (LeaseLost, nothing recorded, when it moved or the job ended)."""
-        latest = {(c.array, format_coords(c.coords)): c for c in chunks}  # last one wins
-        now = utcnow()
-        params = [
-            {
-                "job_id": job_id,
-                "array": array,
-                "coords": coords,
-                "key": c.key,
-                "nbytes": c.nbytes,
-                "checksum": c.checksum,
-                "created_at": now,
-            }
-            for (array, coords), c in latest.items()
-        ]
-        if any(c.nbytes < 0 for c in latest.values()):
-            raise ValueError(f"job {job_id}: chunk nbytes must be >= 0")
+        params = chunk_params(job_id, chunks)
 
         def work(session: Session) -> None:  # upserts and totals recounted: safe to run twice
             _fence(self._load(session, job_id, None, lock=True), worker)
-            if params:
-                insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-                stmt = insert(ChunkRow)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[ChunkRow.job_id, ChunkRow.array, ChunkRow.coords],
-                    set_={name: stmt.excluded[name] for name in ("key", "nbytes", "checksum")},
-                )
-                session.execute(stmt, params)
-            of_job = ChunkRow.job_id == job_id
-            session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id)
-                .values(
-                    chunks_written=select(func.count()).where(of_job).scalar_subquery(),
-                    bytes_written=select(func.coalesce(func.sum(ChunkRow.nbytes), 0))
-                    .where(of_job)
-                    .scalar_subquery(),
-                    updated_at=now,
-                )
-            )
+            upsert_chunks(session, job_id, params)
 
         self.transact(work, write=True)
 
@@ -371,6 +337,49 @@ class _Clock:
 
     def committed(self, session: Session, row: JobRow) -> bool:
         return retried(session) and row.updated_at in self.stamps
+
+
+def chunk_params(job_id: str, chunks: Sequence[ChunkRecord]) -> list[dict[str, Any]]:
+    """The rows of ``chunks`` for :func:`upsert_chunks` (the last record of a chunk wins)."""
+    latest = {(c.array, format_coords(c.coords)): c for c in chunks}
+    if any(c.nbytes < 0 for c in latest.values()):
+        raise ValueError(f"job {job_id}: chunk nbytes must be >= 0")
+    now = utcnow()
+    return [
+        {
+            "job_id": job_id,
+            "array": array,
+            "coords": coords,
+            "key": c.key,
+            "nbytes": c.nbytes,
+            "checksum": c.checksum,
+            "created_at": now,
+        }
+        for (array, coords), c in latest.items()
+    ]
+
+
+def upsert_chunks(session: Session, job_id: str, params: list[dict[str, Any]]) -> None:
+    """Upsert chunk rows (on job, array, coords) and recount the job's totals from them: safe to run
+    twice. The caller fences first (the job's lease, or a shard's)."""
+    if params:
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        stmt = insert(ChunkRow)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[ChunkRow.job_id, ChunkRow.array, ChunkRow.coords],
+            set_={name: stmt.excluded[name] for name in ("key", "nbytes", "checksum")},
+        )
+        session.execute(stmt, params)
+    of_job = ChunkRow.job_id == job_id
+    session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id)
+        .values(
+            chunks_written=select(func.count()).where(of_job).scalar_subquery(),
+            bytes_written=select(func.coalesce(func.sum(ChunkRow.nbytes), 0)).where(of_job).scalar_subquery(),
+            updated_at=utcnow(),
+        )
+    )
 
 
 def _fence(row: JobRow, worker: str | None) -> None:

@@ -28,16 +28,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage.bundle.records import ChunkRecord
 from storage.errors import JobNotFound, LeaseLost
 from storage.index import lifecycle
-from storage.index.models import ChunkRow, JobRow, ShardRow, format_coords, utcnow
+from storage.index.models import JobRow, ShardRow, utcnow
 from storage.index.records import TERMINAL_STATES, JobRecord, JobState
-from storage.index.repo import Index
+from storage.index.repo import Index, chunk_params, upsert_chunks
 from storage.index.retry import retried
 
 __all__ = [
@@ -393,39 +391,12 @@ def record_shard_chunks(
 ) -> None:
     """Record chunks the shard stored (under the job: shards write disjoint groups) and refresh the
     job's totals. Fenced (LeaseLost, nothing recorded)."""
-    latest = {(c.array, format_coords(c.coords)): c for c in chunks}
-    now = utcnow()
-    params = [
-        {
-            "job_id": job_id,
-            "array": a,
-            "coords": co,
-            "key": c.key,
-            "nbytes": c.nbytes,
-            "checksum": c.checksum,
-            "created_at": now,
-        }
-        for (a, co), c in latest.items()
-    ]
+    params = chunk_params(job_id, chunks)
 
     def work(session: Session) -> None:
         job, row = _job(session, job_id), _shard(session, job_id, shard)
         _fence(job, row, worker)
-        if params:
-            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-            stmt = insert(ChunkRow)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[ChunkRow.job_id, ChunkRow.array, ChunkRow.coords],
-                set_={name: stmt.excluded[name] for name in ("key", "nbytes", "checksum")},
-            )
-            session.execute(stmt, params)
-        of_job = ChunkRow.job_id == job_id
-        session.flush()
-        job.chunks_written = int(session.scalar(select(func.count()).where(of_job)) or 0)
-        job.bytes_written = int(
-            session.scalar(select(func.coalesce(func.sum(ChunkRow.nbytes), 0)).where(of_job)) or 0
-        )
-        job.updated_at = now
+        upsert_chunks(session, job_id, params)
 
     index.transact(work, write=True)
 
