@@ -24,7 +24,7 @@ from api.schemas import LimitCheck, human_bytes
 from api.settings import ApiSettings
 from api.sources import check_source, inline_sequences, sample
 from storage.errors import InvalidJobSpec, QkvaultError, ServerMisconfigured
-from storage.jobs.bulkestimate import estimate_bulk, sample_lengths
+from storage.jobs.bulkestimate import estimate_bulk, job_tokens, sample_lengths
 from storage.jobs.estimate import JobEstimate, count_prompt_tokens, estimate
 from storage.jobs.modelcheck import check_spec_for_model
 from storage.jobs.spec import JobSpec
@@ -342,9 +342,7 @@ def _assess_bulk(
     if found is None or not found.rows:
         return
     lengths, exact = sample_lengths(spec, found, tokenizer_json)
-    new = spec.generation.max_new_tokens
-    scale = (found.sequences or len(lengths)) / len(lengths)
-    tokens = round(sum(lengths) * scale) + new * (found.sequences or len(lengths))
+    _, tokens = job_tokens(found, lengths, spec.generation.max_new_tokens)
     if found.sequences is not None:
         result.bulk_tokens = tokens
     how = "counted" if found.exact else f"estimated from {len(lengths):,} sampled rows"

@@ -21,7 +21,7 @@ from storage.jobs.spec import JobSpec
 from storage.models.facts import ModelFacts
 from storage.sources.sample import SourceSample
 
-__all__ = ["SEQUENCE_TABLE_BYTES", "estimate_bulk", "sample_lengths"]
+__all__ = ["SEQUENCE_TABLE_BYTES", "estimate_bulk", "job_tokens", "sample_lengths"]
 
 SEQUENCE_TABLE_BYTES = 40  # the root's sequence table per sequence: six integers, compressed (+ text)
 
@@ -34,6 +34,14 @@ def sample_lengths(spec: JobSpec, sample: SourceSample, tokenizer_json: str | No
     counts = iter(counted)
     lengths = [len(ids) if ids is not None else next(counts) for _, ids in sample.rows]
     return lengths, exact
+
+
+def job_tokens(sample: SourceSample, lengths: list[int], max_new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens, prompt + new tokens) of the whole job: the sampled rows' ``lengths`` scaled
+    to its sequences (the sample's own rows when their count is unknown)."""
+    sequences = sample.sequences if sample.sequences is not None else len(lengths)
+    prompt = round(sum(lengths) * sequences / len(lengths))
+    return prompt, prompt + max_new_tokens * sequences
 
 
 def _scaled(array: ArrayEstimate, factor: float) -> ArrayEstimate:
@@ -83,13 +91,13 @@ def estimate_bulk(
         arrays.append(_scaled(total, factor))
     table = round((SEQUENCE_TABLE_BYTES * len(lengths) + sum(text_bytes)) * factor)
     metadata = round(sum(p.metadata_bytes for p in parts) * factor) + table
-    prompt_total = round(sum(lengths) * factor)
+    prompt_total, total_tokens = job_tokens(sample, lengths, new)
     figures = BulkFigures(
         sequences=sample.sequences,
         sequences_exact=sample.exact,
         sampled_rows=len(lengths),
         sampled=sample.how,
-        total_tokens=prompt_total + new * sequences,
+        total_tokens=total_tokens,
         micro_batches=max(1, round(len(plan) * factor)),
         padding_fraction=round(tally.fraction, 4),
     )
