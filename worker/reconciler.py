@@ -244,7 +244,8 @@ def _reconcile_shards(
     """The shards of sharded bulk jobs (storage/index/shards.py), as jobs are reconciled: an
     expired shard lease is cancelled, failed past its attempts (failing the job) or queued and sent
     again (the dead worker's delivery dropped); a queued shard without a message is sent again; a
-    job whose shards all succeeded but that nobody finalized gets its finalize message again."""
+    job none of whose shards is left to run (all succeeded, or it stopped) and that nobody finalized
+    gets its finalize message (again)."""
     lease_cutoff = now - timedelta(seconds=settings.lease_timeout_s)
     queue_cutoff = now - timedelta(seconds=settings.requeue_after_s)
     expired = shard_sql.expired_shards(index, beat_before=lease_cutoff)
@@ -259,13 +260,17 @@ def _reconcile_shards(
         who = f"job {shard.job_id} shard {shard.shard}: lease of {shard.lease_worker} expired"
         if outcome is None:
             report.raced += 1
-        elif outcome == shard_sql.CANCELLED:
-            report.cancelled_expired += 1
-        elif outcome == shard_sql.FAILED:
-            report.failed_expired += 1
-            log.warning(
-                "%s on attempt %d of %d: failed, and the job with it", who, shard.attempts, shard.max_attempts
-            )
+        elif outcome in (shard_sql.CANCELLED, shard_sql.FAILED):
+            if outcome == shard_sql.CANCELLED:
+                report.cancelled_expired += 1
+            else:
+                report.failed_expired += 1
+                log.warning(
+                    "%s on attempt %d of %d: failed, and the job with it",
+                    who, shard.attempts, shard.max_attempts,
+                )  # fmt: skip
+            if shard_sql.finalize_due(index, shard.job_id):  # it was the last to stop: finalize now
+                _send_finalize(app, shard.job_id, settings, report)
         else:
             report.requeued_expired += 1
             log.info("%s on attempt %d of %d: queued again", who, shard.attempts, shard.max_attempts)
@@ -285,13 +290,19 @@ def _reconcile_shards(
             report.still_in_broker += 1
             continue
         shard_sql.touch_job(index, job_id, now)
-        try:
-            enqueue_finalize(app, job_id, queue=settings.queue_name)
+        if _send_finalize(app, job_id, settings, report):
             report.requeued_lost += 1
-            log.info("job %s: every shard succeeded, not finalized: finalize sent again", job_id)
-        except Exception:
-            log.warning("job %s: finalize not sent; retried later", job_id, exc_info=True)
-            report.enqueue_errors += 1
+            log.info("job %s: no shard left to run, not finalized: finalize sent again", job_id)
+
+
+def _send_finalize(app: Celery, job_id: str, settings: WorkerSettings, report: ReconcileReport) -> bool:
+    try:
+        enqueue_finalize(app, job_id, queue=settings.queue_name)
+    except Exception:
+        log.warning("job %s: finalize not sent; retried later", job_id, exc_info=True)
+        report.enqueue_errors += 1
+        return False
+    return True
 
 
 def _send_shard(

@@ -14,9 +14,11 @@
    bundle, resuming by chunk on a later attempt. The source is read as one worker reads it, so a
    ``shuffle_seed`` gives the same rows in every shard (each shard replays the shuffle up to its
    rows).
-3. **Finalize** (:func:`run_finalize`): once every shard succeeded, one worker writes the sequence
-   table (read back from the micro-batch groups) and the root metadata, and consolidates. The bundle
-   is the one a single worker writes, byte for byte (timings aside).
+3. **Finalize** (:func:`run_finalize`): once no shard is left to run, one worker writes the sequence
+   table (read back from the micro-batch groups) and the root metadata. When every shard succeeded
+   the bundle is the one a single worker writes, byte for byte (timings aside); when the job stopped
+   (cancelled, or a shard failed for good) the table holds the finished micro-batches, as a single
+   worker's cancelled job does, and the job ends ``cancelled`` or ``failed``, ``partial``.
 """
 
 from __future__ import annotations
@@ -150,17 +152,23 @@ class ShardExporter(BulkExporter):
             self._root_attrs(job_id), format_version=BULK_FORMAT_VERSION, children=[BULK_BATCHES]
         )
 
-    def finalize(self, job_id: str, shards: Sequence[sh.ShardRecord]) -> dict[str, Any]:
+    def finalize(
+        self, job_id: str, shards: Sequence[sh.ShardRecord], *, partial: bool = False
+    ) -> dict[str, Any]:
         """The sequence table from the stored micro-batch groups, then the root (as one worker
-        writes it at the end of the job)."""
+        writes it at the end of the job). ``partial`` (the job stopped): of the finished groups only,
+        as one worker keeps what it finished when it is cancelled."""
         started = time.perf_counter()
         root = self._writer()
         root.create_root(
             self._root_attrs(job_id), format_version=BULK_FORMAT_VERSION, children=[BULK_BATCHES]
         )
         store = self._read_store()
-        batches = sum(s.batches for s in shards)
-        for k in range(batches):
+        new = self.spec.generation.max_new_tokens
+        finished = 0
+        for k in range(sum(s.batches for s in shards)):
+            if partial and not self._complete(batch_group(k)):
+                continue
             group = zarr.open_group(store, path=batch_group(k), mode="r", zarr_format=3)
             columns = {
                 n: [int(v) for v in np.asarray(group[n])]
@@ -172,20 +180,22 @@ class ShardExporter(BulkExporter):
                 self.table.add(
                     k, slot, _Sequence(row, []), columns["length"][slot], columns["prompt_length"][slot]
                 )
-        self.padding.tokens = sum(s.tokens_planned for s in shards)
-        self.padding.padded_tokens = sum(s.padded_tokens for s in shards)
-        return self._finish(root, started, batches, partial=False)
+            planned = tuple(n + new for n in columns["prompt_length"])  # as the plan counted them
+            self.padding.add(MicroBatch(k, tuple(range(len(planned))), planned))
+            finished += 1
+        return self._finish(root, started, finished, partial=partial)
 
 
 class ShardSink:
     """The index as a shard's :class:`JobReporter` sees it: the same four calls, each on the shard
-    (its lease, its progress; chunk records under the job)."""
+    (its lease, its progress; chunk records under the job); a shard stops as a job is cancelled
+    when its job is stopping (cancelled, or another shard failed for good)."""
 
     def __init__(self, index: Index, shard: int) -> None:
         self.index, self.shard = index, shard
 
     def is_cancel_requested(self, job_id: str) -> bool:
-        return self.index.is_cancel_requested(job_id)
+        return sh.is_stopping(self.index, job_id)
 
     def heartbeat(self, job_id: str, worker_id: str) -> bool:
         return sh.shard_heartbeat(self.index, job_id, self.shard, worker_id)
@@ -266,7 +276,7 @@ def run_shard(
     settings: WorkerSettings,
     worker_id: str,
 ) -> str | None:
-    """Run one shard: ``"finalize"`` when it was the job's last to succeed (send the finalize task),
+    """Run one shard: ``"finalize"`` when no shard of the job is left to run (send the finalize task),
     ``"retry"`` when given back (send it again after ``retry_delay_s``), the shard's end state, or
     None (nothing to run, or the lease was lost)."""
     from worker.jobs import GIVEN_BACK, _failure
@@ -278,7 +288,7 @@ def run_shard(
         return "retry"
     if shard is None:
         log.info("job %s shard %d: nothing to run (ended, cancelled, or running elsewhere)", job_id, number)
-        return None
+        return "finalize" if sh.finalize_due(index, job_id) else None
     job = index.get_job(job_id)
     sink = cast(Index, ShardSink(index, number))  # JobReporter's four calls, on the shard
     with JobReporter(sink, job_id, worker_id, _intervals(settings)) as reporter:
@@ -293,10 +303,10 @@ def run_shard(
                 on_tokens=reporter.tokens,
             )  # fmt: skip
             summary = exporter.run_range(job_id, shard)
-        except JobCancelled:
+        except JobCancelled:  # the job is stopping: cancelled, or another shard failed
             reporter.flush()
-            sh.finish_shard(index, job_id, number, sh.CANCELLED, worker=worker_id)
-            return sh.CANCELLED
+            last = sh.finish_shard(index, job_id, number, sh.CANCELLED, worker=worker_id)
+            return "finalize" if last else sh.CANCELLED
         except LeaseLost as exc:
             log.warning("job %s shard %d: stopped, lease lost: %s", job_id, number, exc)
             return None
@@ -315,8 +325,8 @@ def run_shard(
                 sh.release_shard(index, job_id, number, worker=worker_id, error={**problem, "retrying": True})
                 return "retry"
             log.exception("job %s shard %d failed", job_id, number)
-            sh.finish_shard(index, job_id, number, sh.FAILED, worker=worker_id, error=problem)
-            return sh.FAILED
+            last = sh.finish_shard(index, job_id, number, sh.FAILED, worker=worker_id, error=problem)
+            return "finalize" if last else sh.FAILED
         reporter.flush()
     log.info("job %s shard %d done: %s", job_id, number, summary)
     last = sh.finish_shard(index, job_id, number, sh.SUCCEEDED, worker=worker_id)
@@ -326,14 +336,18 @@ def run_shard(
 def run_finalize(
     job_id: str, *, index: Index, store: ObjectStore, settings: WorkerSettings, worker_id: str
 ) -> JobState | None:
-    """Write a sharded job's sequence table and root once every shard succeeded (the job's lease is
-    this worker's meanwhile); None when it is not (yet) due or another worker finalizes it."""
+    """Write a sharded job's sequence table and root once no shard is left to run (the job's lease
+    is this worker's meanwhile), and end the job: ``succeeded`` when every shard did, else
+    ``failed`` with the failed shard's problem or ``cancelled``, keeping the finished micro-batches
+    (``partial``). None when it is not (yet) due or another worker finalizes it."""
     from worker.jobs import _failure
 
     job = sh.claim_finalize(index, job_id, worker_id, lease_timeout_s=settings.lease_timeout_s)
     if job is None:
         return None
     shards = sh.list_shards(index, job_id)
+    failed = next((s for s in shards if s.state == sh.FAILED), None)
+    complete = failed is None and not job.cancel_requested and all(s.state == sh.SUCCEEDED for s in shards)
     with JobReporter(index, job_id, worker_id, _intervals(settings)) as reporter:
         try:
             reporter.phase("finalizing")
@@ -346,27 +360,31 @@ def run_finalize(
                 bundle_url=job.store_url,
                 writer_options=_writer_options(settings, store, reporter, resume),
             )  # fmt: skip  (no model: the groups are stored, only their tables are read)
-            summary = exporter.finalize(job_id, shards)
+            summary = exporter.finalize(job_id, shards, partial=not complete)
         except LeaseLost:
             return None
         except Exception as exc:
             log.exception("job %s: finalize failed", job_id)
             reporter.flush()
-            index.finish(job_id, JobState.FAILED, error=_failure(exc), partial=True, worker=worker_id)
+            problem = failed.error if failed is not None and failed.error else _failure(exc)
+            index.finish(job_id, JobState.FAILED, error=problem, partial=True, worker=worker_id)
             return JobState.FAILED
         reporter.flush()
-    done = sum(s.units_total for s in shards)
-    tokens = sum(s.tokens_done for s in shards) or None
-    index.update_progress(
-        job_id,
-        units_done=done,
-        units_total=done,
-        phase="done",
-        worker=worker_id,
-        tokens_done=tokens,
-        tokens_total=tokens,
-    )
-    result = {**summary, "resumed_micro_batches": None, "shards": sh.shard_summary(shards)}
+    if complete:
+        done = sum(s.units_total for s in shards)
+        tokens = sum(s.tokens_done for s in shards) or None
+        index.update_progress(
+            job_id, units_done=done, units_total=done, phase="done", worker=worker_id,
+            tokens_done=tokens, tokens_total=tokens,
+        )  # fmt: skip
+    result = {**summary, "shards": sh.shard_summary(shards)}
     result.pop("resumed_micro_batches")
-    index.finish(job_id, JobState.SUCCEEDED, result=result, worker=worker_id)
-    return JobState.SUCCEEDED
+    if complete:
+        index.finish(job_id, JobState.SUCCEEDED, result=result, worker=worker_id)
+        return JobState.SUCCEEDED
+    if failed is not None:
+        problem = failed.error or job.error or sh.exhausted_problem(job_id, failed)
+        index.finish(job_id, JobState.FAILED, error=problem, partial=True, result=result, worker=worker_id)
+        return JobState.FAILED
+    index.finish(job_id, JobState.CANCELLED, partial=True, result=result, worker=worker_id)
+    return JobState.CANCELLED

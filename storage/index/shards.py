@@ -14,10 +14,14 @@ shard carries what a job carries for one worker:
 - an **attempt cap** (``attempts`` / ``max_attempts``, the job's ``max_attempts``);
 - chunk records under the job (disjoint micro-batch groups), so a retried shard resumes by chunk.
 
-A failed shard fails the job with the shard's error (``partial``: the finished micro-batches stay);
-a cancel requested on the job stops every shard (each reads the job's flag), and the job ends
-``cancelled`` once none runs. :func:`claim_finalize` hands the job to the worker that writes the
-sequence table and the root metadata once every shard succeeded.
+A job whose shard failed for good, or on which a cancel was requested, is **stopping**
+(:func:`is_stopping`): its queued shards are cancelled, its running ones stop at their next check
+(each reads :func:`is_stopping` where it would read the job's cancel flag) and end ``cancelled``;
+the shard's problem is on the job meanwhile. Once no shard runs (:func:`finalize_due`),
+:func:`claim_finalize` hands the job to one worker that writes the sequence table and the root
+metadata: of every micro-batch when every shard succeeded, else of the finished ones (the job then
+ends ``failed`` with the shard's problem, or ``cancelled``, ``partial`` either way), as one worker
+keeps what it finished.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ __all__ = [
     "claim_finalize",
     "claim_shard",
     "create_shards",
+    "finalize_due",
     "finish_shard",
+    "is_stopping",
     "list_shards",
     "record_shard_chunks",
     "release_shard",
@@ -177,20 +183,28 @@ def _end_shard(row: ShardRow, state: str, now: datetime, error: dict[str, Any] |
         row.error = dict(error)
 
 
+def _failed_problem(session: Session, job: JobRow) -> dict[str, Any] | None:
+    """The problem of the job's first shard that failed for good (None: none did)."""
+    row = session.scalars(
+        select(ShardRow).where(ShardRow.job_id == job.id, ShardRow.state == FAILED).order_by(ShardRow.shard)
+    ).first()
+    return dict(row.error or {}) if row is not None else None
+
+
+def _stopping(session: Session, job: JobRow) -> bool:
+    """A cancel was requested on the job, or one of its shards failed for good."""
+    return bool(job.cancel_requested) or _failed_problem(session, job) is not None
+
+
 def _settle_job(session: Session, job: JobRow, now: datetime) -> None:
-    """End a cancelled job once none of its shards runs (queued ones are cancelled with it)."""
-    if JobState(job.state) in TERMINAL_STATES or not job.cancel_requested:
+    """A stopping job's queued shards are cancelled (its running ones stop at their next check);
+    once none runs the job waits for its finalize (:func:`claim_finalize`)."""
+    if JobState(job.state) in TERMINAL_STATES or not _stopping(session, job):
         return
-    rows = _shards(session, job.id)
-    for row in rows:
+    for row in _shards(session, job.id):
         if row.state == QUEUED:
             _end_shard(row, CANCELLED, now)
-    if all(row.state in ENDED for row in rows):
-        lifecycle.end(job, JobState.CANCELLED, now, partial=job.chunks_written > 0, result=_result(rows))
-
-
-def _result(rows: Sequence[ShardRow]) -> dict[str, Any]:
-    return {"shards": shard_summary([ShardRecord.of(r) for r in rows])}
+    job.updated_at = now
 
 
 def shard_summary(shards: Sequence[ShardRecord]) -> dict[str, Any]:
@@ -283,7 +297,7 @@ def claim_shard(
             beat = row.heartbeat_at or row.updated_at
             if now - beat < timedelta(seconds=lease_timeout_s):
                 return None  # a duplicate delivery: the live attempt goes on
-        if job.cancel_requested:
+        if _stopping(session, job):
             _end_shard(row, CANCELLED, now)
             _settle_job(session, job, now)
             return None
@@ -322,17 +336,14 @@ def exhausted_problem(job_id: str, row: ShardRow | ShardRecord) -> dict[str, Any
 
 
 def _fail_job(session: Session, job: JobRow, problem: dict[str, Any], now: datetime) -> None:
-    """A shard failed for good: the job fails with its problem; the other shards stop (their next
-    fenced write sees the job ended) and the queued ones are not started."""
+    """A shard failed for good: the job is stopping with its problem (shown on the job while the
+    other shards stop; the finalize ends the job ``failed`` with it)."""
     if JobState(job.state) in TERMINAL_STATES:
         return
-    rows = _shards(session, job.id)
-    for other in rows:
-        if other.state == QUEUED:
-            _end_shard(other, CANCELLED, now)
-    lifecycle.end(
-        job, JobState.FAILED, now, partial=job.chunks_written > 0, error=problem, result=_result(rows)
-    )
+    if job.error is None or job.error.get("retrying"):
+        job.error = dict(problem)
+    job.phase = "stopping"
+    _settle_job(session, job, now)
 
 
 def shard_heartbeat(index: Index, job_id: str, shard: int, worker: str) -> bool:
@@ -377,13 +388,28 @@ def shard_progress(
         row.heartbeat_at = row.updated_at = now
         session.flush()
         _aggregate(session, job, now)
-        return bool(job.cancel_requested)
+        return _stopping(session, job)
 
     return index.transact(work, write=True)
 
 
-def is_cancel_requested(index: Index, job_id: str) -> bool:
-    return index.is_cancel_requested(job_id)
+def is_stopping(index: Index, job_id: str) -> bool:
+    """Whether the job's shards should stop: a cancel was requested, or a shard failed for good
+    (a shard's worker reads this where a job's worker reads the cancel flag)."""
+    return index.transact(lambda session: _stopping(session, _job(session, job_id, lock=False)))
+
+
+def finalize_due(index: Index, job_id: str) -> bool:
+    """Whether the sharded job waits for its finalize: it has not ended and none of its shards is
+    queued or running (every one succeeded, or the job stopped)."""
+
+    def work(session: Session) -> bool:
+        job = _job(session, job_id, lock=False)
+        rows = _shards(session, job_id)
+        leased = JobState(job.state) in lifecycle.LEASED_STATES and job.lease_worker == SHARDED_LEASE
+        return leased and bool(rows) and all(r.state in ENDED for r in rows)
+
+    return index.transact(work)
 
 
 def record_shard_chunks(
@@ -404,16 +430,16 @@ def record_shard_chunks(
 def finish_shard(
     index: Index, job_id: str, shard: int, state: str, *, worker: str, error: dict[str, Any] | None = None
 ) -> bool:
-    """End ``worker``'s attempt of the shard: ``succeeded``, ``cancelled`` (the job ends cancelled
-    once no shard runs) or ``failed`` (the job fails with ``error``). Returns whether every shard of
-    the job has now succeeded (time to finalize). Fenced (LeaseLost)."""
+    """End ``worker``'s attempt of the shard: ``succeeded``, ``cancelled`` (the job was stopping) or
+    ``failed`` (the job stops, to fail with ``error``). Returns whether no shard of the job is queued
+    or running any more (time to finalize). Fenced (LeaseLost)."""
     if state not in ENDED:
         raise ValueError(f"finish_shard needs succeeded, failed or cancelled, got {state!r}")
 
     def work(session: Session) -> bool:
         job, row = _job(session, job_id), _shard(session, job_id, shard)
         if retried(session) and row.state == state and row.last_worker == worker:
-            return all(r.state == SUCCEEDED for r in _shards(session, job_id))
+            return all(r.state in ENDED for r in _shards(session, job_id))
         _fence(job, row, worker)
         now = utcnow()
         _end_shard(row, state, now, error)
@@ -423,7 +449,7 @@ def finish_shard(
             _fail_job(session, job, dict(error or {}), now)
         elif state == CANCELLED:
             _settle_job(session, job, now)
-        return all(r.state == SUCCEEDED for r in _shards(session, job_id))
+        return all(r.state in ENDED for r in _shards(session, job_id))
 
     return index.transact(work, write=True)
 
@@ -450,12 +476,12 @@ def release_shard(index: Index, job_id: str, shard: int, *, worker: str, error: 
 
 
 def claim_finalize(index: Index, job_id: str, worker: str, *, lease_timeout_s: float) -> JobRecord | None:
-    """Hand the job's lease to ``worker`` to write the sequence table and root metadata: only while
-    the job runs sharded (or a finalizer's lease expired) and every shard succeeded; else None."""
+    """Hand the job's lease to ``worker`` to write the sequence table and root metadata once no
+    shard is queued or running (:func:`finalize_due`; or a finalizer's lease expired); else None."""
 
     def work(session: Session) -> JobRecord | None:
         job = _job(session, job_id)
-        if JobState(job.state) is not JobState.RUNNING or job.cancel_requested:
+        if JobState(job.state) not in lifecycle.LEASED_STATES:
             return None
         if job.lease_worker == worker:
             return job.to_record()
@@ -465,7 +491,7 @@ def claim_finalize(index: Index, job_id: str, worker: str, *, lease_timeout_s: f
             if now - beat < timedelta(seconds=lease_timeout_s):
                 return None  # another finalizer is at work
         rows = _shards(session, job_id)
-        if not rows or any(r.state != SUCCEEDED for r in rows):
+        if not rows or any(r.state not in ENDED for r in rows):
             return None
         job.lease_worker = worker
         job.heartbeat_at = job.updated_at = now
@@ -476,20 +502,20 @@ def claim_finalize(index: Index, job_id: str, worker: str, *, lease_timeout_s: f
 
 
 def unfinalized(index: Index, *, untouched_since: datetime, limit: int = 500) -> list[str]:
-    """Sharded jobs every shard of which succeeded, untouched since ``untouched_since`` and not
-    finalized: their finalize message was lost (the reconciler sends it again)."""
-    done = (
+    """Sharded jobs none of whose shards is queued or running, untouched since ``untouched_since``
+    and not finalized: their finalize message was lost (the reconciler sends it again)."""
+    ended = (
         select(ShardRow.job_id)
         .group_by(ShardRow.job_id)
-        .having(func.sum(case((ShardRow.state == SUCCEEDED, 0), else_=1)) == 0)
+        .having(func.sum(case((ShardRow.state.in_(sorted(ENDED)), 0), else_=1)) == 0)
     )
     stmt = (
         select(JobRow.id)
         .where(
-            JobRow.state == JobState.RUNNING.value,
+            JobRow.state.in_(lifecycle.LEASED_VALUES),
             JobRow.lease_worker == SHARDED_LEASE,
             JobRow.updated_at < untouched_since,
-            JobRow.id.in_(done),
+            JobRow.id.in_(ended),
         )
         .limit(limit)
     )
@@ -537,7 +563,7 @@ def expire_shard(index: Index, seen: ShardRecord, now: datetime) -> str | None:
             seen.attempts,
         ):
             return None
-        if job.cancel_requested or JobState(job.state) in TERMINAL_STATES:
+        if JobState(job.state) in TERMINAL_STATES or _stopping(session, job):
             _end_shard(row, CANCELLED, now)
             _settle_job(session, job, now)
             return CANCELLED
