@@ -321,7 +321,7 @@ def run_shard(
                 "attempts": shard.attempts,
                 "max_attempts": shard.max_attempts,
             }
-            if isinstance(exc, GIVEN_BACK | IndexUnavailable) and shard.attempts < shard.max_attempts:
+            if isinstance(exc, (*GIVEN_BACK, IndexUnavailable)) and shard.attempts < shard.max_attempts:
                 sh.release_shard(index, job_id, number, worker=worker_id, error={**problem, "retrying": True})
                 return "retry"
             log.exception("job %s shard %d failed", job_id, number)

@@ -1,6 +1,6 @@
 """job_shards in the SQL index (SQLite and PostgreSQL): per-shard leases, fencing, attempt caps,
-progress summed into the job, a failed shard failing the job, cancel reaching every shard, and the
-reconciler's transitions (storage/index/shards.py)."""
+progress summed into the job, a failed shard or a cancel stopping every shard before the finalize
+ends the job, and the reconciler's transitions (storage/index/shards.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def _sharded(index: Index, max_attempts: int = 2) -> str:
     assert index.claim(job.id, "planner") is not None
     shards = sh.create_shards(index, job.id, PLANS, worker="planner", max_attempts=max_attempts)
     assert [s.state for s in shards] == ["queued", "queued"]
+    return job.id
+
+
+def _fresh_job(index: Index) -> str:
+    job = index.create_job(spec={}, owner="bob", store_url_for=lambda i: f"file:///b/{i}", max_attempts=3)
+    assert index.claim(job.id, "planner") is not None
     return job.id
 
 
@@ -81,27 +87,42 @@ def test_claim_fences_progress_sums_and_finalize_waits_for_every_shard(index: In
     assert [s.last_worker for s in sh.list_shards(index, job_id)] == ["w1", "w2"]
 
 
-def test_a_failed_shard_fails_the_job_and_stops_the_others(index: Index) -> None:
-    job_id = _sharded(index)
-    assert sh.claim_shard(index, job_id, 0, "w1", lease_timeout_s=60)
+def test_a_failed_shard_stops_the_others_then_the_finalize_fails_the_job(index: Index) -> None:
+    job_id = _sharded(index)  # another sharded job: not stopped by this one's failure
+    other = _fresh_job(index)
+    sh.create_shards(index, other, [*PLANS, PLANS[1]], worker="planner", max_attempts=2)  # shard 2 queued
+    for shard, worker in ((0, "w1"), (1, "w2")):
+        assert sh.claim_shard(index, other, shard, worker, lease_timeout_s=60)
     problem = {"type": "internal-error", "title": "Boom", "detail": "boom", "shard": 0}
-    sh.finish_shard(index, job_id, 0, "failed", worker="w1", error=problem)
-    job = index.get_job(job_id)
-    assert job.state is JobState.FAILED and job.error == problem
-    assert job.result is not None and job.result["shards"]["count"] == 2
-    assert [s.state for s in sh.list_shards(index, job_id)] == ["failed", "cancelled"]
-    assert sh.claim_shard(index, job_id, 1, "w2", lease_timeout_s=60) is None
+    assert sh.finish_shard(index, other, 0, "failed", worker="w1", error=problem) is False
+    job = index.get_job(other)
+    assert job.state is JobState.RUNNING and job.error == problem and job.phase == "stopping"
+    assert [s.state for s in sh.list_shards(index, other)] == ["failed", "running", "cancelled"]
+    assert sh.is_stopping(index, other) and not sh.is_stopping(index, job_id)
+    assert sh.shard_progress(index, other, 1, units_done=1, tokens_done=1, worker="w2") is True
+    assert not sh.finalize_due(index, other)
+    assert sh.claim_finalize(index, other, "f", lease_timeout_s=60) is None  # shard 1 still runs
+    assert sh.finish_shard(index, other, 1, "cancelled", worker="w2") is True  # the last to stop
+    assert sh.finalize_due(index, other)
+    assert sh.unfinalized(index, untouched_since=utcnow() + timedelta(seconds=1)) == [other]
+    final = sh.claim_finalize(index, other, "f", lease_timeout_s=60)
+    assert final is not None and final.phase == "finalizing" and not final.cancel_requested
+    index.finish(other, JobState.FAILED, error=problem, partial=True, worker="f")
+    assert not sh.finalize_due(index, other)
 
 
-def test_cancel_stops_every_shard_and_ends_the_job_when_none_runs(index: Index) -> None:
+def test_cancel_stops_every_shard_and_the_finalize_ends_the_job_once_none_runs(index: Index) -> None:
     job_id = _sharded(index)
     assert sh.claim_shard(index, job_id, 0, "w1", lease_timeout_s=60)
     index.request_cancel(job_id)
     assert sh.shard_progress(index, job_id, 0, units_done=1, tokens_done=1, worker="w1") is True
     assert index.get_job(job_id).state is JobState.CANCELLING
-    sh.finish_shard(index, job_id, 0, "cancelled", worker="w1")
-    assert index.get_job(job_id).state is JobState.CANCELLED
+    assert sh.finish_shard(index, job_id, 0, "cancelled", worker="w1") is True
+    assert index.get_job(job_id).state is JobState.CANCELLING  # its finalize ends it
     assert [s.state for s in sh.list_shards(index, job_id)] == ["cancelled", "cancelled"]
+    final = sh.claim_finalize(index, job_id, "f", lease_timeout_s=60)
+    assert final is not None and final.cancel_requested
+    assert sh.claim_shard(index, job_id, 1, "w2", lease_timeout_s=60) is None
 
 
 def test_expired_shard_leases_are_requeued_then_failed_past_the_attempt_cap(index: Index) -> None:
@@ -117,6 +138,7 @@ def test_expired_shard_leases_are_requeued_then_failed_past_the_attempt_cap(inde
         assert outcome == ("queued" if attempt == 1 else "failed")
         with pytest.raises(LeaseLost):  # the dead attempt's writes are refused
             sh.record_shard_chunks(index, job_id, 1, [_chunk("batches/000004/tokens")], worker=f"w{attempt}")
-    job = index.get_job(job_id)
-    assert job.state is JobState.FAILED and job.error is not None
+    job = index.get_job(job_id)  # stopping: shard 0 was queued, so it is cancelled; finalize due
+    assert job.state is JobState.RUNNING and job.error is not None and sh.finalize_due(index, job_id)
     assert job.error["type"] == "lease-expired" and job.error["shard"] == 1 and job.error["attempts"] == 2
+    assert [s.state for s in sh.list_shards(index, job_id)] == ["cancelled", "failed"]

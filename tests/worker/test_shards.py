@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zarr
 
+from storage.bundle.bulk import open_bulk
 from storage.index import Index, JobState
 from storage.index import shards as sh
-from storage.stores.objectstore import ObjectStore
+from storage.stores.objectstore import ObjectStore, zarr_store
 from tests.faults import audit_chunks, bundle_differences, bundle_files
+from worker.bulk import batch_group
 from worker.jobs import run_job
 from worker.models import ModelCache
 from worker.settings import WorkerSettings
-from worker.shards import run_finalize, run_shard
+from worker.shards import ShardExporter, run_finalize, run_shard
 
 from .conftest import model_cache_dir
 
@@ -110,3 +113,52 @@ def test_small_or_unsharded_bulk_jobs_run_on_one_worker(
         worker_id="w", launch_shards=lambda job, shards: launched.append(shards),
     )  # fmt: skip
     assert outcome is JobState.SUCCEEDED and launched == [] and sh.list_shards(index, JOB_ID) == []
+
+
+def test_a_shard_failing_for_good_fails_the_job_keeping_the_finished_micro_batches(
+    tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard 1 fails (not a transient fault: no retry); the queued shards are cancelled, the shard
+    that leaves nothing to run sends the finalize, and the job ends failed with shard 1's problem and a root whose
+    table holds the micro-batches that finished, readable like a cancelled one-worker job's."""
+    spec = bulk_spec(tiny_model_dir("llama"), shuffle_seed=None)
+    settings, index, store = _job(tmp_path, "failing", spec, shard_micro_batches=2)
+    models = ModelCache(model_cache_dir(), "cpu")
+    launched: list[list[int]] = []
+    run_job(
+        JOB_ID, index=index, store=store, models=models, settings=settings, worker_id="planner",
+        launch_shards=lambda job, shards: launched.append(shards),
+    )  # fmt: skip
+    real_run_batch = ShardExporter._run_batch
+
+    def run_batch(self: ShardExporter, job_id: str, batch: Any, members: Any) -> None:
+        if batch.index == 3:
+            raise RuntimeError("the export of micro-batch 3 broke")
+        real_run_batch(self, job_id, batch, members)
+
+    monkeypatch.setattr(ShardExporter, "_run_batch", run_batch)
+    run = {"index": index, "store": store, "models": models, "settings": settings}
+    assert run_shard(JOB_ID, 0, **run, worker_id="w0") == "succeeded"
+    # micro-batch 2 finishes, 3 fails; the queued shards are cancelled: nothing is left to run
+    assert run_shard(JOB_ID, 1, **run, worker_id="w1") == "finalize"
+    stopping = index.get_job(JOB_ID)
+    assert stopping.state is JobState.RUNNING and stopping.error is not None
+    assert stopping.error["shard"] == 1 and "micro-batch 3 broke" in stopping.error["detail"]
+    assert run_shard(JOB_ID, 2, **run, worker_id="w0") == "finalize"  # a late delivery: finalize due
+    assert (
+        run_finalize(JOB_ID, index=index, store=store, settings=settings, worker_id="w0") is JobState.FAILED
+    )
+    done = index.get_job(JOB_ID)
+    assert done.state is JobState.FAILED and done.partial and done.error == stopping.error
+    assert done.result is not None and done.result["micro_batches"] == 3
+    assert [r["state"] for r in done.result["shards"]["runs"]][:3] == ["succeeded", "failed", "cancelled"]
+    bundle = open_bulk(done.store_url)
+    table = bundle.sequences
+    assert bundle.batches() == [batch_group(k) for k in range(3)]  # 3 and on never finished
+    assert "partial_table" not in table.attrs and sorted(set(table["batch"].values.tolist())) == [0, 1, 2]
+    kept = sorted(int(i) for k in range(3) for i in zarr.open_group(
+        zarr_store(done.store_url), path=batch_group(k), mode="r")["sequence"][:])  # fmt: skip
+    assert table["sequence"].values.tolist() == kept and done.result["sequences"] == len(kept)
+    for i in kept[:2]:
+        assert bundle.sequence(i)["tokens"].shape[-1] == int(table["length"].sel(sequence=i))
+    assert audit_chunks(index, done, bundle_files(store, done.store_url)).clean

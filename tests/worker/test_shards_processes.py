@@ -2,7 +2,8 @@
 reconciler running): two workers share its shards; one is SIGKILLed mid-shard and its shard is
 taken over (the reconciler re-sends it once its lease expires); the bundle equals a one-worker
 run's (every array of every sequence, and the table); the job's result shows the shards and who
-ran which; a cancel stops every shard of the next job."""
+ran which; a cancel stops every shard of the next job and its finalize keeps the finished
+micro-batches; a lost finalize message is sent again by the reconciler."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from storage.bundle.bulk import open_bulk
 from storage.index import Index, JobState
 from storage.index import shards as sh
 from storage.stores.objectstore import ObjectStore
@@ -23,6 +25,7 @@ from worker.app import create_celery_app, enqueue_export
 from worker.jobs import run_job
 from worker.models import ModelCache
 from worker.settings import WorkerSettings
+from worker.shards import run_shard
 
 from .conftest import model_cache_dir
 from .test_shards import bulk_spec
@@ -31,6 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 JOB_ID = "00000000-0000-4000-8000-00000005a4d1"
 CANCELLED_ID = "00000000-0000-4000-8000-00000005a4d2"
+LOST_ID = "00000000-0000-4000-8000-00000005a4d3"
 
 
 def _pool_pids(proc: Any) -> set[int]:
@@ -121,6 +125,37 @@ def test_two_workers_share_a_job_and_a_sigkill_mid_shard_leaves_the_bundle_ident
         assert cancelled.state is JobState.CANCELLED and cancelled.units_done < 600
         assert {s.state for s in sh.list_shards(index, CANCELLED_ID)} <= {"succeeded", "cancelled"}
         assert "cancelled" in {s.state for s in sh.list_shards(index, CANCELLED_ID)}
+        # its finalize kept the finished micro-batches, as one worker's cancelled job does
+        kept = open_bulk(cancelled.store_url)
+        assert cancelled.partial and cancelled.result is not None
+        assert "partial_table" not in kept.sequences.attrs and kept.attrs.get("partial") is True
+        assert (
+            len(kept.sequences["sequence"])
+            == cancelled.result["sequences"]
+            == sum(int(kept._root[g]["sequence"].shape[0]) for g in kept.batches())
+        )
+        assert audit_chunks(index, cancelled, bundle_files(store, cancelled.store_url)).clean
+
+        # a job whose shards all ran (here, in this process) but whose finalize message was lost:
+        # the reconciler sends it again and a worker finalizes the job
+        lost_spec = bulk_spec(model, sequences=12, shuffle_seed=None)
+        index.create_job(
+            spec=lost_spec, owner="t", store_url_for=store.bundle_url, max_attempts=3, job_id=LOST_ID
+        )
+        here = settings.model_copy(update={"shard_micro_batches": 2, "model_cache_dir": cache})
+        launched: list[list[int]] = []
+        run_job(
+            LOST_ID, index=index, store=store, models=models, settings=here, worker_id="here:1",
+            launch_shards=lambda job, shards: launched.append(shards),
+        )  # fmt: skip
+        outcomes = [
+            run_shard(LOST_ID, n, index=index, store=store, models=models, settings=here, worker_id="here:1")
+            for n in launched[0]
+        ]
+        assert len(outcomes) >= 2 and outcomes[-1] == "finalize"  # not sent: the message is "lost"
+        assert wait_until(lambda: index.get_job(LOST_ID).terminal, 60, poll_s=0.1)
+        lost = index.get_job(LOST_ID)
+        assert lost.state is JobState.SUCCEEDED and lost.result is not None and lost.result["sequences"] == 12
     app.close()
     index.dispose()
     ref_index.dispose()
