@@ -239,12 +239,20 @@ def run_benchmark(
     layers: list[int] | None = None,
     attention_layers: list[int],
     qkv_dtype: str = "float16",
+    modes: list[str] | None = None,
+    summary_params: dict[str, int] | None = None,
 ) -> dict[str, BulkMode]:
-    """Every mode on ``work``'s micro-batches (module docstring), after a warm-up of each."""
+    """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
+    warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``."""
     memory = PeakMemory(lm.device)
-    captures = {n: {**c, "layers": layers} for n, c in CAPTURES.items()}
-    captures["summary"]["layers"] = None  # small whatever the layers: always all of them
-    captures["full attention"]["layers"] = attention_layers
+    chosen = [n for n in CAPTURES if modes is None or n in modes]
+    captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
+    if "summary" in captures:
+        captures["summary"]["layers"] = None  # small whatever the layers: always all of them
+        if summary_params:
+            captures["summary"]["summary_params"] = summary_params
+    if "full attention" in captures:
+        captures["full attention"]["layers"] = attention_layers
     run_plain(lm, work, memory)  # every shape once (kernels, allocator) before any mode is timed
     warm = workload([ids[:32] for ids in work.ids[:2]], work.new_tokens, work.token_budget, 2)
     for name, capture in captures.items():
@@ -370,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 on a busy machine)")
     p.add_argument("--store", type=Path, help="store directory (default: a temporary directory)")
     p.add_argument("--model-cache", type=Path, help="dequantised GGUF cache (default: the tests' cache)")
+    p.add_argument(
+        "--modes",
+        type=lambda text: [m.strip().replace("-", " ") for m in text.split(",")],
+        help=f"qkvault modes to run after plain, comma-separated, of {', '.join(CAPTURES)} (default: all; "
+        "the raw write runs with hidden states)",
+    )
+    p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
+    p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
     return p
 
@@ -382,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.modes or ()) - set(CAPTURES))
+    if unknown:
+        print(f"--modes: unknown {unknown}; choose from {', '.join(CAPTURES)}", file=sys.stderr)
         return 2
     cpu = device.type == "cpu"
     name = args.model or ("smollm2" if cpu else "llama-8b")
@@ -419,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model = bm.spec.model.model_dump(mode="json")
         options = dict(layers=args.layers, attention_layers=attention_layers, qkv_dtype=args.qkv_dtype)
+        window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
+        options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
         results = run_benchmark(lm, model, work, store, **options)
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)
