@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_celery_app(settings)
     register_tasks(app, settings)
-    connect_capability_reports(settings)  # each pool child reports its GPUs and packages (Redis, TTL)
+    connect_capability_reports(settings, app)  # each pool child: its GPUs and packages, its queues
     name = f"qkvault-{os.getpid()}@{socket.gethostname()}"
     args = [
         "worker",

@@ -48,6 +48,7 @@ def create_celery_app(settings: ServiceSettings) -> Celery:
         accept_content=["json"],
         result_expires=7 * 24 * 3600,
         task_track_started=True,
+        result_extended=True,  # a task's result names the worker that ran it and the queue it came from
         worker_send_task_events=True,  # Flower
         task_send_sent_event=True,
         worker_hijack_root_logger=False,

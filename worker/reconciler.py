@@ -18,6 +18,10 @@ of a job whose lease is live anyway, and fences the writes of a worker whose lea
 left unacked by a dead worker are removed from
 kombu's ``unacked`` hash when the job is re-enqueued, else kombu would redeliver them after the
 visibility timeout. A broker that cannot be read falls back to the time thresholds alone.
+
+Every message goes to its job's queue (:func:`storage.models.routing.stored_job_queue`, from the
+stored spec: a job with placement options waits for a worker that meets them), and the broker read
+covers the queues of the pass's jobs and the base queue.
 Imports neither torch nor transformers.
 """
 
@@ -29,6 +33,7 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +45,7 @@ from storage.index import reconcile as sql
 from storage.index import shards as shard_sql
 from storage.index.models import utcnow
 from storage.index.retry import IndexRetry
+from storage.models.routing import stored_job_queue
 from worker.app import (
     EXPORT_TASK,
     FINALIZE_TASK,
@@ -112,16 +118,16 @@ def _redis(channel: Any) -> tuple[Any, str]:
     return redis.Redis(connection_pool=channel.client.connection_pool), str(channel.global_keyprefix or "")
 
 
-def inspect_broker(app: Celery, queue: str) -> BrokerView | None:
-    """Read the queue lists (every priority) and the unacked hash in one MULTI; None when the
-    broker is not Redis or cannot be read."""
+def inspect_broker(app: Celery, queues: Collection[str]) -> BrokerView | None:
+    """Read the lists of ``queues`` (every priority) and the unacked hash in one MULTI; None when
+    the broker is not Redis or cannot be read."""
     try:
         with app.connection_for_read() as conn:
             channel = conn.default_channel
             if not hasattr(channel, "unacked_key") or not hasattr(channel, "_q_for_pri"):
                 return None
             client, prefix = _redis(channel)
-            lists = {prefix + channel._q_for_pri(queue, p) for p in channel.priority_steps}
+            lists = {prefix + channel._q_for_pri(q, p) for q in queues for p in channel.priority_steps}
             pipe = client.pipeline(transaction=True)
             for key in sorted(lists):
                 pipe.lrange(key, 0, -1)
@@ -164,13 +170,18 @@ def drop_deliveries(app: Celery, tags: list[str]) -> None:
 
 
 def _send(
-    app: Celery, job_id: str, broker: BrokerView | None, live_after: float, report: ReconcileReport
+    app: Celery,
+    job_id: str,
+    queue: str,
+    broker: BrokerView | None,
+    live_after: float,
+    report: ReconcileReport,
 ) -> bool:
     try:
         stale = broker.stale(job_id, live_after) if broker is not None else []
         if stale:
             drop_deliveries(app, stale)
-        enqueue_export(app, job_id)
+        enqueue_export(app, job_id, queue=queue)
     except Exception:
         log.warning("job %s: re-enqueue failed; retried after requeue_after_s", job_id, exc_info=True)
         report.enqueue_errors += 1
@@ -183,6 +194,7 @@ def _expired(
     app: Celery,
     settings: WorkerSettings,
     job: JobRecord,
+    queue: str,
     now: datetime,
     broker: BrokerView | None,
     report: ReconcileReport,
@@ -205,7 +217,7 @@ def _expired(
         # deliveries before the last beat belong to the dead attempt; later ones are live
         beat = job.heartbeat_at or now - timedelta(seconds=settings.lease_timeout_s)
         if broker is None or not broker.holds(job.id, beat.timestamp()):
-            _send(app, job.id, broker, beat.timestamp(), report)
+            _send(app, job.id, queue, broker, beat.timestamp(), report)
         return
     report.raced += 1
     log.info("job %s changed while being reconciled; left to the next pass", job.id)
@@ -221,15 +233,16 @@ def reconcile_once(
     queue_cutoff = now - timedelta(seconds=settings.requeue_after_s)
     expired = sql.expired_leases(index, beat_before=lease_cutoff)
     stale = sql.stale_queued(index, untouched_since=queue_cutoff)
-    broker = inspect_broker(celery_app, settings.queue_name) if expired or stale else None
+    queue_of = {j.id: stored_job_queue(settings.queue_name, j.spec) for j in expired + stale}
+    broker = inspect_broker(celery_app, {settings.queue_name, *queue_of.values()}) if queue_of else None
     for job in expired:
-        _expired(index, celery_app, settings, job, now, broker, report)
+        _expired(index, celery_app, settings, job, queue_of[job.id], now, broker, report)
     for job in stale:
         if broker is not None and broker.holds(job.id, queue_cutoff.timestamp()):
             report.still_in_broker += 1
         elif not sql.mark_requeued(index, job, now):
             report.raced += 1
-        elif _send(celery_app, job.id, broker, queue_cutoff.timestamp(), report):
+        elif _send(celery_app, job.id, queue_of[job.id], broker, queue_cutoff.timestamp(), report):
             report.requeued_lost += 1
             log.info("job %s: queued since %s, no message in the broker: re-enqueued", job.id, job.updated_at)
     _reconcile_shards(index, celery_app, settings, now, report)
@@ -253,7 +266,9 @@ def _reconcile_shards(
     unfinalized = shard_sql.unfinalized(index, untouched_since=queue_cutoff)
     if not (expired or stale or unfinalized):
         return
-    broker = inspect_broker(app, settings.queue_name)
+    job_ids = {s.job_id for s in expired + stale} | set(unfinalized)
+    queue_of = {j: stored_job_queue(settings.queue_name, index.get_job(j).spec) for j in sorted(job_ids)}
+    broker = inspect_broker(app, {settings.queue_name, *queue_of.values()})
     for shard in expired:
         key = shard_key(shard.job_id, shard.shard)
         outcome = shard_sql.expire_shard(index, shard, now)
@@ -270,34 +285,35 @@ def _reconcile_shards(
                     who, shard.attempts, shard.max_attempts,
                 )  # fmt: skip
             if shard_sql.finalize_due(index, shard.job_id):  # it was the last to stop: finalize now
-                _send_finalize(app, shard.job_id, settings, report)
+                _send_finalize(app, shard.job_id, queue_of[shard.job_id], report)
         else:
             report.requeued_expired += 1
             log.info("%s on attempt %d of %d: queued again", who, shard.attempts, shard.max_attempts)
             beat = (shard.heartbeat_at or lease_cutoff).timestamp()
             if broker is None or not broker.holds(key, beat):
-                _send_shard(app, shard.job_id, shard.shard, broker, beat, report)
+                _send_shard(app, shard.job_id, shard.shard, queue_of[shard.job_id], broker, beat, report)
     for shard in stale:
         key = shard_key(shard.job_id, shard.shard)
         if broker is not None and broker.holds(key, queue_cutoff.timestamp()):
             report.still_in_broker += 1
             continue
         shard_sql.touch_shard(index, shard.job_id, shard.shard, now)
-        if _send_shard(app, shard.job_id, shard.shard, broker, queue_cutoff.timestamp(), report):
+        queue = queue_of[shard.job_id]
+        if _send_shard(app, shard.job_id, shard.shard, queue, broker, queue_cutoff.timestamp(), report):
             report.requeued_lost += 1
     for job_id in unfinalized:
         if broker is not None and broker.holds(f"{job_id}:finalize", queue_cutoff.timestamp()):
             report.still_in_broker += 1
             continue
         shard_sql.touch_job(index, job_id, now)
-        if _send_finalize(app, job_id, settings, report):
+        if _send_finalize(app, job_id, queue_of[job_id], report):
             report.requeued_lost += 1
             log.info("job %s: no shard left to run, not finalized: finalize sent again", job_id)
 
 
-def _send_finalize(app: Celery, job_id: str, settings: WorkerSettings, report: ReconcileReport) -> bool:
+def _send_finalize(app: Celery, job_id: str, queue: str, report: ReconcileReport) -> bool:
     try:
-        enqueue_finalize(app, job_id, queue=settings.queue_name)
+        enqueue_finalize(app, job_id, queue=queue)
     except Exception:
         log.warning("job %s: finalize not sent; retried later", job_id, exc_info=True)
         report.enqueue_errors += 1
@@ -309,6 +325,7 @@ def _send_shard(
     app: Celery,
     job_id: str,
     shard: int,
+    queue: str,
     broker: BrokerView | None,
     live_after: float,
     report: ReconcileReport,
@@ -317,7 +334,7 @@ def _send_shard(
         stale = broker.stale(shard_key(job_id, shard), live_after) if broker is not None else []
         if stale:
             drop_deliveries(app, stale)
-        enqueue_shard(app, job_id, shard)
+        enqueue_shard(app, job_id, shard, queue=queue)
     except Exception:
         log.warning("job %s shard %d: re-enqueue failed; retried later", job_id, shard, exc_info=True)
         report.enqueue_errors += 1

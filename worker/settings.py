@@ -7,12 +7,15 @@ worker's own knobs, from ``QKVAULT_*``. Constructed once by each entry point and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
-from storage.settings import ServiceSettings
+from storage.settings import ServiceSettings, list_setting
+
+PlacementPackage = Literal["accelerate", "bitsandbytes"]
 
 
 class WorkerSettings(ServiceSettings):
@@ -66,6 +69,21 @@ class WorkerSettings(ServiceSettings):
         "of this many micro-batches, run by every worker that listens (docs/operations.md 'Scale-out'); "
         "0: never (each job on one worker)",
     )
+    shard_layers: int = Field(
+        default=0,
+        ge=0,
+        description="scale-out: a one-batch job (prompts) exporting more layers than this, with no "
+        "generated tokens, is split into shards of this many exported layers, run by every worker that "
+        "listens (docs/operations.md 'Scale-out'); 0: never",
+    )
+
+    placement_packages: Annotated[list[PlacementPackage], NoDecode] | None = Field(
+        default=None,
+        description="the optional packages this worker offers to jobs with placement options "
+        "(comma-separated: `accelerate`, `bitsandbytes`; `none`: none, so it takes jobs without "
+        "placement options only). Unset: every one that imports. Decides the queues the worker "
+        "consumes and what it reports (docs/operations.md 'Model placement')",
+    )
 
     # reconciler (python -m worker.reconciler; docs/reliability.md)
     reconcile_interval_s: float = Field(default=30.0, gt=0, description="reconciler: seconds between passes")
@@ -89,6 +107,13 @@ class WorkerSettings(ServiceSettings):
         description="source checkouts only: the dequantised-GGUF cache that the test suite, the workers "
         "it starts and `bench` share (unset: `<checkout>/.qkvault/test-models`)",
     )
+
+    @field_validator("placement_packages", mode="before")
+    @classmethod
+    def _package_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return []
+        return list_setting(value)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerSettings:

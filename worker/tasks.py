@@ -45,6 +45,12 @@ class WorkerState:
 def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerState:
     state = WorkerState(settings)
 
+    def queue_of(job_id: str) -> str:
+        """The job's queue (storage/models/routing.py), from its stored spec."""
+        from storage.models.routing import stored_job_queue
+
+        return stored_job_queue(settings.queue_name, state.resources()[0].get_job(job_id).spec)
+
     @app.task(name=EXPORT_TASK, ignore_result=False)
     def export(job_id: str) -> str | None:
         from storage.index import JobState
@@ -59,10 +65,10 @@ def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerState:
             models=models,
             settings=settings,
             worker_id=state.worker_id,
-            launch_shards=lambda job, shards: enqueue_shards(app, job, shards, queue=settings.queue_name),
+            launch_shards=lambda job, shards: enqueue_shards(app, job, shards, queue=queue_of(job)),
         )
         if outcome is JobState.QUEUED:  # given back after a store outage: run it again later
-            enqueue_export(app, job_id, queue=settings.queue_name, countdown=settings.retry_delay_s)
+            enqueue_export(app, job_id, queue=queue_of(job_id), countdown=settings.retry_delay_s)
         return None if outcome is None else outcome.value
 
     @app.task(name=SHARD_TASK, ignore_result=False)
@@ -84,9 +90,9 @@ def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerState:
             worker_id=state.worker_id,
         )
         if outcome == "finalize":
-            enqueue_finalize(app, job_id, queue=settings.queue_name)
+            enqueue_finalize(app, job_id, queue=queue_of(job_id))
         elif outcome == "retry":
-            enqueue_shard(app, job_id, number, queue=settings.queue_name, countdown=settings.retry_delay_s)
+            enqueue_shard(app, job_id, number, queue=queue_of(job_id), countdown=settings.retry_delay_s)
         return outcome
 
     @app.task(name=FINALIZE_TASK, ignore_result=False)

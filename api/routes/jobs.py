@@ -47,6 +47,7 @@ from storage.index import TERMINAL_STATES, JobRecord, JobState
 from storage.index.submit import submit_job as submit_to_index
 from storage.inputs import utf8
 from storage.jobs.spec import JobSpec
+from storage.models.routing import job_queue
 from storage.models.spec import SMOLLM2_GGUF
 from worker.app import enqueue_export, revoke_export
 
@@ -181,7 +182,7 @@ def submit_job(
     job = submitted.job
     if submitted.created:
         try:  # after the commit: a worker must find the row
-            enqueue_export(celery_app, job.id)
+            enqueue_export(celery_app, job.id, queue=job_queue(settings.queue_name, spec.model))
         except Exception as exc:  # broker down: the job stays queued; a reconciler re-enqueues it
             log.warning("job %s stored but not enqueued (broker unavailable: %s); stays queued", job.id, exc)
     else:

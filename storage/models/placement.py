@@ -191,10 +191,15 @@ class WorkerCapabilities:
         )
 
 
+Need = Literal["accelerate", "bitsandbytes", "gpus", "gpu_memory"]
+
+
 @dataclass(frozen=True)
 class Unmet:
-    """One reason a worker cannot place a model: the spec field it concerns and the message."""
+    """One reason a worker cannot place a model: what is missing (``need``; jobs are routed by all
+    but ``gpu_memory``, :mod:`storage.models.routing`), the spec field it concerns and the message."""
 
+    need: Need
     field: str  # "model.num_gpus"
     message: str
 
@@ -212,24 +217,36 @@ def unmet_needs(placement: Placement, caps: WorkerCapabilities) -> list[Unmet]:
     out: list[Unmet] = []
     if placement.device_map is not None and caps.accelerate is None:
         out.append(
-            Unmet("model.device_map", "model.device_map needs the Python package accelerate on the worker")
+            Unmet(
+                "accelerate",
+                "model.device_map",
+                "model.device_map needs the Python package accelerate on the worker",
+            )
         )
     quant = placement.quantization
     if quant is not None:
         if caps.bitsandbytes is None:
             out.append(
                 Unmet(
+                    "bitsandbytes",
                     "model.quantization",
                     f"model.quantization ({quant.bits}-bit) needs the Python package bitsandbytes on the "
                     "worker (pip install 'qkvault[quant]')",
                 )
             )
         if caps.accelerate is None and placement.device_map is None:
-            out.append(Unmet("model.quantization", "model.quantization needs the Python package accelerate"))
+            out.append(
+                Unmet(
+                    "accelerate",
+                    "model.quantization",
+                    "model.quantization needs the Python package accelerate",
+                )
+            )
     need = gpus_needed(placement)
     if need > len(caps.gpus):
         out.append(
             Unmet(
+                "gpus",
                 "model.num_gpus" if placement.num_gpus is not None else "model.max_memory_gib",
                 f"the model is to be spread over {need} GPU(s) but the worker has {len(caps.gpus)}",
             )
@@ -240,6 +257,7 @@ def unmet_needs(placement: Placement, caps: WorkerCapabilities) -> list[Unmet]:
         if gpu is not None and gib * GIB > gpu.memory_bytes:
             out.append(
                 Unmet(
+                    "gpu_memory",
                     "model.max_memory_gib",
                     f"model.max_memory_gib[{key!r}] = {gib:g} GiB exceeds GPU {key}'s "
                     f"{gpu.memory_bytes / GIB:.1f} GiB",

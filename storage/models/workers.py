@@ -1,7 +1,8 @@
 """What each live worker process reports it can place a model on, kept in Redis with a TTL.
 
 A worker (:mod:`worker.capabilities`) writes one key per process,
-``qkvault:worker:<queue>:<worker id>``, holding its :class:`WorkerCapabilities` as JSON, at start and
+``qkvault:worker:<queue>:<worker id>``, holding its :class:`WorkerCapabilities` as JSON (what it
+offers) with the queues it consumes, at start and
 then every ``QKVAULT_HEARTBEAT_INTERVAL_S``; the key expires ``QKVAULT_LEASE_TIMEOUT_S`` after the
 last write, so a worker that died drops out on its own (a worker stopped cleanly deletes its key).
 The API reads the keys of the queue it sends jobs to (:func:`live_reports`) to admit or refuse a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from storage.models.placement import WorkerCapabilities
@@ -37,9 +39,24 @@ def report_key(queue: str, worker_id: str) -> str:
     return f"{KEY_PREFIX}{queue}:{worker_id}"
 
 
-def publish(client: RedisLike, queue: str, worker_id: str, caps: WorkerCapabilities, ttl_s: float) -> None:
-    """Write (or refresh) this worker's report; it expires ``ttl_s`` seconds later."""
-    doc = {"queue": queue, "worker": worker_id, "reported_at": time.time(), **caps.to_dict()}
+def publish(
+    client: RedisLike,
+    queue: str,
+    worker_id: str,
+    caps: WorkerCapabilities,
+    ttl_s: float,
+    queues: Sequence[str] = (),
+) -> None:
+    """Write (or refresh) this worker's report; it expires ``ttl_s`` seconds later. ``queue``: the
+    base queue (``QKVAULT_QUEUE_NAME``); ``queues``: every queue it consumes (the base queue and
+    those of the routes it meets, :mod:`storage.models.routing`)."""
+    doc = {
+        "queue": queue,
+        "worker": worker_id,
+        "reported_at": time.time(),
+        "queues": list(queues),
+        **caps.to_dict(),
+    }
     client.set(report_key(queue, worker_id), json.dumps(doc), ex=max(1, math.ceil(ttl_s)))
 
 

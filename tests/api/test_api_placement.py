@@ -94,41 +94,50 @@ def test_placement_is_admitted_only_when_a_live_worker_has_it(
     broker.close()
 
 
-def test_a_real_worker_reports_itself_and_fails_a_job_it_cannot_place(
+def test_a_real_worker_reports_its_queues_and_leaves_a_job_it_cannot_place_waiting(
     client: TestClient, api_settings: ApiSettings, index: Index, tmp_path: Path, redis_url: str
 ) -> None:
-    """Submitted before any worker reported: admitted. The worker (no GPU here) then fails it with
-    ``placement-unavailable`` before reading the model, and reports what it has: the next such job
-    is refused at submission."""
+    """Submitted before any worker reported: admitted, into the queue of its route
+    (``<queue>.gpus-2``). The worker (no GPU here) reports what it has and the queues it consumes
+    (not that one): the job stays queued, its message waiting; the next such job is refused."""
     model = write_tiny_model(tmp_path / "tiny")
     spec = _spec(model, device_map="auto", num_gpus=2)
     first = client.post("/v1/jobs", json=spec)
     assert first.status_code == 202, first.text
     job_id = first.json()["id"]
+    queue = api_settings.queue_name
     env = qkvault_env(
         redis_url=redis_url,
         database_url=api_settings.database_url,
         store_url=api_settings.store_url,
         model_roots=[tmp_path],
-        queue_name=api_settings.queue_name,
+        queue_name=queue,
         device="cpu",
         heartbeat_interval_s=1,
         lease_timeout_s=30,
     )
     broker = redis.Redis.from_url(redis_url)
-    with start_worker(env, tmp_path / "worker.log"):
-        assert wait_until(lambda: index.get_job(job_id).terminal, 120, 0.2)
-        assert wait_until(lambda: bool(live_reports(broker, api_settings.queue_name)), 60, 0.2)
-        ((worker, caps),) = live_reports(broker, api_settings.queue_name)
-        assert caps.device == "cpu" and caps.gpus == () and caps.accelerate is not None
-        raw = broker.get(report_key(api_settings.queue_name, worker))
-        assert raw is not None and 0 < broker.ttl(report_key(api_settings.queue_name, worker)) <= 30
-        assert json.loads(raw)["reported_at"] <= time.time()
 
-        job = index.get_job(job_id)
-        assert job.state is JobState.FAILED and job.error is not None, job
-        assert job.error["type"] == "placement-unavailable", job.error
-        assert "spread over 2 GPU(s) but the worker has 0" in job.error["detail"]
+    def report() -> dict[str, Any]:
+        ((worker, _),) = live_reports(broker, queue)
+        raw = broker.get(report_key(queue, worker))
+        assert raw is not None and 0 < broker.ttl(report_key(queue, worker)) <= 30
+        doc: dict[str, Any] = json.loads(raw)
+        return doc
+
+    with start_worker(env, tmp_path / "worker.log"):
+        # subscribed to the queues of its routes once its pool child probed what it has
+        assert wait_until(lambda: bool(live_reports(broker, queue)) and len(report()["queues"]) > 1, 60, 0.2)
+        ((_, caps),) = live_reports(broker, queue)
+        assert caps.device == "cpu" and caps.gpus == () and caps.accelerate is not None
+        doc = report()
+        assert doc["reported_at"] <= time.time()
+        bnb = [f"{queue}.bnb"] if caps.bitsandbytes else []
+        assert doc["queues"] == [queue, f"{queue}.accelerate", *bnb]
+
+        # the job waits in its own queue, which no live worker consumes
+        assert broker.llen(f"{queue}.gpus-2") == 1
+        assert index.get_job(job_id).state is JobState.QUEUED
 
         _refusal(client.post("/v1/jobs", json=spec), "model.num_gpus")
         if caps.bitsandbytes is None:
@@ -138,4 +147,5 @@ def test_a_real_worker_reports_itself_and_fails_a_job_it_cannot_place(
         assert client.post("/v1/jobs?dry_run=true", json=_spec(model, device_map="auto")).status_code == 200
     # a worker stopped cleanly withdraws its report
     assert wait_until(lambda: not live_reports(broker, api_settings.queue_name), 10, 0.2)
+    broker.delete(f"{queue}.gpus-2")
     broker.close()
