@@ -98,6 +98,32 @@ def test_row_metrics_match_numpy_reference(s: int, w: int) -> None:
         np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_row_metrics_k90_with_ties_and_mass_split_between_middle_and_window() -> None:
+    """k90 merges the sorted middle with the sorted sink/local keys: exact where values tie (uniform
+    and stepped rows), where the 0.9 crossing needs keys of both, and for early rows of a wide block."""
+    positions = np.array([2, 7, 40, 150, 151, 299, 300])
+    width, s, w = 301, 4, 64
+    probs = np.zeros((5, len(positions), width), np.float32)
+    rng = np.random.default_rng(11)
+    for i, t in enumerate(positions):
+        n = t + 1
+        probs[0, i, :n] = 1.0 / n  # uniform: every value tied
+        steps = np.where(np.arange(n) % 3 == 0, 4.0, 1.0)  # two tied levels, in every key set
+        probs[1, i, :n] = steps / steps.sum()
+        half = np.full(n, 1e-4)
+        half[: min(s, n)] += 0.45 / min(s, n)  # sink 0.45, the rest over middle and local
+        half[max(0, n - 3) :] += 0.3 / min(3, n)
+        probs[2, i, :n] = half / half.sum()
+        probs[3, i, :n] = rng.dirichlet(np.full(n, 0.05))  # very sharp
+        probs[4, i, :n] = np.round(rng.dirichlet(np.full(n, 2.0)), 3) + 1e-3  # rounded: many ties
+        probs[4, i, :n] /= probs[4, i, :n].sum()
+    got = row_metrics(torch.from_numpy(probs), torch.from_numpy(positions), sink_tokens=s, local_window=w)
+    ref = reference_block(probs, positions, s, w)
+    for name in ("k90", "k90_frac", "middle_k90", "sink", "local", "middle", "sparsity_1pct", "entropy"):
+        np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert got["k90"][0].tolist() == [float(np.ceil((0.9 - 1e-6) * (t + 1))) for t in positions]
+
+
 def test_row_metrics_renormalise_and_ignore_columns_past_t() -> None:
     rng = np.random.default_rng(7)
     positions = np.array([4, 20, 33])

@@ -37,31 +37,28 @@ SPARSITY_FRACTION = 0.01  # H2O: entries below 1% of the row maximum count as ze
 _TINY = 1e-30
 
 
-def _k90_pair(a: torch.Tensor, in_middle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k90`` of rows ``a [H, n, K]`` (summing to 1) and of their middle part ``in_middle [n, K]``.
+def _top_mass(negated: torch.Tensor) -> torch.Tensor:
+    """``negated [..., m]``: values ≥ 0, negated → ``[..., m]`` float64: element i is the mass of
+    the i + 1 largest values, non-decreasing along the last dimension.
 
-    One sort serves both: the middle entries, taken in the row's descending order, are the middle
-    distribution sorted. ``k90`` of the middle renormalised to sum 1 is the number of middle entries
-    up to the first sorted position where their cumulative mass reaches ``0.9 · middle mass``
-    (0 where that mass is 0). Cumulative sums in float64 so the 0.9 crossing does not drift.
-    Returns two ``[H, n]`` float32 tensors.
-    """
-    threshold = K90_MASS - K90_TOLERANCE
-    top, order = torch.sort(a, dim=-1, descending=True)
-    top64 = top.double()
-    del top
-    k90 = (torch.cumsum(top64, dim=-1) < threshold).sum(-1) + 1
-    middle_sorted = in_middle[None].expand_as(a).gather(-1, order)
-    del order
-    middle_cum = torch.cumsum(top64 * middle_sorted, dim=-1)
-    del top64
-    middle_mass = middle_cum[..., -1:]
-    crossing = (middle_cum < threshold * middle_mass).sum(-1, keepdim=True)  # first position reaching it
-    del middle_cum
-    steps = torch.arange(a.shape[-1], device=a.device)
-    middle_k90 = (middle_sorted & (steps <= crossing)).sum(-1)
-    middle_k90 = torch.where(middle_mass[..., 0] > 0, middle_k90, 0)
-    return k90.float(), middle_k90.float()
+    Sorting the negated values ascending sorts the values descending; the cumulative sums are
+    float64 so the 0.9 crossing does not drift. On the CPU numpy sorts (vectorised, values only:
+    ≈ 18× faster than ``torch.sort`` on a [32, 128, 2048] block) and sums (no float64 copy);
+    elsewhere ``torch.sort`` and ``torch.cumsum``."""
+    if negated.device.type == "cpu":
+        ordered = np.sort(negated.contiguous().numpy(), axis=-1)
+        total = np.cumsum(ordered, axis=-1, dtype=np.float64)
+        return torch.from_numpy(np.negative(total, out=total))
+    return torch.cumsum(torch.sort(negated, dim=-1).values, dim=-1, dtype=torch.float64).neg_()
+
+
+def _count_reaching(top_mass: torch.Tensor, target: torch.Tensor, never: int) -> torch.Tensor:
+    """Fewest largest values whose mass reaches ``target [..., j]`` (float64), per target, from
+    ``top_mass [..., m]`` (:func:`_top_mass`): 0 where ``target ≤ 0``, ``never`` where even all
+    ``m`` of them fall short."""
+    count = torch.searchsorted(top_mass, target.contiguous(), side="left") + 1
+    count = torch.where(count > top_mass.shape[-1], never, count)
+    return torch.where(target <= 0, 0, count)
 
 
 def _device_positions(positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -105,24 +102,25 @@ def row_metrics(
         raise ValueError(f"positions must lie in 0..{width - 1} (K = {width}), got {lo}..{hi}")
 
     width = hi + 1  # keys past the last row's position carry no weight
-    probs = probs[:, :, :width]
     cols = torch.arange(width, device=device)
     visible = cols[None, :] <= t[:, None]  # [n, K]
-    a = probs.float() * visible
-    a = a / a.sum(-1, keepdim=True).clamp_min(_TINY)
+    # the one [H, n, K] float32 copy: visible weights, renormalised to sum 1 (in place)
+    a = probs[:, :, :width].float().masked_fill(~visible, 0.0)
+    a.div_(a.sum(-1, keepdim=True).clamp_min(_TINY))
     n_keys = (t + 1).float()
     t_float = t.float()
+    local_start = torch.clamp(t - local_window + 1, min=sink_tokens)  # [n]
 
-    local_start = torch.clamp(t - local_window + 1, min=sink_tokens)
-    in_sink = visible & (cols[None, :] < sink_tokens)
-    in_local = visible & (cols[None, :] >= local_start[:, None])
-    in_middle = visible & ~in_sink & ~in_local
-
+    # sink and local keys: at most s + W per row, gathered ([H, n, s + W]; 0 where not in the set)
+    band = torch.arange(local_window, device=device)
+    sink_cols = torch.arange(sink_tokens, device=device)[None].expand(n_rows, -1)
+    near_cols = torch.cat([sink_cols, local_start[:, None] + band[None]], dim=1)  # [n, s + W]
+    near_ok = near_cols <= t[:, None]
+    near = a.gather(-1, near_cols.clamp_max(width - 1)[None].expand(heads, -1, -1)) * near_ok
     out: dict[str, torch.Tensor] = {}
-    out["sink"] = (a * in_sink).sum(-1)
+    out["sink"] = near[..., :sink_tokens].sum(-1)
+    out["local"] = near[..., sink_tokens:].sum(-1)
     out["bos"] = a[:, :, 0].clone()
-    out["local"] = (a * in_local).sum(-1)
-    out["middle"] = (a * in_middle).sum(-1)
 
     has_prev = t >= 1
     prev_index = (t - 1).clamp_min(0)[None, :, None].expand(heads, n_rows, 1)
@@ -132,25 +130,45 @@ def row_metrics(
     out["prev_argmax_rate"] = ((argmax == t - 1) & has_prev).float()
     out["max_weight"] = max_weight
 
-    entropy = -torch.special.xlogy(a, a).sum(-1)
+    entropy = -a.clamp_min(_TINY).log_().mul_(a).sum(-1)  # a log a, 0 where a = 0 (xlogy, faster)
     log_n = torch.log(n_keys)
     out["entropy"] = entropy
     out["entropy_norm"] = torch.where(log_n > 0, entropy / log_n.clamp_min(_TINY), 0.0)
     out["effective_keys"] = torch.exp(entropy)
 
-    k90, middle_k90 = _k90_pair(a, in_middle)
+    # entries past t are exact zeros, below any positive threshold: count all, subtract those
+    below = (a < SPARSITY_FRACTION * max_weight[..., None]).sum(-1, dtype=torch.int32) - (width - 1 - t)
+    out["sparsity_1pct"] = below.clamp_min(0).float() / n_keys
+
+    distance = (t[:, None] - cols[None, :]).clamp_min(0).float()  # [n, K]; zero weight past t anyway
+    mean_distance = torch.einsum("hnk,nk->hn", a, distance)
+    out["mean_distance"] = mean_distance
+    out["mean_distance_norm"] = torch.where(t >= 1, mean_distance / t_float.clamp_min(1.0), 0.0)
+
+    # middle keys: columns s .. local_start - 1 of each row, one sort; the row's k90 merges them with
+    # the ≤ s + W sorted sink/local values (the k largest of a union of two sets are the i largest of
+    # one and the k - i largest of the other for the best i)
+    mid_end = max(sink_tokens + 1, min(width, hi - local_window + 1))
+    mid_cols = torch.arange(sink_tokens, mid_end, device=device)
+    in_mid = mid_cols[None, :] < local_start[:, None]  # [n, middle columns]
+    mid = a[:, :, sink_tokens:mid_end]
+    if mid.shape[-1] < mid_cols.numel():  # width ≤ s: no middle column at all
+        mid = torch.nn.functional.pad(mid, (0, mid_cols.numel() - mid.shape[-1]))
+    mid_top = _top_mass(mid * -in_mid.float())  # [H, n, Km] float64; other columns are 0
+    middle_mass = mid_top[..., -1:]
+    out["middle"] = middle_mass[..., 0].float()
+    threshold = K90_MASS - K90_TOLERANCE
+    never = width + sink_tokens + local_window + 1  # more keys than any row has
+    middle_k90 = _count_reaching(mid_top, threshold * middle_mass, never)[..., 0]
+    out["middle_k90"] = torch.where(middle_mass[..., 0] > 0, middle_k90, 0).float()
+
+    near_top = _top_mass(-near)  # [H, n, s + W]
+    taken = torch.cat([near_top.new_zeros(heads, n_rows, 1), near_top], dim=-1)  # j largest, j = 0..s+W
+    j = torch.arange(taken.shape[-1], device=device)
+    k90 = (j + _count_reaching(mid_top, threshold - taken, never)).amin(-1).float()
     k90 = torch.minimum(k90, n_keys)
     out["k90"] = k90
     out["k90_frac"] = k90 / n_keys
-    below = (a < SPARSITY_FRACTION * max_weight[..., None]) & visible
-    out["sparsity_1pct"] = below.sum(-1).float() / n_keys
-    del below
-
-    distance = (t[:, None] - cols[None, :]).clamp_min(0).float()  # [n, K]; zero weight past t anyway
-    mean_distance = (a * distance).sum(-1)
-    out["mean_distance"] = mean_distance
-    out["mean_distance_norm"] = torch.where(t >= 1, mean_distance / t_float.clamp_min(1.0), 0.0)
-    out["middle_k90"] = middle_k90
     return {name: out[name].float().contiguous() for name in ROW_METRICS}
 
 
