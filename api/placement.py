@@ -6,9 +6,11 @@ memory, whether accelerate and bitsandbytes import; :mod:`storage.models.workers
 :mod:`worker.capabilities`, expiring ``QKVAULT_LEASE_TIMEOUT_S`` after a worker's last beat). A job
 whose placement no live worker can honour is refused with 422 ``placement-unavailable``, naming
 the field and the fix. When no worker has reported (none started yet, all gone) or Redis cannot be
-read, the job is admitted: the worker checks again before it loads the model and fails the job
-with the same problem type if it cannot honour the placement. A job without placement options is
-not checked (no Redis round trip).
+read, the job is admitted and waits in its queue (:mod:`storage.models.routing`: only workers that
+meet its GPU count and packages consume it) until such a worker starts; the worker checks again
+before it loads the model (memory is checked, not routed) and fails the job with the same problem
+type if it cannot honour the placement. A job without placement options is not checked (no Redis
+round trip).
 """
 
 from __future__ import annotations

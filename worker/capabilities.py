@@ -223,7 +223,8 @@ class CapabilityReporter:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop reporting and delete the report (best effort: it expires anyway)."""
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout_s)
         with contextlib.suppress(Exception):
             withdraw(self._redis(), self.settings.queue_name, self.worker_id)
 

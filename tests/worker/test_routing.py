@@ -186,3 +186,40 @@ def test_two_workers_run_what_they_offer(redis_url: str, tiny_model_dir: Any, tm
     app.close()
     index.dispose()
     broker.close()
+
+
+def test_the_reporter_offers_what_the_setting_allows_and_subscribes_until_the_node_answers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two GPUs, accelerate and bitsandbytes, ``QKVAULT_PLACEMENT_PACKAGES=accelerate``: no ``.bnb``
+    queue; the node does not answer the first ``add_consumer`` (not listening yet): reported queues
+    grow once it does."""
+    from storage.models.placement import GIB, GpuInfo, WorkerCapabilities
+    from worker import capabilities
+
+    probed = WorkerCapabilities(
+        "cuda", (GpuInfo(0, "g", GIB), GpuInfo(1, "g", GIB)), "1.1", "0.45", notes=("x: note",)
+    )
+    monkeypatch.setattr(capabilities, "local_capabilities", lambda device: probed)
+    base = f"qk-route-{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(redis_url=redis_url, queue_name=base, placement_packages="accelerate")
+    answers, asked = [False, True, True, True], []
+
+    def subscribe(queue: str) -> bool:
+        asked.append(queue)
+        return answers[len(asked) - 1]
+
+    client = redis.Redis.from_url(redis_url)
+    reporter = capabilities.CapabilityReporter(settings, client=client, subscribe=subscribe)
+    reporter.report_once()
+    assert asked == [f"{base}.accelerate"] and not reporter.subscribed  # stopped at the refusal
+    assert _report(client, base, reporter.worker_id)["queues"] == [base]
+    reporter.report_once()
+    wanted = [base, f"{base}.accelerate", f"{base}.gpus-1", f"{base}.gpus-2"]
+    assert reporter.subscribed and reporter.wanted == wanted and len(asked) == 4
+    doc = _report(client, base, reporter.worker_id)
+    assert doc["queues"] == wanted and doc["bitsandbytes"] is None and doc["accelerate"] == "1.1"
+    assert doc["notes"] == ["x: note", "bitsandbytes: not offered (QKVAULT_PLACEMENT_PACKAGES)"]
+    reporter.stop()
+    assert client.get(report_key(base, reporter.worker_id)) is None
+    client.close()
