@@ -98,6 +98,20 @@ def test_row_metrics_match_numpy_reference(s: int, w: int) -> None:
         np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_row_metrics_device_formulation_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's formulation (torch.sort and float64 torch.cumsum, xlogy), run on the CPU."""
+    import worker.capture.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_host_kernels", lambda x: False)
+    rng = np.random.default_rng(5)
+    positions = np.array([0, 3, 9, 30, 52, 80, 119])
+    probs = random_attention(rng, 4, positions, width=125)
+    got = row_metrics(torch.from_numpy(probs), torch.from_numpy(positions), sink_tokens=4, local_window=8)
+    ref = reference_block(probs, positions, 4, 8)
+    for name in ROW_METRICS:
+        np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_row_metrics_k90_with_ties_and_mass_split_between_middle_and_window() -> None:
     """k90 merges the sorted middle with the sorted sink/local keys: exact where values tie (uniform
     and stepped rows), where the 0.9 crossing needs keys of both, and for early rows of a wide block."""
