@@ -58,6 +58,14 @@ class AttentionFacts:
         if call.sinks is not None and self.layout.sinks:
             self.sinks[lp] = call.sinks.float().cpu().numpy()[list(self.layout.heads)]
 
+    def per_layer(self) -> dict[str, np.ndarray]:
+        """What the attention calls told of each exported layer (a layer shard's part of the root)."""
+        return {"scaling": self.scaling.copy(), "window": self.window.copy(), "sinks": self.sinks.copy()}
+
+    def restore(self, values: dict[str, np.ndarray]) -> None:
+        """Take :meth:`per_layer`'s values (merged over layer shards) as this run's."""
+        self.scaling, self.window, self.sinks = (values[k].copy() for k in ("scaling", "window", "sinks"))
+
     def root_attrs(self, facts: ModelFacts) -> dict[str, Any]:
         """The ``derived_attention`` root attribute (empty unless the job derives attention)."""
         if not self.layout.derived_attention:

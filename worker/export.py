@@ -5,6 +5,8 @@ capture session: which cache position its first query row has, and which sequenc
 producing tokens. Every token gets its attention row, q/k/v and hidden states, the last generated
 one included (one extra forward pass feeds it back). With ``detail=top_heads`` a second pass over
 the final tokens stores the attention of the heads the first pass's exact metrics ranked highest.
+A layer shard (worker/layershards.py) runs the passes for its part of the exported layers only,
+each forward pass ending after the part's last layer.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from worker.capture.session import ExportSession
 from worker.derived import AttentionFacts, layer_chunks
 from worker.generation import (
     Batch,
+    LayersDone,
     cache_argument,
     choose_next,
     eos_ids,
     hidden_state_hooks,
     make_batch,
     returned_cache,
+    stop_after_layer,
     tokenize,
 )
 from worker.kvexport import KVExport
@@ -79,10 +83,13 @@ class Exporter:
         *,
         verified_only: bool = True,
         batch: BatchInput | None = None,
+        layer_positions: range | None = None,
     ) -> None:
         """``verified_only=False``: run capture options the architecture matrix has not verified for
         this model type (the matrix itself, which produces the verdicts); ``batch``: the sequences
-        of a bulk job's micro-batch (else the spec's prompts, tokenized here)."""
+        of a bulk job's micro-batch (else the spec's prompts, tokenized here); ``layer_positions``: a
+        layer shard's part of the exported layers (positions in the layout; :meth:`run_passes`
+        captures those only)."""
         self.spec, self.lm, self.writer, self.hooks = spec, lm, writer, hooks
         self.capture = spec.capture.resolved()
         self.timings: dict[str, float] = {"load_model": lm.load_s}
@@ -95,6 +102,14 @@ class Exporter:
         facts = lm.facts
         check_spec_for_model(spec, facts, verified_only=verified_only)
         self.layout: BundleLayout = layout_for_job(spec, facts, [len(p) for p in self.prompt_ids])
+        every = range(len(self.layout.layers))
+        positions = every if layer_positions is None else layer_positions
+        if not positions or positions.step != 1 or not set(positions) <= set(every):
+            raise ValueError(f"layer positions {positions} are not a run of the {len(every)} exported layers")
+        self.part: tuple[int, ...] = tuple(self.layout.layers[i] for i in positions)
+        self.layer_shard = layer_positions is not None
+        # the last model layer a forward pass needs (None: all, for the logits)
+        self.last_layer: int | None = max(self.part) if self.part != self.layout.layers else None
         if self.capture.top_heads is not None:
             longest = max(len(p) for p in self.prompt_ids) + spec.generation.max_new_tokens
             if longest < self.capture.summary_params.min_keys:
@@ -161,15 +176,18 @@ class Exporter:
             {"logits_to_keep": 0 if all_logits else 1} if self._supports_logits_to_keep else {}
         )
         extra[self._cache_argument] = cache
-        out = self.lm.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **extra
-        )
+        try:
+            out = self.lm.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **extra
+            )
+        except LayersDone:  # a layer shard's layers all ran; it generates nothing (no logits needed)
+            return torch.empty(0), None
         logits: torch.Tensor = out.logits if all_logits else out.logits[:, -1]
         return logits, returned_cache(out)
 
     def _one_pass(self, session: ExportSession, batch: Batch) -> None:
         """One forward pass over whole sequences (no cache) under ``session``: every row at once."""
-        with torch.inference_mode(), capturing(session):
+        with torch.inference_mode(), capturing(session), stop_after_layer(self.lm.model, self.last_layer):
             session.begin_step(0, [True] * len(batch.pads))
             pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
             self._forward(batch.input_ids, batch.attention_mask, pos, cache=None)
@@ -183,8 +201,23 @@ class Exporter:
 
     def run(self, job_id: str) -> dict[str, Any]:
         started = time.perf_counter()
+        try:
+            self.run_passes(job_id)
+        except JobCancelled:  # keep what was captured: the blocks were flushed, mark it partial
+            self.finish(started=started, partial=True)
+            raise
+        return self.finish(started=started, partial=False)
+
+    def run_passes(self, job_id: str) -> None:
+        """Create the bundle's arrays (a layer shard opens them) and run every forward pass,
+        streaming the captured rows (of :attr:`part`'s layers). On a cancel the captured blocks
+        are flushed before JobCancelled propagates; on any other error the writer is closed
+        (queued chunks stored and recorded)."""
         lm, gen, layout = self.lm, self.spec.generation, self.layout
-        self.writer.create(layout, self.base_attrs(job_id))
+        if self.layer_shard:  # the planner created the arrays; the other shards write into them
+            self.writer.open(layout)
+        else:
+            self.writer.create(layout, self.base_attrs(job_id))
         batch = make_batch(self.prompt_ids, self.pad_id, lm.device)
         session = ExportSession(
             layout,
@@ -196,16 +229,16 @@ class Exporter:
             observer=self.metrics,
             kv=self.kv,
             certifier=self.certifier,
+            layers=self.part,
         )
         extra_passes = int(bool(layout.top_heads)) + int(self.capture.induction_probe is not None)
-        units = len(layout.layers) * (1 + gen.max_new_tokens + extra_passes)
+        units = len(self.part) * (1 + gen.max_new_tokens + extra_passes)
         try:
             with (
                 torch.inference_mode(),
                 capturing(self.attention_facts.wrap(session)),
-                hidden_state_hooks(
-                    lm.model, layout.layers if layout.hidden_states else (), session.on_hidden
-                ),
+                hidden_state_hooks(lm.model, self.part if layout.hidden_states else (), session.on_hidden),
+                stop_after_layer(lm.model, self.last_layer),
             ):
                 self._generate(batch, session, units)
             session.flush()
@@ -215,14 +248,12 @@ class Exporter:
                 self._induction_pass()
             self._generation_checks(batch)
         except JobCancelled:
-            self._check_cancel = False  # keep what was captured: flush the last blocks, mark partial
+            self._check_cancel = False
             session.flush()
-            self._finish(started=started, partial=True)
             raise
         except BaseException:
             self.writer.close()  # chunks already queued are stored and recorded (partial data)
             raise
-        return self._finish(started=started, partial=False)
 
     def _generate(self, batch: Batch, session: ExportSession, units: int) -> None:
         lm, gen = self.lm, self.spec.generation
@@ -295,6 +326,7 @@ class Exporter:
             attention_heads=chosen,
             store_qkv=False,
             store_hidden=False,
+            layers=self.part,
         )
         t0 = time.perf_counter()
         self._one_pass(session, batch)
@@ -341,12 +373,13 @@ class Exporter:
             store_attention=False,
             store_qkv=False,
             store_hidden=False,
+            layers=self.part,
         )
         batch = make_batch([tokens], self.pad_id, self.lm.device)
         self._one_pass(session, batch)
         self.induction = observer.scores()
 
-    def _finish(self, started: float, partial: bool) -> dict[str, Any]:
+    def finish(self, started: float, partial: bool) -> dict[str, Any]:
         self.hooks.phase("finalizing")
         layout, tok = self.layout, self.lm.tokenizer
         tokens = np.full((layout.batch, layout.positions), -1, dtype=np.int32)

@@ -150,3 +150,27 @@ def hidden_state_hooks(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class LayersDone(Exception):
+    """Raised by :func:`stop_after_layer` as the first layer past the last one wanted begins."""
+
+
+@contextlib.contextmanager
+def stop_after_layer(model: Any, last: int | None) -> Iterator[None]:
+    """End forward passes once decoder layer ``last`` ran (every hook of it included): the next
+    layer's pre-hook raises :class:`LayersDone`. A layer shard (worker/layershards.py) needs the
+    layers up to its own only. ``last`` None, or the model's last layer: nothing stops."""
+    blocks = decoder_layers(model) if last is not None else []
+    if last is None or last + 1 >= len(blocks):
+        yield
+        return
+
+    def stop(_module: Any, _args: Any) -> None:
+        raise LayersDone(f"decoder layer {last} was the last one needed")
+
+    handle = blocks[last + 1].register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -204,7 +204,18 @@ def _attempt(
                 summary = bulk.run(job_id)
             else:
                 writer = BundleWriter(job.store_url, **writer_options)
-                summary = Exporter(spec, loaded, writer, reporter).run(job_id)
+                exporter = Exporter(spec, loaded, writer, reporter)
+                if launch_shards is not None and settings.shard_layers > 0:
+                    from worker.shards import start_layer_sharded
+
+                    shards = start_layer_sharded(
+                        job, exporter, reporter, index=index, settings=settings, worker_id=worker_id
+                    )
+                    if shards is not None:  # the job's lease passed to its shards
+                        writer.close()
+                        launch_shards(job_id, shards)
+                        return JobState.RUNNING
+                summary = exporter.run(job_id)
                 # where the writer's time went (thread-seconds per pool, bytes in and out)
                 summary["writer"] = writer.pipeline_stats.to_dict()
                 log.info("job %s: chunk writer %s", job_id, summary["writer"])

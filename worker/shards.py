@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,7 +44,15 @@ from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext, SourceRow, iter_rows
 from storage.stores.objectstore import ObjectStore, StoreRetry
 from worker.bulk import BulkExporter, JobLimits, _Sequence, batch_group
+from worker.export import Exporter
 from worker.generation import tokenize_texts
+from worker.layershards import (
+    finalize_layers,
+    layer_cut_blockers,
+    passes_of,
+    plan_layer_shards,
+    run_layer_shard,
+)
 from worker.models import LoadedModel, ModelCache
 from worker.reporting import JobReporter, ReportIntervals
 from worker.settings import WorkerSettings
@@ -232,6 +240,25 @@ def _writer_options(
     }
 
 
+def _shards_to_send(
+    index: Index, job: JobRecord, plan: Callable[[], list[sh.ShardPlan]], worker_id: str
+) -> list[int] | None:
+    """The job's shards not yet ended, planned by ``plan()`` the first time (None: one shard's
+    worth or less, run the job here as before); the job's lease passes to its shards."""
+    existing = sh.list_shards(index, job.id)
+    if not existing:
+        plans = plan()
+        if len(plans) <= 1:
+            return None
+        existing = sh.create_shards(index, job.id, plans, worker=worker_id, max_attempts=job.max_attempts)
+        log.info(
+            "job %s: %d shards (%d units of work)", job.id, len(plans), sum(p.units_total for p in plans)
+        )
+    else:
+        existing = sh.create_shards(index, job.id, [], worker=worker_id, max_attempts=job.max_attempts)
+    return [s.shard for s in existing if s.state not in sh.ENDED]
+
+
 def start_sharded(
     job: JobRecord,
     spec: JobSpec,
@@ -244,26 +271,52 @@ def start_sharded(
     writer_options: dict[str, Any],
     worker_id: str,
 ) -> list[int] | None:
-    """Plan a bulk job the worker holds (see the module docstring). None: one shard's worth or
-    less, run it here as before. Else the shards to send (none left to run: send only the
-    finalize); the job's lease has passed to its shards."""
-    existing = sh.list_shards(index, job.id)
-    if not existing:
+    """Plan a bulk job the worker holds into shards of micro-batches (see the module docstring).
+    None: one shard's worth or less, run it here as before. Else the shards to send (none left to
+    run: send only the finalize); the job's lease has passed to its shards."""
+
+    def plan() -> list[sh.ShardPlan]:
         reporter.phase("planning")
         exporter = ShardExporter(
             spec, loaded, reporter, bundle_url=job.store_url, writer_options=writer_options, context=context,
             limits=JobLimits(settings.max_sequences, settings.max_job_tokens),
         )  # fmt: skip
         plans = exporter.plan(settings.shard_micro_batches)
-        if len(plans) <= 1:
-            return None
-        exporter.create_root(job.id)  # readers see the bundle while its shards run
-        reporter.flush()
-        existing = sh.create_shards(index, job.id, plans, worker=worker_id, max_attempts=job.max_attempts)
-        log.info("job %s: %d micro-batches in %d shards", job.id, sum(p.batches for p in plans), len(plans))
-    else:
-        existing = sh.create_shards(index, job.id, [], worker=worker_id, max_attempts=job.max_attempts)
-    return [s.shard for s in existing if s.state not in sh.ENDED]
+        if len(plans) > 1:
+            exporter.create_root(job.id)  # readers see the bundle while its shards run
+            reporter.flush()
+        return plans
+
+    return _shards_to_send(index, job, plan, worker_id)
+
+
+def start_layer_sharded(
+    job: JobRecord,
+    exporter: Exporter,
+    reporter: JobReporter,
+    *,
+    index: Index,
+    settings: WorkerSettings,
+    worker_id: str,
+) -> list[int] | None:
+    """Plan a one-batch job into shards of ``QKVAULT_SHARD_LAYERS`` exported layers
+    (worker/layershards.py); None: it is not cut (too few layers, or a capture option that needs
+    every layer: logged), run it here as before."""
+
+    def plan() -> list[sh.ShardPlan]:
+        blockers = layer_cut_blockers(exporter.spec)
+        if blockers:
+            log.info("job %s: not cut by layers (%s); one worker runs it", job.id, "; ".join(blockers))
+            return []
+        layers = len(exporter.layout.layers)
+        plans = plan_layer_shards(layers, settings.shard_layers, passes_of(exporter))
+        if len(plans) > 1:
+            exporter.writer.create(exporter.layout, exporter.base_attrs(job.id))  # readers see it
+            exporter.writer.wait()
+            reporter.flush()
+        return plans
+
+    return _shards_to_send(index, job, plan, worker_id)
 
 
 def run_shard(
@@ -296,13 +349,19 @@ def run_shard(
             spec = JobSpec.model_validate(job.spec)
             loaded = models.get(spec.model)
             resume = ResumeSet.from_records(index.list_chunks(job_id)) if shard.attempts > 1 else None
-            exporter = ShardExporter(
-                spec, loaded, reporter, bundle_url=job.store_url,
-                writer_options=_writer_options(settings, store, reporter, resume),
-                context=SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=job.owner),
-                on_tokens=reporter.tokens,
-            )  # fmt: skip
-            summary = exporter.run_range(job_id, shard)
+            options = _writer_options(settings, store, reporter, resume)
+            if spec.bulk:
+                exporter = ShardExporter(
+                    spec, loaded, reporter, bundle_url=job.store_url, writer_options=options,
+                    context=SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=job.owner),
+                    on_tokens=reporter.tokens,
+                )  # fmt: skip
+                summary = exporter.run_range(job_id, shard)
+            else:
+                summary = run_layer_shard(
+                    job_id, spec, loaded, shard, reporter,
+                    bundle_url=job.store_url, store=store, writer_options=options,
+                )  # fmt: skip
         except JobCancelled:  # the job is stopping: cancelled, or another shard failed
             reporter.flush()
             last = sh.finish_shard(index, job_id, number, sh.CANCELLED, worker=worker_id)
@@ -334,12 +393,19 @@ def run_shard(
 
 
 def run_finalize(
-    job_id: str, *, index: Index, store: ObjectStore, settings: WorkerSettings, worker_id: str
+    job_id: str,
+    *,
+    index: Index,
+    store: ObjectStore,
+    settings: WorkerSettings,
+    worker_id: str,
+    models: ModelCache | None = None,
 ) -> JobState | None:
     """Write a sharded job's sequence table and root once no shard is left to run (the job's lease
     is this worker's meanwhile), and end the job: ``succeeded`` when every shard did, else
     ``failed`` with the failed shard's problem or ``cancelled``, keeping the finished micro-batches
-    (``partial``). None when it is not (yet) due or another worker finalizes it."""
+    (``partial``). None when it is not (yet) due or another worker finalizes it. ``models``: a job
+    cut by layers finishes through its model's Exporter (the model of the worker's cache)."""
     from worker.jobs import _failure
 
     job = sh.claim_finalize(index, job_id, worker_id, lease_timeout_s=settings.lease_timeout_s)
@@ -353,14 +419,19 @@ def run_finalize(
             reporter.phase("finalizing")
             spec = JobSpec.model_validate(job.spec)
             resume = ResumeSet.from_records(index.list_chunks(job_id))
-            exporter = ShardExporter(
-                spec,
-                cast(LoadedModel, None),
-                reporter,
-                bundle_url=job.store_url,
-                writer_options=_writer_options(settings, store, reporter, resume),
-            )  # fmt: skip  (no model: the groups are stored, only their tables are read)
-            summary = exporter.finalize(job_id, shards, partial=not complete)
+            options = _writer_options(settings, store, reporter, resume)
+            if spec.bulk:
+                exporter = ShardExporter(
+                    spec, cast(LoadedModel, None), reporter, bundle_url=job.store_url, writer_options=options
+                )  # (no model: the groups are stored, only their tables are read)
+                summary = exporter.finalize(job_id, shards, partial=not complete)
+            else:
+                if models is None:
+                    raise ValueError("a job cut by layers is finalized with its model: pass models")
+                summary = finalize_layers(
+                    job_id, spec, models.get(spec.model), shards, reporter,
+                    bundle_url=job.store_url, store=store, writer_options=options, partial=not complete,
+                )  # fmt: skip
         except LeaseLost:
             return None
         except Exception as exc:
@@ -377,13 +448,13 @@ def run_finalize(
             job_id, units_done=done, units_total=done, phase="done", worker=worker_id,
             tokens_done=tokens, tokens_total=tokens,
         )  # fmt: skip
-    result = {**summary, "shards": sh.shard_summary(shards)}
-    result.pop("resumed_micro_batches")
+    result = {**summary, "shards": sh.shard_summary(shards, sh.unit_of(job.spec))}
+    result.pop("resumed_micro_batches", None)
     if complete:
         index.finish(job_id, JobState.SUCCEEDED, result=result, worker=worker_id)
         return JobState.SUCCEEDED
     if failed is not None:
-        problem = failed.error or job.error or sh.exhausted_problem(job_id, failed)
+        problem = failed.error or job.error or sh.exhausted_problem(job_id, failed, sh.unit_of(job.spec))
         index.finish(job_id, JobState.FAILED, error=problem, partial=True, result=result, worker=worker_id)
         return JobState.FAILED
     index.finish(job_id, JobState.CANCELLED, partial=True, result=result, worker=worker_id)

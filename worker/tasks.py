@@ -99,8 +99,10 @@ def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerState:
     def finalize(job_id: str) -> str | None:
         from worker.shards import run_finalize
 
-        index, store, _ = state.resources()
-        outcome = run_finalize(job_id, index=index, store=store, settings=settings, worker_id=state.worker_id)
+        index, store, models = state.resources()
+        outcome = run_finalize(
+            job_id, index=index, store=store, settings=settings, worker_id=state.worker_id, models=models
+        )
         return None if outcome is None else outcome.value
 
     return state

@@ -149,6 +149,25 @@ class BundleWriter:
             raise StoreError(f"cannot create bundle at {self.url}: {exc}") from exc
         self._group = group
 
+    def open(self, layout: BundleLayout) -> None:
+        """Write into the arrays :meth:`create` made (by another writer: the planner of a job cut by
+        layers, whose shards each write their layers' chunks) without creating them again, which
+        would delete the chunks other writers stored."""
+        self.layout = layout
+        try:
+            group = zarr.open_group(self.chunks.zarr(), mode="r+", zarr_format=3)
+            for name in layout.arrays():
+                found = group[name]
+                assert isinstance(found, zarr.Array)
+                self._arrays[name] = found.with_config({"write_empty_chunks": True})  # as created
+                if array_spec(name).written == "row blocks":
+                    self._encoders[name] = ChunkEncoder.for_array(self._arrays[name])
+        except StoreError:
+            raise
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"cannot open the bundle's arrays at {self.url}: {exc}") from exc
+        self._group = group
+
     @property
     def pipeline_stats(self) -> PipelineStats:
         """What the chunk pipeline's threads did so far (thread-seconds, bytes in and out)."""

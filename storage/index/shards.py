@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
@@ -60,6 +60,9 @@ __all__ = [
 ]
 
 SHARDED_LEASE = lifecycle.SHARDED_LEASE
+# what a shard's range (first_batch, batches) counts: a bulk job's micro-batches, or a one-batch
+# job's exported layers (positions in its layout; worker/layershards.py)
+ShardUnit = Literal["micro_batches", "layers"]
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 ENDED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
@@ -113,12 +116,12 @@ class ShardRecord:
             values["error"] = dict(values["error"])
         return cls(**values)
 
-    def public(self) -> dict[str, Any]:
-        """The shard as the job's result shows it."""
+    def public(self, unit: ShardUnit = "micro_batches") -> dict[str, Any]:
+        """The shard as the job's result shows it: its range of ``unit`` [first, end)."""
         return {
             "shard": self.shard,
             "state": self.state,
-            "micro_batches": [self.first_batch, self.first_batch + self.batches],
+            unit: [self.first_batch, self.first_batch + self.batches],
             "sequences": self.units_total,
             "attempts": self.attempts,
             "worker": self.last_worker,
@@ -207,9 +210,10 @@ def _settle_job(session: Session, job: JobRow, now: datetime) -> None:
     job.updated_at = now
 
 
-def shard_summary(shards: Sequence[ShardRecord]) -> dict[str, Any]:
-    """``result["shards"]`` of a sharded job: how many, and which worker ran which micro-batches."""
-    return {"count": len(shards), "runs": [s.public() for s in shards]}
+def shard_summary(shards: Sequence[ShardRecord], unit: ShardUnit = "micro_batches") -> dict[str, Any]:
+    """``result["shards"]`` of a sharded job: how many, and which worker ran which micro-batches
+    (or exported layers: positions in the layout)."""
+    return {"count": len(shards), "unit": unit, "runs": [s.public(unit) for s in shards]}
 
 
 # -- planner ---------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def claim_shard(
             _settle_job(session, job, now)
             return None
         if row.attempts >= row.max_attempts:
-            problem = exhausted_problem(job_id, row)
+            problem = exhausted_problem(job_id, row, unit_of(job.spec))
             _end_shard(row, FAILED, now, problem)
             _fail_job(session, job, problem, now)
             return None
@@ -318,12 +322,18 @@ def claim_shard(
     return index.transact(work, write=True)
 
 
-def exhausted_problem(job_id: str, row: ShardRow | ShardRecord) -> dict[str, Any]:
+def unit_of(spec: dict[str, Any] | None) -> ShardUnit:
+    """What the shards of a job with this (stored) spec count: micro-batches for a bulk job (its
+    spec has a source), else exported layers."""
+    return "micro_batches" if (spec or {}).get("source") else "layers"
+
+
+def exhausted_problem(job_id: str, row: ShardRow | ShardRecord, unit: ShardUnit) -> dict[str, Any]:
     return {
         "type": "attempts-exhausted",
         "title": "Attempts exhausted",
         "detail": (
-            f"job {job_id} shard {row.shard} (micro-batches {row.first_batch}..."
+            f"job {job_id} shard {row.shard} ({unit.replace('_', '-')} {row.first_batch}..."
             f"{row.first_batch + row.batches - 1}) was started {row.attempts} times "
             f"(max_attempts={row.max_attempts}) without finishing; its worker was probably lost "
             "(out of memory, killed, preempted). Resubmit the job, or raise QKVAULT_MAX_ATTEMPTS."
@@ -568,7 +578,7 @@ def expire_shard(index: Index, seen: ShardRecord, now: datetime) -> str | None:
             _settle_job(session, job, now)
             return CANCELLED
         if row.attempts >= row.max_attempts:
-            problem = {**exhausted_problem(job.id, row), "type": "lease-expired"}
+            problem = {**exhausted_problem(job.id, row, unit_of(job.spec)), "type": "lease-expired"}
             _end_shard(row, FAILED, now, problem)
             _fail_job(session, job, problem, now)
             return FAILED

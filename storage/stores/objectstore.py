@@ -120,6 +120,14 @@ class ObjectStore:
             while piece := fh.read(piece_bytes):
                 yield piece
 
+    def write_bytes(self, url: str, relpath: str, data: bytes) -> None:
+        """Write one small file whole (made with its folders; replaced if it exists)."""
+        path = f"{self._path(url).rstrip('/')}/{relpath}"
+        with store_errors(url, "write"):
+            if self.is_local:
+                self.fs().makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs().pipe_file(path, data)
+
     def exists(self, url: str, relpath: str = "zarr.json") -> bool:
         return bool(self.fs().exists(f"{self._path(url).rstrip('/')}/{relpath}"))
 

@@ -211,6 +211,15 @@ class Certifier:
                 detail={"layer": layer_idx, **vars(cert), "provenance": self.provenance},
             )
 
+    def layer_checks(self) -> dict[int, dict[str, Any]]:
+        """The checks done so far, per layer (a layer shard's part of the certificate)."""
+        return {layer: vars(cert).copy() for layer, cert in self._layers.items()}
+
+    def add_layer_checks(self, checks: dict[int, dict[str, Any]]) -> None:
+        """Take other runs' :meth:`layer_checks` (of layers this one did not check) as its own."""
+        for layer, values in checks.items():
+            self._layers[layer] = LayerCertificate(**values)
+
     def certificate(self) -> dict[str, Any]:
         """The bundle's ``certificate`` attribute: tolerances, per-layer maxima, provenance."""
         layers = {str(k): vars(v) for k, v in sorted(self._layers.items())}

@@ -11,7 +11,7 @@ writer as whole row blocks. No step holds more than one row block per (array, la
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -76,7 +76,8 @@ class ExportSession:
     prompt tokens. The generation loop calls :meth:`begin_step` before each forward pass with the
     cache position of its first query row and which sequences still produce tokens.
     ``attention_heads[layer_pos]``: real query heads whose attention is stored for that layer
-    (default: ``layout.heads``).
+    (default: ``layout.heads``). ``layers``: the model layers captured (a layer shard's part of
+    ``layout.layers``; default: all of them), at their positions in the layout.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class ExportSession:
         kv: KVSink | None = None,
         certifier: Certifier | None = None,
         max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES,
+        layers: Collection[int] | None = None,
     ) -> None:
         self.layout = layout
         self.certifier = certifier
@@ -115,7 +117,9 @@ class ExportSession:
         self.store_v = self.store_qkv and layout.qkv
         self.store_hidden = layout.hidden_states if store_hidden is None else store_hidden
         self.store_sink = self.store_attention and layout.sinks
-        self.layer_pos = {layer: i for i, layer in enumerate(layout.layers)}
+        self.layer_pos = {
+            layer: i for i, layer in enumerate(layout.layers) if layers is None or layer in layers
+        }
         self.attention_heads = [list(h) for h in attention_heads] if attention_heads is not None else None
         self.q_start = 0
         self.active = [True] * len(self.pads)
@@ -138,7 +142,7 @@ class ExportSession:
                 continue
             dtype = np.dtype(layout.dtype(name))
             heads, width = array_spec(name).row_block(layout)
-            for lp in range(len(layout.layers)):
+            for lp in self.layer_pos.values():
                 for b in range(layout.batch):
                     self._buffers[(name, lp, b)] = RowBlockBuffer(heads, layout.chunk_rows, dtype, width)
 
