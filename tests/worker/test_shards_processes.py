@@ -3,7 +3,8 @@ reconciler running): two workers share its shards; one is SIGKILLed mid-shard an
 taken over (the reconciler re-sends it once its lease expires); the bundle equals a one-worker
 run's (every array of every sequence, and the table); the job's result shows the shards and who
 ran which; a cancel stops every shard of the next job and its finalize keeps the finished
-micro-batches; a lost finalize message is sent again by the reconciler."""
+micro-batches; a lost finalize message is sent again by the reconciler; a one-batch job is cut
+by its layers over the two workers and its bundle equals a one-worker run's."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from worker.settings import WorkerSettings
 from worker.shards import run_shard
 
 from .conftest import model_cache_dir
+from .test_layer_shards import CAPTURES, layer_spec
 from .test_shards import bulk_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -35,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 JOB_ID = "00000000-0000-4000-8000-00000005a4d1"
 CANCELLED_ID = "00000000-0000-4000-8000-00000005a4d2"
 LOST_ID = "00000000-0000-4000-8000-00000005a4d3"
+LAYERS_ID = "00000000-0000-4000-8000-00000005a4d4"
 
 
 def _pool_pids(proc: Any) -> set[int]:
@@ -81,7 +84,11 @@ def test_two_workers_share_a_job_and_a_sigkill_mid_shard_leaves_the_bundle_ident
     index.migrate()
     index.create_job(spec=spec, owner="t", store_url_for=store.bundle_url, max_attempts=3, job_id=JOB_ID)
     app = create_celery_app(settings)
-    env = {**fast_env(settings, cache, model), "QKVAULT_SHARD_MICRO_BATCHES": "2"}
+    env = {
+        **fast_env(settings, cache, model),
+        "QKVAULT_SHARD_MICRO_BATCHES": "2",
+        "QKVAULT_SHARD_LAYERS": "1",
+    }
     with (
         reconciler(env, tmp_path / "reconciler.log"),
         start_worker(env, tmp_path / "w1.log") as first,
@@ -154,6 +161,28 @@ def test_two_workers_share_a_job_and_a_sigkill_mid_shard_leaves_the_bundle_ident
         assert wait_until(lambda: index.get_job(LOST_ID).terminal, 60, poll_s=0.1)
         lost = index.get_job(LOST_ID)
         assert lost.state is JobState.SUCCEEDED and lost.result is not None and lost.result["sequences"] == 12
+
+        # a one-batch job is cut by its layers (QKVAULT_SHARD_LAYERS=1: one shard per layer)
+        one_batch = layer_spec(model, CAPTURES["summary-induction"])
+        ref_index.create_job(
+            spec=one_batch, owner="t", store_url_for=ref_store.bundle_url, max_attempts=1, job_id=LAYERS_ID
+        )
+        assert run_job(
+            LAYERS_ID, index=ref_index, store=ref_store, models=models, settings=ref, worker_id="ref"
+        )
+        index.create_job(
+            spec=one_batch, owner="t", store_url_for=store.bundle_url, max_attempts=3, job_id=LAYERS_ID
+        )
+        enqueue_export(app, LAYERS_ID)
+        assert wait_until(lambda: index.get_job(LAYERS_ID).terminal, 60, poll_s=0.1)
+        layered = index.get_job(LAYERS_ID)
+        assert layered.state is JobState.SUCCEEDED and layered.result is not None, layered.error
+        assert layered.result["shards"]["unit"] == "layers" and layered.result["shards"]["count"] == 2
+        files = bundle_files(store, layered.store_url)
+        assert (
+            bundle_differences(files, bundle_files(ref_store, ref_index.get_job(LAYERS_ID).store_url)) == []
+        )
+        assert audit_chunks(index, layered, files).clean
     app.close()
     index.dispose()
     ref_index.dispose()
