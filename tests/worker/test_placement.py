@@ -5,8 +5,9 @@ placement it cannot honour before it loads anything.
 
 bitsandbytes is an optional extra of the service (``pip install 'qkvault[quant]'``) and part of the
 dev install, so its tests run in CI (on the CPU: bitsandbytes' CPU kernels); elsewhere they skip
-without it, and under ``CI=true`` its absence fails the test that checks for it. The CUDA tests (a model spread over two GPUs, 4-bit weights on one GPU) skip without
-CUDA; issue #16's multi-GPU run executes them as they are (docs/testing.md)."""
+without it, and under ``CI=true`` its absence fails the test that checks for it. The CUDA tests
+(a model spread over two GPUs, 4-bit weights on one GPU) skip without CUDA; issue #16's multi-GPU
+run executes them as they are (docs/testing.md)."""
 
 from __future__ import annotations
 
