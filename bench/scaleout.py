@@ -1,14 +1,17 @@
-"""One sharded bulk job run by 1, 2, ... N real Celery worker processes on this machine
+"""One sharded job run by 1, 2, ... N real Celery worker processes on this machine
 (issue 15; docs/benchmarks.md "Scale-out").
 
 For each worker count: a fresh SQLite index and local store, a private Redis, N ``python -m worker``
-processes (each its own model copy, concurrency 1), one bulk job of ``--sequences`` inline
-token-id sequences split into shards of ``--shard-micro-batches`` micro-batches. Reported per
-count: seconds from enqueue to ``succeeded`` (workers already started and the model loaded once
-each by a warm-up job), sequences/s and tokens/s, the speed-up over one worker, and how many shards
-each worker ran.
+processes (each its own model copy, concurrency 1) and one job, either (``--cut micro-batches``)
+a bulk job of ``--sequences`` inline token-id sequences split into shards of
+``--shard-micro-batches`` micro-batches, or (``--cut layers``) one prompt of ``--prompt-tokens``
+tokens exporting attention, q/k/v and hidden states of every layer, split into shards of
+``--shard-layers`` layers. Reported per count: seconds from enqueue to ``succeeded`` (workers
+already started and the model loaded once each by a warm-up job), sequences/s and tokens/s, the
+speed-up over one worker, and how many shards each worker ran.
 
-    python -m bench.scaleout --workers 1,2            # the CPU figures in docs/benchmarks.md
+    python -m bench.scaleout --workers 1,2                    # the CPU figures in docs/benchmarks.md
+    python -m bench.scaleout --workers 1,2 --cut layers
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ def build_model(folder: Path) -> Path:
 
 def job_spec(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(0)
+    if args.cut == "layers":
+        prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(args.prompt_tokens - 1))
+        return {  # the byte tokenizer: a token per character, after the BOS token
+            "model": {"id": str(model)},
+            "prompts": [prompt],
+            "generation": {"max_new_tokens": 0},
+            "capture": {"attention": True, "qkv": True, "hidden_states": True},
+        }
     ids = [
         [rng.randrange(256) for _ in range(rng.randint(args.min_tokens, args.max_tokens))]
         for _ in range(args.sequences)
@@ -98,6 +109,7 @@ def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -
         "QKVAULT_DEVICE": "cpu",
         "QKVAULT_MODEL_ROOTS": json.dumps([str(model.parent)]),
         "QKVAULT_SHARD_MICRO_BATCHES": str(args.shard_micro_batches),
+        "QKVAULT_SHARD_LAYERS": str(args.shard_layers),
         # the same threads per worker at every count (a worker per core by default): with the
         # cores split between workers instead, one 2-thread worker on this 2-core machine ran 4x
         # slower than two 1-thread ones (its parallel regions wait for a descheduled thread)
@@ -111,7 +123,9 @@ def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -
     ]
     try:
         spec = job_spec(model, args)
-        warm = {**spec, "source": {**spec["source"], "token_ids": spec["source"]["token_ids"][:1]}}
+        warm = {**spec, "prompts": ["warm"]} if "prompts" in spec else {
+            **spec, "source": {**spec["source"], "token_ids": spec["source"]["token_ids"][:1]}
+        }  # fmt: skip
         warmups = [  # one tiny job per worker, sent at once: each loads the model before the clock
             index.create_job(spec=warm, owner="bench", store_url_for=store.bundle_url, max_attempts=1).id
             for _ in range(workers)
@@ -134,11 +148,14 @@ def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -
         raise SystemExit(f"{workers} workers: job {done.state.value}: {done.error}")
     shards = sh.list_shards(index, done.id)
     index.dispose()
+    sequences = args.sequences if args.cut == "micro-batches" else 1
+    tokens = done.tokens_done if args.cut == "micro-batches" else args.prompt_tokens
     return {
         "workers": workers,
+        "cut": args.cut,
         "seconds": round(seconds, 2),
-        "sequences_per_s": round(args.sequences / seconds, 2),
-        "tokens_per_s": round(done.tokens_done / seconds, 1),
+        "sequences_per_s": round(sequences / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
         "micro_batches": (done.result or {}).get("micro_batches"),
         "shards": len(shards),
         "shards_per_worker": sorted(Counter(s.last_worker for s in shards).values(), reverse=True),
@@ -160,6 +177,11 @@ def _wait(index: Index, job_id: str, procs: list[Any], root: Path, timeout_s: fl
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="worker counts, comma-separated (default 1,2)")
+    parser.add_argument(
+        "--cut", choices=("micro-batches", "layers"), default="micro-batches", help="what the shards split"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=768, help="--cut layers: the prompt's tokens")
+    parser.add_argument("--shard-layers", type=int, default=1, help="--cut layers: layers per shard")
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--min-tokens", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=160)
