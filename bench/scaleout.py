@@ -8,7 +8,8 @@ a bulk job of ``--sequences`` inline token-id sequences split into shards of
 tokens exporting attention, q/k/v and hidden states of every layer, split into shards of
 ``--shard-layers`` layers. Reported per count: seconds from enqueue to ``succeeded`` (workers
 already started and the model loaded once each by a warm-up job), sequences/s and tokens/s, the
-speed-up over one worker, and how many shards each worker ran.
+speed-up over the first row (the same job not cut, on one worker; ``--no-baseline``: the first
+count's), and how many shards each worker ran.
 
     python -m bench.scaleout --workers 1,2                    # the CPU figures in docs/benchmarks.md
     python -m bench.scaleout --workers 1,2 --cut layers
@@ -41,14 +42,14 @@ MODEL = {  # a small random Llama: enough compute per token that the workers, no
     "num_attention_heads": 8,
     "num_key_value_heads": 4,
     "vocab_size": 258,
-    "max_position_embeddings": 1024,
+    "max_position_embeddings": 8192,
     "bos_token_id": 256,
     "eos_token_id": 257,
     "pad_token_id": 257,
 }
 
 
-def build_model(folder: Path) -> Path:
+def build_model(folder: Path, layers: int = MODEL["num_hidden_layers"]) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -56,7 +57,8 @@ def build_model(folder: Path) -> Path:
 
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **MODEL)).save_pretrained(folder)
+        config = AutoConfig.for_model("llama", **{**MODEL, "num_hidden_layers": layers})
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         byte_tokenizer().save_pretrained(folder)
     return folder
 
@@ -88,7 +90,10 @@ def job_spec(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def run_count(
+    workers: int, model: Path, args: argparse.Namespace, root: Path, *, sharded: bool = True
+) -> dict[str, Any]:
+    """One job on ``workers`` fresh workers; ``sharded=False``: the job is not cut (the baseline)."""
     root.mkdir(parents=True)
     redis_port = free_port()
     redis = start_redis_server(redis_port, root / "redis")
@@ -108,8 +113,8 @@ def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -
         "QKVAULT_QUEUE_NAME": settings.queue_name,
         "QKVAULT_DEVICE": "cpu",
         "QKVAULT_MODEL_ROOTS": json.dumps([str(model.parent)]),
-        "QKVAULT_SHARD_MICRO_BATCHES": str(args.shard_micro_batches),
-        "QKVAULT_SHARD_LAYERS": str(args.shard_layers),
+        "QKVAULT_SHARD_MICRO_BATCHES": str(args.shard_micro_batches if sharded else 0),
+        "QKVAULT_SHARD_LAYERS": str(args.shard_layers if sharded else 0),
         # the same threads per worker at every count (a worker per core by default): with the
         # cores split between workers instead, one 2-thread worker on this 2-core machine ran 4x
         # slower than two 1-thread ones (its parallel regions wait for a descheduled thread)
@@ -152,7 +157,7 @@ def run_count(workers: int, model: Path, args: argparse.Namespace, root: Path) -
     tokens = done.tokens_done if args.cut == "micro-batches" else args.prompt_tokens
     return {
         "workers": workers,
-        "cut": args.cut,
+        "cut": args.cut if sharded else "none",
         "seconds": round(seconds, 2),
         "sequences_per_s": round(sequences / seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
@@ -182,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompt-tokens", type=int, default=768, help="--cut layers: the prompt's tokens")
     parser.add_argument("--shard-layers", type=int, default=1, help="--cut layers: layers per shard")
+    parser.add_argument("--model-layers", type=int, default=4, help="decoder layers of the random Llama")
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="leave out the first row: the job not cut, on one worker (the speed-ups are against it)",
+    )
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--min-tokens", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -197,17 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     counts = [int(n) for n in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="qk-scaleout-") as tmp:
-        model = build_model(Path(tmp) / "models" / "scaleout-llama")
-        rows = [run_count(n, model, args, Path(tmp) / f"run{n}") for n in counts]
-    base = rows[0]["seconds"] * rows[0]["workers"]
+        model = build_model(Path(tmp) / "models" / "scaleout-llama", args.model_layers)
+        rows = [run_count(1, model, args, Path(tmp) / "uncut", sharded=False)] if args.baseline else []
+        rows += [run_count(n, model, args, Path(tmp) / f"run{n}") for n in counts]
+    base = rows[0]["seconds"] * rows[0]["workers"]  # the baseline, or the first count's
     for row in rows:
-        row["speedup_vs_1"] = round(base / row["seconds"], 2) if rows[0]["workers"] == 1 else None
+        row["speedup"] = round(base / row["seconds"], 2)
     print(json.dumps(rows, indent=2))
-    print(f"{'workers':>8} {'seconds':>8} {'seq/s':>8} {'tok/s':>9} {'speed-up':>9} shards/worker")
+    print(
+        f"{'workers':>8} {'cut':>14} {'seconds':>8} {'seq/s':>8} {'tok/s':>9} {'speed-up':>9} shards/worker"
+    )
     for r in rows:
         print(
-            f"{r['workers']:>8} {r['seconds']:>8} {r['sequences_per_s']:>8} {r['tokens_per_s']:>9} "
-            f"{r['speedup_vs_1'] or '-':>9} {r['shards_per_worker']}"
+            f"{r['workers']:>8} {r['cut']:>14} {r['seconds']:>8} {r['sequences_per_s']:>8} "
+            f"{r['tokens_per_s']:>9} {r['speedup']:>9} {r['shards_per_worker']}"
         )
     return 0
 

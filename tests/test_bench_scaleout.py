@@ -14,7 +14,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_scaleout_bench_runs_a_layer_cut_job_on_two_workers(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--workers", "2", "--cut", "layers", "--prompt-tokens", "96", "--shard-layers", "2"]
+    argv = [
+        "--workers",
+        "2",
+        "--cut",
+        "layers",
+        "--prompt-tokens",
+        "96",
+        "--shard-layers",
+        "2",
+        "--no-baseline",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     [row] = json.loads(out[: out.index("\n]") + 2])
