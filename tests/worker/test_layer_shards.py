@@ -25,8 +25,8 @@ from worker.settings import WorkerSettings
 from worker.shards import run_finalize, run_shard
 
 from .conftest import model_cache_dir
+from .test_shards import JOB_ID, shard_job
 
-JOB_ID = "00000000-0000-4000-8000-0000000a7e51"
 WORDS = "the quick brown fox jumps over the lazy dog while seven small birds sing in an old oak tree "
 
 
@@ -57,21 +57,6 @@ CAPTURES = {
 }
 
 
-def _job(
-    tmp_path: Path, name: str, spec: dict[str, Any], **kw: Any
-) -> tuple[WorkerSettings, Index, ObjectStore]:
-    settings = WorkerSettings(
-        database_url=f"sqlite:///{tmp_path}/{name}.db",
-        store_url=str(tmp_path / name),
-        model_cache_dir=model_cache_dir(),
-        **kw,
-    )
-    index, store = Index(settings.database_url), ObjectStore.from_settings(settings)
-    index.migrate()
-    index.create_job(spec=spec, owner="t", store_url_for=store.bundle_url, max_attempts=2, job_id=JOB_ID)
-    return settings, index, store
-
-
 def _plan(settings: WorkerSettings, index: Index, store: ObjectStore, models: ModelCache) -> list[int]:
     launched: list[list[int]] = []
     outcome = run_job(
@@ -89,13 +74,13 @@ def test_layer_sharded_bundle_equals_a_one_worker_run(
     model = tiny_model_dir("llama")
     spec = layer_spec(model, CAPTURES[capture])
     models = ModelCache(model_cache_dir(), "cpu")
-    ref_settings, ref_index, ref_store = _job(tmp_path, "ref", spec)
+    ref_settings, ref_index, ref_store = shard_job(tmp_path, "ref", spec)
     assert run_job(
         JOB_ID, index=ref_index, store=ref_store, models=models, settings=ref_settings, worker_id="ref"
     ) is JobState.SUCCEEDED  # fmt: skip
     reference = bundle_files(ref_store, ref_index.get_job(JOB_ID).store_url)
 
-    settings, index, store = _job(tmp_path, "sharded", spec, shard_layers=1)
+    settings, index, store = shard_job(tmp_path, "sharded", spec, shard_layers=1)
     shards = _plan(settings, index, store, models)
     assert shards == [0, 1] and index.get_job(JOB_ID).lease_worker == sh.SHARDED_LEASE  # 2 layers
     last_layer = decoder_layers(models.get(JobSpec.model_validate(spec).model).model)[-1]
@@ -127,7 +112,7 @@ def test_layer_sharded_bundle_equals_a_one_worker_run(
 
 def test_jobs_a_layer_cut_cannot_serve_run_on_one_worker(tiny_model_dir: Any, tmp_path: Path) -> None:
     spec = layer_spec(tiny_model_dir("llama"), {"attention": True}, new_tokens=2)
-    settings, index, store = _job(tmp_path, "decode", spec, shard_layers=1)
+    settings, index, store = shard_job(tmp_path, "decode", spec, shard_layers=1)
     launched: list[list[int]] = []
     outcome = run_job(
         JOB_ID, index=index, store=store, models=ModelCache(model_cache_dir(), "cpu"), settings=settings,
@@ -141,7 +126,7 @@ def test_a_layer_shard_failing_for_good_leaves_the_other_layers(
 ) -> None:
     model = tiny_model_dir("llama")
     spec = layer_spec(model, {"attention": True, "summary": True, "summary_params": {"local_window": 16}})
-    settings, index, store = _job(tmp_path, "failing", spec, shard_layers=1)
+    settings, index, store = shard_job(tmp_path, "failing", spec, shard_layers=1)
     models = ModelCache(model_cache_dir(), "cpu")
     assert _plan(settings, index, store, models) == [0, 1]
     run: dict[str, Any] = {"index": index, "store": store, "models": models, "settings": settings}

@@ -44,9 +44,11 @@ def bulk_spec(model: Path, sequences: int = 30, shuffle_seed: int | None = 3) ->
     }
 
 
-def _job(
-    tmp_path: Path, name: str, spec: dict[str, Any], **kw: Any
+def shard_job(
+    tmp_path: Path, name: str, spec: dict[str, Any], job_id: str = JOB_ID, **kw: Any
 ) -> tuple[WorkerSettings, Index, ObjectStore]:
+    """Settings (SQLite index and local store under ``tmp_path/name``, ``kw`` on top), the index and
+    the store, with job ``job_id`` of ``spec`` created (queued)."""
     settings = WorkerSettings(
         database_url=f"sqlite:///{tmp_path}/{name}.db",
         store_url=str(tmp_path / name),
@@ -55,14 +57,14 @@ def _job(
     )
     index, store = Index(settings.database_url), ObjectStore.from_settings(settings)
     index.migrate()
-    index.create_job(spec=spec, owner="t", store_url_for=store.bundle_url, max_attempts=2, job_id=JOB_ID)
+    index.create_job(spec=spec, owner="t", store_url_for=store.bundle_url, max_attempts=2, job_id=job_id)
     return settings, index, store
 
 
 def test_sharded_bundle_equals_a_one_worker_run(tiny_model_dir: Any, tmp_path: Path) -> None:
     spec = bulk_spec(tiny_model_dir("llama"))
     models = ModelCache(model_cache_dir(), "cpu")
-    ref_settings, ref_index, ref_store = _job(tmp_path, "ref", spec)
+    ref_settings, ref_index, ref_store = shard_job(tmp_path, "ref", spec)
     assert run_job(
         JOB_ID, index=ref_index, store=ref_store, models=models, settings=ref_settings, worker_id="ref"
     )
@@ -70,7 +72,7 @@ def test_sharded_bundle_equals_a_one_worker_run(tiny_model_dir: Any, tmp_path: P
     batches = ref_index.get_job(JOB_ID).result["micro_batches"]  # type: ignore[index]
     assert batches >= 5
 
-    settings, index, store = _job(tmp_path, "sharded", spec, shard_micro_batches=2)
+    settings, index, store = shard_job(tmp_path, "sharded", spec, shard_micro_batches=2)
     launched: list[list[int]] = []
     outcome = run_job(
         JOB_ID, index=index, store=store, models=models, settings=settings, worker_id="planner",
@@ -107,7 +109,7 @@ def test_small_or_unsharded_bulk_jobs_run_on_one_worker(
     tiny_model_dir: Any, tmp_path: Path, shard_micro_batches: int
 ) -> None:
     spec = bulk_spec(tiny_model_dir("llama"), sequences=8, shuffle_seed=None)
-    settings, index, store = _job(tmp_path, "one", spec, shard_micro_batches=shard_micro_batches)
+    settings, index, store = shard_job(tmp_path, "one", spec, shard_micro_batches=shard_micro_batches)
     launched: list[list[int]] = []
     outcome = run_job(
         JOB_ID, index=index, store=store, models=ModelCache(model_cache_dir(), "cpu"), settings=settings,
@@ -124,7 +126,7 @@ def test_a_shard_failing_for_good_fails_the_job_keeping_the_finished_micro_batch
     and a root whose table holds the micro-batches that finished, readable like a cancelled
     one-worker job's."""
     spec = bulk_spec(tiny_model_dir("llama"), shuffle_seed=None)
-    settings, index, store = _job(tmp_path, "failing", spec, shard_micro_batches=2)
+    settings, index, store = shard_job(tmp_path, "failing", spec, shard_micro_batches=2)
     models = ModelCache(model_cache_dir(), "cpu")
     launched: list[list[int]] = []
     run_job(
