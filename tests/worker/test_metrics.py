@@ -138,6 +138,32 @@ def test_row_metrics_k90_with_ties_and_mass_split_between_middle_and_window() ->
     assert got["k90"][0].tolist() == [float(np.ceil((0.9 - 1e-6) * (t + 1))) for t in positions]
 
 
+def test_row_metrics_runs_of_positions_share_their_geometry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of positions (what the capture sends, every layer) is cached per device, run and window,
+    within the byte budget; a cached run gives the reference's metrics for other probabilities."""
+    import worker.capture.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_geometry_cache", metrics.OrderedDict())
+    monkeypatch.setattr(metrics, "_geometry_bytes", [0])
+    rng = np.random.default_rng(9)
+    positions = np.arange(100, 140)
+    for s, w in [(4, 8), (2, 16), (4, 8)]:
+        probs = random_attention(rng, 2, positions, width=150)
+        got = row_metrics(torch.from_numpy(probs), torch.from_numpy(positions), sink_tokens=s, local_window=w)
+        ref = reference_block(probs, positions, s, w)
+        for name in ROW_METRICS:
+            np.testing.assert_allclose(got[name].numpy(), ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    cpu = torch.device("cpu")
+    assert list(metrics._geometry_cache) == [(cpu, 100, 139, 2, 16), (cpu, 100, 139, 4, 8)]
+    one = metrics._geometry_cache[(cpu, 100, 139, 4, 8)].nbytes()
+    monkeypatch.setattr(metrics, "GEOMETRY_CACHE_BYTES", one + one // 2)
+    positions = np.arange(101, 141)
+    probs = torch.from_numpy(random_attention(rng, 2, positions, width=150))
+    row_metrics(probs, torch.from_numpy(positions), sink_tokens=4, local_window=8)
+    assert list(metrics._geometry_cache) == [(cpu, 101, 140, 4, 8)]  # the older ones dropped
+    assert metrics._geometry_bytes[0] <= metrics.GEOMETRY_CACHE_BYTES
+
+
 def test_row_metrics_renormalise_and_ignore_columns_past_t() -> None:
     rng = np.random.default_rng(7)
     positions = np.array([4, 20, 33])

@@ -9,6 +9,8 @@ Shapes: L exported layers, B sequences, H exported query heads, n query rows, K 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import get_args
 
@@ -76,15 +78,102 @@ def _count_reaching(top_mass: torch.Tensor, target: torch.Tensor, never: int) ->
     return torch.where(target <= 0, 0, count)
 
 
-def _device_positions(positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``positions`` as a long tensor on ``device`` and their (min, max), read where they live:
-    host positions cost no device synchronisation (a contiguous run is made on the device)."""
+def _device_positions(positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int, int, bool]:
+    """``positions`` as a long tensor on ``device``, their min and max, read where they live, and
+    whether they are the run ``min..max`` on the host: host positions cost no device
+    synchronisation (a run is made on the device)."""
     host = positions.device.type == "cpu"
     lo, hi = int(positions.min()), int(positions.max())  # on the host when positions are
     n = positions.shape[0]
     if host and hi - lo + 1 == n and (n < 2 or bool((positions[1:] > positions[:-1]).all())):
-        return torch.arange(lo, hi + 1, device=device), (lo, hi)
-    return positions.to(device=device, dtype=torch.long, non_blocking=host), (lo, hi)
+        return torch.arange(lo, hi + 1, device=device), lo, hi, True
+    return positions.to(device=device, dtype=torch.long, non_blocking=host), lo, hi, False
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What :func:`row_metrics` needs of a block's positions ``t [n]`` alone (never of the
+    probabilities): the same for every layer, so a run of positions is built once and cached.
+    ``K = hi + 1`` keys, ``m = s + W`` sink/local keys, ``Km`` middle columns ``s .. mid_end - 1``."""
+
+    invisible: torch.Tensor  # [n, K] bool: key past the row's position
+    n_keys: torch.Tensor  # [n] float32, t + 1
+    log_n: torch.Tensor  # [n] float32
+    has_prev: torch.Tensor  # [n] bool, t ≥ 1
+    prev_col: torch.Tensor  # [n, 1] long, max(t - 1, 0)
+    self_col: torch.Tensor  # [n, 1] long, t
+    past_t: torch.Tensor  # [n] int32, keys past t
+    t_norm: torch.Tensor  # [n] float32, max(t, 1)
+    distance: torch.Tensor  # [n, K, 1] float32, max(t - j, 0)
+    near_cols: torch.Tensor  # [n, m] long: sink keys 0..s-1, then local keys from local_start
+    near_ok: torch.Tensor  # [n, m] float32: 1 where that key is in the row's sink or local set
+    mid_end: int
+    mid_sign: torch.Tensor  # [n, Km] float32: -1 where column s + c is a middle key of the row, else 0
+    taken: torch.Tensor  # [m + 1] long, 0..m
+
+    def nbytes(self) -> int:
+        tensors = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def _geometry(t: torch.Tensor, hi: int, sink_tokens: int, local_window: int) -> _Geometry:
+    device = t.device
+    width = hi + 1
+    cols = torch.arange(width, device=device)
+    local_start = torch.clamp(t - local_window + 1, min=sink_tokens)  # [n]
+    band = torch.arange(local_window, device=device)
+    sink_cols = torch.arange(sink_tokens, device=device)[None].expand(t.shape[0], -1)
+    near_cols = torch.cat([sink_cols, local_start[:, None] + band[None]], dim=1)
+    mid_end = max(sink_tokens + 1, min(width, hi - local_window + 1))
+    mid_cols = torch.arange(sink_tokens, mid_end, device=device)
+    n_keys = (t + 1).float()
+    return _Geometry(
+        invisible=cols[None, :] > t[:, None],
+        n_keys=n_keys,
+        log_n=torch.log(n_keys),
+        has_prev=t >= 1,
+        prev_col=(t - 1).clamp_min(0)[:, None],
+        self_col=t[:, None],
+        past_t=(width - 1 - t).int(),
+        t_norm=t.float().clamp_min(1.0),
+        distance=(t[:, None] - cols[None, :]).clamp_min(0).float()[..., None],
+        near_cols=near_cols.clamp_max(width - 1),
+        near_ok=(near_cols <= t[:, None]).float(),
+        mid_end=mid_end,
+        mid_sign=-(mid_cols[None, :] < local_start[:, None]).float(),
+        taken=torch.arange(sink_tokens + local_window + 1, device=device),
+    )
+
+
+GEOMETRY_CACHE_BYTES = 64 << 20  # position tensors kept for runs of positions, all devices together
+_geometry_cache: OrderedDict[tuple[torch.device, int, int, int, int], _Geometry] = OrderedDict()
+_geometry_bytes = [0]
+_geometry_lock = threading.Lock()
+
+
+def _cached_geometry(
+    t: torch.Tensor, lo: int, hi: int, sink_tokens: int, local_window: int, run: bool
+) -> _Geometry:
+    """:func:`_geometry`, from a least-recently-used cache of ≤ :data:`GEOMETRY_CACHE_BYTES` when the
+    positions are the run ``lo..hi`` (every layer of a sequence sends the same runs)."""
+    if not run:
+        return _geometry(t, hi, sink_tokens, local_window)
+    key = (t.device, lo, hi, sink_tokens, local_window)
+    with _geometry_lock:
+        found = _geometry_cache.get(key)
+        if found is not None:
+            _geometry_cache.move_to_end(key)
+            return found
+    built = _geometry(t, hi, sink_tokens, local_window)
+    size = built.nbytes()
+    with _geometry_lock:
+        if key not in _geometry_cache and size <= GEOMETRY_CACHE_BYTES:
+            _geometry_cache[key] = built
+            _geometry_bytes[0] += size
+            while _geometry_bytes[0] > GEOMETRY_CACHE_BYTES:
+                _, dropped = _geometry_cache.popitem(last=False)
+                _geometry_bytes[0] -= dropped.nbytes()
+    return built
 
 
 def row_metrics(
@@ -118,64 +207,48 @@ def row_metrics(
     device = probs.device
     if n_rows == 0:
         return {name: torch.zeros(heads, 0, device=device) for name in ROW_METRICS}
-    t, (lo, hi) = _device_positions(positions, device)
+    t, lo, hi, run = _device_positions(positions, device)
     if lo < 0 or hi >= width:
         raise ValueError(f"positions must lie in 0..{width - 1} (K = {width}), got {lo}..{hi}")
+    g = _cached_geometry(t, lo, hi, sink_tokens, local_window, run)
 
     width = hi + 1  # keys past the last row's position carry no weight
-    cols = torch.arange(width, device=device)
-    visible = cols[None, :] <= t[:, None]  # [n, K]
     # the one [H, n, K] float32 copy: visible weights, renormalised to sum 1 (in place)
-    a = probs[:, :, :width].float().masked_fill(~visible, 0.0)
+    a = probs[:, :, :width].float().masked_fill(g.invisible, 0.0)
     a.div_(a.sum(-1, keepdim=True).clamp_min(_TINY))
-    n_keys = (t + 1).float()
-    t_float = t.float()
-    local_start = torch.clamp(t - local_window + 1, min=sink_tokens)  # [n]
 
     # sink and local keys: at most s + W per row, gathered ([H, n, s + W]; 0 where not in the set)
-    band = torch.arange(local_window, device=device)
-    sink_cols = torch.arange(sink_tokens, device=device)[None].expand(n_rows, -1)
-    near_cols = torch.cat([sink_cols, local_start[:, None] + band[None]], dim=1)  # [n, s + W]
-    near_ok = near_cols <= t[:, None]
-    near = a.gather(-1, near_cols.clamp_max(width - 1)[None].expand(heads, -1, -1)) * near_ok
+    near = a.gather(-1, g.near_cols.expand(heads, -1, -1)).mul_(g.near_ok)
     out: dict[str, torch.Tensor] = {}
     out["sink"] = near[..., :sink_tokens].sum(-1)
     out["local"] = near[..., sink_tokens:].sum(-1)
     out["bos"] = a[:, :, 0].clone()
-
-    has_prev = t >= 1
-    prev_index = (t - 1).clamp_min(0)[None, :, None].expand(heads, n_rows, 1)
-    out["prev"] = a.gather(-1, prev_index).squeeze(-1) * has_prev
-    out["self"] = a.gather(-1, t[None, :, None].expand(heads, n_rows, 1)).squeeze(-1)
+    out["prev"] = a.gather(-1, g.prev_col.expand(heads, -1, -1)).squeeze(-1).mul_(g.has_prev)
+    out["self"] = a.gather(-1, g.self_col.expand(heads, -1, -1)).squeeze(-1)
     max_weight, argmax = a.max(dim=-1)  # first maximal index on ties
-    out["prev_argmax_rate"] = ((argmax == t - 1) & has_prev).float()
+    out["prev_argmax_rate"] = ((argmax == g.prev_col[:, 0]) & g.has_prev).float()
     out["max_weight"] = max_weight
 
     entropy = _entropy(a)
-    log_n = torch.log(n_keys)
     out["entropy"] = entropy
-    out["entropy_norm"] = torch.where(log_n > 0, entropy / log_n.clamp_min(_TINY), 0.0)
+    out["entropy_norm"] = torch.where(g.log_n > 0, entropy / g.log_n.clamp_min(_TINY), 0.0)
     out["effective_keys"] = torch.exp(entropy)
 
     # entries past t are exact zeros, below any positive threshold: count all, subtract those
-    below = (a < SPARSITY_FRACTION * max_weight[..., None]).sum(-1, dtype=torch.int32) - (width - 1 - t)
-    out["sparsity_1pct"] = below.clamp_min(0).float() / n_keys
+    below = (a < SPARSITY_FRACTION * max_weight[..., None]).sum(-1, dtype=torch.int32) - g.past_t
+    out["sparsity_1pct"] = below.clamp_min(0).float() / g.n_keys
 
-    distance = (t[:, None] - cols[None, :]).clamp_min(0).float()  # [n, K]; zero weight past t anyway
-    mean_distance = torch.einsum("hnk,nk->hn", a, distance)
+    mean_distance = torch.matmul(a.transpose(0, 1), g.distance).squeeze(-1).transpose(0, 1)  # [H, n]
     out["mean_distance"] = mean_distance
-    out["mean_distance_norm"] = torch.where(t >= 1, mean_distance / t_float.clamp_min(1.0), 0.0)
+    out["mean_distance_norm"] = torch.where(g.has_prev, mean_distance / g.t_norm, 0.0)
 
     # middle keys: columns s .. local_start - 1 of each row, one sort; the row's k90 merges them with
     # the ≤ s + W sorted sink/local values (the k largest of a union of two sets are the i largest of
     # one and the k - i largest of the other for the best i)
-    mid_end = max(sink_tokens + 1, min(width, hi - local_window + 1))
-    mid_cols = torch.arange(sink_tokens, mid_end, device=device)
-    in_mid = mid_cols[None, :] < local_start[:, None]  # [n, middle columns]
-    mid = a[:, :, sink_tokens:mid_end]
-    if mid.shape[-1] < mid_cols.numel():  # width ≤ s: no middle column at all
-        mid = torch.nn.functional.pad(mid, (0, mid_cols.numel() - mid.shape[-1]))
-    mid_top = _top_mass(mid * -in_mid.float())  # [H, n, Km] float64; other columns are 0
+    mid = a[:, :, sink_tokens : g.mid_end]
+    if mid.shape[-1] < g.mid_sign.shape[-1]:  # width ≤ s: no middle column at all
+        mid = torch.nn.functional.pad(mid, (0, g.mid_sign.shape[-1] - mid.shape[-1]))
+    mid_top = _top_mass(mid * g.mid_sign)  # [H, n, Km] float64; other columns are 0
     middle_mass = mid_top[..., -1:]
     out["middle"] = middle_mass[..., 0].float()
     threshold = K90_MASS - K90_TOLERANCE
@@ -183,13 +256,12 @@ def row_metrics(
     middle_k90 = _count_reaching(mid_top, threshold * middle_mass, never)[..., 0]
     out["middle_k90"] = torch.where(middle_mass[..., 0] > 0, middle_k90, 0).float()
 
-    near_top = _top_mass(-near)  # [H, n, s + W]
-    taken = torch.cat([near_top.new_zeros(heads, n_rows, 1), near_top], dim=-1)  # j largest, j = 0..s+W
-    j = torch.arange(taken.shape[-1], device=device)
-    k90 = (j + _count_reaching(mid_top, threshold - taken, never)).amin(-1).float()
-    k90 = torch.minimum(k90, n_keys)
+    near_top = _top_mass(near.neg_())  # [H, n, s + W]
+    taken = torch.nn.functional.pad(near_top, (1, 0))  # the j largest, j = 0..s+W
+    k90 = (g.taken + _count_reaching(mid_top, threshold - taken, never)).amin(-1).float()
+    k90 = torch.minimum(k90, g.n_keys)
     out["k90"] = k90
-    out["k90_frac"] = k90 / n_keys
+    out["k90_frac"] = k90 / g.n_keys
     return {name: out[name].float().contiguous() for name in ROW_METRICS}
 
 
