@@ -158,8 +158,8 @@ def test_row_metrics_runs_of_positions_share_their_geometry(monkeypatch: pytest.
     one = metrics._geometry_cache[(cpu, 100, 139, 4, 8)].nbytes()
     monkeypatch.setattr(metrics, "GEOMETRY_CACHE_BYTES", one + one // 2)
     positions = np.arange(101, 141)
-    probs = torch.from_numpy(random_attention(rng, 2, positions, width=150))
-    row_metrics(probs, torch.from_numpy(positions), sink_tokens=4, local_window=8)
+    block = torch.from_numpy(random_attention(rng, 2, positions, width=150))
+    row_metrics(block, torch.from_numpy(positions), sink_tokens=4, local_window=8)
     assert list(metrics._geometry_cache) == [(cpu, 101, 140, 4, 8)]  # the older ones dropped
     assert metrics._geometry_bytes[0] <= metrics.GEOMETRY_CACHE_BYTES
 
