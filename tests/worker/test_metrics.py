@@ -352,6 +352,32 @@ def test_pooled_means_are_row_weighted() -> None:
     assert not np.allclose(summary.pooled_means["entropy"], entropy.mean(1), rtol=1e-4, atol=0)
 
 
+def test_batched_blocks_equal_blocks_computed_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of the same run of positions wait and go through one row_metrics call (several layers and
+    sequences at once); with no room to wait each block is computed alone: the same summary."""
+    import worker.capture.metrics as metrics
+
+    heads = 3
+    seqs = _sequences(heads)
+
+    def summary() -> metrics.HeadSummary:
+        acc = HeadMetricsAccumulator(3, 2, heads, SMALL)
+        for layer in range(3):
+            for b, probs in enumerate(seqs):
+                _feed(acc, layer, b, probs, [0, 40, probs.shape[1]])
+        return acc.result()
+
+    batched = summary()
+    monkeypatch.setattr(metrics, "PENDING_BYTES", 0)  # every observation flushes at once
+    alone = summary()
+    np.testing.assert_array_equal(batched.rows, alone.rows)
+    for name in ROW_METRICS:
+        np.testing.assert_allclose(batched.means[name], alone.means[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    for name in QUANTILE_METRICS:
+        np.testing.assert_allclose(batched.quantiles[name], alone.quantiles[name], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(batched.means["entropy"][0, 0], batched.means["entropy"][0, 1])  # 2 sequences
+
+
 def test_observe_checks_its_arguments() -> None:
     acc = HeadMetricsAccumulator(1, 1, 2, SMALL)
     with pytest.raises(IndexError):

@@ -145,6 +145,7 @@ def _geometry(t: torch.Tensor, hi: int, sink_tokens: int, local_window: int) -> 
     )
 
 
+PENDING_BYTES = 64 << 20  # fp32 rows an accumulator holds back to batch its row_metrics calls
 GEOMETRY_CACHE_BYTES = 64 << 20  # position tensors kept for runs of positions, all devices together
 _geometry_cache: OrderedDict[tuple[torch.device, int, int, int, int], _Geometry] = OrderedDict()
 _geometry_bytes = [0]
@@ -294,6 +295,13 @@ class HeadMetricsAccumulator:
     of :data:`QUANTILE_METRICS` are copied to the host as float32 (``4 · 8 · H`` bytes per eligible
     row and layer; from a GPU asynchronously, into pinned memory) so the quantiles are exact. With
     host ``positions`` an observation never waits for the GPU: :meth:`result` synchronises once.
+
+    Blocks whose eligible rows are the same run of positions (every layer, and the sequences of a
+    micro-batch that reach it, send the same runs) wait, up to :data:`PENDING_BYTES` of rows, and
+    go through one :func:`row_metrics` call together: per call the cost is mostly operator dispatch
+    (on an H200, ≈ 90 kernels and 1.3–2 ms a call for blocks up to 128 × 2,048 keys against
+    0.2–1.3 ms of kernel time). A waiting block is a view of the caller's ``probs``: callers must
+    not modify it in place after :meth:`observe` (the capture never does).
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, params: SummaryParams) -> None:
@@ -310,6 +318,9 @@ class HeadMetricsAccumulator:
         self._quantile_index = [ROW_METRICS.index(name) for name in QUANTILE_METRICS]
         self._values: dict[tuple[int, int], list[torch.Tensor]] = {}  # (l, b) → host blocks [Q, H, n]
         self._devices: set[torch.device] = set()
+        # (device, first, last position) → [(l, b, rows [H, n, K])] waiting for one row_metrics call
+        self._pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]] = {}
+        self._pending_bytes = 0
 
     def observe(self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor) -> None:
         """Add one block of rows: ``probs [H, n, K]`` (any device) at ``positions [n]`` (best on the
@@ -333,24 +344,21 @@ class HeadMetricsAccumulator:
                 rows = rows[:, first : first + keep.numel()]
             else:
                 rows = rows.index_select(1, keep.to(rows.device))
-        rows = rows[:, :, : int(kept_positions.max()) + 1]  # later keys carry no weight
-        metrics = row_metrics(
-            rows,
-            kept_positions,
-            sink_tokens=self.params.sink_tokens,
-            local_window=self.params.local_window,
-        )
-        values = torch.stack([metrics[name] for name in ROW_METRICS])  # [M, H, n] on the device
-        sums = self._sums.get(values.device)
-        if sums is None:
-            shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
-            sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
-        sums[:, layer_pos, batch_index] += values.sum(dim=-1, dtype=torch.float64)
-        self._devices.add(values.device)
-        block = values[self._quantile_index]
-        on_gpu = block.device.type != "cpu"
-        host_block = block.to("cpu", non_blocking=on_gpu) if on_gpu else block.clone()
-        self._values.setdefault((layer_pos, batch_index), []).append(host_block)
+        lo, hi = int(kept_positions[0]), int(kept_positions.max())
+        rows = rows[:, :, : hi + 1]  # later keys carry no weight
+        if hi - lo + 1 == len(kept_positions) and bool((kept_positions[1:] > kept_positions[:-1]).all()):
+            self._pending.setdefault((rows.device, lo, hi), []).append((layer_pos, batch_index, rows))
+            self._pending_bytes += rows.numel() * 4
+            if self._pending_bytes > PENDING_BYTES:
+                self.flush()
+        else:
+            metrics = row_metrics(
+                rows,
+                kept_positions,
+                sink_tokens=self.params.sink_tokens,
+                local_window=self.params.local_window,
+            )
+            self._add([(layer_pos, batch_index)], torch.stack([metrics[name] for name in ROW_METRICS]))
         n_keys = kept_positions.numpy() + 1
         low, high = int(n_keys.min()), int(n_keys.max())
         seen = self._rows[layer_pos, batch_index] > 0
@@ -359,6 +367,44 @@ class HeadMetricsAccumulator:
         )
         self._context_max[layer_pos, batch_index] = max(high, int(self._context_max[layer_pos, batch_index]))
         self._rows[layer_pos, batch_index] += len(n_keys)
+
+    def flush(self) -> None:
+        """Compute the metrics of every waiting block (one :func:`row_metrics` call per run of
+        positions and device); :meth:`result` calls it."""
+        pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        for (_, lo, hi), blocks in pending.items():
+            rows = blocks[0][2] if len(blocks) == 1 else torch.cat([block for _, _, block in blocks])
+            metrics = row_metrics(
+                rows,
+                torch.arange(lo, hi + 1),
+                sink_tokens=self.params.sink_tokens,
+                local_window=self.params.local_window,
+            )
+            self._add([(lp, b) for lp, b, _ in blocks], torch.stack([metrics[name] for name in ROW_METRICS]))
+
+    def _add(self, owners: list[tuple[int, int]], values: torch.Tensor) -> None:
+        """``values [M, len(owners) · H, n]``: the metrics of the blocks of ``owners`` (layer, sequence),
+        their heads one after the other."""
+        heads = self.num_heads
+        sums = self._sums.get(values.device)
+        if sums is None:
+            shape = (len(ROW_METRICS), self.num_layers, self.batch, heads)
+            sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
+        self._devices.add(values.device)
+        per_block = values.sum(dim=-1, dtype=torch.float64).unflatten(1, (len(owners), heads))  # [M, N, H]
+        if len(owners) == 1:
+            sums[:, owners[0][0], owners[0][1]] += per_block[:, 0]
+        else:
+            index = torch.tensor([lp * self.batch + b for lp, b in owners]).to(
+                values.device, non_blocking=True
+            )
+            sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_block)
+        quantile_values = values[self._quantile_index]
+        on_gpu = values.device.type != "cpu"
+        for i, owner in enumerate(owners):  # one host copy per block
+            block = quantile_values[:, i * heads : (i + 1) * heads]
+            host_block = block.to("cpu", non_blocking=on_gpu) if on_gpu else block.clone()
+            self._values.setdefault(owner, []).append(host_block)
 
     def _host_sums(self) -> torch.Tensor:
         shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
@@ -375,6 +421,7 @@ class HeadMetricsAccumulator:
 
     def result(self) -> HeadSummary:
         """The summary of every row observed so far (may be called more than once)."""
+        self.flush()
         self._synchronize()
         sums = self._host_sums().numpy()
         shape = (self.num_layers, self.batch, self.num_heads)
