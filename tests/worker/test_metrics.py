@@ -378,6 +378,22 @@ def test_batched_blocks_equal_blocks_computed_one_by_one(monkeypatch: pytest.Mon
     assert not np.allclose(batched.means["entropy"][0, 0], batched.means["entropy"][0, 1])  # 2 sequences
 
 
+def test_blocks_flushed_in_inference_mode_then_outside() -> None:
+    """The capture observes under ``torch.inference_mode`` (a full batch flushes there and creates the
+    sums) and asks for the result outside it, where the last blocks are computed."""
+    seqs = _sequences(2)
+    inside, outside = HeadMetricsAccumulator(2, 1, 2, SMALL), HeadMetricsAccumulator(2, 1, 2, SMALL)
+    with torch.inference_mode():
+        _feed(inside, 0, 0, seqs[0], [0, 40])
+        inside.flush()
+        _feed(inside, 1, 0, seqs[0], [0, 40])  # waits for result()
+    for layer in range(2):
+        _feed(outside, layer, 0, seqs[0], [0, 40])
+    a, b = inside.result(), outside.result()
+    for name in ROW_METRICS:
+        np.testing.assert_allclose(a.means[name], b.means[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_observe_checks_its_arguments() -> None:
     acc = HeadMetricsAccumulator(1, 1, 2, SMALL)
     with pytest.raises(IndexError):

@@ -352,13 +352,7 @@ class HeadMetricsAccumulator:
             if self._pending_bytes > PENDING_BYTES:
                 self.flush()
         else:
-            metrics = row_metrics(
-                rows,
-                kept_positions,
-                sink_tokens=self.params.sink_tokens,
-                local_window=self.params.local_window,
-            )
-            self._add([(layer_pos, batch_index)], torch.stack([metrics[name] for name in ROW_METRICS]))
+            self._compute({(rows.device, lo, hi): [(layer_pos, batch_index, rows)]}, kept_positions)
         n_keys = kept_positions.numpy() + 1
         low, high = int(n_keys.min()), int(n_keys.max())
         seen = self._rows[layer_pos, batch_index] > 0
@@ -372,15 +366,27 @@ class HeadMetricsAccumulator:
         """Compute the metrics of every waiting block (one :func:`row_metrics` call per run of
         positions and device); :meth:`result` calls it."""
         pending, self._pending, self._pending_bytes = self._pending, {}, 0
-        for (_, lo, hi), blocks in pending.items():
-            rows = blocks[0][2] if len(blocks) == 1 else torch.cat([block for _, _, block in blocks])
-            metrics = row_metrics(
-                rows,
-                torch.arange(lo, hi + 1),
-                sink_tokens=self.params.sink_tokens,
-                local_window=self.params.local_window,
-            )
-            self._add([(lp, b) for lp, b, _ in blocks], torch.stack([metrics[name] for name in ROW_METRICS]))
+        self._compute(pending)
+
+    def _compute(
+        self,
+        pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]],
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """The metrics of ``pending``'s blocks (at ``positions``, default each run ``lo..hi``) added
+        to the sums and host values, under ``torch.inference_mode``: the sums may have been created
+        in it (the capture observes in it) and a result may be asked for outside it."""
+        with torch.inference_mode():
+            for (_, lo, hi), blocks in pending.items():
+                rows = blocks[0][2] if len(blocks) == 1 else torch.cat([block for _, _, block in blocks])
+                metrics = row_metrics(
+                    rows,
+                    torch.arange(lo, hi + 1) if positions is None else positions,
+                    sink_tokens=self.params.sink_tokens,
+                    local_window=self.params.local_window,
+                )
+                values = torch.stack([metrics[name] for name in ROW_METRICS])
+                self._add([(lp, b) for lp, b, _ in blocks], values)
 
     def _add(self, owners: list[tuple[int, int]], values: torch.Tensor) -> None:
         """``values [M, len(owners) · H, n]``: the metrics of the blocks of ``owners`` (layer, sequence),
