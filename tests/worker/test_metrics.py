@@ -400,3 +400,20 @@ def test_observe_checks_its_arguments() -> None:
         acc.observe(1, 0, torch.zeros(2, 1, 40), torch.tensor([39]))
     with pytest.raises(ValueError, match="probs"):
         acc.observe(0, 0, torch.zeros(3, 1, 40), torch.tensor([39]))
+
+
+def test_a_rows_metrics_do_not_depend_on_the_rows_batched_with_it() -> None:
+    """The accumulator batches blocks (layers, sequences) into one row_metrics call, and a job cut by
+    layers batches fewer of them than one worker does: each row's metrics must be the same bits
+    whatever it is batched with (a batched matmul's rounding is not: tests/worker/test_layer_shards.py
+    compares the bundles byte for byte)."""
+    rng = np.random.default_rng(7)
+    positions = np.arange(79, 92)  # the shapes of the tiny model's layers, alone and two together
+    one = torch.from_numpy(random_attention(rng, 4, positions, 92))
+    others = torch.from_numpy(random_attention(rng, 4, positions, 92))
+    alone = row_metrics(one, torch.from_numpy(positions), sink_tokens=4, local_window=16)
+    batched = row_metrics(
+        torch.cat([one, others]), torch.from_numpy(positions), sink_tokens=4, local_window=16
+    )
+    for name in ROW_METRICS:
+        assert torch.equal(alone[name], batched[name][:4]), name

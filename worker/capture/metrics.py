@@ -104,7 +104,7 @@ class _Geometry:
     self_col: torch.Tensor  # [n, 1] long, t
     past_t: torch.Tensor  # [n] int32, keys past t
     t_norm: torch.Tensor  # [n] float32, max(t, 1)
-    distance: torch.Tensor  # [n, K, 1] float32, max(t - j, 0)
+    distance: torch.Tensor  # [n, K] float32, max(t - j, 0)
     near_cols: torch.Tensor  # [n, m] long: sink keys 0..s-1, then local keys from local_start
     near_ok: torch.Tensor  # [n, m] float32: 1 where that key is in the row's sink or local set
     mid_end: int
@@ -136,7 +136,7 @@ def _geometry(t: torch.Tensor, hi: int, sink_tokens: int, local_window: int) -> 
         self_col=t[:, None],
         past_t=(width - 1 - t).int(),
         t_norm=t.float().clamp_min(1.0),
-        distance=(t[:, None] - cols[None, :]).clamp_min(0).float()[..., None],
+        distance=(t[:, None] - cols[None, :]).clamp_min(0).float(),
         near_cols=near_cols.clamp_max(width - 1),
         near_ok=(near_cols <= t[:, None]).float(),
         mid_end=mid_end,
@@ -191,8 +191,8 @@ def row_metrics(
     ``middle_k90`` is 0 where the middle mass is 0. Memory O(H·n·K); no loop over rows.
 
     Passes over ``[H, n, K]``: one masked float32 copy normalised in place, then max, entropy,
-    the sparsity count, the mean distance (one batched matrix-vector product: fp32 unless TF32 is
-    switched on for matmuls), and one values-only sort of the middle columns with its float64
+    the sparsity count, the mean distance (a product and a per-row sum, whatever the rows batched
+    with it), and one values-only sort of the middle columns with its float64
     cumulative mass (``middle``, ``middle_k90``, and ``k90`` merged with the ≤ s + W sink/local
     keys, which are gathered for ``sink`` and ``local``). With
     ``positions`` on the host (CPU) and ``probs`` on a GPU nothing waits for the GPU: the positions'
@@ -239,7 +239,10 @@ def row_metrics(
     below = (a < SPARSITY_FRACTION * max_weight[..., None]).sum(-1, dtype=torch.int32) - g.past_t
     out["sparsity_1pct"] = below.clamp_min(0).float() / g.n_keys
 
-    mean_distance = torch.matmul(a.transpose(0, 1), g.distance).squeeze(-1).transpose(0, 1)  # [H, n]
+    # a product and a reduction per row, not a batched matmul: a matmul's blocking (hence its
+    # rounding) depends on how many rows are batched together, and a row's metric must not (the
+    # accumulator batches layers; a job cut by layers batches fewer of them)
+    mean_distance = (a * g.distance).sum(-1)  # [H, n]
     out["mean_distance"] = mean_distance
     out["mean_distance_norm"] = torch.where(g.has_prev, mean_distance / g.t_norm, 0.0)
 
