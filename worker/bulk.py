@@ -278,7 +278,7 @@ class BulkExporter:
             "job_id": job_id,
             "kind": "bulk",
             "model": self.spec.model.id,
-            "source": self.source.model_dump(mode="json", exclude={"prompts", "token_ids"}),
+            "source": self.spec.bundle_dump()["source"],
         }
 
     def _finish(self, root: BundleWriter, started: float, batches: int, *, partial: bool) -> dict[str, Any]:

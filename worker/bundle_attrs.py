@@ -40,7 +40,7 @@ def root_attrs(
             "placement": lm.placement,
             "config": lm.info.get("config", {}),
         },
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec.bundle_dump(),
         **attention_facts.root_attrs(facts),
         "capture": {
             **capture.model_dump(mode="json"),

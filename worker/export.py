@@ -384,12 +384,15 @@ class Exporter:
         layout, tok = self.layout, self.lm.tokenizer
         tokens = np.full((layout.batch, layout.positions), -1, dtype=np.int32)
         lengths, prompt_lengths, token_strings, generated_texts = [], [], [], []
+        strings: dict[int, str] = {}  # each distinct token decoded once
         for b, (prompt, generated) in enumerate(zip(self.prompt_ids, self.generated, strict=True)):
             seq = prompt + generated
             tokens[b, : len(seq)] = seq
             lengths.append(len(seq))
             prompt_lengths.append(len(prompt))
-            token_strings.append([tok.decode([t]) for t in seq])
+            for t in set(seq) - strings.keys():
+                strings[t] = tok.decode([t])
+            token_strings.append([strings[t] for t in seq])
             generated_texts.append(tok.decode(generated, skip_special_tokens=True))
         self.writer.write_array("tokens", tokens)
         self.writer.write_array("length", np.asarray(lengths, dtype=np.int32))

@@ -120,6 +120,13 @@ class JobSpec(_Strict):
             )
         return self
 
+    def bundle_dump(self) -> dict[str, Any]:
+        """The spec as a bundle's attributes keep it: a bulk job's inline rows (``source.prompts``,
+        ``source.token_ids``) are left out (each micro-batch keeps its own texts and the root its
+        sequence table; a copy of every row in every micro-batch's attributes made writing a
+        micro-batch cost in proportion to the whole job)."""
+        return self.model_dump(mode="json", exclude={"source": {"prompts", "token_ids"}})
+
     @property
     def bulk(self) -> bool:
         """A bulk job: sequences streamed from ``source`` in micro-batches (bundle format 2.x)."""
