@@ -25,7 +25,7 @@ from worker.settings import WorkerSettings
 from worker.shards import run_finalize, run_shard
 
 from .conftest import model_cache_dir
-from .test_shards import JOB_ID, shard_job
+from .test_shards import JOB_ID, assert_runs_on_one_worker, shard_job
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven small birds sing in an old oak tree "
 
@@ -111,14 +111,10 @@ def test_layer_sharded_bundle_equals_a_one_worker_run(
 
 
 def test_jobs_a_layer_cut_cannot_serve_run_on_one_worker(tiny_model_dir: Any, tmp_path: Path) -> None:
-    spec = layer_spec(tiny_model_dir("llama"), {"attention": True}, new_tokens=2)
-    settings, index, store = shard_job(tmp_path, "decode", spec, shard_layers=1)
-    launched: list[list[int]] = []
-    outcome = run_job(
-        JOB_ID, index=index, store=store, models=ModelCache(model_cache_dir(), "cpu"), settings=settings,
-        worker_id="w", launch_shards=lambda job, shards: launched.append(shards),
-    )  # fmt: skip
-    assert outcome is JobState.SUCCEEDED and launched == [] and sh.list_shards(index, JOB_ID) == []
+    spec = layer_spec(
+        tiny_model_dir("llama"), {"attention": True}, new_tokens=2
+    )  # decoding needs every layer
+    assert_runs_on_one_worker(tmp_path, spec, shard_layers=1)
 
 
 def test_a_layer_shard_failing_for_good_leaves_the_other_layers(

@@ -109,7 +109,13 @@ def test_small_or_unsharded_bulk_jobs_run_on_one_worker(
     tiny_model_dir: Any, tmp_path: Path, shard_micro_batches: int
 ) -> None:
     spec = bulk_spec(tiny_model_dir("llama"), sequences=8, shuffle_seed=None)
-    settings, index, store = shard_job(tmp_path, "one", spec, shard_micro_batches=shard_micro_batches)
+    assert_runs_on_one_worker(tmp_path, spec, shard_micro_batches=shard_micro_batches)
+
+
+def assert_runs_on_one_worker(tmp_path: Path, spec: dict[str, Any], **settings_kw: Any) -> None:
+    """The job of ``spec`` (with worker settings ``settings_kw``) succeeds on the worker that took
+    it: no shard is made or sent."""
+    settings, index, store = shard_job(tmp_path, "one", spec, **settings_kw)
     launched: list[list[int]] = []
     outcome = run_job(
         JOB_ID, index=index, store=store, models=ModelCache(model_cache_dir(), "cpu"), settings=settings,
