@@ -1,16 +1,22 @@
-"""Fixtures for worker tests: tiny model folders, SmolLM2 (dequantised once), an export runner."""
+"""Fixtures for worker tests: tiny model folders, SmolLM2 (dequantised once), an export runner, a
+Celery app and a Redis client for a module's ``settings``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from celery import Celery
 
 from storage.bundle.records import ChunkRecord
 from storage.models.spec import SMOLLM2_GGUF
+from worker.app import create_celery_app
+from worker.settings import WorkerSettings
 
 from .tiny_models import build_tiny_model
 
@@ -74,3 +80,24 @@ class CollectingHooks:
         self.blocks += 1
         if self.cancel_after_blocks is not None and self.blocks >= self.cancel_after_blocks:
             raise JobCancelled("cancelled by test")
+
+
+# ``app`` and ``broker`` serve the modules that define a ``settings`` fixture (WorkerSettings with a
+# queue of their own): the Celery app that sends to that queue, and a Redis client that deletes the
+# queue's keys afterwards
+
+
+@pytest.fixture
+def app(settings: WorkerSettings) -> Iterator[Celery]:
+    celery_app = create_celery_app(settings)
+    yield celery_app
+    celery_app.close()
+
+
+@pytest.fixture
+def broker(settings: WorkerSettings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url)
+    yield client
+    for key in client.scan_iter(match=f"{settings.queue_name}*"):
+        client.delete(key)
+    client.close()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from storage.index import reconcile as sql
 from storage.index.models import utcnow
 from storage.stores.objectstore import ObjectStore
 from tests.services import qkvault_env, start_worker, subprocess_env
-from worker.app import create_celery_app, enqueue_export
+from worker.app import enqueue_export
 from worker.reconciler import ReconcileReport, reconcile_once
 from worker.settings import WorkerSettings
 
@@ -47,20 +46,6 @@ def settings(redis_url: str, index: Index, tmp_path: Path) -> WorkerSettings:
         lease_timeout_s=120,
         requeue_after_s=60,
     )
-
-
-@pytest.fixture
-def app(settings: WorkerSettings) -> Iterator[Celery]:
-    celery_app = create_celery_app(settings)
-    yield celery_app
-    celery_app.close()
-
-
-@pytest.fixture
-def broker(settings: WorkerSettings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
 
 
 def _create(index: Index, *, max_attempts: int = 3, spec: dict[str, Any] | None = None) -> JobRecord:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,22 +45,6 @@ def settings(redis_url: str, index: Index, tmp_path: Path) -> WorkerSettings:
         lease_timeout_s=120,
         requeue_after_s=60,
     )
-
-
-@pytest.fixture
-def app(settings: WorkerSettings) -> Iterator[Celery]:
-    celery_app = create_celery_app(settings)
-    yield celery_app
-    celery_app.close()
-
-
-@pytest.fixture
-def broker(settings: WorkerSettings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    for key in client.scan_iter(match=f"{settings.queue_name}*"):
-        client.delete(key)
-    client.close()
 
 
 def _waiting(broker: redis.Redis, queue: str) -> list[str]:
