@@ -154,6 +154,13 @@ class Exporter:
             derived_chunks=self.attention_facts.chunk_of() if self.layout.derived_attention else None,
         )
 
+    @property
+    def passes(self) -> int:
+        """Forward passes over each exported layer: the prefill, one per generated token, the
+        top-heads pass and the induction probe (the progress units of a layer)."""
+        extra = int(bool(self.layout.top_heads)) + int(self.capture.induction_probe is not None)
+        return 1 + self.spec.generation.max_new_tokens + extra
+
     def base_attrs(self, job_id: str) -> dict[str, Any]:
         """Root attributes known before the first chunk (the rest are written last)."""
         return root_attrs(job_id, self.spec, self.lm, self.capture, self.layout, self.attention_facts)
@@ -213,7 +220,7 @@ class Exporter:
         streaming the captured rows (of :attr:`part`'s layers). On a cancel the captured blocks
         are flushed before JobCancelled propagates; on any other error the writer is closed
         (queued chunks stored and recorded)."""
-        lm, gen, layout = self.lm, self.spec.generation, self.layout
+        lm, layout = self.lm, self.layout
         if self.layer_shard:  # the planner created the arrays; the other shards write into them
             self.writer.open(layout)
         else:
@@ -231,8 +238,7 @@ class Exporter:
             certifier=self.certifier,
             layers=self.part,
         )
-        extra_passes = int(bool(layout.top_heads)) + int(self.capture.induction_probe is not None)
-        units = len(self.part) * (1 + gen.max_new_tokens + extra_passes)
+        units = len(self.part) * self.passes
         try:
             with (
                 torch.inference_mode(),

@@ -99,11 +99,6 @@ def plan_layer_shards(num_layers: int, layers_per_shard: int, passes: int) -> li
     return plans
 
 
-def passes_of(exporter: Exporter) -> int:
-    """Forward passes of a one-batch job without generated tokens (units per exported layer)."""
-    return 1 + int(bool(exporter.layout.top_heads)) + int(exporter.capture.induction_probe is not None)
-
-
 @dataclass
 class LayerPart:
     """What the root needs from one shard's layers (positions ``first .. first + count - 1``):

@@ -49,7 +49,6 @@ from worker.generation import tokenize_texts
 from worker.layershards import (
     finalize_layers,
     layer_cut_blockers,
-    passes_of,
     plan_layer_shards,
     run_layer_shard,
 )
@@ -309,7 +308,7 @@ def start_layer_sharded(
             log.info("job %s: not cut by layers (%s); one worker runs it", job.id, "; ".join(blockers))
             return []
         layers = len(exporter.layout.layers)
-        plans = plan_layer_shards(layers, settings.shard_layers, passes_of(exporter))
+        plans = plan_layer_shards(layers, settings.shard_layers, exporter.passes)
         if len(plans) > 1:
             exporter.writer.create(exporter.layout, exporter.base_attrs(job.id))  # readers see it
             exporter.writer.wait()
