@@ -186,17 +186,15 @@ def _end_shard(row: ShardRow, state: str, now: datetime, error: dict[str, Any] |
         row.error = dict(error)
 
 
-def _failed_problem(session: Session, job: JobRow) -> dict[str, Any] | None:
-    """The problem of the job's first shard that failed for good (None: none did)."""
-    row = session.scalars(
-        select(ShardRow).where(ShardRow.job_id == job.id, ShardRow.state == FAILED).order_by(ShardRow.shard)
-    ).first()
-    return dict(row.error or {}) if row is not None else None
+def _any_failed(session: Session, job: JobRow) -> bool:
+    """Whether a shard of the job failed for good."""
+    failed = select(ShardRow.shard).where(ShardRow.job_id == job.id, ShardRow.state == FAILED)
+    return session.scalars(failed.limit(1)).first() is not None
 
 
 def _stopping(session: Session, job: JobRow) -> bool:
     """A cancel was requested on the job, or one of its shards failed for good."""
-    return bool(job.cancel_requested) or _failed_problem(session, job) is not None
+    return bool(job.cancel_requested) or _any_failed(session, job)
 
 
 def _settle_job(session: Session, job: JobRow, now: datetime) -> None:
