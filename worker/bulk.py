@@ -4,20 +4,33 @@ Rows are read from the job's ``source`` (:mod:`storage.sources`), tokenized, and
 micro-batches in windows (:mod:`storage.jobs.microbatch`: at most ``token_budget`` padded tokens
 and 5% padding each). Each micro-batch is exported by the one-batch :class:`~worker.export.Exporter`
 into its own group of the bundle, ``batches/<k>`` (a complete format-1.x bundle of its sequences,
-with their job-wide indices and source rows), written and consolidated before the next one starts:
-a reader sees every finished micro-batch while the job runs. The root (format 2.0) holds the
-sequence table (group ``sequences``) once the job ends.
+with their job-wide indices and source rows): a reader sees every finished micro-batch while the
+job runs. The root (format 2.0) holds the sequence table (group ``sequences``) once the job ends.
+
+Writes overlap the next forward passes: once micro-batch ``k``'s forward passes ran (row blocks
+queued in its writer's pipeline) and its small arrays were computed
+(:meth:`worker.export.Exporter.run_until_finish`), its drain — waiting for its chunks, the small
+arrays, summary and kv groups, the metadata that marks it complete and its consolidation
+(:meth:`~worker.export.Exporter.write_finish`) — runs on a thread of its own (:class:`_Drain`) while
+micro-batch ``k + 1``'s forward passes run. At most one micro-batch drains at a time: the forward
+thread waits for drain ``k`` before it hands over ``k + 1`` (back-pressure; memory is bounded by two
+writers' pending bytes). A micro-batch counts as finished — its table entry, the progress
+(``unit_done``, ``on_tokens``) — only once its drain wrote everything, on the drain thread. A drain's
+error is raised on the forward thread at its next row block (or wait), and fails the job.
 
 A resumed attempt plans the same micro-batches (the plan depends only on the rows and the spec)
 and skips those whose group is complete; a cancel stops within one micro-batch and keeps the
-finished ones.
+finished ones (the one draining is finished first).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,17 +106,73 @@ class JobLimitExceeded(InvalidJobSpec):
     problem_type = "limit-exceeded"
 
 
+class _Drain:
+    """The writes of one finished micro-batch at a time, on a thread of its own (module docstring).
+
+    :meth:`submit` waits for the drain in flight (back-pressure: at most one drains while the next
+    micro-batch runs) and raises its error; :meth:`check` raises the error of one that already
+    failed without waiting (the forward thread, between row blocks). ``waiting`` is set while the
+    forward thread waits for a drain; ``waits`` and ``wait_s`` count those waits."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qkvault-drain")
+        self._running: Future[None] | None = None
+        self.waiting = threading.Event()
+        self.waits = 0
+        self.wait_s = 0.0
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self.wait()
+        self._running = self._pool.submit(work)
+
+    def wait(self) -> None:
+        """Until the drain in flight ended; raises its error."""
+        running = self._running
+        if running is None:
+            return
+        if not running.done():
+            self.waits += 1
+            t0 = time.perf_counter()
+            self.waiting.set()
+            try:
+                wait_futures([running])
+            finally:
+                self.waiting.clear()
+                self.wait_s += time.perf_counter() - t0
+        self._running = None
+        running.result()
+
+    def check(self) -> None:
+        running = self._running
+        if running is not None and running.done() and running.exception() is not None:
+            self.wait()
+
+    def settle(self) -> BaseException | None:
+        """Wait for the drain in flight (any error returned, not raised) and stop the thread."""
+        try:
+            self.wait()
+        except BaseException as exc:
+            return exc
+        finally:
+            self._pool.shutdown(wait=True)
+        return None
+
+
 class _MicroBatchHooks:
     """The outer job's hooks as one micro-batch's Exporter sees them: its phases and layer units are
-    the micro-batch's own (the job counts sequences); cancel and lease checks go through."""
+    the micro-batch's own (the job counts sequences); cancel and lease checks go through, and so
+    does the failure of the previous micro-batch's drain."""
 
-    def __init__(self, outer: ExportHooks) -> None:
+    def __init__(self, outer: ExportHooks, drain: _Drain | None = None) -> None:
         self.outer = outer
+        self.drain = drain
 
     def phase(self, name: str, units_total: int | None = None) -> None: ...
     def unit_done(self) -> None: ...
 
     def check_cancelled(self) -> None:
+        if self.drain is not None:
+            self.drain.check()
         self.outer.check_cancelled()
 
 
@@ -167,8 +236,11 @@ class BulkExporter:
         self.resumed_batches = 0
         self.limits = limits
         self.on_tokens = on_tokens
-        # seconds summed over the micro-batches exported here (each group's attrs keep its own)
+        # seconds summed over the micro-batches exported here (each group's attrs keep its own);
+        # "drain": writing them on the drain thread, "drain_wait": the forward thread waiting for it
         self.batch_timings: dict[str, float] = {}
+        self.finished_batches = 0  # written and complete (counted on the drain thread)
+        self.drain: _Drain | None = None
 
     def _writer(self, group: str | None = None) -> BundleWriter:
         url = self.bundle_url if group is None else f"{self.bundle_url}/{group}"
@@ -233,17 +305,41 @@ class BulkExporter:
         if self.source.limit is not None:
             total = min(total, self.source.limit) if total else self.source.limit
         self.hooks.phase("micro-batches", units_total=total or None)
-        batches = 0
         try:
-            for batch, members in self._plan():
-                self._run_batch(job_id, batch, members)
-                batches += 1
+            self._run_batches(job_id, self._plan())
         except (JobCancelled, JobLimitExceeded):  # keep the finished micro-batches, readable
-            self._finish(root, started, batches, partial=True)
+            self._finish(root, started, self.finished_batches, partial=True)
             raise
-        return self._finish(root, started, batches, partial=False)
+        return self._finish(root, started, self.finished_batches, partial=False)
+
+    def _run_batches(self, job_id: str, planned: Iterable[tuple[MicroBatch, list[_Sequence]]]) -> None:
+        """Every planned micro-batch, each one's drain overlapping the next one's forward passes
+        (module docstring); every drain has ended when this returns or raises. A drain's error wins
+        over what stopped the forward thread meanwhile (a cancel, a limit, the same store error)."""
+        drain = self.drain = _Drain()
+        try:
+            for batch, members in planned:
+                drain.submit(self._start_batch(job_id, batch, members, drain))
+            drain.wait()
+        except BaseException as stopped:
+            failed = drain.settle()
+            if failed is not None and failed is not stopped and isinstance(stopped, Exception):
+                raise failed from stopped  # the job fails with the drain's error
+            raise
+        finally:
+            drain.settle()
+            self.batch_timings["drain_wait"] = self.batch_timings.get("drain_wait", 0.0) + drain.wait_s
 
     def _run_batch(self, job_id: str, batch: MicroBatch, members: list[_Sequence]) -> None:
+        """One micro-batch, written and counted when this returns (no overlap: a shard's loop)."""
+        self._start_batch(job_id, batch, members)()
+
+    def _start_batch(
+        self, job_id: str, batch: MicroBatch, members: list[_Sequence], drain: _Drain | None = None
+    ) -> Callable[[], None]:
+        """Micro-batch ``batch``'s forward passes (its row blocks queued), or nothing when an
+        earlier attempt finished it; returns the rest (its writes, then counting it finished), for
+        the drain thread. ``drain``: the previous micro-batch's, whose failure stops this one."""
         group = batch_group(batch.index)
         self.padding.add(batch)
         if self._complete(group):  # an earlier attempt finished it
@@ -251,25 +347,38 @@ class BulkExporter:
             stored = zarr.open_group(self._read_store(), path=group, mode="r", zarr_format=3)
             lengths = [int(n) for n in np.asarray(stored["length"])]
             prompts = [int(n) for n in np.asarray(stored["prompt_length"])]
-        else:
-            inputs = BatchInput(
-                prompt_ids=[m.ids for m in members],
-                texts=[m.row.text or "" for m in members],
-                sequences=[m.row.index for m in members],
-                source_rows=[m.row.row for m in members],
-            )
-            exporter = Exporter(
-                self.spec, self.lm, self._writer(group), _MicroBatchHooks(self.hooks), batch=inputs
-            )
-            summary = exporter.run(f"{job_id}/{group}")
-            lengths, prompts = summary["lengths"], summary["prompt_lengths"]
+            return lambda: self._batch_done(batch, members, lengths, prompts)
+        inputs = BatchInput(
+            prompt_ids=[m.ids for m in members],
+            texts=[m.row.text or "" for m in members],
+            sequences=[m.row.index for m in members],
+            source_rows=[m.row.row for m in members],
+        )
+        exporter = Exporter(
+            self.spec, self.lm, self._writer(group), _MicroBatchHooks(self.hooks, drain), batch=inputs
+        )
+        prepared = exporter.run_until_finish(f"{job_id}/{group}")
+
+        def finish() -> None:
+            t0 = time.perf_counter()
+            summary = exporter.write_finish(prepared)
             timings = dict(summary["timings_s"])
             timings["total"] -= timings.pop("load_model", 0.0)  # the model loads once per process
+            timings["drain"] = time.perf_counter() - t0
             for phase, seconds in timings.items():
                 self.batch_timings[phase] = self.batch_timings.get(phase, 0.0) + seconds
+            self._batch_done(batch, members, summary["lengths"], summary["prompt_lengths"])
+
+        return finish
+
+    def _batch_done(
+        self, batch: MicroBatch, members: list[_Sequence], lengths: list[int], prompts: list[int]
+    ) -> None:
+        """Micro-batch ``batch`` is stored and complete: its table entries and progress."""
         for slot, member in enumerate(members):
             self.table.add(batch.index, slot, member, lengths[slot], prompts[slot])
             self.hooks.unit_done()
+        self.finished_batches += 1
         if self.on_tokens is not None:
             self.on_tokens(sum(lengths))
 

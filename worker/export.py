@@ -70,6 +70,22 @@ class BatchInput:
     source_rows: list[int]
 
 
+@dataclass
+class PreparedFinish:
+    """The end of one export, computed but not yet written (:meth:`Exporter.prepare_finish`):
+    small ``arrays`` of the root, ``groups`` (``summary``), ``kv_groups`` (``kv/<method>``, whose
+    ``kv_status`` entries get their stored sizes when written), the final root ``attrs`` and the
+    export's ``summary`` (which shares ``kv_status``)."""
+
+    arrays: dict[str, np.ndarray]
+    groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]]
+    kv_groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]]
+    kv_status: dict[str, Any]
+    attrs: dict[str, Any]
+    summary: dict[str, Any]
+    partial: bool
+
+
 class Exporter:
     """Runs one padded batch's forward passes under capture and writes its bundle: a job's
     ``prompts``, or one micro-batch of a bulk job (``batch``)."""
@@ -207,13 +223,24 @@ class Exporter:
             self.hooks.check_cancelled()
 
     def run(self, job_id: str) -> dict[str, Any]:
+        return self.write_finish(self.run_until_finish(job_id))
+
+    def run_until_finish(self, job_id: str) -> PreparedFinish:
+        """:meth:`run` up to its writes: every forward pass (row blocks queued), then
+        :meth:`prepare_finish`; the caller passes the result to :meth:`write_finish` (a bulk job,
+        on its drain thread). On a cancel the bundle is finished as partial here and JobCancelled
+        raised."""
         started = time.perf_counter()
         try:
             self.run_passes(job_id)
         except JobCancelled:  # keep what was captured: the blocks were flushed, mark it partial
             self.finish(started=started, partial=True)
             raise
-        return self.finish(started=started, partial=False)
+        try:
+            return self.prepare_finish(started=started, partial=False)
+        except BaseException:
+            self.writer.close()  # chunks already queued are stored and recorded (partial data)
+            raise
 
     def run_passes(self, job_id: str) -> None:
         """Create the bundle's arrays (a layer shard opens them) and run every forward pass,
@@ -386,6 +413,16 @@ class Exporter:
         self.induction = observer.scores()
 
     def finish(self, started: float, partial: bool) -> dict[str, Any]:
+        """Write everything but the row blocks and mark the bundle complete (or partial): the
+        token arrays, summary and kv groups, then the root's attributes once every queued chunk
+        is stored (:meth:`prepare_finish` then :meth:`write_finish`)."""
+        return self.write_finish(self.prepare_finish(started, partial))
+
+    def prepare_finish(self, started: float, partial: bool) -> PreparedFinish:
+        """What :meth:`finish` writes, computed on the forward thread (the tokenizer, the metrics,
+        the kv compression: everything that touches torch or the model), as numpy arrays and
+        attributes; nothing is written. A bulk job writes it on its drain thread while the next
+        micro-batch's forward passes run (worker/bulk.py)."""
         self.hooks.phase("finalizing")
         layout, tok = self.layout, self.lm.tokenizer
         tokens = np.full((layout.batch, layout.positions), -1, dtype=np.int32)
@@ -400,28 +437,29 @@ class Exporter:
                 strings[t] = tok.decode([t])
             token_strings.append([strings[t] for t in seq])
             generated_texts.append(tok.decode(generated, skip_special_tokens=True))
-        self.writer.write_array("tokens", tokens)
-        self.writer.write_array("length", np.asarray(lengths, dtype=np.int32))
-        self.writer.write_array("prompt_length", np.asarray(prompt_lengths, dtype=np.int32))
+        arrays: dict[str, np.ndarray] = {
+            "tokens": tokens,
+            "length": np.asarray(lengths, dtype=np.int32),
+            "prompt_length": np.asarray(prompt_lengths, dtype=np.int32),
+        }
         if self.batch is not None:
-            self.writer.write_array("sequence", np.asarray(self.batch.sequences, dtype=np.int64))
-            self.writer.write_array("source_row", np.asarray(self.batch.source_rows, dtype=np.int64))
+            arrays["sequence"] = np.asarray(self.batch.sequences, dtype=np.int64)
+            arrays["source_row"] = np.asarray(self.batch.source_rows, dtype=np.int64)
         if layout.attention and layout.query_rows is not None:
             query_position = np.full((layout.batch, layout.query_rows), -1, dtype=np.int32)
             for b, length in enumerate(lengths):
                 kept = [p for p in range(length) if self.capture.keeps_row(p, prompt_lengths[b])]
                 query_position[b, : len(kept)] = kept
-            self.writer.write_array("query_position", query_position)
+            arrays["query_position"] = query_position
         if layout.attention and self.top_head_index is not None:
-            self.writer.write_array("top_head_index", self.top_head_index)
-        for name, data in self.attention_facts.arrays().items():
-            self.writer.write_array(name, data)
+            arrays["top_head_index"] = self.top_head_index
+        arrays.update(self.attention_facts.arrays())
         if self.alternatives is not None:
-            for name, data in self.alternatives.arrays(tok).items():
-                self.writer.write_array(name, data)
+            arrays.update(self.alternatives.arrays(tok))
+        groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]] = {}
         summary_attrs: dict[str, Any] = {}
         if self.metrics is not None:
-            arrays, summary_attrs = summary_arrays(
+            groups["summary"], summary_attrs = summary_arrays(
                 self.metrics.result(),
                 self.induction,
                 layout,
@@ -430,20 +468,14 @@ class Exporter:
                 self.lm.facts.num_kv_heads,
                 self.capture.induction_probe.threshold if self.capture.induction_probe else 0.4,
             )
-            self.writer.write_group("summary", arrays)
         kv_status: dict[str, Any] = {}
+        kv_groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]] = {}
         if self.kv is not None and not partial:
             self.hooks.phase("kv_compression")
             t0 = time.perf_counter()
-            groups, kv_status = self.kv.finish()
+            kv_groups, kv_status = self.kv.finish()
             for name, check in self.generation_checks.items():
                 kv_status[name]["generation_check"] = check
-            for name, arrays in groups.items():
-                records = self.writer.write_group(f"kv/{name}", arrays, per_layer_batch=True)
-                stored = sum(r.nbytes for r in records if "/fidelity_" not in r.key)
-                kv_status[name]["stored_bytes"] = stored
-                kv_status[name]["stored_ratio"] = round(kv_status[name]["fp16_bytes"] / max(stored, 1), 4)
-                self.writer.group[f"kv/{name}"].update_attributes(kv_status[name])
             self.timings["kv_compression"] = time.perf_counter() - t0
         self.timings["total"] = time.perf_counter() - started + self.timings.get("load_model", 0.0)
         summary = {
@@ -454,17 +486,37 @@ class Exporter:
             **({"summary": summary_attrs} if summary_attrs else {}),
             **({"kv_compression": kv_status} if kv_status else {}),
         }
-        self.writer.finalize(
-            {
-                "token_strings": token_strings,
-                "texts": {"prompts": self.texts, "generated": generated_texts},
-                "attention_rows": lengths,
-                "certificate": self.certifier.certificate(),
-                "timings_s": summary["timings_s"],
-                **({"summary": summary_attrs} if summary_attrs else {}),
-                **({"kv_compression": kv_status} if kv_status else {}),
-            },
-            complete=not partial,
-            partial=partial,
-        )
-        return summary
+        attrs = {
+            "token_strings": token_strings,
+            "texts": {"prompts": self.texts, "generated": generated_texts},
+            "attention_rows": lengths,
+            "certificate": self.certifier.certificate(),
+            "timings_s": summary["timings_s"],
+            **({"summary": summary_attrs} if summary_attrs else {}),
+            **({"kv_compression": kv_status} if kv_status else {}),
+        }
+        return PreparedFinish(arrays, groups, kv_groups, kv_status, attrs, summary, partial)
+
+    def write_finish(self, prepared: PreparedFinish) -> dict[str, Any]:
+        """Write what :meth:`prepare_finish` computed (numpy and the writer only: any thread), wait
+        for every queued chunk, then the attributes that mark the bundle complete (or partial).
+        Returns the export's summary. On an error the writer is closed (the chunks already queued
+        are stored and recorded) and the error raised: the bundle is not marked complete."""
+        writer = self.writer
+        try:
+            for name, data in prepared.arrays.items():
+                writer.write_array(name, data)
+            for name, arrays in prepared.groups.items():
+                writer.write_group(name, arrays)
+            for name, arrays in prepared.kv_groups.items():  # kv_status: the stored sizes
+                status = prepared.kv_status[name]
+                records = writer.write_group(f"kv/{name}", arrays, per_layer_batch=True)
+                stored = sum(r.nbytes for r in records if "/fidelity_" not in r.key)
+                status["stored_bytes"] = stored
+                status["stored_ratio"] = round(status["fp16_bytes"] / max(stored, 1), 4)
+                writer.group[f"kv/{name}"].update_attributes(status)
+            writer.finalize(prepared.attrs, complete=not prepared.partial, partial=prepared.partial)
+        except BaseException:
+            writer.close()
+            raise
+        return prepared.summary

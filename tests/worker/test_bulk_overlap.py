@@ -1,0 +1,139 @@
+"""A bulk job's writes overlap the next micro-batch's forward passes (worker/bulk.py, ``_Drain``):
+observed through the chunk records of the real writers (no timing): micro-batch 0's drain is held
+in its store threads until the forward thread waits for it, which it does only once micro-batch 1's
+forward passes ran — and before micro-batch 2 starts (at most one micro-batch drains). A drain's
+failure fails the job, with the finished micro-batches kept readable."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from storage.bundle.bulk import open_bulk
+from storage.bundle.records import ChunkRecord
+from storage.errors import StoreNotWritable
+from storage.jobs.spec import JobSpec
+from worker.bulk import BulkExporter
+
+from .conftest import CollectingHooks
+from .export_helpers import loaded
+from .test_bulk_export import _prompts
+
+HOLD_S = 20.0  # how long micro-batch 0's store threads wait for the forward thread (a failure)
+
+
+def _batch(record: ChunkRecord) -> int:
+    """The micro-batch of a chunk record's key (``batches/000003/...``; -1: the root's table)."""
+    parts = record.key.split("/")
+    return int(parts[1]) if parts[0] == "batches" else -1
+
+
+def _hidden_spec(model: Path, n: int, seed: int) -> JobSpec:
+    """Hidden states of ``n`` prompts, prefill only, micro-batches of at most 6 sequences."""
+    source = {"kind": "prompts", "prompts": _prompts(n, seed=seed), "token_budget": 256, "max_sequences": 6}
+    return JobSpec.model_validate(
+        {
+            "model": {"id": str(model)},
+            "source": source,
+            "generation": {"max_new_tokens": 0},
+            "capture": {"attention": False, "hidden_states": True},
+            "storage": {"chunk_rows": 16},
+        }
+    )
+
+
+def test_a_micro_batch_drains_while_the_next_one_runs(tiny_model_dir: Any, tmp_path: Path) -> None:
+    spec = _hidden_spec(tiny_model_dir("llama"), 16, seed=4)
+    hooks = CollectingHooks()
+    lock = threading.Lock()
+    stored: list[int] = []  # micro-batch of every chunk stored, in order
+    seen: dict[str, Any] = {}  # what held a chunk of micro-batch 0 saw when the forward thread waited
+    exporter: BulkExporter | None = None
+
+    def on_chunk(record: ChunkRecord) -> None:
+        with lock:
+            stored.append(_batch(record))
+        hooks.chunk_stored(record)
+        if _batch(record) != 0 or "released" in seen:
+            return
+        if not threading.current_thread().name.startswith("qkvault-store"):
+            return  # a small array (the forward thread creating the arrays, or the drain's)
+        # micro-batch 0's drain cannot end while its store threads are held here
+        assert exporter is not None
+        waited = threading.Event()
+        for _ in range(int(HOLD_S / 0.01)):
+            drain = getattr(exporter, "drain", None)  # None: before the first micro-batch
+            if drain is not None and drain.waiting.is_set():
+                waited.set()
+                break
+            threading.Event().wait(0.01)
+        with lock:
+            if "released" not in seen:
+                seen.update(
+                    released=waited.is_set(),
+                    stored=sorted(set(stored)),
+                    units=hooks.units,
+                    finished=open_bulk(tmp_path / "b.zarr").batches(),
+                )
+
+    exporter = BulkExporter(
+        spec, loaded(spec), hooks, bundle_url=str(tmp_path / "b.zarr"), writer_options={"on_chunk": on_chunk}
+    )
+    summary = exporter.run("bulk-test")
+    # the forward thread ran micro-batch 1 (its chunks stored) while micro-batch 0 was not finished
+    # (no progress, its group not complete), then waited for it before starting micro-batch 2
+    assert seen["released"] is True, "the forward thread never waited for micro-batch 0's drain"
+    assert seen["stored"] == [0, 1] and seen["units"] == 0 and seen["finished"] == []
+    assert exporter.drain is not None and exporter.drain.waits >= 1
+    assert summary["timings_s"]["micro_batches_drain"] > 0
+    assert "micro_batches_drain_wait" in summary["timings_s"]
+    # every micro-batch finished, every sequence counted once, in the table in the job's order
+    assert summary["micro_batches"] >= 3 and hooks.units == 16
+    ours = open_bulk(tmp_path / "b.zarr")
+    assert ours.attrs["complete"] is True and len(ours.batches()) == summary["micro_batches"]
+    assert ours.sequences["sequence"].values.tolist() == list(range(16))
+    for i in (0, 15):
+        one = ours.sequence(i)
+        assert one["hidden_states"].shape[1] == int(ours.sequences["length"].sel(sequence=i))
+        assert np.isfinite(one["hidden_states"].values).all()
+    # every chunk of every micro-batch recorded once
+    keys = [r.key for r in hooks.records]
+    assert len(keys) == len(set(keys)) and set(stored) == {-1, *range(summary["micro_batches"])}
+
+
+class DiskFull(StoreNotWritable):
+    """The store refusing micro-batch 1's small arrays (written by its drain)."""
+
+
+def test_a_failed_drain_fails_the_job_and_keeps_the_finished_micro_batches(
+    tiny_model_dir: Any, tmp_path: Path
+) -> None:
+    spec = _hidden_spec(tiny_model_dir("llama"), 16, seed=4)
+    hooks = CollectingHooks()
+    raised: list[BaseException] = []
+
+    def on_chunk(record: ChunkRecord) -> None:
+        hooks.chunk_stored(record)
+        if record.key.startswith("batches/000001/length/"):  # written by micro-batch 1's drain
+            error = DiskFull("disk full (test)")
+            raised.append(error)
+            raise error
+
+    out = tmp_path / "failed.zarr"
+    exporter = BulkExporter(
+        spec, loaded(spec), hooks, bundle_url=str(out), writer_options={"on_chunk": on_chunk}
+    )
+    with pytest.raises(DiskFull) as exc:
+        exporter.run("bulk-test")
+    assert raised and exc.value is raised[0]  # the drain's own error, surfaced on the job's thread
+    kept = open_bulk(out)
+    assert kept.batches() == ["batches/000000"]  # micro-batch 1 is not marked complete
+    first = kept.sequences
+    assert first.attrs["partial_table"] is True and hooks.units == first.sizes["sequence"] > 0
+    assert np.isfinite(kept.sequence(int(first["sequence"][0]))["hidden_states"].values).all()
+    # the job stopped within one micro-batch of the failure: micro-batch 3 never started
+    assert max(_batch(r) for r in hooks.records) <= 2
