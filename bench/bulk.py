@@ -17,7 +17,8 @@ every mode runs them:
    each mode); it plans the same micro-batches, which is checked. ``--layers``: derived and hidden
    states of a layer subset;
 3. **raw write**: files of the sizes the hidden-state bundle's files had, random bytes, ``write`` +
-   ``fsync`` each (:func:`bench.modes.run_raw_write`) into the same store.
+   ``fsync`` each (:func:`bench.modes.run_raw_write`) into the same store; **derived raw write**:
+   the same for the derived bundle's files (whether derived is bound by the store).
 
 Before any mode is timed, plain inference runs every micro-batch once (kernels, allocator) and
 each qkvault mode runs two short sequences; ``os.sync`` runs between modes (not timed).
@@ -55,7 +56,10 @@ from worker.generation import cache_argument, make_batch, returned_cache
 from worker.models import LoadedModel
 
 TEXT = Path(__file__).resolve().parents[1] / "scripts" / "data" / "long-prompt.txt"
-PLAIN, RAW = "plain", "raw write"
+PLAIN, RAW, RAW_DERIVED = "plain", "raw write", "derived raw write"
+# the same-run raw write of each mode's bytes (the row follows the mode's)
+RAW_OF = {"hidden states": RAW, "derived": RAW_DERIVED}
+RAWS = frozenset(RAW_OF.values())
 # the capture of each qkvault mode; "layers" is filled in by the run
 CAPTURES: dict[str, dict[str, Any]] = {
     "summary": {"attention": False, "summary": True},
@@ -270,14 +274,14 @@ def run_benchmark(
         if done != {i: b.index for b in work.batches for i in b.sequences}:
             raise RuntimeError(f"{name}: the bulk job ran other micro-batches than the plan")
         results[name] = result
-        if name == "hidden states":  # the same bytes at the store's own speed
+        if name in RAW_OF:  # the same bytes at the store's own speed
             settle(lm.device)
             raw = run_raw_write(result.extra["file_sizes"], store, memory)
             assert raw.wall_s is not None and raw.stored_bytes is not None
             counts = (result.sequences, result.micro_batches, result.tokens, result.padded_tokens)
-            extra = {"parts_s": raw.parts_s, "files": len(result.extra["file_sizes"])}
-            results[RAW] = BulkMode(
-                RAW, *counts, raw.wall_s, raw.stored_bytes, memory=raw.memory, extra=extra
+            extra = {"parts_s": raw.parts_s, "files": len(result.extra["file_sizes"]), "of": name}
+            results[RAW_OF[name]] = BulkMode(
+                RAW_OF[name], *counts, raw.wall_s, raw.stored_bytes, memory=raw.memory, extra=extra
             )
     for result in results.values():
         result.extra.pop("file_sizes", None)
@@ -286,19 +290,19 @@ def run_benchmark(
 
 def ratios(results: dict[str, BulkMode]) -> dict[str, dict[str, float | None]]:
     """``× plain``: plain seconds / mode seconds (= the tokens/s ratio, the tokens being equal);
-    ``× raw write``: hidden-state seconds / raw-write seconds (the same bytes); with generated
-    tokens, ``decode × plain``: the mode's decoding seconds / plain decoding's (issue 13's target:
-    at most 1.2)."""
-    plain, raw = results[PLAIN].seconds, results[RAW].seconds if RAW in results else None
+    ``× raw write``: hidden-state (derived) seconds / raw-write (derived raw write) seconds, the
+    same bytes; with generated tokens, ``decode × plain``: the mode's decoding seconds / plain
+    decoding's (issue 13's target: at most 1.2)."""
+    plain = results[PLAIN].seconds
     plain_decode = results[PLAIN].extra.get("decode_s") or 0.0
     out: dict[str, dict[str, float | None]] = {}
     for name, r in results.items():
-        over_raw = r.seconds / raw if name == "hidden states" and raw else None
+        raw = results[RAW_OF[name]].seconds if RAW_OF.get(name) in results else None
         decode = r.extra.get("decode_s") or 0.0
         out[name] = {
-            "x_plain": plain / r.seconds if name != RAW and r.seconds else None,
-            "x_raw": over_raw,
-            "decode_x_plain": decode / plain_decode if plain_decode and decode and name != RAW else None,
+            "x_plain": plain / r.seconds if name not in RAWS and r.seconds else None,
+            "x_raw": r.seconds / raw if raw else None,
+            "decode_x_plain": decode / plain_decode if plain_decode and decode and name not in RAWS else None,
         }
     return out
 
@@ -319,7 +323,7 @@ def table(results: dict[str, BulkMode]) -> str:
     factors = ratios(results)
     for name, r in results.items():
         x_plain, x_raw = factors[name]["x_plain"], factors[name]["x_raw"]
-        speed = f"{r.tokens_per_s:,.0f}" if name != RAW else "—"
+        speed = f"{r.tokens_per_s:,.0f}" if name not in RAWS else "—"
         cells = [name, f"{r.sequences:,}", f"{r.tokens:,}", f"{r.padded_tokens:,}", f"{r.seconds:.2f}", speed]
         cells += [f"{x_plain:.2f}×" if x_plain is not None else "—", f"{r.bytes_written:,}"]
         cells.append(f"{x_raw:.2f}×" if x_raw is not None else "—")
@@ -352,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.bulk",
         description="A bulk job's tokens/s: plain batched inference vs qkvault's capture modes on the "
-        "same micro-batches, and a raw write of the hidden states' bytes (docs/benchmarks.md).",
+        "same micro-batches, and a raw write of the hidden states' and derived q/k's bytes "
+        "(docs/benchmarks.md).",
     )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -382,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         type=lambda text: [m.strip().replace("-", " ") for m in text.split(",")],
         help=f"qkvault modes to run after plain, comma-separated, of {', '.join(CAPTURES)} (default: all; "
-        "the raw write runs with hidden states)",
+        "the raw writes run with hidden states and derived)",
     )
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.bulk import PLAIN, RAW, main, text_prompts, workload
+from bench.bulk import PLAIN, RAW, RAW_DERIVED, main, text_prompts, workload
 
-MODES = [PLAIN, "summary", "derived", "hidden states", RAW, "full attention"]
+MODES = [PLAIN, "summary", "derived", RAW_DERIVED, "hidden states", RAW, "full attention"]
 
 
 def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,23 +36,29 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
     for name, mode in modes.items():
         assert mode["seconds"] > 0
         assert (mode["tokens"], mode["padded_tokens"]) == (plain["tokens"], plain["padded_tokens"])
-        if name not in (PLAIN, RAW):
+        if name not in (PLAIN, RAW, RAW_DERIVED):
             assert mode["bytes_written"] > 0 and mode["capture"] is not None
             assert ratios[name]["x_plain"] == pytest.approx(plain["seconds"] / mode["seconds"])
             assert mode["tokens_per_s"] == pytest.approx(mode["tokens"] / mode["seconds"])
-    hidden, raw = modes["hidden states"], modes[RAW]
-    assert raw["bytes_written"] == hidden["bytes_written"] > 0
-    assert raw["extra"]["files"] == hidden["extra"]["files"]
-    assert ratios["hidden states"]["x_raw"] == pytest.approx(hidden["seconds"] / raw["seconds"])
-    assert ratios[RAW]["x_plain"] is None and ratios["summary"]["x_raw"] is None
+    # each of hidden states and derived beside a raw write of its own bytes, in the same run
+    for name, raw_name in (("hidden states", RAW), ("derived", RAW_DERIVED)):
+        mode, raw = modes[name], modes[raw_name]
+        assert raw["bytes_written"] == mode["bytes_written"] > 0 and raw["extra"]["of"] == name
+        assert raw["extra"]["files"] == mode["extra"]["files"]
+        assert ratios[name]["x_raw"] == pytest.approx(mode["seconds"] / raw["seconds"])
+        assert ratios[raw_name]["x_plain"] is None and ratios[raw_name]["x_raw"] is None
+    assert modes["derived"]["bytes_written"] != modes["hidden states"]["bytes_written"]
+    assert ratios["summary"]["x_raw"] is None and ratios["full attention"]["x_raw"] is None
+    x_raw = re.findall(r"^\| (derived|hidden states) \| [\d,]+ \|.*\| (\d+\.\d+)× \|$", printed, re.MULTILINE)
+    assert [name for name, _ in x_raw] == ["derived", "hidden states"]
     assert modes["full attention"]["capture"]["layers"] == [0, 1]  # the tiny model's two layers
     assert modes["hidden states"]["capture"] == {"attention": False, "hidden_states": True, "layers": None}
     assert figures["run"]["new_tokens"] == 2 and figures["machine"]["cpus"] >= 1
     # generated tokens: each mode's decoding time per step beside plain generation's
     decode_rows = re.findall(r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+)× \|$", printed, re.MULTILINE)
-    assert [r[0] for r in decode_rows] == [m for m in MODES if m != RAW]
+    assert [r[0] for r in decode_rows] == [m for m in MODES if m not in (RAW, RAW_DERIVED)]
     for name, mode in modes.items():
-        if name != RAW:
+        if name not in (RAW, RAW_DERIVED):
             assert mode["extra"]["decode_s"] > 0
             expected = mode["extra"]["decode_s"] / plain["extra"]["decode_s"]
             assert ratios[name]["decode_x_plain"] == pytest.approx(expected)
