@@ -224,7 +224,10 @@ class BulkExporter:
         on_tokens: Callable[[int], None] | None = None,
     ) -> None:
         """``limits``: checked on every row read (None: unlimited, as in the benchmark);
-        ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress)."""
+        ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress).
+        ``on_tokens`` and ``hooks.unit_done`` are called on the drain thread, once the micro-batch is
+        written (:meth:`run`; the JobReporter's calls take its lock), the other hooks on the
+        forward thread."""
         assert spec.source is not None, "a bulk job has a source"
         self.spec, self.lm, self.hooks = spec, lm, hooks
         self.source = spec.source

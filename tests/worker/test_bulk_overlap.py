@@ -15,7 +15,7 @@ import pytest
 
 from storage.bundle.bulk import open_bulk
 from storage.bundle.records import ChunkRecord
-from storage.errors import StoreNotWritable
+from storage.errors import JobCancelled, StoreNotWritable
 from storage.jobs.spec import JobSpec
 from worker.bulk import BulkExporter
 
@@ -137,3 +137,38 @@ def test_a_failed_drain_fails_the_job_and_keeps_the_finished_micro_batches(
     assert np.isfinite(kept.sequence(int(first["sequence"][0]))["hidden_states"].values).all()
     # the job stopped within one micro-batch of the failure: micro-batch 3 never started
     assert max(_batch(r) for r in hooks.records) <= 2
+
+
+def test_a_cancel_during_a_drain_keeps_the_draining_micro_batch(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """Micro-batch 0 is held in its drain until micro-batch 1's forward passes were cancelled: the
+    job stops there, micro-batch 0 is still written whole and counted, the root marked partial."""
+    spec = _hidden_spec(tiny_model_dir("llama"), 16, seed=4)
+    cancelled = threading.Event()
+
+    class CancelInBatchOne(CollectingHooks):
+        def check_cancelled(self) -> None:
+            if any(_batch(r) == 1 for r in list(self.records)):  # micro-batch 1 is running
+                cancelled.set()
+                raise JobCancelled("cancelled by test")
+
+    hooks = CancelInBatchOne()
+    held: list[bool] = []
+
+    def on_chunk(record: ChunkRecord) -> None:
+        hooks.chunk_stored(record)
+        if _batch(record) == 0 and threading.current_thread().name.startswith("qkvault-store"):
+            held.append(cancelled.wait(HOLD_S))
+
+    out = tmp_path / "cancelled.zarr"
+    exporter = BulkExporter(
+        spec, loaded(spec), hooks, bundle_url=str(out), writer_options={"on_chunk": on_chunk}
+    )
+    with pytest.raises(JobCancelled):
+        exporter.run("bulk-test")
+    assert held and all(held), "micro-batch 1 was not cancelled while micro-batch 0 drained"
+    kept = open_bulk(out)
+    assert kept.attrs["partial"] is True and kept.batches() == ["batches/000000"]
+    table = kept.sequences
+    assert "partial_table" not in table.attrs  # the root's table, written at the cancel
+    assert set(table["batch"].values.tolist()) == {0} and hooks.units == table.sizes["sequence"]
+    assert max(_batch(r) for r in hooks.records) == 1  # micro-batch 2 never started
