@@ -9,6 +9,12 @@ head, so concentrated and diffuse heads are both there), warms up, then times ``
 each shape, the device synchronised after each, and prints milliseconds per call, microseconds per
 (head, row) and the fp32 probabilities' bytes read per second. ``--profile`` adds a torch.profiler
 table of the operators (the last shape).
+
+``--sequences T1,T2,...`` times instead one layer's metrics for one whole sequence of T tokens from
+q and k (the 8B shape: 32 query heads, 8 kv heads, head_dim 128, bf16 on CUDA), both ways the
+capture can take: probabilities (``causal_block_probs`` per 128-row block, then
+``HeadMetricsAccumulator.observe``) and fused (``HeadMetricsAccumulator.observe_qk``: Triton kernels
+from q and k, :mod:`worker.capture.fused_metrics`), each up to ``result()``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,46 @@ def time_shape(
     }
 
 
+def time_sequence(tokens: int, device: torch.device, params: SummaryParams, repeat: int) -> dict[str, float]:
+    """Seconds for one layer's metrics of one ``tokens``-long sequence, probabilities vs fused."""
+    from worker.capture.attention_math import causal_block_probs
+    from worker.capture.metrics import HeadMetricsAccumulator
+
+    heads, kv_heads, dim = 32, 8, 128
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(tokens)
+    q = (torch.randn(1, heads, tokens, dim, generator=gen) * 1.5).to(device, dtype)
+    k = torch.randn(1, kv_heads, tokens, dim, generator=gen).to(device, dtype)
+    scaling = dim**-0.5
+
+    def probabilities() -> None:
+        acc = HeadMetricsAccumulator(1, 1, heads, params)
+        for r0 in range(0, tokens, SUB_BLOCK_ROWS):
+            r1 = min(tokens, r0 + SUB_BLOCK_ROWS)
+            probs = causal_block_probs(q[0, :, r0:r1], k[0, :, :r1], scaling=scaling, q_start=r0, k_start=0)
+            acc.observe(0, 0, probs, torch.arange(r0, r1))
+        acc.result()
+
+    def fused() -> None:
+        acc = HeadMetricsAccumulator(1, 1, heads, params)
+        acc.observe_qk(0, q, k, [0], [0], [0], scaling=scaling)
+        acc.result()
+
+    out: dict[str, float] = {"tokens": tokens}
+    for name, run in (("probabilities", probabilities), ("fused", fused)):
+        for _ in range(2):
+            run()
+        _sync(device)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_ms"] = 1000 * sorted(times)[len(times) // 2]
+    return out
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     """``H×n×K`` (or ``HxnxK``) → ``(H, n, K)``."""
     parts = text.lower().replace("×", "x").split("x")
@@ -97,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="HxNxK blocks, comma-separated (default: SmolLM2's 9 heads at 256 and 1,024 keys, "
         "the 8B shape's 32 heads at 2,048 keys; 128 rows each)",
     )
+    p.add_argument(
+        "--sequences",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="instead: whole sequences of these lengths from q/k (8B shape), probabilities vs fused kernels",
+    )
     p.add_argument("--repeat", type=int, default=10, help="timed calls per shape (median reported)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
     p.add_argument("--profile", action="store_true", help="torch.profiler operator table of the last shape")
@@ -113,6 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = SummaryParams()
+    if args.sequences:
+        print(
+            f"one layer, one sequence, 32 heads / 8 kv heads / D 128 on {device}, torch {torch.__version__}"
+        )
+        print("| tokens | probabilities ms | fused ms | speed-up |")
+        print("|---|---|---|---|")
+        rows = []
+        for tokens in args.sequences:
+            f = time_sequence(tokens, device, params, args.repeat)
+            rows.append(f)
+            ratio = f["probabilities_ms"] / f["fused_ms"]
+            print(
+                f"| {tokens} | {f['probabilities_ms']:.2f} | {f['fused_ms']:.2f} | {ratio:.1f}× |", flush=True
+            )
+        if args.json is not None:
+            args.json.write_text(json.dumps({"device": str(device), "sequences": rows}, indent=2) + "\n")
+        return 0
     print(f"row_metrics on {device}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print("| H × n × K | ms / call | µs / (head, row) | probs GB/s |")
     print("|---|---|---|---|")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import get_args
 
@@ -357,13 +358,97 @@ class HeadMetricsAccumulator:
         else:
             self._compute({(rows.device, lo, hi): [(layer_pos, batch_index, rows)]}, kept_positions)
         n_keys = kept_positions.numpy() + 1
-        low, high = int(n_keys.min()), int(n_keys.max())
+        self._count(layer_pos, batch_index, int(n_keys.min()), int(n_keys.max()), len(n_keys))
+
+    def _count(self, layer_pos: int, batch_index: int, low: int, high: int, rows: int) -> None:
+        """Book ``rows`` eligible rows of (layer, sequence) seeing ``low .. high`` keys."""
         seen = self._rows[layer_pos, batch_index] > 0
         self._context_min[layer_pos, batch_index] = (
             min(low, int(self._context_min[layer_pos, batch_index])) if seen else low
         )
         self._context_max[layer_pos, batch_index] = max(high, int(self._context_max[layer_pos, batch_index]))
-        self._rows[layer_pos, batch_index] += len(n_keys)
+        self._rows[layer_pos, batch_index] += rows
+
+    def observe_qk(
+        self,
+        layer_pos: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        first_key: Sequence[int],
+        first_pos: Sequence[int],
+        batch_indices: Sequence[int],
+        *,
+        scaling: float,
+        mask: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
+        """Add every eligible row of one layer's attention call for the sequences ``batch_indices``,
+        from q and k (:func:`worker.capture.fused_metrics.fused_row_metrics`: no probabilities
+        materialised): ``query [B, H, n, D]``, ``key [B, KVH, Kc, D]``, per sequence b of the call the
+        key index of its real position 0 (``first_key[b]``) and the real position of query row 0
+        (``first_pos[b]``), host integers; ``mask`` boolean ``[B, 1|H, n, Kc]`` or ``None``. One
+        kernel pair for every sequence, one host copy of the per-row values; nothing waits for the
+        device."""
+        from worker.capture.fused_metrics import fused_row_metrics  # Triton only on this path
+
+        if query.shape[1] != self.num_heads:
+            raise ValueError(f"query must have {self.num_heads} heads, got shape {tuple(query.shape)}")
+        n_rows = query.shape[2]
+        min_keys = self.params.min_keys
+        # the first eligible row of each sequence (t + 1 >= min_keys); rows before every one's are skipped
+        firsts = {b: max(0, min_keys - 1 - first_pos[b]) for b in batch_indices}
+        owners = [b for b in batch_indices if firsts[b] < n_rows]
+        if not owners:
+            return
+        start = min(firsts[b] for b in owners)
+        wanted = set(owners)
+        keys0 = [first_key[b] if b in wanted else 0 for b in range(query.shape[0])]
+        # sequences not wanted get a position before any key: their kernels do (almost) nothing
+        pos0 = [first_pos[b] + start if b in wanted else -(1 << 40) for b in range(query.shape[0])]
+        device = query.device
+        with torch.inference_mode():
+            values = fused_row_metrics(
+                query[:, :, start:],
+                key,
+                torch.tensor(keys0).to(device, non_blocking=True),
+                torch.tensor(pos0).to(device, non_blocking=True),
+                scaling=scaling,
+                sink_tokens=self.params.sink_tokens,
+                local_window=self.params.local_window,
+                mask=None if mask is None else mask[:, :, start:],
+                sliding_window=sliding_window,
+            )  # [M, B, H, n']
+            if owners != list(range(query.shape[0])):
+                values = values.index_select(1, torch.tensor(owners).to(device, non_blocking=True))
+            width = n_rows - start
+            skips = [firsts[b] - start for b in owners]  # rows before each sequence's first eligible one
+            if any(skips):
+                keep = torch.arange(width)[None, :] >= torch.tensor(skips)[:, None]  # [N, n']
+                values = torch.where(keep.to(device, non_blocking=True)[None, :, None, :], values, 0.0)
+            self._add_rows(layer_pos, owners, skips, values)
+        for b, skip in zip(owners, skips, strict=True):
+            first = first_pos[b] + start + skip  # the first eligible row's position
+            self._count(layer_pos, b, first + 1, first_pos[b] + n_rows, width - skip)
+
+    def _add_rows(self, layer_pos: int, owners: list[int], skips: list[int], values: torch.Tensor) -> None:
+        """``values [M, N, H, n]``: the metrics of the rows of sequences ``owners`` in one layer (rows
+        before ``skips[i]`` are zeros and not counted)."""
+        heads = self.num_heads
+        sums = self._sums.get(values.device)
+        if sums is None:
+            shape = (len(ROW_METRICS), self.num_layers, self.batch, heads)
+            sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
+        self._devices.add(values.device)
+        per_sequence = values.sum(dim=-1, dtype=torch.float64)  # [M, N, H]
+        index = torch.tensor([layer_pos * self.batch + b for b in owners]).to(
+            values.device, non_blocking=True
+        )
+        sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_sequence)
+        quantile_values = values[self._quantile_index]  # [Q, N, H, n]
+        on_gpu = values.device.type != "cpu"
+        host = quantile_values.to("cpu", non_blocking=on_gpu) if on_gpu else quantile_values.clone()
+        for i, b in enumerate(owners):  # views of the one host copy
+            self._values.setdefault((layer_pos, b), []).append(host[:, i, :, skips[i] :])
 
     def flush(self) -> None:
         """Compute the metrics of every waiting block (one :func:`row_metrics` call per run of

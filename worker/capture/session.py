@@ -27,6 +27,7 @@ from worker.capture.attention_math import (
     expand_kv_heads,
 )
 from worker.capture.certify import Certifier
+from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_available
 from worker.capture.hook import AttentionCall
 from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager
 from worker.capture.rows import RowBlockBuffer
@@ -191,6 +192,7 @@ class ExportSession:
         k_len = key.shape[2]
         k_abs0 = self.q_start + q_len - k_len  # keys are the most recent k_len positions
         certify = self.certifier is not None and self.certifier.due(call.layer_idx, q_len)
+        fused = self._fused_observe(call, lp, k_abs0)
         for b, pad in enumerate(self.pads):
             if not self.active[b]:
                 continue
@@ -199,7 +201,7 @@ class ExportSession:
                 continue
             col0 = max(0, k_abs0 - pad)  # first real key column available
             j0 = col0 + pad - k_abs0
-            computes_probs = self.store_attention or self.observer is not None
+            computes_probs = self.store_attention or (self.observer is not None and not fused)
             # the certifier computes when nothing is computed here, and for derived attention
             # (what the reader will reconstruct, not what the metrics saw)
             derived = self.certifier is not None and self.certifier.derived_chunks is not None
@@ -225,8 +227,47 @@ class ExportSession:
                 )
             if computes_probs:
                 self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads, certify and not derived)
+        if fused:
+            self._observe_fused(call, lp, k_abs0)
         if self.on_layer_done is not None:
             self.on_layer_done()
+
+    def _fused_observe(self, call: AttentionCall, lp: int, k_abs0: int) -> bool:
+        """Whether this call's rows go to the observer from q and k (:meth:`_observe_fused`) rather
+        than as probabilities: only the metrics read them (no attention stored), the observer takes
+        q and k, the softmax is plain (no soft-cap, sinks or additive bias; a boolean mask or a
+        window is fine), every head in order, each sequence's keys start at its real position 0,
+        and the fused kernels run on this device for this many keys."""
+        observe_qk = getattr(self.observer, "observe_qk", None)
+        if observe_qk is None or self.store_attention or not call.causal:
+            return False
+        if call.softcap is not None or call.sinks is not None or call.unknown:
+            return False
+        if call.mask is not None and call.mask.dtype != torch.bool:
+            return False
+        if not self._every_head(lp, call.query.shape[1]) or call.key.shape[2] > MAX_FUSED_KEYS:
+            return False
+        if any(pad < k_abs0 for pad in self.pads):  # some sequence's first keys are not in the call
+            return False
+        return fused_available(call.query.device)
+
+    def _observe_fused(self, call: AttentionCall, lp: int, k_abs0: int) -> None:
+        """Every active sequence's rows of this call to the observer at once, from q and k."""
+        q_len = call.query.shape[2]
+        wanted = [b for b in range(len(self.pads)) if self.active[b] and self._rows(b, q_len)[1] < q_len]
+        if not wanted:
+            return
+        self.observer.observe_qk(  # type: ignore[union-attr]
+            lp,
+            call.query,
+            call.key,
+            [pad - k_abs0 for pad in self.pads],  # key index of each sequence's real position 0
+            [self.q_start - pad for pad in self.pads],  # real position of the call's first row
+            wanted,
+            scaling=call.scaling,
+            mask=call.mask,
+            sliding_window=call.sliding_window,
+        )
 
     def on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Residual stream after layer ``layer_idx``: ``hidden [B, Tq, hidden]``."""

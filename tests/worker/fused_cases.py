@@ -1,0 +1,234 @@
+"""Cases for the fused summary kernels (worker/capture/fused_metrics.py) against row_metrics and the
+spec's numpy reference, run by tests/worker/test_fused_metrics.py in a process of their own: on the
+CPU through Triton's interpreter (``TRITON_INTERPRET=1`` must be set before Triton is imported: its
+own library functions are made interpreted or compiled then), or on CUDA
+(``QKVAULT_TEST_FUSED_DEVICE=cuda``).
+
+The interpreter runs each program in numpy, so the shapes here stay small (a few hundred rows)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from storage.bundle.labels import SummaryParams
+from worker.capture.attention_math import attention_probs, causal_allowed
+from worker.capture.metrics import QUANTILE_METRICS, ROW_METRICS, HeadMetricsAccumulator, row_metrics
+
+from .test_metrics import reference_row
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device these cases run on: the CPU through Triton's interpreter, or CUDA."""
+    from worker.capture.fused_metrics import fused_available
+
+    chosen = torch.device(os.environ.get("QKVAULT_TEST_FUSED_DEVICE", "cpu"))
+    assert fused_available(chosen), f"the fused kernels cannot run on {chosen} here (TRITON_INTERPRET?)"
+    return chosen
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, s: int, w: int, window: int | None = None
+) -> dict[str, torch.Tensor]:
+    """row_metrics of fp32 probabilities: ``q [H, n, D]``, ``k [KVH, K, D]`` (key j at position j)."""
+    allowed = causal_allowed(positions, torch.arange(k.shape[1]), window)
+    probs = attention_probs(q[None].float(), k[None].float(), scaling=q.shape[-1] ** -0.5, allowed=allowed)[0]
+    return row_metrics(probs, positions, sink_tokens=s, local_window=w)
+
+
+def _assert_close(got: torch.Tensor, want: dict[str, torch.Tensor], k90_slack: int = 0) -> None:
+    """``got [M, H, n]`` in ROW_METRICS order; k90 counts exact unless ``k90_slack`` keys."""
+    for i, name in enumerate(ROW_METRICS):
+        g, r = got[i].cpu().double(), want[name].cpu().double()
+        if name in ("k90", "middle_k90"):
+            assert (g - r).abs().max() <= k90_slack, name
+        elif name in ("prev_argmax_rate", "sparsity_1pct", "k90_frac"):
+            np.testing.assert_allclose(g, r, atol=1e-3, err_msg=name)
+        else:
+            np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(("s", "w", "window"), [(2, 4, None), (1, 1, None), (3, 6, 9)])
+def test_fused_rows_equal_row_metrics(device: torch.device, s: int, w: int, window: int | None) -> None:
+    """Grouped-query heads, one sequence, rows from position 20: every metric of every row."""
+    from worker.capture.fused_metrics import fused_row_metrics
+
+    gen = torch.Generator().manual_seed(s * 10 + w)
+    heads, kv_heads, dim, length, first = 4, 2, 16, 48, 20
+    q = torch.randn(heads, length, dim, generator=gen) * torch.tensor([0.3, 1.0, 2.5, 4.0])[:, None, None]
+    k = torch.randn(kv_heads, length, dim, generator=gen)
+    got = fused_row_metrics(
+        q[None, :, first:].to(device),
+        k[None].to(device),
+        torch.tensor([0], device=device),
+        torch.tensor([first], device=device),
+        scaling=dim**-0.5,
+        sink_tokens=s,
+        local_window=w,
+        sliding_window=window,
+    )
+    assert got.shape == (len(ROW_METRICS), 1, heads, length - first)
+    _assert_close(got[:, 0], _reference(q[:, first:], k, torch.arange(first, length), s, w, window))
+
+
+def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> None:
+    """Two left-padded sequences through one call with the model's boolean mask: each sequence's rows
+    equal its own computation alone (padding keys never seen)."""
+    from worker.capture.fused_metrics import fused_row_metrics
+
+    gen = torch.Generator().manual_seed(7)
+    heads, dim, length, pads, first = 2, 16, 40, [0, 9], 12
+    q = torch.randn(2, heads, length, dim, generator=gen) * 2
+    k = torch.randn(2, heads, length, dim, generator=gen)
+    mask = torch.zeros(2, 1, length, length, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        for i in range(pad, length):
+            mask[b, 0, i, pad : i + 1] = True
+    got = fused_row_metrics(
+        q[:, :, first:].to(device),
+        k.to(device),
+        torch.tensor(pads, device=device),
+        torch.tensor([first - pad for pad in pads], device=device),
+        scaling=dim**-0.5,
+        sink_tokens=2,
+        local_window=4,
+        mask=mask[:, :, first:].to(device),
+    )
+    for b, pad in enumerate(pads):
+        positions = torch.arange(first - pad, length - pad)
+        want = _reference(q[b, :, first:], k[b, :, pad:], positions, 2, 4)
+        _assert_close(got[:, b], want)
+
+
+def test_fused_k90_counts_ties_one_by_one(device: torch.device) -> None:
+    """Uniform rows (q = 0: every visible weight equal) and a row split between two keys: k90 and
+    middle_k90 follow the spec's numpy reference, ties at the crossing counted one by one."""
+    from worker.capture.fused_metrics import fused_row_metrics
+
+    heads, dim, length, first = 1, 16, 40, 16
+    q = torch.zeros(2, heads, length, dim)
+    k = torch.zeros(2, heads, length, dim)
+    k[1, 0, 5, 0] = k[1, 0, 30, 0] = 30.0  # row attends keys 5 and 30 (once visible) almost only
+    q[1, 0, :, 0] = 1.0
+    got = fused_row_metrics(
+        q[:, :, first:].to(device),
+        k.to(device),
+        torch.zeros(2, dtype=torch.long, device=device),
+        torch.full((2,), first, device=device),
+        scaling=1.0,
+        sink_tokens=2,
+        local_window=4,
+    ).cpu()
+    for b in range(2):
+        probs = (
+            attention_probs(
+                q[b : b + 1],
+                k[b : b + 1],
+                scaling=1.0,
+                allowed=causal_allowed(torch.arange(length), torch.arange(length)),
+            )[0, 0]
+            .double()
+            .numpy()
+        )
+        for i, t in enumerate(range(first, length)):
+            want = reference_row(probs[t], t, 2, 4)
+            for name in ("k90", "middle_k90", "k90_frac", "max_weight", "entropy"):
+                value = float(got[ROW_METRICS.index(name), b, 0, i])
+                assert value == pytest.approx(want[name], rel=1e-4, abs=1e-6), (b, t, name)
+
+
+def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> None:
+    """observe_qk (fused, one call for the batch) gives the summaries observe (probabilities) gives:
+    rows counted from each sequence's first eligible position, means and quantiles."""
+    gen = torch.Generator().manual_seed(3)
+    params = SummaryParams(sink_tokens=1, local_window=3)  # eligible from 16 keys
+    heads, dim, length, pads = 2, 16, 36, [0, 5]
+    q = torch.randn(2, heads, length, dim, generator=gen) * 2
+    k = torch.randn(2, heads, length, dim, generator=gen)
+    mask = torch.zeros(2, 1, length, length, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        for i in range(pad, length):
+            mask[b, 0, i, pad : i + 1] = True
+    fused = HeadMetricsAccumulator(1, 2, heads, params)
+    fused.observe_qk(
+        0,
+        q.to(device),
+        k.to(device),
+        pads,
+        [-pad for pad in pads],
+        [0, 1],
+        scaling=dim**-0.5,
+        mask=mask.to(device),
+    )
+    plain = HeadMetricsAccumulator(1, 2, heads, params)
+    for b, pad in enumerate(pads):
+        positions = torch.arange(length - pad)
+        allowed = causal_allowed(positions, positions)
+        probs = attention_probs(
+            q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], scaling=dim**-0.5, allowed=allowed
+        )
+        plain.observe(0, b, probs[0], positions)
+    got, want = fused.result(), plain.result()
+    np.testing.assert_array_equal(got.rows, want.rows)
+    assert want.rows.tolist() == [[length - 16 + 1, length - 5 - 16 + 1]]
+    np.testing.assert_array_equal(got.context_min, want.context_min)
+    np.testing.assert_array_equal(got.context_max, want.context_max)
+    for name in ROW_METRICS:
+        np.testing.assert_allclose(got.means[name], want.means[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    for name in QUANTILE_METRICS:
+        np.testing.assert_allclose(
+            got.quantiles[name], want.quantiles[name], rtol=2e-4, atol=2e-5, err_msg=name
+        )
+
+
+def _summary_spec(model: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": {"id": model},
+        "prompts": ["The quick fox.", "Hi you?"],
+        "generation": {"max_new_tokens": 2, "stop_at_eos": False},
+        "capture": {"detail": "summary", "summary_params": {"sink_tokens": 1, "local_window": 1}, **extra},
+    }
+
+
+def test_summary_export_takes_the_fused_path_and_equals_the_probability_path(
+    device: torch.device, tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A summary-only export of a padded batch with generated tokens, through the interpreter's
+    fused kernels (every layer call, prefill and decoding steps), stores the summary the
+    probability path stores."""
+    from worker.capture import session
+    from worker.capture.metrics import HeadMetricsAccumulator as Accumulator
+
+    from .export_helpers import export
+
+    model = str(tiny_model_dir("llama"))
+    monkeypatch.setattr(session, "fused_available", lambda _device: False)
+    export(_summary_spec(model), tmp_path / "plain.zarr", device=str(device))  # probabilities
+    monkeypatch.undo()
+    calls: list[tuple[int, ...]] = []
+    real = Accumulator.observe_qk
+
+    def counted(self: Accumulator, layer_pos: int, query: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        calls.append(tuple(query.shape))
+        real(self, layer_pos, query, *args, **kwargs)
+
+    monkeypatch.setattr(Accumulator, "observe_qk", counted)
+    export(_summary_spec(model), tmp_path / "fused.zarr", device=str(device))
+    assert len(calls) == 2 * 3 and calls[-1][2] == 1  # each layer: the prefill, then 2 decoding steps
+    plain = xr.open_zarr(str(tmp_path / "plain.zarr"), group="summary", zarr_format=3).load()
+    fused = xr.open_zarr(str(tmp_path / "fused.zarr"), group="summary", zarr_format=3).load()
+    assert set(plain.data_vars) == set(fused.data_vars)
+    for name in plain.data_vars:
+        if not np.issubdtype(plain[name].dtype, np.number):  # the labels
+            assert (plain[name].values == fused[name].values).all(), name
+        else:
+            np.testing.assert_allclose(
+                fused[name].values, plain[name].values, rtol=2e-4, atol=2e-5, err_msg=name
+            )
