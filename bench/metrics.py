@@ -99,7 +99,7 @@ def time_sequence(tokens: int, device: torch.device, params: SummaryParams, repe
 
     def fused() -> None:
         acc = HeadMetricsAccumulator(1, 1, heads, params)
-        acc.observe_qk(0, q, k, [0], [0], [0], scaling=scaling)
+        acc.observe_qk(0, q, k, [0], [0], query_offset=0, key_offset=0, scaling=scaling)
         acc.result()
 
     out: dict[str, float] = {"tokens": tokens}

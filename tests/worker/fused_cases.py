@@ -68,7 +68,9 @@ def test_fused_rows_equal_row_metrics(device: torch.device, s: int, w: int, wind
         q[None, :, first:].to(device),
         k[None].to(device),
         torch.tensor([0], device=device),
-        torch.tensor([first], device=device),
+        torch.tensor([True], device=device),
+        query_offset=first,
+        key_offset=0,
         scaling=dim**-0.5,
         sink_tokens=s,
         local_window=w,
@@ -95,7 +97,9 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
         q[:, :, first:].to(device),
         k.to(device),
         torch.tensor(pads, device=device),
-        torch.tensor([first - pad for pad in pads], device=device),
+        torch.tensor([1, 1], dtype=torch.uint8, device=device),
+        query_offset=first,
+        key_offset=0,
         scaling=dim**-0.5,
         sink_tokens=2,
         local_window=4,
@@ -105,6 +109,19 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
         positions = torch.arange(first - pad, length - pad)
         want = _reference(q[b, :, first:], k[b, :, pad:], positions, 2, 4)
         _assert_close(got[:, b], want)
+    alone = fused_row_metrics(  # sequence 0 not wanted: sequence 1's rows unchanged
+        q[:, :, first:].to(device),
+        k.to(device),
+        torch.tensor(pads, device=device),
+        torch.tensor([0, 1], dtype=torch.uint8, device=device),
+        query_offset=first,
+        key_offset=0,
+        scaling=dim**-0.5,
+        sink_tokens=2,
+        local_window=4,
+        mask=mask[:, :, first:].to(device),
+    )
+    torch.testing.assert_close(alone[:, 1], got[:, 1], rtol=0, atol=0)
 
 
 def test_fused_k90_counts_ties_one_by_one(device: torch.device) -> None:
@@ -121,7 +138,9 @@ def test_fused_k90_counts_ties_one_by_one(device: torch.device) -> None:
         q[:, :, first:].to(device),
         k.to(device),
         torch.zeros(2, dtype=torch.long, device=device),
-        torch.full((2,), first, device=device),
+        torch.ones(2, dtype=torch.bool, device=device),
+        query_offset=first,
+        key_offset=0,
         scaling=1.0,
         sink_tokens=2,
         local_window=4,
@@ -162,8 +181,9 @@ def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> No
         q.to(device),
         k.to(device),
         pads,
-        [-pad for pad in pads],
         [0, 1],
+        query_offset=0,
+        key_offset=0,
         scaling=dim**-0.5,
         mask=mask.to(device),
     )

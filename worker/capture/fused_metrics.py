@@ -85,8 +85,10 @@ def _kernels() -> tuple[Any, Any]:
         q_ptr,
         k_ptr,
         s_ptr,
-        first_key_ptr,
-        first_pos_ptr,
+        pads_ptr,
+        wanted_ptr,
+        query_offset,
+        key_offset,
         stride_qb,
         stride_qh,
         stride_qn,
@@ -110,8 +112,10 @@ def _kernels() -> tuple[Any, Any]:
         block = tl.program_id(0)
         head = tl.program_id(1)
         seq = tl.program_id(2)
-        first_key = tl.load(first_key_ptr + seq)  # key index of the sequence's real position 0
-        first_pos = tl.load(first_pos_ptr + seq)  # real position of query row 0
+        pad = tl.load(pads_ptr + seq)
+        first_key = pad - key_offset  # key index of the sequence's real position 0
+        # real position of query row 0; a sequence not wanted: before any key (nothing computed)
+        first_pos = tl.where(tl.load(wanted_ptr + seq) != 0, query_offset - pad, -(1 << 40))
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, D)
         row_ok = rows < n_rows
@@ -146,8 +150,10 @@ def _kernels() -> tuple[Any, Any]:
     def rows_kernel(  # type: ignore[no-untyped-def]
         s_ptr,
         out_ptr,
-        first_pos_ptr,
-        first_key_ptr,
+        pads_ptr,
+        wanted_ptr,
+        query_offset,
+        key_offset,
         mask_ptr,
         stride_mb,
         stride_mh,
@@ -170,13 +176,15 @@ def _kernels() -> tuple[Any, Any]:
         row = tl.program_id(0)
         head = tl.program_id(1)
         seq = tl.program_id(2)
-        t = tl.load(first_pos_ptr + seq) + row  # the row's real position (< 0: a padding row)
+        pad = tl.load(pads_ptr + seq)
+        # the row's real position (< 0: a padding row, or a sequence not wanted)
+        t = tl.where(tl.load(wanted_ptr + seq) != 0, query_offset - pad + row, -1)
         t = tl.maximum(t, 0)
         cols = tl.arange(0, BLOCK_K)
         reach = tl.where(window > 0, window, t + 1)  # keys a row can see back: its window, or all
         visible = (cols <= t) & (t - cols < reach)
         if HAS_MASK:  # the model's boolean mask (True = attend), at the sequence's key indices
-            first_key = tl.load(first_key_ptr + seq)
+            first_key = pad - key_offset
             allowed = tl.load(
                 mask_ptr
                 + seq * stride_mb
@@ -288,9 +296,11 @@ def _next_power_of_two(n: int) -> int:
 def fused_row_metrics(
     query: torch.Tensor,
     key: torch.Tensor,
-    first_key: torch.Tensor,
-    first_pos: torch.Tensor,
+    pads: torch.Tensor,
+    wanted: torch.Tensor,
     *,
+    query_offset: int,
+    key_offset: int,
     scaling: float,
     sink_tokens: int,
     local_window: int,
@@ -301,11 +311,14 @@ def fused_row_metrics(
     device, in :data:`ROW_METRICS`' order.
 
     ``query [B, H, n, D]``, ``key [B, KVH, Kc, D]`` (grouped-query: head h reads kv head
-    ``h // (H // KVH)``); ``first_key [B]`` (long, on the device): key index of sequence b's real
-    position 0 (keys before it are padding); ``first_pos [B]``: real position of query row 0 (row
-    i is at ``t = first_pos[b] + i`` and sees keys ``0 .. t``, within ``sliding_window`` if set, and
-    where ``mask [B, 1|H, n, Kc]`` (bool, True = attend, at key indices) allows). Rows at a negative
-    position (padding) or with no visible key get values that mean nothing. Softmax of the plain
+    ``h // (H // KVH)``), in a left-padded batch: ``pads [B]`` (long, on the device) padding tokens of
+    each sequence, ``wanted [B]`` (uint8 or bool, on the device) the sequences to compute (others
+    get values that mean nothing, at almost no cost). Query row i is at padded position
+    ``query_offset + i``, key index j at ``key_offset + j``: sequence b's row i is at real position
+    ``t = query_offset + i - pads[b]`` and sees real keys ``0 .. t`` (key index ``pads[b] -
+    key_offset + position``), within ``sliding_window`` if set, and where ``mask [B, 1|H, n, Kc]``
+    (bool, True = attend, at key indices) allows. Rows at a negative position (padding) or with no
+    visible key get values that mean nothing. Softmax of the plain
     scaled scores only: no soft-cap, sinks or additive bias (callers take :func:`row_metrics` for
     those). The call's key count must be ≤ :data:`MAX_FUSED_KEYS`.
     """
@@ -328,20 +341,22 @@ def fused_row_metrics(
     slab = min(n_rows, max(1, SCORES_BUDGET_BYTES // (4 * batch * heads * width)))
     if slab < n_rows:
         slab = max(_BLOCK_M, slab // _BLOCK_M * _BLOCK_M)
+    wanted = wanted.view(torch.uint8) if wanted.dtype == torch.bool else wanted  # bytes, no copy
     mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
     if mask is not None and mask.shape[1] == 1:
         mask_strides = (mask_strides[0], 0, mask_strides[2], mask_strides[3])
     for r0 in range(0, n_rows, slab):
         r1 = min(n_rows, r0 + slab)
         q = query[:, :, r0:r1]
-        pos = first_pos + r0
         scores = torch.empty((batch, heads, r1 - r0, width), dtype=torch.float32, device=device)
         scores_kernel[(-(-(r1 - r0) // _BLOCK_M), heads, batch)](
             q,
             key,
             scores,
-            first_key,
-            pos,
+            pads,
+            wanted,
+            query_offset + r0,
+            key_offset,
             *q.stride(),
             *key.stride(),
             scores.stride(0),
@@ -360,8 +375,10 @@ def fused_row_metrics(
         rows_kernel[(r1 - r0, heads, batch)](
             scores,
             part,
-            pos,
-            first_key,
+            pads,
+            wanted,
+            query_offset + r0,
+            key_offset,
             scores if mask is None else mask[:, :, r0:r1].view(torch.uint8),  # bytes, no copy
             *mask_strides,
             sliding_window or 0,

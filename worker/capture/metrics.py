@@ -325,6 +325,8 @@ class HeadMetricsAccumulator:
         # (device, first, last position) → [(l, b, rows [H, n, K])] waiting for one row_metrics call
         self._pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]] = {}
         self._pending_bytes = 0
+        # small integer tensors on a device, by value (pads, sequence and metric indices)
+        self._device_ints: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     def observe(self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor) -> None:
         """Add one block of rows: ``probs [H, n, K]`` (any device) at ``positions [n]`` (best on the
@@ -374,52 +376,54 @@ class HeadMetricsAccumulator:
         layer_pos: int,
         query: torch.Tensor,
         key: torch.Tensor,
-        first_key: Sequence[int],
-        first_pos: Sequence[int],
+        pads: Sequence[int],
         batch_indices: Sequence[int],
         *,
+        query_offset: int,
+        key_offset: int,
         scaling: float,
         mask: torch.Tensor | None = None,
         sliding_window: int | None = None,
     ) -> None:
         """Add every eligible row of one layer's attention call for the sequences ``batch_indices``,
         from q and k (:func:`worker.capture.fused_metrics.fused_row_metrics`: no probabilities
-        materialised): ``query [B, H, n, D]``, ``key [B, KVH, Kc, D]``, per sequence b of the call the
-        key index of its real position 0 (``first_key[b]``) and the real position of query row 0
-        (``first_pos[b]``), host integers; ``mask`` boolean ``[B, 1|H, n, Kc]`` or ``None``. One
-        kernel pair for every sequence, one host copy of the per-row values; nothing waits for the
-        device."""
+        materialised): ``query [B, H, n, D]``, ``key [B, KVH, Kc, D]`` of a left-padded batch
+        (``pads[b]`` tokens; query row i at padded position ``query_offset + i``, key index j at
+        ``key_offset + j``); ``mask`` boolean ``[B, 1|H, n, Kc]`` or ``None``. One kernel pair for
+        every sequence, one host copy of the per-row values; nothing waits for the device, and in a
+        decoding loop nothing is copied to it (the pads and the wanted sequences are cached there).
+        """
         from worker.capture.fused_metrics import fused_row_metrics  # Triton only on this path
 
         if query.shape[1] != self.num_heads:
             raise ValueError(f"query must have {self.num_heads} heads, got shape {tuple(query.shape)}")
         n_rows = query.shape[2]
         min_keys = self.params.min_keys
-        # the first eligible row of each sequence (t + 1 >= min_keys); rows before every one's are skipped
+        # real position of row 0 and first eligible row (t + 1 >= min_keys) of each sequence
+        first_pos = {b: query_offset - pads[b] for b in batch_indices}
         firsts = {b: max(0, min_keys - 1 - first_pos[b]) for b in batch_indices}
         owners = [b for b in batch_indices if firsts[b] < n_rows]
         if not owners:
             return
-        start = min(firsts[b] for b in owners)
-        wanted = set(owners)
-        keys0 = [first_key[b] if b in wanted else 0 for b in range(query.shape[0])]
-        # sequences not wanted get a position before any key: their kernels do (almost) nothing
-        pos0 = [first_pos[b] + start if b in wanted else -(1 << 40) for b in range(query.shape[0])]
+        start = min(firsts[b] for b in owners)  # rows before every sequence's first are skipped
         device = query.device
+        wanted = tuple(1 if b in owners else 0 for b in range(query.shape[0]))
         with torch.inference_mode():
             values = fused_row_metrics(
                 query[:, :, start:],
                 key,
-                torch.tensor(keys0).to(device, non_blocking=True),
-                torch.tensor(pos0).to(device, non_blocking=True),
+                self._on_device(tuple(pads), device),
+                self._on_device(wanted, device),
+                query_offset=query_offset + start,
+                key_offset=key_offset,
                 scaling=scaling,
                 sink_tokens=self.params.sink_tokens,
                 local_window=self.params.local_window,
                 mask=None if mask is None else mask[:, :, start:],
                 sliding_window=sliding_window,
             )  # [M, B, H, n']
-            if owners != list(range(query.shape[0])):
-                values = values.index_select(1, torch.tensor(owners).to(device, non_blocking=True))
+            if len(owners) < query.shape[0]:
+                values = values.index_select(1, self._on_device(tuple(owners), device))
             width = n_rows - start
             skips = [firsts[b] - start for b in owners]  # rows before each sequence's first eligible one
             if any(skips):
@@ -429,6 +433,16 @@ class HeadMetricsAccumulator:
         for b, skip in zip(owners, skips, strict=True):
             first = first_pos[b] + start + skip  # the first eligible row's position
             self._count(layer_pos, b, first + 1, first_pos[b] + n_rows, width - skip)
+
+    def _on_device(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``values`` as a long tensor on ``device``, cached (a decoding loop sends the same ones)."""
+        key = (values, device)
+        found = self._device_ints.get(key)
+        if found is None:
+            if len(self._device_ints) > 256:
+                self._device_ints.clear()
+            found = self._device_ints[key] = torch.tensor(values, dtype=torch.long).to(device)
+        return found
 
     def _add_rows(self, layer_pos: int, owners: list[int], skips: list[int], values: torch.Tensor) -> None:
         """``values [M, N, H, n]``: the metrics of the rows of sequences ``owners`` in one layer (rows
@@ -440,11 +454,10 @@ class HeadMetricsAccumulator:
             sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
         self._devices.add(values.device)
         per_sequence = values.sum(dim=-1, dtype=torch.float64)  # [M, N, H]
-        index = torch.tensor([layer_pos * self.batch + b for b in owners]).to(
-            values.device, non_blocking=True
-        )
+        index = self._on_device(tuple(layer_pos * self.batch + b for b in owners), values.device)
         sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_sequence)
-        quantile_values = values[self._quantile_index]  # [Q, N, H, n]
+        quantile_index = self._on_device(tuple(self._quantile_index), values.device)
+        quantile_values = values.index_select(0, quantile_index)  # [Q, N, H, n]
         on_gpu = values.device.type != "cpu"
         host = quantile_values.to("cpu", non_blocking=on_gpu) if on_gpu else quantile_values.clone()
         for i, b in enumerate(owners):  # views of the one host copy

@@ -261,9 +261,10 @@ class ExportSession:
             lp,
             call.query,
             call.key,
-            [pad - k_abs0 for pad in self.pads],  # key index of each sequence's real position 0
-            [self.q_start - pad for pad in self.pads],  # real position of the call's first row
+            self.pads,
             wanted,
+            query_offset=self.q_start,
+            key_offset=k_abs0,
             scaling=call.scaling,
             mask=call.mask,
             sliding_window=call.sliding_window,
