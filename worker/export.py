@@ -21,7 +21,7 @@ import torch
 
 from storage.bundle.layout import BundleLayout
 from storage.bundle.writer import BundleWriter
-from storage.errors import InvalidJobSpec, JobCancelled
+from storage.errors import InvalidJobSpec, JobCancelled, StoreError
 from storage.jobs.layout import layout_for_job
 from storage.jobs.modelcheck import check_spec_for_model
 from storage.jobs.spec import JobSpec
@@ -501,7 +501,8 @@ class Exporter:
         """Write what :meth:`prepare_finish` computed (numpy and the writer only: any thread), wait
         for every queued chunk, then the attributes that mark the bundle complete (or partial).
         Returns the export's summary. On an error the writer is closed (the chunks already queued
-        are stored and recorded) and the error raised: the bundle is not marked complete."""
+        are stored and recorded; not when the store itself fails) and the error raised: the bundle
+        is not marked complete."""
         writer = self.writer
         try:
             for name, data in prepared.arrays.items():
@@ -516,6 +517,10 @@ class Exporter:
                 status["stored_ratio"] = round(status["fp16_bytes"] / max(stored, 1), 4)
                 writer.group[f"kv/{name}"].update_attributes(status)
             writer.finalize(prepared.attrs, complete=not prepared.partial, partial=prepared.partial)
+        except StoreError:
+            # the store is failing: closing would make each queued chunk wait out its retry budget
+            # (minutes); the next attempt resumes from the chunks recorded
+            raise
         except BaseException:
             writer.close()
             raise
