@@ -40,26 +40,6 @@ MAX_FUSED_KEYS = 8192  # a row's visible scores live in one program's registers 
 SCORES_BUDGET_BYTES = 256 << 20  # fp32 scores written by one call at most (rows are taken in slabs)
 _BLOCK_M = 16  # query rows of one scores tile (tl.dot's smallest)
 _BLOCK_N = 64  # keys of one scores tile
-# the metrics in the order _rows_kernel writes them (every ROW_METRICS name once)
-KERNEL_METRICS: tuple[str, ...] = (
-    "sink",
-    "bos",
-    "local",
-    "middle",
-    "prev",
-    "self",
-    "prev_argmax_rate",
-    "max_weight",
-    "entropy",
-    "entropy_norm",
-    "effective_keys",
-    "k90",
-    "k90_frac",
-    "sparsity_1pct",
-    "mean_distance",
-    "mean_distance_norm",
-    "middle_k90",
-)
 
 
 def _interpreting() -> bool:
@@ -172,6 +152,24 @@ def _kernels() -> tuple[Any, Any]:
         TARGET: tl.constexpr,
         BLOCK_K: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        # where each metric goes: its index in ROW_METRICS (the caller passes them by name)
+        SINK: tl.constexpr,
+        BOS: tl.constexpr,
+        LOCAL: tl.constexpr,
+        MIDDLE: tl.constexpr,
+        PREV: tl.constexpr,
+        SELF: tl.constexpr,
+        PREV_ARGMAX_RATE: tl.constexpr,
+        MAX_WEIGHT: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        ENTROPY_NORM: tl.constexpr,
+        EFFECTIVE_KEYS: tl.constexpr,
+        K90: tl.constexpr,
+        K90_FRAC: tl.constexpr,
+        SPARSITY_1PCT: tl.constexpr,
+        MEAN_DISTANCE: tl.constexpr,
+        MEAN_DISTANCE_NORM: tl.constexpr,
+        MIDDLE_K90: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -265,26 +263,26 @@ def _kernels() -> tuple[Any, Any]:
 
         out = out_ptr + seq * stride_ob + head * stride_oh + row
         has_prev = t >= 1
-        tl.store(out + 0 * stride_om, tl.sum(tl.where(is_sink, a, 0.0), 0))
-        tl.store(out + 1 * stride_om, tl.sum(tl.where(cols == 0, a, 0.0), 0))
-        tl.store(out + 2 * stride_om, tl.sum(tl.where(is_local, a, 0.0), 0))
-        tl.store(out + 3 * stride_om, middle.to(tl.float32))
-        tl.store(out + 4 * stride_om, tl.sum(tl.where(has_prev & (cols == t - 1), a, 0.0), 0))
-        tl.store(out + 5 * stride_om, tl.sum(tl.where(cols == t, a, 0.0), 0))
-        tl.store(out + 6 * stride_om, tl.where(has_prev & (argmax == t - 1), 1.0, 0.0))
-        tl.store(out + 7 * stride_om, max_weight)
-        tl.store(out + 8 * stride_om, entropy)
-        tl.store(out + 9 * stride_om, tl.where(log_n > 0, entropy / tl.maximum(log_n, 1e-30), 0.0))
-        tl.store(out + 10 * stride_om, tl.exp(entropy))
-        tl.store(out + 11 * stride_om, k90)
-        tl.store(out + 12 * stride_om, k90 / n_keys)
-        tl.store(out + 13 * stride_om, below.to(tl.float32) / n_keys)
-        tl.store(out + 14 * stride_om, mean_distance)
+        tl.store(out + SINK * stride_om, tl.sum(tl.where(is_sink, a, 0.0), 0))
+        tl.store(out + BOS * stride_om, tl.sum(tl.where(cols == 0, a, 0.0), 0))
+        tl.store(out + LOCAL * stride_om, tl.sum(tl.where(is_local, a, 0.0), 0))
+        tl.store(out + MIDDLE * stride_om, middle.to(tl.float32))
+        tl.store(out + PREV * stride_om, tl.sum(tl.where(has_prev & (cols == t - 1), a, 0.0), 0))
+        tl.store(out + SELF * stride_om, tl.sum(tl.where(cols == t, a, 0.0), 0))
+        tl.store(out + PREV_ARGMAX_RATE * stride_om, tl.where(has_prev & (argmax == t - 1), 1.0, 0.0))
+        tl.store(out + MAX_WEIGHT * stride_om, max_weight)
+        tl.store(out + ENTROPY * stride_om, entropy)
+        tl.store(out + ENTROPY_NORM * stride_om, tl.where(log_n > 0, entropy / tl.maximum(log_n, 1e-30), 0.0))
+        tl.store(out + EFFECTIVE_KEYS * stride_om, tl.exp(entropy))
+        tl.store(out + K90 * stride_om, k90)
+        tl.store(out + K90_FRAC * stride_om, k90 / n_keys)
+        tl.store(out + SPARSITY_1PCT * stride_om, below.to(tl.float32) / n_keys)
+        tl.store(out + MEAN_DISTANCE * stride_om, mean_distance)
         tl.store(
-            out + 15 * stride_om,
+            out + MEAN_DISTANCE_NORM * stride_om,
             tl.where(has_prev, mean_distance / tl.maximum(t.to(tl.float32), 1.0), 0.0),
         )
-        tl.store(out + 16 * stride_om, middle_k90)
+        tl.store(out + MIDDLE_K90 * stride_om, middle_k90)
 
     return scores_kernel, rows_kernel
 
@@ -329,9 +327,9 @@ def fused_row_metrics(
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"mask must be boolean, got {mask.dtype}")
     device = query.device
-    out = torch.empty((len(KERNEL_METRICS), batch, heads, n_rows), dtype=torch.float32, device=device)
+    out = torch.empty((len(ROW_METRICS), batch, heads, n_rows), dtype=torch.float32, device=device)
     if n_rows == 0 or batch == 0:
-        return out[_order(device)]
+        return out
     width = int(key.shape[2])  # no row sees more keys than the call has
     if width > MAX_FUSED_KEYS:
         raise ValueError(f"{width} keys is over MAX_FUSED_KEYS = {MAX_FUSED_KEYS}")
@@ -394,11 +392,7 @@ def fused_row_metrics(
             TARGET=K90_MASS - K90_TOLERANCE,
             BLOCK_K=block_k,
             HAS_MASK=mask is not None,
+            **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
             num_warps=4 if block_k <= 2048 else 8,
         )
-    return out[_order(device)]
-
-
-@functools.cache
-def _order(device: torch.device) -> torch.Tensor:
-    return torch.tensor([KERNEL_METRICS.index(name) for name in ROW_METRICS], device=device)
+    return out

@@ -444,15 +444,20 @@ class HeadMetricsAccumulator:
             found = self._device_ints[key] = torch.tensor(values, dtype=torch.long).to(device)
         return found
 
+    def _device_sums(self, device: torch.device) -> torch.Tensor:
+        """The float64 sums ``[M, L, B, H]`` kept on ``device`` (created at its first rows)."""
+        sums = self._sums.get(device)
+        if sums is None:
+            shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
+            sums = self._sums[device] = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._devices.add(device)
+        return sums
+
     def _add_rows(self, layer_pos: int, owners: list[int], skips: list[int], values: torch.Tensor) -> None:
         """``values [M, N, H, n]``: the metrics of the rows of sequences ``owners`` in one layer (rows
         before ``skips[i]`` are zeros and not counted)."""
         heads = self.num_heads
-        sums = self._sums.get(values.device)
-        if sums is None:
-            shape = (len(ROW_METRICS), self.num_layers, self.batch, heads)
-            sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
-        self._devices.add(values.device)
+        sums = self._device_sums(values.device)
         per_sequence = values.sum(dim=-1, dtype=torch.float64)  # [M, N, H]
         index = self._on_device(tuple(layer_pos * self.batch + b for b in owners), values.device)
         sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_sequence)
@@ -493,11 +498,7 @@ class HeadMetricsAccumulator:
         """``values [M, len(owners) · H, n]``: the metrics of the blocks of ``owners`` (layer, sequence),
         their heads one after the other."""
         heads = self.num_heads
-        sums = self._sums.get(values.device)
-        if sums is None:
-            shape = (len(ROW_METRICS), self.num_layers, self.batch, heads)
-            sums = self._sums[values.device] = torch.zeros(shape, dtype=torch.float64, device=values.device)
-        self._devices.add(values.device)
+        sums = self._device_sums(values.device)
         per_block = values.sum(dim=-1, dtype=torch.float64).unflatten(1, (len(owners), heads))  # [M, N, H]
         if len(owners) == 1:
             sums[:, owners[0][0], owners[0][1]] += per_block[:, 0]
