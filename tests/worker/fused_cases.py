@@ -43,6 +43,15 @@ def _reference(
     return row_metrics(probs, positions, sink_tokens=s, local_window=w)
 
 
+def _left_padded_mask(pads: list[int], length: int) -> torch.Tensor:
+    """The model's boolean mask ``[B, 1, T, T]`` of a left-padded causal batch (True = attend)."""
+    mask = torch.zeros(len(pads), 1, length, length, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        for i in range(pad, length):
+            mask[b, 0, i, pad : i + 1] = True
+    return mask
+
+
 def _assert_close(got: torch.Tensor, want: dict[str, torch.Tensor], k90_slack: int = 0) -> None:
     """``got [M, H, n]`` in ROW_METRICS order; k90 counts exact unless ``k90_slack`` keys."""
     for i, name in enumerate(ROW_METRICS):
@@ -89,38 +98,28 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
     heads, dim, length, pads, first = 2, 16, 40, [0, 9], 12
     q = torch.randn(2, heads, length, dim, generator=gen) * 2
     k = torch.randn(2, heads, length, dim, generator=gen)
-    mask = torch.zeros(2, 1, length, length, dtype=torch.bool)
-    for b, pad in enumerate(pads):
-        for i in range(pad, length):
-            mask[b, 0, i, pad : i + 1] = True
-    got = fused_row_metrics(
-        q[:, :, first:].to(device),
-        k.to(device),
-        torch.tensor(pads, device=device),
-        torch.tensor([1, 1], dtype=torch.uint8, device=device),
-        query_offset=first,
-        key_offset=0,
-        scaling=dim**-0.5,
-        sink_tokens=2,
-        local_window=4,
-        mask=mask[:, :, first:].to(device),
-    )
+    mask = _left_padded_mask(pads, length)
+
+    def run(wanted: list[int]) -> torch.Tensor:
+        return fused_row_metrics(
+            q[:, :, first:].to(device),
+            k.to(device),
+            torch.tensor(pads, device=device),
+            torch.tensor(wanted, dtype=torch.uint8, device=device),
+            query_offset=first,
+            key_offset=0,
+            scaling=dim**-0.5,
+            sink_tokens=2,
+            local_window=4,
+            mask=mask[:, :, first:].to(device),
+        )
+
+    got = run([1, 1])
     for b, pad in enumerate(pads):
         positions = torch.arange(first - pad, length - pad)
         want = _reference(q[b, :, first:], k[b, :, pad:], positions, 2, 4)
         _assert_close(got[:, b], want)
-    alone = fused_row_metrics(  # sequence 0 not wanted: sequence 1's rows unchanged
-        q[:, :, first:].to(device),
-        k.to(device),
-        torch.tensor(pads, device=device),
-        torch.tensor([0, 1], dtype=torch.uint8, device=device),
-        query_offset=first,
-        key_offset=0,
-        scaling=dim**-0.5,
-        sink_tokens=2,
-        local_window=4,
-        mask=mask[:, :, first:].to(device),
-    )
+    alone = run([0, 1])  # sequence 0 not wanted: sequence 1's rows unchanged
     torch.testing.assert_close(alone[:, 1], got[:, 1], rtol=0, atol=0)
 
 
@@ -171,10 +170,7 @@ def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> No
     heads, dim, length, pads = 2, 16, 36, [0, 5]
     q = torch.randn(2, heads, length, dim, generator=gen) * 2
     k = torch.randn(2, heads, length, dim, generator=gen)
-    mask = torch.zeros(2, 1, length, length, dtype=torch.bool)
-    for b, pad in enumerate(pads):
-        for i in range(pad, length):
-            mask[b, 0, i, pad : i + 1] = True
+    mask = _left_padded_mask(pads, length)
     fused = HeadMetricsAccumulator(1, 2, heads, params)
     fused.observe_qk(
         0,
