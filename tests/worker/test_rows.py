@@ -72,3 +72,38 @@ def test_a_partial_piece_is_copied_and_its_buffer_released_at_once() -> None:
     data[...] = -1  # the buffer may be reused now: the rows were copied
     ((block, out),) = buf.add(3, _rows(1, 4))
     assert block == 0 and out.array[:, :3].tolist() == _rows(3, 4).tolist()
+
+
+def test_the_last_piece_of_a_known_length_passes_through_without_a_wait() -> None:
+    """A prefill with no generated tokens: the buffer knows its row count, so the sequence's last,
+    incomplete block is handed to the writer as a view with the transfer's callbacks (no wait, no
+    copy on the forward pass's thread), and flush has nothing left."""
+    events: list[str] = []
+    data = _rows(6, 4)
+    piece = HostBlock(data, ready=lambda: events.append("ready"), release=lambda: events.append("release"))
+    buf = RowBlockBuffer(2, 4, np.dtype(np.float32), width=4, final_rows=6)
+    done = buf.add(0, piece)
+    assert [block for block, _ in done] == [0, 1] and events == []
+    assert [out.array.shape for _, out in done] == [(2, 4, 4), (2, 2, 4)]
+    assert all(np.shares_memory(out.array, data) and out.ready is piece.ready for _, out in done)
+    for _, out in done:
+        assert out.release is not None
+        out.release()
+    assert events == ["release"]  # once, after both blocks
+    assert buf.flush() is None
+    with pytest.raises(ValueError, match="out of order"):
+        buf.add(6, _rows(1, 4))
+
+
+def test_a_piece_that_does_not_end_the_rows_is_still_copied() -> None:
+    """Rows that more rows will follow (generation) keep the copying path, whatever final_rows says."""
+    events: list[str] = []
+    piece = HostBlock(
+        _rows(3, 4), ready=lambda: events.append("ready"), release=lambda: events.append("release")
+    )
+    buf = RowBlockBuffer(2, 4, np.dtype(np.float32), width=4, final_rows=5)
+    assert buf.add(0, piece) == [] and events == ["ready", "release"]
+    ((block, out),) = buf.add(3, _rows(2, 4))
+    assert block == 0 and out.array.shape == (2, 4, 4)
+    flushed = buf.flush()
+    assert flushed is not None and flushed[0] == 1 and flushed[1].array.shape == (2, 1, 4)

@@ -40,14 +40,25 @@ class RowBlockBuffer:
     The whole blocks of a piece that starts a block (a prefill) are passed through as views,
     untouched, with the piece's ``ready`` and a shared ``release`` for the writer threads; other
     rows are copied here, which waits for the transfer, so buffered rows never hold the
-    device-to-host ring.
+    device-to-host ring. ``final_rows``: the number of rows this buffer will ever get, where the
+    caller knows it (a prefill with no generated tokens): the piece that ends there is passed
+    through too, its last, incomplete block included, with no wait on the forward pass's thread
+    (fixed widths only: an attention block's width is rounded up to whole chunks when assembled).
     """
 
-    def __init__(self, heads: int, chunk_rows: int, dtype: np.dtype, width: int | None = None) -> None:
+    def __init__(
+        self,
+        heads: int,
+        chunk_rows: int,
+        dtype: np.dtype,
+        width: int | None = None,
+        final_rows: int | None = None,
+    ) -> None:
         self.heads = heads
         self.chunk_rows = chunk_rows
         self.dtype = dtype
         self.width = width
+        self.final_rows = final_rows if width is not None else None
         self._block = 0
         self._filled = 0
         self._pieces: list[tuple[int, int, np.ndarray]] = []  # (row in block, col0, data)
@@ -63,13 +74,15 @@ class RowBlockBuffer:
         done: list[tuple[int, HostBlock]] = []
         starts_block = in_block == 0 and col0 == 0 and self._whole(host.array)
         whole_blocks = rows // self.chunk_rows if starts_block else 0
-        if whole_blocks:  # views of the transferred data, one per block; released after the last one
+        last_too = starts_block and rows % self.chunk_rows > 0 and row0 + rows == self.final_rows
+        if whole_blocks or last_too:  # views of the transferred data, released after the last one
+            blocks = whole_blocks + last_too
             release = _shared(host.release, whole_blocks + (rows % self.chunk_rows > 0))
-            for j in range(whole_blocks):
+            for j in range(blocks):
                 view = host.array[:, j * self.chunk_rows : (j + 1) * self.chunk_rows]
                 done.append((block + j, HostBlock(view, host.ready, release)))
-            self._block += whole_blocks
-            if rows == whole_blocks * self.chunk_rows:
+            self._block += blocks
+            if rows == whole_blocks * self.chunk_rows or last_too:
                 return done
             host = HostBlock(host.array[:, whole_blocks * self.chunk_rows :], host.ready, release)
             row0, rows = row0 + whole_blocks * self.chunk_rows, rows - whole_blocks * self.chunk_rows

@@ -131,6 +131,9 @@ class ExportSession:
             keep = np.array([capture.keeps_row(p, prompt_length) for p in range(layout.positions)])
             self.row_index.append(np.where(keep, np.cumsum(keep) - 1, -1))
         self._buffers: dict[tuple[str, int, int], RowBlockBuffer] = {}
+        # with no generated tokens (positions = the longest prompt) a sequence's q/k/v and hidden
+        # rows end with its prompt: its last row block goes to the writer without a wait here
+        prefill_only = layout.positions == max(prompt_lengths, default=0)
         for name, on in (
             ("attention", self.store_attention),
             ("attention_sink", self.store_sink),
@@ -145,7 +148,10 @@ class ExportSession:
             heads, width = array_spec(name).row_block(layout)
             for lp in self.layer_pos.values():
                 for b in range(layout.batch):
-                    self._buffers[(name, lp, b)] = RowBlockBuffer(heads, layout.chunk_rows, dtype, width)
+                    final_rows = prompt_lengths[b] if prefill_only and b < len(prompt_lengths) else None
+                    self._buffers[(name, lp, b)] = RowBlockBuffer(
+                        heads, layout.chunk_rows, dtype, width, final_rows=final_rows
+                    )
 
     def _host(self, tensor: torch.Tensor) -> HostBlock:
         """``tensor`` on the host for the writer (asynchronously from CUDA)."""
