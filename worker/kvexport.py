@@ -258,6 +258,7 @@ class KVExport:
                     v_hat=v_cache[gi, col0:],
                     scaling=scaling,
                     allowed=allowed,
+                    causal_offset=row0 - col0,
                 )
                 self.fidelity[method.name].add(lp, gi, metrics)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 METRICS: tuple[str, ...] = ("score_cosine", "top1", "top5", "kl", "tv", "output_rel_l2")
 PERCENT_METRICS: frozenset[str] = frozenset({"top1", "top5"})
 _TINY = 1e-30
+CAUSAL_BLOCK_ROWS = 256  # query rows per block when blocks stop at their last visible key
 
 
 def fidelity_block(
@@ -28,6 +29,7 @@ def fidelity_block(
     scaling: float,
     allowed: Tensor,
     softcap: float | None = None,
+    causal_offset: int | None = None,
     max_block_elements: int = 1 << 22,
 ) -> dict[str, Tensor]:
     """Per-row fidelity of estimated attention against exact attention for one kv head.
@@ -41,7 +43,9 @@ def fidelity_block(
     Returns float32 ``[G, n]`` tensors for every name in ``METRICS`` (``top1``/``top5`` are 0/1)
     plus ``valid [G, n]`` bool. Rows with no allowed key are invalid: every metric is NaN there.
     Query rows are processed in blocks so that one ``[G, rows, T]`` temporary holds at most
-    ``max_block_elements`` elements.
+    ``max_block_elements`` elements. ``causal_offset``: keys are in position order and row ``i``
+    sees no key past index ``i + causal_offset`` (``allowed`` says the same; causal attention),
+    so a block of rows reads only the keys its last row can see: about half the work of a prefill.
     """
     if (k_scores_est is None) == (k_hat is None):
         raise ValueError("give exactly one of k_scores_est and k_hat")
@@ -59,16 +63,29 @@ def fidelity_block(
     kf, vf, vhf = k.float(), v.float(), v_hat.float()
     khf = k_hat.float() if k_hat is not None else None
     rows = max(1, max_block_elements // max(1, groups * t))
+    if causal_offset is not None:  # smaller blocks: each stops at its own last visible key
+        rows = min(rows, CAUSAL_BLOCK_ROWS)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, n, rows):
         stop = min(n, start + rows)
+        keys = t if causal_offset is None else max(1, min(t, stop + causal_offset))
         qb = q[:, start:stop].float()
         if khf is not None:
-            est = qb @ khf.T
+            est = qb @ khf[:keys].T
         else:
             assert k_scores_est is not None
-            est = k_scores_est[:, start:stop].float()
-        parts.append(_block_metrics(qb @ kf.T, est, vf, vhf, allowed[start:stop], scaling, softcap))
+            est = k_scores_est[:, start:stop, :keys].float()
+        parts.append(
+            _block_metrics(
+                qb @ kf[:keys].T,
+                est,
+                vf[:keys],
+                vhf[:keys],
+                allowed[start:stop, :keys],
+                scaling,
+                softcap,
+            )
+        )
     return {name: torch.cat([p[name] for p in parts], dim=1) for name in (*METRICS, "valid")}
 
 

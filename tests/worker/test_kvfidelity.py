@@ -58,16 +58,24 @@ def _reference(d: dict[str, np.ndarray], allowed: np.ndarray) -> dict[str, np.nd
     return out
 
 
-def _run(d: dict[str, np.ndarray], allowed: np.ndarray, block: int = 1 << 22) -> dict[str, torch.Tensor]:
+def _run(
+    d: dict[str, np.ndarray],
+    allowed: np.ndarray,
+    block: int = 1 << 22,
+    causal_offset: int | None = None,
+    scores: bool = False,
+) -> dict[str, torch.Tensor]:
     t = {name: torch.tensor(a, dtype=torch.float32) for name, a in d.items()}
     return fidelity_block(
         t["q"],
         t["k"],
         t["v"],
-        k_hat=t["k_hat"],
+        t["q"] @ t["k_hat"].T if scores else None,
+        None if scores else t["k_hat"],
         v_hat=t["v_hat"],
         scaling=SCALING,
         allowed=torch.from_numpy(allowed),
+        causal_offset=causal_offset,
         max_block_elements=block,
     )
 
@@ -86,6 +94,20 @@ def test_matches_numpy_reference(block: int) -> None:
         np.testing.assert_allclose(got[name].numpy(), ref[name], atol=1e-5, rtol=1e-5, err_msg=name)
     assert np.isnan(got["kl"][:, 0].numpy()).all()
     assert (got["top5"][:, 1].numpy() == 1.0).all()
+
+
+@pytest.mark.parametrize("scores", [False, True])
+@pytest.mark.parametrize("block", [1 << 22, G * T * 2])
+def test_causal_blocks_read_only_their_visible_keys_and_equal_the_reference(block: int, scores: bool) -> None:
+    """``causal_offset`` (rows at the end of the keys, as a prefill's or a decoding step's): each
+    block stops at its last row's last visible key, with the same metrics as the numpy reference."""
+    d = _data(5)
+    allowed = _causal()
+    got = _run(d, allowed, block, causal_offset=T - N, scores=scores)
+    ref = _reference(d, allowed)
+    for name in METRICS:
+        np.testing.assert_allclose(got[name].numpy(), ref[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    assert got["valid"].all()
 
 
 def test_exact_reconstruction_is_perfect() -> None:
