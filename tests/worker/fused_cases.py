@@ -225,7 +225,7 @@ def test_summary_export_takes_the_fused_path_and_equals_the_probability_path(
     from .export_helpers import export
 
     model = str(tiny_model_dir("llama"))
-    monkeypatch.setattr(session, "fused_available", lambda _device: False)
+    monkeypatch.setattr(session, "fused_verified", lambda _device, _dtype: False)
     export(_summary_spec(model), tmp_path / "plain.zarr", device=str(device))  # probabilities
     monkeypatch.undo()
     calls: list[tuple[int, ...]] = []
@@ -248,3 +248,13 @@ def test_summary_export_takes_the_fused_path_and_equals_the_probability_path(
             np.testing.assert_allclose(
                 fused[name].values, plain[name].values, rtol=2e-4, atol=2e-5, err_msg=name
             )
+
+
+def test_the_self_check_passes_on_this_device(device: torch.device) -> None:
+    """The check a capture makes before its first fused call: the kernels compiled by this Triton
+    agree with row_metrics (fp32 inputs; and the models' half dtypes where they are compiled)."""
+    from worker.capture.fused_metrics import fused_verified
+
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+    for dtype in dtypes:
+        assert fused_verified(device, dtype), dtype

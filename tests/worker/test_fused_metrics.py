@@ -6,10 +6,13 @@ interpreter cannot share a process with compiled kernels (or with tests that imp
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,3 +51,72 @@ def test_fused_kernels_on_cuda() -> None:
     """Every case compiled for the GPU."""
     env = {"QKVAULT_TEST_FUSED_DEVICE": "cuda"}
     _run_cases(env, timeout_s=600)
+
+
+@pytest.fixture
+def fresh_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """worker.capture.fused_metrics with the device taken as able (no Triton needed) and the
+    self-check's cache empty before and after."""
+    from worker.capture import fused_metrics
+
+    monkeypatch.setattr(fused_metrics, "fused_available", lambda _device: True)
+    fused_metrics.fused_verified.cache_clear()
+    yield fused_metrics
+    fused_metrics.fused_verified.cache_clear()
+
+
+def test_a_kernel_that_fails_to_compile_leaves_the_probability_path(
+    fresh_check: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Triton that cannot build the kernels costs speed, not the job: no fused path, a warning
+    that says why, and the check is not repeated."""
+    attempts: list[int] = []
+
+    def broken(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+        attempts.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(fresh_check, "fused_row_metrics", broken)
+    with caplog.at_level(logging.WARNING, logger=fresh_check.__name__):
+        assert not fresh_check.fused_verified(torch.device("cpu"), torch.float32)
+        assert not fresh_check.fused_verified(torch.device("cpu"), torch.float32)
+    assert attempts == [1]
+    assert "not used on cpu for torch.float32: RuntimeError: PassManager::run failed" in caplog.text
+
+
+def _row_metrics_as_fused(off_metric: str | None) -> Any:
+    """A stand-in for fused_row_metrics on the self-check's one-sequence case, from row_metrics of
+    the probabilities; ``off_metric`` (if set) 0.5 off."""
+    from worker.capture.attention_math import attention_probs, causal_allowed
+    from worker.capture.metrics import ROW_METRICS, row_metrics
+
+    def fused(query: torch.Tensor, key: torch.Tensor, pads: torch.Tensor, *_: Any, **kw: Any) -> torch.Tensor:
+        pad, rows = int(pads[0]), query.shape[2]
+        positions = torch.arange(kw["query_offset"], kw["query_offset"] + rows) - pad
+        keys = key[:, :, pad - kw["key_offset"] :].float()
+        allowed = causal_allowed(positions, torch.arange(keys.shape[2]))
+        probs = attention_probs(query.float(), keys, scaling=kw["scaling"], allowed=allowed)[0]
+        metrics = row_metrics(
+            probs, positions, sink_tokens=kw["sink_tokens"], local_window=kw["local_window"]
+        )
+        out = torch.stack([metrics[name].float() for name in ROW_METRICS])
+        if off_metric is not None:
+            out[ROW_METRICS.index(off_metric)] += 0.5
+        return out[:, None]
+
+    return fused
+
+
+def test_kernels_that_compute_wrong_values_leave_the_probability_path(
+    fresh_check: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kernels that give row_metrics' values pass; the same with one metric off fail the check,
+    which names the metric, and the path stays off."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fresh_check, "fused_row_metrics", _row_metrics_as_fused(None))
+    assert fresh_check.fused_verified(cpu, torch.float32)
+    fresh_check.fused_verified.cache_clear()
+    monkeypatch.setattr(fresh_check, "fused_row_metrics", _row_metrics_as_fused("entropy"))
+    with caplog.at_level(logging.WARNING, logger=fresh_check.__name__):
+        assert not fresh_check.fused_verified(cpu, torch.float32)
+    assert "entropy differs from row_metrics by 0.5" in caplog.text

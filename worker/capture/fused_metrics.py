@@ -20,7 +20,10 @@ and a sort. Results equal :func:`row_metrics` on the same rows within fp32 round
 one key) — ``tests/worker/test_fused_metrics.py``.
 
 Triton is optional: :func:`fused_available` says whether a device can take this path (CUDA with
-Triton installed, or Triton's CPU interpreter when ``TRITON_INTERPRET=1``, which the tests use).
+Triton installed, or Triton's CPU interpreter when ``TRITON_INTERPRET=1``, which the tests use),
+and :func:`fused_verified` whether the kernels, compiled by the Triton the worker has, give
+:func:`row_metrics`' values there (checked once per process, device and dtype; the capture keeps
+the probability path where they do not).
 
 Shapes: B sequences, H query heads, KVH kv heads, n query rows, K keys, D head_dim, M metrics.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from typing import Any
 
@@ -40,6 +44,9 @@ MAX_FUSED_KEYS = 8192  # a row's visible scores live in one program's registers 
 SCORES_BUDGET_BYTES = 256 << 20  # fp32 scores written by one call at most (rows are taken in slabs)
 _BLOCK_M = 16  # query rows of one scores tile (tl.dot's smallest)
 _BLOCK_N = 64  # keys of one scores tile
+
+
+log = logging.getLogger(__name__)
 
 
 def _interpreting() -> bool:
@@ -396,3 +403,73 @@ def fused_row_metrics(
             num_warps=4 if block_k <= 2048 else 8,
         )
     return out
+
+
+# The self-check's case: grouped-query heads of very different sharpness, one left-padded sequence.
+_CHECK_SHAPE = {"heads": 4, "kv_heads": 2, "head_dim": 16, "keys": 40, "first": 8, "pad": 3}
+_CHECK_SINK_TOKENS, _CHECK_LOCAL_WINDOW = 2, 4
+
+
+@functools.cache
+def fused_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_row_metrics` runs on ``device`` for ``dtype`` inputs and equals
+    :func:`row_metrics` of the probabilities on a small case (every metric within fp32 rounding,
+    ``k90`` within one key). Run once per (device, dtype) in a process, when a capture first could
+    take the fused path: a Triton that cannot compile the kernels, or compiles them wrongly, costs
+    the probability path's speed, never a job or a wrong summary. A failure is logged as a warning
+    with its reason."""
+    if not fused_available(device):
+        return False
+    try:
+        problem = _check(device, dtype)
+    except Exception as exc:  # any compile or launch failure means "not here"
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        log.warning("fused summary kernels not used on %s for %s: %s", device, dtype, problem)
+    return not problem
+
+
+def _check(device: torch.device, dtype: torch.dtype) -> str:
+    """'' when the fused kernels agree with :func:`row_metrics` on the self-check's case."""
+    from worker.capture.attention_math import attention_probs, causal_allowed
+    from worker.capture.metrics import row_metrics
+
+    shape = _CHECK_SHAPE
+    heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    keys, first, pad = shape["keys"], shape["first"], shape["pad"]
+    gen = torch.Generator().manual_seed(0)
+    sharpness = torch.tensor([0.3, 1.0, 2.5, 4.0])[:heads, None, None]
+    q = (torch.randn(heads, keys, dim, generator=gen) * sharpness).to(dtype)
+    k = torch.randn(kv_heads, keys, dim, generator=gen).to(dtype)
+    scaling = dim**-0.5
+    real = torch.arange(first, keys)  # rows first.. of the padded sequence: real positions - pad
+    got = (
+        fused_row_metrics(
+            q[None, :, first:].to(device),
+            k[None].to(device),
+            torch.tensor([pad], device=device),
+            torch.tensor([True], device=device),
+            query_offset=first,
+            key_offset=0,
+            scaling=scaling,
+            sink_tokens=_CHECK_SINK_TOKENS,
+            local_window=_CHECK_LOCAL_WINDOW,
+        )[:, 0]
+        .cpu()
+        .double()
+    )
+    positions = real - pad
+    allowed = causal_allowed(positions, torch.arange(keys - pad))
+    probs = attention_probs(
+        q[None, :, first:].float(), k[None, :, pad:].float(), scaling=scaling, allowed=allowed
+    )[0]
+    want = row_metrics(probs, positions, sink_tokens=_CHECK_SINK_TOKENS, local_window=_CHECK_LOCAL_WINDOW)
+    for i, name in enumerate(ROW_METRICS):
+        g, w = got[i], want[name].cpu().double()
+        if not torch.isfinite(g).all():
+            return f"{name} is not finite"
+        slack = 1.0 if name in ("k90", "middle_k90") else 1e-3 + 1e-3 * float(w.abs().max())
+        worst = float((g - w).abs().max())
+        if worst > slack:
+            return f"{name} differs from row_metrics by {worst:.3g} (allowed {slack:.3g})"
+    return ""

@@ -27,7 +27,7 @@ from worker.capture.attention_math import (
     expand_kv_heads,
 )
 from worker.capture.certify import Certifier
-from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_available
+from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_verified
 from worker.capture.hook import AttentionCall
 from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager
 from worker.capture.rows import RowBlockBuffer
@@ -243,7 +243,8 @@ class ExportSession:
         than as probabilities: only the metrics read them (no attention stored), the observer takes
         q and k, the softmax is plain (no soft-cap, sinks or additive bias; a boolean mask or a
         window is fine), every head in order, each sequence's keys start at its real position 0,
-        and the fused kernels run on this device for this many keys."""
+        and the fused kernels run on this device for this many keys and passed their self-check
+        there (:func:`fused_verified`)."""
         observe_qk = getattr(self.observer, "observe_qk", None)
         if observe_qk is None or self.store_attention or not call.causal:
             return False
@@ -255,7 +256,7 @@ class ExportSession:
             return False
         if any(pad < k_abs0 for pad in self.pads):  # some sequence's first keys are not in the call
             return False
-        return fused_available(call.query.device)
+        return fused_verified(call.query.device, call.query.dtype)
 
     def _observe_fused(self, call: AttentionCall, lp: int, k_abs0: int) -> None:
         """Every active sequence's rows of this call to the observer at once, from q and k."""
