@@ -38,14 +38,20 @@ _WATCHED_ENV_PREFIXES = ("QKVAULT_", "AWS_", "CELERY_")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each test process gets its share of the cores for torch's (OpenMP's)
-    threads, unless ``OMP_NUM_THREADS`` is set already. Set before any test module imports torch,
-    and inherited by the worker processes tests start. With two processes of two threads each on
-    two cores, OpenMP's waiting threads made CPU-heavy tests 4-8x slower (the KV fidelity table's
-    rows: 210 s each side by side, 55 s with one thread each)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    """Under pytest-xdist, each test process gets its share of the cores for OpenMP's threads
+    (torch, and the BLAS of numpy), unless ``OMP_NUM_THREADS`` is set already. Set here in the
+    controlling process, before it starts the test processes, so that they have it from their
+    start like every worker process a test starts (a value set in a test process itself comes after
+    numpy's BLAS has read it, and the same export then rounded differently in a test process and
+    in the worker processes it compared with). With two processes of two threads each on two
+    cores, OpenMP's waiting threads made CPU-heavy tests 4-8x slower (the KV fidelity table's rows:
+    210 s each side by side, 55 s with one thread each)."""
+    processes = getattr(config.option, "numprocesses", None)
+    if isinstance(processes, str):  # "auto" / "logical": one process a core
+        processes = os.cpu_count() or 1
+    if "PYTEST_XDIST_WORKER" in os.environ or not processes or processes < 2:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

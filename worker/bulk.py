@@ -333,10 +333,6 @@ class BulkExporter:
             drain.settle()
             self.batch_timings["drain_wait"] = self.batch_timings.get("drain_wait", 0.0) + drain.wait_s
 
-    def _run_batch(self, job_id: str, batch: MicroBatch, members: list[_Sequence]) -> None:
-        """One micro-batch, written and counted when this returns (no overlap: a shard's loop)."""
-        self._start_batch(job_id, batch, members)()
-
     def _start_batch(
         self, job_id: str, batch: MicroBatch, members: list[_Sequence], drain: _Drain | None = None
     ) -> Callable[[], None]:

@@ -144,11 +144,16 @@ class ShardExporter(BulkExporter):
         started = time.perf_counter()
         self.hooks.phase("micro-batches", units_total=shard.units_total)
         end = shard.first_batch + shard.batches
-        for planned, members in self._batches(shard.first_window, shard.window_first_batch, check=False):
-            if planned.batch.index >= end:
-                break
-            if planned.batch.index >= shard.first_batch:
-                self._run_batch(job_id, planned.batch, members)
+
+        def in_range() -> Iterator[tuple[MicroBatch, list[_Sequence]]]:
+            batches = self._batches(shard.first_window, shard.window_first_batch, check=False)
+            for planned, members in batches:
+                if planned.batch.index >= end:
+                    return
+                if planned.batch.index >= shard.first_batch:
+                    yield planned.batch, members
+
+        self._run_batches(job_id, in_range())  # each drain overlaps the next micro-batch, as one worker's
         return {
             "resumed_micro_batches": self.resumed_batches,
             "seconds": round(time.perf_counter() - started, 3),

@@ -139,14 +139,14 @@ def test_a_shard_failing_for_good_fails_the_job_keeping_the_finished_micro_batch
         JOB_ID, index=index, store=store, models=models, settings=settings, worker_id="planner",
         launch_shards=lambda job, shards: launched.append(shards),
     )  # fmt: skip
-    real_run_batch = ShardExporter._run_batch
+    real_start_batch = ShardExporter._start_batch
 
-    def run_batch(self: ShardExporter, job_id: str, batch: Any, members: Any) -> None:
+    def start_batch(self: ShardExporter, job_id: str, batch: Any, members: Any, drain: Any = None) -> Any:
         if batch.index == 3:
             raise RuntimeError("the export of micro-batch 3 broke")
-        real_run_batch(self, job_id, batch, members)
+        return real_start_batch(self, job_id, batch, members, drain)
 
-    monkeypatch.setattr(ShardExporter, "_run_batch", run_batch)
+    monkeypatch.setattr(ShardExporter, "_start_batch", start_batch)
     run: dict[str, Any] = {"index": index, "store": store, "models": models, "settings": settings}
     assert run_shard(JOB_ID, 0, **run, worker_id="w0") == "succeeded"
     # micro-batch 2 finishes, 3 fails; the queued shards are cancelled: nothing is left to run
