@@ -239,9 +239,9 @@ def _kernels() -> tuple[Any, Any]:
         hi_m = 0x3F800001
         for _ in range(31):
             c = (lo + hi) // 2
-            reach = tl.sum(tl.where(bits >= c, wide, 0.0), 0) >= target
-            lo = tl.where(reach, c, lo)
-            hi = tl.where(reach, hi, c)
+            reached = tl.sum(tl.where(bits >= c, wide, 0.0), 0) >= target
+            lo = tl.where(reached, c, lo)
+            hi = tl.where(reached, hi, c)
             c_m = (lo_m + hi_m) // 2
             reach_m = tl.sum(tl.where(middle_bits >= c_m, wide, 0.0), 0) >= target_middle
             lo_m = tl.where(reach_m, c_m, lo_m)
