@@ -47,6 +47,7 @@ from bench.instrumented import NullHooks
 from bench.memory import PeakMemory
 from bench.models import MODELS, prepare
 from bench.modes import run_raw_write, settle, tree_bytes
+from bench.profiling import profiled
 from bench.report import machine
 from storage.bundle.bulk import open_bulk
 from storage.jobs.microbatch import MicroBatch, PaddingTally, plan_microbatches
@@ -245,9 +246,12 @@ def run_benchmark(
     qkv_dtype: str = "float16",
     modes: list[str] | None = None,
     summary_params: dict[str, int] | None = None,
+    profile_dir: Path | None = None,
 ) -> dict[str, BulkMode]:
     """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
-    warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``."""
+    warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``;
+    ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
+    written there (:func:`bench.profiling.profiled`)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
     captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
@@ -263,11 +267,13 @@ def run_benchmark(
         run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)
         shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
-    results = {PLAIN: run_plain(lm, work, memory)}
+    with profiled(lm.device, profile_dir, PLAIN):
+        results = {PLAIN: run_plain(lm, work, memory)}
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        result = run_bulk(lm, bulk_spec(model, work, capture, qkv_dtype), name, bundle, memory)
+        with profiled(lm.device, profile_dir, name):
+            result = run_bulk(lm, bulk_spec(model, work, capture, qkv_dtype), name, bundle, memory)
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
         shutil.rmtree(bundle, ignore_errors=True)
@@ -392,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run each timed mode under torch.profiler and write its operator table to DIR/<mode>.txt "
+        "(the timings then include the profiler's cost)",
+    )
     return p
 
 
@@ -446,10 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(layers=args.layers, attention_layers=attention_layers, qkv_dtype=args.qkv_dtype)
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
-        results = run_benchmark(lm, model, work, store, **options)
+        results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)
     print("\n" + table(results))
+    if args.profile is not None:
+        print(f"\noperator tables in {args.profile} (timings above include the profiler's cost)")
     if args.json is not None:
         modes = {k: {**asdict(r), "tokens_per_s": r.tokens_per_s} for k, r in results.items()}
         figures = {"command": command, "machine": info, "run": run, "modes": modes, "ratios": ratios(results)}
