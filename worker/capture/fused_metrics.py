@@ -442,7 +442,7 @@ def _check(device: torch.device, dtype: torch.dtype) -> str:
     q = (torch.randn(heads, keys, dim, generator=gen) * sharpness).to(dtype)
     k = torch.randn(kv_heads, keys, dim, generator=gen).to(dtype)
     scaling = dim**-0.5
-    real = torch.arange(first, keys)  # rows first.. of the padded sequence: real positions - pad
+    positions = torch.arange(first, keys) - pad  # the real positions of the padded rows first..
     got = (
         fused_row_metrics(
             q[None, :, first:].to(device),
@@ -458,7 +458,6 @@ def _check(device: torch.device, dtype: torch.dtype) -> str:
         .cpu()
         .double()
     )
-    positions = real - pad
     allowed = causal_allowed(positions, torch.arange(keys - pad))
     probs = attention_probs(
         q[None, :, first:].float(), k[None, :, pad:].float(), scaling=scaling, allowed=allowed
