@@ -148,7 +148,7 @@ class ExportSession:
             heads, width = array_spec(name).row_block(layout)
             for lp in self.layer_pos.values():
                 for b in range(layout.batch):
-                    final_rows = prompt_lengths[b] if prefill_only and b < len(prompt_lengths) else None
+                    final_rows = prompt_lengths[b] if prefill_only else None
                     self._buffers[(name, lp, b)] = RowBlockBuffer(
                         heads, layout.chunk_rows, dtype, width, final_rows=final_rows
                     )
