@@ -123,6 +123,33 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
     torch.testing.assert_close(alone[:, 1], got[:, 1], rtol=0, atol=0)
 
 
+def test_long_rows_end_the_k90_search_on_gathered_candidates(device: torch.device) -> None:
+    """Rows of 250–270 keys (two runs: the 256- and 512-key programs) take the search's second
+    phase, on the keys gathered from its range; a uniform head (q = 0) leaves hundreds of ties at
+    the crossing, more than the candidates. Every metric as row_metrics, k90 exact."""
+    from worker.capture.fused_metrics import SEARCH_CANDIDATES, fused_row_metrics, row_runs
+
+    gen = torch.Generator().manual_seed(11)
+    heads, kv_heads, dim, length, first = 6, 3, 16, 270, 250
+    sharpness = torch.tensor([0.3, 1.0, 2.5, 4.0, 8.0, 0.0])[:, None, None]
+    q = torch.randn(heads, length, dim, generator=gen) * sharpness
+    k = torch.randn(kv_heads, length, dim, generator=gen)
+    runs = row_runs(length - first, first + 1, 512)
+    assert [width for _, _, width in runs] == [256, 512] and 2 * SEARCH_CANDIDATES < 256
+    got = fused_row_metrics(
+        q[None, :, first:].to(device),
+        k[None].to(device),
+        torch.tensor([0], device=device),
+        torch.tensor([True], device=device),
+        query_offset=first,
+        key_offset=0,
+        scaling=dim**-0.5,
+        sink_tokens=4,
+        local_window=16,
+    )
+    _assert_close(got[:, 0], _reference(q[:, first:], k, torch.arange(first, length), 4, 16))
+
+
 def test_fused_k90_counts_ties_one_by_one(device: torch.device) -> None:
     """Uniform rows (q = 0: every visible weight equal) and a row split between two keys: k90 and
     middle_k90 follow the spec's numpy reference, ties at the crossing counted one by one."""

@@ -6,6 +6,7 @@ interpreter cannot share a process with compiled kernels (or with tests that imp
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 import subprocess
@@ -120,3 +121,27 @@ def test_kernels_that_compute_wrong_values_leave_the_probability_path(
     with caplog.at_level(logging.WARNING, logger=fresh_check.__name__):
         assert not fresh_check.fused_verified(cpu, torch.float32)
     assert "entropy differs from row_metrics by 0.5" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "first_keys", "max_width", "want"),
+    [
+        (1, 700, 1024, [(0, 1, 1024)]),  # a decoding step: one row, its own width
+        (5, 1, 1024, [(0, 5, 16)]),  # short rows: the narrowest program
+        (40, 1, 64, [(0, 16, 16), (16, 32, 32), (32, 40, 64)]),
+        (300, 100, 256, [(0, 29, 128), (29, 300, 256)]),  # rows past the call's width stay at it
+        (10, -5, 1024, [(0, 10, 16)]),  # rows of a padded sequence before its first token
+    ],
+)
+def test_row_runs_fit_each_row_in_the_smallest_power_of_two(
+    n_rows: int, first_keys: int, max_width: int, want: list[tuple[int, int, int]]
+) -> None:
+    """Consecutive runs cover every row once; each run's last row fits its width, and the rows of
+    the run before would not (no run wider than its rows need)."""
+    from worker.capture.fused_metrics import row_runs
+
+    runs = row_runs(n_rows, first_keys, max_width)
+    assert runs == want
+    assert runs[0][0] == 0 and runs[-1][1] == n_rows
+    for (_, end, width), (start, _, _) in itertools.pairwise(runs):
+        assert end == start and first_keys + end - 1 <= width

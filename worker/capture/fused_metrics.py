@@ -1,23 +1,26 @@
 """Per-head summary metrics straight from q and k (Triton): :func:`worker.capture.metrics.row_metrics`
 without materialised, renormalised and sorted probabilities.
 
-:func:`fused_row_metrics` runs two kernels per call:
+:func:`fused_row_metrics` runs two kernels (:mod:`worker.capture.fused_kernels`) per slab of rows:
 
-1. ``_scores_kernel``: ``S = scaling · q kᵀ`` in fp32 (tensor-core products, fp32 accumulation:
+1. ``scores_kernel``: ``S = scaling · q kᵀ`` in fp32 (tensor-core products, fp32 accumulation:
    bf16 and fp16 products are exact in fp32, so the scores equal an fp32 matmul of the upcast
    values up to summation order), only for the keys up to each block's last row — written once;
-2. ``_rows_kernel``: one program per attention row, holding the row's visible scores in registers
-   (at most :data:`MAX_FUSED_KEYS` keys): softmax, then every :data:`ROW_METRICS` value in one
-   pass, ``k90`` and ``middle_k90`` by a bisection on the fp32 bit patterns of the weights (weights
-   ≥ 0 order as their bit patterns do), masses in float64 — the same crossing of 0.9 − tolerance as
+2. ``rows_kernel``: one program per attention row, holding the row's visible scores in registers
+   (at most :data:`MAX_FUSED_KEYS` keys; each run of rows launched with the smallest power-of-two
+   width that holds its keys, :func:`row_runs`, so a causal prefill's early rows do not pay for the
+   last row's width): softmax, then every :data:`ROW_METRICS` value in one pass, ``k90`` and
+   ``middle_k90`` by a search on the fp32 bit patterns of the weights (weights ≥ 0 order as their
+   bit patterns do), both at once, that reads the whole row only until at most
+   :data:`SEARCH_CANDIDATES` keys are left in play — the same crossing of 0.9 − tolerance as
    :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the crossing counted as
    one by one.
 
 Every row is read once from the scores, and no per-row sort is made: the metrics' memory traffic
 is one fp32 write and one read per visible (row, key) where :func:`row_metrics` makes ≈ 13 passes
 and a sort. Results equal :func:`row_metrics` on the same rows within fp32 rounding (``exp`` and
-``log`` are the GPU's fast forms; a crossing that falls within that rounding may move ``k90`` by
-one key) — ``tests/worker/test_fused_metrics.py``.
+``log`` are the GPU's fast forms, the masses fp32 sums; a crossing that falls within that rounding
+may move ``k90`` by one key) — ``tests/worker/test_fused_metrics.py``.
 
 Triton is optional: :func:`fused_available` says whether a device can take this path (CUDA with
 Triton installed, or Triton's CPU interpreter when ``TRITON_INTERPRET=1``, which the tests use),
@@ -34,7 +37,6 @@ import functools
 import importlib.util
 import logging
 import os
-from typing import Any
 
 import torch
 
@@ -44,6 +46,9 @@ MAX_FUSED_KEYS = 8192  # a row's visible scores live in one program's registers 
 SCORES_BUDGET_BYTES = 256 << 20  # fp32 scores written by one call at most (rows are taken in slabs)
 _BLOCK_M = 16  # query rows of one scores tile (tl.dot's smallest)
 _BLOCK_N = 64  # keys of one scores tile
+_MIN_ROW_KEYS = 16  # the narrowest rows program
+KEYS_PER_WARP = 1024  # a rows program's warps: one per this many keys of its width (1 to 16)
+SEARCH_CANDIDATES = 64  # a k90 search ends on the ≤ this many keys left in its range (rows > 2× this)
 
 
 log = logging.getLogger(__name__)
@@ -61,241 +66,22 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
 
-@functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """Compile-on-first-use kernels (Triton is imported here, not when this module is)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def scores_kernel(  # type: ignore[no-untyped-def]  # Triton kernels: tensors and constexprs, untyped
-        q_ptr,
-        k_ptr,
-        s_ptr,
-        pads_ptr,
-        wanted_ptr,
-        query_offset,
-        key_offset,
-        stride_qb,
-        stride_qh,
-        stride_qn,
-        stride_qd,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_kd,
-        stride_sb,
-        stride_sh,
-        stride_sn,
-        n_rows,
-        head_dim,
-        groups,
-        scaling,
-        D: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        block = tl.program_id(0)
-        head = tl.program_id(1)
-        seq = tl.program_id(2)
-        pad = tl.load(pads_ptr + seq)
-        first_key = pad - key_offset  # key index of the sequence's real position 0
-        # real position of query row 0; a sequence not wanted: before any key (nothing computed)
-        first_pos = tl.where(tl.load(wanted_ptr + seq) != 0, query_offset - pad, -(1 << 40))
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, D)
-        row_ok = rows < n_rows
-        q = tl.load(
-            q_ptr
-            + seq * stride_qb
-            + head * stride_qh
-            + rows[:, None] * stride_qn
-            + dims[None, :] * stride_qd,
-            mask=row_ok[:, None] & (dims[None, :] < head_dim),
-            other=0.0,
-        )
-        last_row = tl.minimum(block * BLOCK_M + BLOCK_M, n_rows) - 1
-        key_end = first_pos + last_row + 1  # real key positions 0 .. key_end - 1 (causal)
-        k_base = k_ptr + seq * stride_kb + (head // groups) * stride_kh
-        for start in range(0, key_end, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < key_end
-            k = tl.load(
-                k_base + (first_key + cols)[None, :] * stride_kn + dims[:, None] * stride_kd,
-                mask=col_ok[None, :] & (dims[:, None] < head_dim),
-                other=0.0,
-            )
-            scores = tl.dot(q, k, input_precision=PRECISION) * scaling
-            tl.store(
-                s_ptr + seq * stride_sb + head * stride_sh + rows[:, None] * stride_sn + cols[None, :],
-                scores,
-                mask=row_ok[:, None] & col_ok[None, :],
-            )
-
-    @triton.jit
-    def rows_kernel(  # type: ignore[no-untyped-def]
-        s_ptr,
-        out_ptr,
-        pads_ptr,
-        wanted_ptr,
-        query_offset,
-        key_offset,
-        mask_ptr,
-        stride_mb,
-        stride_mh,
-        stride_mn,
-        stride_mk,
-        window,
-        stride_sb,
-        stride_sh,
-        stride_sn,
-        stride_om,
-        stride_ob,
-        stride_oh,
-        sink_tokens,
-        local_window,
-        sparsity,
-        TARGET: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        # where each metric goes: its index in ROW_METRICS (the caller passes them by name)
-        SINK: tl.constexpr,
-        BOS: tl.constexpr,
-        LOCAL: tl.constexpr,
-        MIDDLE: tl.constexpr,
-        PREV: tl.constexpr,
-        SELF: tl.constexpr,
-        PREV_ARGMAX_RATE: tl.constexpr,
-        MAX_WEIGHT: tl.constexpr,
-        ENTROPY: tl.constexpr,
-        ENTROPY_NORM: tl.constexpr,
-        EFFECTIVE_KEYS: tl.constexpr,
-        K90: tl.constexpr,
-        K90_FRAC: tl.constexpr,
-        SPARSITY_1PCT: tl.constexpr,
-        MEAN_DISTANCE: tl.constexpr,
-        MEAN_DISTANCE_NORM: tl.constexpr,
-        MIDDLE_K90: tl.constexpr,
-    ):
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        seq = tl.program_id(2)
-        pad = tl.load(pads_ptr + seq)
-        # the row's real position (< 0: a padding row, or a sequence not wanted)
-        t = tl.where(tl.load(wanted_ptr + seq) != 0, query_offset - pad + row, -1)
-        t = tl.maximum(t, 0)
-        cols = tl.arange(0, BLOCK_K)
-        reach = tl.where(window > 0, window, t + 1)  # keys a row can see back: its window, or all
-        visible = (cols <= t) & (t - cols < reach)
-        if HAS_MASK:  # the model's boolean mask (True = attend), at the sequence's key indices
-            first_key = pad - key_offset
-            allowed = tl.load(
-                mask_ptr
-                + seq * stride_mb
-                + head * stride_mh
-                + row * stride_mn
-                + (first_key + cols) * stride_mk,
-                mask=visible,
-                other=0,
-            )
-            visible = visible & (allowed != 0)
-        scores = tl.load(
-            s_ptr + seq * stride_sb + head * stride_sh + row * stride_sn + cols,
-            mask=visible,
-            other=-float("inf"),
-        )
-        top = tl.max(scores, 0)
-        top = tl.where(top == -float("inf"), 0.0, top)  # a row with no visible key: zeros, never NaN
-        weights = tl.where(visible, tl.exp(scores - top), 0.0)
-        p = weights / tl.maximum(tl.sum(weights, 0), 1e-30)
-        a = p / tl.maximum(tl.sum(p, 0), 1e-30)  # renormalised as row_metrics does
-        n_keys = (t + 1).to(tl.float32)
-
-        local_start = tl.maximum(t - local_window + 1, sink_tokens)
-        is_sink = visible & (cols < sink_tokens)
-        is_local = visible & (cols >= local_start)
-        is_middle = visible & (cols >= sink_tokens) & (cols < local_start)
-        max_weight = tl.max(a, 0)
-        argmax = tl.min(tl.where(visible & (a == max_weight), cols, BLOCK_K), 0)
-        plogp = tl.where(a > 0, a * tl.log(tl.maximum(a, 1e-30)), 0.0)
-        entropy = -tl.sum(plogp, 0)
-        log_n = tl.log(n_keys)
-        # keys 0..t a window or mask hides weigh 0: below 1% of the maximum, as row_metrics counts them
-        below = tl.sum(((cols <= t) & (a < sparsity * max_weight)).to(tl.int32), 0)
-        distance = (t - cols).to(tl.float32)
-        mean_distance = tl.sum(tl.where(visible, a * distance, 0.0), 0)
-
-        # k90 and middle_k90: the largest bit pattern θ whose weights ≥ θ reach the target mass
-        wide = a.to(tl.float64)
-        bits = a.to(tl.int32, bitcast=True)  # a ≥ 0: bit patterns order as the values
-        middle_bits = tl.where(is_middle, bits, -1)
-        middle = tl.sum(tl.where(is_middle, wide, 0.0), 0)
-        target = tl.full((), TARGET, tl.float64)  # float64, as row_metrics' threshold
-        target_middle = target * middle
-        lo = 0
-        hi = 0x3F800001  # above 1.0's pattern: no weight reaches it
-        lo_m = 0
-        hi_m = 0x3F800001
-        for _ in range(31):
-            c = (lo + hi) // 2
-            reached = tl.sum(tl.where(bits >= c, wide, 0.0), 0) >= target
-            lo = tl.where(reached, c, lo)
-            hi = tl.where(reached, hi, c)
-            c_m = (lo_m + hi_m) // 2
-            reach_m = tl.sum(tl.where(middle_bits >= c_m, wide, 0.0), 0) >= target_middle
-            lo_m = tl.where(reach_m, c_m, lo_m)
-            hi_m = tl.where(reach_m, hi_m, c_m)
-        # above θ: all of them; at θ (ties): one by one until the target is reached
-        above = bits > lo
-        mass_above = tl.sum(tl.where(above, wide, 0.0), 0)
-        at = bits == lo
-        tie_value = tl.max(tl.where(at, wide, 0.0), 0)
-        ties = tl.sum(at.to(tl.int32), 0)
-        need = tl.math.ceil((target - mass_above) / tl.maximum(tie_value, 1e-30))
-        k90 = tl.sum(above.to(tl.int32), 0) + tl.minimum(tl.maximum(need, 1.0), ties.to(tl.float64)).to(
-            tl.int32
-        )
-        k90 = tl.minimum(k90.to(tl.float32), n_keys)
-        above_m = middle_bits > lo_m
-        mass_above_m = tl.sum(tl.where(above_m, wide, 0.0), 0)
-        at_m = middle_bits == lo_m
-        tie_m = tl.max(tl.where(at_m, wide, 0.0), 0)
-        ties_m = tl.sum(at_m.to(tl.int32), 0)
-        need_m = tl.math.ceil((target_middle - mass_above_m) / tl.maximum(tie_m, 1e-30))
-        middle_k90 = tl.sum(above_m.to(tl.int32), 0) + tl.minimum(
-            tl.maximum(need_m, 1.0), ties_m.to(tl.float64)
-        ).to(tl.int32)
-        middle_k90 = tl.where(middle > 0, middle_k90.to(tl.float32), 0.0)
-
-        out = out_ptr + seq * stride_ob + head * stride_oh + row
-        has_prev = t >= 1
-        tl.store(out + SINK * stride_om, tl.sum(tl.where(is_sink, a, 0.0), 0))
-        tl.store(out + BOS * stride_om, tl.sum(tl.where(cols == 0, a, 0.0), 0))
-        tl.store(out + LOCAL * stride_om, tl.sum(tl.where(is_local, a, 0.0), 0))
-        tl.store(out + MIDDLE * stride_om, middle.to(tl.float32))
-        tl.store(out + PREV * stride_om, tl.sum(tl.where(has_prev & (cols == t - 1), a, 0.0), 0))
-        tl.store(out + SELF * stride_om, tl.sum(tl.where(cols == t, a, 0.0), 0))
-        tl.store(out + PREV_ARGMAX_RATE * stride_om, tl.where(has_prev & (argmax == t - 1), 1.0, 0.0))
-        tl.store(out + MAX_WEIGHT * stride_om, max_weight)
-        tl.store(out + ENTROPY * stride_om, entropy)
-        tl.store(out + ENTROPY_NORM * stride_om, tl.where(log_n > 0, entropy / tl.maximum(log_n, 1e-30), 0.0))
-        tl.store(out + EFFECTIVE_KEYS * stride_om, tl.exp(entropy))
-        tl.store(out + K90 * stride_om, k90)
-        tl.store(out + K90_FRAC * stride_om, k90 / n_keys)
-        tl.store(out + SPARSITY_1PCT * stride_om, below.to(tl.float32) / n_keys)
-        tl.store(out + MEAN_DISTANCE * stride_om, mean_distance)
-        tl.store(
-            out + MEAN_DISTANCE_NORM * stride_om,
-            tl.where(has_prev, mean_distance / tl.maximum(t.to(tl.float32), 1.0), 0.0),
-        )
-        tl.store(out + MIDDLE_K90 * stride_om, middle_k90)
-
-    return scores_kernel, rows_kernel
-
-
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def row_runs(n_rows: int, first_keys: int, max_width: int) -> list[tuple[int, int, int]]:
+    """``(start, end, width)`` runs of rows ``0 .. n_rows - 1``, where row r has at most
+    ``first_keys + r`` keys (at most ``max_width``, a power of two): each run's rows fit the
+    power-of-two ``width`` (≥ 16), the smallest that holds the run's last row."""
+    runs = []
+    row = 0
+    while row < n_rows:
+        width = min(max_width, max(_MIN_ROW_KEYS, _next_power_of_two(first_keys + row)))
+        end = n_rows if width == max_width else min(n_rows, width - first_keys + 1)
+        runs.append((row, end, width))
+        row = end
+    return runs
 
 
 def fused_row_metrics(
@@ -311,6 +97,7 @@ def fused_row_metrics(
     local_window: int,
     mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    min_pad: int = 0,
 ) -> torch.Tensor:
     """Every :data:`ROW_METRICS` value of each query row: ``[M, B, H, n]`` float32 on the query's
     device, in :data:`ROW_METRICS`' order.
@@ -325,7 +112,9 @@ def fused_row_metrics(
     (bool, True = attend, at key indices) allows. Rows at a negative position (padding) or with no
     visible key get values that mean nothing. Softmax of the plain
     scaled scores only: no soft-cap, sinks or additive bias (callers take :func:`row_metrics` for
-    those). The call's key count must be ≤ :data:`MAX_FUSED_KEYS`.
+    those). The call's key count must be ≤ :data:`MAX_FUSED_KEYS`. ``min_pad``: the fewest
+    padding tokens of a wanted sequence, if the caller knows it (a host int; 0, the default, is
+    always right): it sizes the rows' programs.
     """
     batch, heads, n_rows, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -340,9 +129,10 @@ def fused_row_metrics(
     width = int(key.shape[2])  # no row sees more keys than the call has
     if width > MAX_FUSED_KEYS:
         raise ValueError(f"{width} keys is over MAX_FUSED_KEYS = {MAX_FUSED_KEYS}")
-    scores_kernel, rows_kernel = _kernels()
+    from worker.capture.fused_kernels import rows_kernel, scores_kernel  # imports Triton
+
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    block_k = max(16, _next_power_of_two(width))
+    max_width = max(_MIN_ROW_KEYS, _next_power_of_two(width))
     slab = min(n_rows, max(1, SCORES_BUDGET_BYTES // (4 * batch * heads * width)))
     if slab < n_rows:
         slab = max(_BLOCK_M, slab // _BLOCK_M * _BLOCK_M)
@@ -376,32 +166,41 @@ def fused_row_metrics(
             BLOCK_N=_BLOCK_N,
             PRECISION=precision,
         )
-        part = out[:, :, :, r0:r1]
-        rows_kernel[(r1 - r0, heads, batch)](
-            scores,
-            part,
-            pads,
-            wanted,
-            query_offset + r0,
-            key_offset,
-            scores if mask is None else mask[:, :, r0:r1].view(torch.uint8),  # bytes, no copy
-            *mask_strides,
-            sliding_window or 0,
-            scores.stride(0),
-            scores.stride(1),
-            scores.stride(2),
-            part.stride(0),
-            part.stride(1),
-            part.stride(2),
-            sink_tokens,
-            local_window,
-            SPARSITY_FRACTION,
-            TARGET=K90_MASS - K90_TOLERANCE,
-            BLOCK_K=block_k,
-            HAS_MASK=mask is not None,
-            **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
-            num_warps=4 if block_k <= 2048 else 8,
-        )
+        for a, b, block_k in row_runs(r1 - r0, query_offset + r0 + 1 - min_pad, max_width):
+            part = out[:, :, :, r0 + a : r0 + b]
+            candidates = SEARCH_CANDIDATES if block_k > 2 * SEARCH_CANDIDATES else 0
+            scratch = torch.empty(
+                batch * heads * (b - a) * 2 * max(1, candidates), dtype=torch.int32, device=device
+            )
+            rows_kernel[(b - a, heads, batch)](
+                scores[:, :, a:b],
+                part,
+                pads,
+                wanted,
+                query_offset + r0 + a,
+                key_offset,
+                scores if mask is None else mask[:, :, r0 + a : r0 + b].view(torch.uint8),  # no copy
+                *mask_strides,
+                sliding_window or 0,
+                scores.stride(0),
+                scores.stride(1),
+                scores.stride(2),
+                part.stride(0),
+                part.stride(1),
+                part.stride(2),
+                sink_tokens,
+                local_window,
+                SPARSITY_FRACTION,
+                scratch,
+                heads,
+                b - a,
+                TARGET=K90_MASS - K90_TOLERANCE,
+                BLOCK_K=block_k,
+                CANDIDATES=candidates,
+                HAS_MASK=mask is not None,
+                **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
+                num_warps=min(16, max(1, block_k // KEYS_PER_WARP)),
+            )
     return out
 
 

@@ -421,6 +421,7 @@ class HeadMetricsAccumulator:
                 local_window=self.params.local_window,
                 mask=None if mask is None else mask[:, :, start:],
                 sliding_window=sliding_window,
+                min_pad=min(pads[b] for b in owners),
             )  # [M, B, H, n']
             if len(owners) < query.shape[0]:
                 values = values.index_select(1, self._on_device(tuple(owners), device))
