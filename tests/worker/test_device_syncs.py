@@ -106,9 +106,10 @@ def test_summary_capture_reads_nothing_from_the_device_per_sequence() -> None:
     with reads:
         summary = metrics.result()  # the one place that waits (one synchronise, one copy of the sums)
     assert dict(reads.blocking) == {"blocking copy to host": 1}
-    # the per-row values the quantiles need go to the host asynchronously, one copy per block (when
-    # the accumulator computes the blocks it batched: here in result())
-    assert reads.async_copies == FACTS.num_layers * len(lengths)
+    # the per-row values the quantiles need go to the host asynchronously, one copy per row_metrics
+    # call: the blocks of one run of positions (every layer, the sequences of equal length) are
+    # computed together (here in result())
+    assert reads.async_copies == len(set(lengths))
     assert summary.rows.tolist() == [[n - PARAMS.min_keys + 1 for n in lengths]] * FACTS.num_layers
     assert summary.context_max.tolist() == [lengths] * FACTS.num_layers
 

@@ -320,7 +320,9 @@ class HeadMetricsAccumulator:
         self._context_min = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_max = np.zeros((num_layers, batch), dtype=np.int64)
         self._quantile_index = [ROW_METRICS.index(name) for name in QUANTILE_METRICS]
-        self._values: dict[tuple[int, int], list[torch.Tensor]] = {}  # (l, b) → host blocks [Q, H, n]
+        # host copies of the quantile metrics' values: (owners (l, b), rows skipped per owner,
+        # [Q, N, H, n] with owner i at [:, i]); split per owner only by result()
+        self._value_blocks: list[tuple[tuple[tuple[int, int], ...], tuple[int, ...], torch.Tensor]] = []
         self._devices: set[torch.device] = set()
         # (device, first, last position) → [(l, b, rows [H, n, K])] waiting for one row_metrics call
         self._pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]] = {}
@@ -360,16 +362,25 @@ class HeadMetricsAccumulator:
         else:
             self._compute({(rows.device, lo, hi): [(layer_pos, batch_index, rows)]}, kept_positions)
         n_keys = kept_positions.numpy() + 1
-        self._count(layer_pos, batch_index, int(n_keys.min()), int(n_keys.max()), len(n_keys))
+        self._count(layer_pos, np.array([batch_index]), n_keys.min(), n_keys.max(), len(n_keys))
 
-    def _count(self, layer_pos: int, batch_index: int, low: int, high: int, rows: int) -> None:
-        """Book ``rows`` eligible rows of (layer, sequence) seeing ``low .. high`` keys."""
-        seen = self._rows[layer_pos, batch_index] > 0
-        self._context_min[layer_pos, batch_index] = (
-            min(low, int(self._context_min[layer_pos, batch_index])) if seen else low
+    def _count(
+        self,
+        layer_pos: int,
+        batch_indices: np.ndarray,
+        low: np.ndarray | int,
+        high: np.ndarray | int,
+        rows: np.ndarray | int,
+    ) -> None:
+        """Book ``rows`` eligible rows of (layer, sequence) seeing ``low .. high`` keys, for each of
+        the (distinct) sequences ``batch_indices``."""
+        seen = self._rows[layer_pos, batch_indices] > 0
+        least = np.minimum(low, self._context_min[layer_pos, batch_indices])
+        self._context_min[layer_pos, batch_indices] = np.where(seen, least, low)
+        self._context_max[layer_pos, batch_indices] = np.maximum(
+            high, self._context_max[layer_pos, batch_indices]
         )
-        self._context_max[layer_pos, batch_index] = max(high, int(self._context_max[layer_pos, batch_index]))
-        self._rows[layer_pos, batch_index] += rows
+        self._rows[layer_pos, batch_indices] += rows
 
     def observe_qk(
         self,
@@ -431,9 +442,10 @@ class HeadMetricsAccumulator:
                 keep = torch.arange(width)[None, :] >= torch.tensor(skips)[:, None]  # [N, n']
                 values = torch.where(keep.to(device, non_blocking=True)[None, :, None, :], values, 0.0)
             self._add_rows(layer_pos, owners, skips, values)
-        for b, skip in zip(owners, skips, strict=True):
-            first = first_pos[b] + start + skip  # the first eligible row's position
-            self._count(layer_pos, b, first + 1, first_pos[b] + n_rows, width - skip)
+        owner_first = np.array([first_pos[b] for b in owners])  # real position of each one's row 0
+        skipped = np.array(skips)
+        first = owner_first + start + skipped  # each one's first eligible row's position
+        self._count(layer_pos, np.array(owners), first + 1, owner_first + n_rows, width - skipped)
 
     def _on_device(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """``values`` as a long tensor on ``device``, cached (a decoding loop sends the same ones)."""
@@ -466,8 +478,7 @@ class HeadMetricsAccumulator:
         quantile_values = values.index_select(0, quantile_index)  # [Q, N, H, n]
         on_gpu = values.device.type != "cpu"
         host = quantile_values.to("cpu", non_blocking=on_gpu) if on_gpu else quantile_values.clone()
-        for i, b in enumerate(owners):  # views of the one host copy
-            self._values.setdefault((layer_pos, b), []).append(host[:, i, :, skips[i] :])
+        self._value_blocks.append((tuple((layer_pos, b) for b in owners), tuple(skips), host))
 
     def flush(self) -> None:
         """Compute the metrics of every waiting block (one :func:`row_metrics` call per run of
@@ -508,12 +519,11 @@ class HeadMetricsAccumulator:
                 values.device, non_blocking=True
             )
             sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_block)
-        quantile_values = values[self._quantile_index]
+        quantile_index = self._on_device(tuple(self._quantile_index), values.device)
+        quantile_values = values.index_select(0, quantile_index).unflatten(1, (len(owners), heads))
         on_gpu = values.device.type != "cpu"
-        for i, owner in enumerate(owners):  # one host copy per block
-            block = quantile_values[:, i * heads : (i + 1) * heads]
-            host_block = block.to("cpu", non_blocking=on_gpu) if on_gpu else block.clone()
-            self._values.setdefault(owner, []).append(host_block)
+        host = quantile_values.to("cpu", non_blocking=on_gpu) if on_gpu else quantile_values.clone()
+        self._value_blocks.append((tuple(owners), (0,) * len(owners), host))  # [Q, N, H, n]
 
     def _host_sums(self) -> torch.Tensor:
         shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
@@ -541,8 +551,13 @@ class HeadMetricsAccumulator:
             pooled = pooled_rows[None, :, None]
             pooled_all = np.where(pooled > 0, sums.sum(axis=2) / pooled, np.nan)
         quantiles = {name: np.full((*shape, len(QUANTILES)), np.nan, np.float32) for name in QUANTILE_METRICS}
-        for (layer_pos, batch_index), blocks in self._values.items():
-            values = np.concatenate([b.numpy() for b in blocks], axis=-1).astype(np.float64)  # [Q, H, rows]
+        per_owner: dict[tuple[int, int], list[np.ndarray]] = {}
+        for owners, skips, host in self._value_blocks:
+            block = host.numpy()
+            for i, owner in enumerate(owners):
+                per_owner.setdefault(owner, []).append(block[:, i, :, skips[i] :])
+        for (layer_pos, batch_index), blocks in per_owner.items():
+            values = np.concatenate(blocks, axis=-1).astype(np.float64)  # [Q, H, rows]
             q = np.quantile(values, QUANTILES, axis=-1, method="linear")  # [3, Q, H]
             for i, name in enumerate(QUANTILE_METRICS):
                 quantiles[name][layer_pos, batch_index] = q[:, i].T
