@@ -193,8 +193,9 @@ def test_decode_call_passes() -> None:
 def _raises_for_layer(
     certifier: Certifier, call: AttentionCall, pads: tuple[int, ...]
 ) -> CertificationFailed:
+    assert certify_prefill(certifier, call, pads)  # the checks wait for nothing: read when settled
     with pytest.raises(CertificationFailed, match=rf"^layer {LAYER}: ") as caught:
-        certify_prefill(certifier, call, pads)
+        certifier.settle()
     assert caught.value.detail["layer"] == LAYER
     return caught.value
 

@@ -14,6 +14,11 @@ The measured maxima, the tolerances and the provenance (transformers/torch versi
 attention implementation, weights dtype) are stored in the bundle's ``certificate`` attribute. A
 check over its tolerance raises :class:`~storage.errors.CertificationFailed`: the job fails with the
 figures instead of shipping wrong data.
+
+A check never waits for the device: its maxima stay there (one running maximum per layer) until the
+certificate is read (:meth:`Certifier.settle`, once per export after its forward passes), which is
+where a failed check raises. Read per (layer, sequence), they cost a bulk job one synchronisation of
+the GPU's launch queue each, thousands per micro-batch.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class Certifier:
     derived_chunks: dict[int, int] | None = None
     _done: set[tuple[int, bool]] = field(default_factory=set)
     _layers: dict[int, LayerCertificate] = field(default_factory=dict)
+    # per layer, the maxima of the checks not read yet: [row_sum_error, masked_mass, output_error]
+    # on the device the checks ran on
+    _unread: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def output_tolerance(self) -> float:
@@ -177,14 +185,34 @@ class Certifier:
         v = call.value[b, :, j0 : j0 + width].float().index_select(0, heads // groups)  # [H', K, Dv]
         ours = torch.matmul(probs, v)  # [H', n, Dv]
         theirs = call.output[b, r0 : r0 + rows].float().index_select(1, heads).transpose(0, 1)
-        scale = max(float(v.abs().max()), 1e-6)
+        scale = v.abs().max().clamp(min=1e-6)
         cert = self._layers.setdefault(call.layer_idx, LayerCertificate())
         cert.rows += rows
         cert.calls += 1
-        cert.row_sum_error = max(cert.row_sum_error, float((row_sums - expected).abs().max()))
-        cert.masked_mass = max(cert.masked_mass, float(probs.masked_fill(visible, 0.0).abs().max()))
-        cert.output_error = max(cert.output_error, float((ours - theirs).abs().max()) / scale)
-        self._raise_if_failed(call.layer_idx, cert)
+        worst = torch.stack(
+            [
+                (row_sums - expected).abs().max(),
+                probs.masked_fill(visible, 0.0).abs().max(),
+                (ours - theirs).abs().max() / scale,
+            ]
+        )
+        seen = self._unread.get(call.layer_idx)
+        # fmax: a NaN figure is left out, as Python's max(figure, NaN) did when read one by one
+        self._unread[call.layer_idx] = worst if seen is None else torch.fmax(seen, worst)
+
+    def settle(self) -> None:
+        """Read the maxima of the checks made since the last call (waiting for the device once)
+        into the per-layer figures; raises :class:`~storage.errors.CertificationFailed` for a
+        layer over its tolerance."""
+        unread, self._unread = self._unread, {}
+        for layer_idx, worst in sorted(unread.items()):
+            row_sum_error, masked_mass, output_error = worst.tolist()
+            cert = self._layers[layer_idx]
+            cert.row_sum_error = max(cert.row_sum_error, row_sum_error)
+            cert.masked_mass = max(cert.masked_mass, masked_mass)
+            cert.output_error = max(cert.output_error, output_error)
+        for layer_idx in sorted(unread):
+            self._raise_if_failed(layer_idx, self._layers[layer_idx])
 
     def _raise_if_failed(self, layer_idx: int, cert: LayerCertificate) -> None:
         problems = []
@@ -213,6 +241,7 @@ class Certifier:
 
     def layer_checks(self) -> dict[int, dict[str, Any]]:
         """The checks done so far, per layer (a layer shard's part of the certificate)."""
+        self.settle()
         return {layer: vars(cert).copy() for layer, cert in self._layers.items()}
 
     def add_layer_checks(self, checks: dict[int, dict[str, Any]]) -> None:
@@ -221,7 +250,9 @@ class Certifier:
             self._layers[layer] = LayerCertificate(**values)
 
     def certificate(self) -> dict[str, Any]:
-        """The bundle's ``certificate`` attribute: tolerances, per-layer maxima, provenance."""
+        """The bundle's ``certificate`` attribute: tolerances, per-layer maxima, provenance (after
+        :meth:`settle`, which raises for a failed check)."""
+        self.settle()
         layers = {str(k): vars(v) for k, v in sorted(self._layers.items())}
         worst = {
             name: max((getattr(v, name) for v in self._layers.values()), default=0.0)
