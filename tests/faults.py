@@ -53,11 +53,28 @@ def bundle_differences(got: dict[str, bytes], want: dict[str, bytes]) -> list[st
         if got[key] == want[key]:
             continue
         if key.endswith("zarr.json"):
-            a, b = json.loads(got[key]), json.loads(want[key])
-            if _strip_volatile(a) == _strip_volatile(b):
-                continue
+            a, b = _strip_volatile(json.loads(got[key])), _strip_volatile(json.loads(want[key]))
+            if a != b:
+                problems.append(f"metadata differs: {key} at {', '.join(_differing_paths(a, b)[:4])}")
+            continue
         problems.append(f"bytes differ: {key}")
     return problems
+
+
+def _differing_paths(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two JSON documents differ: ``path: got != want`` for the first values that differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = [f"{path}/{k}: only one side" for k in sorted(a.keys() ^ b.keys())]
+        for k in sorted(a.keys() & b.keys()):
+            found += _differing_paths(a[k], b[k], f"{path}/{k}")
+        return found
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differing_paths(x, y, f"{path}[{i}]")
+        ]
+    return [] if a == b else [f"{path}: {str(a)[:80]} != {str(b)[:80]}"]
 
 
 @dataclass
