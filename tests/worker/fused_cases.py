@@ -52,6 +52,32 @@ def _left_padded_mask(pads: list[int], length: int) -> torch.Tensor:
     return mask
 
 
+def _one_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    first: int,
+    device: torch.device,
+    s: int,
+    w: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """fused_row_metrics of one unpadded sequence's rows ``first ..`` (``q [H, T, D]``, ``k [KVH, T, D]``)."""
+    from worker.capture.fused_metrics import fused_row_metrics
+
+    return fused_row_metrics(
+        q[None, :, first:].to(device),
+        k[None].to(device),
+        torch.tensor([0], device=device),
+        torch.tensor([True], device=device),
+        query_offset=first,
+        key_offset=0,
+        scaling=q.shape[-1] ** -0.5,
+        sink_tokens=s,
+        local_window=w,
+        sliding_window=window,
+    )
+
+
 def _assert_close(got: torch.Tensor, want: dict[str, torch.Tensor], k90_slack: int = 0) -> None:
     """``got [M, H, n]`` in ROW_METRICS order; k90 counts exact unless ``k90_slack`` keys."""
     for i, name in enumerate(ROW_METRICS):
@@ -67,24 +93,12 @@ def _assert_close(got: torch.Tensor, want: dict[str, torch.Tensor], k90_slack: i
 @pytest.mark.parametrize(("s", "w", "window"), [(2, 4, None), (3, 6, 9)])
 def test_fused_rows_equal_row_metrics(device: torch.device, s: int, w: int, window: int | None) -> None:
     """Grouped-query heads, one sequence, rows from position 20: every metric of every row."""
-    from worker.capture.fused_metrics import fused_row_metrics
 
     gen = torch.Generator().manual_seed(s * 10 + w)
     heads, kv_heads, dim, length, first = 4, 2, 16, 48, 20
     q = torch.randn(heads, length, dim, generator=gen) * torch.tensor([0.3, 1.0, 2.5, 4.0])[:, None, None]
     k = torch.randn(kv_heads, length, dim, generator=gen)
-    got = fused_row_metrics(
-        q[None, :, first:].to(device),
-        k[None].to(device),
-        torch.tensor([0], device=device),
-        torch.tensor([True], device=device),
-        query_offset=first,
-        key_offset=0,
-        scaling=dim**-0.5,
-        sink_tokens=s,
-        local_window=w,
-        sliding_window=window,
-    )
+    got = _one_sequence(q, k, first, device, s, w, window)
     assert got.shape == (len(ROW_METRICS), 1, heads, length - first)
     _assert_close(got[:, 0], _reference(q[:, first:], k, torch.arange(first, length), s, w, window))
 
@@ -127,7 +141,7 @@ def test_long_rows_end_the_k90_search_on_gathered_candidates(device: torch.devic
     """Rows of 250–270 keys (two runs: the 256- and 512-key programs) take the search's second
     phase, on the keys gathered from its range; a uniform head (q = 0) leaves hundreds of ties at
     the crossing, more than the candidates. Every metric as row_metrics, k90 exact."""
-    from worker.capture.fused_metrics import SEARCH_CANDIDATES, fused_row_metrics, row_runs
+    from worker.capture.fused_metrics import SEARCH_CANDIDATES, row_runs
 
     gen = torch.Generator().manual_seed(11)
     heads, kv_heads, dim, length, first = 6, 3, 16, 270, 250
@@ -136,17 +150,7 @@ def test_long_rows_end_the_k90_search_on_gathered_candidates(device: torch.devic
     k = torch.randn(kv_heads, length, dim, generator=gen)
     runs = row_runs(length - first, first + 1, 512)
     assert [width for _, _, width in runs] == [256, 512] and 2 * SEARCH_CANDIDATES < 256
-    got = fused_row_metrics(
-        q[None, :, first:].to(device),
-        k[None].to(device),
-        torch.tensor([0], device=device),
-        torch.tensor([True], device=device),
-        query_offset=first,
-        key_offset=0,
-        scaling=dim**-0.5,
-        sink_tokens=4,
-        local_window=16,
-    )
+    got = _one_sequence(q, k, first, device, 4, 16)
     _assert_close(got[:, 0], _reference(q[:, first:], k, torch.arange(first, length), 4, 16))
 
 
