@@ -49,6 +49,9 @@ from storage.stores.objectstore import StoreRetry, store_errors, zarr_store
 __all__ = ["ChunkStore"]
 
 
+_PARTIAL = ".partial"  # a local write's temporary file: ".<name>.<random hex>.partial", then renamed
+
+
 class _LocalFiles:
     """A local bundle directory, written and read from the calling thread (no event loop: the
     pipeline's store threads write in parallel)."""
@@ -63,7 +66,7 @@ class _LocalFiles:
         if parent not in self._made:
             parent.mkdir(parents=True, exist_ok=True)
             self._made.add(parent)
-        tmp = parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+        tmp = parent / f".{path.name}.{uuid.uuid4().hex}{_PARTIAL}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -77,6 +80,14 @@ class _LocalFiles:
             return (self.root / key).read_bytes()
         except FileNotFoundError:
             return None
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete the temporary files of writes a killed process never renamed; their keys."""
+        removed = []
+        for path in self.root.rglob(f".*{_PARTIAL}"):
+            path.unlink(missing_ok=True)
+            removed.append(path.relative_to(self.root).as_posix())
+        return sorted(removed)
 
 
 class _ZarrObjects:
@@ -129,6 +140,16 @@ class ChunkStore:
     @property
     def is_local(self) -> bool:
         return isinstance(self._objects, _LocalFiles)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete what writes into this store that never finished left behind: a local bundle's
+        temporary files of a process killed mid-write (an S3 object is whole or absent, so none
+        there). Only for a writer that knows no write into its directory is under way (the last
+        write of a bundle or of a micro-batch group); returns the keys removed."""
+        if not isinstance(self._objects, _LocalFiles):
+            return []
+        with store_errors(self.url, "remove the temporary files of unfinished writes"):
+            return self._objects.remove_leftovers()
 
     def put(self, key: str, data: bytes, digest: str | None = None) -> None:
         """Store one object (thread-safe). ``digest``: ``checksum(data, self.algorithm)`` when the

@@ -273,15 +273,18 @@ class BundleWriter:
     def finalize(
         self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False, consolidate: bool = True
     ) -> None:
-        """Store every queued chunk, then write final root attributes and consolidate metadata
-        (the last write of a job). A chunk that could not be stored raises its error here, before
-        the bundle is marked complete. ``consolidate=False``: a bulk job's root, whose tree holds
+        """Store every queued chunk, remove what writes a killed earlier attempt left unfinished in
+        this writer's directory (:meth:`ChunkStore.remove_leftovers`), then write final root
+        attributes and consolidate metadata (the last write of a job). A chunk that could not be
+        stored raises its error here, before the bundle is marked complete.
+        ``consolidate=False``: a bulk job's root, whose tree holds
         every micro-batch's arrays (each micro-batch group is consolidated on its own; the root's
         copy of them all, ~130 KB a micro-batch, would make every open read and parse tens of MB)."""
         try:
             self.wait()
         finally:
             self.close()
+        self.chunks.remove_leftovers()  # a killed earlier attempt's temporary files
         self.group.update_attributes({**attrs, "complete": complete, "partial": partial})
         if not consolidate:
             return

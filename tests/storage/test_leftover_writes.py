@@ -1,0 +1,46 @@
+"""A write killed between its temporary file and the rename leaves ``.<name>.<hex>.partial`` in a
+local bundle; the writer that finishes that directory removes it (and nothing else)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from storage.bundle.chunkstore import ChunkStore
+from storage.bundle.writer import BundleWriter
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_finalize_removes_the_temporary_files_of_killed_writes_in_its_own_directory(tmp_path: Path) -> None:
+    bundle = tmp_path / "job.zarr"
+    root = BundleWriter(str(bundle))
+    root.create_root({"job_id": "j"}, format_version="2.0", children=("batches",))
+    batch = BundleWriter(str(bundle / "batches" / "000001"), key_prefix="batches/000001/")
+    batch.create_root({}, format_version="2.0")
+    batch.write_group("table", {"length": (("batch",), np.arange(4, dtype=np.int32))})
+    # what a SIGKILL between open() and os.replace() leaves: in this micro-batch and in another one
+    own = bundle / "batches/000001/table/length/.zarr.json.0123abcd.partial"
+    other = bundle / "batches/000002/c/.0.4567ef.partial"
+    for path in (own, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"torn")
+    before = _files(bundle)
+
+    batch.finalize({}, consolidate=False)
+    assert not own.exists() and other.exists()  # another group may be mid-write: left alone
+    assert _files(bundle) == before - {own.relative_to(bundle).as_posix()}
+    length = zarr.open_array(str(bundle / "batches/000001/table/length"), mode="r")
+    assert np.asarray(length[:]).tolist() == [0, 1, 2, 3]
+
+    root.finalize({"bulk": {}}, consolidate=False)  # the job's last write: the whole bundle
+    assert not other.exists()
+    assert not any(name.endswith(".partial") for name in _files(bundle))
+
+
+def test_an_s3_store_has_no_leftovers_to_remove() -> None:
+    assert ChunkStore("s3://bucket/job.zarr", storage_options={"anon": True}).remove_leftovers() == []
