@@ -169,8 +169,11 @@ def fused_row_metrics(
         for a, b, block_k in row_runs(r1 - r0, query_offset + r0 + 1 - min_pad, max_width):
             part = out[:, :, :, r0 + a : r0 + b]
             candidates = SEARCH_CANDIDATES if block_k > 2 * SEARCH_CANDIDATES else 0
-            scratch = torch.empty(
-                batch * heads * (b - a) * 2 * max(1, candidates), dtype=torch.int32, device=device
+            # each program's gathering space (a run that never gathers reads none: any pointer)
+            scratch = (
+                torch.empty(batch * heads * (b - a) * 2 * candidates, dtype=torch.int32, device=device)
+                if candidates
+                else scores
             )
             rows_kernel[(b - a, heads, batch)](
                 scores[:, :, a:b],

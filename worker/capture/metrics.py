@@ -474,11 +474,17 @@ class HeadMetricsAccumulator:
         per_sequence = values.sum(dim=-1, dtype=torch.float64)  # [M, N, H]
         index = self._on_device(tuple(layer_pos * self.batch + b for b in owners), values.device)
         sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_sequence)
-        quantile_index = self._on_device(tuple(self._quantile_index), values.device)
-        quantile_values = values.index_select(0, quantile_index)  # [Q, N, H, n]
+        self._keep_values(tuple((layer_pos, b) for b in owners), tuple(skips), values)
+
+    def _keep_values(
+        self, owners: tuple[tuple[int, int], ...], skips: tuple[int, ...], values: torch.Tensor
+    ) -> None:
+        """One host copy (asynchronous from a GPU) of the quantile metrics of ``values [M, N, H, n]``,
+        owner i's at ``[:, i]`` from row ``skips[i]``; split per owner by :meth:`result`."""
+        quantile_values = values.index_select(0, self._on_device(tuple(self._quantile_index), values.device))
         on_gpu = values.device.type != "cpu"
         host = quantile_values.to("cpu", non_blocking=on_gpu) if on_gpu else quantile_values.clone()
-        self._value_blocks.append((tuple((layer_pos, b) for b in owners), tuple(skips), host))
+        self._value_blocks.append((owners, skips, host))  # [Q, N, H, n]
 
     def flush(self) -> None:
         """Compute the metrics of every waiting block (one :func:`row_metrics` call per run of
@@ -519,11 +525,7 @@ class HeadMetricsAccumulator:
                 values.device, non_blocking=True
             )
             sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_block)
-        quantile_index = self._on_device(tuple(self._quantile_index), values.device)
-        quantile_values = values.index_select(0, quantile_index).unflatten(1, (len(owners), heads))
-        on_gpu = values.device.type != "cpu"
-        host = quantile_values.to("cpu", non_blocking=on_gpu) if on_gpu else quantile_values.clone()
-        self._value_blocks.append((tuple(owners), (0,) * len(owners), host))  # [Q, N, H, n]
+        self._keep_values(tuple(owners), (0,) * len(owners), values.unflatten(1, (len(owners), heads)))
 
     def _host_sums(self) -> torch.Tensor:
         shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
