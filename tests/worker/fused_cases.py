@@ -289,3 +289,45 @@ def test_the_self_check_passes_on_this_device(device: torch.device) -> None:
     dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
     for dtype in dtypes:
         assert fused_verified(device, dtype), dtype
+
+
+def test_new_lengths_and_positions_compile_no_new_kernels(
+    device: torch.device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's sequences have every length: once a width's kernels are compiled, prefills of other
+    lengths, padded batches and decoding steps at other positions reuse them (counted as the
+    entries a compilation writes into Triton's cache directory). CUDA only: the interpreter
+    compiles nothing."""
+    from worker.capture.fused_metrics import fused_row_metrics
+
+    if device.type != "cuda":
+        pytest.skip("Triton's interpreter compiles nothing")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, dim = 8, 2, 64
+
+    def run(length: int, first: int, pads: list[int]) -> None:
+        q = torch.randn(len(pads), heads, length, dim, generator=gen).to(device, torch.bfloat16)
+        k = torch.randn(len(pads), kv_heads, length, dim, generator=gen).to(device, torch.bfloat16)
+        fused_row_metrics(
+            q[:, :, first:],
+            k,
+            torch.tensor(pads, device=device),
+            torch.ones(len(pads), dtype=torch.uint8, device=device),
+            query_offset=first,
+            key_offset=0,
+            scaling=dim**-0.5,
+            sink_tokens=4,
+            local_window=16,
+            min_pad=min(pads),
+        )
+        torch.cuda.synchronize(device)
+
+    run(300, 0, [0])  # every width up to 512, and a decoding step's 512-key program
+    run(300, 299, [0])
+    compiled = sorted(os.listdir(tmp_path))
+    for length, first, pads in [(333, 0, [0]), (371, 0, [0, 17]), (400, 0, [3]), (465, 0, [0, 40, 1])]:
+        run(length, first, pads)
+    for length in (330, 331, 352, 497):
+        run(length, length - 1, [0, 5])
+    assert sorted(os.listdir(tmp_path)) == compiled

@@ -21,6 +21,7 @@ from storage.bundle.labels import SummaryParams
 from storage.jobs.layout import layout_for_job
 from storage.jobs.spec import JobSpec
 from storage.models.facts import ModelFacts
+from worker.capture import metrics as metrics_module
 from worker.capture.certify import Certifier
 from worker.capture.hook import AttentionCall
 from worker.capture.metrics import HeadMetricsAccumulator
@@ -110,14 +111,27 @@ def test_summary_capture_reads_nothing_from_the_device_per_sequence() -> None:
     assert dict(reads.blocking) == {}, f"the forward thread waits for the device: {dict(reads.blocking)}"
 
     with reads:
-        summary = metrics.result()  # the one place that waits (one synchronise, one copy of the sums)
-    assert dict(reads.blocking) == {"blocking copy to host": 1}
-    # the per-row values the quantiles need go to the host asynchronously, one copy per row_metrics
-    # call: the blocks of one run of positions (every layer, the sequences of equal length) are
-    # computed together (here in result())
-    assert reads.async_copies == len(set(lengths))
+        summary = metrics.result()  # the one place that waits: the sums' copy, the quantiles' copy
+    assert dict(reads.blocking) == {"blocking copy to host": 2}
+    # the per-row values the quantiles need stay on the device (sorted there by result())
+    assert reads.async_copies == 0
     assert summary.rows.tolist() == [[n - PARAMS.min_keys + 1 for n in lengths]] * FACTS.num_layers
     assert summary.context_max.tolist() == [lengths] * FACTS.num_layers
+
+
+def test_values_past_the_device_budget_go_to_the_host_without_waiting(monkeypatch: Any) -> None:
+    """With no room kept on the device, the quantile values go to the host asynchronously, one copy
+    per row_metrics call (the blocks of one run of positions, every layer and the sequences of equal
+    length, computed together in result()); result() still waits only for its two copies."""
+    monkeypatch.setattr(metrics_module, "DEVICE_VALUES_BYTES", 0)
+    lengths = [40, 64, 33, 50, 64, 47]
+    session, metrics, _ = _session(lengths)
+    reads = DeviceReads()
+    with torch.inference_mode(), reads:
+        _prefill(session, lengths)
+        metrics.result()
+    assert reads.async_copies == len(set(lengths))
+    assert dict(reads.blocking) == {"blocking copy to host": 2}
 
 
 def test_the_certifier_reads_nothing_from_the_device_until_settled() -> None:

@@ -18,8 +18,31 @@ only when a capture takes the fused path.
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
+
+# Triton compiles a kernel again for each new pattern of its integer arguments (equal to 1 or not,
+# a multiple of 16 or not) and of its pointers' 16-byte alignment. Arguments that change with a
+# sequence's length or position are left unspecialised, so a job compiles each kernel once per
+# width, not once per length; the scores' rows are padded to 16 keys so their strides and views
+# keep one pattern. The innermost strides (always 1) stay specialised: contiguous loads.
+_UNALIGNED = "do_not_specialize_on_alignment"  # a Triton without it compiles per alignment
+_SCORES_VARYING = ["query_offset", "key_offset", "n_rows"]
+_ROWS_VARYING = [
+    *_SCORES_VARYING,
+    "stride_mb",
+    "stride_mh",
+    "stride_mn",
+    "stride_om",
+    "stride_ob",
+    "stride_oh",
+]
+_ROWS_UNALIGNED = ["out_ptr", "mask_ptr"]  # views starting at any row
+_ROWS_OPTIONS: dict[str, list[str]] = {_UNALIGNED: _ROWS_UNALIGNED}
+if _UNALIGNED not in inspect.signature(triton.jit).parameters:
+    _ROWS_OPTIONS = {}
 
 
 @triton.jit
@@ -105,7 +128,7 @@ def _crossing(lo, n_in, mass_hi, count_hi, target):
     return count_hi + tl.minimum(tl.maximum(need, 1.0), n_in.to(tl.float64)).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SCORES_VARYING)
 def scores_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     k_ptr,
@@ -168,7 +191,7 @@ def scores_kernel(  # type: ignore[no-untyped-def]
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS_VARYING, **_ROWS_OPTIONS)
 def rows_kernel(  # type: ignore[no-untyped-def]
     s_ptr,
     out_ptr,

@@ -133,7 +133,8 @@ def fused_row_metrics(
 
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     max_width = max(_MIN_ROW_KEYS, _next_power_of_two(width))
-    slab = min(n_rows, max(1, SCORES_BUDGET_BYTES // (4 * batch * heads * width)))
+    padded_width = -(-width // _MIN_ROW_KEYS) * _MIN_ROW_KEYS
+    slab = min(n_rows, max(1, SCORES_BUDGET_BYTES // (4 * batch * heads * padded_width)))
     if slab < n_rows:
         slab = max(_BLOCK_M, slab // _BLOCK_M * _BLOCK_M)
     wanted = wanted.view(torch.uint8) if wanted.dtype == torch.bool else wanted  # bytes, no copy
@@ -143,7 +144,8 @@ def fused_row_metrics(
     for r0 in range(0, n_rows, slab):
         r1 = min(n_rows, r0 + slab)
         q = query[:, :, r0:r1]
-        scores = torch.empty((batch, heads, r1 - r0, width), dtype=torch.float32, device=device)
+        # rows padded to 16 keys: every view of them is 64-byte aligned, one compiled pattern
+        scores = torch.empty((batch, heads, r1 - r0, padded_width), dtype=torch.float32, device=device)
         scores_kernel[(-(-(r1 - r0) // _BLOCK_M), heads, batch)](
             q,
             key,
