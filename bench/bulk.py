@@ -232,6 +232,7 @@ def run_bulk(lm: LoadedModel, spec: JobSpec, name: str, bundle: Path, memory: Pe
     timings = result["timings_s"]
     extra = {"files": len(sizes), "file_sizes": sizes, "chunks": hooks.chunks}
     extra["decode_s"] = timings.get("micro_batches_decode", 0.0)  # the generation loop's, every step
+    extra["timings_s"] = timings  # the job's phases (the drains' own seconds, the waits for them)
     return BulkMode(name, *counts, seconds, stored, capture, memory=peaks, extra=extra)
 
 

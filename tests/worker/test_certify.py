@@ -309,3 +309,19 @@ def test_fails_when_the_model_soft_capped_and_the_call_does_not_say() -> None:
     assert call.softcap is not None
     error = _raises_for_layer(Certifier((LAYER,), "float32"), dataclasses.replace(call, softcap=None), pads)
     assert "attention output" in error.message
+
+
+def test_a_call_checks_a_sample_of_its_sequences_with_both_padding_extremes() -> None:
+    """Up to SAMPLE_SEQUENCES active sequences are all checked; of more, the most and the least
+    padded and others spread over the batch, never an inactive one."""
+    pads = [5, 0, 9, 3, 3, 7, 1, 2, 6, 4]
+    active = [True] * len(pads)
+    chosen = Certifier.sequences(pads, active)
+    assert len(chosen) == certify.SAMPLE_SEQUENCES
+    assert {2, 1} <= chosen  # pad 9 and pad 0
+    active[2] = False
+    chosen = Certifier.sequences(pads, active)
+    assert len(chosen) == certify.SAMPLE_SEQUENCES and 2 not in chosen and {5, 1} <= chosen
+    assert Certifier.sequences([4, 0, 2], [True, False, True]) == {0, 2}
+    same = Certifier.sequences([0] * 9, [True] * 9)  # equal pads: the spacing fills the sample
+    assert len(same) == certify.SAMPLE_SEQUENCES and {0, 8} <= same

@@ -22,7 +22,7 @@ from storage.jobs.layout import layout_for_job
 from storage.jobs.spec import JobSpec
 from storage.models.facts import ModelFacts
 from worker.capture import metrics as metrics_module
-from worker.capture.certify import Certifier
+from worker.capture.certify import SAMPLE_SEQUENCES, Certifier
 from worker.capture.hook import AttentionCall
 from worker.capture.metrics import HeadMetricsAccumulator
 from worker.capture.session import ExportSession
@@ -167,3 +167,18 @@ def test_cpu_summary_matches_with_host_positions() -> None:
         np.testing.assert_allclose(values, b.means[name], rtol=1e-6, atol=1e-7, err_msg=name)
     for name, values in a.quantiles.items():
         np.testing.assert_allclose(values, b.quantiles[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_a_session_checks_only_the_sampled_sequences(monkeypatch: Any) -> None:
+    """The session hands the certifier the sampled sequences' rows only, once per layer."""
+    checked: list[int] = []
+    for method in ("check", "check_block"):  # the fused path, or the probabilities' own rows
+        monkeypatch.setattr(Certifier, method, lambda self, call, b, *a, **k: checked.append(b))
+    lengths = [40, 64, 33, 50, 64, 47, 36]
+    certifier = Certifier((0, 1, 2), "bfloat16")
+    session, _, pads = _session(lengths, certifier)
+    with torch.inference_mode():
+        _prefill(session, lengths)
+    sample = Certifier.sequences(pads, [True] * len(lengths))
+    assert len(sample) == SAMPLE_SEQUENCES
+    assert sorted(checked) == sorted(list(sample) * 3)

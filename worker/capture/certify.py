@@ -1,7 +1,8 @@
 """Every bundle certifies itself: a sampled block of each exported layer is checked on the worker.
 
 For the first (prefill) call and the first decode call of every exported layer, the last
-:data:`SAMPLE_ROWS` real rows of each sequence are recomputed with the export's probability
+:data:`SAMPLE_ROWS` real rows of up to :data:`SAMPLE_SEQUENCES` of its sequences (the most and the
+least padded among them, :meth:`Certifier.sequences`) are recomputed with the export's probability
 function (:func:`worker.capture.attention_math.attention_probs`, the model's mask, soft-cap and
 sinks), over every query head, and checked three ways:
 
@@ -18,7 +19,10 @@ figures instead of shipping wrong data.
 A check never waits for the device: its maxima stay there (one running maximum per layer) until the
 certificate is read (:meth:`Certifier.settle`, once per export after its forward passes), which is
 where a failed check raises. Read per (layer, sequence), they cost a bulk job one synchronisation of
-the GPU's launch queue each, thousands per micro-batch.
+the GPU's launch queue each, thousands per micro-batch. A check is about 25 small operations on the
+forward thread; made for every sequence of a micro-batch of 64 they would cost ≈ 50,000 launches
+per micro-batch of an 8B model, hence the sample of sequences (every micro-batch of a bulk job has
+its own sample).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from worker.capture.attention_math import attention_probs, causal_allowed
 from worker.capture.hook import AttentionCall
 
 SAMPLE_ROWS = 8
+SAMPLE_SEQUENCES = 4  # the sequences of one call checked at most (the most and least padded first)
 # probabilities · V against the model's output, relative to max |v|: the model computes in the
 # weights' dtype (bf16: 8-bit mantissa, rounding ≈ 4e-3 per product, accumulated over the keys)
 OUTPUT_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
@@ -70,6 +75,23 @@ class Certifier:
     @property
     def output_tolerance(self) -> float:
         return OUTPUT_TOLERANCE.get(self.weights_dtype, OUTPUT_TOLERANCE["bfloat16"])
+
+    @staticmethod
+    def sequences(pads: list[int], active: list[bool]) -> frozenset[int]:
+        """The active sequences of a call to check: all of them up to :data:`SAMPLE_SEQUENCES`,
+        else the most padded, the least padded, and others evenly spaced between them (by order
+        in the batch): the mask's two extremes, and a sample of the rest."""
+        candidates = [b for b, on in enumerate(active) if on]
+        if len(candidates) <= SAMPLE_SEQUENCES:
+            return frozenset(candidates)
+        chosen = {max(candidates, key=lambda b: pads[b]), min(candidates, key=lambda b: pads[b])}
+        last = len(candidates) - 1
+        spaced = [candidates[round(i * last / (SAMPLE_SEQUENCES - 1))] for i in range(SAMPLE_SEQUENCES)]
+        for b in spaced + candidates:  # the batch order fills what the spacing repeated
+            if len(chosen) == SAMPLE_SEQUENCES:
+                break
+            chosen.add(b)
+        return frozenset(chosen)
 
     def due(self, layer_idx: int, q_len: int) -> bool:
         """Whether this call of ``layer_idx`` is to be checked (marks it checked)."""

@@ -198,6 +198,7 @@ class ExportSession:
         k_len = key.shape[2]
         k_abs0 = self.q_start + q_len - k_len  # keys are the most recent k_len positions
         certify = self.certifier is not None and self.certifier.due(call.layer_idx, q_len)
+        checked = Certifier.sequences(self.pads, self.active) if certify else frozenset()
         fused = self._fused_observe(call, lp, k_abs0)
         for b, pad in enumerate(self.pads):
             if not self.active[b]:
@@ -211,7 +212,7 @@ class ExportSession:
             # the certifier computes when nothing is computed here, and for derived attention
             # (what the reader will reconstruct, not what the metrics saw)
             derived = self.certifier is not None and self.certifier.derived_chunks is not None
-            if certify and (derived or not computes_probs):
+            if b in checked and (derived or not computes_probs):
                 assert self.certifier is not None
                 self.certifier.check(call, b, i0, j0, self.q_start, k_abs0, real=(row0, col0))
             new0 = k_len - q_len + i0  # the rows' own (new) key/value positions
@@ -232,7 +233,9 @@ class ExportSession:
                     call.sliding_window,
                 )
             if computes_probs:
-                self._capture_attention(lp, b, call, row0, i0, col0, j0, num_heads, certify and not derived)
+                self._capture_attention(
+                    lp, b, call, row0, i0, col0, j0, num_heads, b in checked and not derived
+                )
         if fused:
             self._observe_fused(call, lp, k_abs0)
         if self.on_layer_done is not None:
