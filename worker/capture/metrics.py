@@ -295,6 +295,17 @@ class HeadSummary:
     pooled_rows: np.ndarray
 
 
+@dataclass
+class _Piece:
+    """The part of one kept block ``[Q, N, H, n]`` that belongs to one layer: its owner slots, their
+    sequences and the rows each skips."""
+
+    block: torch.Tensor
+    slots: list[int]
+    sequences: list[int]
+    skips: list[int]
+
+
 class HeadMetricsAccumulator:
     """Accumulates :func:`row_metrics` of eligible rows (``t + 1 ≥ params.min_keys``) per (layer, sequence).
 
@@ -563,46 +574,29 @@ class HeadMetricsAccumulator:
         on the device its values came from (:func:`linear_quantiles`: one sort, numpy's figures)."""
         shape = (self.num_layers, self.batch, len(QUANTILE_METRICS), self.num_heads, len(QUANTILES))
         out = np.full(shape, np.nan)
-        # layer → its rows' device and pieces (block, the block's owner slots, their sequences, rows
-        # skipped)
-        by_layer: dict[int, list[tuple[torch.Tensor, list[int], list[int], list[int]]]] = {}
-        devices: dict[int, torch.device] = {}
+        # layer → [(block, the block's owner slots in that layer, their sequences, rows skipped)]
+        by_layer: dict[int, list[_Piece]] = {}
+        devices: dict[int, torch.device] = {}  # the layer's rows' device (host copies go back)
         counts = np.zeros((self.num_layers, self.batch), dtype=np.int64)
         for owners, skips, block, device in self._value_blocks:
-            layers: dict[int, tuple[list[int], list[int], list[int]]] = {}
+            layers: dict[int, _Piece] = {}
             for i, (layer_pos, batch_index) in enumerate(owners):
-                slots, sequences, skipped = layers.setdefault(layer_pos, ([], [], []))
-                slots.append(i)
-                sequences.append(batch_index)
-                skipped.append(skips[i])
+                piece = layers.setdefault(layer_pos, _Piece(block, [], [], []))
+                piece.slots.append(i)
+                piece.sequences.append(batch_index)
+                piece.skips.append(skips[i])
                 counts[layer_pos, batch_index] += block.shape[-1] - skips[i]
             for layer_pos, piece in layers.items():
-                by_layer.setdefault(layer_pos, []).append((block, *piece))
+                by_layer.setdefault(layer_pos, []).append(piece)
                 devices.setdefault(layer_pos, device)
         results: list[tuple[int, torch.Tensor]] = []
         for layer_pos, pieces in by_layer.items():
-            device = devices[layer_pos]  # values copied to the host go back to be sorted
-            width = int(counts[layer_pos].max())
-            padded = torch.empty(
-                (self.batch, len(QUANTILE_METRICS), self.num_heads, width), dtype=torch.float32, device=device
-            )
-            filled = np.zeros(self.batch, dtype=np.int64)
-            for block, slots, sequences, skipped in pieces:
-                # sequences that start at the same column with the same skip: one copy
-                runs: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-                for slot, b, skip in zip(slots, sequences, skipped, strict=True):
-                    from_slots, to_rows = runs.setdefault((int(filled[b]), skip), ([], []))
-                    from_slots.append(slot)
-                    to_rows.append(b)
-                    filled[b] += block.shape[-1] - skip
-                for (start, skip), (from_slots, to_rows) in runs.items():
-                    rows = block.shape[-1] - skip
-                    part = block[:, from_slots, :, skip:].to(device, non_blocking=True).transpose(0, 1)
-                    padded[to_rows, :, :, start : start + rows] = part
+            device = devices[layer_pos]
+            padded = self._gathered(pieces, device)
             counts_here = torch.from_numpy(counts[layer_pos]).to(device)[:, None, None]
             step = max(1, QUANTILE_SORT_BYTES // (16 * max(1, padded[0].numel())))  # the sort's memory
             parts = [
-                linear_quantiles(padded[i : i + step], counts_here[i : i + step], QUANTILES)
+                linear_quantiles(padded[i : i + step], counts_here[i : i + step], QUANTILES, inf_padded=True)
                 for i in range(0, self.batch, step)
             ]
             results.append((layer_pos, torch.cat(parts)))
@@ -610,6 +604,35 @@ class HeadMetricsAccumulator:
             on_device = [layer_pos for layer_pos, quantiles in results if quantiles.device == device]
             out[on_device] = torch.stack([q for _, q in results if q.device == device]).cpu().numpy()
         return out
+
+    def _gathered(self, pieces: list[_Piece], device: torch.device) -> torch.Tensor:
+        """One layer's kept values ``[B, Q, H, R]`` on ``device``, each sequence's blocks one after
+        the other, +inf where a sequence has no value (rows skipped, the padding past its rows): one
+        copy per block and start column, whatever the sequences' skips."""
+        filled = np.zeros(self.batch, dtype=np.int64)
+        copies: list[tuple[_Piece, list[int], int]] = []  # (piece, its entries, first column)
+        for piece in pieces:
+            starts = filled[piece.sequences]
+            filled[piece.sequences] += piece.block.shape[-1]
+            for start in np.unique(starts):
+                copies.append((piece, np.flatnonzero(starts == start).tolist(), int(start)))
+        shape = (self.batch, len(QUANTILE_METRICS), self.num_heads, int(filled.max()))
+        padded = torch.full(shape, float("inf"), dtype=torch.float32, device=device)
+        for piece, entries, start in copies:
+            block, n = piece.block, piece.block.shape[-1]
+            slots = [piece.slots[i] for i in entries]
+            part = block if slots == list(range(block.shape[1])) else block[:, slots]
+            part = part.to(device, non_blocking=True)
+            skips = [piece.skips[i] for i in entries]
+            if any(skips):
+                kept = torch.arange(n)[None, :] >= torch.tensor(skips)[:, None]  # [N', n]
+                part = part.masked_fill(~kept.to(device, non_blocking=True)[None, :, None, :], float("inf"))
+            rows = [piece.sequences[i] for i in entries]
+            if rows == list(range(self.batch)):
+                padded[:, :, :, start : start + n] = part.transpose(0, 1)
+            else:
+                padded[rows, :, :, start : start + n] = part.transpose(0, 1)
+        return padded
 
     def result(self) -> HeadSummary:
         """The summary of every row observed so far (may be called more than once)."""

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 import torch
 
 
-def linear_quantiles(values: torch.Tensor, counts: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
+def linear_quantiles(
+    values: torch.Tensor, counts: torch.Tensor, quantiles: Sequence[float], *, inf_padded: bool = False
+) -> torch.Tensor:
     """``numpy.quantile(v, quantiles, method="linear")`` of each series ``v = values[s][:counts[s]]``.
 
     ``values [S..., R]`` (float32 or float64; entries at or past a series' count are ignored,
@@ -24,15 +26,17 @@ def linear_quantiles(values: torch.Tensor, counts: torch.Tensor, quantiles: Sequ
     float64, NaN where a count is 0. The interpolation follows numpy's own formulas (virtual index
     ``(n - 1)·q``, ``a + (b - a)·γ`` below γ = 0.5 and ``b - (b - a)·(1 - γ)`` from it), so the
     figures equal numpy's on the same float64 values. Values must be finite (a NaN sorts past the
-    padding)."""
+    padding). ``inf_padded``: every entry that is not one of a series' values is +inf already,
+    wherever it lies (a series' values need not come first): they sort last, nothing is masked."""
     width = values.shape[-1]
     device = values.device
     counts = counts.to(device=device, dtype=torch.long)
     if width == 0:
         shape = (*values.shape[:-1], len(quantiles))
         return torch.full(shape, float("nan"), dtype=torch.float64, device=device)
-    beyond = torch.arange(width, device=device) >= counts[..., None]
-    ordered = values.masked_fill(beyond, float("inf")).sort(dim=-1).values.double()
+    if not inf_padded:
+        values = values.masked_fill(torch.arange(width, device=device) >= counts[..., None], float("inf"))
+    ordered = values.sort(dim=-1).values.double()
     n = counts.double()[..., None]  # [S..., 1]
     q = torch.tensor(quantiles, dtype=torch.float64, device=device)  # [P]
     virtual = (n - 1.0) * q  # numpy's virtual index for "linear"
