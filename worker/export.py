@@ -307,6 +307,7 @@ class Exporter:
             self._record_prompt_alternatives(batch, logits)
             logits = logits[:, -1]
         self.timings["prefill"] = time.perf_counter() - t0
+        self.timings["prefill_capture_host"] = prefill_host = session.host_s
         t0 = time.perf_counter()
         done = [False] * len(batch.pads)
         width = batch.input_ids.shape[1]
@@ -332,6 +333,7 @@ class Exporter:
             if all(done):
                 break
         self.timings["decode"] = time.perf_counter() - t0
+        self.timings["decode_capture_host"] = session.host_s - prefill_host
 
     def _record_prompt_alternatives(self, batch: Batch, logits: torch.Tensor) -> None:
         assert self.alternatives is not None

@@ -91,6 +91,9 @@ def test_a_micro_batch_drains_while_the_next_one_runs(tiny_model_dir: Any, tmp_p
     assert exporter.drain is not None and exporter.drain.waits >= 1
     assert summary["timings_s"]["micro_batches_drain"] > 0
     assert "micro_batches_drain_wait" in summary["timings_s"]
+    # the forward thread's seconds in the capture's hooks, part of the passes' own
+    timings = summary["timings_s"]
+    assert 0 < timings["micro_batches_prefill_capture_host"] < timings["micro_batches_prefill"]
     # every micro-batch finished, every sequence counted once, in the table in the job's order
     assert summary["micro_batches"] >= 3 and hooks.units == 16
     ours = open_bulk(tmp_path / "b.zarr")

@@ -87,3 +87,20 @@ def test_quantiles_on_a_gpu_kept_or_spilled_equal_the_cpu(
         np.testing.assert_allclose(got_q, want_q, rtol=1e-5, atol=1e-6, err_msg=name)
     for name in ROW_METRICS:
         np.testing.assert_allclose(got.means[name], want.means[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_inf_padded_series_may_have_their_values_anywhere() -> None:
+    """``inf_padded``: a series' values mixed with +inf entries (rows skipped, padding) give the
+    quantiles of the values alone."""
+    rng = np.random.default_rng(2)
+    values = rng.random((4, 12))
+    present = rng.random((4, 12)) < 0.6
+    present[3] = False
+    mixed = np.where(present, values, np.inf)
+    got = linear_quantiles(
+        torch.from_numpy(mixed), torch.from_numpy(present.sum(-1)), QS, inf_padded=True
+    ).numpy()
+    for s in range(3):
+        want = np.quantile(values[s][present[s]], QS, method="linear")
+        np.testing.assert_array_equal(got[s], want)
+    assert np.isnan(got[3]).all()

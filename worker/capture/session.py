@@ -11,6 +11,7 @@ writer as whole row blocks. No step holds more than one row block per (array, la
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
@@ -102,6 +103,9 @@ class ExportSession:
     ) -> None:
         self.layout = layout
         self.certifier = certifier
+        # the forward thread's seconds in this session's hooks (GPU work is queued, not waited for:
+        # on a GPU this is what the capture adds to the passes' host time)
+        self.host_s = 0.0
         self.max_pinned_bytes = max_pinned_bytes
         # one stager per device: a model placed over several GPUs hands each layer's rows over from
         # that layer's device, and a stager (its copy stream, its pinned ring) belongs to one device
@@ -190,6 +194,13 @@ class ExportSession:
 
     # -- CaptureSink ---------------------------------------------------------------------------
     def on_attention(self, call: AttentionCall) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._on_attention(call)
+        finally:
+            self.host_s += time.perf_counter() - t0
+
+    def _on_attention(self, call: AttentionCall) -> None:
         lp = self.layer_pos.get(call.layer_idx)
         if lp is None:
             return
@@ -282,6 +293,13 @@ class ExportSession:
 
     def on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Residual stream after layer ``layer_idx``: ``hidden [B, Tq, hidden]``."""
+        t0 = time.perf_counter()
+        try:
+            self._on_hidden(layer_idx, hidden)
+        finally:
+            self.host_s += time.perf_counter() - t0
+
+    def _on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
         lp = self.layer_pos.get(layer_idx)
         if lp is None or not self.store_hidden:
             return
