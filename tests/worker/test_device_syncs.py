@@ -39,12 +39,18 @@ class DeviceReads(TorchDispatchMode):
         super().__init__()
         self.blocking: Counter[str] = Counter()
         self.async_copies = 0
+        self.operators: Counter[str] = Counter()  # every operator on "device" data
+        self.to_device = 0  # copies from the host to the "device"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         on_device = any(t.device == META for t in tensors)
+        if on_device:
+            self.operators[name] += 1
+        if name in ("_to_copy", "to") and kwargs.get("device") == META and not on_device:
+            self.to_device += 1
         if on_device and name in _READS:
             self.blocking[name] += 1
             if name == "_local_scalar_dense":
@@ -182,3 +188,56 @@ def test_a_session_checks_only_the_sampled_sequences(monkeypatch: Any) -> None:
     sample = Certifier.sequences(pads, [True] * len(lengths))
     assert len(sample) == SAMPLE_SEQUENCES
     assert sorted(checked) == sorted(list(sample) * 3)
+
+
+def test_a_decoding_step_costs_each_layer_a_few_operators(monkeypatch: Any) -> None:
+    """Summary-only on the fused path (kernels stubbed: meta data cannot run them): after the first
+    step, a decoding step's layer call runs the kernels and a handful of operators on the device
+    (sum, index_add, the quantile metrics' selection), copies nothing to it, reads nothing from it,
+    and does no per-sequence work; the bookkeeping a forward pass's layers share is done once."""
+    from worker.capture import fused_metrics
+    from worker.capture import session as session_module
+    from worker.capture.metrics import ROW_METRICS
+
+    kernel_calls: list[int] = []
+
+    def kernels(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kernel_calls.append(query.shape[2])
+        return torch.empty((len(ROW_METRICS), query.shape[0], query.shape[1], query.shape[2]), device=META)
+
+    monkeypatch.setattr(session_module, "fused_verified", lambda *a: True)
+    monkeypatch.setattr(fused_metrics, "fused_row_metrics", kernels)
+    lengths = [40, 64, 33, 50]
+    session, _, _ = _session(lengths)
+    width, batch = max(lengths), len(lengths)
+    rows_checked: list[int] = []
+    rows = session._rows
+
+    def counted_rows(b: int, q_len: int) -> tuple[int, int]:
+        rows_checked.append(b)
+        return rows(b, q_len)
+
+    monkeypatch.setattr(session, "_rows", counted_rows)
+    reads = DeviceReads()
+    with torch.inference_mode(), reads:
+        _prefill(session, lengths)
+        for step in range(3):
+            q = torch.empty(batch, FACTS.num_heads, 1, FACTS.head_dim, device=META)
+            k = torch.empty(batch, FACTS.num_kv_heads, width + step + 1, FACTS.head_dim, device=META)
+            output = torch.empty(batch, 1, FACTS.num_heads, FACTS.head_dim, device=META)
+            calls = [
+                AttentionCall(i, q, k, k, None, 0.35, None, output=output) for i in range(FACTS.num_layers)
+            ]
+            session.begin_step(width + step, [True] * batch)
+            if step == 2:
+                reads.operators.clear()
+                reads.to_device = 0
+                rows_checked.clear()
+            for call in calls:
+                session.on_attention(call)
+    views = {"empty", "alias", "view", "slice", "select", "unsqueeze", "expand", "transpose"}  # no kernel
+    per_layer = {name: n / FACTS.num_layers for name, n in reads.operators.items() if name not in views}
+    assert kernel_calls[-FACTS.num_layers :] == [1] * FACTS.num_layers
+    assert per_layer == {"sum": 1, "index_add_": 1, "index_select": 1}, per_layer
+    assert reads.to_device == 0 and dict(reads.blocking) == {}
+    assert len(rows_checked) == batch  # the wanted sequences, once for the step's every layer

@@ -296,6 +296,24 @@ class HeadSummary:
 
 
 @dataclass
+class _QkPlan:
+    """One forward pass's bookkeeping for :meth:`HeadMetricsAccumulator.observe_qk` (its layers
+    share it): the sequences with eligible rows (``owners``), the first row computed, each one's
+    rows skipped before its first eligible one, the device tensors the kernels and the sums read,
+    and what :meth:`HeadMetricsAccumulator._count` books per layer."""
+
+    owners: tuple[int, ...]
+    start: int
+    skips: list[int]
+    pads: torch.Tensor
+    wanted: torch.Tensor
+    owner_index: torch.Tensor | None  # None: every sequence of the batch is an owner
+    keep: torch.Tensor | None  # [1, N, 1, n'] rows counted; None: all
+    min_pad: int
+    counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
 class _Piece:
     """The part of one kept block ``[Q, N, H, n]`` that belongs to one layer: its owner slots, their
     sequences and the rows each skips."""
@@ -337,7 +355,7 @@ class HeadMetricsAccumulator:
         self._rows = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_min = np.zeros((num_layers, batch), dtype=np.int64)
         self._context_max = np.zeros((num_layers, batch), dtype=np.int64)
-        self._quantile_index = [ROW_METRICS.index(name) for name in QUANTILE_METRICS]
+        self._quantile_index = tuple(ROW_METRICS.index(name) for name in QUANTILE_METRICS)
         # the quantile metrics' values: (owners (l, b), rows skipped per owner, [Q, N, H, n] with
         # owner i at [:, i] on the rows' device or the host, the rows' device); gathered per layer
         # (on the rows' device) only by result()
@@ -345,6 +363,9 @@ class HeadMetricsAccumulator:
             tuple[tuple[tuple[int, int], ...], tuple[int, ...], torch.Tensor, torch.device]
         ] = []
         self._device_value_bytes = 0
+        self._last_plan: tuple[tuple[object, ...], _QkPlan | None] | None = None
+        self._qk_counts: list[tuple[int, tuple[np.ndarray, ...]]] = []  # observe_qk's, for _count
+        self._sum_index: dict[tuple[int, tuple[int, ...], torch.device], torch.Tensor] = {}
         self._devices: set[torch.device] = set()
         # (device, first, last position) → [(l, b, rows [H, n, K])] waiting for one row_metrics call
         self._pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]] = {}
@@ -430,23 +451,16 @@ class HeadMetricsAccumulator:
 
         if query.shape[1] != self.num_heads:
             raise ValueError(f"query must have {self.num_heads} heads, got shape {tuple(query.shape)}")
-        n_rows = query.shape[2]
-        min_keys = self.params.min_keys
-        # real position of row 0 and first eligible row (t + 1 >= min_keys) of each sequence
-        first_pos = {b: query_offset - pads[b] for b in batch_indices}
-        firsts = {b: max(0, min_keys - 1 - first_pos[b]) for b in batch_indices}
-        owners = [b for b in batch_indices if firsts[b] < n_rows]
-        if not owners:
+        plan = self._qk_plan(query_offset, query.shape[2], tuple(pads), tuple(batch_indices), query.device)
+        if plan is None:
             return
-        start = min(firsts[b] for b in owners)  # rows before every sequence's first are skipped
-        device = query.device
-        wanted = tuple(1 if b in owners else 0 for b in range(query.shape[0]))
+        start = plan.start
         with torch.inference_mode():
             values = fused_row_metrics(
                 query[:, :, start:],
                 key,
-                self._on_device(tuple(pads), device),
-                self._on_device(wanted, device),
+                plan.pads,
+                plan.wanted,
                 query_offset=query_offset + start,
                 key_offset=key_offset,
                 scaling=scaling,
@@ -454,20 +468,58 @@ class HeadMetricsAccumulator:
                 local_window=self.params.local_window,
                 mask=None if mask is None else mask[:, :, start:],
                 sliding_window=sliding_window,
-                min_pad=min(pads[b] for b in owners),
+                min_pad=plan.min_pad,
             )  # [M, B, H, n']
-            if len(owners) < query.shape[0]:
-                values = values.index_select(1, self._on_device(tuple(owners), device))
+            if plan.owner_index is not None:
+                values = values.index_select(1, plan.owner_index)
+            if plan.keep is not None:
+                values = torch.where(plan.keep, values, 0.0)
+            self._add_rows(layer_pos, plan.owners, plan.skips, values)
+        self._qk_counts.append((layer_pos, plan.counts))  # booked by result()
+
+    def _qk_plan(
+        self,
+        query_offset: int,
+        n_rows: int,
+        pads: tuple[int, ...],
+        batch_indices: tuple[int, ...],
+        device: torch.device,
+    ) -> _QkPlan | None:
+        """What :meth:`observe_qk` needs besides q and k, the same for every layer of a forward pass
+        (kept for the next call: a decoding step's 32 layer calls compute it once)."""
+        key = (query_offset, n_rows, pads, batch_indices, device)
+        if self._last_plan is not None and self._last_plan[0] == key:
+            return self._last_plan[1]
+        min_keys = self.params.min_keys
+        # real position of row 0 and first eligible row (t + 1 >= min_keys) of each sequence
+        first_pos = {b: query_offset - pads[b] for b in batch_indices}
+        firsts = {b: max(0, min_keys - 1 - first_pos[b]) for b in batch_indices}
+        owners = [b for b in batch_indices if firsts[b] < n_rows]
+        plan = None
+        if owners:
+            start = min(firsts[b] for b in owners)  # rows before every sequence's first are skipped
             width = n_rows - start
-            skips = [firsts[b] - start for b in owners]  # rows before each sequence's first eligible one
+            skips = [firsts[b] - start for b in owners]  # rows before each one's first eligible row
+            keep = None
             if any(skips):
-                keep = torch.arange(width)[None, :] >= torch.tensor(skips)[:, None]  # [N, n']
-                values = torch.where(keep.to(device, non_blocking=True)[None, :, None, :], values, 0.0)
-            self._add_rows(layer_pos, owners, skips, values)
-        owner_first = np.array([first_pos[b] for b in owners])  # real position of each one's row 0
-        skipped = np.array(skips)
-        first = owner_first + start + skipped  # each one's first eligible row's position
-        self._count(layer_pos, np.array(owners), first + 1, owner_first + n_rows, width - skipped)
+                kept = torch.arange(width)[None, :] >= torch.tensor(skips)[:, None]  # [N, n']
+                keep = kept.to(device, non_blocking=True)[None, :, None, :]
+            owner_first = np.array([first_pos[b] for b in owners])  # real position of each one's row 0
+            skipped = np.array(skips)
+            first = owner_first + start + skipped  # each one's first eligible row's position
+            plan = _QkPlan(
+                owners=tuple(owners),
+                start=start,
+                skips=skips,
+                pads=self._on_device(pads, device),
+                wanted=self._on_device(tuple(1 if b in owners else 0 for b in range(len(pads))), device),
+                owner_index=None if len(owners) == len(pads) else self._on_device(tuple(owners), device),
+                keep=keep,
+                min_pad=min(pads[b] for b in owners),
+                counts=(np.array(owners), first + 1, owner_first + n_rows, width - skipped),
+            )
+        self._last_plan = (key, plan)
+        return plan
 
     def _on_device(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """``values`` as a long tensor on ``device``, cached (a decoding loop sends the same ones)."""
@@ -488,13 +540,20 @@ class HeadMetricsAccumulator:
         self._devices.add(device)
         return sums
 
-    def _add_rows(self, layer_pos: int, owners: list[int], skips: list[int], values: torch.Tensor) -> None:
+    def _add_rows(
+        self, layer_pos: int, owners: tuple[int, ...], skips: list[int], values: torch.Tensor
+    ) -> None:
         """``values [M, N, H, n]``: the metrics of the rows of sequences ``owners`` in one layer (rows
         before ``skips[i]`` are zeros and not counted)."""
         heads = self.num_heads
         sums = self._device_sums(values.device)
         per_sequence = values.sum(dim=-1, dtype=torch.float64)  # [M, N, H]
-        index = self._on_device(tuple(layer_pos * self.batch + b for b in owners), values.device)
+        key = (layer_pos, owners, values.device)
+        index = self._sum_index.get(key)
+        if index is None:
+            index = self._sum_index[key] = self._on_device(
+                tuple(layer_pos * self.batch + b for b in owners), values.device
+            )
         sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_sequence)
         self._keep_values(tuple((layer_pos, b) for b in owners), tuple(skips), values)
 
@@ -505,7 +564,7 @@ class HeadMetricsAccumulator:
         ``skips[i]``: kept on their device up to :data:`DEVICE_VALUES_BYTES` (then copied to the
         host, asynchronously), sorted per owner by :meth:`result`."""
         device = values.device
-        kept = values.index_select(0, self._on_device(tuple(self._quantile_index), device))
+        kept = values.index_select(0, self._on_device(self._quantile_index, device))
         nbytes = kept.numel() * kept.element_size()
         if device.type != "cpu":
             if self._device_value_bytes + nbytes <= DEVICE_VALUES_BYTES:
@@ -637,6 +696,9 @@ class HeadMetricsAccumulator:
     def result(self) -> HeadSummary:
         """The summary of every row observed so far (may be called more than once)."""
         self.flush()
+        for layer_pos, counts in self._qk_counts:
+            self._count(layer_pos, *counts)
+        self._qk_counts.clear()
         self._synchronize()
         sums = self._host_sums().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):

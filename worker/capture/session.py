@@ -128,6 +128,7 @@ class ExportSession:
         self.attention_heads = [list(h) for h in attention_heads] if attention_heads is not None else None
         self.q_start = 0
         self.active = [True] * len(self.pads)
+        self._step_wanted: dict[int, list[int]] = {}  # q_len → the sequences with rows in the call
         self._index_cache: dict[tuple[str, int], torch.Tensor] = {}
         # stored attention row of each position (-1: not stored), per sequence
         self.row_index = []
@@ -167,6 +168,7 @@ class ExportSession:
     def begin_step(self, q_start: int, active: Sequence[bool]) -> None:
         self.q_start = q_start
         self.active = list(active)
+        self._step_wanted = {}
 
     def _index(self, kind: str, lp: int, device: torch.device) -> torch.Tensor:
         key = (kind, lp)
@@ -211,7 +213,9 @@ class ExportSession:
         certify = self.certifier is not None and self.certifier.due(call.layer_idx, q_len)
         checked = Certifier.sequences(self.pads, self.active) if certify else frozenset()
         fused = self._fused_observe(call, lp, k_abs0)
-        for b, pad in enumerate(self.pads):
+        # fused metrics alone (no q/k/v, KV or check of a sequence): nothing to do per sequence
+        per_sequence = not fused or self.store_qkv or self.kv is not None or bool(checked)
+        for b, pad in enumerate(self.pads if per_sequence else ()):
             if not self.active[b]:
                 continue
             row0, i0 = self._rows(b, q_len)
@@ -275,7 +279,10 @@ class ExportSession:
     def _observe_fused(self, call: AttentionCall, lp: int, k_abs0: int) -> None:
         """Every active sequence's rows of this call to the observer at once, from q and k."""
         q_len = call.query.shape[2]
-        wanted = [b for b in range(len(self.pads)) if self.active[b] and self._rows(b, q_len)[1] < q_len]
+        wanted = self._step_wanted.get(q_len)
+        if wanted is None:  # the same for every layer of a forward pass
+            wanted = [b for b in range(len(self.pads)) if self.active[b] and self._rows(b, q_len)[1] < q_len]
+            self._step_wanted[q_len] = wanted
         if not wanted:
             return
         self.observer.observe_qk(  # type: ignore[union-attr]
