@@ -21,7 +21,9 @@ every mode runs them:
    the same for the derived bundle's files (whether derived is bound by the store).
 
 Before any mode is timed, plain inference runs every micro-batch once (kernels, allocator) and
-each qkvault mode runs its longest and shortest prompt together; ``os.sync`` runs between modes (not timed).
+each qkvault mode runs its longest and shortest prompt together; ``os.sync`` runs between modes
+(not timed). After the table, each qkvault mode's job phases (:data:`PHASES`): where its time
+went without the profiler's own cost.
 """
 
 from __future__ import annotations
@@ -323,6 +325,19 @@ def decode_ms_per_step(mode: BulkMode, new_tokens: int) -> float | None:
     return 1000 * decode / steps if decode and steps else None
 
 
+# a mode's job phases (BulkExporter's timings_s), as the table after the run shows them: the forward
+# thread's passes (prefill, decoding), of them the capture's hooks, the drains' own time, the
+# forward thread's waits for them
+PHASES = (
+    ("prefill", "micro_batches_prefill"),
+    ("prefill capture host", "micro_batches_prefill_capture_host"),
+    ("decode", "micro_batches_decode"),
+    ("decode capture host", "micro_batches_decode_capture_host"),
+    ("drain", "micro_batches_drain"),
+    ("drain wait", "micro_batches_drain_wait"),
+)
+
+
 def table(results: dict[str, BulkMode]) -> str:
     """The markdown table of the run, and its padding and micro-batch line."""
     head = (
@@ -348,6 +363,13 @@ def table(results: dict[str, BulkMode]) -> str:
             if per_step is not None:
                 shown = f"{x_decode:.2f}×" if x_decode is not None else "—"
                 lines.append(f"| {name} | {per_step:.2f} | {shown} |")
+    phased = {name: r.extra["timings_s"] for name, r in results.items() if "timings_s" in r.extra}
+    if phased:
+        lines += ["", "| mode | " + " | ".join(f"{label} s" for label, _ in PHASES) + " |"]
+        lines.append("|---" * (len(PHASES) + 1) + "|")
+        for name, timings in phased.items():
+            cells = [f"{timings.get(key, 0.0):.3f}" for _, key in PHASES]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -62,6 +62,16 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
             assert mode["extra"]["decode_s"] > 0
             expected = mode["extra"]["decode_s"] / plain["extra"]["decode_s"]
             assert ratios[name]["decode_x_plain"] == pytest.approx(expected)
+    # each qkvault mode's job phases: the forward thread's, the capture's share of it, the drains'
+    phases = re.findall(
+        r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+) \|(?: \d+\.\d+ \|){4}$", printed, re.MULTILINE
+    )
+    assert [name for name, _, _ in phases] == [m for m in MODES if m not in (PLAIN, RAW, RAW_DERIVED)]
+    for name, prefill, capture_host in phases:
+        assert float(capture_host) <= float(prefill), name
+        timings = modes[name]["extra"]["timings_s"]
+        assert timings["micro_batches_prefill_capture_host"] >= 0, name  # rounded to milliseconds
+        assert 0 < timings["micro_batches_decode_capture_host"] <= timings["micro_batches_decode"], name
     assert not any(store.iterdir())  # every bundle and the raw-write files removed
 
 
