@@ -19,10 +19,10 @@ figures instead of shipping wrong data.
 A check never waits for the device: its maxima stay there (one running maximum per layer) until the
 certificate is read (:meth:`Certifier.settle`, once per export after its forward passes), which is
 where a failed check raises. Read per (layer, sequence), they cost a bulk job one synchronisation of
-the GPU's launch queue each, thousands per micro-batch. A check is about 25 small operations on the
-forward thread; made for every sequence of a micro-batch of 64 they would cost ≈ 50,000 launches
-per micro-batch of an 8B model, hence the sample of sequences (every micro-batch of a bulk job has
-its own sample).
+the GPU's launch queue each, thousands per micro-batch. A check is about 40 small kernel launches
+on the forward thread; made for every sequence of a micro-batch of 64 they would cost ≈ 80,000
+launches per micro-batch of a 32-layer model, hence the sample of sequences (every micro-batch of
+a bulk job has its own sample).
 """
 
 from __future__ import annotations
