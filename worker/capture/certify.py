@@ -20,9 +20,10 @@ A check never waits for the device: its maxima stay there (one running maximum p
 certificate is read (:meth:`Certifier.settle`, once per export after its forward passes), which is
 where a failed check raises. Read per (layer, sequence), they cost a bulk job one synchronisation of
 the GPU's launch queue each, thousands per micro-batch. A check is about 40 small kernel launches
-on the forward thread; made for every sequence of a micro-batch of 64 they would cost ≈ 80,000
-launches per micro-batch of a 32-layer model, hence the sample of sequences (every micro-batch of
-a bulk job has its own sample).
+on the forward thread; made for every sequence of a micro-batch of 64 one by one they cost
+≈ 80,000 launches per micro-batch of a 32-layer model. So a call's sample of sequences (every
+micro-batch of a bulk job has its own) is checked in one computation (:meth:`Certifier.check_sequences`:
+every sampled sequence over all the call's keys, each one's own rows and keys kept by a mask).
 """
 
 from __future__ import annotations
@@ -111,49 +112,76 @@ class Certifier:
         k_abs0: int,
         real: tuple[int, int] = (0, 0),
     ) -> None:
+        """:meth:`check_sequences` of one sequence."""
+        self.check_sequences(call, [(b, i0, j0, real)], q_abs0, k_abs0)
+
+    def check_sequences(
+        self,
+        call: AttentionCall,
+        picks: list[tuple[int, int, int, tuple[int, int]]],
+        q_abs0: int,
+        k_abs0: int,
+    ) -> None:
         """A call whose probabilities the export does not compute (q/k/v or derived jobs): compute
-        them for the sampled rows as the export (or, for derived jobs, the reader) would, then
-        verify. Rows ``i0..`` of the call are sequence ``b``'s real rows (absolute position of call
-        row 0: ``q_abs0``), keys ``j0..`` its real keys (absolute position of call key 0:
-        ``k_abs0``); ``real``: the token positions of row ``i0`` and key ``j0``."""
-        if call.output is None:
+        them for the sampled rows of the sequences ``picks`` as the export (or, for derived jobs, the
+        reader) would, all of them at once, then verify. A pick ``(b, i0, j0, real)``: rows ``i0..``
+        of the call are sequence ``b``'s real rows (absolute position of call row 0: ``q_abs0``),
+        keys ``j0..`` its real keys (absolute position of call key 0: ``k_abs0``); ``real``: the
+        token positions of row ``i0`` and key ``j0``. Every sequence is computed over all the
+        call's keys and its last :data:`SAMPLE_ROWS` rows, the ones that are not its own masked."""
+        if call.output is None or not picks:
             return
-        q_len = call.query.shape[2]
-        r0 = max(i0, q_len - SAMPLE_ROWS)
-        heads = torch.arange(call.query.shape[1], device=call.query.device)
+        device = call.query.device
+        q_len, num_keys = call.query.shape[2], call.key.shape[2]
+        r0 = max(0, q_len - SAMPLE_ROWS)
+        rows = torch.arange(r0, q_len, device=device)
+        keys = torch.arange(num_keys, device=device)
+        columns = [
+            list(column) for column in zip(*((b, i0, j0, *real) for b, i0, j0, real in picks), strict=True)
+        ]
+        bs, first_rows, first_keys, real_rows, real_keys = torch.tensor(columns, device=device).unbind(0)
+        # [S, 1, n, K]: each sequence's own rows and keys
+        own = ((rows[None, :, None] >= first_rows[:, None, None]) & (keys >= first_keys[:, None, None]))[
+            :, None
+        ]
         allowed: torch.Tensor | None
         additive: torch.Tensor | None = None
         if self.derived_chunks is not None:
-            num_keys = call.key.shape[2] - j0
-            allowed = self._derived_visibility(call, r0 - i0 + real[0], q_len - r0, real[1], num_keys)
+            q_pos = real_rows[:, None] + rows - first_rows[:, None]  # [S, n] token positions
+            k_pos = real_keys[:, None] + keys - first_keys[:, None]  # [S, K]
+            allowed = self._derived_visibility(call, q_pos, k_pos)[:, None] & own
         else:
-            allowed, additive = _visibility(
-                call, b, r0, q_len - r0, j0, call.key.shape[2] - j0, heads, q_abs0, k_abs0
-            )
+            allowed, additive = _visibility(call, bs, r0, q_len - r0, 0, num_keys, None, q_abs0, k_abs0)
+            if allowed is not None:
+                allowed = allowed & own
+            else:
+                assert additive is not None
+                additive = additive.masked_fill(~own, torch.finfo(additive.dtype).min)
         probs = attention_probs(
-            call.query[b : b + 1, :, r0:],
-            call.key[b : b + 1, :, j0:],
+            call.query.index_select(0, bs)[:, :, r0:],
+            call.key.index_select(0, bs),
             scaling=call.scaling,
             allowed=allowed,
             additive_mask=additive,
             softcap=call.softcap,
             sinks=call.sinks,
-        )[0]
-        self._verify(call, b, probs, r0, j0, heads, q_abs0, k_abs0)
+        )
+        counted = sum(q_len - max(i0, r0) for _, i0, _, _ in picks)
+        self._verify(call, bs, probs, r0, 0, None, q_abs0, k_abs0, own, counted)
 
     def _derived_visibility(
-        self, call: AttentionCall, row: int, rows: int, col: int, num_keys: int
+        self, call: AttentionCall, q_pos: torch.Tensor, k_pos: torch.Tensor
     ) -> torch.Tensor:
-        """What the reader's formula lets rows at token positions ``row ..`` see of the ``num_keys``
-        keys from position ``col``: causal, the window, the chunk."""
+        """``[S, n, K]``: what the reader's formula lets rows at token positions ``q_pos [S, n]`` see
+        of the keys at positions ``k_pos [S, K]``: causal, the window, the chunk."""
         assert self.derived_chunks is not None
-        device = call.query.device
-        q_pos = torch.arange(row, row + rows, device=device)
-        k_pos = torch.arange(col, col + num_keys, device=device)
-        allowed = causal_allowed(q_pos, k_pos, call.sliding_window)
+        diff = q_pos[:, :, None] - k_pos[:, None, :]
+        allowed = diff >= 0
+        if call.sliding_window is not None:
+            allowed &= diff < call.sliding_window
         chunk = self.derived_chunks.get(call.layer_idx, 0)
         if chunk:
-            allowed &= (q_pos[:, None] // chunk) == (k_pos[None, :] // chunk)
+            allowed &= (q_pos[:, :, None] // chunk) == (k_pos[:, None, :] // chunk)
         return allowed
 
     def check_block(
@@ -174,49 +202,63 @@ class Certifier:
             return
         first = max(r0, call.query.shape[2] - SAMPLE_ROWS)
         if first < r0 + probs.shape[1]:
-            self._verify(call, b, probs[:, first - r0 :], first, j0, heads, q_abs0, k_abs0)
+            bs = torch.tensor([b], device=call.query.device)
+            block = probs[None, :, first - r0 :]
+            self._verify(call, bs, block, first, j0, heads, q_abs0, k_abs0, None, block.shape[2])
 
     def _verify(
         self,
         call: AttentionCall,
-        b: int,
+        bs: torch.Tensor,
         probs: torch.Tensor,
         r0: int,
         j0: int,
-        heads: torch.Tensor,
+        heads: torch.Tensor | None,
         q_abs0: int,
         k_abs0: int,
+        own: torch.Tensor | None,
+        counted_rows: int,
     ) -> None:
         """Row sums (with the sink's mass), masked keys, and probabilities·V against the model's
-        output for ``probs [H', n, K]`` (rows from ``r0``, keys from ``j0``, query heads ``heads``)."""
+        output for ``probs [S, H', n, K]`` of sequences ``bs [S]`` (rows from ``r0``, keys from
+        ``j0``, query heads ``heads``, None: all); ``own [S, 1, n, K]``: each sequence's own rows
+        and keys (None: all of them), the only ones checked, ``counted_rows`` of them."""
         assert call.output is not None
-        rows, width = probs.shape[1], probs.shape[2]
+        rows, width = probs.shape[2], probs.shape[3]
         probs = probs.float()
-        allowed, additive = _visibility(call, b, r0, rows, j0, width, heads, q_abs0, k_abs0)
+        allowed, additive = _visibility(call, bs, r0, rows, j0, width, heads, q_abs0, k_abs0)
         if allowed is not None:
             visible = allowed
         else:
             assert additive is not None
             visible = additive > torch.finfo(additive.dtype).min / 2
-        visible = visible[0] if visible.dim() == 4 else visible
-        row_sums = probs.sum(dim=-1)
+        if own is not None:
+            visible = visible & own
+        row_sums = probs.sum(dim=-1)  # [S, H', n]
         expected = torch.ones_like(row_sums)
         if call.sinks is not None:
-            expected = expected - _sink_mass(call, b, r0, rows, j0, width, heads, visible, additive)
+            expected = expected - _sink_mass(call, bs, r0, rows, j0, width, heads, visible, additive)
         groups = call.query.shape[1] // call.value.shape[1]
-        v = call.value[b, :, j0 : j0 + width].float().index_select(0, heads // groups)  # [H', K, Dv]
-        ours = torch.matmul(probs, v)  # [H', n, Dv]
-        theirs = call.output[b, r0 : r0 + rows].float().index_select(1, heads).transpose(0, 1)
-        scale = v.abs().max().clamp(min=1e-6)
+        v = call.value.index_select(0, bs)[:, :, j0 : j0 + width].float()  # [S, KVH, K, Dv]
+        v = v.repeat_interleave(groups, dim=1) if heads is None else v.index_select(1, heads // groups)
+        ours = torch.matmul(probs, v)  # [S, H', n, Dv]
+        theirs = call.output.index_select(0, bs)[:, r0 : r0 + rows].float()  # [S, n, H, Dv]
+        theirs = (theirs if heads is None else theirs.index_select(2, heads)).transpose(1, 2)
+        own_rows = None if own is None else own.any(dim=-1)  # [S, 1, n]
+        magnitude = v.abs().amax(dim=(1, 3))  # [S, K]: max |v| of each key
+        if own is not None:
+            magnitude = magnitude.masked_fill(~own[:, 0].any(dim=1), 0.0)  # the sequence's keys
+        scale = magnitude.amax(dim=-1).clamp(min=1e-6)[:, None, None, None]  # [S, 1, 1, 1]
+        row_error = (row_sums - expected).abs()
+        output_error = (ours - theirs).abs().amax(dim=-1) / scale[..., 0]  # [S, H', n]
+        if own_rows is not None:
+            row_error = row_error.masked_fill(~own_rows, 0.0)
+            output_error = output_error.masked_fill(~own_rows, 0.0)
         cert = self._layers.setdefault(call.layer_idx, LayerCertificate())
-        cert.rows += rows
-        cert.calls += 1
+        cert.rows += counted_rows
+        cert.calls += len(bs)
         worst = torch.stack(
-            [
-                (row_sums - expected).abs().max(),
-                probs.masked_fill(visible, 0.0).abs().max(),
-                (ours - theirs).abs().max() / scale,
-            ]
+            [row_error.max(), probs.masked_fill(visible, 0.0).abs().max(), output_error.max()]
         )
         seen = self._unread.get(call.layer_idx)
         # fmax: a NaN figure is left out, as Python's max(figure, NaN) did when read one by one
@@ -293,51 +335,57 @@ class Certifier:
 
 def _visibility(
     call: AttentionCall,
-    b: int,
+    bs: torch.Tensor,
     r0: int,
     rows: int,
     j0: int,
     width: int,
-    heads: torch.Tensor,
+    heads: torch.Tensor | None,
     q_abs0: int,
     k_abs0: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The model's mask for call rows ``r0 .. r0 + rows`` and keys ``j0 .. j0 + width`` of sequence
-    ``b`` as ``(allowed, additive)`` (one of them set), for query heads ``heads``: the call's own
-    mask, or causal (with the window) when the call carries none."""
+    """The model's mask for call rows ``r0 .. r0 + rows`` and keys ``j0 .. j0 + width`` of sequences
+    ``bs [S]`` as ``(allowed, additive)`` (one of them set, ``[S, 1|H', n, K]`` or ``[n, K]``), for
+    query heads ``heads`` (None: all): the call's own mask, or causal (with the window) when the
+    call carries none."""
     if call.mask is None:
         device = call.query.device
         q_abs = torch.arange(q_abs0 + r0, q_abs0 + r0 + rows, device=device)
         k_abs = torch.arange(k_abs0 + j0, k_abs0 + j0 + width, device=device)
         return causal_allowed(q_abs, k_abs, call.sliding_window), None
-    mask = call.mask[b : b + 1, :, r0 : r0 + rows, j0 : j0 + width]
-    if mask.shape[1] == call.query.shape[1]:
+    mask = call.mask.index_select(0, bs)[:, :, r0 : r0 + rows, j0 : j0 + width]
+    if mask.shape[1] == call.query.shape[1] and heads is not None:
         mask = mask.index_select(1, heads)
     return (mask, None) if mask.dtype == torch.bool else (None, mask)
 
 
 def _sink_mass(
     call: AttentionCall,
-    b: int,
+    bs: torch.Tensor,
     r0: int,
     rows: int,
     j0: int,
     width: int,
-    heads: torch.Tensor,
+    heads: torch.Tensor | None,
     visible: torch.Tensor,
     additive: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``[H', n]``: exp(sink) / (Σ_visible exp(score) + exp(sink)), computed independently of
-    :func:`attention_probs` (logsumexp over the visible scores and the sink)."""
+    """``[S, H', n]``: exp(sink) / (Σ_visible exp(score) + exp(sink)) of sequences ``bs``, computed
+    independently of :func:`attention_probs` (logsumexp over the visible scores and the sink)."""
     assert call.sinks is not None
-    query = call.query[b, :, r0 : r0 + rows].float().index_select(0, heads)  # [H', n, D]
     groups = call.query.shape[1] // call.key.shape[1]
-    k = call.key[b, :, j0 : j0 + width].float().index_select(0, heads // groups)  # [H', K, D]
+    query = call.query.index_select(0, bs)[:, :, r0 : r0 + rows].float()  # [S, H, n, D]
+    k = call.key.index_select(0, bs)[:, :, j0 : j0 + width].float()  # [S, KVH, K, D]
+    sinks = call.sinks.float()
+    if heads is None:
+        k = k.repeat_interleave(groups, dim=1)
+    else:
+        query, k, sinks = query.index_select(1, heads), k.index_select(1, heads // groups), sinks[heads]
     scores = torch.matmul(query, k.transpose(-1, -2)) * call.scaling
     if call.softcap is not None:
         scores = torch.tanh(scores / call.softcap) * call.softcap
     if additive is not None:
-        scores = scores + additive[0].float()
+        scores = scores + additive.float()
     scores = scores.masked_fill(~visible, float("-inf"))
-    sink = call.sinks.float().index_select(0, heads).view(-1, 1, 1).expand(-1, rows, 1)
+    sink = sinks.view(1, -1, 1, 1).expand(scores.shape[0], -1, rows, 1)
     return torch.exp(sink[..., 0] - torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1))

@@ -215,6 +215,7 @@ class ExportSession:
         fused = self._fused_observe(call, lp, k_abs0)
         # fused metrics alone (no q/k/v, KV or check of a sequence): nothing to do per sequence
         per_sequence = not fused or self.store_qkv or self.kv is not None or bool(checked)
+        picks: list[tuple[int, int, int, tuple[int, int]]] = []  # sequences the certifier computes
         for b, pad in enumerate(self.pads if per_sequence else ()):
             if not self.active[b]:
                 continue
@@ -228,8 +229,7 @@ class ExportSession:
             # (what the reader will reconstruct, not what the metrics saw)
             derived = self.certifier is not None and self.certifier.derived_chunks is not None
             if b in checked and (derived or not computes_probs):
-                assert self.certifier is not None
-                self.certifier.check(call, b, i0, j0, self.q_start, k_abs0, real=(row0, col0))
+                picks.append((b, i0, j0, (row0, col0)))
             new0 = k_len - q_len + i0  # the rows' own (new) key/value positions
             if self.store_qkv:
                 self._capture_qkv(lp, b, row0, query[b, :, i0:], key[b, :, new0:], value[b, :, new0:])
@@ -251,6 +251,9 @@ class ExportSession:
                 self._capture_attention(
                     lp, b, call, row0, i0, col0, j0, num_heads, b in checked and not derived
                 )
+        if picks:
+            assert self.certifier is not None
+            self.certifier.check_sequences(call, picks, self.q_start, k_abs0)
         if fused:
             self._observe_fused(call, lp, k_abs0)
         if self.on_layer_done is not None:
