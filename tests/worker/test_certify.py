@@ -325,3 +325,22 @@ def test_a_call_checks_a_sample_of_its_sequences_with_both_padding_extremes() ->
     assert Certifier.sequences([4, 0, 2], [True, False, True]) == {0, 2}
     same = Certifier.sequences([0] * 9, [True] * 9)  # equal pads: the spacing fills the sample
     assert len(same) == certify.SAMPLE_SEQUENCES and {0, 8} <= same
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sequences_checked_together_give_the_figures_of_each_alone(name: str) -> None:
+    """One computation for every sequence (the session's way) measures what checking them one by
+    one does: the other sequences' rows and keys, and each one's padding, change nothing."""
+    call, pads = make_call(CASES[name])
+    alone, together = Certifier((LAYER,), "float32"), Certifier((LAYER,), "float32")
+    for b, pad in enumerate(pads):
+        alone.check(call, b, pad, pad, 0, 0)
+    together.check_sequences(call, [(b, pad, pad, (0, 0)) for b, pad in enumerate(pads)], 0, 0)
+    one_by_one, at_once = alone.certificate()["layers"], together.certificate()["layers"]
+    assert {k: v for k, v in at_once[str(LAYER)].items() if k in ("rows", "calls")} == {
+        k: v for k, v in one_by_one[str(LAYER)].items() if k in ("rows", "calls")
+    }
+    for figure in ("row_sum_error", "masked_mass", "output_error"):
+        assert at_once[str(LAYER)][figure] == pytest.approx(
+            one_by_one[str(LAYER)][figure], rel=1e-4, abs=1e-7
+        )
