@@ -27,8 +27,9 @@ def expand_kv_heads(key: torch.Tensor, num_heads: int) -> torch.Tensor:
 def causal_allowed(
     q_positions: torch.Tensor, k_positions: torch.Tensor, sliding_window: int | None = None
 ) -> torch.Tensor:
-    """Boolean ``[Tq, Tk]``: key j visible to query i iff ``k_j <= q_i`` (and ``q_i - k_j < window``)."""
-    diff = q_positions[:, None] - k_positions[None, :]
+    """Boolean ``[..., Tq, Tk]``: key j visible to query i iff ``k_j <= q_i`` (and ``q_i - k_j <
+    window``), for positions ``[..., Tq]`` and ``[..., Tk]`` (the leading dimensions broadcast)."""
+    diff = q_positions[..., :, None] - k_positions[..., None, :]
     allowed = diff >= 0
     if sliding_window is not None:
         allowed &= diff < sliding_window

@@ -140,10 +140,9 @@ class Certifier:
             list(column) for column in zip(*((b, i0, j0, *real) for b, i0, j0, real in picks), strict=True)
         ]
         bs, first_rows, first_keys, real_rows, real_keys = torch.tensor(columns, device=device).unbind(0)
-        # [S, 1, n, K]: each sequence's own rows and keys
-        own = ((rows[None, :, None] >= first_rows[:, None, None]) & (keys >= first_keys[:, None, None]))[
-            :, None
-        ]
+        own_rows = rows >= first_rows[:, None]  # [S, n]
+        own_keys = keys >= first_keys[:, None]  # [S, K]
+        own = (own_rows[:, :, None] & own_keys[:, None, :])[:, None]  # [S, 1, n, K]
         allowed: torch.Tensor | None
         additive: torch.Tensor | None = None
         if self.derived_chunks is not None:
@@ -175,10 +174,7 @@ class Certifier:
         """``[S, n, K]``: what the reader's formula lets rows at token positions ``q_pos [S, n]`` see
         of the keys at positions ``k_pos [S, K]``: causal, the window, the chunk."""
         assert self.derived_chunks is not None
-        diff = q_pos[:, :, None] - k_pos[:, None, :]
-        allowed = diff >= 0
-        if call.sliding_window is not None:
-            allowed &= diff < call.sliding_window
+        allowed = causal_allowed(q_pos, k_pos, call.sliding_window)
         chunk = self.derived_chunks.get(call.layer_idx, 0)
         if chunk:
             allowed &= (q_pos[:, :, None] // chunk) == (k_pos[:, None, :] // chunk)
