@@ -334,7 +334,8 @@ class HeadMetricsAccumulator:
     copied to the host (asynchronously, into pinned memory); :meth:`result` sorts them there, one
     layer at a time, instead of a numpy call per (layer, sequence) on the host (≈ 4 µs of host time
     per row and layer for an 8B model: longer than the model itself). With host ``positions`` an
-    observation never waits for the GPU: :meth:`result` synchronises once.
+    observation never waits for the GPU: :meth:`result` waits for its two copies to the host (the
+    sums, the quantiles; values copied to the host are never read there, only sent back).
 
     Blocks whose eligible rows are the same run of positions (every layer, and the sequences of a
     micro-batch that reach it, send the same runs) wait, up to :data:`PENDING_BYTES` of rows, and
@@ -366,7 +367,6 @@ class HeadMetricsAccumulator:
         self._last_plan: tuple[tuple[object, ...], _QkPlan | None] | None = None
         self._qk_counts: list[tuple[int, tuple[np.ndarray, ...]]] = []  # observe_qk's, for _count
         self._sum_index: dict[tuple[int, tuple[int, ...], torch.device], torch.Tensor] = {}
-        self._devices: set[torch.device] = set()
         # (device, first, last position) → [(l, b, rows [H, n, K])] waiting for one row_metrics call
         self._pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]] = {}
         self._pending_bytes = 0
@@ -537,7 +537,6 @@ class HeadMetricsAccumulator:
         if sums is None:
             shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
             sums = self._sums[device] = torch.zeros(shape, dtype=torch.float64, device=device)
-        self._devices.add(device)
         return sums
 
     def _add_rows(
@@ -621,12 +620,6 @@ class HeadMetricsAccumulator:
             total += sums.cpu()
         return total
 
-    def _synchronize(self) -> None:
-        """Wait for the asynchronous copies of every device this accumulator saw."""
-        for device in self._devices:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
     def _layer_quantiles(self) -> np.ndarray:
         """``[L, B, Q, H, 3]`` float64: :data:`QUANTILES` of each (layer, sequence, head)'s kept
         values of each :data:`QUANTILE_METRICS` metric (NaN where it has none), one layer at a time
@@ -699,7 +692,6 @@ class HeadMetricsAccumulator:
         for layer_pos, counts in self._qk_counts:
             self._count(layer_pos, *counts)
         self._qk_counts.clear()
-        self._synchronize()
         sums = self._host_sums().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             rows = self._rows[None, :, :, None]
