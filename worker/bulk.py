@@ -352,6 +352,7 @@ class BulkExporter:
             texts=[m.row.text or "" for m in members],
             sequences=[m.row.index for m in members],
             source_rows=[m.row.row for m in members],
+            index=batch.index,
         )
         exporter = Exporter(
             self.spec, self.lm, self._writer(group), _MicroBatchHooks(self.hooks, drain), batch=inputs

@@ -27,7 +27,7 @@ from storage.jobs.modelcheck import check_spec_for_model
 from storage.jobs.spec import JobSpec
 from worker.alternatives import AlternativesCollector
 from worker.bundle_attrs import provenance, root_attrs
-from worker.capture.certify import Certifier
+from worker.capture.certify import Certifier, micro_batch_layers
 from worker.capture.hook import capturing
 from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
@@ -62,12 +62,14 @@ class ExportHooks(Protocol):
 @dataclass(frozen=True)
 class BatchInput:
     """The sequences of one micro-batch of a bulk job (worker/bulk.py), tokenized: their token ids,
-    texts (empty for token-id rows), job-wide indices and source rows."""
+    texts (empty for token-id rows), job-wide indices and source rows; ``index``: the micro-batch's
+    (which layers its certificate checks: :func:`~worker.capture.certify.micro_batch_layers`)."""
 
     prompt_ids: list[list[int]]
     texts: list[str]
     sequences: list[int]
     source_rows: list[int]
+    index: int
 
 
 @dataclass
@@ -164,7 +166,7 @@ class Exporter:
         self._check_cancel = True
         self.hidden_layers = self.layout.layers if self.layout.hidden_states else ()
         self.certifier = Certifier(
-            self.layout.layers,
+            self.layout.layers if batch is None else micro_batch_layers(self.layout.layers, batch.index),
             str(lm.dtype).replace("torch.", ""),
             provenance(lm),
             derived_chunks=self.attention_facts.chunk_of() if self.layout.derived_attention else None,

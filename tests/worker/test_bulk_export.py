@@ -21,6 +21,7 @@ from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceRowError
 from worker import bulk as bulk_module
 from worker.bulk import BulkExporter, JobLimitExceeded, JobLimits
+from worker.capture.certify import micro_batch_layers
 
 from .conftest import CollectingHooks
 from .export_helpers import export, loaded
@@ -91,6 +92,12 @@ def test_each_sequence_equals_its_export_alone(tiny_model_dir: Any, tmp_path: Pa
     source = attrs["spec"]["source"]
     assert source["kind"] == "prompts" and "prompts" not in source and "prompts" not in bulk.attrs["source"]
     assert 0 < len(attrs["texts"]["prompts"]) == len(attrs["token_strings"]) < 23
+    # micro-batch 0 certifies every exported layer, the later ones the layers in turn
+    every = tuple(int(layer) for layer in attrs["certificate"]["layers"])
+    assert len(every) > 1
+    for k, path in enumerate(bulk.batches()):
+        certificate = zarr.open_group(str(tmp_path / "bulk.zarr"), path=path, mode="r").attrs["certificate"]
+        assert tuple(int(layer) for layer in certificate["layers"]) == micro_batch_layers(every, k)
     for i in (0, 7, 22):
         alone, _, _ = export(
             {

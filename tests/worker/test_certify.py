@@ -17,7 +17,14 @@ import torch
 import worker.capture.certify as certify
 from storage.errors import CertificationFailed
 from worker.capture.attention_math import attention_probs
-from worker.capture.certify import OUTPUT_TOLERANCE, ROW_SUM_TOLERANCE, SAMPLE_ROWS, Certifier
+from worker.capture.certify import (
+    MICRO_BATCH_LAYER_STRIDE,
+    OUTPUT_TOLERANCE,
+    ROW_SUM_TOLERANCE,
+    SAMPLE_ROWS,
+    Certifier,
+    micro_batch_layers,
+)
 from worker.capture.hook import AttentionCall
 
 LAYER = 2
@@ -295,6 +302,18 @@ def test_due_once_per_layer_and_phase() -> None:
         assert not certifier.due(0, q_len) and not certifier.due(2, q_len)  # not exported
     assert certifier.output_tolerance == OUTPUT_TOLERANCE["bfloat16"]
     assert Certifier((1,), "float16").output_tolerance == OUTPUT_TOLERANCE["float16"]
+
+
+def test_a_bulk_jobs_micro_batches_check_the_layers_in_turn() -> None:
+    layers = tuple(range(32))
+    assert micro_batch_layers(layers, 0) == layers  # the first micro-batch checks every layer
+    turn = [micro_batch_layers(layers, k) for k in range(1, MICRO_BATCH_LAYER_STRIDE + 1)]
+    assert sorted(sum(turn, ())) == list(layers)  # then each one once in the next STRIDE
+    assert {len(checked) for checked in turn} == {32 // MICRO_BATCH_LAYER_STRIDE}
+    assert micro_batch_layers(layers, MICRO_BATCH_LAYER_STRIDE + 1) == turn[0]
+    few = (2, 5, 7)  # fewer layers than the stride: one a micro-batch, none skipped
+    assert [micro_batch_layers(few, k) for k in range(1, 5)] == [(2,), (5,), (7,), (2,)]
+    assert micro_batch_layers((), 3) == ()
 
 
 def test_call_without_output_is_not_checked() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from storage.bundle.labels import SummaryParams
@@ -32,8 +33,25 @@ META = torch.device("meta")
 _READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "allclose"}
 
 
+class _MadeOnDevice(TorchFunctionMode):
+    """Counts tensors made on ``meta`` ("device") from host data (``torch.tensor(..., device=)``): on
+    CUDA that is a copy from pageable memory, which waits for the work queued before it."""
+
+    def __init__(self, counts: Counter[str]) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        made = getattr(func, "__name__", "") in ("tensor", "as_tensor")
+        if made and kwargs.get("device") is not None and torch.device(kwargs["device"]) == META:
+            self.counts["tensor made on the device from host data"] += 1
+        return func(*args, **kwargs)
+
+
 class DeviceReads(TorchDispatchMode):
-    """Counts every host read of ``meta`` ("device") data by op name."""
+    """Counts every host read of ``meta`` ("device") data by op name, and every copy of host data
+    to it that would wait for the device (blocking, or made there from host data)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,6 +59,16 @@ class DeviceReads(TorchDispatchMode):
         self.async_copies = 0
         self.operators: Counter[str] = Counter()  # every operator on "device" data
         self.to_device = 0  # copies from the host to the "device"
+        self._made = _MadeOnDevice(self.blocking)
+
+    def __enter__(self) -> DeviceReads:
+        self._made.__enter__()
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._made.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -51,6 +79,8 @@ class DeviceReads(TorchDispatchMode):
             self.operators[name] += 1
         if name in ("_to_copy", "to") and kwargs.get("device") == META and not on_device:
             self.to_device += 1
+            if not kwargs.get("non_blocking"):
+                self.blocking["blocking copy to device"] += 1
         if on_device and name in _READS:
             self.blocking[name] += 1
             if name == "_local_scalar_dense":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.capture.hostcopy import HostStager, PinnedRing
+from worker.capture.hostcopy import HostStager, PinnedRing, device_ints, to_device
 
 MIB = 1 << 20
 
@@ -95,3 +95,30 @@ def test_cuda_copy_is_asynchronous_into_a_reused_pinned_buffer() -> None:
     assert stager.ring is not None and stager.ring.in_use_bytes == 0
     small = stager.to_host(torch.ones(4, device="cuda"))  # below the threshold: copied at once
     assert small.ready is None and small.array.tolist() == [1, 1, 1, 1]
+
+
+def test_small_host_data_goes_to_the_host_device_as_it_is() -> None:
+    values = torch.tensor([3, 1, 2])
+    assert to_device(values, torch.device("cpu")) is values
+    assert device_ints([[1, 2], [3, 4]], torch.device("cpu")).tolist() == [[1, 2], [3, 4]]
+    assert device_ints([1, 2], torch.device("cpu")).dtype == torch.long
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_small_host_data_reaches_cuda_without_waiting_for_the_queue() -> None:
+    """Behind a long kernel, the copy is queued (page-locked source): nothing waits for the stream
+    (PyTorch's sync debug mode raises on a wait), and the values arrive in order after it."""
+    device = torch.device("cuda")
+    busy = torch.randn(4096, 4096, device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            busy = busy @ busy / 64.0  # keeps the stream busy for a while
+        indices = device_ints(list(range(1000)), device)
+        kept = to_device(torch.arange(1000) % 3 == 0, device)
+        total = busy.sum()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert indices.device.type == "cuda" and indices.tolist() == list(range(1000))
+    assert int(kept.sum()) == 334 and torch.isfinite(total)

@@ -36,13 +36,30 @@ import torch
 from storage.errors import CertificationFailed
 from worker.capture.attention_math import attention_probs, causal_allowed
 from worker.capture.hook import AttentionCall
+from worker.capture.hostcopy import device_ints
 
 SAMPLE_ROWS = 8
 SAMPLE_SEQUENCES = 4  # the sequences of one call checked at most (the most and least padded first)
+# a bulk job's micro-batches after the first check every this many exported layers in turn
+# (:func:`micro_batch_layers`); ≈ 60 small operators a check on the forward thread cost a summary-only
+# job ≈ 18% of its time when every micro-batch checked every layer (docs/benchmarks.md, session 12)
+MICRO_BATCH_LAYER_STRIDE = 8
 # probabilities · V against the model's output, relative to max |v|: the model computes in the
 # weights' dtype (bf16: 8-bit mantissa, rounding ≈ 4e-3 per product, accumulated over the keys)
 OUTPUT_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 ROW_SUM_TOLERANCE = 1e-4  # the probabilities themselves are fp32
+
+
+def micro_batch_layers(layers: tuple[int, ...], micro_batch: int) -> tuple[int, ...]:
+    """The exported ``layers`` a bulk job's micro-batch ``micro_batch`` certifies: every one in
+    micro-batch 0, then every :data:`MICRO_BATCH_LAYER_STRIDE`-th in turn (micro-batch ``k``: those
+    at positions ``≡ k - 1`` modulo the stride, or modulo the number of layers when fewer: each
+    micro-batch checks one at least), so each layer is checked again within that many
+    micro-batches; the choice depends on the index alone (a resumed job checks what it would have)."""
+    if micro_batch == 0 or not layers:
+        return layers
+    stride = min(MICRO_BATCH_LAYER_STRIDE, len(layers))
+    return layers[(micro_batch - 1) % stride :: stride]
 
 
 @dataclass
@@ -139,7 +156,7 @@ class Certifier:
         columns = [
             list(column) for column in zip(*((b, i0, j0, *real) for b, i0, j0, real in picks), strict=True)
         ]
-        bs, first_rows, first_keys, real_rows, real_keys = torch.tensor(columns, device=device).unbind(0)
+        bs, first_rows, first_keys, real_rows, real_keys = device_ints(columns, device).unbind(0)
         own_rows = rows >= first_rows[:, None]  # [S, n]
         own_keys = keys >= first_keys[:, None]  # [S, K]
         own = (own_rows[:, :, None] & own_keys[:, None, :])[:, None]  # [S, 1, n, K]
@@ -198,7 +215,7 @@ class Certifier:
             return
         first = max(r0, call.query.shape[2] - SAMPLE_ROWS)
         if first < r0 + probs.shape[1]:
-            bs = torch.tensor([b], device=call.query.device)
+            bs = device_ints([b], call.query.device)
             block = probs[None, :, first - r0 :]
             self._verify(call, bs, block, first, j0, heads, q_abs0, k_abs0, None, block.shape[2])
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,25 @@ class HostBlock:
         if self.release is not None:
             self.release()
         return out
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Small host data (indices, masks, positions) on ``device``, queued behind the work already
+    there instead of waiting for it: on CUDA through page-locked memory (a copy from pageable
+    memory waits for the stream, so one per layer call holds the forward thread behind the GPU
+    and its host work is no longer overlapped; the allocator keeps the page-locked block until
+    the copy ran). Data already off the host, or going to it: a plain ``to``."""
+    if host.device.type != "cpu" or device.type == "cpu":
+        return host.to(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def device_ints(values: Sequence[Any], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` (integers, or equal-length lists of them) as a ``dtype`` tensor on ``device``
+    without waiting for the device (:func:`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _pinned(nbytes: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from storage.bundle.labels import SummaryParams
 from storage.jobs.capture import RankMetric
+from worker.capture.hostcopy import device_ints, to_device
 from worker.capture.quantiles import linear_quantiles
 
 ROW_METRICS: tuple[str, ...] = get_args(RankMetric)  # declared once, with the spec's ranking names
@@ -90,7 +91,7 @@ def _device_positions(positions: torch.Tensor, device: torch.device) -> tuple[to
     n = positions.shape[0]
     if host and hi - lo + 1 == n and (n < 2 or bool((positions[1:] > positions[:-1]).all())):
         return torch.arange(lo, hi + 1, device=device), lo, hi, True
-    return positions.to(device=device, dtype=torch.long, non_blocking=host), lo, hi, False
+    return to_device(positions.long(), device), lo, hi, False
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ class HeadMetricsAccumulator:
             if int(keep[-1]) - first + 1 == keep.numel():  # a run of rows (the usual case): a view
                 rows = rows[:, first : first + keep.numel()]
             else:
-                rows = rows.index_select(1, keep.to(rows.device))
+                rows = rows.index_select(1, to_device(keep, rows.device))
         lo, hi = int(kept_positions[0]), int(kept_positions.max())
         rows = rows[:, :, : hi + 1]  # later keys carry no weight
         if hi - lo + 1 == len(kept_positions) and bool((kept_positions[1:] > kept_positions[:-1]).all()):
@@ -503,7 +504,7 @@ class HeadMetricsAccumulator:
             keep = None
             if any(skips):
                 kept = torch.arange(width)[None, :] >= torch.tensor(skips)[:, None]  # [N, n']
-                keep = kept.to(device, non_blocking=True)[None, :, None, :]
+                keep = to_device(kept, device)[None, :, None, :]
             owner_first = np.array([first_pos[b] for b in owners])  # real position of each one's row 0
             skipped = np.array(skips)
             first = owner_first + start + skipped  # each one's first eligible row's position
@@ -528,7 +529,7 @@ class HeadMetricsAccumulator:
         if found is None:
             if len(self._device_ints) > 256:
                 self._device_ints.clear()
-            found = self._device_ints[key] = torch.tensor(values, dtype=torch.long).to(device)
+            found = self._device_ints[key] = device_ints(values, device)
         return found
 
     def _device_sums(self, device: torch.device) -> torch.Tensor:
@@ -607,9 +608,7 @@ class HeadMetricsAccumulator:
         if len(owners) == 1:
             sums[:, owners[0][0], owners[0][1]] += per_block[:, 0]
         else:
-            index = torch.tensor([lp * self.batch + b for lp, b in owners]).to(
-                values.device, non_blocking=True
-            )
+            index = device_ints([lp * self.batch + b for lp, b in owners], values.device)
             sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_block)
         self._keep_values(tuple(owners), (0,) * len(owners), values.unflatten(1, (len(owners), heads)))
 
@@ -645,7 +644,7 @@ class HeadMetricsAccumulator:
         for layer_pos, pieces in by_layer.items():
             device = devices[layer_pos]
             padded = self._gathered(pieces, device)
-            counts_here = torch.from_numpy(counts[layer_pos]).to(device)[:, None, None]
+            counts_here = to_device(torch.from_numpy(counts[layer_pos]), device)[:, None, None]
             step = max(1, QUANTILE_SORT_BYTES // (16 * max(1, padded[0].numel())))  # the sort's memory
             parts = [
                 linear_quantiles(padded[i : i + step], counts_here[i : i + step], QUANTILES, inf_padded=True)
@@ -678,7 +677,7 @@ class HeadMetricsAccumulator:
             skips = [piece.skips[i] for i in entries]
             if any(skips):
                 kept = torch.arange(n)[None, :] >= torch.tensor(skips)[:, None]  # [N', n]
-                part = part.masked_fill(~kept.to(device, non_blocking=True)[None, :, None, :], float("inf"))
+                part = part.masked_fill(~to_device(kept, device)[None, :, None, :], float("inf"))
             rows = [piece.sequences[i] for i in entries]
             if rows == list(range(self.batch)):
                 padded[:, :, :, start : start + n] = part.transpose(0, 1)

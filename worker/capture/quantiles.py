@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from worker.capture.hostcopy import to_device
+
 
 def linear_quantiles(
     values: torch.Tensor, counts: torch.Tensor, quantiles: Sequence[float], *, inf_padded: bool = False
@@ -38,7 +40,7 @@ def linear_quantiles(
         values = values.masked_fill(torch.arange(width, device=device) >= counts[..., None], float("inf"))
     ordered = values.sort(dim=-1).values.double()
     n = counts.double()[..., None]  # [S..., 1]
-    q = torch.tensor(quantiles, dtype=torch.float64, device=device)  # [P]
+    q = to_device(torch.tensor(quantiles, dtype=torch.float64), device)  # [P]
     virtual = (n - 1.0) * q  # numpy's virtual index for "linear"
     previous = torch.floor(virtual)
     gamma = virtual - previous

@@ -30,7 +30,7 @@ from worker.capture.attention_math import (
 from worker.capture.certify import Certifier
 from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_verified
 from worker.capture.hook import AttentionCall
-from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager
+from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager, device_ints
 from worker.capture.rows import RowBlockBuffer
 
 BlockSink = Callable[[str, int, int, int, HostBlock], None]  # (array, layer_pos, batch, block, data)
@@ -180,7 +180,7 @@ class ExportSession:
                 values = self.attention_heads[lp]
             else:
                 values = self.layout.heads
-            cached = torch.tensor(list(values), device=device)
+            cached = device_ints(list(values), device)
             self._index_cache[key] = cached
         return cached
 
