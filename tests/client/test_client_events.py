@@ -58,10 +58,16 @@ def secret(index: Index) -> str:
     return key
 
 
-def run_job_later(index: Index, job_id: str, *, step_s: float = 0.25) -> threading.Thread:
-    """A worker's writes, one every ``step_s``: claim, two progress reports, success."""
+def run_job_later(
+    index: Index, job_id: str, *, step_s: float = 0.25, after: threading.Event | None = None
+) -> threading.Thread:
+    """A worker's writes, one every ``step_s``: claim, two progress reports, success; ``after``: not
+    before it is set (the client has seen the queued job: on a loaded machine its first request can
+    take longer than a step)."""
 
     def work() -> None:
+        if after is not None:
+            after.wait(10)
         steps: list[Callable[[], object]] = [
             lambda: index.claim(job_id, WORKER),
             lambda: index.update_progress(
@@ -79,11 +85,28 @@ def run_job_later(index: Index, job_id: str, *, step_s: float = 0.25) -> threadi
     return thread
 
 
+class Progress(io.StringIO):
+    """A client's progress stream; ``written`` is set by its first line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        count = super().write(text)
+        self.written.set()
+        return count
+
+
 def test_events_and_wait_follow_the_stream(settings: ApiSettings, index: Index, secret: str) -> None:
     with serve(create_app(settings)) as base_url, Client(base_url, api_key=secret, timeout_s=10) as client:
         job = store_job(index, OWNER, settings.store_url)
-        worker = run_job_later(index, job.id)
-        seen = [(j.state, j.phase, j.progress.units_done) for j in client.events(job.id)]
+        first = threading.Event()
+        worker = run_job_later(index, job.id, after=first)
+        seen = []
+        for j in client.events(job.id):
+            seen.append((j.state, j.phase, j.progress.units_done))
+            first.set()
         worker.join()
         assert seen == [
             ("queued", None, 0),
@@ -94,8 +117,8 @@ def test_events_and_wait_follow_the_stream(settings: ApiSettings, index: Index, 
         ]
 
         job = store_job(index, OWNER, settings.store_url)
-        worker = run_job_later(index, job.id)
-        out = io.StringIO()
+        out = Progress()
+        worker = run_job_later(index, job.id, after=out.written)
         start = time.monotonic()
         done = client.wait(job.id, poll_s=60, stream=out)  # polling would not look again for 60 s
         waited_s = time.monotonic() - start
@@ -120,8 +143,8 @@ def test_wait_falls_back_to_polling_on_a_server_without_events(
             next(iter(client.events(job.id)))
         assert info.value.status == 404
 
-        worker = run_job_later(index, job.id, step_s=0.1)
-        out = io.StringIO()
+        out = Progress()
+        worker = run_job_later(index, job.id, step_s=0.1, after=out.written)
         done = client.wait(job.id, poll_s=0.05, stream=out)
         worker.join()
     assert done.state == "succeeded"

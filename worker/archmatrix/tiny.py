@@ -109,6 +109,8 @@ SIZES: dict[str, Any] = {
     "linear_num_key_heads": 2,
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
+    "linear_num_heads": 4,  # Kimi Linear's delta-rule layers: 32 x 128 by default (≈ 25 s a check)
+    "linear_head_dim": 16,
     "attn_layer_period": 2,
     "attn_layer_offset": 1,
     "expert_layer_period": 2,
