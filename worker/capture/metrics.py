@@ -94,6 +94,11 @@ def _device_positions(positions: torch.Tensor, device: torch.device) -> tuple[to
     return to_device(positions.long(), device), lo, hi, False
 
 
+def _rows_kept(skips: list[int], n: int, device: torch.device) -> torch.Tensor:
+    """``[N, n]`` bool on ``device``: row ``j`` of sequence ``i`` is counted (``j ≥ skips[i]``)."""
+    return to_device(torch.arange(n)[None, :] >= torch.tensor(skips)[:, None], device)
+
+
 @dataclass(frozen=True)
 class _Geometry:
     """What :func:`row_metrics` needs of a block's positions ``t [n]`` alone (never of the
@@ -503,8 +508,7 @@ class HeadMetricsAccumulator:
             skips = [firsts[b] - start for b in owners]  # rows before each one's first eligible row
             keep = None
             if any(skips):
-                kept = torch.arange(width)[None, :] >= torch.tensor(skips)[:, None]  # [N, n']
-                keep = to_device(kept, device)[None, :, None, :]
+                keep = _rows_kept(skips, width, device)[None, :, None, :]
             owner_first = np.array([first_pos[b] for b in owners])  # real position of each one's row 0
             skipped = np.array(skips)
             first = owner_first + start + skipped  # each one's first eligible row's position
@@ -676,8 +680,7 @@ class HeadMetricsAccumulator:
             part = part.to(device, non_blocking=True)
             skips = [piece.skips[i] for i in entries]
             if any(skips):
-                kept = torch.arange(n)[None, :] >= torch.tensor(skips)[:, None]  # [N', n]
-                part = part.masked_fill(~to_device(kept, device)[None, :, None, :], float("inf"))
+                part = part.masked_fill(~_rows_kept(skips, n, device)[None, :, None, :], float("inf"))
             rows = [piece.sequences[i] for i in entries]
             if rows == list(range(self.batch)):
                 padded[:, :, :, start : start + n] = part.transpose(0, 1)
