@@ -137,19 +137,27 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
     torch.testing.assert_close(alone[:, 1], got[:, 1], rtol=0, atol=0)
 
 
-def test_long_rows_end_the_k90_search_on_gathered_candidates(device: torch.device) -> None:
-    """Rows of 250–270 keys (two runs: the 256- and 512-key programs) take the search's second
-    phase, on the keys gathered from its range; a uniform head (q = 0) leaves hundreds of ties at
-    the crossing, more than the candidates. Every metric as row_metrics, k90 exact."""
+@pytest.mark.parametrize("mass_bound_keys", [None, 0.0, 1e9])
+def test_long_rows_end_the_k90_search_on_gathered_candidates(
+    device: torch.device, mass_bound_keys: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of 250–270 keys (two runs: the 256- and 512-key programs) narrow a range of weights,
+    then rank the keys gathered from it; a uniform head (q = 0) leaves hundreds of ties at the
+    crossing, more than the candidates. Every metric as row_metrics, k90 exact — with the search's
+    usual mass bound, with none (halving by mass down to one bit pattern) and with one that stops at
+    once (the exact-count halving, which otherwise runs only after rounding, does all of it)."""
+    from worker.capture import fused_metrics
     from worker.capture.fused_metrics import SEARCH_CANDIDATES, row_runs
 
+    if mass_bound_keys is not None:
+        monkeypatch.setattr(fused_metrics, "MASS_BOUND_KEYS", mass_bound_keys)
     gen = torch.Generator().manual_seed(11)
     heads, kv_heads, dim, length, first = 6, 3, 16, 270, 250
     sharpness = torch.tensor([0.3, 1.0, 2.5, 4.0, 8.0, 0.0])[:, None, None]
     q = torch.randn(heads, length, dim, generator=gen) * sharpness
     k = torch.randn(kv_heads, length, dim, generator=gen)
     runs = row_runs(length - first, first + 1, 512)
-    assert [width for _, _, width in runs] == [256, 512] and 2 * SEARCH_CANDIDATES < 256
+    assert [width for _, _, width in runs] == [256, 512] and SEARCH_CANDIDATES < 256
     got = _one_sequence(q, k, first, device, 4, 16)
     _assert_close(got[:, 0], _reference(q[:, first:], k, torch.arange(first, length), 4, 16))
 

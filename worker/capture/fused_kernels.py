@@ -5,15 +5,22 @@ only when a capture takes the fused path.
 - :func:`scores_kernel`: ``S = scaling · q kᵀ`` in fp32 for one tile of query rows, only the keys up
   to the tile's last row (causal), written once;
 - :func:`rows_kernel`: one program per attention row, the row's visible scores held in registers
-  (``BLOCK_K`` ≥ its key count, chosen per run of rows by the caller): softmax, the one-pass metrics,
-  then ``k90`` and ``middle_k90`` by a search for the largest fp32 bit pattern θ whose weights ≥ θ
-  reach the target mass (weights ≥ 0 order as their bit patterns do). The search halves a range of
-  patterns, both metrics' searches in one reduction a round, from the row's largest weight down to
-  a weight below which the row's keys cannot hold the mass that is missing (``(1 - target) / 2``
-  spread over every key); once a range holds at most ``CANDIDATES`` keys, those are gathered (a
-  prefix sum, through a per-program scratch) and the search ends on them alone, so a long row is
-  read only by the first few rounds. The keys above θ count in full, the ties at θ one by one until
-  the target is reached, as :func:`worker.capture.metrics.row_metrics`' sorted cumulative sum does.
+  (``BLOCK_K`` ≥ its key count, chosen per run of rows by the caller). It works on the weights
+  ``w = exp(score - top)`` (the top key weighs exactly 1; the attention is ``w / Σw``): every sum
+  of the one-pass metrics in two reductions, the entropy as ``ln Σw - Σ w·(score - top) / Σw`` (no
+  log per key), ``bos``/``prev``/``self`` read as single keys. Then ``k90`` and ``middle_k90``: the
+  fewest keys whose weights reach the target mass. Rows of at most ``CANDIDATES`` keys rank their
+  keys against each other at once; longer rows first narrow a range of fp32 bit patterns
+  (weights ≥ 0 order as their patterns do) by halving, both searches in one reduction a round and a
+  round only a compare, a select and an add per key: from the top weight down to a weight below
+  which the row's keys cannot hold the mass that is missing (``(1 - target) / 2`` spread over every
+  key), until the range can hold at most ``mass_limit`` keys by its mass (each weighs at least its
+  lower end); the keys in it are counted (an exact-count halving goes on where rounding stopped the
+  bound early), gathered through a per-program scratch (a prefix sum) and ranked: key i comes after
+  the heavier keys and after its ties in earlier slots, and the first key in that order whose mass,
+  with the keys above the range, reaches the target ends the count — ties counted one by one, as
+  :func:`worker.capture.metrics.row_metrics`' sorted cumulative sum does. A range narrowed to one
+  bit pattern (many equal weights) counts its ties by division.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ _ROWS_VARYING = [
     "stride_oh",
 ]
 _ROWS_UNALIGNED = ["out_ptr", "mask_ptr"]  # views starting at any row
+_HIDDEN = tl.constexpr(-1e30)  # a hidden key's score: finite, so its weight 0 times it is 0
 _ROWS_OPTIONS: dict[str, list[str]] = {_UNALIGNED: _ROWS_UNALIGNED}
 if _UNALIGNED not in inspect.signature(triton.jit).parameters:
     _ROWS_OPTIONS = {}
@@ -56,51 +64,95 @@ def _sum4(w, x, y, z):
 
 
 @triton.jit
-def _narrow(  # type: ignore[no-untyped-def]
+def _sum2(x, y):
+    """The sums of two ``[K]`` tensors in one reduction."""
+    return tl.split(tl.sum(tl.join(x, y), 0))
+
+
+@triton.jit
+def _value(pattern):
+    """The fp32 value of a (non-negative) bit pattern."""
+    return pattern.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bound_left(lo, hi, mass_lo, mass_hi, limit):
+    """Whether a range ``[lo, hi)`` may still hold more than ``limit`` keys: each key in it weighs at
+    least ``lo``'s value, so ``(mass_lo - mass_hi) / value(lo)`` bounds their number."""
+    return (hi - lo > 1) & (mass_lo - mass_hi > limit * _value(lo))
+
+
+@triton.jit
+def _halve_by_mass(
+    bits, w, bits_m, lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m, target, target_m, LIMIT
+):
+    """Both searches (``bits``: k90's keys, ``bits_m``: middle_k90's, -1 where not a middle key; ``w``
+    the weights) halved together, one reduction of two masses a round, until each range ``[lo, hi)``
+    is one bit pattern wide or, by :func:`_bound_left`, holds at most ``LIMIT`` keys. Invariant:
+    ``mass_lo`` = the mass of the keys ≥ ``lo`` reaches the target, ``mass_hi`` (keys ≥ ``hi``) does
+    not. A round costs a compare, a select and an add per key and search."""
+    while _bound_left(lo, hi, mass_lo, mass_hi, LIMIT) | _bound_left(lo_m, hi_m, mass_lo_m, mass_hi_m, LIMIT):
+        c = lo + (hi - lo) // 2
+        c_m = lo_m + (hi_m - lo_m) // 2
+        mass_c, mass_c_m = _sum2(tl.where(bits >= c, w, 0.0), tl.where(bits_m >= c_m, w, 0.0))
+        reached = mass_c >= target
+        lo = tl.where(reached, c, lo)
+        hi = tl.where(reached, hi, c)
+        mass_lo = tl.where(reached, mass_c, mass_lo)
+        mass_hi = tl.where(reached, mass_hi, mass_c)
+        reached_m = mass_c_m >= target_m
+        lo_m = tl.where(reached_m, c_m, lo_m)
+        hi_m = tl.where(reached_m, hi_m, c_m)
+        mass_lo_m = tl.where(reached_m, mass_c_m, mass_lo_m)
+        mass_hi_m = tl.where(reached_m, mass_hi_m, mass_c_m)
+    return lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m
+
+
+@triton.jit
+def _halve_by_count(  # type: ignore[no-untyped-def]
     bits,
-    a,
+    w,
     bits_m,
-    a_m,
     lo,
     hi,
-    n_in,
     mass_hi,
+    count_lo,
     count_hi,
     lo_m,
     hi_m,
-    n_in_m,
     mass_hi_m,
+    count_lo_m,
     count_hi_m,
     target,
     target_m,
     LIMIT: tl.constexpr,
 ):
-    """Both searches (``bits``/``a``: k90's keys, ``bits_m``/``a_m``: middle_k90's) halved together,
-    one reduction a round, until each range ``[lo, hi)`` is one bit pattern wide or holds at most
-    ``LIMIT`` keys. Invariant: the keys at or above ``lo`` reach the target, those at or above
-    ``hi`` (``count_hi`` keys, ``mass_hi`` of the mass, whether in ``bits`` or not) do not;
-    ``n_in`` keys lie in the range, all of them in ``bits``."""
-    while ((hi - lo > 1) & (n_in > LIMIT)) | ((hi_m - lo_m > 1) & (n_in_m > LIMIT)):
+    """:func:`_halve_by_mass` with exact counts (``count_lo``/``count_hi``: the keys ≥ ``lo``/``hi``),
+    until each range is one pattern wide or holds at most ``LIMIT`` keys. Runs only where rounding
+    made the mass bound stop too early (no round in a usual row)."""
+    while ((hi - lo > 1) & (count_lo - count_hi > LIMIT)) | (
+        (hi_m - lo_m > 1) & (count_lo_m - count_hi_m > LIMIT)
+    ):
         c = lo + (hi - lo) // 2
         c_m = lo_m + (hi_m - lo_m) // 2
-        upper = (bits >= c) & (bits < hi)
-        upper_m = (bits_m >= c_m) & (bits_m < hi_m)
-        mass_up, count_up, mass_up_m, count_up_m = _sum4(
-            tl.where(upper, a, 0.0), upper.to(tl.float32), tl.where(upper_m, a_m, 0.0), upper_m.to(tl.float32)
+        up = bits >= c
+        up_m = bits_m >= c_m
+        mass_c, count_c, mass_c_m, count_c_m = _sum4(
+            tl.where(up, w, 0.0), up.to(tl.float32), tl.where(up_m, w, 0.0), up_m.to(tl.float32)
         )
-        reached = mass_hi + mass_up >= target
+        reached = mass_c >= target
         lo = tl.where(reached, c, lo)
         hi = tl.where(reached, hi, c)
-        n_in = tl.where(reached, count_up, n_in - count_up)
-        mass_hi = tl.where(reached, mass_hi, mass_hi + mass_up)
-        count_hi = tl.where(reached, count_hi, count_hi + count_up)
-        reached_m = mass_hi_m + mass_up_m >= target_m
+        count_lo = tl.where(reached, count_c, count_lo)
+        count_hi = tl.where(reached, count_hi, count_c)
+        mass_hi = tl.where(reached, mass_hi, mass_c)
+        reached_m = mass_c_m >= target_m
         lo_m = tl.where(reached_m, c_m, lo_m)
         hi_m = tl.where(reached_m, hi_m, c_m)
-        n_in_m = tl.where(reached_m, count_up_m, n_in_m - count_up_m)
-        mass_hi_m = tl.where(reached_m, mass_hi_m, mass_hi_m + mass_up_m)
-        count_hi_m = tl.where(reached_m, count_hi_m, count_hi_m + count_up_m)
-    return lo, hi, n_in, mass_hi, count_hi, lo_m, hi_m, n_in_m, mass_hi_m, count_hi_m
+        count_lo_m = tl.where(reached_m, count_c_m, count_lo_m)
+        count_hi_m = tl.where(reached_m, count_hi_m, count_c_m)
+        mass_hi_m = tl.where(reached_m, mass_hi_m, mass_c_m)
+    return lo, hi, mass_hi, count_lo, count_hi, lo_m, hi_m, mass_hi_m, count_lo_m, count_hi_m
 
 
 @triton.jit
@@ -114,16 +166,32 @@ def _compact(bits, keep, base, slots, n_kept, SLOTS: tl.constexpr):  # type: ign
 
 
 @triton.jit
-def _weights(bits):
-    """The weights whose fp32 bit patterns ``bits`` are (0 where -1: no key)."""
-    return tl.where(bits >= 0, bits.to(tl.float32, bitcast=True), 0.0)
+def _ranked_crossing(found, slots, base, stored, mass_hi, count_hi, n_in, target, SLOTS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """How many of the largest weights reach ``target``, the range's keys ``found`` (``[SLOTS]`` bit
+    patterns, -1 in empty slots; the first ``stored`` of them also in the program's scratch at
+    ``base``) ranked against each other: key i comes after the keys of larger weight and after its
+    ties in earlier slots (ties counted one by one); the first key in that order whose mass, with
+    the ``count_hi`` keys above the range (``mass_hi``), reaches the target ends the count. Where
+    rounding leaves no key reaching it: the whole range (``n_in`` keys). Each slot's key is read
+    back from the scratch in turn (no exchange between threads)."""
+    weight = tl.where(found >= 0, _value(tl.maximum(found, 0)), 0.0)
+    mass_before = tl.zeros_like(weight)
+    rank = tl.zeros_like(weight)
+    for j in tl.static_range(SLOTS):
+        other = tl.load(base + j, mask=j < stored, other=-1)  # slots past those stored: stale
+        before = (other > found) | ((other == found) & (j < slots))
+        mass_before += tl.where(before, _value(tl.maximum(other, 0)), 0.0)
+        rank += before.to(tl.float32)
+    crosses = (found >= 0) & (mass_hi + mass_before + weight >= target)
+    first = tl.min(tl.where(crosses, rank, float(1 << 30)), 0)
+    return count_hi + tl.where(first < (1 << 30), first + 1.0, n_in)
 
 
 @triton.jit
-def _crossing(lo, n_in, mass_hi, count_hi, target):
-    """How many of the largest weights reach ``target`` once the search has ended: the ``count_hi``
-    keys above θ = ``lo``, then the ``n_in`` ties at θ one by one until the target is reached."""
-    tie = tl.maximum(lo, 0).to(tl.float32, bitcast=True).to(tl.float64)
+def _tied_crossing(lo, n_in, mass_hi, count_hi, target):
+    """How many of the largest weights reach ``target`` when the range is one bit pattern, θ = ``lo``:
+    the ``count_hi`` keys above θ, then the ``n_in`` ties at θ one by one until the target is reached."""
+    tie = _value(tl.maximum(lo, 0)).to(tl.float64)
     need = tl.math.ceil((target.to(tl.float64) - mass_hi.to(tl.float64)) / tl.maximum(tie, 1e-30))
     return count_hi + tl.minimum(tl.maximum(need, 1.0), n_in.to(tl.float64)).to(tl.float32)
 
@@ -217,6 +285,7 @@ def rows_kernel(  # type: ignore[no-untyped-def]
     scratch_ptr,
     n_heads,
     n_rows,
+    mass_limit,
     TARGET: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CANDIDATES: tl.constexpr,
@@ -249,130 +318,205 @@ def rows_kernel(  # type: ignore[no-untyped-def]
     t = tl.maximum(t, 0)
     cols = tl.arange(0, BLOCK_K)
     reach = tl.where(window > 0, window, t + 1)  # keys a row can see back: its window, or all
-    visible = (cols <= t) & (t - cols < reach)
+    first_col = t - reach + 1
+    visible = (cols <= t) & (cols >= first_col)
+    first_key = pad - key_offset
+    mask_row = mask_ptr + seq * stride_mb + head * stride_mh + row * stride_mn
     if HAS_MASK:  # the model's boolean mask (True = attend), at the sequence's key indices
-        first_key = pad - key_offset
-        allowed = tl.load(
-            mask_ptr + seq * stride_mb + head * stride_mh + row * stride_mn + (first_key + cols) * stride_mk,
-            mask=visible,
-            other=0,
-        )
+        allowed = tl.load(mask_row + (first_key + cols) * stride_mk, mask=visible, other=0)
         visible = visible & (allowed != 0)
-    scores = tl.load(
-        s_ptr + seq * stride_sb + head * stride_sh + row * stride_sn + cols, mask=visible, other=-float("inf")
-    )
+    s_row = s_ptr + seq * stride_sb + head * stride_sh + row * stride_sn
+    # hidden keys score _HIDDEN: a weight of exactly 0 and, times their (finite) score, no NaN
+    scores = tl.load(s_row + cols, mask=visible, other=_HIDDEN)
     top = tl.max(scores, 0)
-    top = tl.where(top == -float("inf"), 0.0, top)  # a row with no visible key: zeros, never NaN
-    weights = tl.where(visible, tl.exp(scores - top), 0.0)
-    p = weights / tl.maximum(tl.sum(weights, 0), 1e-30)
-    a = p / tl.maximum(tl.sum(p, 0), 1e-30)  # renormalised as row_metrics does
+    top = tl.where(top < 0.5 * _HIDDEN, 0.0, top)  # a row with no visible key: zeros, never NaN
+    # the weights relative to the top key's (1): a = w / Σw is the row's attention
+    logit = scores - top
+    w = tl.exp(logit)
     n_keys = (t + 1).to(tl.float32)
-
-    # the one-pass metrics, stored before the k90 search (their registers are free for it)
     local_start = tl.maximum(t - local_window + 1, sink_tokens)
-    is_middle = visible & (cols >= sink_tokens) & (cols < local_start)
-    max_weight = tl.max(a, 0)
-    argmax = tl.min(tl.where(visible & (a == max_weight), cols, BLOCK_K), 0)
+    is_middle = (cols >= sink_tokens) & (cols < local_start)
+    distance = t.to(tl.float32) - cols.to(tl.float32)  # exact: both below 2^24
+    # every sum of the row in two reductions (a log a = a · (logit - ln Σw): no log per key)
+    total, sink, local, middle = _sum4(
+        w,
+        tl.where(cols < sink_tokens, w, 0.0),
+        tl.where(cols >= local_start, w, 0.0),
+        tl.where(is_middle, w, 0.0),
+    )
+    w_logit, w_distance, kept, _ = _sum4(
+        w * logit, w * distance, (w >= sparsity).to(tl.float32), tl.zeros_like(w)
+    )
+    argmax = tl.min(tl.where(w == 1.0, cols, BLOCK_K), 0)  # the first key of the top weight
+    scale = 1.0 / tl.maximum(total, 1e-30)  # w → a
     has_prev = t >= 1
-    wide = a.to(tl.float64)  # these sums in float64: middle sets middle_k90's target
-    sink, local, middle, mean_distance = _sum4(
-        tl.where(visible & (cols < sink_tokens), wide, 0.0),
-        tl.where(visible & (cols >= local_start), wide, 0.0),
-        tl.where(is_middle, wide, 0.0),
-        tl.where(visible, wide * (t - cols).to(tl.float64), 0.0),
-    )
-    bos, prev, self_weight, entropy = _sum4(
-        tl.where(cols == 0, a, 0.0),
-        tl.where(has_prev & (cols == t - 1), a, 0.0),
-        tl.where(cols == t, a, 0.0),
-        -tl.where(a > 0, a * tl.log(tl.maximum(a, 1e-30)), 0.0),
-    )
-    # keys 0..t a window or mask hides weigh 0: below 1% of the maximum, as row_metrics counts them
-    below = tl.sum(((cols <= t) & (a < sparsity * max_weight)).to(tl.int32), 0)
+    entropy = tl.log(tl.maximum(total, 1e-30)) - scale * w_logit
     log_n = tl.log(n_keys)
     out = out_ptr + seq * stride_ob + head * stride_oh + row
-    tl.store(out + SINK * stride_om, sink.to(tl.float32))
-    tl.store(out + BOS * stride_om, bos)
-    tl.store(out + LOCAL * stride_om, local.to(tl.float32))
-    tl.store(out + MIDDLE * stride_om, middle.to(tl.float32))
-    tl.store(out + PREV * stride_om, prev)
-    tl.store(out + SELF * stride_om, self_weight)
+    tl.store(out + SINK * stride_om, sink * scale)
+    tl.store(
+        out + BOS * stride_om,
+        _weight_at(0, t, first_col, top, s_row, mask_row, first_key, stride_mk, HAS_MASK) * scale,
+    )
+    tl.store(out + LOCAL * stride_om, local * scale)
+    tl.store(out + MIDDLE * stride_om, middle * scale)
+    prev = _weight_at(t - 1, t, first_col, top, s_row, mask_row, first_key, stride_mk, HAS_MASK)
+    tl.store(out + PREV * stride_om, tl.where(has_prev, prev * scale, 0.0))
+    tl.store(
+        out + SELF * stride_om,
+        _weight_at(t, t, first_col, top, s_row, mask_row, first_key, stride_mk, HAS_MASK) * scale,
+    )
     tl.store(out + PREV_ARGMAX_RATE * stride_om, tl.where(has_prev & (argmax == t - 1), 1.0, 0.0))
-    tl.store(out + MAX_WEIGHT * stride_om, max_weight)
+    tl.store(out + MAX_WEIGHT * stride_om, tl.where(total > 0, scale, 0.0))
     tl.store(out + ENTROPY * stride_om, entropy)
     tl.store(out + ENTROPY_NORM * stride_om, tl.where(log_n > 0, entropy / tl.maximum(log_n, 1e-30), 0.0))
     tl.store(out + EFFECTIVE_KEYS * stride_om, tl.exp(entropy))
-    tl.store(out + SPARSITY_1PCT * stride_om, below.to(tl.float32) / n_keys)
-    tl.store(out + MEAN_DISTANCE * stride_om, mean_distance.to(tl.float32))
+    # keys 0..t a window or mask hides weigh 0: below 1% of the maximum, as row_metrics counts them
+    tl.store(out + SPARSITY_1PCT * stride_om, (n_keys - kept) / n_keys)
+    mean_distance = w_distance * scale
+    tl.store(out + MEAN_DISTANCE * stride_om, mean_distance)
     tl.store(
         out + MEAN_DISTANCE_NORM * stride_om,
-        tl.where(has_prev, mean_distance.to(tl.float32) / tl.maximum(t.to(tl.float32), 1.0), 0.0),
+        tl.where(has_prev, mean_distance / tl.maximum(t.to(tl.float32), 1.0), 0.0),
     )
 
-    # k90 and middle_k90: the largest bit pattern θ whose weights ≥ θ reach the target mass
-    bits = tl.where(visible, a.to(tl.int32, bitcast=True), -1)  # a ≥ 0: patterns order as values
-    middle_bits = tl.where(is_middle, bits, -1)
-    target = tl.full((), TARGET, tl.float32)
+    # k90 and middle_k90 in units of w: the largest bit pattern θ whose weights ≥ θ reach the target
+    bits = w.to(tl.int32, bitcast=True)  # w ≥ 0: patterns order as values; hidden keys 0
+    bits_m = tl.where(is_middle, bits, -1)
+    target = TARGET * total
     target_m = TARGET * middle
-    spread = 0.5 * (1.0 - TARGET) / n_keys  # below it, every key together holds ≤ (1 - TARGET) / 2
-    hi = tl.max(bits, 0) + 1
-    lo = tl.minimum(spread.to(tl.int32, bitcast=True), hi - 1)
-    hi_m = tl.max(middle_bits, 0) + 1
-    lo_m = tl.minimum((spread * middle.to(tl.float32)).to(tl.int32, bitcast=True), hi_m - 1)
-    n_in, n_in_m, _, _ = _sum4((bits >= lo).to(tl.float32), (middle_bits >= lo_m).to(tl.float32), a, a)
-    zero = tl.zeros((), tl.float32)
-    lo, hi, n_in, mass_hi, count_hi, lo_m, hi_m, n_in_m, mass_hi_m, count_hi_m = _narrow(
+    k90, middle_k90 = _search(
         bits,
-        a,
-        middle_bits,
-        a,
-        lo,
-        hi,
-        n_in,
-        zero,
-        zero,
-        lo_m,
-        hi_m,
-        n_in_m,
-        zero,
-        zero,
+        w,
+        bits_m,
         target,
         target_m,
+        total,
+        middle,
+        n_keys,
+        scratch_ptr,
+        seq,
+        head,
+        row,
+        n_heads,
+        n_rows,
+        mass_limit,
+        TARGET,
+        BLOCK_K,
         CANDIDATES,
     )
-    if CANDIDATES > 0:  # the rest of the search on the ≤ CANDIDATES keys left in each range
-        base = scratch_ptr + ((seq * n_heads + head) * n_rows + row) * (2 * CANDIDATES)
-        slots = tl.arange(0, CANDIDATES)
-        found = _compact(bits, (bits >= lo) & (bits < hi), base, slots, n_in, CANDIDATES)
-        found_m = _compact(
-            middle_bits,
-            (middle_bits >= lo_m) & (middle_bits < hi_m),
-            base + CANDIDATES,
-            slots,
-            n_in_m,
-            CANDIDATES,
+    tl.store(out + K90 * stride_om, tl.minimum(k90, n_keys))
+    tl.store(out + K90_FRAC * stride_om, tl.minimum(k90, n_keys) / n_keys)
+    tl.store(out + MIDDLE_K90 * stride_om, tl.where(middle > 0, middle_k90, 0.0))
+
+
+@triton.jit
+def _weight_at(col, t, first_col, top, s_row, mask_row, first_key, stride_mk, HAS_MASK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The weight (relative to the top key's) of one key of the row: 0 where hidden or past ``t``."""
+    seen = (col >= 0) & (col <= t) & (col >= first_col)
+    if HAS_MASK:
+        seen = seen & (tl.load(mask_row + (first_key + col) * stride_mk, mask=seen, other=0) != 0)
+    return tl.where(seen, tl.exp(tl.load(s_row + col, mask=seen, other=_HIDDEN) - top), 0.0)
+
+
+@triton.jit
+def _search(  # type: ignore[no-untyped-def]
+    bits,
+    w,
+    bits_m,
+    target,
+    target_m,
+    total,
+    middle,
+    n_keys,
+    scratch_ptr,
+    seq,
+    head,
+    row,
+    n_heads,
+    n_rows,
+    mass_limit,
+    TARGET: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CANDIDATES: tl.constexpr,
+):
+    """``(k90, middle_k90)`` of one row: the fewest keys whose weights reach ``target`` (of all keys)
+    and ``target_m`` (of the middle keys, ``bits_m``). Rows of at most ``CANDIDATES`` keys are ranked
+    whole (:func:`_ranked_crossing`); longer rows first narrow a range of bit patterns by halving
+    (:func:`_halve_by_mass`, from the row's top weight 1 down to the weight below which every key
+    together holds at most ``(1 - TARGET) / 2`` of the mass) until it holds at most ``CANDIDATES``
+    keys, which are gathered through the program's scratch and ranked."""
+    base = scratch_ptr + ((seq * n_heads + head) * n_rows + row) * (2 * CANDIDATES)
+    if BLOCK_K <= CANDIDATES:  # the row's own keys are the candidates
+        slots = tl.arange(0, BLOCK_K)
+        found = tl.where(bits > 0, bits, -1)
+        found_m = tl.where(bits_m > 0, bits_m, -1)
+        tl.store(base + slots, found)
+        tl.store(base + CANDIDATES + slots, found_m)
+        tl.debug_barrier()  # every thread's stores are seen by every thread's loads
+        zero = tl.zeros((), tl.float32)
+        n_in, n_in_m = _sum2((found >= 0).to(tl.float32), (found_m >= 0).to(tl.float32))
+        k90 = _ranked_crossing(found, slots, base, BLOCK_K, zero, zero, n_in, target, BLOCK_K)
+        middle_k90 = _ranked_crossing(
+            found_m, slots, base + CANDIDATES, BLOCK_K, zero, zero, n_in_m, target_m, BLOCK_K
         )
-        lo, hi, n_in, mass_hi, count_hi, lo_m, hi_m, n_in_m, mass_hi_m, count_hi_m = _narrow(
-            found,
-            _weights(found),
-            found_m,
-            _weights(found_m),
+    else:
+        spread = 0.5 * (1.0 - TARGET) / n_keys  # below it, every key together holds ≤ (1 - TARGET) / 2
+        hi = tl.max(bits, 0) + 1
+        lo = tl.minimum((spread * total).to(tl.int32, bitcast=True), hi - 1)
+        hi_m = tl.max(bits_m, 0) + 1
+        lo_m = tl.minimum((spread * middle).to(tl.int32, bitcast=True), hi_m - 1)
+        mass_lo, mass_lo_m = _sum2(tl.where(bits >= lo, w, 0.0), tl.where(bits_m >= lo_m, w, 0.0))
+        zero = tl.zeros((), tl.float32)
+        lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m = _halve_by_mass(
+            bits, w, bits_m, lo, hi, mass_lo, zero, lo_m, hi_m, mass_lo_m, zero, target, target_m, mass_limit
+        )
+        count_lo, count_hi, count_lo_m, count_hi_m = _sum4(
+            (bits >= lo).to(tl.float32),
+            (bits >= hi).to(tl.float32),
+            (bits_m >= lo_m).to(tl.float32),
+            (bits_m >= hi_m).to(tl.float32),
+        )
+        lo, hi, mass_hi, count_lo, count_hi, lo_m, hi_m, mass_hi_m, count_lo_m, count_hi_m = _halve_by_count(
+            bits,
+            w,
+            bits_m,
             lo,
             hi,
-            n_in,
             mass_hi,
+            count_lo,
             count_hi,
             lo_m,
             hi_m,
-            n_in_m,
             mass_hi_m,
+            count_lo_m,
             count_hi_m,
             target,
             target_m,
-            0,
+            CANDIDATES,
         )
-    k90 = tl.minimum(_crossing(lo, n_in, mass_hi, count_hi, target), n_keys)
-    middle_k90 = tl.where(middle > 0, _crossing(lo_m, n_in_m, mass_hi_m, count_hi_m, target_m), 0.0)
-    tl.store(out + K90 * stride_om, k90)
-    tl.store(out + K90_FRAC * stride_om, k90 / n_keys)
-    tl.store(out + MIDDLE_K90 * stride_om, middle_k90)
+        slots = tl.arange(0, CANDIDATES)
+        n_in = count_lo - count_hi
+        n_in_m = count_lo_m - count_hi_m
+        found = _compact(bits, (bits >= lo) & (bits < hi), base, slots, n_in.to(tl.int32), CANDIDATES)
+        found_m = _compact(
+            bits_m,
+            (bits_m >= lo_m) & (bits_m < hi_m),
+            base + CANDIDATES,
+            slots,
+            n_in_m.to(tl.int32),
+            CANDIDATES,
+        )
+        k90 = tl.where(
+            hi - lo > 1,
+            _ranked_crossing(found, slots, base, n_in, mass_hi, count_hi, n_in, target, CANDIDATES),
+            _tied_crossing(lo, n_in, mass_hi, count_hi, target),
+        )
+        middle_k90 = tl.where(
+            hi_m - lo_m > 1,
+            _ranked_crossing(
+                found_m, slots, base + CANDIDATES, n_in_m, mass_hi_m, count_hi_m, n_in_m, target_m, CANDIDATES
+            ),
+            _tied_crossing(lo_m, n_in_m, mass_hi_m, count_hi_m, target_m),
+        )
+    return k90, middle_k90

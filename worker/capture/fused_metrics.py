@@ -10,11 +10,11 @@ without materialised, renormalised and sorted probabilities.
    (at most :data:`MAX_FUSED_KEYS` keys; each run of rows launched with the smallest power-of-two
    width that holds its keys, :func:`row_runs`, so a causal prefill's early rows do not pay for the
    last row's width): softmax, then every :data:`ROW_METRICS` value in one pass, ``k90`` and
-   ``middle_k90`` by a search on the fp32 bit patterns of the weights (weights ≥ 0 order as their
-   bit patterns do), both at once, that reads the whole row only until at most
-   :data:`SEARCH_CANDIDATES` keys are left in play — the same crossing of 0.9 − tolerance as
-   :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the crossing counted as
-   one by one.
+   ``middle_k90`` by halving a range of the weights' fp32 bit patterns (weights ≥ 0 order as their
+   bit patterns do), both at once, until at most :data:`SEARCH_CANDIDATES` keys are left in it,
+   which are then ranked against each other — the same crossing of 0.9 − tolerance as
+   :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the crossing counted one
+   by one.
 
 Every row is read once from the scores, and no per-row sort is made: the metrics' memory traffic
 is one fp32 write and one read per visible (row, key) where :func:`row_metrics` makes ≈ 13 passes
@@ -48,7 +48,11 @@ _BLOCK_M = 16  # query rows of one scores tile (tl.dot's smallest)
 _BLOCK_N = 64  # keys of one scores tile
 _MIN_ROW_KEYS = 16  # the narrowest rows program
 KEYS_PER_WARP = 1024  # a rows program's warps: one per this many keys of its width (1 to 16)
-SEARCH_CANDIDATES = 64  # a k90 search ends on the ≤ this many keys left in its range (rows > 2× this)
+SEARCH_CANDIDATES = 32  # a k90 search ranks the ≤ this many keys left in its range (shorter rows: all)
+# the search halves by mass alone while its range may hold more than this many keys, then counts
+# them (an exact count narrows further only where rounding stopped it early); any value gives the
+# same metrics, only the number of rounds of each kind changes
+MASS_BOUND_KEYS = float(SEARCH_CANDIDATES)
 
 
 log = logging.getLogger(__name__)
@@ -170,12 +174,9 @@ def fused_row_metrics(
         )
         for a, b, block_k in row_runs(r1 - r0, query_offset + r0 + 1 - min_pad, max_width):
             part = out[:, :, :, r0 + a : r0 + b]
-            candidates = SEARCH_CANDIDATES if block_k > 2 * SEARCH_CANDIDATES else 0
-            # each program's gathering space (a run that never gathers reads none: any pointer)
-            scratch = (
-                torch.empty(batch * heads * (b - a) * 2 * candidates, dtype=torch.int32, device=device)
-                if candidates
-                else scores
+            # each program's space to rank its k90 candidates in
+            scratch = torch.empty(
+                batch * heads * (b - a) * 2 * SEARCH_CANDIDATES, dtype=torch.int32, device=device
             )
             rows_kernel[(b - a, heads, batch)](
                 scores[:, :, a:b],
@@ -199,9 +200,10 @@ def fused_row_metrics(
                 scratch,
                 heads,
                 b - a,
+                MASS_BOUND_KEYS,
                 TARGET=K90_MASS - K90_TOLERANCE,
                 BLOCK_K=block_k,
-                CANDIDATES=candidates,
+                CANDIDATES=SEARCH_CANDIDATES,
                 HAS_MASK=mask is not None,
                 **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
                 num_warps=min(16, max(1, block_k // KEYS_PER_WARP)),
