@@ -83,6 +83,13 @@ def _bound_left(lo, hi, mass_lo, mass_hi, limit):
 
 
 @triton.jit
+def _kept_half(reached, at_c, at_lo, at_hi):
+    """A figure at a range's ends (the ends themselves, or the mass or count of the keys ≥ each) once
+    the range is halved at c: ``[c, hi)`` where the keys ≥ c ``reached`` the target, else ``[lo, c)``."""
+    return tl.where(reached, at_c, at_lo), tl.where(reached, at_hi, at_c)
+
+
+@triton.jit
 def _halve_by_mass(
     bits, w, bits_m, lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m, target, target_m, LIMIT
 ):
@@ -95,16 +102,11 @@ def _halve_by_mass(
         c = lo + (hi - lo) // 2
         c_m = lo_m + (hi_m - lo_m) // 2
         mass_c, mass_c_m = _sum2(tl.where(bits >= c, w, 0.0), tl.where(bits_m >= c_m, w, 0.0))
-        reached = mass_c >= target
-        lo = tl.where(reached, c, lo)
-        hi = tl.where(reached, hi, c)
-        mass_lo = tl.where(reached, mass_c, mass_lo)
-        mass_hi = tl.where(reached, mass_hi, mass_c)
-        reached_m = mass_c_m >= target_m
-        lo_m = tl.where(reached_m, c_m, lo_m)
-        hi_m = tl.where(reached_m, hi_m, c_m)
-        mass_lo_m = tl.where(reached_m, mass_c_m, mass_lo_m)
-        mass_hi_m = tl.where(reached_m, mass_hi_m, mass_c_m)
+        reached, reached_m = mass_c >= target, mass_c_m >= target_m
+        lo, hi = _kept_half(reached, c, lo, hi)
+        mass_lo, mass_hi = _kept_half(reached, mass_c, mass_lo, mass_hi)
+        lo_m, hi_m = _kept_half(reached_m, c_m, lo_m, hi_m)
+        mass_lo_m, mass_hi_m = _kept_half(reached_m, mass_c_m, mass_lo_m, mass_hi_m)
     return lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m
 
 
@@ -140,17 +142,12 @@ def _halve_by_count(  # type: ignore[no-untyped-def]
         mass_c, count_c, mass_c_m, count_c_m = _sum4(
             tl.where(up, w, 0.0), up.to(tl.float32), tl.where(up_m, w, 0.0), up_m.to(tl.float32)
         )
-        reached = mass_c >= target
-        lo = tl.where(reached, c, lo)
-        hi = tl.where(reached, hi, c)
-        count_lo = tl.where(reached, count_c, count_lo)
-        count_hi = tl.where(reached, count_hi, count_c)
+        reached, reached_m = mass_c >= target, mass_c_m >= target_m
+        lo, hi = _kept_half(reached, c, lo, hi)
+        count_lo, count_hi = _kept_half(reached, count_c, count_lo, count_hi)
         mass_hi = tl.where(reached, mass_hi, mass_c)
-        reached_m = mass_c_m >= target_m
-        lo_m = tl.where(reached_m, c_m, lo_m)
-        hi_m = tl.where(reached_m, hi_m, c_m)
-        count_lo_m = tl.where(reached_m, count_c_m, count_lo_m)
-        count_hi_m = tl.where(reached_m, count_hi_m, count_c_m)
+        lo_m, hi_m = _kept_half(reached_m, c_m, lo_m, hi_m)
+        count_lo_m, count_hi_m = _kept_half(reached_m, count_c_m, count_lo_m, count_hi_m)
         mass_hi_m = tl.where(reached_m, mass_hi_m, mass_c_m)
     return lo, hi, mass_hi, count_lo, count_hi, lo_m, hi_m, mass_hi_m, count_lo_m, count_hi_m
 
@@ -380,30 +377,10 @@ def rows_kernel(  # type: ignore[no-untyped-def]
         tl.where(has_prev, mean_distance / tl.maximum(t.to(tl.float32), 1.0), 0.0),
     )
 
-    # k90 and middle_k90 in units of w: the largest bit pattern θ whose weights ≥ θ reach the target
-    bits = w.to(tl.int32, bitcast=True)  # w ≥ 0: patterns order as values; hidden keys 0
-    bits_m = tl.where(is_middle, bits, -1)
-    target = TARGET * total
-    target_m = TARGET * middle
+    # k90 and middle_k90 in units of w, in the program's own scratch space
+    base = scratch_ptr + ((seq * n_heads + head) * n_rows + row) * (2 * CANDIDATES)
     k90, middle_k90 = _search(
-        bits,
-        w,
-        bits_m,
-        target,
-        target_m,
-        total,
-        middle,
-        n_keys,
-        scratch_ptr,
-        seq,
-        head,
-        row,
-        n_heads,
-        n_rows,
-        mass_limit,
-        TARGET,
-        BLOCK_K,
-        CANDIDATES,
+        w, is_middle, total, middle, n_keys, base, mass_limit, TARGET, BLOCK_K, CANDIDATES
     )
     tl.store(out + K90 * stride_om, tl.minimum(k90, n_keys))
     tl.store(out + K90_FRAC * stride_om, tl.minimum(k90, n_keys) / n_keys)
@@ -421,32 +398,29 @@ def _weight_at(col, t, first_col, top, s_row, mask_row, first_key, stride_mk, HA
 
 @triton.jit
 def _search(  # type: ignore[no-untyped-def]
-    bits,
     w,
-    bits_m,
-    target,
-    target_m,
+    is_middle,
     total,
     middle,
     n_keys,
-    scratch_ptr,
-    seq,
-    head,
-    row,
-    n_heads,
-    n_rows,
+    base,
     mass_limit,
     TARGET: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CANDIDATES: tl.constexpr,
 ):
-    """``(k90, middle_k90)`` of one row: the fewest keys whose weights reach ``target`` (of all keys)
-    and ``target_m`` (of the middle keys, ``bits_m``). Rows of at most ``CANDIDATES`` keys are ranked
-    whole (:func:`_ranked_crossing`); longer rows first narrow a range of bit patterns by halving
-    (:func:`_halve_by_mass`, from the row's top weight 1 down to the weight below which every key
-    together holds at most ``(1 - TARGET) / 2`` of the mass) until it holds at most ``CANDIDATES``
-    keys, which are gathered through the program's scratch and ranked."""
-    base = scratch_ptr + ((seq * n_heads + head) * n_rows + row) * (2 * CANDIDATES)
+    """``(k90, middle_k90)`` of one row of weights ``w`` (the top key's 1, ``total`` in all, ``middle``
+    on the ``is_middle`` keys): the fewest keys whose weights reach ``TARGET`` of the row's mass,
+    and of its middle keys' mass. Rows of at most ``CANDIDATES`` keys are ranked whole
+    (:func:`_ranked_crossing`); longer rows first narrow a range of bit patterns by halving
+    (:func:`_halve_by_mass`, from the top weight down to the weight below which every key together
+    holds at most ``(1 - TARGET) / 2`` of the mass) until it can hold at most ``mass_limit`` keys,
+    which are counted, gathered through the program's scratch at ``base`` (``2 × CANDIDATES``
+    slots) and ranked."""
+    bits = w.to(tl.int32, bitcast=True)  # w ≥ 0: patterns order as values; hidden keys 0
+    bits_m = tl.where(is_middle, bits, -1)
+    target = TARGET * total
+    target_m = TARGET * middle
     if BLOCK_K <= CANDIDATES:  # the row's own keys are the candidates
         slots = tl.arange(0, BLOCK_K)
         found = tl.where(bits > 0, bits, -1)
