@@ -145,6 +145,8 @@ def fused_row_metrics(
     mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
     if mask is not None and mask.shape[1] == 1:
         mask_strides = (mask_strides[0], 0, mask_strides[2], mask_strides[3])
+    # each rows program's space to rank its k90 candidates in, shared by the call's launches in turn
+    scratch = torch.empty(batch * heads * slab * 2 * SEARCH_CANDIDATES, dtype=torch.int32, device=device)
     for r0 in range(0, n_rows, slab):
         r1 = min(n_rows, r0 + slab)
         q = query[:, :, r0:r1]
@@ -174,10 +176,6 @@ def fused_row_metrics(
         )
         for a, b, block_k in row_runs(r1 - r0, query_offset + r0 + 1 - min_pad, max_width):
             part = out[:, :, :, r0 + a : r0 + b]
-            # each program's space to rank its k90 candidates in
-            scratch = torch.empty(
-                batch * heads * (b - a) * 2 * SEARCH_CANDIDATES, dtype=torch.int32, device=device
-            )
             rows_kernel[(b - a, heads, batch)](
                 scores[:, :, a:b],
                 part,
