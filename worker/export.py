@@ -21,7 +21,7 @@ import torch
 
 from storage.bundle.layout import BundleLayout
 from storage.bundle.writer import BundleWriter
-from storage.errors import InvalidJobSpec, JobCancelled, StoreError
+from storage.errors import InvalidJobSpec, JobCancelled, LeaseLost, StoreError
 from storage.jobs.layout import layout_for_job
 from storage.jobs.modelcheck import check_spec_for_model
 from storage.jobs.spec import JobSpec
@@ -291,9 +291,7 @@ class Exporter:
             raise
 
     def _generate(self, batch: Batch, session: ExportSession, units: int) -> None:
-        lm, gen = self.lm, self.spec.generation
-        generator = torch.Generator(device=lm.device).manual_seed(gen.seed) if gen.do_sample else None
-        eos = eos_ids(lm.tokenizer, lm.model) if gen.stop_at_eos else set()
+        gen = self.spec.generation
         # prompt only: no KV cache (at 131K tokens an 8B model's cache alone is 17 GB)
         use_cache = gen.max_new_tokens > 0
         mask = batch.attention_mask
@@ -311,31 +309,79 @@ class Exporter:
         self.timings["prefill"] = time.perf_counter() - t0
         self.timings["prefill_capture_host"] = prefill_host = session.host_s
         t0 = time.perf_counter()
-        done = [False] * len(batch.pads)
-        width = batch.input_ids.shape[1]
         if gen.max_new_tokens:
             self.hooks.phase("decoding")
+        chosen: list[tuple[torch.Tensor, list[bool]]] = []  # each step's tokens (on the device), who made one
+        try:
+            self._decode(batch, session, logits, cache, chosen)
+        except JobCancelled:  # keep the tokens generated so far (the bundle is finished as partial)
+            self._take_generated(chosen)
+            raise
+        self._take_generated(chosen)
+        self.timings["decode"] = time.perf_counter() - t0
+        self.timings["decode_capture_host"] = session.host_s - prefill_host
+
+    def _decode(
+        self,
+        batch: Batch,
+        session: ExportSession,
+        logits: torch.Tensor,
+        cache: Any,
+        chosen: list[tuple[torch.Tensor, list[bool]]],
+    ) -> None:
+        """The decoding steps after the prefill's ``logits`` and ``cache``: each step's tokens go to
+        ``chosen``, read on the host once at the end (:meth:`_take_generated`) unless stopping at
+        EOS needs them at every step (plain batched decoding waits for no token either)."""
+        gen = self.spec.generation
+        generator = torch.Generator(device=self.lm.device).manual_seed(gen.seed) if gen.do_sample else None
+        eos = eos_ids(self.lm.tokenizer, self.lm.model) if gen.stop_at_eos else set()
+        mask = batch.attention_mask
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        done = [False] * len(batch.pads)
+        width = batch.input_ids.shape[1]
         for step in range(gen.max_new_tokens):
             next_ids = choose_next(logits, gen, generator)
             active = [not d for d in done]
-            for b, token in enumerate(next_ids.tolist()):
-                if active[b]:
-                    if self.alternatives is not None:
-                        position = torch.tensor([len(self.prompt_ids[b]) + step])
-                        self.alternatives.record(b, position, logits[b : b + 1], next_ids[b : b + 1])
-                    self.generated[b].append(int(token))
-                    done[b] = int(token) in eos
-                else:
+            if eos:  # whether a sequence goes on depends on this step's token: read them now
+                done = [d or token in eos for d, token in zip(done, next_ids.tolist(), strict=True)]
+            for b in range(len(active)):
+                if not active[b]:
                     next_ids[b] = batch.pad_id
+                elif self.alternatives is not None:
+                    position = torch.tensor([len(self.prompt_ids[b]) + step])
+                    self.alternatives.record(b, position, logits[b : b + 1], next_ids[b : b + 1])
+            chosen.append((next_ids, active))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            session.begin_step(width + step, active)  # feed the new token back: its row and q/k/v
+            pos = pos + 1
+            stop = self._stop_requested()  # a cancel lands within one decoding step
+            last = stop is not None or all(done) or step + 1 == gen.max_new_tokens
+            # feed the new token back: its row and q/k/v (the summary's rows may wait for the last step)
+            session.begin_step(width + step, active, rows_wait=not last)
             logits, cache = self._forward(next_ids[:, None], mask, pos, cache, use_cache=True)
-            self.hooks.check_cancelled()  # a cancel lands within one decoding step
-            if all(done):
+            if stop is not None:
+                raise stop
+            if last:
                 break
-        self.timings["decode"] = time.perf_counter() - t0
-        self.timings["decode_capture_host"] = session.host_s - prefill_host
+
+    def _take_generated(self, chosen: list[tuple[torch.Tensor, list[bool]]]) -> None:
+        """The tokens of ``chosen``'s steps into :attr:`generated` (one read from the device)."""
+        if not chosen:
+            return
+        tokens = torch.stack([ids for ids, _ in chosen]).tolist()  # [steps, B]
+        for step_tokens, (_, active) in zip(tokens, chosen, strict=True):
+            for b, token in enumerate(step_tokens):
+                if active[b]:
+                    self.generated[b].append(int(token))
+        chosen.clear()
+
+    def _stop_requested(self) -> JobCancelled | LeaseLost | None:
+        """The cancel or lost lease the hooks report, if any (raised after one more decoding step:
+        its calls observe the summary rows that waited for it)."""
+        try:
+            self.hooks.check_cancelled()
+        except (JobCancelled, LeaseLost) as stop:
+            return stop
+        return None
 
     def _record_prompt_alternatives(self, batch: Batch, logits: torch.Tensor) -> None:
         assert self.alternatives is not None

@@ -256,8 +256,8 @@ def test_summary_export_takes_the_fused_path_and_equals_the_probability_path(
     device: torch.device, tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A summary-only export of a padded batch with generated tokens, through the interpreter's
-    fused kernels (every layer call, prefill and decoding steps), stores the summary the
-    probability path stores."""
+    fused kernels (every layer call, prefill and decoding steps: rows that waited for the last
+    step), stores the summary the probability path stores."""
     from worker.capture import session
     from worker.capture.metrics import HeadMetricsAccumulator as Accumulator
 
@@ -276,7 +276,8 @@ def test_summary_export_takes_the_fused_path_and_equals_the_probability_path(
 
     monkeypatch.setattr(Accumulator, "observe_qk", counted)
     export(_summary_spec(model), tmp_path / "fused.zarr", device=str(device))
-    assert len(calls) == 2 * 3 and calls[-1][2] == 1  # each layer: the prefill, then 2 decoding steps
+    # each layer: the prefill, then the 2 decoding steps' rows at once (the first step's waited)
+    assert len(calls) == 2 * 2 and calls[-1][2] == 2
     plain = xr.open_zarr(str(tmp_path / "plain.zarr"), group="summary", zarr_format=3).load()
     fused = xr.open_zarr(str(tmp_path / "fused.zarr"), group="summary", zarr_format=3).load()
     assert set(plain.data_vars) == set(fused.data_vars)
@@ -339,3 +340,84 @@ def test_new_lengths_and_positions_compile_no_new_kernels(
     for length in (330, 331, 352, 497):
         run(length, length - 1, [0, 5])
     assert sorted(os.listdir(tmp_path)) == compiled
+
+
+def test_decoding_rows_that_wait_for_the_last_step_give_the_probability_path_summary(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's decoding steps whose rows wait for a later step (worker/capture/waiting_rows.py):
+    a padded batch with its mask, a sequence that stops early, a buffer filled on the way (its rows
+    observed by the call that fills it), and the last step observing the rest — the summary the
+    probability path gives for the same calls, row for row (counts, means, quantiles)."""
+    from storage.jobs.layout import layout_for_job
+    from storage.jobs.spec import JobSpec
+    from storage.models.facts import ModelFacts
+    from worker.capture import session as session_module
+    from worker.capture.hook import AttentionCall
+
+    monkeypatch.setattr(session_module, "MAX_WAITING_ROWS", 3)  # steps 0-2 fill a buffer, 3-4 wait for 5
+    facts = ModelFacts("llama", 2, 4, 2, 16, hidden_size=64)
+    # no prompt row has the 8 keys a row needs to count (the interpreter's time goes to decoding
+    # rows); sequences 0 and 2 count from steps 2 and 1, sequence 2 has no row from step 4
+    lengths, steps, stops_after = [5, 7, 6], 6, {2: 3}
+    width, pads = max(lengths), [max(lengths) - n for n in lengths]
+    gen = torch.Generator().manual_seed(11)
+    total = width + steps
+    q_all = torch.randn(len(lengths), facts.num_heads, total, facts.head_dim, generator=gen) * 2
+    k_all = torch.randn(len(lengths), facts.num_kv_heads, total, facts.head_dim, generator=gen)
+    spec = JobSpec.model_validate(
+        {
+            "model": {"id": "tiny"},
+            "prompts": ["x"] * len(lengths),
+            "generation": {"max_new_tokens": steps, "stop_at_eos": False},
+            "capture": {
+                "attention": False,
+                "summary": True,
+                "summary_params": {"sink_tokens": 1, "local_window": 1},
+            },
+        }
+    )
+    layout = layout_for_job(spec, facts, lengths)
+    params = SummaryParams(sink_tokens=1, local_window=1)  # eligible from 8 keys
+
+    def run(fused: bool) -> Any:
+        monkeypatch.setattr(session_module, "fused_verified", lambda _device, _dtype: fused)
+        metrics = HeadMetricsAccumulator(facts.num_layers, len(lengths), facts.num_heads, params)
+        session = session_module.ExportSession(
+            layout, spec.capture.resolved(), pads, lengths, lambda *a: None, observer=metrics
+        )
+        observed: list[int] = []
+        real = metrics.observe_qk
+
+        def counted(layer_pos: int, query: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            observed.append(query.shape[2])
+            real(layer_pos, query, *args, **kwargs)
+
+        metrics.observe_qk = counted  # type: ignore[method-assign]
+        mask = _left_padded_mask(pads, total)
+        for step in range(-1, steps):  # -1: the prefill
+            q0, q1 = (0, width) if step < 0 else (width + step, width + step + 1)
+            active = [step <= stops_after.get(b, steps) for b in range(len(lengths))]
+            session.begin_step(q0, active, rows_wait=0 <= step < steps - 1)
+            for layer in range(facts.num_layers):
+                q = q_all[:, :, q0:q1].to(device)
+                k = k_all[:, :, :q1].to(device)
+                call = AttentionCall(
+                    layer, q, k, k, mask[:, :, q0:q1, :q1].to(device), facts.head_dim**-0.5, None
+                )
+                session.on_attention(call)
+        session.flush()
+        return metrics.result(), observed
+
+    (got, observed), (want, _) = run(fused=True), run(fused=False)
+    # each layer: the prefill, the 3 rows that filled the buffer, then at the last step two runs:
+    # step 3 (sequence 2's last row) and steps 4-5 (without it)
+    assert observed == [width, width, 3, 3, 1, 2, 1, 2], observed
+    assert want.rows[0].tolist() == [4, 6, 3]
+    np.testing.assert_array_equal(got.rows, want.rows)
+    for name in ROW_METRICS:
+        np.testing.assert_allclose(got.means[name], want.means[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    for name in QUANTILE_METRICS:
+        np.testing.assert_allclose(
+            got.quantiles[name], want.quantiles[name], rtol=2e-4, atol=2e-5, err_msg=name
+        )

@@ -104,12 +104,13 @@ PARAMS = SummaryParams(sink_tokens=2, local_window=6)  # min_keys = 32
 
 
 def _session(
-    lengths: list[int], certifier: Certifier | None = None
+    lengths: list[int], certifier: Certifier | None = None, new_tokens: int = 0
 ) -> tuple[ExportSession, HeadMetricsAccumulator, list[int]]:
     spec = JobSpec.model_validate(
         {
             "model": {"id": "tiny"},
             "prompts": ["x"] * len(lengths),
+            "generation": {"max_new_tokens": new_tokens, "stop_at_eos": False},
             "capture": {
                 "attention": False,
                 "summary": True,
@@ -271,3 +272,47 @@ def test_a_decoding_step_costs_each_layer_a_few_operators(monkeypatch: Any) -> N
     assert per_layer == {"sum": 1, "index_add_": 1, "index_select": 1}, per_layer
     assert reads.to_device == 0 and dict(reads.blocking) == {}
     assert len(rows_checked) == batch  # the wanted sequences, once for the step's every layer
+
+
+def test_decoding_steps_another_step_follows_cost_each_layer_one_copy(monkeypatch: Any) -> None:
+    """Summary-only on the fused path (kernels stubbed), the generation loop saying another step
+    follows (``rows_wait``): each layer's call copies its query row and its mask row into the
+    layer's waiting rows and launches nothing else; the last step's call observes every waiting
+    row at once, one kernel pair a layer (worker/capture/waiting_rows.py)."""
+    from worker.capture import fused_metrics
+    from worker.capture import session as session_module
+    from worker.capture.metrics import ROW_METRICS
+
+    kernel_rows: list[int] = []
+
+    def kernels(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kernel_rows.append(query.shape[2])
+        return torch.empty((len(ROW_METRICS), query.shape[0], query.shape[1], query.shape[2]), device=META)
+
+    monkeypatch.setattr(session_module, "fused_verified", lambda *a: True)
+    monkeypatch.setattr(fused_metrics, "fused_row_metrics", kernels)
+    lengths, steps = [40, 64, 33, 50], 4
+    session, _, _ = _session(lengths, new_tokens=steps)
+    width, batch = max(lengths), len(lengths)
+    reads = DeviceReads()
+    with torch.inference_mode(), reads:
+        _prefill(session, lengths)
+        for step in range(steps):
+            keys = width + step + 1
+            q = torch.empty(batch, FACTS.num_heads, 1, FACTS.head_dim, device=META)
+            k = torch.empty(batch, FACTS.num_kv_heads, keys, FACTS.head_dim, device=META)
+            mask = torch.empty(batch, 1, 1, keys, dtype=torch.bool, device=META)
+            session.begin_step(width + step, [True] * batch, rows_wait=step < steps - 1)
+            if step == 1:
+                reads.operators.clear()
+                kernel_rows.clear()
+            for layer in range(FACTS.num_layers):
+                session.on_attention(AttentionCall(layer, q, k, k, mask, 0.35, None))
+            if step == 1:
+                waiting_ops = dict(reads.operators)
+    views = {"empty", "alias", "view", "slice", "select", "unsqueeze", "expand", "transpose"}  # no kernel
+    per_layer = {name: n / FACTS.num_layers for name, n in waiting_ops.items() if name not in views}
+    assert per_layer == {"copy_": 2}, per_layer  # the query row, the mask row
+    assert kernel_rows == [steps] * FACTS.num_layers  # every step's row, at the last step
+    assert not session._waiting
+    assert dict(reads.blocking) == {}

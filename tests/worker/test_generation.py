@@ -65,3 +65,39 @@ def test_sampling_is_reproducible_with_its_seed(tiny_model_dir: Any, tmp_path: P
     other = _sampled_tokens(folder, 8, tmp_path / "c.zarr")
     assert first == again
     assert first != other
+
+
+@pytest.mark.parametrize("cancel_at_check", [None, 2])
+def test_every_decoding_step_but_the_last_lets_rows_wait(
+    tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancel_at_check: int | None
+) -> None:
+    """The loop tells the session whether another step follows (the summary's rows may wait for it,
+    worker/capture/waiting_rows.py): every decoding step but the last. A cancel seen before a step
+    makes that step the last one, run (its calls observe the waiting rows), then the job stops."""
+    from storage.errors import JobCancelled
+    from worker.capture.session import ExportSession
+
+    from .conftest import CollectingHooks
+
+    flags: list[bool] = []
+    real = ExportSession.begin_step
+
+    def spy(self: ExportSession, q_start: int, active: Any, *, rows_wait: bool = False) -> None:
+        flags.append(rows_wait)
+        real(self, q_start, active, rows_wait=rows_wait)
+
+    monkeypatch.setattr(ExportSession, "begin_step", spy)
+    spec = {
+        "model": {"id": str(tiny_model_dir("llama"))},
+        "prompts": ["hello there", "hi"],
+        "generation": {"max_new_tokens": 4, "stop_at_eos": False},
+        "capture": {"detail": "summary"},
+    }
+    hooks = CollectingHooks(cancel_after_blocks=cancel_at_check)
+    if cancel_at_check is None:
+        export(spec, tmp_path / "b.zarr", hooks=hooks)
+        assert flags == [False, True, True, True, False]  # the prefill, then 4 steps
+    else:
+        with pytest.raises(JobCancelled):
+            export(spec, tmp_path / "b.zarr", hooks=hooks)
+        assert flags == [False, True, False]  # the cancel seen at step 1's check: step 1 is the last

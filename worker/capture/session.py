@@ -11,9 +11,10 @@ writer as whole row blocks. No step holds more than one row block per (array, la
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_verified
 from worker.capture.hook import AttentionCall
 from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager, device_ints
 from worker.capture.rows import RowBlockBuffer
+from worker.capture.waiting_rows import MAX_WAITING_ROWS, QkObserver, WaitingRows
+
+log = logging.getLogger(__name__)
 
 BlockSink = Callable[[str, int, int, int, HostBlock], None]  # (array, layer_pos, batch, block, data)
 
@@ -76,7 +80,9 @@ class ExportSession:
 
     ``pads[b]``: left-padding tokens of sequence b in the GPU batch; ``prompt_lengths[b]``: its
     prompt tokens. The generation loop calls :meth:`begin_step` before each forward pass with the
-    cache position of its first query row and which sequences still produce tokens.
+    cache position of its first query row, which sequences still produce tokens and whether another
+    step follows (``rows_wait``: the fused metrics' rows of this step may wait for a later step's
+    call, :mod:`worker.capture.waiting_rows`; the last step's calls observe every waiting row).
     ``attention_heads[layer_pos]``: real query heads whose attention is stored for that layer
     (default: ``layout.heads``). ``layers``: the model layers captured (a layer shard's part of
     ``layout.layers``; default: all of them), at their positions in the layout.
@@ -128,6 +134,8 @@ class ExportSession:
         self.attention_heads = [list(h) for h in attention_heads] if attention_heads is not None else None
         self.q_start = 0
         self.active = [True] * len(self.pads)
+        self.rows_wait = False
+        self._waiting: dict[int, WaitingRows] = {}  # layer_pos → its decoding rows not yet observed
         self._step_wanted: dict[int, list[int]] = {}  # q_len → the sequences with rows in the call
         self._index_cache: dict[tuple[str, int], torch.Tensor] = {}
         # stored attention row of each position (-1: not stored), per sequence
@@ -165,9 +173,10 @@ class ExportSession:
             stager = self._stagers[tensor.device] = HostStager(tensor.device, self.max_pinned_bytes)
         return stager.to_host(tensor)
 
-    def begin_step(self, q_start: int, active: Sequence[bool]) -> None:
+    def begin_step(self, q_start: int, active: Sequence[bool], *, rows_wait: bool = False) -> None:
         self.q_start = q_start
         self.active = list(active)
+        self.rows_wait = rows_wait
         self._step_wanted = {}
 
     def _index(self, kind: str, lp: int, device: torch.device) -> torch.Tensor:
@@ -213,6 +222,8 @@ class ExportSession:
         certify = self.certifier is not None and self.certifier.due(call.layer_idx, q_len)
         checked = Certifier.sequences(self.pads, self.active) if certify else frozenset()
         fused = self._fused_observe(call, lp, k_abs0)
+        if not fused and lp in self._waiting:  # earlier steps' rows, observed with this call's keys
+            self._observe_waiting(self._waiting.pop(lp), lp, call, k_abs0)
         # fused metrics alone (no q/k/v, KV or check of a sequence): nothing to do per sequence
         per_sequence = not fused or self.store_qkv or self.kv is not None or bool(checked)
         picks: list[tuple[int, int, int, tuple[int, int]]] = []  # sequences the certifier computes
@@ -280,12 +291,29 @@ class ExportSession:
         return fused_verified(call.query.device, call.query.dtype)
 
     def _observe_fused(self, call: AttentionCall, lp: int, k_abs0: int) -> None:
-        """Every active sequence's rows of this call to the observer at once, from q and k."""
+        """Every active sequence's rows of this call to the observer at once, from q and k — or,
+        in a decoding step another step follows, kept waiting for a later call of this layer."""
         q_len = call.query.shape[2]
         wanted = self._step_wanted.get(q_len)
         if wanted is None:  # the same for every layer of a forward pass
             wanted = [b for b in range(len(self.pads)) if self.active[b] and self._rows(b, q_len)[1] < q_len]
             self._step_wanted[q_len] = wanted
+        waiting = self._waiting.pop(lp, None)
+        if waiting is not None and not waiting.takes(call.query, call.mask, self.q_start, k_abs0):
+            self._observe_waiting(waiting, lp, call, k_abs0)
+            waiting = None
+        # rows wait only where a later call's keys surely hold theirs: no window (its cache may drop keys)
+        can_wait = self.rows_wait and call.sliding_window is None
+        if waiting is None and can_wait:
+            capacity = max(q_len, min(MAX_WAITING_ROWS, self.layout.positions - self.q_start))
+            waiting = WaitingRows(call.query, call.mask, self.q_start, k_abs0, capacity, call.scaling)
+        if waiting is not None:
+            waiting.add(call.query, call.mask, wanted)
+            if can_wait and not waiting.full:
+                self._waiting[lp] = waiting
+            else:
+                self._observe_waiting(waiting, lp, call, k_abs0)
+            return
         if not wanted:
             return
         self.observer.observe_qk(  # type: ignore[union-attr]
@@ -300,6 +328,10 @@ class ExportSession:
             mask=call.mask,
             sliding_window=call.sliding_window,
         )
+
+    def _observe_waiting(self, waiting: WaitingRows, lp: int, call: AttentionCall, k_abs0: int) -> None:
+        """``waiting``'s rows (earlier steps', and this call's if added) with this call's keys."""
+        waiting.observe(cast(QkObserver, self.observer), lp, call.key, k_abs0, self.pads)
 
     def on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Residual stream after layer ``layer_idx``: ``hidden [B, Tq, hidden]``."""
@@ -475,7 +507,11 @@ class ExportSession:
         return probs[0]
 
     def flush(self) -> None:
-        """Write every incomplete last row block (end of the job, or a cancelled job's partial data)."""
+        """Write every incomplete last row block (end of the job, or a cancelled job's partial data).
+        Rows still waiting (no last step ran: the loop was stopped by an error) are not observed."""
+        if self._waiting:
+            log.warning("rows of %d layers' last decoding steps were never observed", len(self._waiting))
+            self._waiting.clear()
         for (name, lp, b), buffer in self._buffers.items():
             tail = buffer.flush()
             if tail is not None:
