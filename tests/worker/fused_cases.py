@@ -233,6 +233,13 @@ def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> No
     got, want = fused.result(), plain.result()
     np.testing.assert_array_equal(got.rows, want.rows)
     assert want.rows.tolist() == [[length - 16 + 1, length - 5 - 16 + 1]]
+    _assert_same_summary(got, want)
+
+
+def _assert_same_summary(got: Any, want: Any) -> None:
+    """Two :class:`HeadSummary` of the same rows: equal counts and context, means and quantiles
+    within fp32 rounding."""
+    np.testing.assert_array_equal(got.rows, want.rows)
     np.testing.assert_array_equal(got.context_min, want.context_min)
     np.testing.assert_array_equal(got.context_max, want.context_max)
     for name in ROW_METRICS:
@@ -349,43 +356,27 @@ def test_decoding_rows_that_wait_for_the_last_step_give_the_probability_path_sum
     a padded batch with its mask, a sequence that stops early, a buffer filled on the way (its rows
     observed by the call that fills it), and the last step observing the rest — the summary the
     probability path gives for the same calls, row for row (counts, means, quantiles)."""
-    from storage.jobs.layout import layout_for_job
-    from storage.jobs.spec import JobSpec
     from storage.models.facts import ModelFacts
     from worker.capture import session as session_module
     from worker.capture.hook import AttentionCall
 
+    from .test_device_syncs import summary_session
+
     monkeypatch.setattr(session_module, "MAX_WAITING_ROWS", 3)  # steps 0-2 fill a buffer, 3-4 wait for 5
     facts = ModelFacts("llama", 2, 4, 2, 16, hidden_size=64)
+    params = SummaryParams(sink_tokens=1, local_window=1)  # rows count from 8 keys
     # no prompt row has the 8 keys a row needs to count (the interpreter's time goes to decoding
     # rows); sequences 0 and 2 count from steps 2 and 1, sequence 2 has no row from step 4
     lengths, steps, stops_after = [5, 7, 6], 6, {2: 3}
-    width, pads = max(lengths), [max(lengths) - n for n in lengths]
+    width = max(lengths)
     gen = torch.Generator().manual_seed(11)
     total = width + steps
     q_all = torch.randn(len(lengths), facts.num_heads, total, facts.head_dim, generator=gen) * 2
     k_all = torch.randn(len(lengths), facts.num_kv_heads, total, facts.head_dim, generator=gen)
-    spec = JobSpec.model_validate(
-        {
-            "model": {"id": "tiny"},
-            "prompts": ["x"] * len(lengths),
-            "generation": {"max_new_tokens": steps, "stop_at_eos": False},
-            "capture": {
-                "attention": False,
-                "summary": True,
-                "summary_params": {"sink_tokens": 1, "local_window": 1},
-            },
-        }
-    )
-    layout = layout_for_job(spec, facts, lengths)
-    params = SummaryParams(sink_tokens=1, local_window=1)  # eligible from 8 keys
 
     def run(fused: bool) -> Any:
         monkeypatch.setattr(session_module, "fused_verified", lambda _device, _dtype: fused)
-        metrics = HeadMetricsAccumulator(facts.num_layers, len(lengths), facts.num_heads, params)
-        session = session_module.ExportSession(
-            layout, spec.capture.resolved(), pads, lengths, lambda *a: None, observer=metrics
-        )
+        session, metrics, pads = summary_session(lengths, facts, params, new_tokens=steps)
         observed: list[int] = []
         real = metrics.observe_qk
 
@@ -414,10 +405,4 @@ def test_decoding_rows_that_wait_for_the_last_step_give_the_probability_path_sum
     # step 3 (sequence 2's last row) and steps 4-5 (without it)
     assert observed == [width, width, 3, 3, 1, 2, 1, 2], observed
     assert want.rows[0].tolist() == [4, 6, 3]
-    np.testing.assert_array_equal(got.rows, want.rows)
-    for name in ROW_METRICS:
-        np.testing.assert_allclose(got.means[name], want.means[name], rtol=2e-4, atol=2e-5, err_msg=name)
-    for name in QUANTILE_METRICS:
-        np.testing.assert_allclose(
-            got.quantiles[name], want.quantiles[name], rtol=2e-4, atol=2e-5, err_msg=name
-        )
+    _assert_same_summary(got, want)

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,9 +104,16 @@ FACTS = ModelFacts("llama", 3, 4, 2, 8, hidden_size=32)
 PARAMS = SummaryParams(sink_tokens=2, local_window=6)  # min_keys = 32
 
 
-def _session(
-    lengths: list[int], certifier: Certifier | None = None, new_tokens: int = 0
+def summary_session(
+    lengths: list[int],
+    facts: ModelFacts,
+    params: SummaryParams,
+    *,
+    new_tokens: int = 0,
+    certifier: Certifier | None = None,
 ) -> tuple[ExportSession, HeadMetricsAccumulator, list[int]]:
+    """A summary-only export session of a left-padded batch of ``lengths`` (the accumulator it feeds,
+    the pads), for a model of ``facts`` generating ``new_tokens``."""
     spec = JobSpec.model_validate(
         {
             "model": {"id": "tiny"},
@@ -114,18 +122,24 @@ def _session(
             "capture": {
                 "attention": False,
                 "summary": True,
-                "summary_params": {"sink_tokens": 2, "local_window": 6},
+                "summary_params": {"sink_tokens": params.sink_tokens, "local_window": params.local_window},
             },
         }
     )
-    layout = layout_for_job(spec, FACTS, lengths)
-    metrics = HeadMetricsAccumulator(len(layout.layers), len(lengths), len(layout.heads), PARAMS)
+    layout = layout_for_job(spec, facts, lengths)
+    metrics = HeadMetricsAccumulator(len(layout.layers), len(lengths), len(layout.heads), params)
     width = max(lengths)
     pads = [width - n for n in lengths]
     session = ExportSession(
         layout, spec.capture.resolved(), pads, lengths, lambda *a: None, observer=metrics, certifier=certifier
     )
     return session, metrics, pads
+
+
+def _session(
+    lengths: list[int], certifier: Certifier | None = None, new_tokens: int = 0
+) -> tuple[ExportSession, HeadMetricsAccumulator, list[int]]:
+    return summary_session(lengths, FACTS, PARAMS, new_tokens=new_tokens, certifier=certifier)
 
 
 def _prefill(session: ExportSession, lengths: list[int]) -> None:
@@ -221,23 +235,33 @@ def test_a_session_checks_only_the_sampled_sequences(monkeypatch: Any) -> None:
     assert sorted(checked) == sorted(list(sample) * 3)
 
 
-def test_a_decoding_step_costs_each_layer_a_few_operators(monkeypatch: Any) -> None:
-    """Summary-only on the fused path (kernels stubbed: meta data cannot run them): after the first
-    step, a decoding step's layer call runs the kernels and a handful of operators on the device
-    (sum, index_add, the quantile metrics' selection), copies nothing to it, reads nothing from it,
-    and does no per-sequence work; the bookkeeping a forward pass's layers share is done once."""
+@pytest.fixture
+def stubbed_kernels(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fused path taken on "device" (meta) data, its kernels stubbed (meta data cannot run
+    them): the query rows of each kernel call, in order."""
     from worker.capture import fused_metrics
     from worker.capture import session as session_module
     from worker.capture.metrics import ROW_METRICS
 
-    kernel_calls: list[int] = []
+    rows: list[int] = []
 
     def kernels(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        kernel_calls.append(query.shape[2])
+        rows.append(query.shape[2])
         return torch.empty((len(ROW_METRICS), query.shape[0], query.shape[1], query.shape[2]), device=META)
 
     monkeypatch.setattr(session_module, "fused_verified", lambda *a: True)
     monkeypatch.setattr(fused_metrics, "fused_row_metrics", kernels)
+    return rows
+
+
+def test_a_decoding_step_costs_each_layer_a_few_operators(
+    monkeypatch: Any, stubbed_kernels: list[int]
+) -> None:
+    """Summary-only on the fused path (kernels stubbed: meta data cannot run them): after the first
+    step, a decoding step's layer call runs the kernels and a handful of operators on the device
+    (sum, index_add, the quantile metrics' selection), copies nothing to it, reads nothing from it,
+    and does no per-sequence work; the bookkeeping a forward pass's layers share is done once."""
+    kernel_calls = stubbed_kernels
     lengths = [40, 64, 33, 50]
     session, _, _ = _session(lengths)
     width, batch = max(lengths), len(lengths)
@@ -274,23 +298,12 @@ def test_a_decoding_step_costs_each_layer_a_few_operators(monkeypatch: Any) -> N
     assert len(rows_checked) == batch  # the wanted sequences, once for the step's every layer
 
 
-def test_decoding_steps_another_step_follows_cost_each_layer_one_copy(monkeypatch: Any) -> None:
+def test_decoding_steps_another_step_follows_cost_each_layer_one_copy(stubbed_kernels: list[int]) -> None:
     """Summary-only on the fused path (kernels stubbed), the generation loop saying another step
     follows (``rows_wait``): each layer's call copies its query row and its mask row into the
     layer's waiting rows and launches nothing else; the last step's call observes every waiting
     row at once, one kernel pair a layer (worker/capture/waiting_rows.py)."""
-    from worker.capture import fused_metrics
-    from worker.capture import session as session_module
-    from worker.capture.metrics import ROW_METRICS
-
-    kernel_rows: list[int] = []
-
-    def kernels(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        kernel_rows.append(query.shape[2])
-        return torch.empty((len(ROW_METRICS), query.shape[0], query.shape[1], query.shape[2]), device=META)
-
-    monkeypatch.setattr(session_module, "fused_verified", lambda *a: True)
-    monkeypatch.setattr(fused_metrics, "fused_row_metrics", kernels)
+    kernel_rows = stubbed_kernels
     lengths, steps = [40, 64, 33, 50], 4
     session, _, _ = _session(lengths, new_tokens=steps)
     width, batch = max(lengths), len(lengths)

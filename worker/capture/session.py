@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_verified
 from worker.capture.hook import AttentionCall
 from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager, device_ints
 from worker.capture.rows import RowBlockBuffer
-from worker.capture.waiting_rows import MAX_WAITING_ROWS, QkObserver, WaitingRows
+from worker.capture.waiting_rows import MAX_WAITING_ROWS, WaitingRows
+
+if TYPE_CHECKING:
+    from worker.capture.metrics import HeadMetricsAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +334,7 @@ class ExportSession:
 
     def _observe_waiting(self, waiting: WaitingRows, lp: int, call: AttentionCall, k_abs0: int) -> None:
         """``waiting``'s rows (earlier steps', and this call's if added) with this call's keys."""
-        waiting.observe(cast(QkObserver, self.observer), lp, call.key, k_abs0, self.pads)
+        waiting.observe(cast("HeadMetricsAccumulator", self.observer), lp, call.key, k_abs0, self.pads)
 
     def on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Residual stream after layer ``layer_idx``: ``hidden [B, Tq, hidden]``."""

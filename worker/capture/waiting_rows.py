@@ -22,30 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from worker.capture.metrics import HeadMetricsAccumulator
+
 MAX_WAITING_ROWS = 64  # decoding steps a layer's rows wait at most (the buffer: B·H·64·D values)
-
-
-class QkObserver(Protocol):
-    """What observes rows from q and k (:meth:`worker.capture.metrics.HeadMetricsAccumulator.observe_qk`)."""
-
-    def observe_qk(
-        self,
-        layer_pos: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        pads: Sequence[int],
-        batch_indices: Sequence[int],
-        *,
-        query_offset: int,
-        key_offset: int,
-        scaling: float,
-        mask: torch.Tensor | None = None,
-        sliding_window: int | None = None,
-    ) -> None: ...
 
 
 @dataclass
@@ -115,7 +99,7 @@ class WaitingRows:
 
     def observe(
         self,
-        observer: QkObserver,
+        observer: HeadMetricsAccumulator,
         layer_pos: int,
         key: torch.Tensor,
         key_offset: int,
