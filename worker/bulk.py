@@ -7,12 +7,14 @@ into its own group of the bundle, ``batches/<k>`` (a complete format-1.x bundle 
 with their job-wide indices and source rows): a reader sees every finished micro-batch while the
 job runs. The root (format 2.0) holds the sequence table (group ``sequences``) once the job ends.
 
-Writes overlap the next forward passes: once micro-batch ``k``'s forward passes ran (row blocks
-queued in its writer's pipeline) and its small arrays were computed
-(:meth:`worker.export.Exporter.run_until_finish`), its drain — waiting for its chunks, the small
-arrays, summary and kv groups, the metadata that marks it complete and its consolidation
+Writes overlap the next forward passes: once micro-batch ``k``'s forward passes were queued (row
+blocks queued in its writer's pipeline) and its token arrays computed
+(:meth:`worker.export.Exporter.run_until_finish`), its drain — waiting for the device's figures
+(the summary, the kv compression, the certificate), then for its chunks, the small arrays, summary
+and kv groups, the metadata that marks it complete and its consolidation
 (:meth:`~worker.export.Exporter.write_finish`) — runs on a thread of its own (:class:`_Drain`) while
-micro-batch ``k + 1``'s forward passes run. At most one micro-batch drains at a time: the forward
+micro-batch ``k + 1``'s forward passes are queued: the forward thread does not wait for micro-batch
+``k``'s device work before it queues ``k + 1``'s (its input ids go to the device as queued copies). At most one micro-batch drains at a time: the forward
 thread waits for drain ``k`` before it hands over ``k + 1`` (back-pressure; memory is bounded by two
 writers' pending bytes). A micro-batch counts as finished — its table entry, the progress
 (``unit_done``, ``on_tokens``) — only once its drain wrote everything, on the drain thread. A drain's
@@ -361,7 +363,7 @@ class BulkExporter:
 
         def finish() -> None:
             t0 = time.perf_counter()
-            summary = exporter.write_finish(prepared)
+            summary = exporter.write_finish(prepared())
             timings = dict(summary["timings_s"])
             timings["total"] -= timings.pop("load_model", 0.0)  # the model loads once per process
             timings["drain"] = time.perf_counter() - t0

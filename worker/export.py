@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -225,13 +226,15 @@ class Exporter:
             self.hooks.check_cancelled()
 
     def run(self, job_id: str) -> dict[str, Any]:
-        return self.write_finish(self.run_until_finish(job_id))
+        return self.write_finish(self.run_until_finish(job_id)())
 
-    def run_until_finish(self, job_id: str) -> PreparedFinish:
-        """:meth:`run` up to its writes: every forward pass (row blocks queued), then
-        :meth:`prepare_finish`; the caller passes the result to :meth:`write_finish` (a bulk job,
-        on its drain thread). On a cancel the bundle is finished as partial here and JobCancelled
-        raised."""
+    def run_until_finish(self, job_id: str) -> Callable[[], PreparedFinish]:
+        """:meth:`run` up to its writes: every forward pass (row blocks queued) and the part of
+        :meth:`prepare_finish` that needs the tokenizer; returns the rest, which waits for the
+        device's figures (the metrics, the kv compression, the certificate), for the caller to run
+        on any thread before :meth:`write_finish` (a bulk job, on its drain thread, while the next
+        micro-batch's passes are queued). On a cancel the bundle is finished as partial here and
+        JobCancelled raised."""
         started = time.perf_counter()
         try:
             self.run_passes(job_id)
@@ -239,10 +242,19 @@ class Exporter:
             self.finish(started=started, partial=True)
             raise
         try:
-            return self.prepare_finish(started=started, partial=False)
+            device_part = self._prepare_host(started=started, partial=False)
         except BaseException:
             self.writer.close()  # chunks already queued are stored and recorded (partial data)
             raise
+
+        def prepared() -> PreparedFinish:
+            try:
+                return device_part()
+            except BaseException:
+                self.writer.close()
+                raise
+
+        return prepared
 
     def run_passes(self, job_id: str) -> None:
         """Create the bundle's arrays (a layer shard opens them) and run every forward pass,
@@ -469,10 +481,15 @@ class Exporter:
         return self.write_finish(self.prepare_finish(started, partial))
 
     def prepare_finish(self, started: float, partial: bool) -> PreparedFinish:
-        """What :meth:`finish` writes, computed on the forward thread (the tokenizer, the metrics,
-        the kv compression: everything that touches torch or the model), as numpy arrays and
-        attributes; nothing is written. A bulk job writes it on its drain thread while the next
-        micro-batch's forward passes run (worker/bulk.py)."""
+        """What :meth:`finish` writes, as numpy arrays and attributes; nothing is written. A bulk
+        job computes it in two parts (:meth:`run_until_finish`) and writes it on its drain thread
+        while the next micro-batch's forward passes run (worker/bulk.py)."""
+        return self._prepare_host(started, partial)()
+
+    def _prepare_host(self, started: float, partial: bool) -> Callable[[], PreparedFinish]:
+        """:meth:`prepare_finish`'s tokenizer part, on the forward thread (the tokenizer is not
+        shared between threads; the token ids are on the host); returns its device part (the
+        metrics, the kv compression, the certificate: torch only, any thread)."""
         self.hooks.phase("finalizing")
         layout, tok = self.layout, self.lm.tokenizer
         tokens = np.full((layout.batch, layout.positions), -1, dtype=np.int32)
@@ -506,6 +523,25 @@ class Exporter:
         arrays.update(self.attention_facts.arrays())
         if self.alternatives is not None:
             arrays.update(self.alternatives.arrays(tok))
+        texts = {"prompts": self.texts, "generated": generated_texts}
+        return lambda: self._prepare_device(
+            started, partial, arrays, lengths, prompt_lengths, token_strings, texts
+        )
+
+    @torch.inference_mode()  # the tensors were made in it (this may run on another thread)
+    def _prepare_device(
+        self,
+        started: float,
+        partial: bool,
+        arrays: dict[str, np.ndarray],
+        lengths: list[int],
+        prompt_lengths: list[int],
+        token_strings: list[list[str]],
+        texts: dict[str, list[str]],
+    ) -> PreparedFinish:
+        """:meth:`prepare_finish`'s device part: the summary, the kv compression, the certificate
+        (each waits for the device), then the attributes."""
+        layout = self.layout
         groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]] = {}
         summary_attrs: dict[str, Any] = {}
         if self.metrics is not None:
@@ -531,14 +567,14 @@ class Exporter:
         summary = {
             "lengths": lengths,
             "prompt_lengths": prompt_lengths,
-            "generated": generated_texts,
+            "generated": texts["generated"],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             **({"summary": summary_attrs} if summary_attrs else {}),
             **({"kv_compression": kv_status} if kv_status else {}),
         }
         attrs = {
             "token_strings": token_strings,
-            "texts": {"prompts": self.texts, "generated": generated_texts},
+            "texts": texts,
             "attention_rows": lengths,
             "certificate": self.certifier.certificate(),
             "timings_s": summary["timings_s"],

@@ -12,6 +12,7 @@ import torch
 
 from storage.errors import InvalidJobSpec, UnsupportedModel
 from storage.jobs.spec import GenerationSpec, JobSpec
+from worker.capture.hostcopy import device_ints
 
 
 @dataclass
@@ -55,15 +56,12 @@ def tokenize(spec: JobSpec, tokenizer: Any, max_positions: int | None) -> list[l
 
 
 def make_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> Batch:
-    """Left-pad ``sequences`` into one batch."""
+    """Left-pad ``sequences`` into one batch, queued to ``device`` behind the work already there
+    (a bulk job's next micro-batch does not wait for the previous one's passes)."""
     width = max(len(p) for p in sequences)
     pads = [width - len(p) for p in sequences]
-    input_ids = torch.tensor(
-        [[pad_id] * pad + p for pad, p in zip(pads, sequences, strict=True)], device=device
-    )
-    mask = torch.tensor(
-        [[0] * pad + [1] * len(p) for pad, p in zip(pads, sequences, strict=True)], device=device
-    )
+    input_ids = device_ints([[pad_id] * pad + p for pad, p in zip(pads, sequences, strict=True)], device)
+    mask = device_ints([[0] * pad + [1] * len(p) for pad, p in zip(pads, sequences, strict=True)], device)
     return Batch(input_ids, mask, pads, pad_id)
 
 

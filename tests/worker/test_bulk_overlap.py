@@ -175,3 +175,45 @@ def test_a_cancel_during_a_drain_keeps_the_draining_micro_batch(tiny_model_dir: 
     assert "partial_table" not in table.attrs  # the root's table, written at the cancel
     assert set(table["batch"].values.tolist()) == {0} and hooks.units == table.sizes["sequence"]
     assert max(_batch(r) for r in hooks.records) == 1  # micro-batch 2 never started
+
+
+def test_a_micro_batch_waits_for_its_device_figures_on_the_drain_thread(
+    tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a micro-batch that waits for the device (its summary, its certificate) runs on the
+    drain thread, so the forward thread queues the next micro-batch's passes without waiting for
+    this one's; what needs the tokenizer (the token strings) stays on the forward thread."""
+    from worker.capture.metrics import HeadMetricsAccumulator
+    from worker.export import Exporter
+
+    threads: dict[str, set[str]] = {"host": set(), "device": set(), "summary": set()}
+
+    def spied(name: str, real: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            threads[name].add(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(Exporter, "_prepare_host", spied("host", Exporter._prepare_host))
+    monkeypatch.setattr(Exporter, "_prepare_device", spied("device", Exporter._prepare_device))
+    monkeypatch.setattr(HeadMetricsAccumulator, "result", spied("summary", HeadMetricsAccumulator.result))
+    source = {"kind": "prompts", "prompts": _prompts(10, seed=2), "token_budget": 256, "max_sequences": 4}
+    spec = JobSpec.model_validate(
+        {
+            "model": {"id": str(tiny_model_dir("llama"))},
+            "source": source,
+            "generation": {"max_new_tokens": 2, "stop_at_eos": False},
+            "capture": {"detail": "summary", "summary_params": {"sink_tokens": 1, "local_window": 1}},
+        }
+    )
+    summary = BulkExporter(spec, loaded(spec), CollectingHooks(), bundle_url=str(tmp_path / "b.zarr")).run(
+        "t"
+    )
+    assert summary["micro_batches"] >= 3
+    assert threads["host"] == {threading.main_thread().name}
+    assert len(threads["device"]) == 1 and next(iter(threads["device"])).startswith("qkvault-drain")
+    assert threads["summary"] == threads["device"]
+    ours = open_bulk(tmp_path / "b.zarr")
+    assert ours.attrs["complete"] is True
+    assert np.isfinite(ours.summary()["k90"].values).all()
