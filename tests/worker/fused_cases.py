@@ -362,7 +362,9 @@ def test_decoding_rows_that_wait_for_the_last_step_give_the_probability_path_sum
 
     from .test_device_syncs import summary_session
 
-    monkeypatch.setattr(session_module, "MAX_WAITING_ROWS", 3)  # steps 0-2 fill a buffer, 3-4 wait for 5
+    from worker.capture import waiting_rows
+
+    monkeypatch.setattr(waiting_rows, "MAX_WAITING_ROWS", 3)  # steps 0-2 fill a buffer, 3-4 wait for 5
     facts = ModelFacts("llama", 2, 4, 2, 16, hidden_size=64)
     params = SummaryParams(sink_tokens=1, local_window=1)  # rows count from 8 keys
     # no prompt row has the 8 keys a row needs to count (the interpreter's time goes to decoding

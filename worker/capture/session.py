@@ -33,7 +33,7 @@ from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_verified
 from worker.capture.hook import AttentionCall
 from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager, device_ints
 from worker.capture.rows import RowBlockBuffer
-from worker.capture.waiting_rows import MAX_WAITING_ROWS, WaitingRows
+from worker.capture.waiting_rows import WaitingRows, waiting_capacity
 
 if TYPE_CHECKING:
     from worker.capture.metrics import HeadMetricsAccumulator
@@ -308,7 +308,8 @@ class ExportSession:
         # rows wait only where a later call's keys surely hold theirs: no window (its cache may drop keys)
         can_wait = self.rows_wait and call.sliding_window is None
         if waiting is None and can_wait:
-            capacity = max(q_len, min(MAX_WAITING_ROWS, self.layout.positions - self.q_start))
+            rows_left = self.layout.positions - self.q_start
+            capacity = waiting_capacity(call.query, call.mask, self.q_start, k_abs0, rows_left)
             waiting = WaitingRows(call.query, call.mask, self.q_start, k_abs0, capacity, call.scaling)
         if waiting is not None:
             waiting.add(call.query, call.mask, wanted)

@@ -29,7 +29,21 @@ import torch
 if TYPE_CHECKING:
     from worker.capture.metrics import HeadMetricsAccumulator
 
-MAX_WAITING_ROWS = 64  # decoding steps a layer's rows wait at most (the buffer: B·H·64·D values)
+MAX_WAITING_ROWS = 64  # decoding steps a layer's rows wait at most
+MAX_WAITING_BYTES = 8 << 20  # a layer's buffers at most (32 layers: 256 MiB), whatever the batch
+
+
+def waiting_capacity(
+    query: torch.Tensor, mask: torch.Tensor | None, q_start: int, key_offset: int, rows_left: int
+) -> int:
+    """Rows a layer's buffer holds for calls like this one (``query [B, H, n, D]``, ``mask [B, M1, n,
+    Kc]``) with ``rows_left`` rows to come at most: :data:`MAX_WAITING_ROWS`, fewer where
+    :data:`MAX_WAITING_BYTES` would not hold them, never fewer than the call's own rows."""
+    batch, heads, n, dim = query.shape
+    row_bytes = batch * heads * dim * query.element_size()
+    if mask is not None:  # one bool a key the last row could see
+        row_bytes += batch * mask.shape[1] * (q_start + MAX_WAITING_ROWS - key_offset)
+    return max(n, min(MAX_WAITING_ROWS, rows_left, MAX_WAITING_BYTES // row_bytes))
 
 
 @dataclass
