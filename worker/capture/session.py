@@ -139,6 +139,7 @@ class ExportSession:
         self.active = [True] * len(self.pads)
         self.rows_wait = False
         self._waiting: dict[int, WaitingRows] = {}  # layer_pos → its decoding rows not yet observed
+        self._masks_joined: dict[tuple[int, ...], torch.Tensor] = {}  # this step's (WaitingRows.observe)
         self._step_wanted: dict[int, list[int]] = {}  # q_len → the sequences with rows in the call
         self._index_cache: dict[tuple[str, int], torch.Tensor] = {}
         # stored attention row of each position (-1: not stored), per sequence
@@ -181,6 +182,7 @@ class ExportSession:
         self.active = list(active)
         self.rows_wait = rows_wait
         self._step_wanted = {}
+        self._masks_joined = {}
 
     def _index(self, kind: str, lp: int, device: torch.device) -> torch.Tensor:
         key = (kind, lp)
@@ -335,7 +337,8 @@ class ExportSession:
 
     def _observe_waiting(self, waiting: WaitingRows, lp: int, call: AttentionCall, k_abs0: int) -> None:
         """``waiting``'s rows (earlier steps', and this call's if added) with this call's keys."""
-        waiting.observe(cast("HeadMetricsAccumulator", self.observer), lp, call.key, k_abs0, self.pads)
+        observer = cast("HeadMetricsAccumulator", self.observer)
+        waiting.observe(observer, lp, call.key, k_abs0, self.pads, self._masks_joined)
 
     def on_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Residual stream after layer ``layer_idx``: ``hidden [B, Tq, hidden]``."""
