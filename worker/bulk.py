@@ -14,11 +14,12 @@ blocks queued in its writer's pipeline) and its token arrays computed
 and kv groups, the metadata that marks it complete and its consolidation
 (:meth:`~worker.export.Exporter.write_finish`) — runs on a thread of its own (:class:`_Drain`) while
 micro-batch ``k + 1``'s forward passes are queued: the forward thread does not wait for micro-batch
-``k``'s device work before it queues ``k + 1``'s (its input ids go to the device as queued copies). At most one micro-batch drains at a time: the forward
-thread waits for drain ``k`` before it hands over ``k + 1`` (back-pressure; memory is bounded by two
-writers' pending bytes). A micro-batch counts as finished — its table entry, the progress
-(``unit_done``, ``on_tokens``) — only once its drain wrote everything, on the drain thread. A drain's
-error is raised on the forward thread at its next row block (or wait), and fails the job.
+``k``'s device work before it queues ``k + 1``'s (its input ids go to the device as queued copies).
+At most one micro-batch drains at a time: the forward thread waits for drain ``k`` before it hands
+over ``k + 1`` (back-pressure; memory is bounded by two writers' pending bytes). A micro-batch
+counts as finished — its table entry, the progress (``unit_done``, ``on_tokens``) — only once its
+drain wrote everything, on the drain thread. A drain's error is raised on the forward thread at its
+next row block (or wait), and fails the job.
 
 A resumed attempt plans the same micro-batches (the plan depends only on the rows and the spec)
 and skips those whose group is complete; a cancel stops within one micro-batch and keeps the

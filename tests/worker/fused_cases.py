@@ -358,11 +358,10 @@ def test_decoding_rows_that_wait_for_the_last_step_give_the_probability_path_sum
     probability path gives for the same calls, row for row (counts, means, quantiles)."""
     from storage.models.facts import ModelFacts
     from worker.capture import session as session_module
+    from worker.capture import waiting_rows
     from worker.capture.hook import AttentionCall
 
     from .test_device_syncs import summary_session
-
-    from worker.capture import waiting_rows
 
     monkeypatch.setattr(waiting_rows, "MAX_WAITING_ROWS", 3)  # steps 0-2 fill a buffer, 3-4 wait for 5
     facts = ModelFacts("llama", 2, 4, 2, 16, hidden_size=64)
