@@ -89,6 +89,19 @@ class PreparedFinish:
     partial: bool
 
 
+@dataclass
+class _Tokenized:
+    """What :meth:`Exporter.prepare_finish` computes with the tokenizer (on the forward thread): the
+    root's small ``arrays`` so far, each sequence's length, prompt length and token strings, the
+    prompts' and generated texts."""
+
+    arrays: dict[str, np.ndarray]
+    lengths: list[int]
+    prompt_lengths: list[int]
+    token_strings: list[list[str]]
+    texts: dict[str, list[str]]
+
+
 class Exporter:
     """Runs one padded batch's forward passes under capture and writes its bundle: a job's
     ``prompts``, or one micro-batch of a bulk job (``batch``)."""
@@ -524,24 +537,15 @@ class Exporter:
         if self.alternatives is not None:
             arrays.update(self.alternatives.arrays(tok))
         texts = {"prompts": self.texts, "generated": generated_texts}
-        return lambda: self._prepare_device(
-            started, partial, arrays, lengths, prompt_lengths, token_strings, texts
-        )
+        tokenized = _Tokenized(arrays, lengths, prompt_lengths, token_strings, texts)
+        return lambda: self._prepare_device(started, partial, tokenized)
 
     @torch.inference_mode()  # the tensors were made in it (this may run on another thread)
-    def _prepare_device(
-        self,
-        started: float,
-        partial: bool,
-        arrays: dict[str, np.ndarray],
-        lengths: list[int],
-        prompt_lengths: list[int],
-        token_strings: list[list[str]],
-        texts: dict[str, list[str]],
-    ) -> PreparedFinish:
+    def _prepare_device(self, started: float, partial: bool, tokenized: _Tokenized) -> PreparedFinish:
         """:meth:`prepare_finish`'s device part: the summary, the kv compression, the certificate
         (each waits for the device), then the attributes."""
-        layout = self.layout
+        layout, arrays, lengths = self.layout, tokenized.arrays, tokenized.lengths
+        prompt_lengths, texts = tokenized.prompt_lengths, tokenized.texts
         groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]] = {}
         summary_attrs: dict[str, Any] = {}
         if self.metrics is not None:
@@ -573,7 +577,7 @@ class Exporter:
             **({"kv_compression": kv_status} if kv_status else {}),
         }
         attrs = {
-            "token_strings": token_strings,
+            "token_strings": tokenized.token_strings,
             "texts": texts,
             "attention_rows": lengths,
             "certificate": self.certifier.certificate(),

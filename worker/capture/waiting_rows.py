@@ -46,7 +46,8 @@ def waiting_capacity(
 
 @dataclass
 class _Run:
-    """Waiting rows ``first .. first + rows - 1`` (buffer rows) of the same wanted sequences."""
+    """Waiting rows ``first .. first + rows - 1`` (counted from the first waiting row) of the same
+    wanted sequences."""
 
     first: int
     rows: int
