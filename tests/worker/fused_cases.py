@@ -109,7 +109,7 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
     from worker.capture.fused_metrics import fused_row_metrics
 
     gen = torch.Generator().manual_seed(7)
-    heads, dim, length, pads, first = 2, 16, 40, [0, 9], 12
+    heads, dim, length, pads, first = 2, 16, 32, [0, 9], 12
     q = torch.randn(2, heads, length, dim, generator=gen) * 2
     k = torch.randn(2, heads, length, dim, generator=gen)
     mask = _left_padded_mask(pads, length)
@@ -141,7 +141,7 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
 def test_long_rows_end_the_k90_search_on_gathered_candidates(
     device: torch.device, mass_bound_keys: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows of 250–270 keys (two runs: the 256- and 512-key programs) narrow a range of weights,
+    """Rows of 251–262 keys (two runs: the 256- and 512-key programs) narrow a range of weights,
     then rank the keys gathered from it; a uniform head (q = 0) leaves hundreds of ties at the
     crossing, more than the candidates. Every metric as row_metrics, k90 exact — with the search's
     usual mass bound, with none (halving by mass down to one bit pattern) and with one that stops at
@@ -152,7 +152,7 @@ def test_long_rows_end_the_k90_search_on_gathered_candidates(
     if mass_bound_keys is not None:
         monkeypatch.setattr(fused_metrics, "MASS_BOUND_KEYS", mass_bound_keys)
     gen = torch.Generator().manual_seed(11)
-    heads, kv_heads, dim, length, first = 6, 3, 16, 270, 250
+    heads, kv_heads, dim, length, first = 6, 3, 16, 262, 250
     sharpness = torch.tensor([0.3, 1.0, 2.5, 4.0, 8.0, 0.0])[:, None, None]
     q = torch.randn(heads, length, dim, generator=gen) * sharpness
     k = torch.randn(kv_heads, length, dim, generator=gen)

@@ -22,11 +22,15 @@ CASES = Path(__file__).with_name("fused_cases.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_cases(extra_env: dict[str, str], timeout_s: int, skipped: int = 0) -> None:
-    """The cases in a process of their own; exactly ``skipped`` of them skip (those for a GPU only)."""
+def _run_cases(
+    extra_env: dict[str, str], timeout_s: int, skipped: int = 0, select: str | None = None
+) -> None:
+    """The cases (those ``select`` names: a ``-k`` expression) in a process of their own; exactly
+    ``skipped`` of them skip (those for a GPU only)."""
     env = {**os.environ, **extra_env}
+    chosen = ["-k", select] if select else []
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(CASES)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *chosen, str(CASES)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -40,14 +44,22 @@ def _run_cases(extra_env: dict[str, str], timeout_s: int, skipped: int = 0) -> N
     assert skipped or "skipped" not in summary, summary
 
 
-def test_fused_kernels_in_the_interpreter() -> None:
+# the interpreter takes minutes: the cases in two processes of about the same length, so the suite's
+# two workers share them (the compile-count case, CUDA's, skips: the interpreter compiles nothing)
+_LONGEST = "long_rows or summary_export"
+
+
+@pytest.mark.parametrize(
+    ("select", "skipped"), [(_LONGEST, 0), (f"not ({_LONGEST})", 1)], ids=["longest", "rest"]
+)
+def test_fused_kernels_in_the_interpreter(select: str, skipped: int) -> None:
     """Every case on the CPU through Triton's interpreter (the CI's check of the kernels' logic)."""
     if importlib.util.find_spec("triton") is None:
         if os.environ.get("CI") == "true":  # the dev install has it: CI never skips these
             pytest.fail("Triton is not installed: the dev install (pyproject's dev extra) should have it")
         pytest.skip("Triton is not installed")
-    # the compile-count case is CUDA's: the interpreter compiles nothing
-    _run_cases({"TRITON_INTERPRET": "1", "QKVAULT_TEST_FUSED_DEVICE": "cpu"}, timeout_s=600, skipped=1)
+    env = {"TRITON_INTERPRET": "1", "QKVAULT_TEST_FUSED_DEVICE": "cpu"}
+    _run_cases(env, timeout_s=600, skipped=skipped, select=select)
 
 
 @pytest.mark.gpu
