@@ -212,15 +212,24 @@ def bulk_spec(model: dict[str, Any], work: Workload, capture: dict[str, Any], qk
     return JobSpec.model_validate(spec)
 
 
-def run_bulk(lm: LoadedModel, spec: JobSpec, name: str, bundle: Path, memory: PeakMemory) -> BulkMode:
+def run_bulk(
+    lm: LoadedModel,
+    spec: JobSpec,
+    name: str,
+    bundle: Path,
+    memory: PeakMemory,
+    *,
+    overlap_drains: bool = True,
+) -> BulkMode:
     """The worker's BulkExporter in-process (no database) writing ``bundle`` (measured here, removed
-    by the caller)."""
+    by the caller); ``overlap_drains=False``: each micro-batch's writes end before the next starts."""
     from worker.bulk import BulkExporter
 
     hooks = NullHooks()
     lm.load_s = 0.0
+    options = {"on_chunk": hooks.chunk_stored}
     exporter = BulkExporter(
-        spec, lm, hooks, bundle_url=str(bundle), writer_options={"on_chunk": hooks.chunk_stored}
+        spec, lm, hooks, bundle_url=str(bundle), writer_options=options, overlap_drains=overlap_drains
     )
     memory.start()
     t0 = time.perf_counter()
@@ -235,6 +244,7 @@ def run_bulk(lm: LoadedModel, spec: JobSpec, name: str, bundle: Path, memory: Pe
     extra = {"files": len(sizes), "file_sizes": sizes, "chunks": hooks.chunks}
     extra["decode_s"] = timings.get("micro_batches_decode", 0.0)  # the generation loop's, every step
     extra["timings_s"] = timings  # the job's phases (the drains' own seconds, the waits for them)
+    extra["writer"] = result["writer"]  # the chunk writers' thread-seconds and bytes
     return BulkMode(name, *counts, seconds, stored, capture, memory=peaks, extra=extra)
 
 
@@ -250,11 +260,13 @@ def run_benchmark(
     modes: list[str] | None = None,
     summary_params: dict[str, int] | None = None,
     profile_dir: Path | None = None,
+    overlap_drains: bool = True,
 ) -> dict[str, BulkMode]:
     """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
     warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``;
     ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
-    written there (:func:`bench.profiling.profiled`)."""
+    written there (:func:`bench.profiling.profiled`); ``overlap_drains=False``: every mode's
+    micro-batch writes end before the next micro-batch starts (what the overlap is worth)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
     captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
@@ -282,7 +294,8 @@ def run_benchmark(
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
         with profiled(lm.device, profile_dir, name):
-            result = run_bulk(lm, bulk_spec(model, work, capture, qkv_dtype), name, bundle, memory)
+            spec = bulk_spec(model, work, capture, qkv_dtype)
+            result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains)
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
         shutil.rmtree(bundle, ignore_errors=True)
@@ -339,6 +352,16 @@ PHASES = (
     ("decode capture host", "micro_batches_decode_capture_host"),
     ("drain", "micro_batches_drain"),
     ("drain wait", "micro_batches_drain_wait"),
+    ("pinned wait", "micro_batches_pinned_wait"),
+)
+# a mode's chunk writers (PipelineStats, summed over its micro-batches): thread-seconds of the
+# encoder and store pools, the encoders' waits for their input (device-to-host copies), the forward
+# thread's waits for room in the writers' queue
+WRITER = (
+    ("encode thread-s", "encode_s"),
+    ("store thread-s", "store_s"),
+    ("input wait thread-s", "ready_wait_s"),
+    ("queue wait s", "submit_wait_s"),
 )
 
 
@@ -373,6 +396,14 @@ def table(results: dict[str, BulkMode]) -> str:
         lines.append("|---" * (len(PHASES) + 1) + "|")
         for name, timings in phased.items():
             cells = [f"{timings.get(key, 0.0):.3f}" for _, key in PHASES]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    writers = {n: r.extra["writer"] for n, r in results.items() if r.extra.get("writer", {}).get("chunks")}
+    if writers:
+        lines += ["", "| mode | chunks | " + " | ".join(label for label, _ in WRITER) + " | GB in / stored |"]
+        lines.append("|---" * (len(WRITER) + 3) + "|")
+        for name, stats in writers.items():
+            cells = [f"{stats['chunks']:,}", *(f"{stats.get(key, 0.0):.2f}" for _, key in WRITER)]
+            cells.append(f"{stats['input_bytes'] / 1e9:.2f} / {stats['stored_bytes'] / 1e9:.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -423,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: [m.strip().replace("-", " ") for m in text.split(",")],
         help=f"qkvault modes to run after plain, comma-separated, of {', '.join(CAPTURES)} (default: all; "
         "the raw writes run with hidden states and derived)",
+    )
+    p.add_argument(
+        "--serial-drains",
+        action="store_true",
+        help="each micro-batch's writes end before the next starts (what overlapping them is worth)",
     )
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
@@ -488,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(layers=args.layers, attention_layers=attention_layers, qkv_dtype=args.qkv_dtype)
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
+        options.update(overlap_drains=not args.serial_drains)
         results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)

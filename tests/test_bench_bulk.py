@@ -64,7 +64,7 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
             assert ratios[name]["decode_x_plain"] == pytest.approx(expected)
     # each qkvault mode's job phases: the forward thread's, the capture's share of it, the drains'
     phases = re.findall(
-        r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+) \|(?: \d+\.\d+ \|){4}$", printed, re.MULTILINE
+        r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+) \|(?: \d+\.\d+ \|){5}$", printed, re.MULTILINE
     )
     assert [name for name, _, _ in phases] == [m for m in MODES if m not in (PLAIN, RAW, RAW_DERIVED)]
     for name, prefill, capture_host in phases:
@@ -72,6 +72,16 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
         timings = modes[name]["extra"]["timings_s"]
         assert timings["micro_batches_prefill_capture_host"] >= 0, name  # rounded to milliseconds
         assert 0 < timings["micro_batches_decode_capture_host"] <= timings["micro_batches_decode"], name
+        assert timings["micro_batches_pinned_wait"] == 0.0, name  # no pinned ring on the CPU
+    # the chunk writers of the modes that stream row blocks: their thread-seconds and bytes
+    row = r"^\| ([a-z ]+) \| ([\d,]+) \|(?: \d+\.\d+ \|){4} [\d.]+ / [\d.]+ \|$"
+    writers = re.findall(row, printed, re.MULTILINE)
+    assert [name for name, _ in writers] == ["derived", "hidden states", "full attention"]
+    for name, chunks in writers:
+        stats = modes[name]["extra"]["writer"]
+        assert stats["chunks"] == int(chunks.replace(",", "")) > 0 and stats["encode_s"] > 0, name
+        assert 0 < stats["stored_bytes"] <= modes[name]["bytes_written"], name
+    assert modes["summary"]["extra"]["writer"]["chunks"] == 0  # its arrays are written whole
     assert not any(store.iterdir())  # every bundle and the raw-write files removed
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import zarr
 
 from storage.bundle.format import BULK_BATCHES, BULK_FORMAT_VERSION, BULK_SEQUENCES
+from storage.bundle.pipeline import PipelineStats
 from storage.bundle.writer import BundleWriter
 from storage.errors import InvalidJobSpec, JobCancelled
 from storage.jobs.microbatch import DEFAULT_WINDOW, MicroBatch, PaddingTally, cut_window
@@ -48,6 +49,7 @@ from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext, SourceRow, SourceRowError, iter_rows
 from storage.sources.spec import PromptsSource, TokenIdsSource
 from storage.stores.objectstore import zarr_store
+from worker.capture.hostcopy import pinned_wait_s
 from worker.export import BatchInput, Exporter, ExportHooks
 from worker.generation import tokenize_texts
 from worker.models import LoadedModel
@@ -225,9 +227,12 @@ class BulkExporter:
         context: SourceContext | None = None,
         limits: JobLimits | None = None,
         on_tokens: Callable[[int], None] | None = None,
+        overlap_drains: bool = True,
     ) -> None:
         """``limits``: checked on every row read (None: unlimited, as in the benchmark);
-        ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress).
+        ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress);
+        ``overlap_drains=False``: each micro-batch's drain ends before the next one starts (what
+        the overlap is worth: ``python -m bench.bulk --serial-drains``).
         ``on_tokens`` and ``hooks.unit_done`` are called on the drain thread, once the micro-batch is
         written (:meth:`run`; the JobReporter's calls take its lock), the other hooks on the
         forward thread."""
@@ -245,6 +250,8 @@ class BulkExporter:
         # seconds summed over the micro-batches exported here (each group's attrs keep its own);
         # "drain": writing them on the drain thread, "drain_wait": the forward thread waiting for it
         self.batch_timings: dict[str, float] = {}
+        self.writer_stats = PipelineStats()  # the micro-batches' chunk writers, summed
+        self.overlap_drains = overlap_drains
         self.finished_batches = 0  # written and complete (counted on the drain thread)
         self.drain: _Drain | None = None
 
@@ -323,9 +330,12 @@ class BulkExporter:
         (module docstring); every drain has ended when this returns or raises. A drain's error wins
         over what stopped the forward thread meanwhile (a cancel, a limit, the same store error)."""
         drain = self.drain = _Drain()
+        pinned_before = pinned_wait_s(self.lm.device)
         try:
             for batch, members in planned:
                 drain.submit(self._start_batch(job_id, batch, members, drain))
+                if not self.overlap_drains:
+                    drain.wait()
             drain.wait()
         except BaseException as stopped:
             failed = drain.settle()
@@ -335,6 +345,8 @@ class BulkExporter:
         finally:
             drain.settle()
             self.batch_timings["drain_wait"] = self.batch_timings.get("drain_wait", 0.0) + drain.wait_s
+            # the forward thread's device-to-host copies waiting for room in the pinned ring
+            self.batch_timings["pinned_wait"] = pinned_wait_s(self.lm.device) - pinned_before
 
     def _start_batch(
         self, job_id: str, batch: MicroBatch, members: list[_Sequence], drain: _Drain | None = None
@@ -370,6 +382,7 @@ class BulkExporter:
             timings["drain"] = time.perf_counter() - t0
             for phase, seconds in timings.items():
                 self.batch_timings[phase] = self.batch_timings.get(phase, 0.0) + seconds
+            self.writer_stats.add(exporter.writer.pipeline_stats)
             self._batch_done(batch, members, summary["lengths"], summary["prompt_lengths"])
 
         return finish
@@ -408,4 +421,6 @@ class BulkExporter:
         root.finalize(
             {"bulk": bulk, "timings_s": timings}, complete=not partial, partial=partial, consolidate=False
         )
-        return {**bulk, "resumed_micro_batches": self.resumed_batches, "timings_s": timings}
+        # where the chunk writers' time went (thread-seconds per pool, bytes in and out)
+        writer = self.writer_stats.to_dict()
+        return {**bulk, "resumed_micro_batches": self.resumed_batches, "timings_s": timings, "writer": writer}

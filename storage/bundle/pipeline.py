@@ -118,7 +118,9 @@ class PipelineStats:
     """What the writer threads did, summed over threads (seconds are thread-seconds): compare
     ``encode_s`` / ``threads`` and ``store_s`` / ``io_threads`` with the job's wall time to see
     which pool limits it. ``ready_wait_s``: time encoder threads waited for their input (e.g. the
-    device-to-host copy); ``input_bytes`` / ``stored_bytes``: chunk bytes before / after encoding."""
+    device-to-host copy); ``submit_wait_s``: time the submitting thread (the forward pass) waited
+    for room (``max_pending_bytes``: the pools behind); ``input_bytes`` / ``stored_bytes``: chunk
+    bytes before / after encoding."""
 
     chunks: int = 0
     input_bytes: int = 0
@@ -127,6 +129,12 @@ class PipelineStats:
     encode_s: float = 0.0
     checksum_s: float = 0.0
     store_s: float = 0.0
+    submit_wait_s: float = 0.0
+
+    def add(self, other: PipelineStats) -> None:
+        """Add ``other``'s counts (e.g. the writers of a bulk job's micro-batches)."""
+        for name, value in other.__dict__.items():
+            setattr(self, name, getattr(self, name) + value)
 
     def to_dict(self) -> dict[str, float | int]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -196,10 +204,14 @@ class ChunkPipeline:
                 release()
             return
         with self._cond:
-            while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
-                self._cond.wait()
-                if self._error is not None:
-                    break
+            if self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                t0 = time.perf_counter()
+                while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                    self._cond.wait()
+                    if self._error is not None:
+                        break
+                with self._stats_lock:
+                    self.stats.submit_wait_s += time.perf_counter() - t0
             self._pending_bytes += nbytes
         self._raise_error()
         block = _Block(ready, release, nbytes, len(regions), len(regions), threading.Lock())

@@ -217,6 +217,7 @@ def test_submit_blocks_when_the_byte_budget_is_queued(tmp_path: Path) -> None:
     pipeline.wait()
     assert sorted(released) == list(range(6))
     assert len(store.stored) == 6
+    assert pipeline.stats.submit_wait_s >= 0.4  # the producer's wait behind the gated store, counted
     pipeline.close()
 
 

@@ -108,6 +108,37 @@ def test_a_micro_batch_drains_while_the_next_one_runs(tiny_model_dir: Any, tmp_p
     assert len(keys) == len(set(keys)) and set(stored) == {-1, *range(summary["micro_batches"])}
 
 
+def test_serial_drains_finish_each_micro_batch_before_the_next_starts(
+    tiny_model_dir: Any, tmp_path: Path
+) -> None:
+    """``overlap_drains=False`` (``bench.bulk --serial-drains``): when micro-batch k + 1 stores its
+    first chunk, micro-batch k is already finished (written, counted)."""
+    spec = _hidden_spec(tiny_model_dir("llama"), 16, seed=4)
+    hooks = CollectingHooks()
+    finished_at_start: dict[int, int] = {}  # micro-batch -> finished micro-batches at its first chunk
+    exporter: BulkExporter | None = None
+
+    def on_chunk(record: ChunkRecord) -> None:
+        hooks.chunk_stored(record)
+        assert exporter is not None
+        finished_at_start.setdefault(_batch(record), exporter.finished_batches)
+
+    exporter = BulkExporter(
+        spec,
+        loaded(spec),
+        hooks,
+        bundle_url=str(tmp_path / "b.zarr"),
+        writer_options={"on_chunk": on_chunk},
+        overlap_drains=False,
+    )
+    summary = exporter.run("bulk-test")
+    batches = summary["micro_batches"]
+    assert batches >= 3 and hooks.units == 16
+    assert [finished_at_start[k] for k in range(batches)] == list(range(batches))
+    streamed = [r for r in hooks.records if _batch(r) >= 0 and r.key.split("/")[2] == "hidden_states"]
+    assert summary["writer"]["chunks"] == len(streamed) > 0
+
+
 class DiskFull(StoreNotWritable):
     """The store refusing micro-batch 1's small arrays (written by its drain)."""
 

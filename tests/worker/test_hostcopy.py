@@ -50,6 +50,7 @@ def test_ring_blocks_when_full_until_the_oldest_span_is_released() -> None:
     ring.release(first[1])
     waiter.join(5)
     assert got and got[0] is not None and ring.waits >= 1
+    assert ring.wait_s >= 0.5  # the two 0.3 s waits above, counted
 
 
 def test_ring_wraps_around_behind_the_oldest_span() -> None:

@@ -13,6 +13,7 @@ blocks (decode steps) are copied synchronously. On the CPU the tensor's own memo
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class PinnedRing:
         self._cond = threading.Condition()
         self.in_use_bytes = 0
         self.waits = 0
+        self.wait_s = 0.0  # the copying thread's time waiting for room (the writer behind)
 
     def _take(self, size: int) -> int | None:
         """Start of a free span of ``size`` bytes, or None while the ring is too full."""
@@ -125,10 +127,13 @@ class PinnedRing:
             if self._arena is None:
                 self._arena = self._allocate(self.nbytes)
             start = self._take(size)
-            while start is None:
-                self.waits += 1
-                self._cond.wait()
-                start = self._take(size)
+            if start is None:
+                t0 = time.perf_counter()
+                while start is None:
+                    self.waits += 1
+                    self._cond.wait()
+                    start = self._take(size)
+                self.wait_s += time.perf_counter() - t0
             span = _Span(start, start + size)
             self._spans.append(span)
             self._head = span.end
@@ -160,6 +165,14 @@ def pinned_ring(device: torch.device, nbytes: int = DEFAULT_MAX_PINNED_BYTES) ->
         if ring is None:
             ring = _RINGS[key] = PinnedRing(nbytes)
         return ring
+
+
+def pinned_wait_s(device: torch.device) -> float:
+    """Seconds copies to ``device``'s host ring waited for room so far (0 off CUDA): the forward
+    pass held back by the writer behind it."""
+    if device.type != "cuda":
+        return 0.0
+    return pinned_ring(device).wait_s
 
 
 class HostStager:
