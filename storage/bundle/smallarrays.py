@@ -3,31 +3,35 @@ job's sequence table): created together, in one step.
 
 zarr's API costs about 1-3 ms an array (its metadata objects, its event loop, an existence check),
 and a bulk job's micro-batch writes about 70 of them: one after another they cost more than the
-micro-batch's forward pass on a GPU. A numeric array of one chunk (almost all of them) is therefore
-written directly: its ``zarr.json`` is zarr's own metadata document (a template array of the same
-kind, made once in memory, with this shape and dimension names) and its chunk the bytes zarr's
-codecs produce (``bytes`` little-endian + Blosc: :func:`storage.bundle.pipeline.blosc_encoder`),
-both stored in parallel through the bundle's :class:`~storage.bundle.chunkstore.ChunkStore` (the
-one write path). Every other array (strings, several chunks, one that exists already) goes
-through zarr, all of them in one round trip to its event loop. ``tests/storage/test_pipeline.py``
-checks that both give the same files.
+micro-batch's forward pass on a GPU. A numeric array is therefore written directly when it is new
+and either has no data yet (the arrays a bundle creates before its row blocks stream in: only its
+metadata) or data of one chunk (almost all small arrays): its ``zarr.json`` is zarr's own metadata
+document (that of a template array of the same kind, made once in memory, as a dict with this
+shape, chunks and dimension names) and its chunk the bytes zarr's codecs produce (``bytes``
+little-endian + Blosc: :func:`storage.bundle.pipeline.blosc_encoder`), both stored in parallel
+through the bundle's :class:`~storage.bundle.chunkstore.ChunkStore` (the one write path); zarr's
+handle of such an array is built from that document without I/O. Every other array (strings,
+several chunks with data, an empty dimension, one that exists already) goes through zarr, all of
+them in one round trip to its event loop. ``tests/storage/test_smallarrays.py`` checks that both
+give the same files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.array import AsyncArray
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.group import AsyncGroup
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -65,12 +69,12 @@ class NewArray:
 
     @property
     def direct(self) -> bool:
-        """Written without zarr: numeric, one chunk, data given, no empty dimension."""
+        """Written without zarr: numeric, no empty dimension, and either no data yet (its metadata
+        only) or data of one chunk."""
         return (
-            self.data is not None
-            and self.dtype != "str"
-            and self.chunks == self.shape
+            self.dtype != "str"
             and all(n > 0 for n in self.shape)
+            and (self.data is None or self.chunks == self.shape)
         )
 
     async def create(self, group: AsyncGroup, overwrite: bool) -> Any:
@@ -89,30 +93,51 @@ class NewArray:
             await array.setitem(..., self.data)
         return array
 
-    def objects(self, prefix: str) -> list[tuple[str, bytes]]:
-        """The ``zarr.json`` and the one chunk zarr would store for this array at ``prefix``."""
-        assert self.data is not None
+    def _kind(self) -> _Kind:
         nan = isinstance(self.fill_value, float) and np.isnan(self.fill_value)
-        template = _template(self.dtype, len(self.shape), "nan" if nan else self.fill_value, self.compression)
-        metadata = replace(
-            template,
-            shape=self.shape,
-            chunk_grid=RegularChunkGrid(chunk_shape=self.chunks),
-            dimension_names=self.dims,
-        )
-        document = metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-        codec = metadata.codecs[1]
-        assert isinstance(codec, BloscCodec)
-        values = np.ascontiguousarray(self.data, dtype=np.dtype(self.dtype).newbyteorder("<"))
-        chunk = bytes(blosc_encoder(codec).encode(values))
-        key = metadata.encode_chunk_key((0,) * len(self.shape))
-        return [(f"{prefix}zarr.json", document), (f"{prefix}{key}", chunk)]
+        return _kind(self.dtype, len(self.shape), "nan" if nan else self.fill_value, self.compression)
+
+    def document(self) -> dict[str, Any]:
+        """The array's ``zarr.json`` as zarr writes it: its kind's, with this shape, chunks and
+        dimension names."""
+        document = dict(self._kind().document)  # the nested values replaced are new objects
+        document["shape"] = list(self.shape)
+        document["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": list(self.chunks)}}
+        document["dimension_names"] = list(self.dims)
+        return document
+
+    def objects(self, prefix: str) -> list[tuple[str, bytes]]:
+        """The ``zarr.json`` and, with data, the one chunk zarr would store for this array at
+        ``prefix``."""
+        kind = self._kind()
+        text = json.dumps(self.document(), allow_nan=True, indent=zarr.config.get("json_indent"))
+        out = [(f"{prefix}zarr.json", text.encode())]
+        if self.data is not None:
+            values = np.ascontiguousarray(self.data, dtype=np.dtype(self.dtype).newbyteorder("<"))
+            out.append((f"{prefix}{kind.chunk_key}", bytes(kind.encoder.encode(values))))
+        return out
+
+    def handle(self, group: zarr.Group) -> zarr.Array:
+        """zarr's handle of this array once :meth:`objects` are stored in ``group`` (no I/O)."""
+        metadata = ArrayV3Metadata.from_dict(self.document())
+        path = group.store_path / self.name
+        return zarr.Array(AsyncArray(metadata, path, config={"write_empty_chunks": True}))
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What arrays of one dtype, rank, fill value and compression share: zarr's metadata document
+    (shape, chunks and dimension names aside), the key of a one-chunk array's chunk, its encoder."""
+
+    document: dict[str, Any]
+    chunk_key: str
+    encoder: Any  # numcodecs' Blosc with the codec's configuration
 
 
 @lru_cache(maxsize=256)
-def _template(dtype: str, ndim: int, fill: Any, compression: str) -> ArrayV3Metadata:
-    """zarr's metadata of an array of this kind (shape and dimension names are replaced);
-    ``fill``: the fill value, ``"nan"`` for NaN (which would never equal itself as a cache key)."""
+def _kind(dtype: str, ndim: int, fill: Any, compression: str) -> _Kind:
+    """The :class:`_Kind` of a template array zarr creates in memory; ``fill``: the fill value,
+    ``"nan"`` for NaN (which would never equal itself as a cache key)."""
     shape = (1,) * ndim
     fill_value = float("nan") if fill == "nan" else fill
     kind = NewArray("t", shape, shape, dtype, fill_value, ("d",) * ndim, compression)
@@ -128,14 +153,20 @@ def _template(dtype: str, ndim: int, fill: Any, compression: str) -> ArrayV3Meta
     )
     metadata = array.metadata
     assert isinstance(metadata, ArrayV3Metadata)
-    return metadata
+    codec = metadata.codecs[1]
+    assert isinstance(codec, BloscCodec)
+    document = json.loads(metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+    return _Kind(document, metadata.encode_chunk_key((0,) * ndim), blosc_encoder(codec))
 
 
-def create_arrays(group: zarr.Group, arrays: Sequence[NewArray], put: Put) -> dict[str, zarr.Array]:
+def create_arrays(
+    group: zarr.Group, arrays: Sequence[NewArray], put: Put, *, handles: bool = False
+) -> dict[str, zarr.Array]:
     """Create (and write) ``arrays`` in ``group`` (module docstring); ``put(key, data)`` stores one
     object by its key in the store ``group`` lives in. Returns zarr's handles of the arrays made
-    through zarr (the others are written and need none). Only arrays that exist already (an earlier
-    attempt's) are overwritten: replacing one lists and deletes its keys first."""
+    through zarr and, with ``handles``, of every other one (made without I/O). Only arrays that
+    exist already (an earlier attempt's) are overwritten: replacing one lists and deletes its keys
+    first."""
     existing = set(group.array_keys())
     prefix = f"{group.path}/" if group.path else ""
     direct = [a for a in arrays if a.direct and a.name not in existing]
@@ -145,12 +176,14 @@ def create_arrays(group: zarr.Group, arrays: Sequence[NewArray], put: Put) -> di
         with ThreadPoolExecutor(max_workers=min(PUT_THREADS, len(objects))) as pool:
             list(pool.map(lambda item: put(*item), objects))
 
+    made = {a.name: a.handle(group) for a in direct} if handles else {}
+
     async def create() -> list[Any]:
         return await asyncio.gather(*(a.create(group._async_group, a.name in existing) for a in through_zarr))
 
     if not through_zarr:
-        return {}
+        return made
     with warnings.catch_warnings():  # variable-length strings: "not yet part of the v3 spec" warning
         warnings.simplefilter("ignore", category=UserWarning)
         created = sync(create())
-    return {a.name: zarr.Array(made) for a, made in zip(through_zarr, created, strict=True)}
+    return made | {a.name: zarr.Array(array) for a, array in zip(through_zarr, created, strict=True)}

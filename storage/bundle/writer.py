@@ -139,7 +139,7 @@ class BundleWriter:
             ]
             # keep the handles: reopening by name would drop write_empty_chunks (zarr's default
             # skips all-zero chunks) and re-read metadata on every write
-            self._arrays.update(create_arrays(group, new, self.chunks.put))
+            self._arrays.update(create_arrays(group, new, self.chunks.put, handles=True))
             for name in layout.arrays():
                 if array_spec(name).written == "row blocks":
                     self._encoders[name] = ChunkEncoder.for_array(self._arrays[name])

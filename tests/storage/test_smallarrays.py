@@ -69,6 +69,46 @@ def test_direct_arrays_are_the_files_zarr_writes(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(reread[case.name]), case.data)
 
 
+def test_arrays_without_data_are_zarr_s_metadata_and_their_handles_read_and_write(tmp_path: Path) -> None:
+    """New numeric arrays created before their data (a bundle's row-block arrays): only their
+    ``zarr.json``, zarr's own document; the handles returned act as zarr's (several chunks)."""
+    cases = [
+        NewArray(c.name, c.shape, (1, *c.shape[1:]) if len(c.shape) > 1 else c.shape, c.dtype, c.fill_value,
+                 c.dims, c.compression)
+        for c in CASES
+        if c.dtype != "str" and c.data is not None and c.data.size
+    ]  # fmt: skip
+    assert all(c.direct for c in cases)
+    mine, theirs = tmp_path / "mine", tmp_path / "zarr"
+    store = ChunkStore(str(mine))
+    handles = create_arrays(
+        zarr.open_group(store.zarr(), mode="a", zarr_format=3), cases, store.put, handles=True
+    )
+    reference = zarr.open_group(str(theirs), mode="a", zarr_format=3)
+    for case in cases:
+        reference.create_array(
+            case.name,
+            shape=case.shape,
+            chunks=case.chunks,
+            dtype=case.dtype,
+            fill_value=case.fill_value,
+            dimension_names=case.dims,
+            compressors=case.compressors(),
+            config={"write_empty_chunks": True},
+        )
+    written, expected = _files(mine), _files(theirs)
+    assert sorted(written) == sorted(expected) and all(k.endswith("zarr.json") for k in written)
+    for key, data in expected.items():
+        assert json.loads(written[key]) == json.loads(data), key
+    for case, source in zip(cases, (c for c in CASES if c.name in handles), strict=True):
+        handle = handles[case.name]
+        assert handle.shape == case.shape and handle.chunks == case.chunks
+        theirs_metadata = reference[case.name].metadata
+        assert json.dumps(handle.metadata.to_dict()) == json.dumps(theirs_metadata.to_dict())  # NaN ≠ NaN
+        handle[...] = source.data  # through the handle, every chunk
+        np.testing.assert_array_equal(np.asarray(zarr.open_array(str(mine / case.name))), source.data)
+
+
 def test_an_existing_array_is_replaced_through_zarr(tmp_path: Path) -> None:
     store = ChunkStore(str(tmp_path / "b"))
     group = zarr.open_group(store.zarr(), mode="a", zarr_format=3)
@@ -89,7 +129,9 @@ def test_write_array_direct_path_equals_zarr(tmp_path: Path, case: NewArray) -> 
     empty = NewArray(
         case.name, case.shape, case.chunks, case.dtype, case.fill_value, case.dims, case.compression
     )
-    writer._arrays.update(create_arrays(writer.group, [empty], writer.chunks.put))
+    made = create_arrays(writer.group, [empty], writer.chunks.put, handles=True)
+    assert empty.direct and set(made) == {case.name}  # its metadata only, its handle without I/O
+    writer._arrays.update(made)
     assert case.data is not None
     writer.write_array(case.name, case.data)
     reference = zarr.open_array(str(tmp_path / "w" / case.name), mode="r+")
