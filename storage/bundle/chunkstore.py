@@ -59,6 +59,9 @@ class _LocalFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._made: set[Path] = set()
+        # empty when this store began: a killed process left nothing here (a micro-batch group's
+        # writer, a job's first attempt), so :meth:`remove_leftovers` has nothing to look for
+        self._began_empty = _empty(root)
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / key
@@ -82,12 +85,26 @@ class _LocalFiles:
             return None
 
     def remove_leftovers(self) -> list[str]:
-        """Delete the temporary files of writes a killed process never renamed; their keys."""
+        """Delete the temporary files of writes a killed process never renamed; their keys. None
+        when the directory began empty: this process's own writes leave none (a failed write
+        removes its temporary file), and the writers of other processes into it (a job's layer
+        shards) are finished by a store made after them."""
+        if self._began_empty:
+            return []
         removed = []
         for path in self.root.rglob(f".*{_PARTIAL}"):
             path.unlink(missing_ok=True)
             removed.append(path.relative_to(self.root).as_posix())
         return sorted(removed)
+
+
+def _empty(directory: Path) -> bool:
+    """Whether ``directory`` is missing or holds nothing."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
 
 
 class _ZarrObjects:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from storage.bundle.chunkstore import ChunkStore
@@ -18,17 +19,23 @@ def _files(root: Path) -> set[str]:
 
 def test_finalize_removes_the_temporary_files_of_killed_writes_in_its_own_directory(tmp_path: Path) -> None:
     bundle = tmp_path / "job.zarr"
-    root = BundleWriter(str(bundle))
-    root.create_root({"job_id": "j"}, format_version="2.0", children=("batches",))
-    batch = BundleWriter(str(bundle / "batches" / "000001"), key_prefix="batches/000001/")
-    batch.create_root({}, format_version="2.0")
-    batch.write_group("table", {"length": (("batch",), np.arange(4, dtype=np.int32))})
+    first = BundleWriter(str(bundle))  # the killed attempt
+    first.create_root({"job_id": "j"}, format_version="2.0", children=("batches",))
+    BundleWriter(str(bundle / "batches" / "000001"), key_prefix="batches/000001/").create_root(
+        {}, format_version="2.0"
+    )
     # what a SIGKILL between open() and os.replace() leaves: in this micro-batch and in another one
     own = bundle / "batches/000001/table/length/.zarr.json.0123abcd.partial"
     other = bundle / "batches/000002/c/.0.4567ef.partial"
     for path in (own, other):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"torn")
+    # the next attempt
+    root = BundleWriter(str(bundle))
+    root.create_root({"job_id": "j"}, format_version="2.0", children=("batches",))
+    batch = BundleWriter(str(bundle / "batches" / "000001"), key_prefix="batches/000001/")
+    batch.create_root({}, format_version="2.0")
+    batch.write_group("table", {"length": (("batch",), np.arange(4, dtype=np.int32))})
     before = _files(bundle)
 
     batch.finalize({}, consolidate=False)
@@ -40,6 +47,28 @@ def test_finalize_removes_the_temporary_files_of_killed_writes_in_its_own_direct
     root.finalize({"bulk": {}}, consolidate=False)  # the job's last write: the whole bundle
     assert not other.exists()
     assert not any(name.endswith(".partial") for name in _files(bundle))
+
+
+def test_a_directory_that_began_empty_is_not_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer whose directory was empty when it began (a new micro-batch group, a job's first
+    attempt) finds no temporary files to remove: its own writes leave none (a failed write removes
+    its file), and no killed process wrote there before it. It does not search the directory."""
+    searched: list[Path] = []
+    real = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: searched.append(self) or real(self, pattern))
+    writer = BundleWriter(str(tmp_path / "job.zarr"))
+    writer.create_root({"job_id": "j"}, format_version="2.0")
+    writer.write_group("table", {"length": (("batch",), np.arange(4, dtype=np.int32))})
+    writer.finalize({}, consolidate=False)
+    assert searched == []
+    assert not any(name.endswith(".partial") for name in _files(tmp_path))
+    searched.clear()
+    again = BundleWriter(str(tmp_path / "job.zarr"))  # a later attempt: the directory holds files
+    again.create_root({"job_id": "j"}, format_version="2.0")
+    again.finalize({}, consolidate=False)
+    assert searched == [tmp_path / "job.zarr"]
 
 
 def test_an_s3_store_has_no_leftovers_to_remove() -> None:
