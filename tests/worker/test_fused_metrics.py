@@ -45,8 +45,9 @@ def _run_cases(
 
 
 # the interpreter takes minutes: the cases in two processes of about the same length, so the suite's
-# two workers share them (the compile-count case, CUDA's, skips: the interpreter compiles nothing)
-_LONGEST = "long_rows or summary_export"
+# two workers share them (the compile-count case, CUDA's, skips: the interpreter compiles nothing);
+# the self-check goes with the summary export, whose capture made the same check in that process
+_LONGEST = "long_rows or summary_export or self_check"
 
 
 @pytest.mark.parametrize(
