@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.common import ZARR_JSON
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, WrapperStore
 
@@ -61,7 +63,7 @@ class _LocalFiles:
         self._made: set[Path] = set()
         # empty when this store began: a killed process left nothing here (a micro-batch group's
         # writer, a job's first attempt), so :meth:`remove_leftovers` has nothing to look for
-        self._began_empty = _empty(root)
+        self.began_empty = _empty(root)
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / key
@@ -89,7 +91,7 @@ class _LocalFiles:
         when the directory began empty: this process's own writes leave none (a failed write
         removes its temporary file), and the writers of other processes into it (a job's layer
         shards) are finished by a store made after them."""
-        if self._began_empty:
+        if self.began_empty:
             return []
         removed = []
         for path in self.root.rglob(f".*{_PARTIAL}"):
@@ -153,6 +155,12 @@ class ChunkStore:
             self._objects = _LocalFiles(Path(self._base.root))
         else:
             self._objects = _ZarrObjects(self._base)
+        # every metadata document stored through this object, by key, while it knows them all (a
+        # local directory that began empty): :meth:`documents`
+        self._documents: dict[str, bytes] | None = None
+        if isinstance(self._objects, _LocalFiles) and self._objects.began_empty:
+            self._documents = {}
+        self._documents_lock = threading.Lock()
 
     @property
     def is_local(self) -> bool:
@@ -176,6 +184,7 @@ class ChunkStore:
         with store_errors(self.url, f"write {key}"):
             if parsed is None:  # a metadata document: always written, never recorded
                 self._objects.write(key, data)
+                self._document_written(key, data)
                 return
             digest = digest or checksum(data, self.algorithm)
             if self._should_write(key, data, digest):
@@ -183,6 +192,24 @@ class ChunkStore:
         if self._on_stored is not None:
             array = self.key_prefix + parsed[0]
             self._on_stored(ChunkRecord(array, parsed[1], self.key_prefix + key, len(data), digest))
+
+    def _document_written(self, key: str, data: bytes | None) -> None:
+        if self._documents is None or not key.endswith(ZARR_JSON):
+            return
+        with self._documents_lock:
+            if data is None:
+                self._documents.pop(key, None)
+            else:
+                self._documents[key] = data
+
+    def documents(self) -> dict[str, bytes] | None:
+        """Every node's ``zarr.json`` in this store, by key, as stored through this object — None
+        unless it stored them all (a local directory that was empty when it began; not S3, whose
+        earlier objects would take a listing to rule out)."""
+        if self._documents is None:
+            return None
+        with self._documents_lock:
+            return dict(self._documents)
 
     def _should_write(self, key: str, data: bytes, digest: str) -> bool:
         """The resume check (module docstring, step 2). A record names its algorithm: an earlier
@@ -210,6 +237,7 @@ class ChunkStore:
         if not self.keeps(key):
             with store_errors(self.url, f"delete {key}"):
                 await store.delete(key)
+            self._document_written(key, None)
 
     def zarr(self) -> Store:
         """A zarr store whose writes and deletes go through this object (reads pass through)."""

@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.common import ZARR_JSON
 
 from storage.bundle.arrays import array_spec
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
 from storage.bundle.chunkstore import ChunkStore
+from storage.bundle.consolidated import consolidated_root
 from storage.bundle.format import DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
@@ -285,7 +287,12 @@ class BundleWriter:
         finally:
             self.close()
         self.chunks.remove_leftovers()  # a killed earlier attempt's temporary files
-        self.group.update_attributes({**attrs, "complete": complete, "partial": partial})
+        final = {**attrs, "complete": complete, "partial": partial}
+        documents = self.chunks.documents() if consolidate else None
+        if documents is not None and ZARR_JSON in documents:  # every node's document is known here
+            self.chunks.put(ZARR_JSON, consolidated_root(documents, final))
+            return
+        self.group.update_attributes(final)
         if not consolidate:
             return
         with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
