@@ -353,6 +353,7 @@ PHASES = (
     ("drain", "micro_batches_drain"),
     ("drain wait", "micro_batches_drain_wait"),
     ("pinned wait", "micro_batches_pinned_wait"),
+    ("copy wait", "micro_batches_copy_wait"),
 )
 # a mode's chunk writers (PipelineStats, summed over its micro-batches): thread-seconds of the
 # encoder and store pools, the encoders' waits for their input (device-to-host copies), the forward

@@ -49,7 +49,7 @@ from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext, SourceRow, SourceRowError, iter_rows
 from storage.sources.spec import PromptsSource, TokenIdsSource
 from storage.stores.objectstore import zarr_store
-from worker.capture.hostcopy import pinned_wait_s
+from worker.capture.hostcopy import host_waits, pinned_wait_s
 from worker.export import BatchInput, Exporter, ExportHooks
 from worker.generation import tokenize_texts
 from worker.models import LoadedModel
@@ -331,6 +331,8 @@ class BulkExporter:
         over what stopped the forward thread meanwhile (a cancel, a limit, the same store error)."""
         drain = self.drain = _Drain()
         pinned_before = pinned_wait_s(self.lm.device)
+        waits = host_waits(self.lm.device)
+        waited_before = (waits.copies, waits.seconds)
         try:
             for batch, members in planned:
                 drain.submit(self._start_batch(job_id, batch, members, drain))
@@ -347,6 +349,9 @@ class BulkExporter:
             self.batch_timings["drain_wait"] = self.batch_timings.get("drain_wait", 0.0) + drain.wait_s
             # the forward thread's device-to-host copies waiting for room in the pinned ring
             self.batch_timings["pinned_wait"] = pinned_wait_s(self.lm.device) - pinned_before
+            # and for a device-to-host copy itself (a small block's synchronous copy, a partial block)
+            self.batch_timings["copy_wait"] = waits.seconds - waited_before[1]
+            self.batch_timings["copy_waits"] = waits.copies - waited_before[0]
 
     def _start_batch(
         self, job_id: str, batch: MicroBatch, members: list[_Sequence], drain: _Drain | None = None

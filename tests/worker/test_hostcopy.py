@@ -123,3 +123,26 @@ def test_small_host_data_reaches_cuda_without_waiting_for_the_queue() -> None:
         torch.cuda.set_sync_debug_mode(0)
     assert indices.device.type == "cuda" and indices.tolist() == list(range(1000))
     assert int(kept.sum()) == 334 and torch.isfinite(total)
+
+
+def test_waits_for_a_transfer_are_counted_where_rows_are_copied() -> None:
+    """A partial row block copies its rows, waiting for their transfer: counted in the block's
+    HostWaits (the job result's ``copy_wait``), passed on by the row buffer with the rest."""
+    import time
+
+    from worker.capture.hostcopy import HostBlock, HostWaits
+    from worker.capture.rows import RowBlockBuffer
+
+    waits = HostWaits()
+    released: list[bool] = []
+    data = np.arange(2 * 6 * 3, dtype=np.float16).reshape(2, 6, 3)
+    block = HostBlock(data, lambda: time.sleep(0.05), lambda: released.append(True), waits)
+    buffer = RowBlockBuffer(2, 4, np.dtype(np.float16), width=3)
+    done = buffer.add(0, block)  # one whole block passed through, two rows copied (a wait)
+    assert [b for b, _ in done] == [0] and waits.copies == 1 and waits.seconds >= 0.04
+    release = done[0][1].release
+    assert release is not None
+    release()  # the writer, once it stored the block
+    assert released == [True]
+    flushed = buffer.flush()
+    assert flushed is not None and np.array_equal(flushed[1].array, data[:, 4:])

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,19 +27,40 @@ SYNC_COPY_BELOW_BYTES = 1 << 20  # decode steps: one row per block, not worth a 
 
 
 @dataclass
+class HostWaits:
+    """A process's device-to-host copies that the capturing thread waited for, on one device: a
+    small block copied synchronously (which waits for the device's queue) and a block's transfer
+    awaited where its rows are copied into a partial row block."""
+
+    copies: int = 0
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.copies += 1
+            self.seconds += seconds
+
+
+@dataclass
 class HostBlock:
-    """``array``: host data, valid once ``ready()`` returned; ``release()`` when done with it."""
+    """``array``: host data, valid once ``ready()`` returned; ``release()`` when done with it;
+    ``waits``: where a wait for ``ready()`` in :meth:`materialize` is counted."""
 
     array: np.ndarray
     ready: Callable[[], None] | None = None
     release: Callable[[], None] | None = None
+    waits: HostWaits | None = None
 
     def materialize(self) -> np.ndarray:
         """A plain numpy copy (waits for the transfer, gives the pinned buffer back)."""
         if self.ready is None and self.release is None:
             return self.array
         if self.ready is not None:
+            t0 = time.perf_counter()
             self.ready()
+            if self.waits is not None:
+                self.waits.add(time.perf_counter() - t0)
         out = np.array(self.array, copy=True)
         if self.release is not None:
             self.release()
@@ -167,6 +188,17 @@ def pinned_ring(device: torch.device, nbytes: int = DEFAULT_MAX_PINNED_BYTES) ->
         return ring
 
 
+_WAITS: dict[str, HostWaits] = {}
+
+
+def host_waits(device: torch.device) -> HostWaits:
+    """The process's :class:`HostWaits` of copies from ``device`` (created on first use)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _RINGS_LOCK:
+        return _WAITS.setdefault(str(device), HostWaits())
+
+
 def pinned_wait_s(device: torch.device) -> float:
     """Seconds copies to ``device``'s host ring waited for room so far (0 off CUDA): the forward
     pass held back by the writer behind it."""
@@ -183,6 +215,7 @@ class HostStager:
         self.cuda = device.type == "cuda"
         self.ring = pinned_ring(device, max_pinned_bytes) if self.cuda else None
         self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self.waits = host_waits(device) if self.cuda else None
 
     def to_host(self, tensor: torch.Tensor) -> HostBlock:
         """``tensor`` (any device) as host data; do not modify ``tensor`` afterwards."""
@@ -192,8 +225,12 @@ class HostStager:
         taken = None
         if self.ring is not None and self._stream is not None and nbytes >= SYNC_COPY_BELOW_BYTES:
             taken = self.ring.acquire(nbytes)
-        if taken is None:
-            return HostBlock(tensor.cpu().numpy())
+        if taken is None:  # waits for the device's queue
+            t0 = time.perf_counter()
+            array = tensor.cpu().numpy()
+            if self.waits is not None:
+                self.waits.add(time.perf_counter() - t0)
+            return HostBlock(array)
         assert self.ring is not None and self._stream is not None
         tensor = tensor.contiguous()
         buffer, span = taken
@@ -205,4 +242,4 @@ class HostStager:
             done.record(self._stream)
         tensor.record_stream(self._stream)  # the allocator must not reuse it before the copy ends
         ring = self.ring
-        return HostBlock(host.numpy(), ready=done.synchronize, release=lambda: ring.release(span))
+        return HostBlock(host.numpy(), done.synchronize, lambda: ring.release(span), self.waits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -84,7 +85,7 @@ class RowBlockBuffer:
             self._block += blocks
             if rows == whole_blocks * self.chunk_rows or last_too:
                 return done
-            host = HostBlock(host.array[:, whole_blocks * self.chunk_rows :], host.ready, release)
+            host = replace(host, array=host.array[:, whole_blocks * self.chunk_rows :], release=release)
             row0, rows = row0 + whole_blocks * self.chunk_rows, rows - whole_blocks * self.chunk_rows
         array = host.materialize()
         offset = 0
