@@ -23,7 +23,10 @@ import numpy as np
 import torch
 
 DEFAULT_MAX_PINNED_BYTES = 1 << 30
-SYNC_COPY_BELOW_BYTES = 1 << 20  # decode steps: one row per block, not worth a pinned buffer
+# decode steps' blocks (one row: a few KiB) are copied synchronously, not worth a pinned span; a
+# prefill's blocks, however short the sequence, asynchronously (a synchronous copy waits for the
+# whole device queue: one per short sequence and layer held a bulk job's forward thread)
+SYNC_COPY_BELOW_BYTES = 64 << 10
 
 
 @dataclass
