@@ -343,13 +343,19 @@ def decode_ms_per_step(mode: BulkMode, new_tokens: int) -> float | None:
 
 
 # a mode's job phases (BulkExporter's timings_s), as the table after the run shows them: the forward
-# thread's passes (prefill, decoding), of them the capture's hooks, the drains' own time, the
-# forward thread's waits for them
+# thread's passes (prefill, decoding), of them the capture's hooks, its work around them (a
+# micro-batch's exporter and writer, its arrays, batch, session and hooks before the passes, its
+# last partial blocks after them, its token arrays and strings), the drains' own time, the forward
+# thread's waits for them and for device-to-host copies
 PHASES = (
     ("prefill", "micro_batches_prefill"),
     ("prefill capture host", "micro_batches_prefill_capture_host"),
     ("decode", "micro_batches_decode"),
     ("decode capture host", "micro_batches_decode_capture_host"),
+    ("setup", "micro_batches_setup"),
+    ("passes setup", "micro_batches_passes_setup"),
+    ("passes end", "micro_batches_passes_end"),
+    ("finish host", "micro_batches_finish_host"),
     ("drain", "micro_batches_drain"),
     ("drain wait", "micro_batches_drain_wait"),
     ("pinned wait", "micro_batches_pinned_wait"),

@@ -359,6 +359,7 @@ class BulkExporter:
         """Micro-batch ``batch``'s forward passes (its row blocks queued), or nothing when an
         earlier attempt finished it; returns the rest (its writes, then counting it finished), for
         the drain thread. ``drain``: the previous micro-batch's, whose failure stops this one."""
+        t0 = time.perf_counter()
         group = batch_group(batch.index)
         self.padding.add(batch)
         if self._complete(group):  # an earlier attempt finished it
@@ -377,6 +378,7 @@ class BulkExporter:
         exporter = Exporter(
             self.spec, self.lm, self._writer(group), _MicroBatchHooks(self.hooks, drain), batch=inputs
         )
+        exporter.timings["setup"] = time.perf_counter() - t0  # its writer, layout, certifier
         prepared = exporter.run_until_finish(f"{job_id}/{group}")
 
         def finish() -> None:

@@ -174,6 +174,7 @@ class Exporter:
         # derived attention: per-layer scaling/window (from the calls) and chunk size (from the config)
         self.attention_facts = AttentionFacts(self.layout, layer_chunks(lm.model.config, self.layout.layers))
         self.generation_checks: dict[str, dict[str, Any]] = {}
+        self._passes_t0 = 0.0
         self.induction: np.ndarray | None = None
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         self._cache_argument = cache_argument(lm.model)
@@ -255,7 +256,9 @@ class Exporter:
             self.finish(started=started, partial=True)
             raise
         try:
+            t0 = time.perf_counter()
             device_part = self._prepare_host(started=started, partial=False)
+            self.timings["finish_host"] = time.perf_counter() - t0
         except BaseException:
             self.writer.close()  # chunks already queued are stored and recorded (partial data)
             raise
@@ -275,6 +278,7 @@ class Exporter:
         are flushed before JobCancelled propagates; on any other error the writer is closed
         (queued chunks stored and recorded)."""
         lm, layout = self.lm, self.layout
+        self._passes_t0 = time.perf_counter()  # the passes' setup: arrays, batch, session, hooks
         if self.layer_shard:  # the planner created the arrays; the other shards write into them
             self.writer.open(layout)
         else:
@@ -301,7 +305,9 @@ class Exporter:
                 stop_after_layer(lm.model, self.last_layer),
             ):
                 self._generate(batch, session, units)
+            t0 = time.perf_counter()
             session.flush()
+            self.timings["passes_end"] = time.perf_counter() - t0  # the last partial blocks
             if layout.top_heads:
                 self._top_heads_pass()
             if self.capture.induction_probe is not None:
@@ -323,6 +329,7 @@ class Exporter:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         self.hooks.phase("prefill", units_total=units)
         t0 = time.perf_counter()
+        self.timings["passes_setup"] = t0 - self._passes_t0
         session.begin_step(0, [True] * len(batch.pads))
         prompt_alts = self.alternatives is not None and self.capture.prompt_alternatives
         logits, cache = self._forward(
