@@ -93,6 +93,7 @@ class BundleWriter:
             checksum_algorithm=checksum_algorithm,
         )
         self.layout: BundleLayout | None = None
+        self._children_by_others = False
 
     def _stored(self, record: ChunkRecord) -> None:
         """A chunk the store confirmed (any thread): to ``on_chunk``, and to :meth:`write_group`'s
@@ -111,6 +112,8 @@ class BundleWriter:
         job's root (its micro-batches are groups written by writers of their own, its sequence
         table a :meth:`write_group`). The group's metadata is written anew, without an earlier
         attempt's consolidated metadata (which would hide groups added since); children stay."""
+        # its children are filled by writers of their own: its store does not hold their documents
+        self._children_by_others = bool(children)
         root = {"qkvault_format": FORMAT_NAME, "format_version": format_version, "complete": False, **attrs}
         for key, attributes in (("zarr.json", root), *((f"{c}/zarr.json", {}) for c in children)):
             document = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
@@ -288,7 +291,7 @@ class BundleWriter:
             self.close()
         self.chunks.remove_leftovers()  # a killed earlier attempt's temporary files
         final = {**attrs, "complete": complete, "partial": partial}
-        documents = self.chunks.documents() if consolidate else None
+        documents = self.chunks.documents() if consolidate and not self._children_by_others else None
         if documents is not None and ZARR_JSON in documents:  # every node's document is known here
             self.chunks.put(ZARR_JSON, consolidated_root(documents, final))
             return

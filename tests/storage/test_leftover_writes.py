@@ -4,6 +4,7 @@ local bundle; the writer that finishes that directory removes it (and nothing el
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,12 @@ def test_a_directory_that_began_empty_is_not_searched(
     its file), and no killed process wrote there before it. It does not search the directory."""
     searched: list[Path] = []
     real = Path.rglob
-    monkeypatch.setattr(Path, "rglob", lambda self, pattern: searched.append(self) or real(self, pattern))
+
+    def rglob(self: Path, pattern: str) -> Any:
+        searched.append(self)
+        return real(self, pattern)
+
+    monkeypatch.setattr(Path, "rglob", rglob)
     writer = BundleWriter(str(tmp_path / "job.zarr"))
     writer.create_root({"job_id": "j"}, format_version="2.0")
     writer.write_group("table", {"length": (("batch",), np.arange(4, dtype=np.int32))})

@@ -105,6 +105,7 @@ def test_arrays_without_data_are_zarr_s_metadata_and_their_handles_read_and_writ
         assert handle.shape == case.shape and handle.chunks == case.chunks
         theirs_metadata = reference[case.name].metadata
         assert json.dumps(handle.metadata.to_dict()) == json.dumps(theirs_metadata.to_dict())  # NaN ≠ NaN
+        assert source.data is not None
         handle[...] = source.data  # through the handle, every chunk
         np.testing.assert_array_equal(np.asarray(zarr.open_array(str(mine / case.name))), source.data)
 

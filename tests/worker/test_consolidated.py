@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import zarr
 
@@ -98,7 +99,25 @@ def test_a_directory_that_held_files_is_consolidated_by_zarr(tmp_path: Path) -> 
     (tmp_path / "b" / "left-by-an-earlier-attempt").write_bytes(b"")
     writer = BundleWriter(str(tmp_path / "b"))
     assert writer.chunks.documents() is None
-    writer.create_root({"job_id": "j"}, format_version="1.5", children=("summary",))
+    writer.create_root({"job_id": "j"}, format_version="1.5")
+    writer.write_group("summary", {"entropy": (("head",), np.ones(3, np.float32))})
     writer.finalize({"done": 1})
     root = _root(tmp_path / "b")
-    assert root["attributes"]["done"] == 1 and "summary" in root["consolidated_metadata"]["metadata"]
+    assert root["attributes"]["done"] == 1 and "summary/entropy" in root["consolidated_metadata"]["metadata"]
+
+
+def test_a_root_whose_children_other_writers_fill_is_consolidated_by_zarr(tmp_path: Path) -> None:
+    """A bulk-style root (``create_root(children=...)``): its store began empty but other writers
+    fill its children, so their nodes come from zarr's reading of the store."""
+    from storage.bundle.writer import BundleWriter
+
+    root = BundleWriter(str(tmp_path / "b"))
+    root.create_root({"job_id": "j"}, format_version="2.0", children=("batches",))
+    child = BundleWriter(str(tmp_path / "b" / "batches" / "000000"), key_prefix="batches/000000/")
+    child.create_root({}, format_version="2.0")
+    child.write_group("table", {"length": (("batch",), np.arange(2, dtype=np.int32))})
+    child.finalize({"complete_child": True})
+    root.finalize({"done": 1})
+    nodes = _root(tmp_path / "b")["consolidated_metadata"]["metadata"]
+    assert {"batches", "batches/000000", "batches/000000/table/length"} <= set(nodes)
+    assert nodes["batches/000000"]["attributes"]["complete_child"] is True
