@@ -245,6 +245,7 @@ def run_bulk(
     extra["decode_s"] = timings.get("micro_batches_decode", 0.0)  # the generation loop's, every step
     extra["timings_s"] = timings  # the job's phases (the drains' own seconds, the waits for them)
     extra["writer"] = result["writer"]  # the chunk writers' thread-seconds and bytes
+    extra["copy_waits"] = result["copy_waits"]  # device-to-host copies the forward thread waited for
     return BulkMode(name, *counts, seconds, stored, capture, memory=peaks, extra=extra)
 
 

@@ -73,7 +73,7 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
         assert timings["micro_batches_prefill_capture_host"] >= 0, name  # rounded to milliseconds
         assert 0 < timings["micro_batches_decode_capture_host"] <= timings["micro_batches_decode"], name
         assert timings["micro_batches_pinned_wait"] == 0.0, name  # no pinned ring on the CPU
-        assert timings["micro_batches_copy_waits"] == 0, name  # nor copies to wait for
+        assert timings["micro_batches_copy_wait"] == 0.0, name  # nor copies to wait for
         for phase in ("setup", "passes_setup", "finish_host"):  # the forward thread's work around the passes
             assert timings[f"micro_batches_{phase}"] > 0, (name, phase)
         assert timings["micro_batches_passes_end"] >= 0, name  # rounded to milliseconds

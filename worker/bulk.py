@@ -251,6 +251,7 @@ class BulkExporter:
         # "drain": writing them on the drain thread, "drain_wait": the forward thread waiting for it
         self.batch_timings: dict[str, float] = {}
         self.writer_stats = PipelineStats()  # the micro-batches' chunk writers, summed
+        self.copy_waits = 0  # device-to-host copies the forward thread waited for (timings: copy_wait)
         self.overlap_drains = overlap_drains
         self.finished_batches = 0  # written and complete (counted on the drain thread)
         self.drain: _Drain | None = None
@@ -351,7 +352,7 @@ class BulkExporter:
             self.batch_timings["pinned_wait"] = pinned_wait_s(self.lm.device) - pinned_before
             # and for a device-to-host copy itself (a small block's synchronous copy, a partial block)
             self.batch_timings["copy_wait"] = waits.seconds - waited_before[1]
-            self.batch_timings["copy_waits"] = waits.copies - waited_before[0]
+            self.copy_waits = waits.copies - waited_before[0]
 
     def _start_batch(
         self, job_id: str, batch: MicroBatch, members: list[_Sequence], drain: _Drain | None = None
@@ -430,4 +431,10 @@ class BulkExporter:
         )
         # where the chunk writers' time went (thread-seconds per pool, bytes in and out)
         writer = self.writer_stats.to_dict()
-        return {**bulk, "resumed_micro_batches": self.resumed_batches, "timings_s": timings, "writer": writer}
+        return {
+            **bulk,
+            "resumed_micro_batches": self.resumed_batches,
+            "timings_s": timings,
+            "writer": writer,
+            "copy_waits": self.copy_waits,
+        }

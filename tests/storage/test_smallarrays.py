@@ -35,6 +35,20 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+def _through_zarr(group: zarr.Group, case: NewArray) -> zarr.Array:
+    """``case`` created by zarr's own API (the reference)."""
+    return group.create_array(
+        case.name,
+        shape=case.shape,
+        chunks=case.chunks,
+        dtype=case.dtype,
+        fill_value=case.fill_value,
+        dimension_names=case.dims,
+        compressors=case.compressors(),
+        config={"write_empty_chunks": True},
+    )
+
+
 def test_direct_arrays_are_the_files_zarr_writes(tmp_path: Path) -> None:
     assert [a.direct for a in CASES] == [True, True, True, True, True, False, False, False]
     mine, theirs = tmp_path / "mine", tmp_path / "zarr"
@@ -44,18 +58,8 @@ def test_direct_arrays_are_the_files_zarr_writes(tmp_path: Path) -> None:
     assert sorted(handles) == ["codes", "empty", "label"]  # the others need no handle
     reference = zarr.open_group(str(theirs), mode="a", zarr_format=3).require_group("summary")
     for case in CASES:
-        array = reference.create_array(
-            case.name,
-            shape=case.shape,
-            chunks=case.chunks,
-            dtype=case.dtype,
-            fill_value=case.fill_value,
-            dimension_names=case.dims,
-            compressors=case.compressors(),
-            config={"write_empty_chunks": True},
-        )
         assert case.data is not None
-        array[...] = case.data
+        _through_zarr(reference, case)[...] = case.data
     written, expected = _files(mine), _files(theirs)
     assert sorted(written) == sorted(expected)
     for key, data in expected.items():
@@ -86,16 +90,7 @@ def test_arrays_without_data_are_zarr_s_metadata_and_their_handles_read_and_writ
     )
     reference = zarr.open_group(str(theirs), mode="a", zarr_format=3)
     for case in cases:
-        reference.create_array(
-            case.name,
-            shape=case.shape,
-            chunks=case.chunks,
-            dtype=case.dtype,
-            fill_value=case.fill_value,
-            dimension_names=case.dims,
-            compressors=case.compressors(),
-            config={"write_empty_chunks": True},
-        )
+        _through_zarr(reference, case)
     written, expected = _files(mine), _files(theirs)
     assert sorted(written) == sorted(expected) and all(k.endswith("zarr.json") for k in written)
     for key, data in expected.items():
