@@ -174,7 +174,6 @@ class Exporter:
         # derived attention: per-layer scaling/window (from the calls) and chunk size (from the config)
         self.attention_facts = AttentionFacts(self.layout, layer_chunks(lm.model.config, self.layout.layers))
         self.generation_checks: dict[str, dict[str, Any]] = {}
-        self._passes_t0 = 0.0
         self.induction: np.ndarray | None = None
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         self._cache_argument = cache_argument(lm.model)
@@ -278,7 +277,7 @@ class Exporter:
         are flushed before JobCancelled propagates; on any other error the writer is closed
         (queued chunks stored and recorded)."""
         lm, layout = self.lm, self.layout
-        self._passes_t0 = time.perf_counter()  # the passes' setup: arrays, batch, session, hooks
+        setup_from = time.perf_counter()  # the passes' setup: arrays, batch, session, hooks
         if self.layer_shard:  # the planner created the arrays; the other shards write into them
             self.writer.open(layout)
         else:
@@ -304,7 +303,7 @@ class Exporter:
                 hidden_state_hooks(lm.model, self.part if layout.hidden_states else (), session.on_hidden),
                 stop_after_layer(lm.model, self.last_layer),
             ):
-                self._generate(batch, session, units)
+                self._generate(batch, session, units, setup_from)
             t0 = time.perf_counter()
             session.flush()
             self.timings["passes_end"] = time.perf_counter() - t0  # the last partial blocks
@@ -321,7 +320,7 @@ class Exporter:
             self.writer.close()  # chunks already queued are stored and recorded (partial data)
             raise
 
-    def _generate(self, batch: Batch, session: ExportSession, units: int) -> None:
+    def _generate(self, batch: Batch, session: ExportSession, units: int, setup_from: float) -> None:
         gen = self.spec.generation
         # prompt only: no KV cache (at 131K tokens an 8B model's cache alone is 17 GB)
         use_cache = gen.max_new_tokens > 0
@@ -329,7 +328,7 @@ class Exporter:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         self.hooks.phase("prefill", units_total=units)
         t0 = time.perf_counter()
-        self.timings["passes_setup"] = t0 - self._passes_t0
+        self.timings["passes_setup"] = t0 - setup_from
         session.begin_step(0, [True] * len(batch.pads))
         prompt_alts = self.alternatives is not None and self.capture.prompt_alternatives
         logits, cache = self._forward(

@@ -7,7 +7,7 @@ interpreter time for a micro-batch group of ~70 arrays (and a read per node on S
 stored every document of its directory itself (:meth:`storage.bundle.chunkstore.ChunkStore.
 documents`: a local directory that began empty) already holds them: :func:`consolidated_root`
 builds the same root document from them, with the final attributes merged in, for one write.
-``tests/storage/test_consolidated.py`` checks it equals zarr's for real bundles.
+``tests/worker/test_consolidated.py`` checks it equals zarr's for real bundles.
 """
 
 from __future__ import annotations
