@@ -249,6 +249,16 @@ def run_bulk(
     return BulkMode(name, *counts, seconds, stored, capture, memory=peaks, extra=extra)
 
 
+def _longest_of_each_width(ids: list[list[int]], new_tokens: int) -> dict[int, list[int]]:
+    """The longest prompt of each width class (the power of two at or above prompt + new tokens)."""
+    out: dict[int, list[int]] = {}
+    for prompt in ids:
+        width = 1 << max(0, len(prompt) + new_tokens - 1).bit_length()
+        if len(prompt) > len(out.get(width, [])):
+            out[width] = prompt
+    return out
+
+
 def run_benchmark(
     lm: LoadedModel,
     model: dict[str, Any],
@@ -281,9 +291,13 @@ def run_benchmark(
     # every kernel the run takes, as a worker has them after its first jobs: the fused summary
     # kernels compile once per width (the longest prompt's rows take every width) and once more
     # with a padding mask, so the longest prompt also goes beside itself a token shorter (one
-    # padded micro-batch; 6-9 s of the first timed run on an H100 went to those compilations)
+    # padded micro-batch; 6-9 s of the first timed run on an H100 went to those compilations);
+    # decoding rows wait and are observed at their sequence's width, so with generated tokens the
+    # longest prompt of each width class goes too
     longest = max(work.ids, key=len)
     prompts = [longest, *([longest[:-1]] if len(longest) > 1 else []), min(work.ids, key=len)]
+    if work.new_tokens:
+        prompts += list(_longest_of_each_width(work.ids, work.new_tokens).values())
     warm = workload(prompts, work.new_tokens, work.token_budget, 2)
     for name, capture in captures.items():
         run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bulk import PLAIN, RAW, RAW_DERIVED, main, text_prompts, workload
+from bench.bulk import PLAIN, RAW, RAW_DERIVED, _longest_of_each_width, main, text_prompts, workload
 
 MODES = [PLAIN, "summary", "derived", RAW_DERIVED, "hidden states", RAW, "full attention"]
 
@@ -117,3 +117,14 @@ def test_profile_writes_each_timed_modes_operator_table(
     assert plain.startswith("# plain: by self CPU time") and "aten::" in plain
     assert summary.startswith("# summary: by self CPU time") and "aten::" in summary
     assert "aten::bmm" not in plain and "aten::bmm" in summary  # the probabilities' q kᵀ
+
+
+def test_the_warm_up_takes_the_longest_prompt_of_each_decoding_width() -> None:
+    """With generated tokens, the decoding rows are observed at their sequence's width (a power of
+    two at or above prompt + new tokens): the warm-up compiles each with the longest prompt of it."""
+    ids = [[0] * n for n in (18, 22, 42, 61, 130, 204, 505, 971)]
+    chosen = _longest_of_each_width(ids, 32)
+    assert {width: len(p) for width, p in chosen.items()} == {64: 22, 128: 61, 256: 204, 1024: 971}
+    assert {width: len(p) for width, p in _longest_of_each_width(ids, 0).items()} == {
+        32: 22, 64: 61, 256: 204, 512: 505, 1024: 971,
+    }  # fmt: skip
