@@ -361,7 +361,9 @@ def decode_ms_per_step(mode: BulkMode, new_tokens: int) -> float | None:
 # thread's passes (prefill, decoding), of them the capture's hooks, its work around them (a
 # micro-batch's exporter and writer, its arrays, batch, session and hooks before the passes, its
 # last partial blocks after them, its token arrays and strings), the drains' own time, the forward
-# thread's waits for them and for device-to-host copies
+# thread's waits for them, the drains' waits for their micro-batch's device work (still queued when
+# it was handed over: worker/capture/sidestream.py) and the forward thread's waits for
+# device-to-host copies
 PHASES = (
     ("prefill", "micro_batches_prefill"),
     ("prefill capture host", "micro_batches_prefill_capture_host"),
@@ -373,6 +375,7 @@ PHASES = (
     ("finish host", "micro_batches_finish_host"),
     ("drain", "micro_batches_drain"),
     ("drain wait", "micro_batches_drain_wait"),
+    ("finish wait", "micro_batches_finish_wait"),
     ("pinned wait", "micro_batches_pinned_wait"),
     ("copy wait", "micro_batches_copy_wait"),
 )

@@ -64,7 +64,7 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
             assert ratios[name]["decode_x_plain"] == pytest.approx(expected)
     # each qkvault mode's job phases: the forward thread's, the capture's share of it, the drains'
     phases = re.findall(
-        r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+) \|(?: \d+\.\d+ \|){10}$", printed, re.MULTILINE
+        r"^\| ([a-z ]+) \| (\d+\.\d+) \| (\d+\.\d+) \|(?: \d+\.\d+ \|){11}$", printed, re.MULTILINE
     )
     assert [name for name, _, _ in phases] == [m for m in MODES if m not in (PLAIN, RAW, RAW_DERIVED)]
     for name, prefill, capture_host in phases:
@@ -74,6 +74,7 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
         assert 0 < timings["micro_batches_decode_capture_host"] <= timings["micro_batches_decode"], name
         assert timings["micro_batches_pinned_wait"] == 0.0, name  # no pinned ring on the CPU
         assert timings["micro_batches_copy_wait"] == 0.0, name  # nor copies to wait for
+        assert timings["micro_batches_finish_wait"] == 0.0, name  # nor a device queue for the drains
         for phase in ("setup", "passes_setup", "finish_host"):  # the forward thread's work around the passes
             assert timings[f"micro_batches_{phase}"] > 0, (name, phase)
         assert timings["micro_batches_passes_end"] >= 0, name  # rounded to milliseconds

@@ -32,6 +32,7 @@ from worker.capture.certify import Certifier, micro_batch_layers
 from worker.capture.hook import capturing
 from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
+from worker.capture.sidestream import after_mark, mark_queued
 from worker.derived import AttentionFacts, layer_chunks
 from worker.generation import (
     Batch,
@@ -254,6 +255,7 @@ class Exporter:
         except JobCancelled:  # keep what was captured: the blocks were flushed, mark it partial
             self.finish(started=started, partial=True)
             raise
+        passes_queued = mark_queued(self.lm.device)  # the device part waits for it, on its own
         try:
             t0 = time.perf_counter()
             device_part = self._prepare_host(started=started, partial=False)
@@ -264,7 +266,9 @@ class Exporter:
 
         def prepared() -> PreparedFinish:
             try:
-                return device_part()
+                with after_mark(passes_queued) as waited_s:  # not behind the next micro-batch's passes
+                    self.timings["finish_wait"] = waited_s  # for the passes' device work still queued
+                    return device_part()
             except BaseException:
                 self.writer.close()
                 raise
