@@ -70,6 +70,31 @@ class HostBlock:
         return out
 
 
+def shared_release(release: Callable[[], None] | None, users: int) -> Callable[[], None] | None:
+    """``release`` called once, after ``users`` calls of the returned function."""
+    if release is None:
+        return None
+    left = [users]
+    lock = threading.Lock()
+
+    def release_one() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            release()
+
+    return release_one
+
+
+def shared_views(host: HostBlock, views: Sequence[np.ndarray]) -> list[HostBlock]:
+    """``views`` of ``host.array`` as blocks of their own, each valid once ``host`` is and each to
+    be released once: ``host``'s buffer goes back after the last of them (one transfer, many
+    owners: a layer call's rows copied at once, handed over sequence by sequence)."""
+    release = shared_release(host.release, len(views))
+    return [HostBlock(view, host.ready, release, host.waits) for view in views]
+
+
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Small host data (indices, masks, positions) on ``device``, queued behind the work already
     there instead of waiting for it: on CUDA through page-locked memory (a copy from pageable

@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
-from worker.capture.hostcopy import HostBlock
-
-
-def _shared(release: Callable[[], None] | None, users: int) -> Callable[[], None] | None:
-    """``release`` called once, after ``users`` calls of the returned function."""
-    if release is None:
-        return None
-    left = [users]
-    lock = threading.Lock()
-
-    def release_one() -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            release()
-
-    return release_one
+from worker.capture.hostcopy import HostBlock, shared_release
 
 
 class RowBlockBuffer:
@@ -78,7 +59,7 @@ class RowBlockBuffer:
         last_too = starts_block and rows % self.chunk_rows > 0 and row0 + rows == self.final_rows
         if whole_blocks or last_too:  # views of the transferred data, released after the last one
             blocks = whole_blocks + last_too
-            release = _shared(host.release, whole_blocks + (rows % self.chunk_rows > 0))
+            release = shared_release(host.release, whole_blocks + (rows % self.chunk_rows > 0))
             for j in range(blocks):
                 view = host.array[:, j * self.chunk_rows : (j + 1) * self.chunk_rows]
                 done.append((block + j, HostBlock(view, host.ready, release)))

@@ -31,7 +31,13 @@ from worker.capture.attention_math import (
 from worker.capture.certify import Certifier
 from worker.capture.fused_metrics import MAX_FUSED_KEYS, fused_verified
 from worker.capture.hook import AttentionCall
-from worker.capture.hostcopy import DEFAULT_MAX_PINNED_BYTES, HostBlock, HostStager, device_ints
+from worker.capture.hostcopy import (
+    DEFAULT_MAX_PINNED_BYTES,
+    HostBlock,
+    HostStager,
+    device_ints,
+    shared_views,
+)
 from worker.capture.rows import RowBlockBuffer
 from worker.capture.waiting_rows import WaitingRows, waiting_capacity
 
@@ -231,13 +237,13 @@ class ExportSession:
             self._observe_waiting(self._waiting.pop(lp), lp, call, k_abs0)
         # fused metrics alone (no q/k/v, KV or check of a sequence): nothing to do per sequence
         per_sequence = not fused or self.store_qkv or self.kv is not None or bool(checked)
+        rows = [(b, *self._rows(b, q_len)) for b in range(len(self.pads) if per_sequence else 0)]
+        rows = [(b, row0, i0) for b, row0, i0 in rows if self.active[b] and i0 < q_len]
+        if self.store_qkv and rows:
+            self._capture_qkv(lp, rows, query, key[:, :, k_len - q_len :], value[:, :, k_len - q_len :])
         picks: list[tuple[int, int, int, tuple[int, int]]] = []  # sequences the certifier computes
-        for b, pad in enumerate(self.pads if per_sequence else ()):
-            if not self.active[b]:
-                continue
-            row0, i0 = self._rows(b, q_len)
-            if i0 >= q_len:
-                continue
+        for b, row0, i0 in rows:
+            pad = self.pads[b]
             col0 = max(0, k_abs0 - pad)  # first real key column available
             j0 = col0 + pad - k_abs0
             computes_probs = self.store_attention or (self.observer is not None and not fused)
@@ -247,8 +253,6 @@ class ExportSession:
             if b in checked and (derived or not computes_probs):
                 picks.append((b, i0, j0, (row0, col0)))
             new0 = k_len - q_len + i0  # the rows' own (new) key/value positions
-            if self.store_qkv:
-                self._capture_qkv(lp, b, row0, query[b, :, i0:], key[b, :, new0:], value[b, :, new0:])
             if self.kv is not None:
                 self.kv.on_layer(
                     lp,
@@ -352,28 +356,39 @@ class ExportSession:
         lp = self.layer_pos.get(layer_idx)
         if lp is None or not self.store_hidden:
             return
-        dtype = _TORCH_DTYPES[self.layout.qkv_dtype]
-        for b in range(len(self.pads)):
-            if not self.active[b]:
-                continue
-            row0, i0 = self._rows(b, hidden.shape[1])
-            if i0 < hidden.shape[1]:
-                self._emit("hidden_states", lp, b, row0, self._host(hidden[b, i0:][None].to(dtype)))
+        n = hidden.shape[1]
+        rows = [(b, *self._rows(b, n)) for b in range(len(self.pads))]
+        rows = [(b, row0, i0) for b, row0, i0 in rows if self.active[b] and i0 < n]
+        if not rows:
+            return
+        host = self._host(hidden.to(_TORCH_DTYPES[self.layout.qkv_dtype]))  # the call's rows at once
+        views = shared_views(host, [host.array[b, i0:][None] for b, _, i0 in rows])
+        for (b, row0, _), view in zip(rows, views, strict=True):
+            self._emit("hidden_states", lp, b, row0, view)
 
     def _emit(self, name: str, lp: int, b: int, row0: int, data: HostBlock, col0: int = 0) -> None:
         for block, block_data in self._buffers[(name, lp, b)].add(row0, data, col0):
             self.write_block(name, lp, b, block, block_data)
 
     def _capture_qkv(
-        self, lp: int, b: int, row0: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        lp: int,
+        rows: Sequence[tuple[int, int, int]],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
     ) -> None:
-        """``q [H, n, D]``, ``k``/``v [KVH, n, D]``: the rows' own (new) positions."""
+        """``q [B, H, n, D]``, ``k``/``v [B, KVH, n, D]``: the call's rows' own (new) positions, copied
+        to the host once a layer call; each of ``rows`` (sequence b, its first real row0, at call
+        row i0) hands its rows to the writer as views of that copy."""
         dtype = _TORCH_DTYPES[self.layout.qkv_dtype]
         heads, kv_heads = self._index("q", lp, q.device), self._index("kv", lp, q.device)
-        self._emit("q", lp, b, row0, self._host(q.index_select(0, heads).to(dtype)))
-        self._emit("k", lp, b, row0, self._host(k.index_select(0, kv_heads).to(dtype)))
-        if self.store_v:
-            self._emit("v", lp, b, row0, self._host(v.index_select(0, kv_heads).to(dtype)))
+        names = [("q", q, heads), ("k", k, kv_heads)] + ([("v", v, kv_heads)] if self.store_v else [])
+        for name, tensor, index in names:
+            host = self._host(tensor.index_select(1, index).to(dtype))
+            views = shared_views(host, [host.array[b, :, i0:] for b, _, i0 in rows])
+            for (b, row0, _), view in zip(rows, views, strict=True):
+                self._emit(name, lp, b, row0, view)
 
     def _capture_attention(
         self,
