@@ -227,10 +227,15 @@ class BulkExporter:
         context: SourceContext | None = None,
         limits: JobLimits | None = None,
         on_tokens: Callable[[int], None] | None = None,
+        records_written: Callable[[], None] | None = None,
         overlap_drains: bool = True,
     ) -> None:
         """``limits``: checked on every row read (None: unlimited, as in the benchmark);
         ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress);
+        ``records_written()``: returns once the chunk records ``writer_options["on_chunk"]`` got so
+        far are in the index (:meth:`worker.reporting.JobReporter.records_written`), called by each
+        micro-batch's drain before it marks the micro-batch complete: an attempt skips a micro-batch
+        it finds complete, so a kill must not leave one complete with chunks unrecorded;
         ``overlap_drains=False``: each micro-batch's drain ends before the next one starts (what
         the overlap is worth: ``python -m bench.bulk --serial-drains``).
         ``on_tokens`` and ``hooks.unit_done`` are called on the drain thread, once the micro-batch is
@@ -247,6 +252,7 @@ class BulkExporter:
         self.resumed_batches = 0
         self.limits = limits
         self.on_tokens = on_tokens
+        self.records_written = records_written
         # seconds summed over the micro-batches exported here (each group's attrs keep its own);
         # "drain": writing them on the drain thread, "drain_wait": the forward thread waiting for it
         self.batch_timings: dict[str, float] = {}
@@ -384,7 +390,7 @@ class BulkExporter:
 
         def finish() -> None:
             t0 = time.perf_counter()
-            summary = exporter.write_finish(prepared())
+            summary = exporter.write_finish(prepared(), before_complete=self.records_written)
             timings = dict(summary["timings_s"])
             timings["total"] -= timings.pop("load_model", 0.0)  # the model loads once per process
             timings["drain"] = time.perf_counter() - t0

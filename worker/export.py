@@ -597,12 +597,14 @@ class Exporter:
         }
         return PreparedFinish(arrays, groups, kv_groups, kv_status, attrs, summary, partial)
 
-    def write_finish(self, prepared: PreparedFinish) -> dict[str, Any]:
+    def write_finish(
+        self, prepared: PreparedFinish, before_complete: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
         """Write what :meth:`prepare_finish` computed (numpy and the writer only: any thread), wait
-        for every queued chunk, then the attributes that mark the bundle complete (or partial).
-        Returns the export's summary. On an error the writer is closed (the chunks already queued
-        are stored and recorded; not when the store itself fails) and the error raised: the bundle
-        is not marked complete."""
+        for every queued chunk, call ``before_complete``, then write the attributes that mark the
+        bundle complete (or partial). Returns the export's summary. On an error the writer is
+        closed (the chunks already queued are stored and recorded; not when the store itself
+        fails) and the error raised: the bundle is not marked complete."""
         writer = self.writer
         try:
             for name, data in prepared.arrays.items():
@@ -616,7 +618,12 @@ class Exporter:
                 status["stored_bytes"] = stored
                 status["stored_ratio"] = round(status["fp16_bytes"] / max(stored, 1), 4)
                 writer.group[f"kv/{name}"].update_attributes(status)
-            writer.finalize(prepared.attrs, complete=not prepared.partial, partial=prepared.partial)
+            writer.finalize(
+                prepared.attrs,
+                complete=not prepared.partial,
+                partial=prepared.partial,
+                before_complete=before_complete,
+            )
         except StoreError:
             # the store is failing: closing would make each queued chunk wait out its retry budget
             # (minutes); the next attempt resumes from the chunks recorded

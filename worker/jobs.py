@@ -200,6 +200,7 @@ def _attempt(
                     context=context,
                     limits=JobLimits(settings.max_sequences, settings.max_job_tokens),
                     on_tokens=reporter.tokens,
+                    records_written=reporter.records_written,
                 )
                 summary = bulk.run(job_id)
             else:

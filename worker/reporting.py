@@ -14,6 +14,9 @@ memory and :class:`JobReporter`'s thread writes it.
 
 :meth:`JobReporter.flush` writes whatever is queued from the calling thread (the job's thread,
 before it records the job's outcome), so the index holds every stored chunk before the job ends.
+:meth:`JobReporter.records_written` waits (on a bulk job's drain thread) until the reporter thread
+wrote every record queued so far: a micro-batch is marked complete only then, because an attempt
+that finds it complete skips it, and its chunks would otherwise stay unrecorded after a kill.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from storage.errors import JobCancelled, LeaseLost
 from storage.index import Index
 
 log = logging.getLogger(__name__)
+
+
+RECORDS_RETRY_S = 1.0  # records_written asks the thread to write again this often while it waits
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,12 @@ class JobReporter:
         self.tokens_done = 0
         self.lease_lost = threading.Event()
         self.cancel_requested = threading.Event()
-        self._lock = threading.Lock()  # guards the queued state below
+        self._lock = threading.Condition()  # guards the queued state below; notified on records written
         self._sql = threading.Lock()  # one writer at a time: the thread or flush()
         self._records: list[ChunkRecord] = []
+        self._queued = 0  # records queued so far, and of them written to the index (in order)
+        self._written = 0
+        self._records_now = False  # write the queued records at the next tick (records_written)
         self._fatal: BaseException | None = None  # not an Exception (e.g. SystemExit): ends the attempt
         self._phase: str | None = None
         self._units_total: int | None = None
@@ -89,14 +98,38 @@ class JobReporter:
         """A stored chunk (from any thread): queued for the index."""
         with self._lock:
             self._records.append(record)
+            self._queued += 1
 
-    def check_cancelled(self) -> None:
-        """Raises LeaseLost or JobCancelled from two flags the reporter thread keeps fresh (or what
-        ended the reporter thread, when it was not an Exception)."""
+    def records_written(self) -> None:
+        """Returns once every chunk record queued so far is in the index, written by the reporter
+        thread, which retries a failed batch (an index outage waits here; the job does not fail for
+        it). Raises LeaseLost once the lease is lost, or what ended the reporter thread. Waits on
+        SQL: never on the forward thread."""
+        with self._lock:
+            target = self._queued
+            asked = 0.0
+            while self._written < target:
+                if not self._thread.is_alive():  # no reporter thread to write them: written below
+                    break
+                self._raise_if_ended()
+                if time.monotonic() - asked >= RECORDS_RETRY_S:  # asked again after a failed write
+                    asked = time.monotonic()
+                    self._records_now = True
+                    self._wake.set()
+                self._lock.wait(0.1)
+        if self._written < target:
+            self._write_records()
+
+    def _raise_if_ended(self) -> None:
         if self._fatal is not None:
             raise self._fatal
         if self.lease_lost.is_set():
             raise LeaseLost(f"job {self.job_id}: the index refused {self.worker_id}'s writes (lease lost)")
+
+    def check_cancelled(self) -> None:
+        """Raises LeaseLost or JobCancelled from two flags the reporter thread keeps fresh (or what
+        ended the reporter thread, when it was not an Exception)."""
+        self._raise_if_ended()
         if self.cancel_requested.is_set():
             raise JobCancelled(f"job {self.job_id} was cancelled; partial data kept")
 
@@ -130,8 +163,9 @@ class JobReporter:
                     if not self.index.heartbeat(self.job_id, self.worker_id):
                         self.lease_lost.set()
                         return
-                if now - last["records"] >= intervals.record_interval_s:
+                if self._records_now or now - last["records"] >= intervals.record_interval_s:
                     last["records"] = now
+                    self._records_now = False
                     self._write_records()
                 if self._phase_new or now - last["progress"] >= intervals.progress_interval_s:
                     last["progress"] = now
@@ -154,9 +188,12 @@ class JobReporter:
             try:
                 self.index.record_chunks(self.job_id, records, worker=self.worker_id)
             except BaseException:
-                with self._lock:  # keep them for the next try
+                with self._lock:  # keep them for the next try, first in line
                     self._records[:0] = records
                 raise
+            with self._lock:
+                self._written += len(records)
+                self._lock.notify_all()
 
     def _write_progress(self) -> None:
         with self._sql:

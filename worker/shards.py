@@ -358,7 +358,7 @@ def run_shard(
                 exporter = ShardExporter(
                     spec, loaded, reporter, bundle_url=job.store_url, writer_options=options,
                     context=SourceContext(store=store, datasets_dir=settings.datasets_dir, owner=job.owner),
-                    on_tokens=reporter.tokens,
+                    on_tokens=reporter.tokens, records_written=reporter.records_written,
                 )  # fmt: skip
                 summary = exporter.run_range(job_id, shard)
             else:

@@ -276,7 +276,13 @@ class BundleWriter:
 
     # -- metadata last ------------------------------------------------------------------------
     def finalize(
-        self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False, consolidate: bool = True
+        self,
+        attrs: dict[str, Any],
+        *,
+        complete: bool = True,
+        partial: bool = False,
+        consolidate: bool = True,
+        before_complete: Callable[[], None] | None = None,
     ) -> None:
         """Store every queued chunk, remove what writes a killed earlier attempt left unfinished in
         this writer's directory (:meth:`ChunkStore.remove_leftovers`), then write final root
@@ -284,12 +290,16 @@ class BundleWriter:
         stored raises its error here, before the bundle is marked complete.
         ``consolidate=False``: a bulk job's root, whose tree holds
         every micro-batch's arrays (each micro-batch group is consolidated on its own; the root's
-        copy of them all, ~130 KB a micro-batch, would make every open read and parse tens of MB)."""
+        copy of them all, ~130 KB a micro-batch, would make every open read and parse tens of MB).
+        ``before_complete``: called once every chunk is stored, before the attributes are written
+        (a bulk micro-batch's chunk records go to the index then: worker/bulk.py)."""
         try:
             self.wait()
         finally:
             self.close()
         self.chunks.remove_leftovers()  # a killed earlier attempt's temporary files
+        if before_complete is not None:
+            before_complete()
         final = {**attrs, "complete": complete, "partial": partial}
         documents = self.chunks.documents() if consolidate and not self._children_by_others else None
         if documents is not None and ZARR_JSON in documents:  # every node's document is known here

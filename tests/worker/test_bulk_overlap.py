@@ -139,6 +139,49 @@ def test_serial_drains_finish_each_micro_batch_before_the_next_starts(
     assert summary["writer"]["chunks"] == len(streamed) > 0
 
 
+def test_a_micro_batch_is_marked_complete_only_after_its_chunk_records_were_written(
+    tiny_model_dir: Any, tmp_path: Path
+) -> None:
+    """An attempt skips a micro-batch it finds complete: each drain has every chunk record handed
+    over so far written (``records_written``) before its group says complete, so a kill between
+    the two cannot leave a complete micro-batch whose chunks the index never heard of."""
+    spec = _hidden_spec(tiny_model_dir("llama"), 16, seed=4)
+    hooks = CollectingHooks()
+    out = tmp_path / "b.zarr"
+    lock = threading.Lock()
+    pending: list[ChunkRecord] = []  # handed to on_chunk, not yet "in the index"
+    complete_while_pending: list[int] = []
+
+    def complete(batch: int) -> bool:
+        document = out / f"batches/{batch:06d}" / "zarr.json"
+        return document.exists() and '"complete": true' in document.read_text()
+
+    def on_chunk(record: ChunkRecord) -> None:
+        hooks.chunk_stored(record)
+        with lock:
+            pending.append(record)
+
+    def records_written() -> None:
+        with lock:
+            batches = {_batch(r) for r in pending if _batch(r) >= 0}
+            complete_while_pending.extend(b for b in batches if complete(b))
+            pending.clear()
+
+    exporter = BulkExporter(
+        spec,
+        loaded(spec),
+        hooks,
+        bundle_url=str(out),
+        writer_options={"on_chunk": on_chunk},
+        records_written=records_written,
+    )
+    summary = exporter.run("bulk-test")
+    assert summary["micro_batches"] >= 3 and complete_while_pending == []
+    # what no drain asked to write is only the root's own arrays (the job's finish flushes them)
+    assert {_batch(r) for r in pending} <= {-1}
+    assert any("/hidden_states/" in r.key for r in hooks.records)
+
+
 class DiskFull(StoreNotWritable):
     """The store refusing micro-batch 1's small arrays (written by its drain)."""
 

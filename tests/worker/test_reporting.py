@@ -132,3 +132,33 @@ def test_cancel_and_lease_loss_arrive_as_flags(running: tuple[GatedIndex, str]) 
         assert _until(lambda: reporter.lease_lost.is_set())
         with pytest.raises(LeaseLost):
             reporter.check_cancelled()
+
+
+def test_records_written_returns_once_the_thread_wrote_every_queued_record(
+    running: tuple[GatedIndex, str],
+) -> None:
+    index, job_id = running
+    slow = ReportIntervals(heartbeat_interval_s=60, progress_interval_s=60, record_interval_s=60)
+    index.fail_records = 1  # the first batch fails (a dropped connection): kept and written again
+    with JobReporter(index, job_id, WORKER, slow) as reporter:
+        for i in range(3):
+            reporter.chunk_stored(_record(i))
+        index.gate.clear()  # the database is stuck: records_written waits for it
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (reporter.records_written(), done.set()))
+        waiter.start()
+        assert not done.wait(0.3) and index.get_job(job_id).chunks_written == 0
+        index.gate.set()  # written by the thread (which alone would wait a minute), the failed
+        assert done.wait(10)  # batch asked for again
+        waiter.join()
+        assert index.get_job(job_id).chunks_written == 3
+        assert index.fail_records == 0
+
+
+def test_records_written_raises_once_the_lease_is_lost(running: tuple[GatedIndex, str]) -> None:
+    index, job_id = running
+    index.finish(job_id, JobState.CANCELLED, partial=False, worker=WORKER)
+    with _reporter(index, job_id) as reporter:
+        reporter.chunk_stored(_record(0))
+        with pytest.raises(LeaseLost):
+            reporter.records_written()
