@@ -145,7 +145,12 @@ def test_records_written_returns_once_the_thread_wrote_every_queued_record(
             reporter.chunk_stored(_record(i))
         index.gate.clear()  # the database is stuck: records_written waits for it
         done = threading.Event()
-        waiter = threading.Thread(target=lambda: (reporter.records_written(), done.set()))
+
+        def wait_for_records() -> None:
+            reporter.records_written()
+            done.set()
+
+        waiter = threading.Thread(target=wait_for_records)
         waiter.start()
         assert not done.wait(0.3) and index.get_job(job_id).chunks_written == 0
         index.gate.set()  # written by the thread (which alone would wait a minute), the failed
