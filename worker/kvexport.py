@@ -26,6 +26,7 @@ from storage.bundle.layout import BundleLayout
 from storage.kvquant.registry import kv_method
 from storage.kvquant.spec import KVMethodSpec
 from worker.capture.attention_math import causal_allowed
+from worker.capture.hostcopy import read_to_host
 from worker.kvfidelity import METRICS, FidelityAccumulator, fidelity_block
 from worker.kvquant import KIVI, TurboQuantMSE, TurboQuantProd, to_numpy
 
@@ -187,8 +188,8 @@ class _KIVIStream:
     def codes(self) -> dict[str, np.ndarray]:
         assert self.k_tail is not None and self.v_tail is not None
         codes = _joined(self.pieces)
-        codes["k_residual"] = self.k_tail.half().cpu().numpy()
-        codes["v_residual"] = self.v_tail.half().cpu().numpy()
+        codes["k_residual"] = read_to_host(self.k_tail.half()).numpy()
+        codes["v_residual"] = read_to_host(self.v_tail.half()).numpy()
         return codes
 
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from worker.capture.hostcopy import read_to_host
 from worker.capture.sidestream import after_mark, mark_queued, side_stream
 
 
@@ -17,6 +18,11 @@ def test_off_cuda_the_mark_is_empty_and_the_block_runs_as_it_is() -> None:
     with after_mark(mark) as waited_s:
         value = torch.arange(4).sum().item()
     assert waited_s == 0.0 and value == 6
+
+
+def test_off_cuda_a_read_to_the_host_is_the_tensor_itself() -> None:
+    values = torch.arange(6).reshape(2, 3)
+    assert torch.equal(read_to_host(values), values)
 
 
 def test_an_error_in_the_block_propagates() -> None:
@@ -42,7 +48,7 @@ def test_the_drain_sees_the_marked_work_and_runs_on_its_side_stream() -> None:
     def drain() -> None:
         with torch.inference_mode(), after_mark(mark) as waited_s:
             seen["stream"] = torch.cuda.current_stream(device)
-            seen["sum"] = float(x.sum().cpu())  # reads the marked write, not before it
+            seen["sum"] = float(read_to_host(x.sum()))  # reads the marked write, not before it
             seen["later_done"] = later.query()  # the drain did not wait for the later work
             seen["waited"] = waited_s
         seen["after"] = torch.cuda.current_stream(device)

@@ -36,7 +36,7 @@ import torch
 from storage.errors import CertificationFailed
 from worker.capture.attention_math import attention_probs, causal_allowed
 from worker.capture.hook import AttentionCall
-from worker.capture.hostcopy import device_ints
+from worker.capture.hostcopy import device_ints, read_to_host
 
 SAMPLE_ROWS = 8
 SAMPLE_SEQUENCES = 4  # the sequences of one call checked at most (the most and least padded first)
@@ -283,7 +283,7 @@ class Certifier:
         layer over its tolerance."""
         unread, self._unread = self._unread, {}
         for layer_idx, worst in sorted(unread.items()):
-            row_sum_error, masked_mass, output_error = worst.tolist()
+            row_sum_error, masked_mass, output_error = read_to_host(worst).tolist()
             cert = self._layers[layer_idx]
             cert.row_sum_error = max(cert.row_sum_error, row_sum_error)
             cert.masked_mass = max(cert.masked_mass, masked_mass)

@@ -114,6 +114,21 @@ def device_ints(values: Sequence[Any], device: torch.device, dtype: torch.dtype 
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
+def read_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host, once the work queued on this thread's current stream made it. A
+    plain ``.cpu()`` from CUDA copies into pageable memory, which also waits for the work queued on
+    the device's other streams (a drain would wait for the next micro-batch's kernels:
+    worker/capture/sidestream.py); here, a copy into page-locked memory and an event."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(tensor.device))
+    copied.synchronize()
+    return host
+
+
 def _pinned(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 

@@ -21,7 +21,7 @@ import torch
 
 from storage.bundle.labels import SummaryParams
 from storage.jobs.capture import RankMetric
-from worker.capture.hostcopy import device_ints, to_device
+from worker.capture.hostcopy import device_ints, read_to_host, to_device
 from worker.capture.quantiles import linear_quantiles
 
 ROW_METRICS: tuple[str, ...] = get_args(RankMetric)  # declared once, with the spec's ranking names
@@ -620,7 +620,7 @@ class HeadMetricsAccumulator:
         shape = (len(ROW_METRICS), self.num_layers, self.batch, self.num_heads)
         total = torch.zeros(shape, dtype=torch.float64)
         for sums in self._sums.values():
-            total += sums.cpu()
+            total += read_to_host(sums)
         return total
 
     def _layer_quantiles(self) -> np.ndarray:
@@ -657,7 +657,7 @@ class HeadMetricsAccumulator:
             results.append((layer_pos, torch.cat(parts)))
         for device in {quantiles.device for _, quantiles in results}:  # one copy (wait) per device
             on_device = [layer_pos for layer_pos, quantiles in results if quantiles.device == device]
-            out[on_device] = torch.stack([q for _, q in results if q.device == device]).cpu().numpy()
+            out[on_device] = read_to_host(torch.stack([q for _, q in results if q.device == device])).numpy()
         return out
 
     def _gathered(self, pieces: list[_Piece], device: torch.device) -> torch.Tensor:
