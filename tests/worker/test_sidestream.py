@@ -37,6 +37,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_the_drain_sees_the_marked_work_and_runs_on_its_side_stream() -> None:
     device = torch.device("cuda")
     x = torch.zeros(1 << 20, device=device)
+    # a page-locked allocation orders the device's streams: take the scalar's block beforehand, as
+    # a worker's drains have theirs cached after the first micro-batches
+    read_to_host(x.sum())
     torch.cuda._sleep(200_000_000)  # ≈ 0.1 s of queued device work before the write below
     x.add_(1.0)
     mark = mark_queued(device)
