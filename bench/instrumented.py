@@ -70,11 +70,23 @@ class TimedWriter(BundleWriter):
         self.metadata_s += time.perf_counter() - t0
 
     def finalize(
-        self, attrs: dict[str, Any], *, complete: bool = True, partial: bool = False, consolidate: bool = True
+        self,
+        attrs: dict[str, Any],
+        *,
+        complete: bool = True,
+        partial: bool = False,
+        consolidate: bool = True,
+        before_complete: Callable[[], None] | None = None,
     ) -> None:
         t0 = time.perf_counter()
         self.wait()
         self.drain_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        super().finalize(attrs, complete=complete, partial=partial, consolidate=consolidate)
+        super().finalize(
+            attrs,
+            complete=complete,
+            partial=partial,
+            consolidate=consolidate,
+            before_complete=before_complete,
+        )
         self.metadata_s += time.perf_counter() - t0

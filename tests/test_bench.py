@@ -89,7 +89,8 @@ def test_bench_temp_store_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(tempfile, "tempdir", None)
     argv = ["--device", "cpu", "--model", "tiny", "--tokens", "64", "--layers", "1", "--skip-naive"]
     assert main(argv) == 0
-    assert list(tmp_path.iterdir()) == []
+    # torch's own compile cache lands in TMPDIR when this process first needs it (order-dependent)
+    assert [p for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def test_bench_tiny_cpu_derived_attention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
