@@ -69,24 +69,10 @@ class TimedWriter(BundleWriter):
         super().write_array(name, data)
         self.metadata_s += time.perf_counter() - t0
 
-    def finalize(
-        self,
-        attrs: dict[str, Any],
-        *,
-        complete: bool = True,
-        partial: bool = False,
-        consolidate: bool = True,
-        before_complete: Callable[[], None] | None = None,
-    ) -> None:
+    def finalize(self, attrs: dict[str, Any], **options: Any) -> None:
         t0 = time.perf_counter()
         self.wait()
         self.drain_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        super().finalize(
-            attrs,
-            complete=complete,
-            partial=partial,
-            consolidate=consolidate,
-            before_complete=before_complete,
-        )
+        super().finalize(attrs, **options)  # BundleWriter.finalize's keywords, as they are
         self.metadata_s += time.perf_counter() - t0
