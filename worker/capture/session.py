@@ -214,6 +214,12 @@ class ExportSession:
         row0 = max(0, self.q_start - self.pads[b])
         return row0, row0 + self.pads[b] - self.q_start
 
+    def _call_rows(self, q_len: int) -> list[tuple[int, int, int]]:
+        """``(b, row0, i0)`` of each active sequence with rows in a call of ``q_len`` query rows
+        (:meth:`_rows`)."""
+        rows = [(b, *self._rows(b, q_len)) for b in range(len(self.pads)) if self.active[b]]
+        return [(b, row0, i0) for b, row0, i0 in rows if i0 < q_len]
+
     # -- CaptureSink ---------------------------------------------------------------------------
     def on_attention(self, call: AttentionCall) -> None:
         t0 = time.perf_counter()
@@ -237,8 +243,7 @@ class ExportSession:
             self._observe_waiting(self._waiting.pop(lp), lp, call, k_abs0)
         # fused metrics alone (no q/k/v, KV or check of a sequence): nothing to do per sequence
         per_sequence = not fused or self.store_qkv or self.kv is not None or bool(checked)
-        rows = [(b, *self._rows(b, q_len)) for b in range(len(self.pads) if per_sequence else 0)]
-        rows = [(b, row0, i0) for b, row0, i0 in rows if self.active[b] and i0 < q_len]
+        rows = self._call_rows(q_len) if per_sequence else []
         if self.store_qkv and rows:
             self._capture_qkv(lp, rows, query, key[:, :, k_len - q_len :], value[:, :, k_len - q_len :])
         picks: list[tuple[int, int, int, tuple[int, int]]] = []  # sequences the certifier computes
@@ -356,9 +361,7 @@ class ExportSession:
         lp = self.layer_pos.get(layer_idx)
         if lp is None or not self.store_hidden:
             return
-        n = hidden.shape[1]
-        rows = [(b, *self._rows(b, n)) for b in range(len(self.pads))]
-        rows = [(b, row0, i0) for b, row0, i0 in rows if self.active[b] and i0 < n]
+        rows = self._call_rows(hidden.shape[1])
         if not rows:
             return
         host = self._host(hidden.to(_TORCH_DTYPES[self.layout.qkv_dtype]))  # the call's rows at once
