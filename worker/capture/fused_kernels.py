@@ -15,10 +15,12 @@ only when a capture takes the fused path.
   round only a compare, a select and an add per key: from the top weight down to a weight below
   which the row's keys cannot hold the mass that is missing (``(1 - target) / 2`` spread over every
   key), until the range can hold at most ``mass_limit`` keys by its mass (each weighs at least its
-  lower end); the keys in it are counted (an exact-count halving goes on where rounding stopped the
-  bound early), gathered through a per-program scratch (a prefix sum) and ranked: key i comes after
-  the heavier keys and after its ties in earlier slots, and the first key in that order whose mass,
-  with the keys above the range, reaches the target ends the count — ties counted one by one, as
+  lower end); the keys in it are gathered through a per-program scratch, slots numbered by a prefix
+  sum in thread-major order (each thread's registers in turn, then across threads: one sum of both
+  searches' counts, which it also gives exactly; an exact-count halving goes on where rounding
+  stopped the bound early) and ranked all at once (``[S, S]``): key i comes after the heavier keys
+  and after its ties in earlier slots, and the first key in that order whose mass, with the keys
+  above the range, reaches the target ends the count — ties counted one by one, as
   :func:`worker.capture.metrics.row_metrics`' sorted cumulative sum does. A range narrowed to one
   bit pattern (many equal weights) counts its ties by division.
 """
@@ -67,6 +69,12 @@ def _sum4(w, x, y, z):
 def _sum2(x, y):
     """The sums of two ``[K]`` tensors in one reduction."""
     return tl.split(tl.sum(tl.join(x, y), 0))
+
+
+@triton.jit
+def _sum2_rows(x, y):
+    """The row sums of two ``[S, S]`` tensors in one reduction."""
+    return tl.split(tl.sum(tl.join(x, y), 1))
 
 
 @triton.jit
@@ -153,32 +161,56 @@ def _halve_by_count(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _compact(bits, keep, base, slots, n_kept, SLOTS: tl.constexpr):  # type: ignore[no-untyped-def]
-    """The ``bits`` where ``keep`` (at most ``SLOTS`` of them, ``n_kept``), gathered into ``[SLOTS]``
-    through the program's scratch at ``base`` (-1 in the slots left over)."""
-    place = tl.cumsum(keep.to(tl.int32), 0) - 1
+def _gather(bits, bits_m, lo, hi, lo_m, hi_m, base, slots, SLOTS: tl.constexpr, THREADS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Both searches' keys in their ranges (``bits`` in ``[lo, hi)``, ``bits_m`` in ``[lo_m, hi_m)``)
+    gathered into ``[SLOTS]`` each through the program's scratch at ``base`` (then ``base + SLOTS``;
+    -1 in the slots left over, the first ``SLOTS`` only where more), with the exact counts
+    ``(n_in, n_in_m, count_hi, count_hi_m)``: the keys in each range and above it (float32).
+
+    A key's slot is the number of the range's keys before it in a thread-major order (the ranking
+    does not depend on the order): each thread's own keys counted in turn, after the keys of the
+    threads before — a prefix sum within each thread's registers and one across threads, where a
+    prefix sum in key order costs one across threads per register. Both searches' counts share each
+    sum, one in the low 16 bits and one in the high (a row has fewer than 2^16 keys)."""
+    keep = (bits >= lo) & (bits < hi)
+    keep_m = (bits_m >= lo_m) & (bits_m < hi_m)
+    flags = keep.to(tl.int32) + (keep_m.to(tl.int32) << 16)
+    above = (bits >= hi).to(tl.int32) + ((bits_m >= hi_m).to(tl.int32) << 16)
+    # [registers, threads]: the layout the row's keys already have (key i in thread i % THREADS)
+    grid = tl.reshape(flags, [flags.shape[0] // THREADS, THREADS])
+    thread_counts = tl.sum(grid, 0)
+    before = tl.cumsum(thread_counts, 0) - thread_counts
+    both = tl.reshape(tl.cumsum(grid, 0) + before[None, :], [flags.shape[0]])
+    place = (both & 0xFFFF) - 1
+    place_m = (both >> 16) - 1
+    n_both = tl.sum(thread_counts, 0)
+    above_both = tl.sum(above, 0)
+    n_in = n_both & 0xFFFF
+    n_in_m = n_both >> 16
     tl.store(base + place, bits, mask=keep & (place < SLOTS))
+    tl.store(base + SLOTS + place_m, bits_m, mask=keep_m & (place_m < SLOTS))
     tl.debug_barrier()  # every thread's stores are seen by every thread's loads
-    return tl.load(base + slots, mask=slots < n_kept, other=-1)
+    found = tl.load(base + slots, mask=slots < n_in, other=-1)
+    found_m = tl.load(base + SLOTS + slots, mask=slots < n_in_m, other=-1)
+    count_hi = (above_both & 0xFFFF).to(tl.float32)
+    count_hi_m = (above_both >> 16).to(tl.float32)
+    return found, found_m, n_in.to(tl.float32), n_in_m.to(tl.float32), count_hi, count_hi_m
 
 
 @triton.jit
-def _ranked_crossing(found, slots, base, stored, mass_hi, count_hi, n_in, target, SLOTS: tl.constexpr):  # type: ignore[no-untyped-def]
-    """How many of the largest weights reach ``target``, the range's keys ``found`` (``[SLOTS]`` bit
-    patterns, -1 in empty slots; the first ``stored`` of them also in the program's scratch at
-    ``base``) ranked against each other: key i comes after the keys of larger weight and after its
-    ties in earlier slots (ties counted one by one); the first key in that order whose mass, with
-    the ``count_hi`` keys above the range (``mass_hi``), reaches the target ends the count. Where
-    rounding leaves no key reaching it: the whole range (``n_in`` keys). Each slot's key is read
-    back from the scratch in turn (no exchange between threads)."""
+def _ranked_crossing(found, slots, mass_hi, count_hi, n_in, target):  # type: ignore[no-untyped-def]
+    """How many of the largest weights reach ``target``, the range's keys ``found`` (``[S]`` bit
+    patterns, -1 in empty slots) ranked against each other at once (``[S, S]``): key i comes after
+    the keys of larger weight and after its ties in earlier slots (ties counted one by one); the
+    first key in that order whose mass, with the ``count_hi`` keys above the range (``mass_hi``),
+    reaches the target ends the count. Where rounding leaves no key reaching it: the whole range
+    (``n_in`` keys)."""
     weight = tl.where(found >= 0, _value(tl.maximum(found, 0)), 0.0)
-    mass_before = tl.zeros_like(weight)
-    rank = tl.zeros_like(weight)
-    for j in tl.static_range(SLOTS):
-        other = tl.load(base + j, mask=j < stored, other=-1)  # slots past those stored: stale
-        before = (other > found) | ((other == found) & (j < slots))
-        mass_before += tl.where(before, _value(tl.maximum(other, 0)), 0.0)
-        rank += before.to(tl.float32)
+    mine = found[None, :]  # [1, S]: a slot's key along axis 1, the others along axis 0
+    other = found[:, None]
+    before = (other > mine) | ((other == mine) & (slots[:, None] < slots[None, :]))
+    mass_before = tl.sum(tl.where(before, weight[:, None], 0.0), 0)
+    rank = tl.sum(before.to(tl.float32), 0)
     crosses = (found >= 0) & (mass_hi + mass_before + weight >= target)
     first = tl.min(tl.where(crosses, rank, float(1 << 30)), 0)
     return count_hi + tl.where(first < (1 << 30), first + 1.0, n_in)
@@ -286,6 +318,7 @@ def rows_kernel(  # type: ignore[no-untyped-def]
     TARGET: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CANDIDATES: tl.constexpr,
+    THREADS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     # where each metric goes: its index in ROW_METRICS (the caller passes them by name)
     SINK: tl.constexpr,
@@ -380,7 +413,7 @@ def rows_kernel(  # type: ignore[no-untyped-def]
     # k90 and middle_k90 in units of w, in the program's own scratch space
     base = scratch_ptr + ((seq * n_heads + head) * n_rows + row) * (2 * CANDIDATES)
     k90, middle_k90 = _search(
-        w, is_middle, total, middle, n_keys, base, mass_limit, TARGET, BLOCK_K, CANDIDATES
+        w, is_middle, total, middle, n_keys, base, mass_limit, TARGET, BLOCK_K, CANDIDATES, THREADS
     )
     tl.store(out + K90 * stride_om, tl.minimum(k90, n_keys))
     tl.store(out + K90_FRAC * stride_om, tl.minimum(k90, n_keys) / n_keys)
@@ -408,6 +441,7 @@ def _search(  # type: ignore[no-untyped-def]
     TARGET: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CANDIDATES: tl.constexpr,
+    THREADS: tl.constexpr,
 ):
     """``(k90, middle_k90)`` of one row of weights ``w`` (the top key's 1, ``total`` in all, ``middle``
     on the ``is_middle`` keys): the fewest keys whose weights reach ``TARGET`` of the row's mass,
@@ -425,72 +459,56 @@ def _search(  # type: ignore[no-untyped-def]
         slots = tl.arange(0, BLOCK_K)
         found = tl.where(bits > 0, bits, -1)
         found_m = tl.where(bits_m > 0, bits_m, -1)
-        tl.store(base + slots, found)
-        tl.store(base + CANDIDATES + slots, found_m)
-        tl.debug_barrier()  # every thread's stores are seen by every thread's loads
         zero = tl.zeros((), tl.float32)
         n_in, n_in_m = _sum2((found >= 0).to(tl.float32), (found_m >= 0).to(tl.float32))
-        k90 = _ranked_crossing(found, slots, base, BLOCK_K, zero, zero, n_in, target, BLOCK_K)
-        middle_k90 = _ranked_crossing(
-            found_m, slots, base + CANDIDATES, BLOCK_K, zero, zero, n_in_m, target_m, BLOCK_K
-        )
+        k90 = _ranked_crossing(found, slots, zero, zero, n_in, target)
+        middle_k90 = _ranked_crossing(found_m, slots, zero, zero, n_in_m, target_m)
     else:
         spread = 0.5 * (1.0 - TARGET) / n_keys  # below it, every key together holds ≤ (1 - TARGET) / 2
         hi = tl.max(bits, 0) + 1
         lo = tl.minimum((spread * total).to(tl.int32, bitcast=True), hi - 1)
         hi_m = tl.max(bits_m, 0) + 1
         lo_m = tl.minimum((spread * middle).to(tl.int32, bitcast=True), hi_m - 1)
-        mass_lo, mass_lo_m = _sum2(tl.where(bits >= lo, w, 0.0), tl.where(bits_m >= lo_m, w, 0.0))
+        mass_lo, mass_lo_m = total, middle  # the mass of the keys ≥ lo: at most that (the bound's start)
         zero = tl.zeros((), tl.float32)
         lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m = _halve_by_mass(
             bits, w, bits_m, lo, hi, mass_lo, zero, lo_m, hi_m, mass_lo_m, zero, target, target_m, mass_limit
         )
-        count_lo, count_hi, count_lo_m, count_hi_m = _sum4(
-            (bits >= lo).to(tl.float32),
-            (bits >= hi).to(tl.float32),
-            (bits_m >= lo_m).to(tl.float32),
-            (bits_m >= hi_m).to(tl.float32),
-        )
-        lo, hi, mass_hi, count_lo, count_hi, lo_m, hi_m, mass_hi_m, count_lo_m, count_hi_m = _halve_by_count(
-            bits,
-            w,
-            bits_m,
-            lo,
-            hi,
-            mass_hi,
-            count_lo,
-            count_hi,
-            lo_m,
-            hi_m,
-            mass_hi_m,
-            count_lo_m,
-            count_hi_m,
-            target,
-            target_m,
-            CANDIDATES,
-        )
         slots = tl.arange(0, CANDIDATES)
-        n_in = count_lo - count_hi
-        n_in_m = count_lo_m - count_hi_m
-        found = _compact(bits, (bits >= lo) & (bits < hi), base, slots, n_in.to(tl.int32), CANDIDATES)
-        found_m = _compact(
-            bits_m,
-            (bits_m >= lo_m) & (bits_m < hi_m),
-            base + CANDIDATES,
-            slots,
-            n_in_m.to(tl.int32),
-            CANDIDATES,
+        found, found_m, n_in, n_in_m, count_hi, count_hi_m = _gather(
+            bits, bits_m, lo, hi, lo_m, hi_m, base, slots, CANDIDATES, THREADS
         )
+        if (n_in > CANDIDATES) | (n_in_m > CANDIDATES):  # rounding stopped the mass bound early
+            lo, hi, mass_hi, _, _, lo_m, hi_m, mass_hi_m, _, _ = _halve_by_count(
+                bits,
+                w,
+                bits_m,
+                lo,
+                hi,
+                mass_hi,
+                count_hi + n_in,
+                count_hi,
+                lo_m,
+                hi_m,
+                mass_hi_m,
+                count_hi_m + n_in_m,
+                count_hi_m,
+                target,
+                target_m,
+                CANDIDATES,
+            )
+            tl.debug_barrier()  # every thread has read the first gathering before it is overwritten
+            found, found_m, n_in, n_in_m, count_hi, count_hi_m = _gather(
+                bits, bits_m, lo, hi, lo_m, hi_m, base, slots, CANDIDATES, THREADS
+            )
         k90 = tl.where(
             hi - lo > 1,
-            _ranked_crossing(found, slots, base, n_in, mass_hi, count_hi, n_in, target, CANDIDATES),
+            _ranked_crossing(found, slots, mass_hi, count_hi, n_in, target),
             _tied_crossing(lo, n_in, mass_hi, count_hi, target),
         )
         middle_k90 = tl.where(
             hi_m - lo_m > 1,
-            _ranked_crossing(
-                found_m, slots, base + CANDIDATES, n_in_m, mass_hi_m, count_hi_m, n_in_m, target_m, CANDIDATES
-            ),
+            _ranked_crossing(found_m, slots, mass_hi_m, count_hi_m, n_in_m, target_m),
             _tied_crossing(lo_m, n_in_m, mass_hi_m, count_hi_m, target_m),
         )
     return k90, middle_k90

@@ -175,6 +175,7 @@ def fused_row_metrics(
             PRECISION=precision,
         )
         for a, b, block_k in row_runs(r1 - r0, query_offset + r0 + 1 - min_pad, max_width):
+            warps = min(16, max(1, block_k // KEYS_PER_WARP))
             part = out[:, :, :, r0 + a : r0 + b]
             rows_kernel[(b - a, heads, batch)](
                 scores[:, :, a:b],
@@ -202,9 +203,10 @@ def fused_row_metrics(
                 TARGET=K90_MASS - K90_TOLERANCE,
                 BLOCK_K=block_k,
                 CANDIDATES=SEARCH_CANDIDATES,
+                THREADS=32 * warps,
                 HAS_MASK=mask is not None,
                 **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
-                num_warps=min(16, max(1, block_k // KEYS_PER_WARP)),
+                num_warps=warps,
             )
     return out
 
