@@ -40,6 +40,11 @@ def test_the_drain_sees_the_marked_work_and_runs_on_its_side_stream() -> None:
     # a page-locked allocation orders the device's streams: take the scalar's block beforehand, as
     # a worker's drains have theirs cached after the first micro-batches
     read_to_host(x.sum())
+    # the side stream's first use waits for the whole device once a process (measured on an H100:
+    # a first drain entered only after the work queued later was done; a second did not): use it
+    # beforehand, as a worker's first micro-batch does
+    with after_mark(mark_queued(device)):
+        read_to_host(x.sum())
     torch.cuda._sleep(200_000_000)  # ≈ 0.1 s of queued device work before the write below
     x.add_(1.0)
     mark = mark_queued(device)

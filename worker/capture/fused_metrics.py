@@ -11,10 +11,10 @@ without materialised, renormalised and sorted probabilities.
    width that holds its keys, :func:`row_runs`, so a causal prefill's early rows do not pay for the
    last row's width): softmax, then every :data:`ROW_METRICS` value in one pass, ``k90`` and
    ``middle_k90`` by halving a range of the weights' fp32 bit patterns (weights ≥ 0 order as their
-   bit patterns do), both at once, until at most :data:`SEARCH_CANDIDATES` keys are left in it,
-   which are then ranked against each other — the same crossing of 0.9 − tolerance as
-   :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the crossing counted one
-   by one.
+   bit patterns do), both at once, until one key is left in it (rows of at most
+   :data:`SEARCH_CANDIDATES` keys rank them all at once instead) — the same crossing of
+   0.9 − tolerance as :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the
+   crossing counted one by one.
 
 Every row is read once from the scores, and no per-row sort is made: the metrics' memory traffic
 is one fp32 write and one read per visible (row, key) where :func:`row_metrics` makes ≈ 13 passes
@@ -44,15 +44,16 @@ from worker.capture.metrics import K90_MASS, K90_TOLERANCE, ROW_METRICS, SPARSIT
 
 MAX_FUSED_KEYS = 8192  # a row's visible scores live in one program's registers (32 a thread at 8 warps)
 SCORES_BUDGET_BYTES = 256 << 20  # fp32 scores written by one call at most (rows are taken in slabs)
-_BLOCK_M = 16  # query rows of one scores tile (tl.dot's smallest)
+_BLOCK_M = 16  # query rows of one scores tile (tl.dot's smallest): decoding steps, short chunks
+_BLOCK_M_PREFILL = 64  # a prefill's: each key tile read once for 4× the rows
 _BLOCK_N = 64  # keys of one scores tile
 _MIN_ROW_KEYS = 16  # the narrowest rows program
 KEYS_PER_WARP = 1024  # a rows program's warps: one per this many keys of its width (1 to 16)
-SEARCH_CANDIDATES = 32  # a k90 search ranks the ≤ this many keys left in its range (shorter rows: all)
-# the search halves by mass alone while its range may hold more than this many keys, then counts
-# them (an exact count narrows further only where rounding stopped it early); any value gives the
-# same metrics, only the number of rounds of each kind changes
-MASS_BOUND_KEYS = float(SEARCH_CANDIDATES)
+SEARCH_CANDIDATES = 32  # rows of at most this many keys rank them all at once (no search)
+# a longer row's search halves by mass alone while its range may hold more than this many keys (< 2:
+# until it holds one), then counts them (an exact count narrows further only where rounding stopped
+# it early); any value gives the same metrics, only the number of rounds of each kind changes
+MASS_BOUND_KEYS = 1.5
 
 
 log = logging.getLogger(__name__)
@@ -138,21 +139,20 @@ def fused_row_metrics(
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     max_width = max(_MIN_ROW_KEYS, _next_power_of_two(width))
     padded_width = -(-width // _MIN_ROW_KEYS) * _MIN_ROW_KEYS
+    block_m = _BLOCK_M_PREFILL if n_rows >= _BLOCK_M_PREFILL else _BLOCK_M
     slab = min(n_rows, max(1, SCORES_BUDGET_BYTES // (4 * batch * heads * padded_width)))
     if slab < n_rows:
-        slab = max(_BLOCK_M, slab // _BLOCK_M * _BLOCK_M)
+        slab = max(block_m, slab // block_m * block_m)
     wanted = wanted.view(torch.uint8) if wanted.dtype == torch.bool else wanted  # bytes, no copy
     mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
     if mask is not None and mask.shape[1] == 1:
         mask_strides = (mask_strides[0], 0, mask_strides[2], mask_strides[3])
-    # each rows program's space to rank its k90 candidates in, shared by the call's launches in turn
-    scratch = torch.empty(batch * heads * slab * 2 * SEARCH_CANDIDATES, dtype=torch.int32, device=device)
     for r0 in range(0, n_rows, slab):
         r1 = min(n_rows, r0 + slab)
         q = query[:, :, r0:r1]
         # rows padded to 16 keys: every view of them is 64-byte aligned, one compiled pattern
         scores = torch.empty((batch, heads, r1 - r0, padded_width), dtype=torch.float32, device=device)
-        scores_kernel[(-(-(r1 - r0) // _BLOCK_M), heads, batch)](
+        scores_kernel[(-(-(r1 - r0) // block_m), heads, batch)](
             q,
             key,
             scores,
@@ -170,7 +170,7 @@ def fused_row_metrics(
             heads // kv_heads,
             scaling,
             D=max(16, _next_power_of_two(head_dim)),
-            BLOCK_M=_BLOCK_M,
+            BLOCK_M=block_m,
             BLOCK_N=_BLOCK_N,
             PRECISION=precision,
         )
@@ -196,14 +196,10 @@ def fused_row_metrics(
                 sink_tokens,
                 local_window,
                 SPARSITY_FRACTION,
-                scratch,
-                heads,
-                b - a,
                 MASS_BOUND_KEYS,
                 TARGET=K90_MASS - K90_TOLERANCE,
                 BLOCK_K=block_k,
                 CANDIDATES=SEARCH_CANDIDATES,
-                THREADS=32 * warps,
                 HAS_MASK=mask is not None,
                 **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
                 num_warps=warps,
