@@ -72,12 +72,6 @@ def _sum2(x, y):
 
 
 @triton.jit
-def _sum2_rows(x, y):
-    """The row sums of two ``[S, S]`` tensors in one reduction."""
-    return tl.split(tl.sum(tl.join(x, y), 1))
-
-
-@triton.jit
 def _value(pattern):
     """The fp32 value of a (non-negative) bit pattern."""
     return pattern.to(tl.float32, bitcast=True)
