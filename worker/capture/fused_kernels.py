@@ -192,7 +192,7 @@ def _gather(bits, bits_m, lo, hi, lo_m, hi_m, base, slots, SLOTS: tl.constexpr, 
 
 
 @triton.jit
-def _ranked_crossing(found, slots, mass_hi, count_hi, n_in, target):  # type: ignore[no-untyped-def]
+def _ranked_crossing(found, slots, mass_hi, count_hi, n_in, target):
     """How many of the largest weights reach ``target``, the range's keys ``found`` (``[S]`` bit
     patterns, -1 in empty slots) ranked against each other at once (``[S, S]``): key i comes after
     the keys of larger weight and after its ties in earlier slots (ties counted one by one); the
