@@ -2,11 +2,16 @@
 
 The zip is ``ZIP_STORED`` (chunks are already compressed by their codecs), has ``zarr.json`` at its
 root and is deterministic: names sorted, every timestamp 1980-01-01 00:00:00, fixed permissions, so
-one store always gives byte-identical zips. No file is ever held whole in memory: ``zipfile`` writes
-into a small non-seekable sink (so it uses data descriptors for sizes and CRCs, and ZIP64 where a
-file or the archive needs it), and the sink's buffer is handed out after each piece. The zip's exact
-length is computed from the listing before the first byte (:func:`zip_size`: the API's
-``Content-Length``).
+one store always gives byte-identical zips. ``zipfile`` writes into a small non-seekable sink (so it
+uses data descriptors for sizes and CRCs, and ZIP64 where a file or the archive needs it), and the
+sink's buffer is handed out after each piece. The zip's exact length is computed from the listing
+before the first byte (:func:`zip_size`: the API's ``Content-Length``).
+
+A bundle is mostly small files (chunks and ``zarr.json`` documents), and on S3 each read is a
+request of its own: read one after another, a bulk job's thousands of files cost their round trips
+in turn. So files of at most one piece are read whole, :data:`READ_AHEAD_FILES` at a time ahead of
+the writer, on as many threads (:class:`_ReadAhead`); larger files are streamed in pieces when their
+turn comes. Memory stays bounded: at most ``READ_AHEAD_FILES`` pieces ahead, one piece being written.
 
 Open a downloaded bundle with ``xr.open_zarr(zarr.storage.ZipStore(path, mode="r"), zarr_format=3)``.
 Imports neither fastapi nor torch: usable from the API, the CLI and a notebook.
@@ -17,9 +22,12 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from storage.errors import BundleNotReady
 from storage.stores.objectstore import ObjectStore
@@ -27,6 +35,7 @@ from storage.stores.objectstore import ObjectStore
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest timestamp ZIP can express
 FILE_MODE = 0o100644  # regular file, rw-r--r--
 DEFAULT_PIECE_BYTES = 1 << 20  # 1 MiB read from the store per piece
+READ_AHEAD_FILES = 16  # small files (at most one piece) read at once ahead of the zip's writer
 
 
 class _Sink:
@@ -109,7 +118,7 @@ class BundleZip:
     """A bundle zip about to be streamed: its exact length and its pieces (consumed once)."""
 
     size: int
-    pieces: Iterator[bytes]
+    pieces: Generator[bytes, None, None]  # closing it early cancels the reads ahead
 
 
 def open_bundle_zip(store: ObjectStore, bundle_url: str, piece_bytes: int = DEFAULT_PIECE_BYTES) -> BundleZip:
@@ -131,24 +140,72 @@ def open_bundle_zip(store: ObjectStore, bundle_url: str, piece_bytes: int = DEFA
 
 def iter_bundle_zip(
     store: ObjectStore, bundle_url: str, piece_bytes: int = DEFAULT_PIECE_BYTES
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Yield a ZIP_STORED zip of every file under ``bundle_url`` (paths relative to it), in pieces.
 
     The store is checked and listed when this function is called (not lazily on the first
     ``next()``), so a missing bundle raises :class:`BundleNotReady` before any byte is sent.
-    Each yielded piece is at most about ``piece_bytes`` plus one header; memory stays O(piece_bytes).
+    Each yielded piece is at most about ``piece_bytes`` plus one header; memory stays
+    O(``READ_AHEAD_FILES`` × ``piece_bytes``).
     """
     return open_bundle_zip(store, bundle_url, piece_bytes).pieces
 
 
+class _ReadAhead:
+    """The files of one zip in its order: those of at most ``piece_bytes`` read whole, up to ``depth``
+    of them at once ahead of the writer (each one request, :meth:`ObjectStore.read_bytes`, on a
+    thread of its own); larger files streamed in pieces when their turn comes. A context manager:
+    leaving it (the zip finished, failed or its consumer gone) cancels the reads not started."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        bundle_url: str,
+        files: Sequence[tuple[str, int]],
+        piece_bytes: int,
+        depth: int,
+    ) -> None:
+        self._store, self._url, self._piece_bytes, self._depth = store, bundle_url, piece_bytes, depth
+        self._queued = deque(name for name, size_bytes in files if size_bytes <= piece_bytes)
+        self._reading: dict[str, Future[bytes]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="zip-read-ahead")
+
+    def __enter__(self) -> _ReadAhead:
+        self._read_ahead()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_ahead(self) -> None:
+        while self._queued and len(self._reading) < self._depth:
+            name = self._queued.popleft()
+            self._reading[name] = self._pool.submit(self._store.read_bytes, self._url, name)
+
+    def pieces(self, name: str) -> Iterator[bytes]:
+        """File ``name``'s bytes in pieces of at most ``piece_bytes``: the next file of the zip's order."""
+        reading = self._reading.pop(name, None)
+        if reading is None:  # larger than one piece
+            yield from self._store.iter_file(self._url, name, self._piece_bytes)
+            return
+        self._read_ahead()
+        if data := reading.result():
+            yield data
+
+
 def _generate(
     store: ObjectStore, bundle_url: str, files: list[tuple[str, int]], piece_bytes: int
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     sink = _Sink()
-    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with (
+        _ReadAhead(store, bundle_url, files, piece_bytes, READ_AHEAD_FILES) as ahead,
+        zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
         for name, size_bytes in files:
             with archive.open(_entry(name, size_bytes), mode="w") as member:
-                for piece in store.iter_file(bundle_url, name, piece_bytes):
+                for piece in ahead.pieces(name):
                     member.write(piece)
                     yield sink.drain()
             if tail := sink.drain():  # local header of an empty file, or the data descriptor

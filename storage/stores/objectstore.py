@@ -111,8 +111,8 @@ class ObjectStore:
         return self.fs().open(f"{self._path(url).rstrip('/')}/{relpath}", "rb")
 
     def read_bytes(self, url: str, relpath: str) -> bytes:
-        with self.open_file(url, relpath) as fh:
-            return fh.read()
+        """One file read whole: on S3 a single GET (opening the file first asks for its size)."""
+        return bytes(self.fs().cat_file(f"{self._path(url).rstrip('/')}/{relpath}"))
 
     def iter_file(self, url: str, relpath: str, piece_bytes: int = 1 << 20) -> Iterator[bytes]:
         """Read one file in pieces of ``piece_bytes`` (1 MiB default) without holding it whole."""

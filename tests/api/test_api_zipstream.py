@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,7 +14,13 @@ import pytest
 import xarray as xr
 import zarr
 
-from storage.bundle.zipstream import ZIP_EPOCH, iter_bundle_zip, open_bundle_zip, write_bundle_zip
+from storage.bundle.zipstream import (
+    READ_AHEAD_FILES,
+    ZIP_EPOCH,
+    iter_bundle_zip,
+    open_bundle_zip,
+    write_bundle_zip,
+)
 from storage.errors import BundleNotReady
 from storage.stores.objectstore import ObjectStore
 from tests.api.support import write_small_bundle
@@ -79,6 +87,71 @@ def test_zip_is_streamed_in_pieces(local_store: ObjectStore) -> None:
     assert max(len(p) for p in rest) <= piece_bytes + 512  # a piece plus at most a few headers
     with zipfile.ZipFile(io.BytesIO(first + b"".join(rest))) as zf:
         assert zf.read("a/c/0") == big
+
+
+class _ReadRecorder:
+    """Wraps a store's ``read_bytes``: each read takes a while, as an S3 request does, and the
+    files read and the most reads running at once are recorded."""
+
+    def __init__(self, store: ObjectStore, delay_s: float = 0.02) -> None:
+        self._read = store.read_bytes
+        self._delay_s = delay_s
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.names: list[str] = []
+
+    def __call__(self, url: str, relpath: str) -> bytes:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.names.append(relpath)
+        try:
+            time.sleep(self._delay_s)
+            return self._read(url, relpath)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_small_files_are_read_ahead_at_once_and_large_ones_streamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle of many small files (chunks, zarr.json documents) is read several files at once
+    ahead of the writer, at most READ_AHEAD_FILES, each whole; a file over one piece is streamed in
+    pieces instead. The zip is the same bytes as when every file is read in turn."""
+    piece_bytes = 4096
+    files = {"zarr.json": b"{}", "big/c/0": os.urandom(5 * piece_bytes)}
+    files |= {f"q/c/{i}": os.urandom(1 + i * 37 % piece_bytes) for i in range(60)}
+    plain = ObjectStore(str(tmp_path / "plain"))
+    _write_files(Path(plain.bundle_url("job")), files)
+    wanted = b"".join(iter_bundle_zip(plain, plain.bundle_url("job"), piece_bytes=piece_bytes))
+
+    store = ObjectStore(str(tmp_path / "plain"))
+    recorder = _ReadRecorder(store)
+    monkeypatch.setattr(store, "read_bytes", recorder)
+    got = b"".join(iter_bundle_zip(store, store.bundle_url("job"), piece_bytes=piece_bytes))
+
+    assert got == wanted
+    assert sorted(recorder.names) == sorted(name for name in files if name != "big/c/0")
+    assert 1 < recorder.most_at_once <= READ_AHEAD_FILES
+
+
+def test_a_zip_left_unread_reads_no_further(
+    local_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download given up after its first piece (the client went away): the reads queued ahead
+    are cancelled, at most those already running finish."""
+    url = local_store.bundle_url("job-gone")
+    _write_files(Path(url), {f"c/{i:03d}": os.urandom(100) for i in range(200)} | {"zarr.json": b"{}"})
+    recorder = _ReadRecorder(local_store, delay_s=0.05)
+    monkeypatch.setattr(local_store, "read_bytes", recorder)
+    pieces = iter_bundle_zip(local_store, url)
+    next(pieces)
+    pieces.close()
+    time.sleep(0.3)  # a read that had started ends; none starts after the close
+    assert len(recorder.names) <= 2 * READ_AHEAD_FILES + 1
+    assert recorder.running == 0
 
 
 def _size_and_bytes(store: ObjectStore, url: str, piece_bytes: int = 4096) -> tuple[int, bytes]:
