@@ -17,10 +17,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_bulk_job_end_to_end(stack: Stack, tiny_llama: str, tmp_path: Path) -> None:
-    prompts = [("the quick brown fox " * (1 + i % 7)).strip() for i in range(30)]
+    prompts = [("the quick brown fox " * (1 + i % 4)).strip() for i in range(16)]
     spec = {
         "model": {"id": tiny_llama},
-        "source": {"kind": "prompts", "prompts": prompts, "token_budget": 512, "max_sequences": 8},
+        "source": {"kind": "prompts", "prompts": prompts, "token_budget": 512, "max_sequences": 4},
         "generation": {"max_new_tokens": 2},
         "capture": {"attention": True, "qkv": True},
         "storage": {"chunk_rows": 16},
@@ -29,18 +29,18 @@ def test_bulk_job_end_to_end(stack: Stack, tiny_llama: str, tmp_path: Path) -> N
     expected_tokens = submitted.progress.tokens_total  # admission's count, with the model's tokenizer
     job = stack.client.wait(submitted.id, poll_s=0.2, timeout_s=180, progress=False)
     assert job.state == "succeeded", job
-    assert job.progress.units_done == job.progress.units_total == 30  # progress in sequences
+    assert job.progress.units_done == job.progress.units_total == 16  # progress in sequences
     assert job.result is not None
     result = job.result
-    assert result["sequences"] == 30 and result["micro_batches"] >= 4 and result["padding_fraction"] <= 0.05
+    assert result["sequences"] == 16 and result["micro_batches"] >= 4 and result["padding_fraction"] <= 0.05
     # ... and in tokens: the estimate at submission was exact for inline prompts
     assert job.progress.tokens_done == job.progress.tokens_total == result["tokens"] == expected_tokens
-    assert "30/30 sequences" in job.status_line() and f"{result['tokens']:,} tokens" in job.status_line()
+    assert "16/16 sequences" in job.status_line() and f"{result['tokens']:,} tokens" in job.status_line()
     zip_path = stack.client.download(job.id, tmp_path / "bulk.zip", progress=False)
     from_zip = open_bulk(zip_path)
     from_store = open_bulk(f"{stack.store_url}/jobs/{job.id}.zarr", storage_options=stack.storage_options)
     assert from_zip.sequences["text"].values.tolist() == prompts
-    for i in (0, 13, 29):
+    for i in (0, 9, 15):
         one, other = from_zip.sequence(i), from_store.sequence(i)
         np.testing.assert_array_equal(one["attention"].values, other["attention"].values)
         n = int(from_zip.sequences["length"].sel(sequence=i))
