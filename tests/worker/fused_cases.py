@@ -138,12 +138,12 @@ def test_fused_rows_of_a_padded_batch_with_its_mask(device: torch.device) -> Non
 
 
 @pytest.mark.parametrize("mass_bound_keys", [None, 0.0, 1e9])
-def test_long_rows_end_the_k90_search_on_gathered_candidates(
+def test_long_rows_narrow_the_k90_search_to_one_key(
     device: torch.device, mass_bound_keys: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows of 251–262 keys (two runs: the 256- and 512-key programs) narrow a range of weights,
-    then rank the keys gathered from it; a uniform head (q = 0) leaves hundreds of ties at the
-    crossing, more than the candidates. Every metric as row_metrics, k90 exact — with the search's
+    """Rows of 251–262 keys (two runs: the 256- and 512-key programs) narrow a range of weights
+    until one key is left in it; a uniform head (q = 0) leaves hundreds of ties at the crossing, a
+    range of one bit pattern. Every metric as row_metrics, k90 exact — with the search's
     usual mass bound, with none (halving by mass down to one bit pattern) and with one that stops at
     once (the exact-count halving, which otherwise runs only after rounding, does all of it)."""
     from worker.capture import fused_metrics

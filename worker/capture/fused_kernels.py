@@ -10,19 +10,20 @@ only when a capture takes the fused path.
   of the one-pass metrics in two reductions, the entropy as ``ln Σw - Σ w·(score - top) / Σw`` (no
   log per key), ``bos``/``prev``/``self`` read as single keys. Then ``k90`` and ``middle_k90``: the
   fewest keys whose weights reach the target mass. Rows of at most ``CANDIDATES`` keys rank their
-  keys against each other at once; longer rows first narrow a range of fp32 bit patterns
-  (weights ≥ 0 order as their patterns do) by halving, both searches in one reduction a round and a
-  round only a compare, a select and an add per key: from the top weight down to a weight below
-  which the row's keys cannot hold the mass that is missing (``(1 - target) / 2`` spread over every
-  key), until the range can hold at most ``mass_limit`` keys by its mass (each weighs at least its
-  lower end); the keys in it are gathered through a per-program scratch, slots numbered by a prefix
-  sum in thread-major order (each thread's registers in turn, then across threads: one sum of both
-  searches' counts, which it also gives exactly; an exact-count halving goes on where rounding
-  stopped the bound early) and ranked all at once (``[S, S]``): key i comes after the heavier keys
-  and after its ties in earlier slots, and the first key in that order whose mass, with the keys
-  above the range, reaches the target ends the count — ties counted one by one, as
-  :func:`worker.capture.metrics.row_metrics`' sorted cumulative sum does. A range narrowed to one
-  bit pattern (many equal weights) counts its ties by division.
+  keys against each other at once (``[S, S]``: key i comes after the heavier keys and after its ties
+  in earlier slots; the first key in that order whose mass reaches the target ends the count). Longer
+  rows narrow a range of fp32 bit patterns (weights ≥ 0 order as their patterns do) by halving,
+  both searches in one reduction a round and a round only a compare, a select and an add per key:
+  from the top weight down to a weight below which the row's keys cannot hold the mass that is
+  missing (``(1 - target) / 2`` spread over every key), until the range's mass proves it holds at
+  most one key (each key in it weighs at least its lower end); the keys at and above it are then
+  counted (an exact-count halving goes on where rounding stopped the bound early), and that one key
+  is the crossing — ties counted one by one, as :func:`worker.capture.metrics.row_metrics`' sorted
+  cumulative sum does: a range narrowed to one bit pattern (many equal weights) counts its ties by
+  division. Nothing is gathered to rank (an earlier form gathered the last 32 keys through a
+  scratch buffer): the search holds only the weights and the middle keys' patterns, so a program
+  needs fewer registers and more rows run at once on a multiprocessor (158 registers a thread for
+  2,048 keys on 2 warps, against 240).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def _sum4(w, x, y, z):
 def _sum2(x, y):
     """The sums of two ``[K]`` tensors in one reduction."""
     return tl.split(tl.sum(tl.join(x, y), 0))
+
+
+@triton.jit
+def _sum2_rows(x, y):
+    """The row sums of two ``[S, S]`` tensors in one reduction."""
+    return tl.split(tl.sum(tl.join(x, y), 1))
 
 
 @triton.jit
@@ -152,43 +159,6 @@ def _halve_by_count(  # type: ignore[no-untyped-def]
         count_lo_m, count_hi_m = _kept_half(reached_m, count_c_m, count_lo_m, count_hi_m)
         mass_hi_m = tl.where(reached_m, mass_hi_m, mass_c_m)
     return lo, hi, mass_hi, count_lo, count_hi, lo_m, hi_m, mass_hi_m, count_lo_m, count_hi_m
-
-
-@triton.jit
-def _gather(bits, bits_m, lo, hi, lo_m, hi_m, base, slots, SLOTS: tl.constexpr, THREADS: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Both searches' keys in their ranges (``bits`` in ``[lo, hi)``, ``bits_m`` in ``[lo_m, hi_m)``)
-    gathered into ``[SLOTS]`` each through the program's scratch at ``base`` (then ``base + SLOTS``;
-    -1 in the slots left over, the first ``SLOTS`` only where more), with the exact counts
-    ``(n_in, n_in_m, count_hi, count_hi_m)``: the keys in each range and above it (float32).
-
-    A key's slot is the number of the range's keys before it in a thread-major order (the ranking
-    does not depend on the order): each thread's own keys counted in turn, after the keys of the
-    threads before — a prefix sum within each thread's registers and one across threads, where a
-    prefix sum in key order costs one across threads per register. Both searches' counts share each
-    sum, one in the low 16 bits and one in the high (a row has fewer than 2^16 keys)."""
-    keep = (bits >= lo) & (bits < hi)
-    keep_m = (bits_m >= lo_m) & (bits_m < hi_m)
-    flags = keep.to(tl.int32) + (keep_m.to(tl.int32) << 16)
-    above = (bits >= hi).to(tl.int32) + ((bits_m >= hi_m).to(tl.int32) << 16)
-    # [registers, threads]: the layout the row's keys already have (key i in thread i % THREADS)
-    grid = tl.reshape(flags, [flags.shape[0] // THREADS, THREADS])
-    thread_counts = tl.sum(grid, 0)
-    before = tl.cumsum(thread_counts, 0) - thread_counts
-    both = tl.reshape(tl.cumsum(grid, 0) + before[None, :], [flags.shape[0]])
-    place = (both & 0xFFFF) - 1
-    place_m = (both >> 16) - 1
-    n_both = tl.sum(thread_counts, 0)
-    above_both = tl.sum(above, 0)
-    n_in = n_both & 0xFFFF
-    n_in_m = n_both >> 16
-    tl.store(base + place, bits, mask=keep & (place < SLOTS))
-    tl.store(base + SLOTS + place_m, bits_m, mask=keep_m & (place_m < SLOTS))
-    tl.debug_barrier()  # every thread's stores are seen by every thread's loads
-    found = tl.load(base + slots, mask=slots < n_in, other=-1)
-    found_m = tl.load(base + SLOTS + slots, mask=slots < n_in_m, other=-1)
-    count_hi = (above_both & 0xFFFF).to(tl.float32)
-    count_hi_m = (above_both >> 16).to(tl.float32)
-    return found, found_m, n_in.to(tl.float32), n_in_m.to(tl.float32), count_hi, count_hi_m
 
 
 @triton.jit
@@ -305,14 +275,10 @@ def rows_kernel(  # type: ignore[no-untyped-def]
     sink_tokens,
     local_window,
     sparsity,
-    scratch_ptr,
-    n_heads,
-    n_rows,
     mass_limit,
     TARGET: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CANDIDATES: tl.constexpr,
-    THREADS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     # where each metric goes: its index in ROW_METRICS (the caller passes them by name)
     SINK: tl.constexpr,
@@ -404,11 +370,7 @@ def rows_kernel(  # type: ignore[no-untyped-def]
         tl.where(has_prev, mean_distance / tl.maximum(t.to(tl.float32), 1.0), 0.0),
     )
 
-    # k90 and middle_k90 in units of w, in the program's own scratch space
-    base = scratch_ptr + ((seq * n_heads + head) * n_rows + row) * (2 * CANDIDATES)
-    k90, middle_k90 = _search(
-        w, is_middle, total, middle, n_keys, base, mass_limit, TARGET, BLOCK_K, CANDIDATES, THREADS
-    )
+    k90, middle_k90 = _search(w, is_middle, total, middle, n_keys, mass_limit, TARGET, BLOCK_K, CANDIDATES)
     tl.store(out + K90 * stride_om, tl.minimum(k90, n_keys))
     tl.store(out + K90_FRAC * stride_om, tl.minimum(k90, n_keys) / n_keys)
     tl.store(out + MIDDLE_K90 * stride_om, tl.where(middle > 0, middle_k90, 0.0))
@@ -430,21 +392,22 @@ def _search(  # type: ignore[no-untyped-def]
     total,
     middle,
     n_keys,
-    base,
     mass_limit,
     TARGET: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CANDIDATES: tl.constexpr,
-    THREADS: tl.constexpr,
 ):
     """``(k90, middle_k90)`` of one row of weights ``w`` (the top key's 1, ``total`` in all, ``middle``
     on the ``is_middle`` keys): the fewest keys whose weights reach ``TARGET`` of the row's mass,
     and of its middle keys' mass. Rows of at most ``CANDIDATES`` keys are ranked whole
-    (:func:`_ranked_crossing`); longer rows first narrow a range of bit patterns by halving
+    (:func:`_ranked_crossing`); longer rows narrow a range of bit patterns by halving
     (:func:`_halve_by_mass`, from the top weight down to the weight below which every key together
-    holds at most ``(1 - TARGET) / 2`` of the mass) until it can hold at most ``mass_limit`` keys,
-    which are counted, gathered through the program's scratch at ``base`` (``2 × CANDIDATES``
-    slots) and ranked."""
+    holds at most ``(1 - TARGET) / 2`` of the mass) until its mass proves it holds at most one key
+    (``mass_limit`` < 2: each key in it weighs at least its lower end), then count the keys at and
+    above it (an exact-count halving goes on where rounding left more): the one key in the range is
+    the crossing, or the range is one bit pattern whose ties are counted by division. Nothing is
+    gathered: the search holds only the weights and the middle keys' patterns, so the program's
+    registers stay few."""
     bits = w.to(tl.int32, bitcast=True)  # w ≥ 0: patterns order as values; hidden keys 0
     bits_m = tl.where(is_middle, bits, -1)
     target = TARGET * total
@@ -468,41 +431,37 @@ def _search(  # type: ignore[no-untyped-def]
         lo, hi, mass_lo, mass_hi, lo_m, hi_m, mass_lo_m, mass_hi_m = _halve_by_mass(
             bits, w, bits_m, lo, hi, mass_lo, zero, lo_m, hi_m, mass_lo_m, zero, target, target_m, mass_limit
         )
-        slots = tl.arange(0, CANDIDATES)
-        found, found_m, n_in, n_in_m, count_hi, count_hi_m = _gather(
-            bits, bits_m, lo, hi, lo_m, hi_m, base, slots, CANDIDATES, THREADS
+        count_lo, count_hi, count_lo_m, count_hi_m = _sum4(
+            (bits >= lo).to(tl.float32),
+            (bits >= hi).to(tl.float32),
+            (bits_m >= lo_m).to(tl.float32),
+            (bits_m >= hi_m).to(tl.float32),
         )
-        if (n_in > CANDIDATES) | (n_in_m > CANDIDATES):  # rounding stopped the mass bound early
-            lo, hi, mass_hi, _, _, lo_m, hi_m, mass_hi_m, _, _ = _halve_by_count(
-                bits,
-                w,
-                bits_m,
-                lo,
-                hi,
-                mass_hi,
-                count_hi + n_in,
-                count_hi,
-                lo_m,
-                hi_m,
-                mass_hi_m,
-                count_hi_m + n_in_m,
-                count_hi_m,
-                target,
-                target_m,
-                CANDIDATES,
-            )
-            tl.debug_barrier()  # every thread has read the first gathering before it is overwritten
-            found, found_m, n_in, n_in_m, count_hi, count_hi_m = _gather(
-                bits, bits_m, lo, hi, lo_m, hi_m, base, slots, CANDIDATES, THREADS
-            )
+        lo, hi, mass_hi, count_lo, count_hi, lo_m, hi_m, mass_hi_m, count_lo_m, count_hi_m = _halve_by_count(
+            bits,
+            w,
+            bits_m,
+            lo,
+            hi,
+            mass_hi,
+            count_lo,
+            count_hi,
+            lo_m,
+            hi_m,
+            mass_hi_m,
+            count_lo_m,
+            count_hi_m,
+            target,
+            target_m,
+            1,
+        )
+        # at most one key in a range wider than one pattern: with it, the keys reach the target
         k90 = tl.where(
-            hi - lo > 1,
-            _ranked_crossing(found, slots, mass_hi, count_hi, n_in, target),
-            _tied_crossing(lo, n_in, mass_hi, count_hi, target),
+            hi - lo > 1, count_lo, _tied_crossing(lo, count_lo - count_hi, mass_hi, count_hi, target)
         )
         middle_k90 = tl.where(
             hi_m - lo_m > 1,
-            _ranked_crossing(found_m, slots, mass_hi_m, count_hi_m, n_in_m, target_m),
-            _tied_crossing(lo_m, n_in_m, mass_hi_m, count_hi_m, target_m),
+            count_lo_m,
+            _tied_crossing(lo_m, count_lo_m - count_hi_m, mass_hi_m, count_hi_m, target_m),
         )
     return k90, middle_k90

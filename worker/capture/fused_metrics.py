@@ -11,10 +11,10 @@ without materialised, renormalised and sorted probabilities.
    width that holds its keys, :func:`row_runs`, so a causal prefill's early rows do not pay for the
    last row's width): softmax, then every :data:`ROW_METRICS` value in one pass, ``k90`` and
    ``middle_k90`` by halving a range of the weights' fp32 bit patterns (weights ≥ 0 order as their
-   bit patterns do), both at once, until at most :data:`SEARCH_CANDIDATES` keys are left in it,
-   which are then ranked against each other — the same crossing of 0.9 − tolerance as
-   :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the crossing counted one
-   by one.
+   bit patterns do), both at once, until one key is left in it (rows of at most
+   :data:`SEARCH_CANDIDATES` keys rank them all at once instead) — the same crossing of
+   0.9 − tolerance as :func:`row_metrics`' float64 cumulative sum of the sorted row, ties at the
+   crossing counted one by one.
 
 Every row is read once from the scores, and no per-row sort is made: the metrics' memory traffic
 is one fp32 write and one read per visible (row, key) where :func:`row_metrics` makes ≈ 13 passes
@@ -49,11 +49,11 @@ _BLOCK_M_PREFILL = 64  # a prefill's: each key tile read once for 4× the rows
 _BLOCK_N = 64  # keys of one scores tile
 _MIN_ROW_KEYS = 16  # the narrowest rows program
 KEYS_PER_WARP = 1024  # a rows program's warps: one per this many keys of its width (1 to 16)
-SEARCH_CANDIDATES = 32  # a k90 search ranks the ≤ this many keys left in its range (shorter rows: all)
-# the search halves by mass alone while its range may hold more than this many keys, then counts
-# them (an exact count narrows further only where rounding stopped it early); any value gives the
-# same metrics, only the number of rounds of each kind changes
-MASS_BOUND_KEYS = float(SEARCH_CANDIDATES)
+SEARCH_CANDIDATES = 32  # rows of at most this many keys rank them all at once (no search)
+# a longer row's search halves by mass alone while its range may hold more than this many keys (< 2:
+# until it holds one), then counts them (an exact count narrows further only where rounding stopped
+# it early); any value gives the same metrics, only the number of rounds of each kind changes
+MASS_BOUND_KEYS = 1.5
 
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,6 @@ def fused_row_metrics(
     mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
     if mask is not None and mask.shape[1] == 1:
         mask_strides = (mask_strides[0], 0, mask_strides[2], mask_strides[3])
-    # each rows program's space to rank its k90 candidates in, shared by the call's launches in turn
-    scratch = torch.empty(batch * heads * slab * 2 * SEARCH_CANDIDATES, dtype=torch.int32, device=device)
     for r0 in range(0, n_rows, slab):
         r1 = min(n_rows, r0 + slab)
         q = query[:, :, r0:r1]
@@ -198,14 +196,10 @@ def fused_row_metrics(
                 sink_tokens,
                 local_window,
                 SPARSITY_FRACTION,
-                scratch,
-                heads,
-                b - a,
                 MASS_BOUND_KEYS,
                 TARGET=K90_MASS - K90_TOLERANCE,
                 BLOCK_K=block_k,
                 CANDIDATES=SEARCH_CANDIDATES,
-                THREADS=32 * warps,
                 HAS_MASK=mask is not None,
                 **{name.upper(): i for i, name in enumerate(ROW_METRICS)},  # a new metric fails here
                 num_warps=warps,
@@ -215,7 +209,7 @@ def fused_row_metrics(
 
 # The self-check's case: grouped-query heads of very different sharpness, one left-padded sequence
 # whose rows see 121 to 140 keys: both rows programs a prefill launches (up to 128 keys, the whole
-# search on the row; 256, the search ended on the gathered candidates).
+# whole row ranked at once; 256, the search narrowed to one key).
 _CHECK_SHAPE = {"heads": 4, "kv_heads": 2, "head_dim": 16, "keys": 143, "first": 123, "pad": 3}
 _CHECK_SINK_TOKENS, _CHECK_LOCAL_WINDOW = 2, 4
 
