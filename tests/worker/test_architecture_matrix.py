@@ -75,7 +75,7 @@ def test_the_docs_table_is_generated_from_the_file() -> None:
 @pytest.mark.parametrize("shard", [0, 1, 2])
 def test_a_fresh_run_agrees_with_the_checked_in_verdicts(shard: int) -> None:
     """Every causal-LM type through the real export, on 2 processes, in three thirds of 30-40 s
-    on 2 cores (no test over a minute; one type that never finishes is cut at 30 s)."""
+    on 2 cores (no test over a minute; a type that does not finish is cut at 30 s)."""
     results = run_matrix(causal_lm_types()[shard::3], jobs=2)
     stored = matrix()["types"]
     differ = {

@@ -142,6 +142,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], NUM_LAYERS // 2]]},
     # the default leaves the per-layer kinds unset although the model reads them
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+    # its four models (patcher, byte encoder, global, byte decoder) are sub-configs the generic rules
+    # do not reach, and its hash embeddings have 500,002 rows per group: at full size the check ran
+    # out of its 30 s at 5.9 GB of memory; tiny, it finishes in seconds with the verdict itself
+    "blt": {
+        "encoder_hash_byte_group_vocab": 512,
+        "patcher_config": {**TOWER_SIZES, "max_position_embeddings": 256},
+        "encoder_config": {**TOWER_SIZES, "hidden_size_global": HIDDEN, "max_position_embeddings": 512},
+        "decoder_config": {**TOWER_SIZES, "hidden_size_global": HIDDEN, "max_position_embeddings": 512},
+        "global_config": {**TOWER_SIZES, "num_hidden_layers": 2, "max_position_embeddings": 256},
+    },
 }
 
 
