@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -63,7 +64,10 @@ def root_attrs(
     }
 
 
+@functools.cache
 def qkvault_version() -> str:
+    """The installed package's version, read once a process (reading the distribution's metadata
+    costs about a millisecond, and every micro-batch of a bulk job writes it)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

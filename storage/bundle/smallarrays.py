@@ -9,22 +9,25 @@ metadata) or data of one chunk (almost all small arrays): its ``zarr.json`` is z
 document (that of a template array of the same kind, made once in memory, as a dict with this
 shape, chunks and dimension names) and its chunk the bytes zarr's codecs produce (``bytes``
 little-endian + Blosc: :func:`storage.bundle.pipeline.blosc_encoder`), both stored in parallel
-through the bundle's :class:`~storage.bundle.chunkstore.ChunkStore` (the one write path); zarr's
-handle of such an array is built from that document without I/O. Every other array (strings,
-several chunks with data, an empty dimension, one that exists already) goes through zarr, all of
-them in one round trip to its event loop. ``tests/storage/test_smallarrays.py`` checks that both
-give the same files.
+(one pool of threads a process) through the bundle's :class:`~storage.bundle.chunkstore.ChunkStore`
+(the one write path), the document's bytes encoded once per kind, shape, chunks and dimension
+names; zarr's handle of such an array is built from that document without I/O. Every other
+array (strings, several chunks with data, an empty dimension, one that exists already) goes
+through zarr, all of them in one round trip to its event loop. ``tests/storage/test_smallarrays.py``
+checks that both give the same files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -93,25 +96,27 @@ class NewArray:
             await array.setitem(..., self.data)
         return array
 
-    def _kind(self) -> _Kind:
+    def _kind_key(self) -> tuple[str, int, Any, str]:
+        """:func:`_kind`'s arguments: the fill value ``"nan"`` for NaN (never equal to itself)."""
         nan = isinstance(self.fill_value, float) and np.isnan(self.fill_value)
-        return _kind(self.dtype, len(self.shape), "nan" if nan else self.fill_value, self.compression)
+        return self.dtype, len(self.shape), "nan" if nan else self.fill_value, self.compression
+
+    def _kind(self) -> _Kind:
+        return _kind(*self._kind_key())
 
     def document(self) -> dict[str, Any]:
         """The array's ``zarr.json`` as zarr writes it: its kind's, with this shape, chunks and
         dimension names."""
-        document = dict(self._kind().document)  # the nested values replaced are new objects
-        document["shape"] = list(self.shape)
-        document["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": list(self.chunks)}}
-        document["dimension_names"] = list(self.dims)
-        return document
+        return _document(self._kind(), self.shape, self.chunks, self.dims)
 
     def objects(self, prefix: str) -> list[tuple[str, bytes]]:
         """The ``zarr.json`` and, with data, the one chunk zarr would store for this array at
         ``prefix``."""
         kind = self._kind()
-        text = json.dumps(self.document(), allow_nan=True, indent=zarr.config.get("json_indent"))
-        out = [(f"{prefix}zarr.json", text.encode())]
+        text = _document_text(
+            self._kind_key(), self.shape, self.chunks, self.dims, zarr.config.get("json_indent")
+        )
+        out = [(f"{prefix}zarr.json", text)]
         if self.data is not None:
             values = np.ascontiguousarray(self.data, dtype=np.dtype(self.dtype).newbyteorder("<"))
             out.append((f"{prefix}{kind.chunk_key}", bytes(kind.encoder.encode(values))))
@@ -159,6 +164,39 @@ def _kind(dtype: str, ndim: int, fill: Any, compression: str) -> _Kind:
     return _Kind(document, metadata.encode_chunk_key((0,) * ndim), blosc_encoder(codec))
 
 
+def _document(
+    kind: _Kind, shape: tuple[int, ...], chunks: tuple[int, ...], dims: tuple[str, ...]
+) -> dict[str, Any]:
+    document = dict(kind.document)  # the nested values replaced are new objects
+    document["shape"] = list(shape)
+    document["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": list(chunks)}}
+    document["dimension_names"] = list(dims)
+    return document
+
+
+@lru_cache(maxsize=4096)
+def _document_text(
+    kind_key: tuple[str, int, Any, str],
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dims: tuple[str, ...],
+    indent: int | None,
+) -> bytes:
+    """An array's ``zarr.json`` bytes, encoded once for each kind, shape, chunks and dimension names:
+    the indented JSON zarr writes takes Python's pure-Python encoder (≈ 0.3 ms a document), and a
+    micro-batch's ~60 arrays share a few shapes, as micro-batches of one size share all of them."""
+    document = _document(_kind(*kind_key), shape, chunks, dims)
+    return json.dumps(document, allow_nan=True, indent=indent).encode()
+
+
+@cache
+def _put_pool(pid: int) -> ThreadPoolExecutor:
+    """The threads that store new arrays' objects, one pool a process (``pid``: a forked child makes
+    its own; a parent's threads do not exist there): a pool a call would start 16 threads for every
+    group a micro-batch writes."""
+    return ThreadPoolExecutor(max_workers=PUT_THREADS, thread_name_prefix="qkvault-put")
+
+
 def create_arrays(
     group: zarr.Group, arrays: Sequence[NewArray], put: Put, *, handles: bool = False
 ) -> dict[str, zarr.Array]:
@@ -172,9 +210,14 @@ def create_arrays(
     direct = [a for a in arrays if a.direct and a.name not in existing]
     through_zarr = [a for a in arrays if not (a.direct and a.name not in existing)]
     objects = [item for a in direct for item in a.objects(f"{prefix}{a.name}/")]
-    if objects:
-        with ThreadPoolExecutor(max_workers=min(PUT_THREADS, len(objects))) as pool:
-            list(pool.map(lambda item: put(*item), objects))
+    if len(objects) == 1:
+        put(*objects[0])
+    elif objects:  # every put ends before an error is raised, as each one's own write would
+        pool = _put_pool(os.getpid())
+        stored = [pool.submit(put, key, data) for key, data in objects]
+        wait_futures(stored)
+        for future in stored:
+            future.result()
 
     made = {a.name: a.handle(group) for a in direct} if handles else {}
 

@@ -136,3 +136,67 @@ def test_write_array_direct_path_equals_zarr(tmp_path: Path, case: NewArray) -> 
     reference[...] = case.data  # zarr's own bytes for the same data
     assert next(p for p in (tmp_path / "w" / case.name / "c").rglob("*") if p.is_file()).read_bytes() == chunk
     np.testing.assert_array_equal(np.asarray(reference), case.data)
+
+
+def _documents(root: Path) -> dict[str, bytes]:
+    """Every node's stored ``zarr.json`` by key, as a writer's ChunkStore holds them."""
+    return {k: v for k, v in _files(root).items() if k.endswith("zarr.json")}
+
+
+def test_consolidated_root_takes_array_documents_as_stored_byte_for_byte(tmp_path: Path) -> None:
+    """consolidated_root puts each array's stored text in, indented to its depth: the same bytes as
+    parsing every document and encoding the root again (and zarr's nodes, once parsed)."""
+    from storage.bundle.consolidated import consolidated_root, consolidated_root_parsed
+
+    store = ChunkStore(str(tmp_path / "b"))
+    root = zarr.open_group(store.zarr(), mode="a", zarr_format=3)
+    root.update_attributes({"job_id": "j", "nested": {"a": [1, 2, {"b": None}]}})
+    create_arrays(root.require_group("summary"), CASES, store.put)
+    create_arrays(
+        root, [NewArray("tokens", (3, 9), (1, 9), "int32", -1, ("batch", "position"), "lz4")], store.put
+    )
+    documents = _documents(tmp_path / "b")
+    assert sum(json.loads(v)["node_type"] == "array" for v in documents.values()) == len(CASES) + 1
+    attrs = {"complete": True, "timings_s": {"total": 1.5}, "text": "naïve ✓"}
+    fast = consolidated_root(documents, attrs)
+    assert fast == consolidated_root_parsed(documents, attrs)
+    zarr.consolidate_metadata(store.zarr())
+    theirs = json.loads((tmp_path / "b" / "zarr.json").read_bytes())["consolidated_metadata"]["metadata"]
+    assert json.dumps(json.loads(fast)["consolidated_metadata"]["metadata"], sort_keys=True) == json.dumps(
+        theirs, sort_keys=True
+    )
+
+
+def test_consolidated_root_whose_attributes_hold_its_placeholder_is_still_exact(tmp_path: Path) -> None:
+    from storage.bundle.consolidated import _MARK, consolidated_root, consolidated_root_parsed
+
+    store = ChunkStore(str(tmp_path / "b"))
+    create_arrays(zarr.open_group(store.zarr(), mode="a", zarr_format=3), CASES[:2], store.put)
+    documents = _documents(tmp_path / "b")
+    attrs = {"odd": f"{_MARK}0", "odder": [f"{_MARK}1"]}
+    assert consolidated_root(documents, attrs) == consolidated_root_parsed(documents, attrs)
+
+
+def test_a_failed_put_is_raised_once_every_other_put_ended(tmp_path: Path) -> None:
+    """Objects are stored by a pool of the process: an error is raised after every other object
+    of the call was stored (as each write on its own would leave them), and the pool goes on."""
+    store = ChunkStore(str(tmp_path / "b"))
+    group = zarr.open_group(store.zarr(), mode="a", zarr_format=3)
+    stored: list[str] = []
+
+    def put(key: str, data: bytes) -> None:
+        if key.startswith("half/c"):
+            raise OSError("disk full")
+        store.put(key, data)
+        stored.append(key)
+
+    numeric = [c for c in CASES if c.direct]
+    with pytest.raises(OSError, match="disk full"):
+        create_arrays(group, numeric, put)
+    assert len(stored) == 2 * len(numeric) - 1  # every zarr.json and chunk but the one that failed
+    create_arrays(
+        zarr.open_group(ChunkStore(str(tmp_path / "c")).zarr(), mode="a"),
+        numeric,
+        ChunkStore(str(tmp_path / "c")).put,
+    )
+    assert len(_documents(tmp_path / "c")) == len(numeric) + 1
