@@ -28,7 +28,9 @@ finished ones (the one draining is finished first).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +41,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.common import ZARR_JSON
 
+from storage.bundle.chunkstore import ChunkStore
 from storage.bundle.format import BULK_BATCHES, BULK_FORMAT_VERSION, BULK_SEQUENCES
 from storage.bundle.pipeline import PipelineStats
 from storage.bundle.writer import BundleWriter
@@ -303,13 +307,24 @@ class BulkExporter:
         options = self.writer_options.get("storage_options")
         return zarr_store(self.bundle_url, storage_options=options, read_only=True)
 
+    @functools.cached_property
+    def _documents(self) -> ChunkStore:
+        """The bundle's objects, read directly (a local file read, or one GET: not through zarr's
+        event loop, which the drain thread's metadata writes keep busy)."""
+        options = self.writer_options
+        return ChunkStore(
+            self.bundle_url, storage_options=options.get("storage_options"), retry=options.get("retry")
+        )
+
     def _complete(self, group: str) -> bool:
         """Whether an earlier attempt finished micro-batch ``group`` (its metadata says complete)."""
+        stored = self._documents.read(f"{group}/{ZARR_JSON}")
         try:
-            found = zarr.open_group(self._read_store(), path=group, mode="r", zarr_format=3)
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            document = json.loads(stored) if stored is not None else {}
+        except ValueError:  # a document cut short: not finished
             return False
-        return bool(found.attrs.get("complete"))
+        attributes = document.get("attributes") if document.get("node_type") == "group" else None
+        return bool((attributes or {}).get("complete"))
 
     def run(self, job_id: str) -> dict[str, Any]:
         started = time.perf_counter()

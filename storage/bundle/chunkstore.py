@@ -176,6 +176,12 @@ class ChunkStore:
         with store_errors(self.url, "remove the temporary files of unfinished writes"):
             return self._objects.remove_leftovers()
 
+    def read(self, key: str) -> bytes | None:
+        """One object's bytes, None when it does not exist (a local file read from the calling
+        thread; S3 through zarr's store)."""
+        with store_errors(self.url, f"read {key}"):
+            return self._objects.read(key)
+
     def put(self, key: str, data: bytes, digest: str | None = None) -> None:
         """Store one object (thread-safe). ``digest``: ``checksum(data, self.algorithm)`` when the
         caller computed it already. Raises :class:`~storage.errors.StoreNotWritable` when the

@@ -23,7 +23,7 @@ import asyncio
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -198,14 +198,21 @@ def _put_pool(pid: int) -> ThreadPoolExecutor:
 
 
 def create_arrays(
-    group: zarr.Group, arrays: Sequence[NewArray], put: Put, *, handles: bool = False
+    group: zarr.Group,
+    arrays: Sequence[NewArray],
+    put: Put,
+    *,
+    handles: bool = False,
+    existing: Collection[str] | None = None,
 ) -> dict[str, zarr.Array]:
     """Create (and write) ``arrays`` in ``group`` (module docstring); ``put(key, data)`` stores one
     object by its key in the store ``group`` lives in. Returns zarr's handles of the arrays made
     through zarr and, with ``handles``, of every other one (made without I/O). Only arrays that
     exist already (an earlier attempt's) are overwritten: replacing one lists and deletes its keys
-    first."""
-    existing = set(group.array_keys())
+    first. ``existing``: the names of the arrays the group holds, when the caller knows them (an
+    empty set for a group it just created); otherwise the group is listed."""
+    if existing is None:  # the caller does not know (a new group holds none): list the group
+        existing = set(group.array_keys())
     prefix = f"{group.path}/" if group.path else ""
     direct = [a for a in arrays if a.direct and a.name not in existing]
     through_zarr = [a for a in arrays if not (a.direct and a.name not in existing)]

@@ -27,6 +27,7 @@ from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
 from storage.bundle.chunkstore import ChunkStore
 from storage.bundle.consolidated import consolidated_root
 from storage.bundle.format import DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION
+from storage.bundle.groups import open_group
 from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
     DEFAULT_IO_THREADS,
@@ -124,9 +125,15 @@ class BundleWriter:
         """Create the group and every array (overwriting a previous attempt's metadata)."""
         self.layout = layout
         try:
-            group = zarr.open_group(self.chunks.zarr(), mode="a", zarr_format=3)
-            group.update_attributes(  # one write of the group's metadata (attrs.update: one per key)
-                {"qkvault_format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, **attrs}
+            # an earlier attempt's attributes stay unless replaced; a new group holds no arrays
+            group, fresh = open_group(
+                self.chunks,
+                attrs={
+                    "qkvault_format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "complete": False,
+                    **attrs,
+                },
             )
             index = {"layer": layout.layers, "head": layout.heads, "kv_head": layout.kv_heads}
             new = [
@@ -144,7 +151,8 @@ class BundleWriter:
             ]
             # keep the handles: reopening by name would drop write_empty_chunks (zarr's default
             # skips all-zero chunks) and re-read metadata on every write
-            self._arrays.update(create_arrays(group, new, self.chunks.put, handles=True))
+            made = create_arrays(group, new, self.chunks.put, handles=True, existing=set() if fresh else None)
+            self._arrays.update(made)
             for name in layout.arrays():
                 if array_spec(name).written == "row blocks":
                     self._encoders[name] = ChunkEncoder.for_array(self._arrays[name])
@@ -262,7 +270,8 @@ class BundleWriter:
         arrays: dict[str, tuple[tuple[str, ...], np.ndarray]],
         per_layer_batch: bool,
     ) -> None:
-        group = self.group.require_group(group_name)
+        prefix = f"{self.group.path}/" if self.group.path else ""
+        group, fresh = open_group(self.chunks, prefix + group_name)
         compression = self.layout.compression if self.layout is not None else DEFAULT_COMPRESSION
         new = []
         for name, (dims, data) in arrays.items():
@@ -272,7 +281,7 @@ class BundleWriter:
             if per_layer_batch and dims[:2] == ("layer", "batch"):
                 chunks = (1, 1, *data.shape[2:])
             new.append(NewArray(name, data.shape, chunks, dtype, fill, dims, compression, data))
-        create_arrays(group, new, self.chunks.put)
+        create_arrays(group, new, self.chunks.put, existing=set() if fresh else None)
 
     # -- metadata last ------------------------------------------------------------------------
     def finalize(
