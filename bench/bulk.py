@@ -52,6 +52,7 @@ from bench.modes import run_raw_write, settle, tree_bytes
 from bench.profiling import profiled
 from bench.report import machine
 from storage.bundle.bulk import open_bulk
+from storage.bundle.labels import SummaryParams
 from storage.jobs.microbatch import MicroBatch, PaddingTally, plan_microbatches
 from storage.jobs.spec import JobSpec
 from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
@@ -259,6 +260,20 @@ def _longest_of_each_width(ids: list[list[int]], new_tokens: int) -> dict[int, l
     return out
 
 
+def _warm_up(work: Workload, min_keys: int) -> list[Workload]:
+    """The warm-up's micro-batches (:func:`run_benchmark`): the longest prompt and one of 8 eligible
+    rows, each alone, then beside itself a token shorter (a padding mask); the shortest prompt and,
+    with generated tokens, the longest of each width class."""
+    longest = max(work.ids, key=len)
+    few_rows = longest[: min_keys + 8]  # a prefill of 8 eligible rows: the small scores tiles
+    lead = [p for p in (longest, few_rows) if len(p) > 1]
+    rest = [min(work.ids, key=len)]
+    if work.new_tokens:
+        rest += list(_longest_of_each_width(work.ids, work.new_tokens).values())
+    plan = [lead, *([p, p[:-1]] for p in lead), rest]
+    return [workload(ids, work.new_tokens, work.token_budget, 1 if ids is lead else 2) for ids in plan]
+
+
 def run_benchmark(
     lm: LoadedModel,
     model: dict[str, Any],
@@ -288,20 +303,17 @@ def run_benchmark(
     if "full attention" in captures:
         captures["full attention"]["layers"] = attention_layers
     run_plain(lm, work, memory)  # every shape once (kernels, allocator) before any mode is timed
-    # every kernel the run takes, as a worker has them after its first jobs: the fused summary
-    # kernels compile once per width (the longest prompt's rows take every width) and once more
-    # with a padding mask, so the longest prompt also goes beside itself a token shorter (one
-    # padded micro-batch; 6-9 s of the first timed run on an H100 went to those compilations);
-    # decoding rows wait and are observed at their sequence's width, so with generated tokens the
-    # longest prompt of each width class goes too
-    longest = max(work.ids, key=len)
-    prompts = [longest, *([longest[:-1]] if len(longest) > 1 else []), min(work.ids, key=len)]
-    if work.new_tokens:
-        prompts += list(_longest_of_each_width(work.ids, work.new_tokens).values())
-    warm = workload(prompts, work.new_tokens, work.token_budget, 2)
-    for name, capture in captures.items():
-        run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)
-        shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
+    # every kernel the run takes, as a worker has them after its first jobs (a timed run that
+    # compiles one pays 0.3-1.5 s for it on an H100): the fused summary kernels compile once per
+    # width class, with and without a padding mask, and their scores tiles once more for a prefill
+    # of fewer than 64 eligible rows — so the longest prompt goes alone (no mask, every width) and
+    # beside itself a token shorter (masked), and so does a prompt of a few rows past the first
+    # eligible one; decoding rows wait and are observed at their sequence's width, so with generated
+    # tokens the longest prompt of each width class goes too
+    for warm in _warm_up(work, SummaryParams(**(summary_params or {})).min_keys):
+        for name, capture in captures.items():
+            run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)
+            shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
     with profiled(lm.device, profile_dir, PLAIN):
         results = {PLAIN: run_plain(lm, work, memory)}

@@ -148,9 +148,13 @@ class ExportSession:
         self._masks_joined: dict[tuple[int, ...], torch.Tensor] = {}  # this step's (WaitingRows.observe)
         self._step_wanted: dict[int, list[int]] = {}  # q_len → the sequences with rows in the call
         self._index_cache: dict[tuple[str, int], torch.Tensor] = {}
-        # stored attention row of each position (-1: not stored), per sequence
-        self.row_index = []
+        # stored attention row of each position (-1: not stored), per sequence (read only)
+        every_row = np.arange(layout.positions)
+        self.row_index: list[np.ndarray] = []
         for prompt_length in prompt_lengths:
+            if not capture.selects_rows:  # every row (keeps_row a position at a time: ~50 ms a batch)
+                self.row_index.append(every_row)
+                continue
             keep = np.array([capture.keeps_row(p, prompt_length) for p in range(layout.positions)])
             self.row_index.append(np.where(keep, np.cumsum(keep) - 1, -1))
         self._buffers: dict[tuple[str, int, int], RowBlockBuffer] = {}
