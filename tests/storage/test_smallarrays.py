@@ -143,10 +143,10 @@ def _documents(root: Path) -> dict[str, bytes]:
     return {k: v for k, v in _files(root).items() if k.endswith("zarr.json")}
 
 
-def test_consolidated_root_takes_array_documents_as_stored_byte_for_byte(tmp_path: Path) -> None:
-    """consolidated_root puts each array's stored text in, indented to its depth: the same bytes as
-    parsing every document and encoding the root again (and zarr's nodes, once parsed)."""
-    from storage.bundle.consolidated import consolidated_root, consolidated_root_parsed
+def test_consolidated_root_holds_every_node_as_zarr_s_consolidation_does(tmp_path: Path) -> None:
+    """consolidated_root (compact JSON, C-encoded) holds the nodes zarr.consolidate_metadata puts
+    in, and the root's attributes with the final ones merged in."""
+    from storage.bundle.consolidated import consolidated_root
 
     store = ChunkStore(str(tmp_path / "b"))
     root = zarr.open_group(store.zarr(), mode="a", zarr_format=3)
@@ -156,25 +156,17 @@ def test_consolidated_root_takes_array_documents_as_stored_byte_for_byte(tmp_pat
         root, [NewArray("tokens", (3, 9), (1, 9), "int32", -1, ("batch", "position"), "lz4")], store.put
     )
     documents = _documents(tmp_path / "b")
-    assert sum(json.loads(v)["node_type"] == "array" for v in documents.values()) == len(CASES) + 1
     attrs = {"complete": True, "timings_s": {"total": 1.5}, "text": "naïve ✓"}
-    fast = consolidated_root(documents, attrs)
-    assert fast == consolidated_root_parsed(documents, attrs)
+    ours = json.loads(consolidated_root(documents, attrs))
+    assert "\n" not in consolidated_root(documents, attrs).decode()
+    assert ours["attributes"] == {"job_id": "j", "nested": {"a": [1, 2, {"b": None}]}, **attrs}
     zarr.consolidate_metadata(store.zarr())
     theirs = json.loads((tmp_path / "b" / "zarr.json").read_bytes())["consolidated_metadata"]["metadata"]
-    assert json.dumps(json.loads(fast)["consolidated_metadata"]["metadata"], sort_keys=True) == json.dumps(
+    assert json.dumps(ours["consolidated_metadata"]["metadata"], sort_keys=True) == json.dumps(
         theirs, sort_keys=True
     )
-
-
-def test_consolidated_root_whose_attributes_hold_its_placeholder_is_still_exact(tmp_path: Path) -> None:
-    from storage.bundle.consolidated import _MARK, consolidated_root, consolidated_root_parsed
-
-    store = ChunkStore(str(tmp_path / "b"))
-    create_arrays(zarr.open_group(store.zarr(), mode="a", zarr_format=3), CASES[:2], store.put)
-    documents = _documents(tmp_path / "b")
-    attrs = {"odd": f"{_MARK}0", "odder": [f"{_MARK}1"]}
-    assert consolidated_root(documents, attrs) == consolidated_root_parsed(documents, attrs)
+    reopened = zarr.open_consolidated(str(tmp_path / "b"), zarr_format=3)
+    assert sorted(reopened["summary"].array_keys()) == sorted(c.name for c in CASES)
 
 
 def test_a_failed_put_is_raised_once_every_other_put_ended(tmp_path: Path) -> None:
