@@ -166,7 +166,8 @@ def test_consolidated_root_holds_every_node_as_zarr_s_consolidation_does(tmp_pat
         theirs, sort_keys=True
     )
     reopened = zarr.open_consolidated(str(tmp_path / "b"), zarr_format=3)
-    assert sorted(reopened["summary"].array_keys()) == sorted(c.name for c in CASES)
+    summary = reopened["summary"]
+    assert isinstance(summary, zarr.Group) and sorted(summary.array_keys()) == sorted(c.name for c in CASES)
 
 
 def test_a_failed_put_is_raised_once_every_other_put_ended(tmp_path: Path) -> None:
