@@ -104,3 +104,33 @@ def test_inf_padded_series_may_have_their_values_anywhere() -> None:
         want = np.quantile(values[s][present[s]], QS, method="linear")
         np.testing.assert_array_equal(got[s], want)
     assert np.isnan(got[3]).all()
+
+
+@pytest.mark.parametrize(
+    "sort_bytes", [1 << 30, 15_000, 1_000], ids=["all-layers", "two-layers", "per-sequence"]
+)
+def test_layers_laid_out_alike_are_sorted_together_with_each_layer_s_figures(
+    sort_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers whose kept values are laid out alike (a prefill's fused calls: the same sequences and
+    skips in one block a layer) are gathered and sorted together, as many as the sort's budget
+    takes, or a layer's sequences a few at a time under it; a layer laid out otherwise on its own:
+    every figure is numpy's quantile of that layer's, sequence's and head's own values."""
+    monkeypatch.setattr(metrics, "QUANTILE_SORT_BYTES", sort_bytes)
+    layers, batch, heads, n = 5, 3, 2, 9
+    acc = HeadMetricsAccumulator(layers, batch, heads, SummaryParams(sink_tokens=1, local_window=2))
+    rng = np.random.default_rng(4)
+    values = rng.random((layers, len(ROW_METRICS), 2, heads, n)).astype(np.float32)
+    layout = {lp: ((0, 2), [0, 3]) for lp in range(layers - 1)}
+    layout[layers - 1] = ((1, 2), [2, 0])  # the last layer: other sequences, other skips
+    for lp, (owners, skips) in layout.items():
+        acc._add_rows(lp, owners, skips, torch.from_numpy(values[lp]))
+    got = acc.result().quantiles
+    for lp, (owners, skips) in layout.items():
+        for i, b in enumerate(owners):
+            for name in QUANTILE_METRICS:
+                series = values[lp, ROW_METRICS.index(name), i, :, skips[i] :]  # [H, rows]
+                want = np.quantile(series.astype(np.float64), metrics.QUANTILES, axis=-1, method="linear").T
+                np.testing.assert_allclose(got[name][lp, b], want, rtol=1e-6, err_msg=f"{lp} {b} {name}")
+        absent = next(b for b in range(batch) if b not in owners)
+        assert np.isnan(got["entropy"][lp, absent]).all()

@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -328,6 +328,24 @@ class _Piece:
     slots: list[int]
     sequences: list[int]
     skips: list[int]
+
+
+def _layout_key(pieces: list[_Piece], device: torch.device) -> tuple[Any, ...]:
+    """What decides how one layer's kept values are gathered: layers with equal keys are gathered
+    and sorted together (:meth:`HeadMetricsAccumulator._gathered`)."""
+    layout = tuple(
+        (tuple(p.slots), tuple(p.sequences), tuple(p.skips), tuple(p.block.shape), p.block.device)
+        for p in pieces
+    )
+    return (device, layout)
+
+
+def _gathered_width(pieces: list[_Piece], batch: int) -> int:
+    """The columns one layer's gathered values take: its longest sequence's kept rows, padded."""
+    filled = np.zeros(batch, dtype=np.int64)
+    for piece in pieces:
+        filled[piece.sequences] += piece.block.shape[-1]
+    return int(filled.max())
 
 
 class HeadMetricsAccumulator:
@@ -644,48 +662,75 @@ class HeadMetricsAccumulator:
             for layer_pos, piece in layers.items():
                 by_layer.setdefault(layer_pos, []).append(piece)
                 devices.setdefault(layer_pos, device)
-        results: list[tuple[int, torch.Tensor]] = []
+        # layers whose kept values are laid out alike (a prefill's fused calls: one block a layer, the
+        # same sequences and skips) are sorted together, as many at a time as the sort's memory allows
+        alike: dict[tuple[Any, ...], list[int]] = {}
         for layer_pos, pieces in by_layer.items():
-            device = devices[layer_pos]
-            padded = self._gathered(pieces, device)
-            counts_here = to_device(torch.from_numpy(counts[layer_pos]), device)[:, None, None]
-            step = max(1, QUANTILE_SORT_BYTES // (16 * max(1, padded[0].numel())))  # the sort's memory
-            parts = [
-                linear_quantiles(padded[i : i + step], counts_here[i : i + step], QUANTILES, inf_padded=True)
-                for i in range(0, self.batch, step)
-            ]
-            results.append((layer_pos, torch.cat(parts)))
+            alike.setdefault(_layout_key(pieces, devices[layer_pos]), []).append(layer_pos)
+        results: list[tuple[int, torch.Tensor]] = []
+        for layer_group in alike.values():
+            device = devices[layer_group[0]]
+            width = _gathered_width(by_layer[layer_group[0]], self.batch)
+            per_layer = self.batch * len(QUANTILE_METRICS) * self.num_heads * max(1, width)
+            step = QUANTILE_SORT_BYTES // (16 * per_layer)  # layers a sort takes (values, order, padding)
+            for i in range(0, len(layer_group), max(1, step)):
+                chunk = layer_group[i : i + max(1, step)]
+                padded = self._gathered(
+                    [by_layer[layer_pos] for layer_pos in chunk], device
+                )  # [C, B, Q, H, R]
+                counts_here = to_device(torch.from_numpy(counts[chunk]), device)[:, :, None, None]
+                if step >= 1:
+                    quantiles = linear_quantiles(padded, counts_here, QUANTILES, inf_padded=True)
+                else:  # one layer is over the sort's budget: its sequences a few at a time
+                    rows = max(1, QUANTILE_SORT_BYTES // (16 * max(1, padded[0, 0].numel())))
+                    quantiles = torch.cat(
+                        [
+                            linear_quantiles(
+                                padded[:, b : b + rows],
+                                counts_here[:, b : b + rows],
+                                QUANTILES,
+                                inf_padded=True,
+                            )
+                            for b in range(0, self.batch, rows)
+                        ],
+                        dim=1,
+                    )
+                results += list(zip(chunk, quantiles.unbind(0), strict=True))
         for device in {quantiles.device for _, quantiles in results}:  # one copy (wait) per device
             on_device = [layer_pos for layer_pos, quantiles in results if quantiles.device == device]
             out[on_device] = read_to_host(torch.stack([q for _, q in results if q.device == device])).numpy()
         return out
 
-    def _gathered(self, pieces: list[_Piece], device: torch.device) -> torch.Tensor:
-        """One layer's kept values ``[B, Q, H, R]`` on ``device``, each sequence's blocks one after
-        the other, +inf where a sequence has no value (rows skipped, the padding past its rows): one
-        copy per block and start column, whatever the sequences' skips."""
+    def _gathered(self, layers: list[list[_Piece]], device: torch.device) -> torch.Tensor:
+        """The kept values ``[C, B, Q, H, R]`` on ``device`` of ``C`` layers laid out alike
+        (:func:`_layout_key`), each sequence's blocks one after the other, +inf where a sequence has
+        no value (rows skipped, the padding past its rows): one copy per block and start column for
+        all the layers at once, whatever the sequences' skips."""
+        first = layers[0]
         filled = np.zeros(self.batch, dtype=np.int64)
-        copies: list[tuple[_Piece, list[int], int]] = []  # (piece, its entries, first column)
-        for piece in pieces:
+        copies: list[tuple[int, list[int], int]] = []  # (piece index, its entries, first column)
+        for j, piece in enumerate(first):
             starts = filled[piece.sequences]
             filled[piece.sequences] += piece.block.shape[-1]
             for start in np.unique(starts):
-                copies.append((piece, np.flatnonzero(starts == start).tolist(), int(start)))
-        shape = (self.batch, len(QUANTILE_METRICS), self.num_heads, int(filled.max()))
+                copies.append((j, np.flatnonzero(starts == start).tolist(), int(start)))
+        shape = (len(layers), self.batch, len(QUANTILE_METRICS), self.num_heads, int(filled.max()))
         padded = torch.full(shape, float("inf"), dtype=torch.float32, device=device)
-        for piece, entries, start in copies:
-            block, n = piece.block, piece.block.shape[-1]
+        for j, entries, start in copies:
+            piece, n = first[j], first[j].block.shape[-1]
+            blocks = [pieces[j].block for pieces in layers]
+            block = blocks[0][None] if len(blocks) == 1 else torch.stack(blocks)  # [C, Q, N, H, n]
             slots = [piece.slots[i] for i in entries]
-            part = block if slots == list(range(block.shape[1])) else block[:, slots]
+            part = block if slots == list(range(block.shape[2])) else block[:, :, slots]
             part = part.to(device, non_blocking=True)
             skips = [piece.skips[i] for i in entries]
             if any(skips):
-                part = part.masked_fill(~_rows_kept(skips, n, device)[None, :, None, :], float("inf"))
+                part = part.masked_fill(~_rows_kept(skips, n, device)[None, None, :, None, :], float("inf"))
             rows = [piece.sequences[i] for i in entries]
             if rows == list(range(self.batch)):
-                padded[:, :, :, start : start + n] = part.transpose(0, 1)
+                padded[:, :, :, :, start : start + n] = part.transpose(1, 2)
             else:
-                padded[rows, :, :, start : start + n] = part.transpose(0, 1)
+                padded[:, rows, :, :, start : start + n] = part.transpose(1, 2)
         return padded
 
     def result(self) -> HeadSummary:
