@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from zarr.core.group import GroupMetadata
 
 from storage.bundle.chunkstore import ChunkStore
 from storage.bundle.groups import open_group
@@ -29,6 +30,9 @@ def test_a_new_group_is_created_with_its_attributes_and_said_new(tmp_path: Path)
     assert child_fresh and child.path == "summary"
     reread = zarr.open_group(str(tmp_path / "b"), mode="r", zarr_format=3)
     assert dict(reread.attrs) == {"job_id": "j", "complete": False}
+    # the document zarr's own GroupMetadata writes for those attributes
+    expected = GroupMetadata(attributes={"job_id": "j", "complete": False}, zarr_format=3).to_dict()
+    assert _document(tmp_path / "b" / "zarr.json") == expected
     assert isinstance(reread["summary"], zarr.Group) and dict(reread["summary"].attrs) == {}
 
 
