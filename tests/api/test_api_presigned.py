@@ -11,7 +11,7 @@ import io
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -134,11 +134,17 @@ def test_presigned_urls_stop_working_after_they_expire(
     job_id, _ = finished_s3_job
     body = s3_client.get(f"/v1/jobs/{job_id}/bundle/urls", params={"expires_in": 2}).json()
     url = next(o["url"] for o in body["objects"] if o["key"] == "zarr.json")
+    # the URL's own expiry: its signing time (whole seconds) + its lifetime; expires_at is taken
+    # before the URLs are signed, so each one works at least until then (on a loaded machine
+    # signing a bundle's URLs can take over a second: the URL may outlive expires_at by that much)
+    query = dict(part.split("=", 1) for part in urlsplit(url).query.split("&"))
+    signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    url_expires = signed + timedelta(seconds=int(query["X-Amz-Expires"]))
+    expires_at = datetime.fromisoformat(body["expires_at"])
+    assert int(query["X-Amz-Expires"]) == 2 and expires_at - timedelta(seconds=1) <= url_expires
     with httpx.Client() as plain:
         assert plain.get(url).status_code == 200  # X-Amz-Date has whole seconds: >= 1 s left now
-        time.sleep(
-            max(0.0, (datetime.fromisoformat(body["expires_at"]) - datetime.now(UTC)).total_seconds()) + 1.1
-        )
+        time.sleep(max(0.0, (max(expires_at, url_expires) - datetime.now(UTC)).total_seconds()) + 1.1)
         expired = plain.get(url)
     assert expired.status_code == 403 and "Request has expired" in expired.text
     assert (
