@@ -643,8 +643,9 @@ class HeadMetricsAccumulator:
 
     def _layer_quantiles(self) -> np.ndarray:
         """``[L, B, Q, H, 3]`` float64: :data:`QUANTILES` of each (layer, sequence, head)'s kept
-        values of each :data:`QUANTILE_METRICS` metric (NaN where it has none), one layer at a time
-        on the device its values came from (:func:`linear_quantiles`: one sort, numpy's figures)."""
+        values of each :data:`QUANTILE_METRICS` metric (NaN where it has none), on the device its
+        values came from, the layers laid out alike several to a sort (:func:`linear_quantiles`:
+        numpy's figures)."""
         shape = (self.num_layers, self.batch, len(QUANTILE_METRICS), self.num_heads, len(QUANTILES))
         out = np.full(shape, np.nan)
         # layer → [(block, the block's owner slots in that layer, their sequences, rows skipped)]
