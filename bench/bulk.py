@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from bench.cli import parse_layers
+from bench.gpubusy import GpuBusy
 from bench.instrumented import NullHooks
 from bench.memory import PeakMemory
 from bench.models import MODELS, prepare
@@ -315,14 +316,16 @@ def run_benchmark(
             run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
-    with profiled(lm.device, profile_dir, PLAIN):
+    with profiled(lm.device, profile_dir, PLAIN), GpuBusy(lm.device) as busy:
         results = {PLAIN: run_plain(lm, work, memory)}
+    results[PLAIN].extra["gpu_busy_percent"] = busy.percent
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        with profiled(lm.device, profile_dir, name):
+        with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
             spec = bulk_spec(model, work, capture, qkv_dtype)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains)
+        result.extra["gpu_busy_percent"] = busy.percent
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
         shutil.rmtree(bundle, ignore_errors=True)
@@ -419,6 +422,14 @@ def table(results: dict[str, BulkMode]) -> str:
     plain = results[PLAIN]
     padding = 1 - plain.tokens / plain.padded_tokens if plain.padded_tokens else 0.0
     lines.append(f"\n{plain.micro_batches} micro-batches; padding {padding:.1%} of the padded tokens")
+    # nvidia-smi's utilization.gpu over each timed run (bench/gpubusy.py)
+    busy = [
+        f"{n} {r.extra['gpu_busy_percent']:.0f}%"
+        for n, r in results.items()
+        if r.extra.get("gpu_busy_percent")
+    ]
+    if busy:
+        lines.append("GPU busy: " + ", ".join(busy))
     new_tokens = int(plain.extra.get("new_tokens", 0))
     if new_tokens:
         lines += ["", "| mode | decode ms / step | decode × plain |", "|---|---|---|"]
