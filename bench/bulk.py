@@ -22,8 +22,9 @@ every mode runs them:
 
 Before any mode is timed, plain inference runs every micro-batch once (kernels, allocator) and
 each qkvault mode runs its longest and shortest prompt together; ``os.sync`` runs between modes
-(not timed). After the table, each qkvault mode's job phases (:data:`PHASES`): where its time
-went without the profiler's own cost.
+(not timed). After the table, on a GPU, how busy it was during each timed run
+(:class:`bench.gpubusy.GpuBusy`), then each qkvault mode's job phases (:data:`PHASES`): where its
+time went without the profiler's own cost.
 """
 
 from __future__ import annotations
