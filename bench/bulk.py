@@ -427,7 +427,7 @@ def table(results: dict[str, BulkMode]) -> str:
     busy = [
         f"{n} {r.extra['gpu_busy_percent']:.0f}%"
         for n, r in results.items()
-        if r.extra.get("gpu_busy_percent")
+        if r.extra.get("gpu_busy_percent") is not None
     ]
     if busy:
         lines.append("GPU busy: " + ", ".join(busy))
