@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from storage.bundle.layout import BundleLayout
 from storage.bundle.records import ChunkRecord
+from storage.bundle.rowblocks import RowBlock
 from storage.bundle.writer import BundleWriter
 
 
@@ -44,19 +45,9 @@ class TimedWriter(BundleWriter):
     drain_s = 0.0
     metadata_s = 0.0
 
-    def write_row_block(
-        self,
-        name: str,
-        layer_pos: int,
-        batch: int,
-        block: int,
-        data: np.ndarray,
-        *,
-        ready: Callable[[], None] | None = None,
-        release: Callable[[], None] | None = None,
-    ) -> None:
+    def write_row_blocks(self, blocks: Sequence[RowBlock]) -> None:
         t0 = time.perf_counter()
-        super().write_row_block(name, layer_pos, batch, block, data, ready=ready, release=release)
+        super().write_row_blocks(blocks)  # write_row_block calls it: counted once
         self.write_s += time.perf_counter() - t0
 
     def create(self, layout: BundleLayout, attrs: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from storage.bundle.layout import BundleLayout
+from storage.bundle.rowblocks import RowBlock
 from storage.bundle.writer import BundleWriter
 from storage.errors import InvalidJobSpec, JobCancelled, LeaseLost, StoreError
 from storage.jobs.layout import layout_for_job
@@ -30,7 +31,6 @@ from worker.alternatives import AlternativesCollector
 from worker.bundle_attrs import provenance, root_attrs
 from worker.capture.certify import Certifier, micro_batch_layers
 from worker.capture.hook import capturing
-from worker.capture.hostcopy import HostBlock
 from worker.capture.session import ExportSession
 from worker.capture.sidestream import after_mark, mark_queued
 from worker.derived import AttentionFacts, layer_chunks
@@ -232,10 +232,8 @@ class Exporter:
             pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
             self._forward(batch.input_ids, batch.attention_mask, pos, cache=None)
 
-    def _write_block(self, name: str, layer_pos: int, batch: int, block: int, data: HostBlock) -> None:
-        self.writer.write_row_block(
-            name, layer_pos, batch, block, data.array, ready=data.ready, release=data.release
-        )
+    def _write_blocks(self, blocks: list[RowBlock]) -> None:
+        self.writer.write_row_blocks(blocks)
         if self._check_cancel:
             self.hooks.check_cancelled()
 
@@ -292,7 +290,7 @@ class Exporter:
             self.capture,
             batch.pads,
             [len(p) for p in self.prompt_ids],
-            self._write_block,
+            self._write_blocks,
             on_layer_done=self.hooks.unit_done,
             observer=self.metrics,
             kv=self.kv,
@@ -439,7 +437,7 @@ class Exporter:
             self.capture,
             batch.pads,
             [len(p) for p in self.prompt_ids],
-            self._write_block,
+            self._write_blocks,
             on_layer_done=self.hooks.unit_done,
             attention_heads=chosen,
             store_qkv=False,
@@ -485,7 +483,7 @@ class Exporter:
             self.capture,
             [0],
             [len(tokens)],
-            self._write_block,
+            self._write_blocks,
             on_layer_done=self.hooks.unit_done,
             observer=observer,
             store_attention=False,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec, BytesCodec
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
 
-__all__ = ["ChunkEncoder", "ChunkPipeline", "PipelineStats", "blosc_encoder", "checksum"]
+__all__ = ["BlockWrite", "ChunkEncoder", "ChunkPipeline", "PipelineStats", "blosc_encoder", "checksum"]
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 DEFAULT_IO_THREADS = 4
@@ -140,6 +140,20 @@ class PipelineStats:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+@dataclass(frozen=True)
+class BlockWrite:
+    """One row block for :meth:`ChunkPipeline.submit_blocks`: ``regions`` = (chunk coords,
+    function returning the chunk's data) of ``encoder``'s array, evaluated in a worker thread
+    after ``ready()``; ``release()`` runs once all are encoded; ``nbytes`` count as pending until
+    all are stored."""
+
+    encoder: ChunkEncoder
+    regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]]
+    nbytes: int
+    ready: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+
+
 @dataclass
 class _Block:
     """One submitted row block: its chunks share ``ready`` (e.g. a CUDA event) and ``release``
@@ -151,6 +165,16 @@ class _Block:
     to_encode: int
     to_store: int
     lock: threading.Lock
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk of a submitted block, for an encoder task."""
+
+    encoder: ChunkEncoder
+    coords: tuple[int, ...]
+    region: Callable[[], np.ndarray]
+    block: _Block
 
 
 class ChunkPipeline:
@@ -198,11 +222,39 @@ class ChunkPipeline:
     ) -> None:
         """Queue one row block: ``regions`` = (chunk coords, function returning the chunk's data)
         evaluated in a worker thread after ``ready()``; ``release()`` runs once all are encoded."""
+        self.submit_blocks([BlockWrite(encoder, regions, nbytes, ready, release)])
+
+    def submit_blocks(self, blocks: Sequence[BlockWrite]) -> None:
+        """Queue several row blocks at once (a layer call's: every sequence's q and k). Their
+        room is taken once, for their bytes together, and their chunks are shared out among at
+        most ``threads`` tasks, each encoding its share one chunk after another: a task per chunk
+        costs the submitting thread (the forward pass) a future, a queue entry and a thread's
+        wake-up per chunk. Each chunk is still encoded and stored on its own: a failed one does
+        not keep the others from being stored (the first error is raised later)."""
         self._raise_error()
-        if not regions:
-            if release is not None:
-                release()
+        chunks: list[_Chunk] = []
+        nbytes = 0
+        for write in blocks:
+            if not write.regions:
+                if write.release is not None:
+                    write.release()
+                continue
+            n = len(write.regions)
+            block = _Block(write.ready, write.release, write.nbytes, n, n, threading.Lock())
+            chunks.extend(_Chunk(write.encoder, coords, region, block) for coords, region in write.regions)
+            nbytes += write.nbytes
+        if not chunks:
             return
+        self._take_room(nbytes)
+        self._raise_error()
+        tasks = min(self.threads, len(chunks))
+        for t in range(tasks):  # contiguous shares: a block's chunks mostly in one task
+            share = chunks[t * len(chunks) // tasks : (t + 1) * len(chunks) // tasks]
+            self._track(self._pool.submit(self._encode_chunks, share))
+
+    def _take_room(self, nbytes: int) -> None:
+        """Wait (the submitting thread) until ``nbytes`` more fit in ``max_pending_bytes`` (or
+        nothing is pending: a submission larger than the budget goes alone), then count them."""
         with self._cond:
             if self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
                 t0 = time.perf_counter()
@@ -213,15 +265,23 @@ class ChunkPipeline:
                 with self._stats_lock:
                     self.stats.submit_wait_s += time.perf_counter() - t0
             self._pending_bytes += nbytes
-        self._raise_error()
-        block = _Block(ready, release, nbytes, len(regions), len(regions), threading.Lock())
-        for coords, region in regions:
-            self._track(self._pool.submit(self._encode_chunk, encoder, coords, region, block))
 
     def _track(self, future: Future[None]) -> None:
         with self._cond:
             self._futures.add(future)
         future.add_done_callback(self._done)
+
+    def _encode_chunks(self, chunks: list[_Chunk]) -> None:
+        """Encode (and queue the store of) each of ``chunks``; the first error is raised after
+        every other chunk was tried."""
+        error: BaseException | None = None
+        for chunk in chunks:
+            try:
+                self._encode_chunk(chunk.encoder, chunk.coords, chunk.region, chunk.block)
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _encode_chunk(
         self,

@@ -17,9 +17,26 @@ import numpy as np
 from storage.bundle.arrays import DIM_SIZES, HEAD_DIMS, ROW_DIMS
 from storage.bundle.layout import BundleLayout
 
-__all__ = ["RowBlockPlacement", "place_row_block"]
+__all__ = ["RowBlock", "RowBlockPlacement", "place_row_block"]
 
 Region = Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Row block ``block`` of array ``name`` for exported layer ``layer_pos`` and sequence
+    ``batch``, as the capture hands it to the writer: ``data [heads, rows, columns]``
+    (:meth:`storage.bundle.writer.BundleWriter.write_row_block` says what the axes hold), read only
+    after ``ready()`` (e.g. an asynchronous device-to-host copy); ``release()`` once every chunk of
+    it is encoded."""
+
+    name: str
+    layer_pos: int
+    batch: int
+    block: int
+    data: np.ndarray
+    ready: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,14 @@ from storage.bundle.layout import BundleLayout
 from storage.bundle.pipeline import (
     DEFAULT_IO_THREADS,
     DEFAULT_MAX_PENDING_BYTES,
+    BlockWrite,
     ChunkEncoder,
     ChunkPipeline,
     PipelineStats,
 )
 from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
-from storage.bundle.rowblocks import place_row_block
+from storage.bundle.rowblocks import RowBlock, place_row_block
 from storage.bundle.smallarrays import NewArray, create_arrays
 from storage.errors import StoreError
 from storage.stores.objectstore import StoreRetry
@@ -239,10 +240,28 @@ class BundleWriter:
         ``ready()`` is called (in a writer thread) before ``data`` is read — e.g. waiting for an
         asynchronous device-to-host copy — and ``release()`` once every chunk of it is stored.
         """
+        self.write_row_blocks([RowBlock(name, layer_pos, batch, block, data, ready, release)])
+
+    def write_row_blocks(self, blocks: Sequence[RowBlock]) -> None:
+        """Queue several row blocks as :meth:`write_row_block` does each, at once (a layer call's:
+        every sequence's q and k): their room in the queue is taken once and their chunks are
+        shared out among the encoder threads by a few tasks (:meth:`ChunkPipeline.submit_blocks`)."""
         assert self.layout is not None
-        placement, data = place_row_block(self.layout, name, layer_pos, batch, block, data)
-        chunks = placement.chunks(data)
-        self._pipeline.submit(self._encoders[name], chunks, nbytes=data.nbytes, ready=ready, release=release)
+        writes = []
+        for row_block in blocks:
+            placement, data = place_row_block(
+                self.layout,
+                row_block.name,
+                row_block.layer_pos,
+                row_block.batch,
+                row_block.block,
+                row_block.data,
+            )
+            encoder = self._encoders[row_block.name]
+            writes.append(
+                BlockWrite(encoder, placement.chunks(data), data.nbytes, row_block.ready, row_block.release)
+            )
+        self._pipeline.submit_blocks(writes)
 
     def write_group(
         self,

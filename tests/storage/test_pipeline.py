@@ -15,7 +15,7 @@ from zarr.core.metadata import ArrayV3Metadata
 
 from storage.bundle.format import COMPRESSIONS
 from storage.bundle.layout import BundleLayout
-from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline, checksum
+from storage.bundle.pipeline import BlockWrite, ChunkEncoder, ChunkPipeline, checksum
 from storage.bundle.records import ChunkRecord
 from storage.bundle.writer import BundleWriter
 
@@ -224,9 +224,11 @@ def test_submit_blocks_when_the_byte_budget_is_queued(tmp_path: Path) -> None:
 def test_write_errors_surface_and_unwritten_chunks_are_not_recorded(tmp_path: Path) -> None:
     encoder = _encoder(tmp_path)
     stored: list[str] = []
+    submitted = threading.Event()
 
     def put(key: str, data: bytes, digest: str) -> None:
         if key.endswith("/3/0"):
+            submitted.wait(10)  # not before every block is queued (submit raises a known error)
             raise OSError("disk full")
         stored.append(key)
 
@@ -234,11 +236,54 @@ def test_write_errors_surface_and_unwritten_chunks_are_not_recorded(tmp_path: Pa
     block = np.zeros((1, 1024), dtype=np.float32)
     for i in range(6):
         pipeline.submit(encoder, [((i, 0), lambda: block)], nbytes=block.nbytes)
+    submitted.set()
     with pytest.raises(OSError, match="disk full"):
         pipeline.wait()
     assert sorted(int(k.split("/")[2]) for k in stored) == [0, 1, 2, 4, 5]
     with pytest.raises(OSError, match="disk full"):
         pipeline.submit(encoder, [((9, 0), lambda: block)], nbytes=block.nbytes)
+    pipeline.close()
+
+
+def test_blocks_submitted_together_share_a_few_tasks_and_fail_alone(tmp_path: Path) -> None:
+    """A layer call's blocks: one room taken, their chunks encoded by at most ``threads`` tasks,
+    each chunk still on its own (one that cannot be read fails alone; the others are stored and
+    every block released)."""
+    encoder = _encoder(tmp_path)
+    stored: dict[str, bytes] = {}
+    pipeline = ChunkPipeline(lambda key, data, digest: stored.__setitem__(key, data), threads=3)
+    encoders: list[str] = []
+    released: list[int] = []
+
+    def region(i: int) -> np.ndarray:
+        encoders.append(threading.current_thread().name)
+        if i == 4:
+            raise ValueError("chunk 4 cannot be read")
+        return np.full((1, 1024), i, dtype=np.float32)
+
+    writes = [
+        BlockWrite(
+            encoder,
+            [
+                ((2 * i, 0), functools.partial(region, 2 * i)),
+                ((2 * i + 1, 0), functools.partial(region, 2 * i + 1)),
+            ],
+            8 * 1024,
+            release=functools.partial(released.append, i),
+        )
+        for i in range(5)
+    ]
+    submitted = []
+    tasks = pipeline._pool.submit
+    pipeline._pool.submit = lambda *a: submitted.append(a) or tasks(*a)  # type: ignore[method-assign]
+    pipeline.submit_blocks(writes)
+    with pytest.raises(ValueError, match="chunk 4"):
+        pipeline.wait()
+    assert len(submitted) == 3 and len(encoders) == 10  # 10 chunks in 3 tasks, every one tried
+    assert sorted(released) == list(range(5))
+    assert sorted(stored) == sorted(f"a/c/{i}/0" for i in range(10) if i != 4)
+    assert stored["a/c/7/0"] == encoder.encode(np.full((1, 1024), 7, dtype=np.float32))
+    assert pipeline._pending_bytes == 0
     pipeline.close()
 
 

@@ -1,5 +1,6 @@
 """A layer call's q/k and hidden-state rows go to the host in one copy for the whole (micro-)batch;
-each sequence's row blocks are views of it, released together (worker/capture/session.py)."""
+each sequence's row blocks are views of it, released together, and handed to the writer together
+(worker/capture/session.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.bundle.rowblocks import RowBlock
 from storage.jobs.layout import layout_for_job
 from storage.jobs.spec import JobSpec
 from storage.models.facts import ModelFacts
@@ -43,11 +45,14 @@ def test_one_host_copy_per_array_and_layer_call_whatever_the_batch(monkeypatch: 
     width = max(lengths)
     pads = [width - n for n in lengths]
     written: dict[tuple[str, int, int, int], np.ndarray] = {}
+    handed_over: list[set[tuple[str, int]]] = []  # (array, layer) of each hand-over's blocks
 
-    def write(name: str, lp: int, b: int, block: int, data: HostBlock) -> None:
-        written[(name, lp, b, block)] = np.array(data.array)
-        if data.release is not None:
-            data.release()
+    def write(blocks: list[RowBlock]) -> None:
+        handed_over.append({(block.name, block.layer_pos) for block in blocks})
+        for block in blocks:
+            written[(block.name, block.layer_pos, block.batch, block.block)] = np.array(block.data)
+            if block.release is not None:
+                block.release()
 
     session = ExportSession(layout, spec.capture.resolved(), pads, lengths, write)
     copies: list[tuple[int, ...]] = []
@@ -71,6 +76,10 @@ def test_one_host_copy_per_array_and_layer_call_whatever_the_batch(monkeypatch: 
     session.flush()
     # q, k and the hidden states of each layer: one copy each for the three sequences
     assert len(copies) == 3 * FACTS.num_layers
+    # a layer call's blocks (every sequence's q and k; then its hidden states) handed over at once
+    layers = range(len(layout.layers))
+    calls_blocks = [[{("q", lp), ("k", lp)}, {("hidden_states", lp)}] for lp in layers]
+    assert handed_over == [blocks for pair in calls_blocks for blocks in pair]
     assert all(shape[0] == len(lengths) for shape in copies)
     dtype = np.dtype(layout.dtype("q"))
     for layer, (q, k, hidden) in enumerate(calls):

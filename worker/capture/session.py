@@ -21,6 +21,7 @@ import torch
 
 from storage.bundle.arrays import array_spec
 from storage.bundle.layout import BundleLayout
+from storage.bundle.rowblocks import RowBlock
 from storage.jobs.capture import ResolvedCapture
 from worker.capture.attention_math import (
     attention_probs,
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BlockSink = Callable[[str, int, int, int, HostBlock], None]  # (array, layer_pos, batch, block, data)
+# the row blocks one layer call (or a flush) completed, handed over together
+BlockSink = Callable[[list[RowBlock]], None]
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PROBS_BUDGET_BYTES = 256 << 20  # fp32 scores computed at once (a 32K-key row of 32 heads is 4 MiB)
@@ -92,6 +94,8 @@ class ExportSession:
     cache position of its first query row, which sequences still produce tokens and whether another
     step follows (``rows_wait``: the fused metrics' rows of this step may wait for a later step's
     call, :mod:`worker.capture.waiting_rows`; the last step's calls observe every waiting row).
+    ``write_blocks(blocks)`` gets the row blocks each layer call (and :meth:`flush`) completed,
+    together (the writer takes their room in its queue once and shares out their chunks).
     ``attention_heads[layer_pos]``: real query heads whose attention is stored for that layer
     (default: ``layout.heads``). ``layers``: the model layers captured (a layer shard's part of
     ``layout.layers``; default: all of them), at their positions in the layout.
@@ -103,7 +107,7 @@ class ExportSession:
         capture: ResolvedCapture,
         pads: Sequence[int],
         prompt_lengths: Sequence[int],
-        write_block: BlockSink,
+        write_blocks: BlockSink,
         *,
         on_layer_done: Callable[[], None] | None = None,
         observer: RowObserver | None = None,
@@ -126,7 +130,7 @@ class ExportSession:
         # that layer's device, and a stager (its copy stream, its pinned ring) belongs to one device
         self._stagers: dict[torch.device, HostStager] = {}
         self.pads = list(pads)
-        self.write_block = write_block
+        self.write_blocks = write_blocks
         self.on_layer_done = on_layer_done
         self.observer = observer
         self.kv = kv
@@ -158,6 +162,7 @@ class ExportSession:
             keep = np.array([capture.keeps_row(p, prompt_length) for p in range(layout.positions)])
             self.row_index.append(np.where(keep, np.cumsum(keep) - 1, -1))
         self._buffers: dict[tuple[str, int, int], RowBlockBuffer] = {}
+        self._completed: list[RowBlock] = []  # row blocks not handed over yet (this call's)
         # with no generated tokens (positions = the longest prompt) a sequence's q/k/v and hidden
         # rows end with its prompt: its last row block goes to the writer without a wait here
         prefill_only = layout.positions == max(prompt_lengths, default=0)
@@ -229,6 +234,7 @@ class ExportSession:
         t0 = time.perf_counter()
         try:
             self._on_attention(call)
+            self._hand_over()
         finally:
             self.host_s += time.perf_counter() - t0
 
@@ -358,6 +364,7 @@ class ExportSession:
         t0 = time.perf_counter()
         try:
             self._on_hidden(layer_idx, hidden)
+            self._hand_over()
         finally:
             self.host_s += time.perf_counter() - t0
 
@@ -375,7 +382,13 @@ class ExportSession:
 
     def _emit(self, name: str, lp: int, b: int, row0: int, data: HostBlock, col0: int = 0) -> None:
         for block, block_data in self._buffers[(name, lp, b)].add(row0, data, col0):
-            self.write_block(name, lp, b, block, block_data)
+            self._completed.append(_row_block(name, lp, b, block, block_data))
+
+    def _hand_over(self) -> None:
+        """The row blocks completed since the last hand-over, to the writer at once."""
+        if self._completed:
+            completed, self._completed = self._completed, []
+            self.write_blocks(completed)
 
     def _capture_qkv(
         self,
@@ -544,4 +557,9 @@ class ExportSession:
         for (name, lp, b), buffer in self._buffers.items():
             tail = buffer.flush()
             if tail is not None:
-                self.write_block(name, lp, b, tail[0], tail[1])
+                self._completed.append(_row_block(name, lp, b, *tail))
+        self._hand_over()
+
+
+def _row_block(name: str, lp: int, b: int, block: int, data: HostBlock) -> RowBlock:
+    return RowBlock(name, lp, b, block, data.array, data.ready, data.release)
