@@ -204,20 +204,25 @@ def create_arrays(
     *,
     handles: bool = False,
     existing: Collection[str] | None = None,
+    store_later: Callable[[list[tuple[str, bytes]]], None] | None = None,
 ) -> dict[str, zarr.Array]:
     """Create (and write) ``arrays`` in ``group`` (module docstring); ``put(key, data)`` stores one
     object by its key in the store ``group`` lives in. Returns zarr's handles of the arrays made
     through zarr and, with ``handles``, of every other one (made without I/O). Only arrays that
     exist already (an earlier attempt's) are overwritten: replacing one lists and deletes its keys
     first. ``existing``: the names of the arrays the group holds, when the caller knows them (an
-    empty set for a group it just created); otherwise the group is listed."""
+    empty set for a group it just created); otherwise the group is listed. ``store_later(objects)``:
+    takes the objects of the arrays written directly instead, to store them in the background (a
+    writer's store threads, waited for before anything reads the arrays)."""
     if existing is None:  # the caller does not know (a new group holds none): list the group
         existing = set(group.array_keys())
     prefix = f"{group.path}/" if group.path else ""
     direct = [a for a in arrays if a.direct and a.name not in existing]
     through_zarr = [a for a in arrays if not (a.direct and a.name not in existing)]
     objects = [item for a in direct for item in a.objects(f"{prefix}{a.name}/")]
-    if len(objects) == 1:
+    if store_later is not None:
+        store_later(objects)
+    elif len(objects) == 1:
         put(*objects[0])
     elif objects:  # every put ends before an error is raised, as each one's own write would
         pool = _put_pool(os.getpid())

@@ -152,7 +152,15 @@ class BundleWriter:
             ]
             # keep the handles: reopening by name would drop write_empty_chunks (zarr's default
             # skips all-zero chunks) and re-read metadata on every write
-            made = create_arrays(group, new, self.chunks.put, handles=True, existing=set() if fresh else None)
+            # their documents are stored by the store threads, before finalize writes the group's
+            made = create_arrays(
+                group,
+                new,
+                self.chunks.put,
+                handles=True,
+                existing=set() if fresh else None,
+                store_later=self._pipeline.store_objects,
+            )
             self._arrays.update(made)
             for name in layout.arrays():
                 if array_spec(name).written == "row blocks":
