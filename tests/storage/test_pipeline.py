@@ -172,7 +172,7 @@ class _SlowStore:
         self.gate = threading.Event()
         self.stored: dict[str, bytes] = {}
 
-    def put(self, key: str, data: bytes, digest: str) -> None:
+    def put(self, key: str, data: bytes, digest: str | None) -> None:
         self.gate.wait(10)
         self.stored[key] = data
 
@@ -227,7 +227,7 @@ def test_write_errors_surface_and_unwritten_chunks_are_not_recorded(tmp_path: Pa
     stored: list[str] = []
     submitted = threading.Event()
 
-    def put(key: str, data: bytes, digest: str) -> None:
+    def put(key: str, data: bytes, digest: str | None) -> None:
         if key.endswith("/3/0"):
             submitted.wait(10)  # not before every block is queued (submit raises a known error)
             raise OSError("disk full")
