@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -146,3 +147,31 @@ def test_waits_for_a_transfer_are_counted_where_rows_are_copied() -> None:
     assert released == [True]
     flushed = buffer.flush()
     assert flushed is not None and np.array_equal(flushed[1].array, data[:, 4:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_thread_waiting_for_a_copy_sleeps_instead_of_spinning() -> None:
+    """An encoder thread waits for its block's copy (``ready()``) without spinning a core: with the
+    copy queued behind ≈ 0.5 s of GPU work, the waiting thread's CPU time stays a small part of its
+    wait (a plain CUDA event's waiter spins the whole time)."""
+    stager = HostStager(torch.device("cuda"), max_pinned_bytes=64 * MIB)
+    tensor = torch.ones((8, 256, 512), dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ≈ 0.5 s of device work; the copy queued after it
+    block = stager.to_host(tensor)
+    assert block.ready is not None and block.release is not None
+    waited: dict[str, float] = {}
+
+    def wait() -> None:
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        block.ready()  # type: ignore[misc]
+        waited.update(cpu=time.thread_time() - cpu0, wall=time.perf_counter() - wall0)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    thread.join(30)
+    assert waited["wall"] > 0.1, "the copy did not wait for the queued work"
+    assert waited["cpu"] < 0.25 * waited["wall"], waited
+    assert (block.array == 1).all()
+    block.release()

@@ -70,6 +70,15 @@ class HostBlock:
         return out
 
 
+def sleeping_event() -> torch.cuda.Event:
+    """A CUDA event whose ``synchronize()`` puts the waiting thread to sleep until the event
+    completes (``cudaEventBlockingSync``). A plain event's waiter spins its core at full load (CUDA's
+    default scheduling, with fewer contexts than cores), and the writer's encoder threads (each
+    waiting for its block's copy) and a bulk job's drain thread (waiting for a micro-batch's passes)
+    wait on events for many thread-seconds of a job: cores the forward thread needs."""
+    return torch.cuda.Event(blocking=True)
+
+
 def shared_release(release: Callable[[], None] | None, users: int) -> Callable[[], None] | None:
     """``release`` called once, after ``users`` calls of the returned function."""
     if release is None:
@@ -123,7 +132,7 @@ def read_to_host(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.cpu()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
-    copied = torch.cuda.Event()
+    copied = sleeping_event()
     copied.record(torch.cuda.current_stream(tensor.device))
     copied.synchronize()
     return host
@@ -281,7 +290,7 @@ class HostStager:
         self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(self._stream):
             host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
+            done = sleeping_event()  # waited for by an encoder thread
             done.record(self._stream)
         tensor.record_stream(self._stream)  # the allocator must not reuse it before the copy ends
         ring = self.ring

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker.capture.hostcopy import sleeping_event
+
 
 @dataclass(frozen=True)
 class QueuedMark:
@@ -43,7 +45,7 @@ def mark_queued(device: torch.device) -> QueuedMark:
         return QueuedMark()
     events = {}
     for index in range(torch.cuda.device_count()):
-        event = torch.cuda.Event()
+        event = sleeping_event()  # the drain thread sleeps until the passes ran
         event.record(torch.cuda.current_stream(index))
         events[index] = event
     primary = device.index if device.index is not None else torch.cuda.current_device()
@@ -82,5 +84,7 @@ def after_mark(mark: QueuedMark) -> Iterator[float]:
                 stack.enter_context(torch.cuda.stream(stream))
             yield waited_s
     finally:
-        for stream in streams:
-            stream.synchronize()
+        for stream in streams:  # sleeping, not spinning, until the stream's work ran
+            done = sleeping_event()
+            done.record(stream)
+            done.synchronize()
