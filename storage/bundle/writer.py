@@ -246,7 +246,7 @@ class BundleWriter:
         for hidden_states heads is 1 and cols the hidden size. ``rows`` may be shorter than the
         chunk (the rest is zero). Whole chunks only; where they land: storage/bundle/rowblocks.py.
         ``ready()`` is called (in a writer thread) before ``data`` is read — e.g. waiting for an
-        asynchronous device-to-host copy — and ``release()`` once every chunk of it is stored.
+        asynchronous device-to-host copy — and ``release()`` once every chunk of it is encoded.
         """
         self.write_row_blocks([RowBlock(name, layer_pos, batch, block, data, ready, release)])
 
