@@ -304,27 +304,22 @@ class ChunkPipeline:
         error: BaseException | None = None
         for chunk in chunks:
             try:
-                self._encode_chunk(chunk.encoder, chunk.coords, chunk.region, chunk.block)
+                self._encode_chunk(chunk)
             except BaseException as exc:
                 error = error or exc
         if error is not None:
             raise error
 
-    def _encode_chunk(
-        self,
-        encoder: ChunkEncoder,
-        coords: tuple[int, ...],
-        region: Callable[[], np.ndarray],
-        block: _Block,
-    ) -> None:
+    def _encode_chunk(self, chunk: _Chunk) -> None:
+        encoder, coords, region, block = chunk.encoder, chunk.coords, chunk.region, chunk.block
         stored = False
         try:
             t0 = time.perf_counter()
             if block.ready is not None:
                 block.ready()
-            chunk = region()
+            values = region()
             t1 = time.perf_counter()
-            data = encoder.encode(chunk)
+            data = encoder.encode(values)
             t2 = time.perf_counter()
             digest = checksum(data, self.checksum_algorithm)
             t3 = time.perf_counter()
