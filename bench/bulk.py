@@ -55,6 +55,7 @@ from bench.profiling import profiled
 from bench.report import machine
 from storage.bundle.bulk import open_bulk
 from storage.bundle.labels import SummaryParams
+from storage.bundle.pipeline import DEFAULT_IO_THREADS, default_threads
 from storage.jobs.microbatch import MicroBatch, PaddingTally, plan_microbatches
 from storage.jobs.spec import JobSpec
 from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
@@ -223,14 +224,16 @@ def run_bulk(
     memory: PeakMemory,
     *,
     overlap_drains: bool = True,
+    writer: dict[str, Any] | None = None,
 ) -> BulkMode:
     """The worker's BulkExporter in-process (no database) writing ``bundle`` (measured here, removed
-    by the caller); ``overlap_drains=False``: each micro-batch's writes end before the next starts."""
+    by the caller); ``overlap_drains=False``: each micro-batch's writes end before the next starts;
+    ``writer``: BundleWriter options (``write_threads``, ``io_threads``: the worker's settings)."""
     from worker.bulk import BulkExporter
 
     hooks = NullHooks()
     lm.load_s = 0.0
-    options = {"on_chunk": hooks.chunk_stored}
+    options = {**(writer or {}), "on_chunk": hooks.chunk_stored}
     exporter = BulkExporter(
         spec, lm, hooks, bundle_url=str(bundle), writer_options=options, overlap_drains=overlap_drains
     )
@@ -289,12 +292,14 @@ def run_benchmark(
     summary_params: dict[str, int] | None = None,
     profile_dir: Path | None = None,
     overlap_drains: bool = True,
+    writer: dict[str, Any] | None = None,
 ) -> dict[str, BulkMode]:
     """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
     warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``;
     ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
     written there (:func:`bench.profiling.profiled`); ``overlap_drains=False``: every mode's
-    micro-batch writes end before the next micro-batch starts (what the overlap is worth)."""
+    micro-batch writes end before the next micro-batch starts (what the overlap is worth);
+    ``writer``: every mode's BundleWriter options (:func:`run_bulk`)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
     captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
@@ -314,7 +319,8 @@ def run_benchmark(
     # tokens the longest prompt of each width class goes too
     for warm in _warm_up(work, SummaryParams(**(summary_params or {})).min_keys):
         for name, capture in captures.items():
-            run_bulk(lm, bulk_spec(model, warm, capture, qkv_dtype), name, store / "warm-up.zarr", memory)
+            warm_spec = bulk_spec(model, warm, capture, qkv_dtype)
+            run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
     with profiled(lm.device, profile_dir, PLAIN), GpuBusy(lm.device) as busy:
@@ -325,7 +331,7 @@ def run_benchmark(
         bundle = store / f"{name.replace(' ', '-')}.zarr"
         with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
             spec = bulk_spec(model, work, capture, qkv_dtype)
-            result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains)
+            result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
         result.extra["gpu_busy_percent"] = busy.percent
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
@@ -509,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each micro-batch's writes end before the next starts (what overlapping them is worth)",
     )
+    p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=DEFAULT_IO_THREADS,
+        help=f"threads storing encoded chunks (default {DEFAULT_IO_THREADS})",
+    )
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
@@ -551,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     run = {**vars(args), "model": name, "dtype": str(lm.dtype).replace("torch.", ""), "prompts": n}
     run.update(max_tokens=max_tokens, attention_layers=attention_layers, store=store)
+    run.update(encode_threads=args.encode_threads or default_threads())
     run.update(prompt_tokens=[min(map(len, ids)), max(map(len, ids))], padding=work.padding.fraction)
     print(f"command: {command}")
     print(
@@ -563,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_sequences} sequences; full attention layers {attention_layers}; store {store}",
         flush=True,
     )
+    print(f"chunk writer: {run['encode_threads']} encoder threads, {run['io_threads']} store threads")
     item = 2 if args.qkv_dtype == "float16" else 4
     need = _estimate_bytes(lm, work, len(args.layers or range(count)), len(attention_layers), item)
     try:
@@ -574,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
         options.update(overlap_drains=not args.serial_drains)
+        options.update(writer={"write_threads": args.encode_threads, "io_threads": args.io_threads})
         results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)

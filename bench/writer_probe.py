@@ -6,7 +6,10 @@
 
 Data: fp16 rows shaped like attention chunks (``heads x 256 x 256``), softmax-like values with a
 causal zero triangle on every 8th chunk (the diagonal), so the codec sees realistic input. Prints
-GB/s of input (uncompressed) bytes for each part and thread count.
+GB/s of input (uncompressed) bytes for each part and thread count, then the CPU time (all threads)
+a chunk of the store alone and of the whole pipeline: with small chunks (``--heads 1``) it is mostly
+the Python and the system calls each chunk costs, the share of the writer threads' time that holds
+the GIL beside a forward pass.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:7.2f} GB/s"
 
 
+def _per_chunk(seconds: float, chunks: int) -> str:
+    return f"{seconds / chunks * 1e6:8.0f} µs"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.writer_probe", description=__doc__)
     parser.add_argument("--threads", default="1,4,16")
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = sum(c.nbytes for c in sample) / sum(len(blosc.encode(c)) for c in sample)
     codec = f"Blosc {args.cname}-1 {args.shuffle}"
     print(f"{len(chunks)} chunks, {nbytes / 1e9:.2f} GB fp16 input, {codec} ratio {ratio:.2f}")
-    heads = ("blosc", "sha256", "files", "pipe, no put", "pipeline")
+    heads = ("blosc", "sha256", "files", "pipe, no put", "pipeline", "files CPU", "pipeline CPU")
     print(f"{'threads':>7}  " + "  ".join(f"{h:>12}" for h in heads))
     with tempfile.TemporaryDirectory(dir=args.store) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
@@ -85,19 +92,21 @@ def main(argv: list[str] | None = None) -> None:
                 sha_s = time.perf_counter() - t0
                 files = ChunkStore(tmp)
                 keys = [f"files/{i}/0" for i in range(len(encoded))]
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 list(pool.map(files.put, keys, encoded))
-                files_s = time.perf_counter() - t0
+                files_s, files_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
             rates = [_rate(nbytes, blosc_s), _rate(nbytes, sha_s), _rate(nbytes, files_s)]
             for put in (lambda key, data, digest: None, ChunkStore(tmp).put):
                 pipeline = ChunkPipeline(put, threads=threads)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 for i, chunk in enumerate(chunks):
                     region: Callable[[], np.ndarray] = partial(np.asarray, chunk)
                     pipeline.submit(encoder, [((i, 0, 0, 0), region)], nbytes=chunk.nbytes)
                 pipeline.wait()
                 rates.append(_rate(nbytes, time.perf_counter() - t0))
+                pipeline_cpu_s = time.process_time() - cpu0
                 pipeline.close()
+            rates += [_per_chunk(files_cpu_s, len(chunks)), _per_chunk(pipeline_cpu_s, len(chunks))]
             print(f"{threads:>7}  " + "  ".join(rates))
 
 

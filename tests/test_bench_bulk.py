@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +130,28 @@ def test_the_warm_up_takes_the_longest_prompt_of_each_decoding_width() -> None:
     assert {width: len(p) for width, p in _longest_of_each_width(ids, 0).items()} == {
         32: 22, 64: 61, 256: 204, 512: 505, 1024: 971,
     }  # fmt: skip
+
+
+def test_the_chunk_writers_threads_reach_every_modes_writers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--encode-threads`` / ``--io-threads``: the writer of every micro-batch (and of the bulk
+    job's root) gets them (a worker's encoder threads are ``QKVAULT_WRITE_THREADS``)."""
+    import worker.bulk
+    from storage.bundle.writer import BundleWriter
+
+    threads: list[tuple[int | None, int | None]] = []
+
+    class Recorded(BundleWriter):
+        def __init__(self, url: str, **options: Any) -> None:
+            threads.append((options.get("write_threads"), options.get("io_threads")))
+            super().__init__(url, **options)
+
+    monkeypatch.setattr(worker.bulk, "BundleWriter", Recorded)
+    argv = ["--device", "cpu", "--model", "tiny", "--prompts", "4", "--max-tokens", "48"]
+    argv += ["--modes", "derived", "--store", str(tmp_path / "store"), "--encode-threads", "3"]
+    assert main([*argv, "--io-threads", "2", "--json", str(tmp_path / "bulk.json")]) == 0
+    assert "chunk writer: 3 encoder threads, 2 store threads" in capsys.readouterr().out
+    assert len(threads) > 2 and set(threads) == {(3, 2)}  # warm-up and timed runs, root and batches
+    run = json.loads((tmp_path / "bulk.json").read_text())["run"]
+    assert (run["encode_threads"], run["io_threads"]) == (3, 2)

@@ -30,6 +30,8 @@ deletes an array's keys) keeps recorded chunks and deletes only the other keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import threading
 import uuid
@@ -56,28 +58,39 @@ _PARTIAL = ".partial"  # a local write's temporary file: ".<name>.<random hex>.p
 
 class _LocalFiles:
     """A local bundle directory, written and read from the calling thread (no event loop: the
-    pipeline's store threads write in parallel)."""
+    pipeline's store threads write in parallel). A write is a handful of system calls on string
+    paths: the store threads write thousands of chunks a second beside the forward pass, and every
+    microsecond of Python they spend holding the GIL is one the forward pass may wait."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._made: set[Path] = set()
+        self._root = str(root)
+        self._made: set[str] = set()
+        # a temporary file's name: this store's random token and a count (unique across processes
+        # writing one directory, e.g. a job's layer shards; no random read per write)
+        self._token = uuid.uuid4().hex[:12]
+        self._count = itertools.count()
         # empty when this store began: a killed process left nothing here (a micro-batch group's
         # writer, a job's first attempt), so :meth:`remove_leftovers` has nothing to look for
         self.began_empty = _empty(root)
 
     def write(self, key: str, data: bytes) -> None:
-        path = self.root / key
-        parent = path.parent
+        path = os.path.join(self._root, key)
+        parent, name = os.path.split(path)
         if parent not in self._made:
-            parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
-        tmp = parent / f".{path.name}.{uuid.uuid4().hex}{_PARTIAL}"
+        tmp = os.path.join(parent, f".{name}.{self._token}{next(self._count):x}{_PARTIAL}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
 
     def read(self, key: str) -> bytes | None:
@@ -98,6 +111,13 @@ class _LocalFiles:
             path.unlink(missing_ok=True)
             removed.append(path.relative_to(self.root).as_posix())
         return sorted(removed)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Every byte of ``data`` to ``fd`` (a write may take fewer bytes than it was given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _empty(directory: Path) -> bool:

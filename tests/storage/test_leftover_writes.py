@@ -79,3 +79,36 @@ def test_a_directory_that_began_empty_is_not_searched(
 
 def test_an_s3_store_has_no_leftovers_to_remove() -> None:
     assert ChunkStore("s3://bucket/job.zarr", storage_options={"anon": True}).remove_leftovers() == []
+
+
+def test_a_local_write_stores_every_byte_through_a_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk reaches its name whole even where the OS takes a few bytes per write; until the
+    rename it is ``.<name>.<hex>.partial`` beside it (the name :meth:`remove_leftovers` looks for),
+    each write's name its own."""
+    import os
+
+    import storage.bundle.chunkstore as chunkstore
+
+    names: list[str] = []
+    real_write, real_replace = os.write, os.replace
+
+    def few_bytes(fd: int, data: Any) -> int:
+        return real_write(fd, bytes(data[:3]))
+
+    def replace(source: str, target: str) -> None:
+        names.append(os.path.basename(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr(chunkstore.os, "write", few_bytes)
+    monkeypatch.setattr(chunkstore.os, "replace", replace)
+    store = ChunkStore(str(tmp_path / "job.zarr"))
+    data = bytes(range(256)) * 4
+    store.put("q/c/0/0", data)
+    store.put("q/c/0/1", data[::-1])
+    assert (tmp_path / "job.zarr/q/c/0/0").read_bytes() == data
+    assert (tmp_path / "job.zarr/q/c/0/1").read_bytes() == data[::-1]
+    assert len(names) == 2 and names[0] != names[1]
+    assert all(n.startswith(f".{i}.") and n.endswith(".partial") for n, i in zip(names, (0, 1), strict=True))
+    assert sorted(_files(tmp_path)) == ["job.zarr/q/c/0/0", "job.zarr/q/c/0/1"]
