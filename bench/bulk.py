@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from bench.cli import parse_layers
+from bench.cli import add_writer_threads, parse_layers
 from bench.gpubusy import GpuBusy
 from bench.instrumented import NullHooks
 from bench.memory import PeakMemory
@@ -55,7 +55,7 @@ from bench.profiling import profiled
 from bench.report import machine
 from storage.bundle.bulk import open_bulk
 from storage.bundle.labels import SummaryParams
-from storage.bundle.pipeline import DEFAULT_IO_THREADS, default_threads
+from storage.bundle.pipeline import default_threads
 from storage.jobs.microbatch import MicroBatch, PaddingTally, plan_microbatches
 from storage.jobs.spec import JobSpec
 from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
@@ -515,13 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each micro-batch's writes end before the next starts (what overlapping them is worth)",
     )
-    p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
-    p.add_argument(
-        "--io-threads",
-        type=int,
-        default=DEFAULT_IO_THREADS,
-        help=f"threads storing encoded chunks (default {DEFAULT_IO_THREADS})",
-    )
+    add_writer_threads(p)
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")

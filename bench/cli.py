@@ -45,6 +45,18 @@ def parse_layers(text: str) -> list[int]:
     return sorted(out)
 
 
+def add_writer_threads(p: argparse.ArgumentParser) -> None:
+    """``--encode-threads`` and ``--io-threads``: the chunk writer's threads (BundleWriter's
+    ``write_threads`` and ``io_threads``)."""
+    p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=DEFAULT_IO_THREADS,
+        help=f"threads storing encoded chunks (default {DEFAULT_IO_THREADS})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -81,13 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_COMPRESSION,
         help=f"qkvault chunk codec (default {DEFAULT_COMPRESSION}, a job's default)",
     )
-    p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
-    p.add_argument(
-        "--io-threads",
-        type=int,
-        default=DEFAULT_IO_THREADS,
-        help=f"threads storing encoded chunks (default {DEFAULT_IO_THREADS})",
-    )
+    add_writer_threads(p)
     p.add_argument("--store", type=Path, help="store directory (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the qkvault bundle (else removed)")
     p.add_argument("--model-cache", type=Path, help="dequantised GGUF cache (default: the tests' cache)")
