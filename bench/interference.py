@@ -53,7 +53,7 @@ from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
 LOADS = ("none", "blosc", "memcpy", "gil", "pipeline")
 CHUNK_SHAPE = (20, 512, 128)  # fp16, 2.5 MiB: an 8B model's q chunk of 512 rows is 32 x 512 x 128
 MEMCPY_BYTES = 64 << 20
-GIL_HOLD_ITERATIONS = 200  # ≈ 20 µs of Python
+GIL_HOLD_ITERATIONS = 1000  # ≈ 20 µs of Python (a loop of additions, this machine: 18 µs)
 GIL_SLEEP_S = 0.001
 PIPELINE_SLOTS = 64  # chunk keys the pipeline load cycles through (bounds its files)
 SETTLE_S = 0.5  # a load runs this long before the timed run starts
