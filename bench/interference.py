@@ -65,8 +65,9 @@ def chunk_data(shape: tuple[int, ...] = CHUNK_SHAPE, seed: int = 0) -> np.ndarra
 
 
 class Load:
-    """A host load on ``threads`` threads: :meth:`start`, then :meth:`stop` returns its units done
-    (bytes for the C loads, hand-overs for ``gil``) and its seconds."""
+    """A host load on ``threads`` threads, each repeating :meth:`work`'s step: :meth:`start`, then
+    :meth:`stop` returns its rate over the run in :attr:`unit` (bytes for the C loads and the
+    pipeline, hand-overs for ``gil``)."""
 
     unit = "GB/s"
 
