@@ -64,13 +64,18 @@ def test_a_micro_batch_drains_while_the_next_one_runs(tiny_model_dir: Any, tmp_p
             if "held" in seen:
                 return
             seen["held"] = True
-        # micro-batch 0's drain cannot end while one of its chunks is held here
+        # micro-batch 0's drain cannot end while one of its chunks is held here: hold it until the
+        # forward thread waits for that drain and the other store threads stored micro-batch 1's
+        # chunks (queued before the wait, stored a moment later: not a race the test should lose)
         assert exporter is not None
         waited = threading.Event()
         for _ in range(int(HOLD_S / 0.01)):
             drain = getattr(exporter, "drain", None)  # None: before the first micro-batch
             if drain is not None and drain.waiting.is_set():
                 waited.set()
+            with lock:
+                next_stored = 1 in stored
+            if waited.is_set() and next_stored:
                 break
             threading.Event().wait(0.01)
         with lock:
