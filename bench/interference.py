@@ -26,6 +26,7 @@ or hand-overs a second) is in the table beside plain's seconds and, on a GPU, ho
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -170,7 +171,7 @@ class PipelineLoad(Load):
 
     def work(self) -> Callable[[], int]:
         data = chunk_data()
-        slot = iter(range(1 << 62))
+        slot = itertools.count()
 
         def step() -> int:
             regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]] = [
