@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
+from zarr.codecs import BloscCodec
 
 from bench.bulk import run_plain, text_prompts, workload
 from bench.gpubusy import GpuBusy
@@ -48,16 +50,22 @@ from bench.models import MODELS, prepare
 from bench.modes import settle
 from bench.report import machine
 from storage.bundle.chunkstore import ChunkStore
+from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION
 from storage.bundle.pipeline import BlockWrite, ChunkEncoder, ChunkPipeline, blosc_encoder, default_threads
 from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
 
-LOADS = ("none", "blosc", "memcpy", "gil", "pipeline")
 CHUNK_SHAPE = (20, 512, 128)  # fp16, 2.5 MiB: an 8B model's q chunk of 512 rows is 32 x 512 x 128
 MEMCPY_BYTES = 64 << 20
 GIL_HOLD_ITERATIONS = 1000  # ≈ 20 µs of Python (a loop of additions, this machine: 18 µs)
 GIL_SLEEP_S = 0.001
 PIPELINE_SLOTS = 64  # chunk keys the pipeline load cycles through (bounds its files)
 SETTLE_S = 0.5  # a load runs this long before the timed run starts
+
+
+def bundle_codec() -> BloscCodec:
+    """The codec of a bundle's row-block arrays by default (:data:`DEFAULT_COMPRESSION`, level 1)."""
+    cname, shuffle = COMPRESSIONS[DEFAULT_COMPRESSION]
+    return BloscCodec(cname=cname, clevel=1, shuffle=shuffle, typesize=2)
 
 
 def chunk_data(shape: tuple[int, ...] = CHUNK_SHAPE, seed: int = 0) -> np.ndarray:
@@ -109,10 +117,8 @@ class Load:
 
 class BloscLoad(Load):
     def work(self) -> Callable[[], int]:
-        from zarr.codecs import BloscCodec
-
         data = chunk_data()
-        codec = blosc_encoder(BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=2))
+        codec = blosc_encoder(bundle_codec())
 
         def step() -> int:
             codec.encode(data)
@@ -153,16 +159,13 @@ class PipelineLoad(Load):
 
     def __init__(self, threads: int, store: Path) -> None:
         super().__init__(1)
-        import zarr
-        from zarr.codecs import BloscCodec
-
         self.root = store / "interference.zarr"
         array = zarr.create_array(
             str(self.root),
             shape=(PIPELINE_SLOTS, *CHUNK_SHAPE),
             chunks=(1, *CHUNK_SHAPE),
             dtype="float16",
-            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=2),
+            compressors=bundle_codec(),
             zarr_format=3,
             overwrite=True,
         )
@@ -189,13 +192,16 @@ class PipelineLoad(Load):
         return rate
 
 
+THREAD_LOADS: dict[str, type[Load]] = {"blosc": BloscLoad, "memcpy": MemcpyLoad, "gil": GilLoad}
+LOADS = ("none", *THREAD_LOADS, "pipeline")
+
+
 def make_load(kind: str, threads: int, store: Path) -> Load | None:
     if kind == "none":
         return None
     if kind == "pipeline":
         return PipelineLoad(threads, store)
-    loads: dict[str, type[Load]] = {"blosc": BloscLoad, "memcpy": MemcpyLoad, "gil": GilLoad}
-    return loads[kind](threads)
+    return THREAD_LOADS[kind](threads)
 
 
 @dataclass
