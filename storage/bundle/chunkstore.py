@@ -53,7 +53,7 @@ from storage.stores.objectstore import StoreRetry, store_errors, zarr_store
 __all__ = ["ChunkStore"]
 
 
-_PARTIAL = ".partial"  # a local write's temporary file: ".<name>.<random hex>.partial", then renamed
+_PARTIAL = ".partial"  # a local write's temporary file: ".<name>.<hex>.partial", then renamed
 
 
 class _LocalFiles:
