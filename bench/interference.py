@@ -64,7 +64,9 @@ SETTLE_S = 0.5  # a load runs this long before the timed run starts
 
 def bundle_codec() -> BloscCodec:
     """The codec of a bundle's row-block arrays by default (:data:`DEFAULT_COMPRESSION`, level 1)."""
-    cname, shuffle = COMPRESSIONS[DEFAULT_COMPRESSION]
+    blosc = COMPRESSIONS[DEFAULT_COMPRESSION]
+    assert blosc is not None, "the default codec compresses"
+    cname, shuffle = blosc
     return BloscCodec(cname=cname, clevel=1, shuffle=shuffle, typesize=2)
 
 

@@ -18,15 +18,18 @@ SUPPORTED_MAJOR = 1
 
 SUMMARY_GROUP = "summary"
 
-# Chunk codecs of numeric arrays (Blosc, level 1), chosen per job by ``storage.compression``:
-# name -> (Blosc compressor, shuffle). "lz4" (default since 1.3): 2.5-3x faster to encode and to
-# decode than "zstd", 3% larger on trained attention, 5-10% on q/k/v, 1% smaller on near-uniform
-# attention
-# (docs/benchmarks.md, "Chunk codec"). "zstd" is the codec of formats 1.0-1.2.
-Compression = Literal["lz4", "zstd"]
-COMPRESSIONS: dict[str, tuple[Literal["lz4", "zstd"], Literal["bitshuffle", "shuffle"]]] = {
+# Chunk codecs of numeric arrays, chosen per job by ``storage.compression``: name -> (Blosc
+# compressor, shuffle) at level 1, or None for the array's bytes as they are. "lz4" (default since
+# 1.3): 2.5-3x faster to encode and to decode than "zstd", 3% larger on trained attention, 5-10% on
+# q/k/v, 1% smaller on near-uniform attention (docs/benchmarks.md, "Chunk codec"). "zstd" is the
+# codec of formats 1.0-1.2. "none": no compressor, no CPU spent on data Blosc barely shrinks
+# (16-bit q/k/v and hidden states: lz4 ratio 1.01-1.06), attention's zeros right of the diagonal
+# stored as they are.
+Compression = Literal["lz4", "zstd", "none"]
+COMPRESSIONS: dict[str, tuple[Literal["lz4", "zstd"], Literal["bitshuffle", "shuffle"]] | None] = {
     "lz4": ("lz4", "bitshuffle"),
     "zstd": ("zstd", "shuffle"),
+    "none": None,
 }
 DEFAULT_COMPRESSION: Compression = "lz4"
 DEFAULT_CHUNK_ROWS = 512

@@ -6,8 +6,9 @@ the same work in ``threads`` worker threads instead, so the next layer's forward
 device-to-host copies) overlap compression and I/O of the previous one:
 
 - the bytes are exactly zarr's: the array's own codec chain (``bytes`` little endian, then
-  Blosc with the array's parameters) applied to the chunk padded to the full chunk shape with
-  the fill value, as zarr pads edge chunks; ``tests/storage/test_pipeline.py`` compares them;
+  Blosc with the array's parameters, or nothing more for ``storage.compression: "none"``) applied
+  to the chunk padded to the full chunk shape with the fill value, as zarr pads edge chunks;
+  ``tests/storage/test_pipeline.py`` compares them;
 - Blosc (numcodecs, contextual mode off the main thread) and the checksums release the GIL; they run
   in one pool (a thread per core), the stores in a smaller one (files written by many threads at
   once go slower, not faster);
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -35,7 +36,15 @@ from zarr.codecs import BloscCodec, BytesCodec
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
 
-__all__ = ["BlockWrite", "ChunkEncoder", "ChunkPipeline", "PipelineStats", "blosc_encoder", "checksum"]
+__all__ = [
+    "BlockWrite",
+    "ChunkEncoder",
+    "ChunkPipeline",
+    "PipelineStats",
+    "blosc_encoder",
+    "chain_encoder",
+    "checksum",
+]
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 DEFAULT_IO_THREADS = 4
@@ -71,43 +80,66 @@ def blosc_encoder(blosc: BloscCodec) -> Blosc:
     )
 
 
+class RawEncoder:
+    """The bytes of a codec chain of ``bytes`` (little endian) alone: the array's bytes as they are."""
+
+    def encode(self, data: np.ndarray) -> bytes:
+        """``data``: C-contiguous, little endian (a chunk as :class:`ChunkEncoder` prepares it)."""
+        return data.tobytes()
+
+
+class ArrayEncoder(Protocol):
+    """A chunk's stored bytes from its C-contiguous little-endian data: numcodecs' ``Blosc``, or
+    :class:`RawEncoder`."""
+
+    def encode(self, data: np.ndarray) -> Any: ...
+
+
+def chain_encoder(codecs: Sequence[Any]) -> ArrayEncoder | None:
+    """What turns a C-contiguous little-endian chunk into the bytes zarr stores for an array with
+    the codec chain ``codecs``: ``bytes`` (little endian, or none for one-byte types) then Blosc,
+    or ``bytes`` alone; None for any other chain."""
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    if codecs[0].endian is not None and codecs[0].endian.value != "little":
+        return None
+    if len(codecs) == 1:
+        return RawEncoder()
+    if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+        return blosc_encoder(codecs[1])
+    return None
+
+
 class ChunkEncoder:
-    """The bytes zarr would store for one chunk of ``array`` (``bytes`` + Blosc codec chains).
+    """The bytes zarr would store for one chunk of ``array`` (its codec chain: ``bytes`` then Blosc,
+    or ``bytes`` alone; :func:`chain_encoder`).
 
     ``encoder_for`` returns None for any other codec chain (``for_array`` raises).
     """
 
-    def __init__(self, array: zarr.Array, blosc: BloscCodec) -> None:
+    def __init__(self, array: zarr.Array, encoder: ArrayEncoder) -> None:
         self.key_prefix = array.path
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
         self.fill_value = array.fill_value
         self.metadata = array.metadata
-        self._blosc = blosc_encoder(blosc)
+        self._encoder = encoder
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> ChunkEncoder:
-        """The encoder of a streamed array (numeric, Blosc: every row-block array of a bundle)."""
+        """The encoder of a streamed array (numeric, every row-block array of a bundle)."""
         encoder = cls.encoder_for(array)
         if encoder is None:
-            raise ValueError(f"{array.path}: the chunk pipeline encodes only bytes + Blosc codec chains")
+            raise ValueError(f"{array.path}: the chunk pipeline encodes only bytes (+ Blosc) codec chains")
         return encoder
 
     @classmethod
     def encoder_for(cls, array: zarr.Array) -> ChunkEncoder | None:
         if array.metadata.zarr_format != 3:
             return None
-        codecs = array.metadata.codecs
-        if (
-            len(codecs) == 2
-            and isinstance(codecs[0], BytesCodec)
-            and codecs[0].endian is not None
-            and codecs[0].endian.value == "little"
-            and isinstance(codecs[1], BloscCodec)
-        ):
-            return cls(array, codecs[1])
-        return None
+        encoder = chain_encoder(array.metadata.codecs)
+        return None if encoder is None else cls(array, encoder)
 
     def key(self, coords: tuple[int, ...]) -> str:
         return f"{self.key_prefix}/{self.metadata.encode_chunk_key(coords)}"
@@ -122,7 +154,7 @@ class ChunkEncoder:
         else:
             full = np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
             full[tuple(slice(0, n) for n in region.shape)] = region
-        return bytes(self._blosc.encode(full))
+        return bytes(self._encoder.encode(full))
 
 
 @dataclass

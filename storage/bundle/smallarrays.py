@@ -41,7 +41,7 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from storage.bundle.format import COMPRESSIONS
-from storage.bundle.pipeline import blosc_encoder
+from storage.bundle.pipeline import ArrayEncoder, chain_encoder
 
 __all__ = ["NewArray", "create_arrays"]
 
@@ -52,8 +52,9 @@ Put = Callable[[str, bytes], None]
 
 @dataclass(frozen=True)
 class NewArray:
-    """One array to create: Blosc level 1 with the job's compressor and shuffle (``COMPRESSIONS``;
-    strings: zstd only); every chunk written; ``data``: written whole right after."""
+    """One array to create: Blosc level 1 with the job's compressor and shuffle, or no compressor
+    (``COMPRESSIONS``; strings: zstd always); every chunk written; ``data``: written whole right
+    after."""
 
     name: str
     shape: tuple[int, ...]
@@ -67,7 +68,10 @@ class NewArray:
     def compressors(self) -> Any:
         if self.dtype == "str":
             return ZstdCodec(level=1)
-        cname, shuffle = COMPRESSIONS[self.compression]
+        blosc = COMPRESSIONS[self.compression]
+        if blosc is None:
+            return None
+        cname, shuffle = blosc
         return BloscCodec(cname=cname, clevel=1, shuffle=shuffle, typesize=np.dtype(self.dtype).itemsize)
 
     @property
@@ -136,7 +140,7 @@ class _Kind:
 
     document: dict[str, Any]
     chunk_key: str
-    encoder: Any  # numcodecs' Blosc with the codec's configuration
+    encoder: ArrayEncoder  # numcodecs' Blosc with the codec's configuration, or the raw bytes
 
 
 @lru_cache(maxsize=256)
@@ -158,10 +162,10 @@ def _kind(dtype: str, ndim: int, fill: Any, compression: str) -> _Kind:
     )
     metadata = array.metadata
     assert isinstance(metadata, ArrayV3Metadata)
-    codec = metadata.codecs[1]
-    assert isinstance(codec, BloscCodec)
+    encoder = chain_encoder(metadata.codecs)
+    assert encoder is not None
     document = json.loads(metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
-    return _Kind(document, metadata.encode_chunk_key((0,) * ndim), blosc_encoder(codec))
+    return _Kind(document, metadata.encode_chunk_key((0,) * ndim), encoder)
 
 
 def _document(

@@ -20,6 +20,7 @@ import numpy as np
 
 from storage.bundle.arrays import ArraySpec, array_spec
 from storage.bundle.derived import materialised_bytes
+from storage.bundle.format import COMPRESSIONS
 from storage.bundle.layout import BundleLayout
 from storage.errors import ServerMisconfigured
 from storage.jobs.capture import ResolvedCapture
@@ -31,7 +32,7 @@ CHAT_TEMPLATE_TOKENS = 32  # per prompt: system block + role markers (SmolLM2's 
 BYTES_PER_TOKEN = 4  # UTF-8 bytes per token when no tokenizer is readable (English prose ~4-5, code ~3)
 SPECIAL_TOKENS = 2  # BOS/EOS added to an approximated prompt
 SUMMARY_ARRAYS = 60  # arrays of the summary group, about one float32 value per (layer, sequence, head)
-CHUNK_HEADER = 16  # Blosc header of every stored chunk
+CHUNK_HEADER = 16  # Blosc header of every stored chunk (none without a compressor)
 ARRAY_METADATA = 870 + 1500  # an array's zarr.json + its copy in the consolidated root metadata
 SUMMARY_ARRAY_METADATA = 770  # a summary array's zarr.json (and again its consolidated copy)
 ROOT_METADATA = 4096  # root attributes except the per-token and per-prompt parts
@@ -219,20 +220,35 @@ def _attention(
         lz4 = layout.compression == "lz4"
         local_factor = LZ4_LOCAL_FACTOR[profile.name] if lz4 else 1.0
         far_factor = LZ4_FACTOR[profile.name] if lz4 else 1.0
-        data = (
-            float(local.sum()) * profile.local[dtype] * local_factor
-            + float((far * profile.far_cost(dtype, visible)).sum()) * far_factor
-        )
+        if _raw(layout):
+            data = float(visible.sum()) * np.dtype(dtype).itemsize
+        else:
+            data = (
+                float(local.sum()) * profile.local[dtype] * local_factor
+                + float((far * profile.far_cost(dtype, visible)).sum()) * far_factor
+            )
         empty = seq_chunks * rows_per_chunk * rows_per_chunk - int(visible.sum())
         chunks += seq_chunks
-        cost += heads * (data + empty * _zero_cost(layout, spec.name)) + seq_chunks * CHUNK_HEADER
+        cost += heads * (data + empty * _zero_cost(layout, spec.name)) + seq_chunks * _header(layout)
     layers = len(layout.layers)
     return chunks * layers, cost * layers
+
+
+def _raw(layout: BundleLayout) -> bool:
+    """Whether numeric chunks are stored without a compressor (``storage.compression: "none"``)."""
+    return COMPRESSIONS[layout.compression] is None
+
+
+def _header(layout: BundleLayout) -> int:
+    """Stored bytes of a chunk besides its data: Blosc's header, none for raw bytes."""
+    return 0 if _raw(layout) else CHUNK_HEADER
 
 
 def _zero_cost(layout: BundleLayout, name: str) -> float:
     """Stored bytes per element of a written chunk's part without data."""
     dtype = layout.dtype(name)
+    if dtype != "str" and _raw(layout):
+        return float(np.dtype(dtype).itemsize)
     if layout.compression != "lz4" or dtype == "str":
         return ZERO_COST
     return np.dtype(dtype).itemsize * LZ4_ZERO_COST_PER_BYTE
@@ -240,8 +256,10 @@ def _zero_cost(layout: BundleLayout, name: str) -> float:
 
 def _cost(layout: BundleLayout, spec: ArraySpec) -> float:
     """Stored bytes per element with data: the declared zstd cost, times the lz4 factor for float
-    arrays streamed by row block."""
+    arrays streamed by row block; the dtype's size without a compressor."""
     dtype = spec.dtype_of(layout)
+    if dtype != "str" and _raw(layout):
+        return float(np.dtype(dtype).itemsize)
     cost = spec.estimate.cost.get(dtype, 8.0 if dtype == "str" else float(np.dtype(dtype).itemsize))
     if layout.compression == "lz4" and spec.written == "row blocks":
         cost = min(cost * LZ4_FACTOR.get(dtype, 1.0), float(np.dtype(dtype).itemsize) + 0.01)
@@ -255,7 +273,7 @@ def _rows(layout: BundleLayout, spec: ArraySpec, lengths: list[int]) -> tuple[in
     blocks = sum(-(-n // rows_per_chunk) for n in lengths)
     data = sum(lengths) * per_row
     empty = blocks * rows_per_chunk * per_row - data
-    cost = data * _cost(layout, spec) + empty * _zero_cost(layout, name) + blocks * CHUNK_HEADER
+    cost = data * _cost(layout, spec) + empty * _zero_cost(layout, name) + blocks * _header(layout)
     return blocks * len(layout.layers), cost * len(layout.layers)
 
 
@@ -283,7 +301,7 @@ def _chunked(
     chunks = int(np.prod(grid)) if all(grid) else 0
     data = _data_elements(layout, spec, capture, prompts, new)
     empty_cost = (int(np.prod(layout.shape(name))) - data) * _zero_cost(layout, name)
-    return chunks, data * _cost(layout, spec) + empty_cost + chunks * CHUNK_HEADER
+    return chunks, data * _cost(layout, spec) + empty_cost + chunks * _header(layout)
 
 
 def _array(
@@ -312,7 +330,8 @@ def _summary(layout: BundleLayout) -> ArrayEstimate:
     """The ``summary`` group as one entry: ~60 small arrays, mostly ``(layer, batch, head)``."""
     shape = (SUMMARY_ARRAYS, len(layout.layers), layout.batch, len(layout.heads))
     raw = int(np.prod(shape)) * 4
-    stored = raw // 2 + SUMMARY_ARRAYS * (CHUNK_HEADER + SUMMARY_ARRAY_METADATA)  # float32 metrics: ~2x
+    compressed = raw if _raw(layout) else raw // 2  # float32 metrics: ~2x with Blosc
+    stored = compressed + SUMMARY_ARRAYS * (_header(layout) + SUMMARY_ARRAY_METADATA)
     dims = ("array", "layer", "batch", "head")
     return ArrayEstimate("summary", dims, shape, "float32", shape[1:], SUMMARY_ARRAYS, raw, stored)
 

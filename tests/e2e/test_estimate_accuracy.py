@@ -79,6 +79,10 @@ CASES: dict[str, Any] = {
     "tiny-llama-attention": lambda tiny: _tiny(tiny),
     "tiny-llama-query-rows": lambda tiny: _tiny(tiny, 16, attention=True, query_rows=[[5, 40], [60, 100]]),
     "tiny-llama-full": lambda tiny: _tiny(tiny, detail="full"),
+    "tiny-llama-uncompressed": lambda tiny: {
+        **_tiny(tiny, attention=True, qkv=True),
+        "storage": {"chunk_rows": 32, "compression": "none", "qkv_dtype": "float16"},
+    },
     "smollm2-kv-compression": lambda tiny: {
         **_smollm2(attention=True),
         "kv_compression": [{"method": m, "bits": 3} for m in ("turboquant_prod", "turboquant_mse", "kivi")],
@@ -158,6 +162,17 @@ def test_estimate_matches_the_bundle_written(case: str, tiny_llama: str, tmp_pat
     total, attention = disk["*total*"][0], disk["attention"][0]
     assert est.expected_stored_bytes == pytest.approx(total, rel=0.25), "whole bundle"
     assert arrays["attention"].expected_stored_bytes == pytest.approx(attention, rel=0.25), "attention"
+
+
+def test_uncompressed_row_block_arrays_are_estimated_exactly(tiny_llama: str, tmp_path: Path) -> None:
+    """``storage.compression: "none"``: every written chunk is its elements' bytes, so the estimate of
+    each row-block array is the bytes on disk, to the byte."""
+    est, disk, ds = run_case(CASES["tiny-llama-uncompressed"](tiny_llama), tmp_path / "bundle.zarr")
+    arrays = {a.name: a for a in est.arrays}
+    for name in ("attention", "q", "k", "v"):
+        assert arrays[name].expected_stored_bytes == disk[name][0], name
+        assert arrays[name].chunks_written == disk[name][1], name
+    assert ds["q"].dtype == np.float16
 
 
 def report(cases: list[str]) -> None:

@@ -65,7 +65,7 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
     """Every chunk file equals what zarr's own ``array[...] = data`` writes for the same data, with
     each of the chunk codecs a job can choose."""
     layout = _layout(compression=compression)
-    cname, shuffle = COMPRESSIONS[compression]
+    blosc = COMPRESSIONS[compression]
     rng = np.random.default_rng(0)
     records: list[ChunkRecord] = []
     writer = BundleWriter(str(tmp_path / "ours.zarr"), on_chunk=records.append, write_threads=3)
@@ -82,8 +82,10 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
             dtype=layout.dtype(name),
             fill_value=0,
             dimension_names=layout.dims(name),
-            compressors=BloscCodec(
-                cname=cname, clevel=1, shuffle=shuffle, typesize=np.dtype(layout.dtype(name)).itemsize
+            compressors=None
+            if blosc is None
+            else BloscCodec(
+                cname=blosc[0], clevel=1, shuffle=blosc[1], typesize=np.dtype(layout.dtype(name)).itemsize
             ),
             config={"write_empty_chunks": True},
         )
@@ -128,9 +130,14 @@ def test_row_blocks_store_the_bytes_zarr_stores(tmp_path: Path, compression: str
     for name in handles:
         metadata = zarr.open_array(str(tmp_path / "ours.zarr" / name)).metadata
         assert isinstance(metadata, ArrayV3Metadata)
-        blosc = metadata.codecs[1]
-        assert isinstance(blosc, BloscCodec)
-        assert (blosc.cname.value, blosc.shuffle.value, blosc.clevel) == (cname, shuffle, 1)
+        if blosc is None:  # the bytes as they are: a chunk is its elements, nothing more
+            assert len(metadata.codecs) == 1
+            size = int(np.prod(layout.chunks(name))) * np.dtype(layout.dtype(name)).itemsize
+            assert all(len(v) == size for k, v in ours.items() if k.startswith(f"{name}/"))
+            continue
+        codec = metadata.codecs[1]
+        assert isinstance(codec, BloscCodec)
+        assert (codec.cname.value, codec.shuffle.value, codec.clevel) == (*blosc, 1)
     stats = writer.pipeline_stats
     assert stats.chunks == len(ours) and stats.stored_bytes == sum(len(v) for v in ours.values())
     chunk_nbytes = {name: int(np.prod(h.chunks)) * h.dtype.itemsize for name, h in handles.items()}
@@ -157,12 +164,19 @@ def test_encoder_pads_edge_chunks_with_the_fill_value(tmp_path: Path) -> None:
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "g.zarr" / "x"))[4, 4:], [0, 1, 2])
 
 
-def test_encoder_only_for_bytes_then_blosc(tmp_path: Path) -> None:
+def test_encoder_only_for_bytes_then_blosc_or_bytes_alone(tmp_path: Path) -> None:
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
     zstd = group.create_array(
         "z", shape=(4,), chunks=(4,), dtype="int32", compressors=zarr.codecs.ZstdCodec()
     )
     assert ChunkEncoder.encoder_for(zstd) is None
+    big = zarr.codecs.BytesCodec(endian="big")
+    raw = group.create_array("b", shape=(5,), chunks=(4,), dtype="int32", serializer=big, compressors=None)
+    assert ChunkEncoder.encoder_for(raw) is None  # big endian: not the bytes zarr would store
+    raw = group.create_array("r", shape=(5,), chunks=(4,), dtype="int32", fill_value=7, compressors=None)
+    encoder = ChunkEncoder.encoder_for(raw)
+    assert encoder is not None
+    assert encoder.encode(np.arange(1, dtype=np.int32)) == np.array([0, 7, 7, 7], "<i4").tobytes()
 
 
 class _SlowStore:
