@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from bench.cli import add_writer_threads, parse_layers
+from bench.cli import add_compression, add_writer_threads, parse_layers
 from bench.gpubusy import GpuBusy
 from bench.instrumented import NullHooks
 from bench.memory import PeakMemory
@@ -54,6 +54,7 @@ from bench.modes import run_raw_write, settle, tree_bytes
 from bench.profiling import profiled
 from bench.report import machine
 from storage.bundle.bulk import open_bulk
+from storage.bundle.format import DEFAULT_COMPRESSION
 from storage.bundle.labels import SummaryParams
 from storage.bundle.pipeline import default_threads
 from storage.jobs.microbatch import MicroBatch, PaddingTally, plan_microbatches
@@ -203,7 +204,9 @@ def run_plain(lm: LoadedModel, work: Workload, memory: PeakMemory) -> BulkMode:
     return BulkMode(PLAIN, *counts, seconds, memory=peaks, extra=extra)
 
 
-def bulk_spec(model: dict[str, Any], work: Workload, capture: dict[str, Any], qkv_dtype: str) -> JobSpec:
+def bulk_spec(
+    model: dict[str, Any], work: Workload, capture: dict[str, Any], qkv_dtype: str, compression: str
+) -> JobSpec:
     """The bulk job of one qkvault mode: a ``token_ids`` source of the workload's ids."""
     source = dict(kind="token_ids", token_ids=work.ids, token_budget=work.token_budget)
     spec = dict(
@@ -211,7 +214,7 @@ def bulk_spec(model: dict[str, Any], work: Workload, capture: dict[str, Any], qk
         source={**source, "max_sequences": work.max_sequences},
         generation={"max_new_tokens": work.new_tokens, "stop_at_eos": False},
         capture=capture,
-        storage={"attention_dtype": "float16", "qkv_dtype": qkv_dtype},
+        storage={"attention_dtype": "float16", "qkv_dtype": qkv_dtype, "compression": compression},
     )
     return JobSpec.model_validate(spec)
 
@@ -288,6 +291,7 @@ def run_benchmark(
     layers: list[int] | None = None,
     attention_layers: list[int],
     qkv_dtype: str = "float16",
+    compression: str = DEFAULT_COMPRESSION,
     modes: list[str] | None = None,
     summary_params: dict[str, int] | None = None,
     profile_dir: Path | None = None,
@@ -319,7 +323,7 @@ def run_benchmark(
     # tokens the longest prompt of each width class goes too
     for warm in _warm_up(work, SummaryParams(**(summary_params or {})).min_keys):
         for name, capture in captures.items():
-            warm_spec = bulk_spec(model, warm, capture, qkv_dtype)
+            warm_spec = bulk_spec(model, warm, capture, qkv_dtype, compression)
             run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
@@ -330,7 +334,7 @@ def run_benchmark(
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
         with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
-            spec = bulk_spec(model, work, capture, qkv_dtype)
+            spec = bulk_spec(model, work, capture, qkv_dtype, compression)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
         result.extra["gpu_busy_percent"] = busy.percent
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
@@ -515,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each micro-batch's writes end before the next starts (what overlapping them is worth)",
     )
+    add_compression(p)
     add_writer_threads(p)
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
@@ -571,7 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_sequences} sequences; full attention layers {attention_layers}; store {store}",
         flush=True,
     )
-    print(f"chunk writer: {run['encode_threads']} encoder threads, {run['io_threads']} store threads")
+    print(
+        f"chunk writer: {run['encode_threads']} encoder threads, {run['io_threads']} store threads, "
+        f"codec {args.compression}"
+    )
     item = 2 if args.qkv_dtype == "float16" else 4
     need = _estimate_bytes(lm, work, len(args.layers or range(count)), len(attention_layers), item)
     try:
@@ -580,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model = bm.spec.model.model_dump(mode="json")
         options = dict(layers=args.layers, attention_layers=attention_layers, qkv_dtype=args.qkv_dtype)
+        options.update(compression=args.compression)
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
         options.update(overlap_drains=not args.serial_drains)

@@ -57,6 +57,16 @@ def add_writer_threads(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compression(p: argparse.ArgumentParser) -> None:
+    """``--compression``: the job's ``storage.compression``."""
+    p.add_argument(
+        "--compression",
+        choices=tuple(COMPRESSIONS),
+        default=DEFAULT_COMPRESSION,
+        help=f"qkvault chunk codec (default {DEFAULT_COMPRESSION}, a job's default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -87,12 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CHUNK_ROWS,
         help=f"qkvault chunk rows (default {DEFAULT_CHUNK_ROWS}, a job's default)",
     )
-    p.add_argument(
-        "--compression",
-        choices=tuple(COMPRESSIONS),
-        default=DEFAULT_COMPRESSION,
-        help=f"qkvault chunk codec (default {DEFAULT_COMPRESSION}, a job's default)",
-    )
+    add_compression(p)
     add_writer_threads(p)
     p.add_argument("--store", type=Path, help="store directory (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the qkvault bundle (else removed)")

@@ -1,7 +1,7 @@
 """Chunk codecs compared on a real bundle: every stored chunk of the row arrays (attention, q, k, v,
 hidden states) decoded, then encoded and decoded again with each codec a job can choose
-(``storage.compression``), one thread, same bytes for all. Prints the compression ratio and
-encode/decode GB/s of uncompressed input per array and codec.
+(``storage.compression``) and with lz4's other shuffles, one thread, same bytes for all. Prints
+the compression ratio and encode/decode GB/s of uncompressed input per array and codec.
 
     python -m bench.codecs path/to/bundle.zarr [--arrays attention,q] [--max-chunks 400]
 
@@ -56,15 +56,25 @@ def stored_chunks(array: zarr.Array, root: Path, limit: int) -> list[np.ndarray]
     return out
 
 
-def compare(chunks: list[np.ndarray]) -> dict[str, CodecFigures]:
-    """Each Blosc codec of ``COMPRESSIONS`` (level 1, one thread) over the same chunks ("none"
-    stores them as they are: ratio 1)."""
+def candidates() -> dict[str, tuple[str, str]]:
+    """Each Blosc codec a job can choose ("none" stores the chunks as they are: ratio 1), then lz4
+    with each shuffle the default does not use (unshuffled lz4 encodes fp16 q/k 2.7x faster, but
+    stores bf16-sourced values 23% larger: docs/benchmarks.md, "Chunk codec")."""
+    out: dict[str, tuple[str, str]] = {
+        name: blosc for name, blosc in COMPRESSIONS.items() if blosc is not None
+    }
+    for shuffle in SHUFFLE:
+        if ("lz4", shuffle) not in out.values():
+            out[f"lz4 {shuffle}"] = ("lz4", shuffle)
+    return out
+
+
+def compare(chunks: list[np.ndarray], codecs: dict[str, tuple[str, str]]) -> dict[str, CodecFigures]:
+    """Each of ``codecs`` (name -> Blosc compressor and shuffle, level 1, one thread) over the same
+    chunks."""
     Blosc.use_threads = False
     figures: dict[str, CodecFigures] = {}
-    for name, blosc in COMPRESSIONS.items():
-        if blosc is None:
-            continue
-        cname, shuffle = blosc
+    for name, (cname, shuffle) in codecs.items():
         codec = Blosc(cname=cname, clevel=1, shuffle=SHUFFLE[shuffle], typesize=chunks[0].dtype.itemsize)
         fig = figures[name] = CodecFigures()
         for chunk in chunks:
@@ -97,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             total = sum(c.nbytes for c in chunks)
             print(f"{bundle} {name} ({array.dtype}): {len(chunks)} chunks, {total / 1e6:.0f} MB")
-            for codec, fig in compare(chunks).items():
-                print(f"  {codec:5s} {'+'.join(COMPRESSIONS[codec] or ())}: {fig.row()}")
+            codecs = candidates()
+            for codec, fig in compare(chunks, codecs).items():
+                print(f"  {codec:14s} {'+'.join(codecs[codec]):15s}: {fig.row()}")
 
 
 if __name__ == "__main__":

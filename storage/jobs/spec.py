@@ -52,8 +52,8 @@ class StorageSpec(_Strict):
         DEFAULT_COMPRESSION,
         description="chunk codec: lz4 (Blosc lz4 + bitshuffle, fast to write and read), zstd "
         "(Blosc zstd + byte shuffle: 3-10% smaller, about 3x slower to encode and decode) or none "
-        "(no compressor: no CPU spent encoding; 16-bit q/k/v and hidden states are about as large "
-        "as with lz4, attention about 1.4-2x larger)",
+        "(no compressor, for readers without Blosc: every chunk's padding is stored, about 2x the "
+        "bytes of lz4)",
     )
 
 

@@ -113,7 +113,7 @@ def test_single_prompt_string_is_accepted(submit: Callable[..., dict[str, Any]])
             {"storage": {"compression": "gzip"}},
             "body.storage.compression",
             "literal_error",
-            "'lz4' or 'zstd'",
+            "'lz4', 'zstd' or 'none'",
         ),
         # accepted before, then the worker failed: torch seeds are unsigned 64-bit
         ({"generation": {"seed": 10**30}}, "body.generation.seed", "less_than_equal", str(2**64 - 1)),
