@@ -2,7 +2,7 @@
 beside one kind of host load at a time, on the same micro-batches.
 
     python -m bench.interference --device cuda --model llama-8b --prompts 300 --max-tokens 2048 \\
-        [--loads none,blosc,memcpy,gil,pipeline] [--threads 16] [--store /dev/shm/qk]
+        [--loads none,blosc,blosc-procs,memcpy,gil,pipeline] [--threads 16] [--store /dev/shm/qk]
 
 A bulk job's derived mode keeps the GPU as busy as plain inference once its writes are left out
 (docs/benchmarks.md, session 22), so its slowdown is the host's: the forward thread launches the
@@ -12,6 +12,8 @@ the writer does, so the table says which of them costs the forward pass its spee
 - ``none``: plain inference alone (the baseline of the ratios);
 - ``blosc``: ``--threads`` threads compressing fp16 chunks with the bundle's codec (Blosc lz4,
   bit shuffle, level 1): CPU work in C with the GIL released, as the writer's encoders do;
+- ``blosc-procs``: the same in ``--threads`` processes of their own (:mod:`bench.procload`): as
+  many busy cores, no GIL shared with the forward thread;
 - ``memcpy``: ``--threads`` threads copying 64 MiB arrays (GIL released): memory traffic alone;
 - ``gil``: ``--threads`` threads each running ≈ 20 µs of Python, then sleeping 1 ms: the GIL
   handed over thousands of times a second, little CPU;
@@ -41,38 +43,23 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
 
 from bench.bulk import run_plain, text_prompts, workload
 from bench.gpubusy import GpuBusy
 from bench.memory import PeakMemory
 from bench.models import MODELS, prepare
 from bench.modes import settle
+from bench.procload import CHUNK_SHAPE, BloscProcesses, bundle_codec, chunk_data
 from bench.report import machine
 from storage.bundle.chunkstore import ChunkStore
-from storage.bundle.format import COMPRESSIONS, DEFAULT_COMPRESSION
 from storage.bundle.pipeline import BlockWrite, ChunkEncoder, ChunkPipeline, blosc_encoder, default_threads
 from storage.sources.spec import DEFAULT_MAX_SEQUENCES, DEFAULT_TOKEN_BUDGET
 
-CHUNK_SHAPE = (20, 512, 128)  # fp16, 2.5 MiB: an 8B model's q chunk of 512 rows is 32 x 512 x 128
 MEMCPY_BYTES = 64 << 20
 GIL_HOLD_ITERATIONS = 1000  # ≈ 20 µs of Python (a loop of additions, this machine: 18 µs)
 GIL_SLEEP_S = 0.001
 PIPELINE_SLOTS = 64  # chunk keys the pipeline load cycles through (bounds its files)
 SETTLE_S = 0.5  # a load runs this long before the timed run starts
-
-
-def bundle_codec() -> BloscCodec:
-    """The codec of a bundle's row-block arrays by default (:data:`DEFAULT_COMPRESSION`, level 1)."""
-    blosc = COMPRESSIONS[DEFAULT_COMPRESSION]
-    assert blosc is not None, "the default codec compresses"
-    cname, shuffle = blosc
-    return BloscCodec(cname=cname, clevel=1, shuffle=shuffle, typesize=2)
-
-
-def chunk_data(shape: tuple[int, ...] = CHUNK_SHAPE, seed: int = 0) -> np.ndarray:
-    """fp16 values shaped and spread like post-RoPE q or k rows (a codec sees realistic input)."""
-    return (np.random.default_rng(seed).standard_normal(shape) * 0.5).astype(np.float16)
 
 
 class Load:
@@ -194,7 +181,27 @@ class PipelineLoad(Load):
         return rate
 
 
-THREAD_LOADS: dict[str, type[Load]] = {"blosc": BloscLoad, "memcpy": MemcpyLoad, "gil": GilLoad}
+class BloscProcessLoad(Load):
+    """``blosc`` in ``threads`` processes of their own (:mod:`bench.procload`): the same C work and
+    busy cores, no GIL shared with the forward thread."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads)
+        self._processes = BloscProcesses(threads)
+
+    def start(self) -> None:
+        self._processes.start()
+
+    def stop(self) -> float:
+        return self._processes.stop()
+
+
+THREAD_LOADS: dict[str, type[Load]] = {
+    "blosc": BloscLoad,
+    "blosc-procs": BloscProcessLoad,
+    "memcpy": MemcpyLoad,
+    "gil": GilLoad,
+}
 LOADS = ("none", *THREAD_LOADS, "pipeline")
 
 

@@ -4,6 +4,7 @@ alone and beside each host load (no assertion on speed: each load must run, be m
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import threading
 from pathlib import Path
@@ -21,7 +22,7 @@ def test_plain_inference_is_timed_alone_and_beside_every_load(
     argv = ["--device", "cpu", "--model", "tiny", "--prompts", "4", "--max-tokens", "48", "--threads", "1"]
     assert main([*argv, "--store", str(store), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    row = r"^\| ([a-z]+) \| (\d+) \| (\d+\.\d+) \| (\d+\.\d+)× \| — \| (.+) \|$"
+    row = r"^\| ([a-z-]+) \| (\d+) \| (\d+\.\d+) \| (\d+\.\d+)× \| — \| (.+) \|$"
     rows = re.findall(row, printed, re.MULTILINE)
     assert [r[0] for r in rows] == list(LOADS)
     assert rows[0][1:2] == ("0",) and rows[0][3:] == ("1.00", "—")  # the baseline: no load
@@ -35,6 +36,7 @@ def test_plain_inference_is_timed_alone_and_beside_every_load(
             assert run["rate"] > 0 and run["threads"] == 1, name
     assert runs["gil"]["unit"] == "hand-overs/s" and runs["pipeline"]["unit"] == "GB/s"
     assert not [t.name for t in threading.enumerate() if t.name.startswith("load-")]  # loads stopped
+    assert not [p.name for p in multiprocessing.active_children() if p.name.startswith("load-proc-")]
     assert list(store.iterdir()) == []  # the pipeline load's chunks removed
 
 
