@@ -11,7 +11,9 @@ device-to-host copies) overlap compression and I/O of the previous one:
   ``tests/storage/test_pipeline.py`` compares them;
 - Blosc (numcodecs, contextual mode off the main thread) and the checksums release the GIL; they run
   in one pool (a thread per core), the stores in a smaller one (files written by many threads at
-  once go slower, not faster);
+  once go slower, not faster). Each call takes the GIL back when its C work ends, and every thread
+  that does so delays the model's forward thread, which gives the GIL up around each PyTorch
+  operation (docs/benchmarks.md, "Bulk jobs / GPU", session 23);
 - backpressure: :meth:`ChunkPipeline.submit` blocks while more than ``max_pending_bytes`` of
   row-block data are waiting, so memory is bounded by the budget, not by the sequence length;
 - each encoded chunk goes to ``put(key, data, checksum)``: the bundle's
