@@ -217,12 +217,12 @@ def _attention(
         visible = rows + 1 if not facts.sliding_window else np.minimum(rows + 1, facts.sliding_window)
         local = np.minimum(visible, profile.window)
         far = visible - local
-        lz4 = layout.compression == "lz4"
-        local_factor = LZ4_LOCAL_FACTOR[profile.name] if lz4 else 1.0
-        far_factor = LZ4_FACTOR[profile.name] if lz4 else 1.0
-        if _raw(layout):
-            data = float(visible.sum()) * np.dtype(dtype).itemsize
+        if _raw(layout):  # every visible key at the dtype's size (_cost's rule without a compressor)
+            data = float(visible.sum()) * _cost(layout, spec)
         else:
+            lz4 = layout.compression == "lz4"
+            local_factor = LZ4_LOCAL_FACTOR[profile.name] if lz4 else 1.0
+            far_factor = LZ4_FACTOR[profile.name] if lz4 else 1.0
             data = (
                 float(local.sum()) * profile.local[dtype] * local_factor
                 + float((far * profile.far_cost(dtype, visible)).sum()) * far_factor
