@@ -577,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(
-        f"chunk writer: {run['encode_threads']} encoder threads, {run['io_threads']} store threads, "
-        f"codec {args.compression}"
+        f"chunk writer: {run['encode_threads']} encoder threads (encoding in {args.encoder}), "
+        f"{run['io_threads']} store threads, codec {args.compression}"
     )
     item = 2 if args.qkv_dtype == "float16" else 4
     need = _estimate_bytes(lm, work, len(args.layers or range(count)), len(attention_layers), item)
@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
         options.update(overlap_drains=not args.serial_drains)
-        options.update(writer={"write_threads": args.encode_threads, "io_threads": args.io_threads})
+        writer = {"write_threads": args.encode_threads, "io_threads": args.io_threads}
+        options.update(writer={**writer, "write_processes": args.encoder == "processes"})
         results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)

@@ -46,9 +46,16 @@ def parse_layers(text: str) -> list[int]:
 
 
 def add_writer_threads(p: argparse.ArgumentParser) -> None:
-    """``--encode-threads`` and ``--io-threads``: the chunk writer's threads (BundleWriter's
-    ``write_threads`` and ``io_threads``)."""
+    """``--encode-threads``, ``--encoder`` and ``--io-threads``: the chunk writer's threads and
+    where it encodes (BundleWriter's ``write_threads``, ``write_processes`` and ``io_threads``)."""
     p.add_argument("--encode-threads", type=int, help="chunk encoder threads (default: one per core, ≤ 16)")
+    p.add_argument(
+        "--encoder",
+        choices=("processes", "threads"),
+        default="processes",
+        help="encode chunks copied from a GPU in as many processes (default, a worker's) or in the "
+        "encoder threads",
+    )
     p.add_argument(
         "--io-threads",
         type=int,
@@ -174,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         results["sdpa forward"] = run_sdpa_forward(bm, memory)
         settle(device)
         results["qkvault"] = qkvault = run_qkvault(
-            bm, store, memory, args.profile, encode_threads=args.encode_threads, io_threads=args.io_threads
+            bm,
+            store,
+            memory,
+            args.profile,
+            encode_threads=args.encode_threads,
+            write_processes=args.encoder == "processes",
+            io_threads=args.io_threads,
         )
         settle(device)
         if qkvault.status == "ok":
@@ -217,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk_rows": args.chunk_rows,
                 "compression": args.compression,
                 "encode_threads": args.encode_threads,
+                "encoder": args.encoder,
                 "io_threads": args.io_threads,
                 "store": str(store),
                 "kept": args.keep,

@@ -24,7 +24,8 @@ import torch
 from bench.instrumented import NullHooks, TimedWriter
 from bench.memory import PeakMemory
 from bench.models import BenchModel
-from storage.bundle.pipeline import DEFAULT_IO_THREADS
+from storage.bundle.encodeprocs import encoder_processes
+from storage.bundle.pipeline import DEFAULT_IO_THREADS, default_threads
 
 
 @dataclass
@@ -124,6 +125,7 @@ def warm_up(bm: BenchModel) -> None:
             from worker.capture.hostcopy import pinned_ring
 
             pinned_ring(bm.lm.device).allocate_now()  # as a worker does when it loads a model
+            encoder_processes(default_threads()).start()
     finally:
         model.set_attn_implementation(capture)
     _sync(bm.lm.device)
@@ -222,6 +224,7 @@ def run_qkvault(
     profile: Path | None = None,
     *,
     encode_threads: int | None = None,
+    write_processes: bool = True,
     io_threads: int = DEFAULT_IO_THREADS,
 ) -> ModeResult:
     """The worker's Exporter in-process, writing a bundle under ``store`` (no database)."""
@@ -242,7 +245,11 @@ def run_qkvault(
         if profiler is not None:
             profiler.enable()
         writer = TimedWriter(
-            str(bundle), on_chunk=hooks.chunk_stored, write_threads=encode_threads, io_threads=io_threads
+            str(bundle),
+            on_chunk=hooks.chunk_stored,
+            write_threads=encode_threads,
+            write_processes=write_processes,
+            io_threads=io_threads,
         )
         summary = Exporter(bm.spec, bm.lm, writer, hooks).run("bench")
         _sync(bm.lm.device)

@@ -135,19 +135,21 @@ def test_the_warm_up_takes_the_longest_prompt_of_each_decoding_width() -> None:
 def test_the_chunk_writers_threads_reach_every_modes_writers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``--encode-threads`` / ``--io-threads``: the writer of every micro-batch (and of the bulk
-    job's root) gets them (a worker's encoder threads are ``QKVAULT_WRITE_THREADS``); the codec of
-    ``--compression`` is every micro-batch's."""
+    """``--encode-threads`` / ``--encoder`` / ``--io-threads``: the writer of every micro-batch
+    (and of the bulk job's root) gets them (a worker's are ``QKVAULT_WRITE_THREADS`` and
+    ``QKVAULT_WRITE_PROCESSES``); the codec of ``--compression`` is every micro-batch's."""
     import worker.bulk
     from storage.bundle.layout import BundleLayout
     from storage.bundle.writer import BundleWriter
 
-    threads: list[tuple[int | None, int | None]] = []
+    threads: list[tuple[int | None, bool | None, int | None]] = []
     codecs: list[str] = []
 
     class Recorded(BundleWriter):
         def __init__(self, url: str, **options: Any) -> None:
-            threads.append((options.get("write_threads"), options.get("io_threads")))
+            threads.append(
+                (options.get("write_threads"), options.get("write_processes"), options.get("io_threads"))
+            )
             super().__init__(url, **options)
 
         def create(self, layout: BundleLayout, attrs: dict[str, Any]) -> None:
@@ -158,9 +160,11 @@ def test_the_chunk_writers_threads_reach_every_modes_writers(
     argv = ["--device", "cpu", "--model", "tiny", "--prompts", "4", "--max-tokens", "48"]
     argv += ["--modes", "derived", "--store", str(tmp_path / "store"), "--encode-threads", "3"]
     argv += ["--compression", "none"]
+    argv += ["--encoder", "threads"]
     assert main([*argv, "--io-threads", "2", "--json", str(tmp_path / "bulk.json")]) == 0
-    assert "chunk writer: 3 encoder threads, 2 store threads, codec none" in capsys.readouterr().out
-    assert len(threads) > 2 and set(threads) == {(3, 2)}  # warm-up and timed runs, root and batches
+    out = capsys.readouterr().out
+    assert "chunk writer: 3 encoder threads (encoding in threads), 2 store threads, codec none" in out
+    assert len(threads) > 2 and set(threads) == {(3, False, 2)}  # warm-up and timed runs, root and batches
     assert codecs and set(codecs) == {"none"}
     run = json.loads((tmp_path / "bulk.json").read_text())["run"]
-    assert (run["encode_threads"], run["io_threads"]) == (3, 2)
+    assert (run["encode_threads"], run["encoder"], run["io_threads"]) == (3, "threads", 2)

@@ -33,7 +33,7 @@ from storage.index import Index
 from storage.index.records import JobRecord, JobState
 from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext
-from storage.stores.objectstore import ObjectStore, StoreRetry
+from storage.stores.objectstore import ObjectStore
 from worker.models import ModelCache
 from worker.reporting import JobReporter, ReportIntervals
 from worker.settings import WorkerSettings
@@ -162,14 +162,9 @@ def _attempt(
                 log.info(
                     "job %s: attempt %d resumes over %d recorded chunks", job_id, job.attempts, len(resume)
                 )
-            writer_options: dict[str, Any] = {
-                "storage_options": store.storage_options,
-                "on_chunk": reporter.chunk_stored,
-                "resume": resume,
-                "retry": StoreRetry(deadline_s=settings.store_retry_s),
-                "write_threads": settings.write_threads or None,
-                "checksum_algorithm": settings.chunk_checksum,
-            }
+            writer_options = settings.writer_options(
+                storage_options=store.storage_options, on_chunk=reporter.chunk_stored, resume=resume
+            )
             if spec.bulk:  # sequences from a source, in micro-batches (worker/bulk.py)
                 from worker.bulk import BulkExporter, JobLimits
 

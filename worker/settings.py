@@ -6,6 +6,7 @@ worker's own knobs, from ``QKVAULT_*``. Constructed once by each entry point and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -13,7 +14,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm
+from storage.bundle.records import ChunkRecord
+from storage.bundle.resume import ResumeSet
 from storage.settings import ServiceSettings, list_setting
+from storage.stores.objectstore import StoreRetry
 
 PlacementPackage = Literal["accelerate", "bitsandbytes"]
 
@@ -41,6 +45,12 @@ class WorkerSettings(ServiceSettings):
         default=0,
         ge=0,
         description="chunk encoder/writer threads (0: one a core, at most 16; docs/benchmarks.md)",
+    )
+    write_processes: bool = Field(
+        default=True,
+        description="on CUDA, encode, checksum and write the chunks copied from the GPU in as many processes "
+        "as encoder threads (storage/bundle/encodeprocs.py): the encoders then do not slow the forward "
+        "pass by taking its GIL (docs/benchmarks.md); off: in the encoder threads",
     )
     record_interval_s: float = Field(
         default=0.5, ge=0, description="stored chunks are recorded in the index in batches at most this often"
@@ -107,6 +117,25 @@ class WorkerSettings(ServiceSettings):
         description="source checkouts only: the dequantised-GGUF cache that the test suite, the workers "
         "it starts and `bench` share (unset: `<checkout>/.qkvault/test-models`)",
     )
+
+    def writer_options(
+        self,
+        *,
+        storage_options: dict[str, Any],
+        on_chunk: Callable[[ChunkRecord], None],
+        resume: ResumeSet | None,
+    ) -> dict[str, Any]:
+        """A job's :class:`~storage.bundle.writer.BundleWriter` keyword arguments: these settings',
+        with the store's options, where chunk records go and what an earlier attempt recorded."""
+        return {
+            "storage_options": storage_options,
+            "on_chunk": on_chunk,
+            "resume": resume,
+            "retry": StoreRetry(deadline_s=self.store_retry_s),
+            "write_threads": self.write_threads or None,
+            "write_processes": self.write_processes,
+            "checksum_algorithm": self.chunk_checksum,
+        }
 
     @field_validator("placement_packages", mode="before")
     @classmethod

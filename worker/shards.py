@@ -42,7 +42,7 @@ from storage.index import shards as sh
 from storage.jobs.microbatch import DEFAULT_WINDOW, MicroBatch, cut_window
 from storage.jobs.spec import JobSpec
 from storage.sources.rows import SourceContext, SourceRow, iter_rows
-from storage.stores.objectstore import ObjectStore, StoreRetry
+from storage.stores.objectstore import ObjectStore
 from worker.bulk import BulkExporter, JobLimits, _Sequence, batch_group
 from worker.export import Exporter
 from worker.generation import tokenize_texts
@@ -231,19 +231,6 @@ def _intervals(settings: WorkerSettings) -> ReportIntervals:
     )
 
 
-def _writer_options(
-    settings: WorkerSettings, store: ObjectStore, reporter: JobReporter, resume: ResumeSet | None
-) -> dict[str, Any]:
-    return {
-        "storage_options": store.storage_options,
-        "on_chunk": reporter.chunk_stored,
-        "resume": resume,
-        "retry": StoreRetry(deadline_s=settings.store_retry_s),
-        "write_threads": settings.write_threads or None,
-        "checksum_algorithm": settings.chunk_checksum,
-    }
-
-
 def _shards_to_send(
     index: Index, job: JobRecord, plan: Callable[[], list[sh.ShardPlan]], worker_id: str
 ) -> list[int] | None:
@@ -353,7 +340,9 @@ def run_shard(
             spec = JobSpec.model_validate(job.spec)
             loaded = models.get(spec.model)
             resume = ResumeSet.from_records(index.list_chunks(job_id)) if shard.attempts > 1 else None
-            options = _writer_options(settings, store, reporter, resume)
+            options = settings.writer_options(
+                storage_options=store.storage_options, on_chunk=reporter.chunk_stored, resume=resume
+            )
             if spec.bulk:
                 exporter = ShardExporter(
                     spec, loaded, reporter, bundle_url=job.store_url, writer_options=options,
@@ -423,7 +412,9 @@ def run_finalize(
             reporter.phase("finalizing")
             spec = JobSpec.model_validate(job.spec)
             resume = ResumeSet.from_records(index.list_chunks(job_id))
-            options = _writer_options(settings, store, reporter, resume)
+            options = settings.writer_options(
+                storage_options=store.storage_options, on_chunk=reporter.chunk_stored, resume=resume
+            )
             if spec.bulk:
                 exporter = ShardExporter(
                     spec, cast(LoadedModel, None), reporter, bundle_url=job.store_url, writer_options=options

@@ -56,7 +56,7 @@ __all__ = ["ChunkStore"]
 _PARTIAL = ".partial"  # a local write's temporary file: ".<name>.<hex>.partial", then renamed
 
 
-class _LocalFiles:
+class LocalFiles:
     """A local bundle directory, written and read from the calling thread (no event loop: the
     pipeline's store threads write in parallel). A write is a handful of system calls on string
     paths: the store threads write thousands of chunks a second beside the forward pass, and every
@@ -64,7 +64,7 @@ class _LocalFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._root = str(root)
+        self.root_path = str(root)
         self._made: set[str] = set()
         # a temporary file's name: this store's random token and a count (unique across processes
         # writing one directory, e.g. a job's layer shards; no random read per write)
@@ -75,7 +75,7 @@ class _LocalFiles:
         self.began_empty = _empty(root)
 
     def write(self, key: str, data: bytes) -> None:
-        path = os.path.join(self._root, key)
+        path = os.path.join(self.root_path, key)
         parent, name = os.path.split(path)
         if parent not in self._made:
             os.makedirs(parent, exist_ok=True)
@@ -170,28 +170,28 @@ class ChunkStore:
         self._on_stored = on_stored
         with store_errors(url, "create the bundle directory"):
             self._base: Store = zarr_store(url, storage_options=storage_options, retry=retry)
-        self._objects: _LocalFiles | _ZarrObjects
+        self._objects: LocalFiles | _ZarrObjects
         if isinstance(self._base, LocalStore):
-            self._objects = _LocalFiles(Path(self._base.root))
+            self._objects = LocalFiles(Path(self._base.root))
         else:
             self._objects = _ZarrObjects(self._base)
         # every metadata document stored through this object, by key, while it knows them all (a
         # local directory that began empty): :meth:`documents`
         self._documents: dict[str, bytes] | None = None
-        if isinstance(self._objects, _LocalFiles) and self._objects.began_empty:
+        if isinstance(self._objects, LocalFiles) and self._objects.began_empty:
             self._documents = {}
         self._documents_lock = threading.Lock()
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self._objects, _LocalFiles)
+        return isinstance(self._objects, LocalFiles)
 
     def remove_leftovers(self) -> list[str]:
         """Delete what writes into this store that never finished left behind: a local bundle's
         temporary files of a process killed mid-write (an S3 object is whole or absent, so none
         there). Only for a writer that knows no write into its directory is under way (the last
         write of a bundle or of a micro-batch group); returns the keys removed."""
-        if not isinstance(self._objects, _LocalFiles):
+        if not isinstance(self._objects, LocalFiles):
             return []
         with store_errors(self.url, "remove the temporary files of unfinished writes"):
             return self._objects.remove_leftovers()
@@ -215,9 +215,38 @@ class ChunkStore:
             digest = digest or checksum(data, self.algorithm)
             if self._should_write(key, data, digest):
                 self._objects.write(key, data)
+        self._record(key, parsed, len(data), digest)
+
+    def _record(self, key: str, parsed: tuple[str, tuple[int, ...]], nbytes: int, digest: str) -> None:
+        """Step 4: chunk ``key`` (``parsed``: its array and coordinates) to ``on_stored``."""
         if self._on_stored is not None:
             array = self.key_prefix + parsed[0]
-            self._on_stored(ChunkRecord(array, parsed[1], self.key_prefix + key, len(data), digest))
+            self._on_stored(ChunkRecord(array, parsed[1], self.key_prefix + key, nbytes, digest))
+
+    # -- chunks encoded and written by other processes (storage/bundle/pipeline.py ChunkSink) ----
+    def local_root(self) -> str | None:
+        """The local bundle directory another process writes this store's files into (None: not a
+        local bundle; the bytes come back to be stored here)."""
+        return self._objects.root_path if isinstance(self._objects, LocalFiles) else None
+
+    def stored_elsewhere(self, key: str, nbytes: int, digest: str) -> None:
+        """Record chunk ``key``, written whole (``nbytes``, ``digest``) into :meth:`local_root` by
+        another process: step 4 of :meth:`put` (steps 1-3 happened there; never for a chunk
+        :meth:`keeps`, whose resume check is here)."""
+        parsed = parse_chunk_key(key)
+        if parsed is None:
+            raise ValueError(f"{key} is not a chunk key")
+        self._record(key, parsed, nbytes, digest)
+
+    def write_error(self, key: str, error: BaseException) -> BaseException:
+        """``error`` of another process's write of ``key`` as :meth:`put` would raise it (an error
+        an operator can fix: :class:`~storage.errors.StoreNotWritable`)."""
+        try:
+            with store_errors(self.url, f"write {key}"):
+                raise error
+        except BaseException as raised:
+            return raised
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _document_written(self, key: str, data: bytes | None) -> None:
         if self._documents is None or not key.endswith(ZARR_JSON):

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
-from typing import Any, Protocol
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import zarr
@@ -37,15 +37,23 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
+from storage.bundle.sharedarena import locate
+
+if TYPE_CHECKING:
+    from storage.bundle.encodeprocs import EncoderProcesses
+    from storage.bundle.encodeworker import ChunkJob, TaskResult
 
 __all__ = [
     "BlockWrite",
     "ChunkEncoder",
     "ChunkPipeline",
+    "ChunkSink",
+    "ChunkSpec",
     "PipelineStats",
     "blosc_encoder",
     "chain_encoder",
     "checksum",
+    "encode_chunk",
 ]
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
@@ -112,6 +120,40 @@ def chain_encoder(codecs: Sequence[Any]) -> ArrayEncoder | None:
     return None
 
 
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What encoding one chunk of an array takes, in a form another process receives: the
+    chunk's ``shape``, its little-endian ``dtype`` (a numpy dtype string), the ``fill_value`` of
+    its edges and ``blosc`` (numcodecs' Blosc configuration; None: the bytes as they are)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    fill_value: Any
+    blosc: dict[str, Any] | None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def encoder(self) -> ArrayEncoder:
+        return RawEncoder() if self.blosc is None else Blosc.from_config(dict(self.blosc))
+
+
+def encode_chunk(spec: ChunkSpec, encoder: ArrayEncoder, data: np.ndarray) -> bytes:
+    """The bytes zarr stores for one chunk: ``data`` is the chunk's region, the chunk's trailing
+    dimensions (leading ones of size 1 may be left out); smaller than the chunk at the array's
+    edges (padded with the fill value)."""
+    dtype = np.dtype(spec.dtype)
+    missing = len(spec.shape) - data.ndim
+    region = data.reshape((1,) * missing + data.shape) if missing > 0 else data
+    if region.shape == spec.shape and region.dtype == dtype:
+        full = np.ascontiguousarray(region)
+    else:
+        full = np.full(spec.shape, spec.fill_value, dtype=dtype)
+        full[tuple(slice(0, n) for n in region.shape)] = region
+    return bytes(encoder.encode(full))
+
+
 class ChunkEncoder:
     """The bytes zarr would store for one chunk of ``array`` (its codec chain: ``bytes`` then Blosc,
     or ``bytes`` alone; :func:`chain_encoder`).
@@ -121,11 +163,14 @@ class ChunkEncoder:
 
     def __init__(self, array: zarr.Array, encoder: ArrayEncoder) -> None:
         self.key_prefix = array.path
-        self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
-        self.dtype = np.dtype(array.dtype).newbyteorder("<")
-        self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
-        self.fill_value = array.fill_value
         self.metadata = array.metadata
+        blosc = None
+        if isinstance(encoder, Blosc):  # its configuration, less the codec's id
+            blosc = {k: v for k, v in encoder.get_config().items() if k != "id"}
+        self.spec = ChunkSpec(
+            tuple(array.chunks), np.dtype(array.dtype).newbyteorder("<").str, array.fill_value, blosc
+        )
+        self.chunk_nbytes = self.spec.nbytes
         self._encoder = encoder
 
     @classmethod
@@ -147,16 +192,8 @@ class ChunkEncoder:
         return f"{self.key_prefix}/{self.metadata.encode_chunk_key(coords)}"
 
     def encode(self, data: np.ndarray) -> bytes:
-        """``data``: the chunk's region, the chunk's trailing dimensions (leading ones of size 1
-        may be left out); smaller than the chunk at the array's edges (padded with the fill value)."""
-        missing = len(self.chunk_shape) - data.ndim
-        region = data.reshape((1,) * missing + data.shape) if missing > 0 else data
-        if region.shape == self.chunk_shape and region.dtype == self.dtype:
-            full = np.ascontiguousarray(region)
-        else:
-            full = np.full(self.chunk_shape, self.fill_value, dtype=self.dtype)
-            full[tuple(slice(0, n) for n in region.shape)] = region
-        return bytes(self._encoder.encode(full))
+        """:func:`encode_chunk` with this array's spec and codec."""
+        return encode_chunk(self.spec, self._encoder, data)
 
 
 @dataclass
@@ -223,6 +260,21 @@ class _Chunk:
     block: _Block
 
 
+class ChunkSink(Protocol):
+    """Where chunks encoded in other processes go (:class:`storage.bundle.chunkstore.ChunkStore`):
+    the directory they write a local bundle's files into, or None (the pipeline stores their
+    bytes); whether a chunk must instead go through ``put`` (resuming: one an earlier attempt
+    recorded is checked there); the record of a chunk written; a write's error as ``put`` raises it."""
+
+    def local_root(self) -> str | None: ...
+
+    def keeps(self, key: str) -> bool: ...
+
+    def stored_elsewhere(self, key: str, nbytes: int, digest: str) -> None: ...
+
+    def write_error(self, key: str, error: BaseException) -> BaseException: ...
+
+
 class ChunkPipeline:
     """Encode + checksum chunks in ``threads`` threads and store them in ``io_threads`` threads,
     with ``max_pending_bytes`` of row-block input at most queued.
@@ -232,6 +284,12 @@ class ChunkPipeline:
     so the two are separate pools. ``put(key, data, checksum)`` stores (or, resuming, verifies) and
     records the encoded bytes: :meth:`storage.bundle.chunkstore.ChunkStore.put`. Errors of the worker
     threads are raised by the next :meth:`submit` or :meth:`wait`.
+
+    ``processes`` (with ``sink``): chunks whose data lie in a shared arena (a CUDA worker's
+    device-to-host ring) are encoded, checksummed and, for a local bundle, written by ``threads``
+    encoder processes (storage/bundle/encodeprocs.py), with the same bytes; the encoder threads
+    then only wait for each block's copy and hand its chunks over. Other chunks (data in private
+    memory, chunks a resumed attempt recorded) are encoded by the threads as before.
     """
 
     def __init__(
@@ -242,6 +300,8 @@ class ChunkPipeline:
         io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         checksum_algorithm: ChecksumAlgorithm = DEFAULT_CHECKSUM,
+        sink: ChunkSink | None = None,
+        processes: bool = False,
     ) -> None:
         self.checksum_algorithm: ChecksumAlgorithm = checksum_algorithm
         self.threads = threads or default_threads()
@@ -256,6 +316,13 @@ class ChunkPipeline:
         self._error: BaseException | None = None
         self.stats = PipelineStats()
         self._stats_lock = threading.Lock()
+        self._sink = sink if processes else None
+        self._root = None if self._sink is None else self._sink.local_root()
+        self._procs: EncoderProcesses | None = None
+        if self._sink is not None:
+            from storage.bundle.encodeprocs import encoder_processes  # started on first use
+
+            self._procs = encoder_processes(self.threads)
 
     def submit(
         self,
@@ -334,7 +401,10 @@ class ChunkPipeline:
 
     def _encode_chunks(self, chunks: list[_Chunk]) -> None:
         """Encode (and queue the store of) each of ``chunks``; the first error is raised after
-        every other chunk was tried."""
+        every other chunk was tried. With encoder processes, those whose data they can read are
+        sent to one of them first (:meth:`_send_to_process`)."""
+        if self._procs is not None:
+            chunks = self._send_to_process(chunks)
         error: BaseException | None = None
         for chunk in chunks:
             try:
@@ -369,13 +439,100 @@ class ChunkPipeline:
             self._track(self._io.submit(self._store_chunk, encoder.key(coords), data, digest, block))
             stored = True
         finally:
-            with block.lock:
-                block.to_encode -= 1
-                encoded = block.to_encode == 0
-            if encoded and block.release is not None:
-                block.release()
+            self._encoded(block)
             if not stored:
                 self._stored(block)
+
+    def _encoded(self, block: _Block) -> None:
+        """One of ``block``'s chunks is encoded (or failed): its data is released after the last."""
+        with block.lock:
+            block.to_encode -= 1
+            encoded = block.to_encode == 0
+        if encoded and block.release is not None:
+            block.release()
+
+    def _send_to_process(self, chunks: list[_Chunk]) -> list[_Chunk]:
+        """Send the chunks of ``chunks`` whose data lie in a shared arena to an encoder process,
+        as one task, once their blocks are ready; the others are returned (for this thread)."""
+        from storage.bundle.encodeworker import ChunkJob, EncodeTask
+
+        assert self._procs is not None and self._sink is not None
+        jobs: list[ChunkJob] = []
+        sent: list[_Chunk] = []
+        rest: list[_Chunk] = []
+        waited = 0.0
+        for chunk in chunks:
+            key = chunk.encoder.key(chunk.coords)
+            try:
+                t0 = time.perf_counter()
+                if chunk.block.ready is not None:
+                    chunk.block.ready()
+                values = chunk.region()
+                waited += time.perf_counter() - t0
+            except BaseException:  # raised again, and handled, where this thread encodes it
+                rest.append(chunk)
+                continue
+            place = locate(values)
+            if place is None or self._sink.keeps(key):
+                rest.append(chunk)
+                continue
+            jobs.append(ChunkJob(key, chunk.encoder.spec, place))
+            sent.append(chunk)
+        with self._stats_lock:
+            self.stats.ready_wait_s += waited
+        if jobs:
+            answered: Future[None] = Future()
+            self._track(answered)  # before this task ends: wait() never sees an empty set between
+            task = EncodeTask(self._procs.task_id(), self._root, self.checksum_algorithm, jobs)
+            self._procs.submit(task, partial(self._processed, sent, answered))
+        return rest
+
+    def _processed(
+        self, sent: list[_Chunk], answered: Future[None], result: TaskResult | BaseException
+    ) -> None:
+        """An encoder process's answer to the chunks ``sent`` (or the error that lost them): record
+        each one written, queue the store of each one returned, count, release; then ``answered``
+        ends with the first error."""
+        sink = self._sink
+        assert sink is not None
+        error: BaseException | None = result if isinstance(result, BaseException) else None
+        done = [] if isinstance(result, BaseException) else result.chunks
+        if not isinstance(result, BaseException):
+            with self._stats_lock:
+                stats = self.stats
+                stats.encode_s += result.encode_s
+                stats.checksum_s += result.checksum_s
+                stats.store_s += result.store_s
+        for i, chunk in enumerate(sent):
+            queued = False
+            try:
+                if i >= len(done):
+                    continue  # lost with the process: ``error`` says so
+                outcome = done[i]
+                if outcome.error is not None:
+                    raise sink.write_error(outcome.key, outcome.error)
+                with self._stats_lock:
+                    self.stats.chunks += 1
+                    self.stats.input_bytes += chunk.encoder.chunk_nbytes
+                    self.stats.stored_bytes += outcome.nbytes
+                if outcome.data is not None:  # not a local bundle: stored by this process
+                    store = self._io.submit(
+                        self._store_chunk, outcome.key, outcome.data, outcome.digest, chunk.block
+                    )
+                    self._track(store)
+                    queued = True
+                else:
+                    sink.stored_elsewhere(outcome.key, outcome.nbytes, outcome.digest)
+            except BaseException as exc:
+                error = error or exc
+            finally:
+                self._encoded(chunk.block)
+                if not queued:
+                    self._stored(chunk.block)
+        if error is None:
+            answered.set_result(None)
+        else:
+            answered.set_exception(error)
 
     def _store_chunk(self, key: str, data: bytes, digest: str, block: _Block) -> None:
         try:

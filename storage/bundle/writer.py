@@ -57,6 +57,7 @@ class BundleWriter:
         storage_options: dict[str, Any] | None = None,
         on_chunk: Callable[[ChunkRecord], None] | None = None,
         write_threads: int | None = None,
+        write_processes: bool = True,
         io_threads: int = DEFAULT_IO_THREADS,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         resume: ResumeSet | None = None,
@@ -66,7 +67,9 @@ class BundleWriter:
     ) -> None:
         """``on_chunk(record)``: called from the storing thread for every stored chunk (it must not
         block: the worker queues the record); ``write_threads``: chunk encoder threads (None: one
-        per core, at most 16); ``io_threads``: threads storing encoded chunks;
+        per core, at most 16); ``write_processes``: chunks whose data lie in shared memory (a CUDA
+        worker's device-to-host ring) are encoded in as many processes instead (storage/bundle/
+        encodeprocs.py); ``io_threads``: threads storing encoded chunks;
         ``max_pending_bytes``: row-block bytes queued before :meth:`write_row_block` blocks;
         ``resume``: chunks an earlier attempt recorded (storage/bundle/resume.py); ``retry``: the
         store's retry policy; ``checksum_algorithm``: of the chunk records; ``key_prefix``: where
@@ -93,6 +96,8 @@ class BundleWriter:
             io_threads=io_threads,
             max_pending_bytes=max_pending_bytes,
             checksum_algorithm=checksum_algorithm,
+            sink=self.chunks,
+            processes=write_processes,
         )
         self.layout: BundleLayout | None = None
         self._children_by_others = False

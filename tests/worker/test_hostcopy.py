@@ -3,14 +3,19 @@ the asynchronous copy delivers the tensor's values once ``ready()`` returns."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from storage.bundle import sharedarena
+from storage.bundle.records import ChunkRecord
 from worker.capture.hostcopy import HostStager, PinnedRing, device_ints, to_device
 
 MIB = 1 << 20
@@ -97,6 +102,47 @@ def test_cuda_copy_is_asynchronous_into_a_reused_pinned_buffer() -> None:
     assert stager.ring is not None and stager.ring.in_use_bytes == 0
     small = stager.to_host(torch.ones(4, device="cuda"))  # below the threshold: copied at once
     assert small.ready is None and small.array.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not sharedarena.available(), reason="shared arenas need Linux")
+def test_cuda_copies_land_in_shared_page_locked_memory_the_encoder_processes_read(tmp_path: Path) -> None:
+    """The ring is a shared arena registered with CUDA: a block copied into it is page-locked
+    (the copy is asynchronous), lies in the arena, and a chunk pipeline's encoder processes store
+    exactly its values."""
+    import zarr
+
+    from storage.bundle.chunkstore import ChunkStore
+    from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline
+
+    stager = HostStager(torch.device("cuda"), max_pinned_bytes=32 * MIB)
+    tensor = torch.randn(4, 128, 64, device="cuda").to(torch.float16)
+    block = stager.to_host(tensor)
+    assert stager.ring is not None and stager.ring._arena is not None and stager.ring._arena.is_pinned()
+    assert block.ready is not None and block.release is not None
+    assert sharedarena.locate(block.array) is not None
+    records: list[ChunkRecord] = []
+    store = ChunkStore(str(tmp_path / "b.zarr"), on_stored=records.append)
+    group = zarr.open_group(store.zarr(), mode="w", zarr_format=3)
+    array = group.create_array("q", shape=(4, 128, 64), chunks=(1, 128, 64), dtype="float16", fill_value=0)
+    pipeline = ChunkPipeline(store.put, threads=2, sink=store, processes=True)
+    regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]] = [
+        ((h, 0, 0), functools.partial(block.array.__getitem__, h)) for h in range(4)
+    ]
+    pipeline.submit(
+        ChunkEncoder.for_array(array),
+        regions,
+        nbytes=block.array.nbytes,
+        ready=block.ready,
+        release=block.release,
+    )
+    pipeline.wait()
+    assert sorted(r.key for r in records) == [f"q/c/{h}/0/0" for h in range(4)]
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "b.zarr" / "q"), mode="r")[:], tensor.cpu().numpy()
+    )
+    assert stager.ring.in_use_bytes == 0
 
 
 def test_small_host_data_goes_to_the_host_device_as_it_is() -> None:

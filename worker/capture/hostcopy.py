@@ -3,7 +3,8 @@
 On CUDA a block is copied into a reusable pinned host buffer on a side stream
 (``non_blocking``); the caller gets the numpy view at once, plus ``ready`` (waits for the copy's
 event) and ``release`` (gives the buffer back) for the writer thread that encodes it.
-The buffers are spans of one page-locked ring per process (``max_pinned_bytes``, allocated once):
+The buffers are spans of one page-locked ring per process (``max_pinned_bytes``, allocated once,
+in shared memory where it can be: the chunk writer's encoder processes read the copies there):
 when the ring is full of blocks queued for writing, the next copy waits — backpressure from
 storage to the GPU, with host memory bounded by the ring, not by the sequence length. Small
 blocks (decode steps) are copied synchronously. On the CPU the tensor's own memory is handed over
@@ -22,11 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.bundle import sharedarena
+
 DEFAULT_MAX_PINNED_BYTES = 1 << 30
 # decode steps' blocks (one row: a few KiB) are copied synchronously, not worth a pinned span; a
 # prefill's blocks, however short the sequence, asynchronously (a synchronous copy waits for the
 # whole device queue: one per short sequence and layer held a bulk job's forward thread)
 SYNC_COPY_BELOW_BYTES = 64 << 10
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
 
 @dataclass
@@ -139,6 +143,22 @@ def read_to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _pinned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory: shared memory registered with CUDA where the
+    system makes it (storage/bundle/sharedarena.py: the writer's encoder processes read the
+    copies there without a copy of their own), else CUDA's own page-locked allocation."""
+    if sharedarena.available():
+        try:
+            arena = sharedarena.SharedArena(nbytes)
+        except OSError:
+            arena = None
+        if arena is not None:
+            tensor = torch.frombuffer(arena.array, dtype=torch.uint8)
+            if (
+                int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE))
+                == 0
+            ):
+                return tensor  # the arena stays open (registered) for the process's life
+            arena.close()
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
