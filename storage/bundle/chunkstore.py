@@ -81,8 +81,13 @@ class LocalFiles:
             os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
         tmp = os.path.join(parent, f".{name}.{self._token}{next(self._count):x}{_PARTIAL}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                fd = os.open(tmp, flags, 0o666)
+            except FileNotFoundError:  # its directory was removed since (an array created anew)
+                os.makedirs(parent, exist_ok=True)
+                fd = os.open(tmp, flags, 0o666)
             try:
                 _write_all(fd, data)
             finally:

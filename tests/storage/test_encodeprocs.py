@@ -319,3 +319,21 @@ def test_another_process_reads_an_arena_slice(arena: SharedArena) -> None:
         [sys.executable, "-c", script], input=pickle.dumps(place), capture_output=True, check=True, cwd=root
     )
     assert out.stdout.decode().strip() == str((np.arange(16) * 7)[::3].tolist())
+
+
+def test_an_encoder_process_writes_into_an_array_directory_removed_since_its_last_write(
+    arena: SharedArena, tmp_path: Path
+) -> None:
+    """An encoder process keeps a root's directories known between tasks; a bundle written anew at
+    the same place (an array created again, a benchmark's warm-up bundle) removed them."""
+    import shutil
+
+    data = _block(arena)
+    url = str(tmp_path / "again.zarr")
+    for attempt in range(2):
+        store = CountingStore(url)
+        encoder = _array(store, "lz4")
+        shutil.rmtree(Path(url) / "q" / "c", ignore_errors=True)
+        _write(store, encoder, data)
+        assert len(store.elsewhere) == HEADS * 2, attempt
+        assert len(_files(Path(url))) == HEADS * 2

@@ -112,6 +112,7 @@ def test_cuda_copies_land_in_shared_page_locked_memory_the_encoder_processes_rea
     (the copy is asynchronous), lies in the arena, and a chunk pipeline's encoder processes store
     exactly its values."""
     import zarr
+    from zarr.codecs import BloscCodec
 
     from storage.bundle.chunkstore import ChunkStore
     from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline
@@ -125,7 +126,10 @@ def test_cuda_copies_land_in_shared_page_locked_memory_the_encoder_processes_rea
     records: list[ChunkRecord] = []
     store = ChunkStore(str(tmp_path / "b.zarr"), on_stored=records.append)
     group = zarr.open_group(store.zarr(), mode="w", zarr_format=3)
-    array = group.create_array("q", shape=(4, 128, 64), chunks=(1, 128, 64), dtype="float16", fill_value=0)
+    blosc = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
+    array = group.create_array(
+        "q", shape=(4, 128, 64), chunks=(1, 128, 64), dtype="float16", fill_value=0, compressors=blosc
+    )
     pipeline = ChunkPipeline(store.put, threads=2, sink=store, processes=True)
     regions: list[tuple[tuple[int, ...], Callable[[], np.ndarray]]] = [
         ((h, 0, 0), functools.partial(block.array.__getitem__, h)) for h in range(4)
