@@ -16,6 +16,7 @@ tasks it held (each with an error naming its exit status) and is started again f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -25,11 +26,16 @@ from functools import cache
 from pathlib import Path
 from typing import IO
 
-from storage.bundle.encodeworker import EncodeTask, TaskResult, read_frame, send_frame
+from storage.bundle.encodeworker import ChunkJob, EncodeTask, TaskResult, read_frame, send_frame
+from storage.bundle.pipeline import ChunkSpec
+from storage.bundle.sharedarena import ArenaRef, ArenaSlice
 
 __all__ = ["EncoderProcessDied", "EncoderProcesses", "encoder_processes"]
 
 TaskDone = Callable[[TaskResult | BaseException], None]
+PROBE_TIMEOUT_S = 60.0  # a process's start (imports) and one task
+
+log = logging.getLogger(__name__)
 
 
 class EncoderProcessDied(RuntimeError):
@@ -136,6 +142,8 @@ class EncoderProcesses:
         self._lock = threading.Lock()
         self._children: list[_Child | None] = [None] * processes
         self._next_id = 0
+        self._reads: dict[str, bool] = {}  # arena token -> whether a process read it
+        self._probe_lock = threading.Lock()
 
     def start(self) -> None:
         """Start every process now (a worker does it when it loads a model, not in a job)."""
@@ -164,6 +172,39 @@ class EncoderProcesses:
             if child.send(task, done):
                 return
         done(EncoderProcessDied(f"chunk encoder process {child.name} could not be started"))
+
+    def reads(self, arena: ArenaRef) -> bool:
+        """Whether an encoder process can read ``arena`` (asked once an arena: a process opens it
+        through ``/proc/<pid>/fd``, which a hardened ``/proc`` or a sandbox may refuse; the chunk
+        pipeline then keeps its threads for it, with a warning). Threads asking at once wait for
+        the one that asks."""
+        with self._probe_lock:
+            known = self._reads.get(arena.token)
+            if known is None:
+                known = self._reads[arena.token] = self._probe(arena)
+            return known
+
+    def _probe(self, arena: ArenaRef) -> bool:
+        place = ArenaSlice(arena, 0, (1,), (1,), "|u1")
+        job = ChunkJob("probe/c/0", ChunkSpec((1,), "|u1", 0, None), place)
+        answers: list[TaskResult | BaseException] = []
+        answered = threading.Event()
+
+        def done(answer: TaskResult | BaseException) -> None:
+            answers.append(answer)
+            answered.set()
+
+        self.submit(EncodeTask(self.task_id(), None, "crc32c", [job]), done)
+        why = f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+        if answered.wait(PROBE_TIMEOUT_S):
+            answer = answers[0]
+            error = answer if isinstance(answer, BaseException) else answer.chunks[0].error
+            why = "" if error is None else f"{type(error).__name__}: {error}"
+        if why:
+            log.warning(
+                "chunk encoder processes cannot read the shared host buffer (%s): encoding in threads", why
+            )
+        return not why
 
     def held_chunks(self) -> int:
         """The chunks of the tasks sent and not yet answered."""

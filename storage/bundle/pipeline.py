@@ -473,7 +473,7 @@ class ChunkPipeline:
                 rest.append(chunk)
                 continue
             place = locate(values)
-            if place is None or self._sink.keeps(key):
+            if place is None or self._sink.keeps(key) or not self._procs.reads(place.arena):
                 rest.append(chunk)
                 continue
             jobs.append(ChunkJob(key, chunk.encoder.spec, place))

@@ -33,7 +33,7 @@ from storage.bundle.encodeworker import ChunkJob, EncodeTask, TaskResult
 from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline
 from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
-from storage.bundle.sharedarena import SharedArena, available, locate
+from storage.bundle.sharedarena import ArenaSlice, SharedArena, available, locate
 from storage.errors import StoreNotWritable
 from tests.faults import Tmpfs
 
@@ -230,6 +230,7 @@ def test_a_pipeline_whose_encoder_process_dies_raises_and_records_none_of_its_ch
     store = CountingStore(str(tmp_path / "died.zarr"))
     encoder = _array(store, "lz4")
     pool = encoder_processes(3)  # the pool of a 3-thread pipeline
+    assert pool.reads(arena.ref)  # asked before its processes stop (the probe is a task too)
     pids = _stopped_children(pool)
     try:
         pipeline = ChunkPipeline(store.put, threads=3, sink=store, processes=True)
@@ -337,3 +338,34 @@ def test_an_encoder_process_writes_into_an_array_directory_removed_since_its_las
         _write(store, encoder, data)
         assert len(store.elsewhere) == HEADS * 2, attempt
         assert len(_files(Path(url))) == HEADS * 2
+
+
+def test_where_the_processes_cannot_read_the_arena_the_threads_encode_with_a_warning(
+    arena: SharedArena, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An arena the encoder processes cannot open (here: a descriptor the process never had, as a
+    hardened /proc would refuse a real one) is asked about once; its chunks are then encoded by
+    the threads, and stored and recorded as ever."""
+    import dataclasses
+
+    import storage.bundle.pipeline as pipeline_module
+
+    data = _block(arena)
+    unreadable = dataclasses.replace(arena.ref, fd=10**6, token="unreadable-" + arena.ref.token)
+
+    def elsewhere(view: np.ndarray) -> ArenaSlice | None:
+        place = locate(view)
+        return None if place is None else dataclasses.replace(place, arena=unreadable)
+
+    monkeypatch.setattr(pipeline_module, "locate", elsewhere)
+    store = CountingStore(str(tmp_path / "fallback.zarr"))
+    encoder = _array(store, "lz4")
+    with caplog.at_level("WARNING", logger="storage.bundle.encodeprocs"):
+        _write(store, encoder, data)
+    assert store.elsewhere == [] and len([k for k in store.put_keys if "/c/" in k]) == HEADS * 2
+    assert len(store.records) == HEADS * 2
+    warnings = [
+        r.getMessage() for r in caplog.records if "cannot read the shared host buffer" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "FileNotFoundError" in warnings[0]
+    assert encoder_processes(2).reads(unreadable) is False  # remembered: not asked again
