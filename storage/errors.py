@@ -106,6 +106,14 @@ class StoreNotWritable(StoreError):
     problem_type = "store-not-writable"
 
 
+class EncoderProcessDied(QkvaultError, RuntimeError):
+    """A chunk encoder process (storage/bundle/encodeprocs.py) ended while it held chunks (killed,
+    out of memory): they were not stored. ``detail``: its ``pid`` and exit ``status``. Transient
+    for the job: it is queued again while attempts are left, and resumes by chunk."""
+
+    problem_type = "encoder-process-died"
+
+
 class IndexUnavailable(QkvaultError, RuntimeError):
     """The index database kept failing with transient errors (locked, busy, connection lost,
     read-only after a fault, a PostgreSQL restart or failover) for longer than the retry budget.

@@ -22,6 +22,7 @@ from typing import Any
 from storage.bundle.resume import ResumeSet
 from storage.bundle.writer import BundleWriter
 from storage.errors import (
+    EncoderProcessDied,
     IndexUnavailable,
     JobCancelled,
     LeaseLost,
@@ -41,7 +42,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 # Failures a later attempt may not meet: the job is given back while attempts are left
-GIVEN_BACK: tuple[type[Exception], ...] = (StoreUnavailable, StoreNotWritable)
+GIVEN_BACK: tuple[type[Exception], ...] = (StoreUnavailable, StoreNotWritable, EncoderProcessDied)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -255,9 +256,10 @@ def _flush_quietly(reporter: JobReporter) -> None:
 
 
 def _failed(job: JobRecord, exc: Exception, index: Index, worker_id: str) -> JobState:
-    """A failed attempt. A store outage or a store an operator must fix (:data:`GIVEN_BACK`) with
-    attempts left gives the job back: ``queued``, its problem document in the job's ``error`` with
-    ``"retrying": true`` until the job ends. Anything else, or the last attempt: ``failed``."""
+    """A failed attempt. A store outage, a store an operator must fix or a chunk encoder process
+    that died (:data:`GIVEN_BACK`) with attempts left gives the job back: ``queued``, its problem
+    document in the job's ``error`` with ``"retrying": true`` until the job ends. Anything else, or
+    the last attempt: ``failed``."""
     problem = {**_failure(exc), "attempts": job.attempts, "max_attempts": job.max_attempts}
     if isinstance(exc, GIVEN_BACK) and job.attempts < job.max_attempts:
         log.warning(

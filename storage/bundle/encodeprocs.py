@@ -29,6 +29,7 @@ from typing import IO
 from storage.bundle.encodeworker import ChunkJob, EncodeTask, TaskResult, read_frame, send_frame
 from storage.bundle.pipeline import ChunkSpec
 from storage.bundle.sharedarena import ArenaRef, ArenaSlice
+from storage.errors import EncoderProcessDied
 
 __all__ = ["EncoderProcessDied", "EncoderProcesses", "encoder_processes"]
 
@@ -36,10 +37,6 @@ TaskDone = Callable[[TaskResult | BaseException], None]
 PROBE_TIMEOUT_S = 60.0  # a process's start (imports) and one task
 
 log = logging.getLogger(__name__)
-
-
-class EncoderProcessDied(RuntimeError):
-    """An encoder process ended while it held tasks (killed, out of memory)."""
 
 
 def _project_root() -> str:
@@ -118,7 +115,8 @@ class _Child:
         status = self.process.wait()
         error = EncoderProcessDied(
             f"chunk encoder process {self.name} (pid {self.process.pid}) {why} (exit status {status}) "
-            f"holding {len(held)} tasks; their chunks were not stored"
+            f"holding {len(held)} tasks; their chunks were not stored",
+            detail={"pid": self.process.pid, "status": status},
         )
         for _, done in held:
             done(error)
@@ -171,7 +169,7 @@ class EncoderProcesses:
                 child = min(children, key=lambda c: c.chunks)
             if child.send(task, done):
                 return
-        done(EncoderProcessDied(f"chunk encoder process {child.name} could not be started"))
+        done(EncoderProcessDied(f"chunk encoder process {child.name} ended as soon as it started"))
 
     def reads(self, arena: ArenaRef) -> bool:
         """Whether an encoder process can read ``arena`` (asked once an arena: a process opens it

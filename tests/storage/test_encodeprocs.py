@@ -28,13 +28,13 @@ from zarr.codecs import BloscCodec
 
 from storage.bundle.checksum import checksum
 from storage.bundle.chunkstore import ChunkStore
-from storage.bundle.encodeprocs import EncoderProcessDied, EncoderProcesses, encoder_processes
+from storage.bundle.encodeprocs import EncoderProcesses, encoder_processes
 from storage.bundle.encodeworker import ChunkJob, EncodeTask, TaskResult
 from storage.bundle.pipeline import ChunkEncoder, ChunkPipeline
 from storage.bundle.records import ChunkRecord
 from storage.bundle.resume import ResumeSet
 from storage.bundle.sharedarena import ArenaSlice, SharedArena, available, locate
-from storage.errors import StoreNotWritable
+from storage.errors import EncoderProcessDied, StoreNotWritable
 from tests.faults import Tmpfs
 
 pytestmark = pytest.mark.skipif(not available(), reason="shared arenas need Linux (memfd_create, /proc)")

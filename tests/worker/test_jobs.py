@@ -10,7 +10,7 @@ import pytest
 
 from storage.bundle import open_bundle
 from storage.bundle.checksum import matches
-from storage.errors import JobCancelled
+from storage.errors import EncoderProcessDied, JobCancelled
 from storage.index import Index, JobState
 from storage.stores.objectstore import ObjectStore
 from worker.jobs import run_job
@@ -110,6 +110,55 @@ def test_succeeded_job_records_every_stored_chunk(env: dict[str, Any], tiny_mode
     # A redelivered message for a finished job does nothing.
     assert _run(env, job_id) is None
     assert env["index"].get_job(job_id).attempts == 1
+
+
+def test_a_chunk_encoder_process_that_died_gives_the_job_back_and_the_next_attempt_resumes(
+    env: dict[str, Any], tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the chunks are encoded by encoder processes (storage/bundle/encodeprocs.py); one
+    that dies mid-job fails the writes it held with ``EncoderProcessDied`` (tests/storage/
+    test_encodeprocs.py). Raised here where the pipeline raises it, after some row blocks were
+    written: the attempt gives the job back, and the next one resumes and completes it."""
+    from storage.bundle.writer import BundleWriter
+
+    spec = {
+        "model": {"id": str(tiny_model_dir("llama"))},
+        "prompts": ["hello there, world", "x"],
+        "capture": {"qkv": True},
+        "storage": {"chunk_rows": 16},
+    }
+    job_id = _submit(env, spec)
+    calls = {"n": 0}
+    write_row_blocks = BundleWriter.write_row_blocks
+
+    def dies_on_the_third(self: BundleWriter, blocks: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self.wait()  # what the first two handed over is stored and recorded
+            raise EncoderProcessDied(
+                "chunk encoder process encoder-0 (pid 4242) ended (exit status -9) holding 1 tasks; "
+                "their chunks were not stored",
+                detail={"pid": 4242, "status": -9},
+            )
+        write_row_blocks(self, blocks)
+
+    monkeypatch.setattr(BundleWriter, "write_row_blocks", dies_on_the_third)
+    assert _run(env, job_id) is JobState.QUEUED
+    job = env["index"].get_job(job_id)
+    error = job.public_fields()["error"]
+    assert (job.state, job.attempts, job.lease_worker) == (JobState.QUEUED, 1, None)
+    assert error["type"] == "encoder-process-died" and error["retrying"] is True
+    assert error["extra"] == {"pid": 4242, "status": -9} and (error["attempts"], error["max_attempts"]) == (
+        1,
+        3,
+    )
+    recorded = job.chunks_written
+    assert recorded > 0
+    monkeypatch.setattr(BundleWriter, "write_row_blocks", write_row_blocks)
+    assert _run(env, job_id) is JobState.SUCCEEDED
+    job = env["index"].get_job(job_id)
+    assert job.attempts == 2 and job.error is None
+    assert job.result["resume"]["chunks_recorded"] == recorded
 
 
 def test_bad_model_fails_with_readable_error(env: dict[str, Any], tmp_path: Path) -> None:
