@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -316,6 +316,20 @@ class Tmpfs:
     def __init__(self, path: Path, size_bytes: int) -> None:
         self.path = Path(path)
         self.size_bytes = size_bytes
+
+    @classmethod
+    @contextlib.contextmanager
+    def mounted_or_skip(cls, tmp_path_factory: Any, size_bytes: int) -> Iterator[Tmpfs]:
+        """A module fixture's disk: a tmpfs of ``size_bytes`` under a new temporary directory, or
+        the test skipped with the reason it cannot be mounted here."""
+        import pytest
+
+        root = tmp_path_factory.mktemp("tmpfs")
+        reason = cls.unavailable(root / "probe")
+        if reason is not None:
+            pytest.skip(f"needs a tmpfs: {reason}")
+        with cls(root / "disk", size_bytes) as disk:
+            yield disk
 
     @staticmethod
     def unavailable(probe_dir: Path) -> str | None:

@@ -100,6 +100,11 @@ def _array(store: ChunkStore, compression: str) -> ChunkEncoder:
     return ChunkEncoder.for_array(array)
 
 
+def _q(arena: SharedArena, store: ChunkStore, compression: str = "lz4") -> tuple[np.ndarray, ChunkEncoder]:
+    """A q block in the arena (:func:`_block`) and the encoder of its array in ``store``."""
+    return _block(arena), _array(store, compression)
+
+
 def _block(arena: SharedArena) -> np.ndarray:
     """[rows, heads, dim] in the arena, as a layer's q comes off the device (the chunks are
     strided views of it)."""
@@ -156,9 +161,8 @@ def test_processes_store_the_bytes_and_records_the_threads_store(
 def test_where_the_bundle_is_not_local_the_bytes_come_back_to_be_stored_here(
     arena: SharedArena, tmp_path: Path
 ) -> None:
-    data = _block(arena)
     store = NotLocal(str(tmp_path / "remote.zarr"))
-    encoder = _array(store, "lz4")
+    data, encoder = _q(arena, store)
     _write(store, encoder, data)
     chunk_keys = sorted(k for k in store.put_keys if "/c/" in k)
     assert store.elsewhere == [] and len(chunk_keys) == HEADS * 2
@@ -197,9 +201,8 @@ def _stopped_children(pool: EncoderProcesses) -> list[int]:
 def test_a_killed_encoder_process_fails_its_tasks_and_the_next_task_gets_a_new_one(
     arena: SharedArena, tmp_path: Path
 ) -> None:
-    data = _block(arena)
     store = CountingStore(str(tmp_path / "killed.zarr"))
-    encoder = _array(store, "lz4")
+    data, encoder = _q(arena, store)
     pool = EncoderProcesses(1)
     try:
         [pid] = _stopped_children(pool)  # it holds the task for sure: stopped before it reads it
@@ -226,9 +229,8 @@ def test_a_killed_encoder_process_fails_its_tasks_and_the_next_task_gets_a_new_o
 def test_a_pipeline_whose_encoder_process_dies_raises_and_records_none_of_its_chunks(
     arena: SharedArena, tmp_path: Path
 ) -> None:
-    data = _block(arena)
     store = CountingStore(str(tmp_path / "died.zarr"))
-    encoder = _array(store, "lz4")
+    data, encoder = _q(arena, store)
     pool = encoder_processes(3)  # the pool of a 3-thread pipeline
     assert pool.reads(arena.ref)  # asked before its processes stop (the probe is a task too)
     pids = _stopped_children(pool)
@@ -264,21 +266,16 @@ def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
 
 @pytest.fixture(scope="module")
 def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tmpfs]:
-    root = tmp_path_factory.mktemp("tmpfs")
-    reason = Tmpfs.unavailable(root / "probe")
-    if reason is not None:
-        pytest.skip(f"needs a tmpfs: {reason}")
-    with Tmpfs(root / "disk", 4 << 20) as disk:
+    with Tmpfs.mounted_or_skip(tmp_path_factory, 4 << 20) as disk:
         yield disk
 
 
 def test_a_full_disk_under_an_encoder_process_is_store_not_writable(
     arena: SharedArena, mounted: Tmpfs
 ) -> None:
-    data = _block(arena)
     url = str(mounted.path / "full.zarr")
     store = CountingStore(url)
-    encoder = _array(store, "none")  # incompressible: every chunk needs its 4 KiB
+    data, encoder = _q(arena, store, "none")  # incompressible: every chunk needs its 4 KiB
     mounted.fill(leave_bytes=0)
     try:
         with pytest.raises(StoreNotWritable) as raised:

@@ -52,11 +52,7 @@ def _layout() -> BundleLayout:
 
 @pytest.fixture(scope="module")
 def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tmpfs]:
-    root = tmp_path_factory.mktemp("tmpfs")
-    reason = Tmpfs.unavailable(root / "probe")
-    if reason is not None:
-        pytest.skip(f"needs a tmpfs: {reason}")
-    with Tmpfs(root / "disk", 4 << 20) as disk:
+    with Tmpfs.mounted_or_skip(tmp_path_factory, 4 << 20) as disk:
         yield disk
 
 

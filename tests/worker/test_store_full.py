@@ -54,11 +54,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tmpfs]:
-    root = tmp_path_factory.mktemp("store-disk")
-    reason = Tmpfs.unavailable(root / "probe")
-    if reason is not None:
-        pytest.skip(f"needs a tmpfs store disk: {reason}")
-    with Tmpfs(root / "disk", DISK_BYTES) as mounted:
+    with Tmpfs.mounted_or_skip(tmp_path_factory, DISK_BYTES) as mounted:
         yield mounted
 
 
