@@ -44,6 +44,14 @@ def _project_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
+def _answer(done: TaskDone, answer: TaskResult | BaseException) -> None:
+    """``done(answer)``, on a reader thread that must go on reading whatever ``done`` raises."""
+    try:
+        done(answer)
+    except Exception:
+        log.exception("a chunk encoder task's answer could not be handed over")
+
+
 class _Child:
     """One encoder process, a thread reading its answers and the tasks it holds."""
 
@@ -105,21 +113,21 @@ class _Child:
             with self._lock:
                 chunks, done = self._tasks.pop(result.task_id)
                 self.chunks -= chunks
-            done(result)
+            _answer(done, result)
         with self._lock:
             self.alive = False
             held, self._tasks = list(self._tasks.values()), {}
             self.chunks = 0
+        status = self.process.wait()
         if not held:
             return
-        status = self.process.wait()
         error = EncoderProcessDied(
             f"chunk encoder process {self.name} (pid {self.process.pid}) {why} (exit status {status}) "
             f"holding {len(held)} tasks; their chunks were not stored",
             detail={"pid": self.process.pid, "status": status},
         )
         for _, done in held:
-            done(error)
+            _answer(done, error)
 
     def close(self) -> None:
         """Close its input (it exits) and wait for it."""
