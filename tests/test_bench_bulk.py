@@ -76,9 +76,10 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
         assert timings["micro_batches_pinned_wait"] == 0.0, name  # no pinned ring on the CPU
         assert timings["micro_batches_copy_wait"] == 0.0, name  # nor copies to wait for
         assert timings["micro_batches_finish_wait"] == 0.0, name  # nor a device queue for the drains
-        for phase in ("setup", "passes_setup", "finish_host"):  # the forward thread's work around the passes
+        for phase in ("setup", "passes_setup"):  # the forward thread's work around the passes
             assert timings[f"micro_batches_{phase}"] > 0, (name, phase)
-        assert timings["micro_batches_passes_end"] >= 0, name  # rounded to milliseconds
+        for phase in ("finish_host", "passes_end"):  # rounded to milliseconds: under 0.5 ms on the tiny model
+            assert timings[f"micro_batches_{phase}"] >= 0, (name, phase)
     # the chunk writers of the modes that stream row blocks: their thread-seconds and bytes
     row = r"^\| ([a-z ]+) \| ([\d,]+) \|(?: \d+\.\d+ \|){4} [\d.]+ / [\d.]+ \|$"
     writers = re.findall(row, printed, re.MULTILINE)
