@@ -216,7 +216,10 @@ def kill_scenario(
                 wait_until(find, deadline - time.monotonic(), poll_s=0.02)
                 kill_group(proc)
             if not due:
-                log(f"kill {n + 1}: no job left to kill at {point}; every job ended")
+                ended = [index.get_job(j) for j in specs]
+                seen = ", ".join(f"{j.id[:8]} {j.state.value} after {j.attempts} attempts" for j in ended)
+                why = f"{seen}; leases of killed workers: {sorted(dead)}"
+                log(f"kill {n + 1}: no job left to kill at {point}; every job ended ({why})")
                 break
             job = due[0]
             dead.add(str(job.lease_worker))
