@@ -37,7 +37,7 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec
 
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum
-from storage.bundle.sharedarena import locate
+from storage.bundle.sharedarena import any_open, locate
 
 if TYPE_CHECKING:
     from storage.bundle.encodeprocs import EncoderProcesses
@@ -403,7 +403,7 @@ class ChunkPipeline:
         """Encode (and queue the store of) each of ``chunks``; the first error is raised after
         every other chunk was tried. With encoder processes, those whose data they can read are
         sent to one of them first (:meth:`_send_to_process`)."""
-        if self._procs is not None:
+        if self._procs is not None and any_open():  # no arena: every chunk stays here
             chunks = self._send_to_process(chunks)
         error: BaseException | None = None
         for chunk in chunks:

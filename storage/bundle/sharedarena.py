@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ArenaRef", "ArenaSlice", "SharedArena", "available", "locate", "open_slice"]
+__all__ = ["ArenaRef", "ArenaSlice", "SharedArena", "any_open", "available", "locate", "open_slice"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,12 @@ class SharedArena:
 
 _OPEN: list[SharedArena] = []
 _OPEN_LOCK = threading.Lock()
+
+
+def any_open() -> bool:
+    """Whether this process has an open arena (else :func:`locate` finds nothing)."""
+    with _OPEN_LOCK:
+        return bool(_OPEN)
 
 
 def locate(view: np.ndarray) -> ArenaSlice | None:
