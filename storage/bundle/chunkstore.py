@@ -48,7 +48,7 @@ from zarr.storage import LocalStore, WrapperStore
 from storage.bundle.checksum import DEFAULT_CHECKSUM, ChecksumAlgorithm, checksum, matches
 from storage.bundle.records import ChunkRecord, parse_chunk_key
 from storage.bundle.resume import ResumeSet
-from storage.stores.objectstore import StoreRetry, store_errors, zarr_store
+from storage.stores.objectstore import StoreRetry, not_writable, store_errors, zarr_store
 
 __all__ = ["ChunkStore"]
 
@@ -246,12 +246,11 @@ class ChunkStore:
     def write_error(self, key: str, error: BaseException) -> BaseException:
         """``error`` of another process's write of ``key`` as :meth:`put` would raise it (an error
         an operator can fix: :class:`~storage.errors.StoreNotWritable`)."""
-        try:
-            with store_errors(self.url, f"write {key}"):
-                raise error
-        except BaseException as raised:
-            return raised
-        raise AssertionError("unreachable")  # pragma: no cover
+        fixable = not_writable(error, self.url, f"write {key}")
+        if fixable is None:
+            return error
+        fixable.__cause__ = error  # as store_errors raises it
+        return fixable
 
     def _document_written(self, key: str, data: bytes | None) -> None:
         if self._documents is None or not key.endswith(ZARR_JSON):
