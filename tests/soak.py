@@ -44,15 +44,26 @@ KILL_POINTS: tuple[tuple[str | None, float], ...] = (
     ("prefill", 0.0),
     (None, 0.2),
 )
+# decoding steps of a kill scenario's job: long enough that the poll (every 20 ms, progress written
+# every 100 ms) sees each kill point on a fast machine too; with 32 steps a job's whole decode fit
+# between two progress writes there, and every job ended before the kills were done. The tiny
+# models hold 256 positions and the longer prompt is 103 tokens.
+KILL_JOB_NEW_TOKENS = 128
 LEASE_TIMEOUT_S = 3.0  # the reconciler requeues a killed job about this long after its last beat
 
 
-def job_spec(model_dir: Path, n: int) -> dict[str, Any]:
-    """Job ``n`` of the soak: greedy or seeded sampling, attention, q/k/v, token alternatives."""
+def job_spec(model_dir: Path, n: int, new_tokens: int = 32) -> dict[str, Any]:
+    """Job ``n`` of the soak: greedy or seeded sampling, attention, q/k/v, token alternatives;
+    ``new_tokens`` decoding steps (the job's length: one forward-pass unit per sequence and step)."""
     return {
         "model": {"id": str(model_dir)},
         "prompts": [f"job {n}: the quick brown fox jumps over the lazy dog " * 2, f"prompt two of job {n}"],
-        "generation": {"max_new_tokens": 32, "do_sample": n % 2 == 1, "seed": n, "stop_at_eos": False},
+        "generation": {
+            "max_new_tokens": new_tokens,
+            "do_sample": n % 2 == 1,
+            "seed": n,
+            "stop_at_eos": False,
+        },
         "capture": {"qkv": True, "alternatives": True},
         "storage": {"chunk_rows": 16},
     }
@@ -180,7 +191,7 @@ def kill_scenario(
 ) -> KillReport:
     started = time.monotonic()
     report = KillReport(jobs=jobs)
-    specs = {str(uuid.uuid4()): job_spec(model_dir, n) for n in range(jobs)}
+    specs = {str(uuid.uuid4()): job_spec(model_dir, n, KILL_JOB_NEW_TOKENS) for n in range(jobs)}
     reference = _reference(workdir / "reference", specs, model_cache)
     log(f"reference: {jobs} jobs run uninterrupted in {time.monotonic() - started:.0f} s")
     settings = WorkerSettings(

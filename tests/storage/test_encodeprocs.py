@@ -366,3 +366,21 @@ def test_where_the_processes_cannot_read_the_arena_the_threads_encode_with_a_war
     ]
     assert len(warnings) == 1 and "FileNotFoundError" in warnings[0]
     assert encoder_processes(2).reads(unreadable) is False  # remembered: not asked again
+
+
+def test_an_encoder_process_loads_neither_the_bundle_readers_nor_pandas() -> None:
+    """Each process holds only what encoding needs (numpy, numcodecs, zarr): storage.bundle names
+    its readers lazily, so xarray and pandas stay out (≈ 50 MB resident instead of ≈ 130 MB)."""
+    code = "import sys, storage.bundle.encodeworker; print(sorted({'xarray', 'pandas'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_the_bundle_readers_are_named_by_storage_bundle_when_first_used() -> None:
+    import storage.bundle as bundle
+    from storage.bundle.attention import Bundle
+    from storage.bundle.reader import open_bundle, open_summary
+
+    assert (bundle.Bundle, bundle.open_bundle, bundle.open_summary) == (Bundle, open_bundle, open_summary)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = bundle.nothing  # type: ignore[attr-defined]

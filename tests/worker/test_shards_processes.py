@@ -61,7 +61,9 @@ def test_two_workers_share_a_job_and_a_sigkill_mid_shard_leaves_the_bundle_ident
     redis_url: str, tiny_model_dir: Any, tmp_path: Path
 ) -> None:
     model, cache = tiny_model_dir("llama"), model_cache_dir()
-    spec = bulk_spec(model, sequences=36)
+    # 16 decoding steps a micro-batch (bulk_spec's 3 take a few ms): the victim's shard must be seen
+    # between its two micro-batches, on a fast machine too
+    spec = {**bulk_spec(model, sequences=36), "generation": {"max_new_tokens": 16}}
     ref = WorkerSettings(
         database_url=f"sqlite:///{tmp_path}/ref.db", store_url=str(tmp_path / "ref"), model_cache_dir=cache
     )
