@@ -383,4 +383,4 @@ def test_the_bundle_readers_are_named_by_storage_bundle_when_first_used() -> Non
 
     assert (bundle.Bundle, bundle.open_bundle, bundle.open_summary) == (Bundle, open_bundle, open_summary)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        _ = bundle.nothing  # type: ignore[attr-defined]
+        _ = bundle.nothing
