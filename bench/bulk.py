@@ -521,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_compression(p)
     add_writer_threads(p)
+    p.add_argument(
+        "--metrics-stream",
+        choices=("current", "side"),
+        default="current",
+        help="summary mode on CUDA: the metrics' kernels on the model's stream (default, a worker's) or "
+        "on a side stream beside it (QKVAULT_METRICS_SIDE_STREAM)",
+    )
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
@@ -554,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     # the model, with a prompt of the longest length (so the positions are checked)
     bm = prepare(name, device=device, dtype=args.dtype, tokens=max_tokens + args.new_tokens, **options)
     lm, count = bm.lm, bm.lm.facts.num_layers
+    lm.side_streams = args.metrics_stream == "side"
     attention_layers = args.attention_layers or sorted({round(i * (count - 1) / 3) for i in range(4)})
     ids = text_prompts(lm.tokenizer, n, args.min_tokens, max_tokens, args.seed)
     work = workload(ids, args.new_tokens, args.token_budget, args.max_sequences)
@@ -578,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"chunk writer: {run['encode_threads']} encoder threads (encoding in {args.encoder}), "
-        f"{run['io_threads']} store threads, codec {args.compression}"
+        f"{run['io_threads']} store threads, codec {args.compression}; metrics on the "
+        f"{args.metrics_stream} stream"
     )
     item = 2 if args.qkv_dtype == "float16" else 4
     need = _estimate_bytes(lm, work, len(args.layers or range(count)), len(attention_layers), item)

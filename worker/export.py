@@ -167,6 +167,7 @@ class Exporter:
                 self.layout.batch,
                 len(self.layout.heads),
                 self.capture.summary_params,
+                side_stream=lm.side_streams,
             )
         self.kv: KVExport | None = None
         if spec.kv_compression:

@@ -63,6 +63,8 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
     # how the weights were placed and stored (bundle attrs "model.placement"; :func:`placement_facts`)
     placement: dict[str, Any] = field(default_factory=dict)
+    # the capture's per-head metrics on a side stream beside the model's (QKVAULT_METRICS_SIDE_STREAM)
+    side_streams: bool = False
 
 
 def pick_device(setting: str) -> torch.device:
@@ -386,14 +388,21 @@ class ModelCache:
     """One loaded model per worker process (GPU memory holds one); reused across jobs.
 
     ``roots``: the model roots a job's absolute path must lie under (the worker's task passes
-    ``WorkerSettings.model_root_dirs()``); ``None``: not checked (tests that load models they made)."""
+    ``WorkerSettings.model_root_dirs()``); ``None``: not checked (tests that load models they made).
+    ``side_streams``: each model's :attr:`LoadedModel.side_streams`."""
 
     def __init__(
-        self, cache_dir: Path, device_setting: str = "auto", roots: Sequence[Path] | None = None
+        self,
+        cache_dir: Path,
+        device_setting: str = "auto",
+        roots: Sequence[Path] | None = None,
+        *,
+        side_streams: bool = False,
     ) -> None:
         self.cache_dir = cache_dir
         self.device_setting = device_setting
         self.roots = None if roots is None else tuple(roots)
+        self.side_streams = side_streams
         self._lock = threading.Lock()
         self._key: tuple[str, ...] | None = None
         self._loaded: LoadedModel | None = None
@@ -417,6 +426,7 @@ class ModelCache:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir, roots=self.roots)
+                self._loaded.side_streams = self.side_streams
                 self._key = key
                 if device.type == "cuda":  # the device-to-host ring, page-locked once per process
                     from worker.capture.hostcopy import pinned_ring

@@ -37,7 +37,10 @@ class WorkerState:
             )
             self._store = ObjectStore.from_settings(self.settings)
             self._models = ModelCache(
-                self.settings.model_cache_dir, self.settings.device, self.settings.model_root_dirs()
+                self.settings.model_cache_dir,
+                self.settings.device,
+                self.settings.model_root_dirs(),
+                side_streams=self.settings.metrics_side_stream,
             )
         return self._index, self._store, self._models
 
