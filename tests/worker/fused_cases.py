@@ -255,7 +255,8 @@ def test_metrics_on_a_side_stream_equal_those_on_the_model_s_stream(device: torc
     for on_side in (False, True):
         metrics = HeadMetricsAccumulator(len(layers), len(pads), heads, params, side_stream=on_side)
         for layer_pos, (q, k) in enumerate(layers):
-            query, key = q.to(device), k.to(device)
+            with torch.inference_mode():  # as the model makes them in a job
+                query, key = q.to(device), k.to(device)
             if device.type == "cuda" and on_side:
                 with torch.cuda.stream(side_stream(torch.cuda.current_device(), METRICS)):
                     torch.cuda._sleep(100_000_000)  # the block queued below waits behind this
