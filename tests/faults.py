@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -146,6 +146,11 @@ class FaultyProxy:
     ``ServiceUnavailable`` without forwarding; ``"down"`` closes each connection without an answer
     (the server disappeared); ``"denied"`` answers ``403 AccessDenied`` (a bucket policy that
     refuses the credentials). ``fail_puts_only`` limits faults to writes (PUT/POST/DELETE).
+
+    :meth:`schedule` sets the faults in the proxy itself instead, counted in requests: after a
+    number of forwarded writes, each phase's mode for so many requests, then ``"ok"``. A test that
+    sets ``mode`` from its own thread races the job (it may end before the fault comes); a
+    schedule puts the fault mid-job whatever the machine's speed.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -155,6 +160,8 @@ class FaultyProxy:
         self.fail_puts_only = False
         self.stats = ProxyStats()
         self._lock = threading.Lock()
+        self._writes_before_faults: int | None = None  # a schedule waiting for its writes
+        self._phases: list[tuple[str, int | None]] = []  # (mode, requests left; None: for good)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -178,10 +185,9 @@ class FaultyProxy:
             def _handle(self) -> None:
                 body = self._body()
                 method = self.command
-                faulty = proxy.mode != "ok" and (
-                    not proxy.fail_puts_only or method in ("PUT", "POST", "DELETE")
-                )
-                if faulty and proxy.mode == "down":
+                mode = proxy._mode_for(method)
+                faulty = mode != "ok"
+                if faulty and mode == "down":
                     with proxy._lock:
                         proxy.stats.dropped += 1
                     self.close_connection = True
@@ -189,7 +195,7 @@ class FaultyProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if faulty:
-                    denied = proxy.mode == "denied"
+                    denied = mode == "denied"
                     with proxy._lock:
                         proxy.stats.failed_5xx += not denied
                     code = b"AccessDenied" if denied else b"ServiceUnavailable"
@@ -230,6 +236,44 @@ class FaultyProxy:
         self._server.daemon_threads = True
         self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="faulty-proxy")
+
+    def schedule(self, after_writes: int, phases: Sequence[tuple[str, int | None]]) -> None:
+        """Once ``after_writes`` more writes (PUT/POST/DELETE) have been forwarded, answer in each
+        phase's mode (``"5xx"``, ``"down"``, ``"denied"``) for its number of requests (``None``:
+        for good), one phase after the other, then forward again."""
+        if after_writes < 1 or not phases:
+            raise ValueError("a schedule needs at least one write before its faults and one phase")
+        with self._lock:
+            self._writes_before_faults = after_writes
+            self._phases = list(phases)
+
+    def heal(self) -> None:
+        """Forward every request again: the schedule dropped, ``mode`` back to ``"ok"``."""
+        with self._lock:
+            self._writes_before_faults, self._phases = None, []
+            self.mode = "ok"
+
+    def _mode_for(self, method: str) -> str:
+        """How to answer one request: the schedule's phase once its writes are forwarded, else
+        ``mode``; ``fail_puts_only`` lets reads through either way (they count in no phase)."""
+        write = method in ("PUT", "POST", "DELETE")
+        if self.fail_puts_only and not write:
+            return "ok"
+        with self._lock:
+            if self._writes_before_faults is not None:
+                if self._writes_before_faults > 0:  # the schedule's writes first, then its faults
+                    self._writes_before_faults -= write
+                    return "ok"
+                self._writes_before_faults = None
+            if not self._phases:
+                return self.mode
+            mode, left = self._phases[0]
+            if left is not None:
+                if left <= 1:
+                    self._phases.pop(0)
+                else:
+                    self._phases[0] = (mode, left - 1)
+            return mode
 
     def __enter__(self) -> FaultyProxy:
         self._thread.start()
