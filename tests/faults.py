@@ -145,7 +145,7 @@ class FaultyProxy:
     ``mode``: ``"ok"`` forwards; ``"5xx"`` answers every request ``503 SlowDown``-free
     ``ServiceUnavailable`` without forwarding; ``"down"`` closes each connection without an answer
     (the server disappeared); ``"denied"`` answers ``403 AccessDenied`` (a bucket policy that
-    refuses the credentials). ``fail_puts_only`` limits faults to writes (PUT/POST/DELETE).
+    refuses the credentials).
 
     :meth:`schedule` sets the faults in the proxy itself instead, counted in requests: after a
     number of forwarded writes, each phase's mode for so many requests, then ``"ok"``. A test that
@@ -157,7 +157,6 @@ class FaultyProxy:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.mode = "ok"
-        self.fail_puts_only = False
         self.stats = ProxyStats()
         self._lock = threading.Lock()
         self._writes_before_faults: int | None = None  # a schedule waiting for its writes
@@ -255,10 +254,8 @@ class FaultyProxy:
 
     def _mode_for(self, method: str) -> str:
         """How to answer one request: the schedule's phase once its writes are forwarded, else
-        ``mode``; ``fail_puts_only`` lets reads through either way (they count in no phase)."""
+        ``mode``."""
         write = method in ("PUT", "POST", "DELETE")
-        if self.fail_puts_only and not write:
-            return "ok"
         with self._lock:
             if self._writes_before_faults is not None:
                 if self._writes_before_faults > 0:  # the schedule's writes first, then its faults

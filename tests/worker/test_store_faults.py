@@ -123,10 +123,6 @@ def _run_in_thread(env: dict[str, Any], job_id: str, retry_s: float) -> tuple[th
     return thread, outcome
 
 
-def _chunks_at_least(env: dict[str, Any], job_id: str, n: int) -> bool:
-    return env["index"].get_job(job_id).chunks_written >= n
-
-
 def _check_bundle(env: dict[str, Any], job_id: str, reference: dict[str, bytes]) -> None:
     job = env["index"].get_job(job_id)
     files = bundle_files(env["store"], job.store_url)
