@@ -341,6 +341,7 @@ def run_benchmark(
     with profiled(lm.device, profile_dir, PLAIN), GpuBusy(lm.device) as busy:
         results = {PLAIN: run_plain(lm, work, memory)}
     results[PLAIN].extra["gpu_busy_percent"] = busy.percent
+    _timed(results[PLAIN])
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
@@ -355,6 +356,7 @@ def run_benchmark(
         if done != {i: b.index for b in work.batches for i in b.sequences}:
             raise RuntimeError(f"{name}: the bulk job ran other micro-batches than the plan")
         results[name] = result
+        _timed(result)
         if name in RAW_OF:  # the same bytes at the store's own speed
             settle(lm.device)
             raw = run_raw_write(result.extra["file_sizes"], store, memory)
@@ -367,6 +369,11 @@ def run_benchmark(
     for result in results.values():
         result.extra.pop("file_sizes", None)
     return results
+
+
+def _timed(mode: BulkMode) -> None:
+    """One line on stderr as each timed mode ends: a run cut short still shows what it measured."""
+    print(f"timed {mode.mode}: {mode.seconds:.2f} s", file=sys.stderr, flush=True)
 
 
 def ratios(results: dict[str, BulkMode]) -> dict[str, dict[str, float | None]]:

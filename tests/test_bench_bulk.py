@@ -20,8 +20,12 @@ def test_bulk_bench_reports_every_mode(tmp_path: Path, capsys: pytest.CaptureFix
     argv = ["--device", "cpu", "--model", "tiny", "--prompts", "6", "--max-tokens", "64"]
     argv += ["--new-tokens", "2", "--token-budget", "160", "--max-sequences", "4"]
     assert main([*argv, "--store", str(store), "--json", str(out_json)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed.startswith("command: python -m bench.bulk --device cpu --model tiny")
+    # each timed mode's seconds on stderr as it ends (raw writes are not modes of the job)
+    timed = re.findall(r"^timed ([a-z ]+): \d+\.\d\d s$", captured.err, re.MULTILINE)
+    assert timed == [m for m in MODES if m not in (RAW, RAW_DERIVED)]
     assert re.search(r"^machine: .*; \d+ CPUs; torch ", printed, re.MULTILINE)
     rows = re.findall(r"^\| ([a-z ]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|", printed, re.MULTILINE)
     assert [r[0] for r in rows] == MODES
