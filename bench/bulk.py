@@ -576,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.metrics_stream or not set(args.metrics_stream) <= set(METRICS_STREAMS):
         print(
-            f"--metrics-stream: {','.join(args.metrics_stream)}; choose from current, side or both",
+            f"--metrics-stream: {','.join(args.metrics_stream)}; choose from {', '.join(METRICS_STREAMS)} "
+            "or both",
             file=sys.stderr,
         )
         return 2
