@@ -322,7 +322,7 @@ def run_benchmark(
         summary = captures.pop("summary")
         order = [("summary", summary)] if "current" in metrics_streams else []
         captures = dict([*order, (SIDE_SUMMARY, dict(summary)), *captures.items()])
-    on_side = {name: name == SIDE_SUMMARY for name in captures}  # LoadedModel.side_streams of each
+    on_side = {name: name == SIDE_SUMMARY for name in captures}  # LoadedModel.metrics_side_stream of each
     run_plain(lm, work, memory)  # every shape once (kernels, allocator) before any mode is timed
     # every kernel the run takes, as a worker has them after its first jobs (a timed run that
     # compiles one pays 0.3-1.5 s for it on an H100): the fused summary kernels compile once per
@@ -333,7 +333,7 @@ def run_benchmark(
     # tokens the longest prompt of each width class goes too
     for warm in _warm_up(work, SummaryParams(**(summary_params or {})).min_keys):
         for name, capture in captures.items():
-            lm.side_streams = on_side[name]
+            lm.metrics_side_stream = on_side[name]
             warm_spec = bulk_spec(model, warm, capture, qkv_dtype, compression)
             run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
@@ -345,7 +345,7 @@ def run_benchmark(
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        lm.side_streams = on_side[name]
+        lm.metrics_side_stream = on_side[name]
         with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
             spec = bulk_spec(model, work, capture, qkv_dtype, compression)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)

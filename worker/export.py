@@ -167,7 +167,7 @@ class Exporter:
                 self.layout.batch,
                 len(self.layout.heads),
                 self.capture.summary_params,
-                side_stream=lm.side_streams,
+                side_stream=lm.metrics_side_stream,
             )
         self.kv: KVExport | None = None
         if spec.kv_compression:

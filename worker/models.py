@@ -64,7 +64,7 @@ class LoadedModel:
     # how the weights were placed and stored (bundle attrs "model.placement"; :func:`placement_facts`)
     placement: dict[str, Any] = field(default_factory=dict)
     # the capture's per-head metrics on a side stream beside the model's (QKVAULT_METRICS_SIDE_STREAM)
-    side_streams: bool = False
+    metrics_side_stream: bool = False
 
 
 def pick_device(setting: str) -> torch.device:
@@ -389,7 +389,7 @@ class ModelCache:
 
     ``roots``: the model roots a job's absolute path must lie under (the worker's task passes
     ``WorkerSettings.model_root_dirs()``); ``None``: not checked (tests that load models they made).
-    ``side_streams``: each model's :attr:`LoadedModel.side_streams`."""
+    ``metrics_side_stream``: each model's :attr:`LoadedModel.metrics_side_stream`."""
 
     def __init__(
         self,
@@ -397,12 +397,12 @@ class ModelCache:
         device_setting: str = "auto",
         roots: Sequence[Path] | None = None,
         *,
-        side_streams: bool = False,
+        metrics_side_stream: bool = False,
     ) -> None:
         self.cache_dir = cache_dir
         self.device_setting = device_setting
         self.roots = None if roots is None else tuple(roots)
-        self.side_streams = side_streams
+        self.metrics_side_stream = metrics_side_stream
         self._lock = threading.Lock()
         self._key: tuple[str, ...] | None = None
         self._loaded: LoadedModel | None = None
@@ -426,7 +426,7 @@ class ModelCache:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir, roots=self.roots)
-                self._loaded.side_streams = self.side_streams
+                self._loaded.metrics_side_stream = self.metrics_side_stream
                 self._key = key
                 if device.type == "cuda":  # the device-to-host ring, page-locked once per process
                     from worker.capture.hostcopy import pinned_ring

@@ -40,7 +40,7 @@ class WorkerState:
                 self.settings.model_cache_dir,
                 self.settings.device,
                 self.settings.model_root_dirs(),
-                side_streams=self.settings.metrics_side_stream,
+                metrics_side_stream=self.settings.metrics_side_stream,
             )
         return self._index, self._store, self._models
 

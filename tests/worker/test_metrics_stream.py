@@ -49,7 +49,7 @@ def test_each_micro_batch_s_metrics_take_the_worker_s_choice(tiny_model_dir: Any
         )
         _, _, models = WorkerState(settings).resources()  # as the worker's pool child builds them
         lm = models.get(spec.model)
-        assert lm.side_streams is on_side
+        assert lm.metrics_side_stream is on_side
         out = tmp_path / f"side-{on_side}.zarr"
         exporter = Exporter(spec, lm, BundleWriter(str(out)), CollectingHooks())
         assert exporter.metrics._side.enabled is on_side
