@@ -26,13 +26,13 @@ class InductionObserver:
     the second copy (except its first token) sums the attention on key ``p - L + 1``."""
 
     def __init__(self, num_layers: int, num_heads: int, prefix_len: int, length: int) -> None:
-        self.first = prefix_len + length + 1  # second copy's second token
+        self.first_position = prefix_len + length + 1  # second copy's second token
         self.length = length
         self.sums = np.zeros((num_layers, num_heads), dtype=np.float64)
         self.rows = np.zeros(num_layers, dtype=np.int64)
 
     def observe(self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor) -> None:
-        keep = positions >= self.first
+        keep = positions >= self.first_position
         if not bool(keep.any()):
             return
         rows = torch.nonzero(keep)[:, 0]

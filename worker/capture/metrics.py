@@ -403,6 +403,12 @@ class HeadMetricsAccumulator:
         # small integer tensors on a device, by value (pads, sequence and metric indices)
         self._device_ints: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
+    @property
+    def first_position(self) -> int:
+        """The first real position whose row is eligible (``t + 1 ≥ params.min_keys``): earlier
+        rows are dropped, so a capture need not compute them for the metrics."""
+        return self.params.min_keys - 1
+
     def observe(self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor) -> None:
         """Add one block of rows: ``probs [H, n, K]`` (any device) at ``positions [n]`` (best on the
         host: then nothing here waits for the device); see :func:`row_metrics`."""
@@ -411,7 +417,7 @@ class HeadMetricsAccumulator:
         if probs.dim() != 3 or probs.shape[0] != self.num_heads:
             raise ValueError(f"probs must be [{self.num_heads}, n, K], got shape {tuple(probs.shape)}")
         host_positions = positions.detach().to("cpu", torch.long)
-        eligible = host_positions + 1 >= self.params.min_keys
+        eligible = host_positions >= self.first_position
         if not bool(eligible.any()):
             return
         rows = probs.detach()
@@ -522,10 +528,9 @@ class HeadMetricsAccumulator:
         key = (query_offset, n_rows, pads, batch_indices, device)
         if self._last_plan is not None and self._last_plan[0] == key:
             return self._last_plan[1]
-        min_keys = self.params.min_keys
-        # real position of row 0 and first eligible row (t + 1 >= min_keys) of each sequence
+        # real position of row 0 and first eligible row of each sequence
         first_pos = {b: query_offset - pads[b] for b in batch_indices}
-        firsts = {b: max(0, min_keys - 1 - first_pos[b]) for b in batch_indices}
+        firsts = {b: max(0, self.first_position - first_pos[b]) for b in batch_indices}
         owners = [b for b in batch_indices if firsts[b] < n_rows]
         plan = None
         if owners:

@@ -60,7 +60,11 @@ SUB_BLOCK_ROWS = 128
 class RowObserver(Protocol):
     """Sees every attention row block: ``probs [H, n, K]`` (column j = key position j) of the rows
     at real ``positions [n]``, a host (CPU) tensor whatever device ``probs`` is on (e.g.
-    :class:`worker.capture.metrics.HeadMetricsAccumulator`)."""
+    :class:`worker.capture.metrics.HeadMetricsAccumulator`). ``first_position``: the first real
+    position whose row it reads; the capture computes no earlier row for it alone."""
+
+    @property
+    def first_position(self) -> int: ...
 
     def observe(
         self, layer_pos: int, batch_index: int, probs: torch.Tensor, positions: torch.Tensor
@@ -283,9 +287,14 @@ class ExportSession:
                     call.sliding_window,
                 )
             if computes_probs:
-                self._capture_attention(
-                    lp, b, call, row0, i0, col0, j0, num_heads, b in checked and not derived
-                )
+                certify_here = b in checked and not derived
+                skip = 0  # rows only the observer reads, before the first it reads: not computed
+                if self.observer is not None and not (self.store_attention or certify_here):
+                    skip = min(q_len - i0, max(0, self.observer.first_position - row0))
+                if i0 + skip < q_len:
+                    self._capture_attention(
+                        lp, b, call, row0 + skip, i0 + skip, col0, j0, num_heads, certify_here
+                    )
         if picks:
             assert self.certifier is not None
             self.certifier.check_sequences(call, picks, self.q_start, k_abs0)
