@@ -104,8 +104,11 @@ def cache_argument(model: Any) -> str:
 
 
 def returned_cache(output: Any) -> Any:
-    """The KV cache a forward pass returned (``cache``, or ``past_key_values`` before 5.2x)."""
-    return output["cache"] if "cache" in output else output.get("past_key_values")
+    """The KV cache a forward pass returned (``cache``, or ``past_key_values`` before 5.2x; ``None``
+    without ``use_cache``), read by the field the output declares: asking a newer output for the
+    old name logs transformers' deprecation warning."""
+    fields = getattr(output, "__dataclass_fields__", None) or output
+    return output.get("cache" if "cache" in fields else "past_key_values")
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

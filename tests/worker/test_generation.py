@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from storage.inputs import MAX_SEED
 from storage.jobs.spec import GenerationSpec
 from worker.export import choose_next
+from worker.generation import returned_cache
 
 from .export_helpers import export
 
@@ -101,3 +102,24 @@ def test_every_decoding_step_but_the_last_lets_rows_wait(
         with pytest.raises(JobCancelled):
             export(spec, tmp_path / "b.zarr", hooks=hooks)
         assert flags == [False, True, False]  # the cancel seen at step 1's check: step 1 is the last
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_the_returned_cache_is_read_by_its_declared_name(
+    tiny_model_dir: Any, use_cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``use_cache`` the output has no cache (``None``) and no deprecated name is asked for
+    (transformers would log its ``past_key_values`` warning on every micro-batch)."""
+    import transformers
+    from transformers.utils import generic
+
+    warned: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: warned.append(str(message)))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=use_cache, logits_to_keep=1)
+    cache = returned_cache(out)
+    assert (cache is not None) is use_cache
+    if use_cache:
+        assert cache.get_seq_length() == 3
+    assert not [message for message in warned if "deprecated" in message]
