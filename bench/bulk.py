@@ -75,8 +75,6 @@ CAPTURES: dict[str, dict[str, Any]] = {
     "hidden states": {"attention": False, "hidden_states": True},
     "full attention": {"attention": True},
 }
-SIDE_SUMMARY = "summary side"  # the summary mode with its metrics on a side stream (--metrics-stream side)
-METRICS_STREAMS = ("current", "side")
 
 
 @dataclass
@@ -299,16 +297,13 @@ def run_benchmark(
     profile_dir: Path | None = None,
     overlap_drains: bool = True,
     writer: dict[str, Any] | None = None,
-    metrics_streams: tuple[str, ...] = ("current",),
 ) -> dict[str, BulkMode]:
     """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
     warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``;
     ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
     written there (:func:`bench.profiling.profiled`); ``overlap_drains=False``: every mode's
     micro-batch writes end before the next micro-batch starts (what the overlap is worth);
-    ``writer``: every mode's BundleWriter options (:func:`run_bulk`); ``metrics_streams``: the
-    summary mode with its metrics on the model's stream (``current``, mode "summary"), on a side
-    stream (``side``, mode :data:`SIDE_SUMMARY`), or both, one after the other."""
+    ``writer``: every mode's BundleWriter options (:func:`run_bulk`)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
     captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
@@ -318,11 +313,6 @@ def run_benchmark(
             captures["summary"]["summary_params"] = summary_params
     if "full attention" in captures:
         captures["full attention"]["layers"] = attention_layers
-    if "summary" in captures and "side" in metrics_streams:
-        summary = captures.pop("summary")
-        order = [("summary", summary)] if "current" in metrics_streams else []
-        captures = dict([*order, (SIDE_SUMMARY, dict(summary)), *captures.items()])
-    on_side = {name: name == SIDE_SUMMARY for name in captures}  # LoadedModel.metrics_side_stream of each
     run_plain(lm, work, memory)  # every shape once (kernels, allocator) before any mode is timed
     # every kernel the run takes, as a worker has them after its first jobs (a timed run that
     # compiles one pays 0.3-1.5 s for it on an H100): the fused summary kernels compile once per
@@ -333,7 +323,6 @@ def run_benchmark(
     # tokens the longest prompt of each width class goes too
     for warm in _warm_up(work, SummaryParams(**(summary_params or {})).min_keys):
         for name, capture in captures.items():
-            lm.metrics_side_stream = on_side[name]
             warm_spec = bulk_spec(model, warm, capture, qkv_dtype, compression)
             run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
@@ -345,7 +334,6 @@ def run_benchmark(
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        lm.metrics_side_stream = on_side[name]
         with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
             spec = bulk_spec(model, work, capture, qkv_dtype, compression)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
@@ -540,14 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_compression(p)
     add_writer_threads(p)
-    p.add_argument(
-        "--metrics-stream",
-        type=lambda text: tuple(part.strip() for part in text.split(",")),
-        default=("current",),
-        help="summary mode on CUDA: the metrics' kernels on the model's stream (current: the default, a "
-        f"worker's), on a side stream beside it (side: mode '{SIDE_SUMMARY}', QKVAULT_METRICS_SIDE_STREAM), "
-        "or current,side: both in turn",
-    )
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
     p.add_argument("--local-window", type=int, help="summary mode: capture.summary_params.local_window")
     p.add_argument("--json", type=Path, help="write the figures as JSON here")
@@ -573,13 +553,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.modes or ()) - set(CAPTURES))
     if unknown:
         print(f"--modes: unknown {unknown}; choose from {', '.join(CAPTURES)}", file=sys.stderr)
-        return 2
-    if not args.metrics_stream or not set(args.metrics_stream) <= set(METRICS_STREAMS):
-        print(
-            f"--metrics-stream: {','.join(args.metrics_stream)}; choose from {', '.join(METRICS_STREAMS)} "
-            "or both",
-            file=sys.stderr,
-        )
         return 2
     cpu = device.type == "cpu"
     name = args.model or ("smollm2" if cpu else "llama-8b")
@@ -612,8 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"chunk writer: {run['encode_threads']} encoder threads (encoding in {args.encoder}), "
-        f"{run['io_threads']} store threads, codec {args.compression}; summary metrics on the "
-        f"{' and the '.join(args.metrics_stream)} stream"
+        f"{run['io_threads']} store threads, codec {args.compression}"
     )
     item = 2 if args.qkv_dtype == "float16" else 4
     need = _estimate_bytes(lm, work, len(args.layers or range(count)), len(attention_layers), item)
@@ -626,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         options.update(compression=args.compression)
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
-        options.update(overlap_drains=not args.serial_drains, metrics_streams=args.metrics_stream)
+        options.update(overlap_drains=not args.serial_drains)
         writer = {"write_threads": args.encode_threads, "io_threads": args.io_threads}
         options.update(writer={**writer, "write_processes": args.encoder == "processes"})
         results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)

@@ -173,34 +173,3 @@ def test_the_chunk_writers_threads_reach_every_modes_writers(
     assert codecs and set(codecs) == {"none"}
     run = json.loads((tmp_path / "bulk.json").read_text())["run"]
     assert (run["encode_threads"], run["encoder"], run["io_threads"]) == (3, "threads", 2)
-
-
-def test_metrics_streams_current_and_side_run_the_summary_both_ways(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``--metrics-stream current,side``: the summary mode twice in one run, its metrics on the
-    model's stream ("summary") and then on a side stream ("summary side": every accumulator of that
-    mode made with ``side_stream=True``), each timed against the same plain run; a bad choice is a
-    usage error."""
-    import worker.capture.metrics as metrics_module
-
-    made: list[bool] = []
-    real = metrics_module.HeadMetricsAccumulator
-
-    class Recorded(real):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, side_stream: bool = False, **kw: Any) -> None:
-            made.append(side_stream)
-            super().__init__(*args, side_stream=side_stream, **kw)
-
-    monkeypatch.setattr(metrics_module, "HeadMetricsAccumulator", Recorded)
-    argv = ["--device", "cpu", "--model", "tiny", "--prompts", "4", "--max-tokens", "48"]
-    argv += ["--modes", "summary", "--store", str(tmp_path / "store"), "--json", str(tmp_path / "b.json")]
-    assert main([*argv, "--metrics-stream", "current,side"]) == 0
-    out = capsys.readouterr().out
-    assert "summary metrics on the current and the side stream" in out
-    figures = json.loads((tmp_path / "b.json").read_text())
-    assert list(figures["modes"]) == ["plain", "summary", "summary side"]
-    assert figures["ratios"]["summary side"]["x_plain"] > 0
-    assert True in made and False in made and made.index(True) > made.index(False)
-    assert main([*argv, "--metrics-stream", "sideways"]) == 2
-    assert "--metrics-stream: sideways; choose from current, side or both" in capsys.readouterr().err

@@ -167,7 +167,6 @@ class Exporter:
                 self.layout.batch,
                 len(self.layout.heads),
                 self.capture.summary_params,
-                side_stream=lm.metrics_side_stream,
             )
         self.kv: KVExport | None = None
         if spec.kv_compression:

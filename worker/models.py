@@ -63,8 +63,6 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
     # how the weights were placed and stored (bundle attrs "model.placement"; :func:`placement_facts`)
     placement: dict[str, Any] = field(default_factory=dict)
-    # the capture's per-head metrics on a side stream beside the model's (QKVAULT_METRICS_SIDE_STREAM)
-    metrics_side_stream: bool = False
 
 
 def pick_device(setting: str) -> torch.device:
@@ -388,21 +386,14 @@ class ModelCache:
     """One loaded model per worker process (GPU memory holds one); reused across jobs.
 
     ``roots``: the model roots a job's absolute path must lie under (the worker's task passes
-    ``WorkerSettings.model_root_dirs()``); ``None``: not checked (tests that load models they made).
-    ``metrics_side_stream``: each model's :attr:`LoadedModel.metrics_side_stream`."""
+    ``WorkerSettings.model_root_dirs()``); ``None``: not checked (tests that load models they made)."""
 
     def __init__(
-        self,
-        cache_dir: Path,
-        device_setting: str = "auto",
-        roots: Sequence[Path] | None = None,
-        *,
-        metrics_side_stream: bool = False,
+        self, cache_dir: Path, device_setting: str = "auto", roots: Sequence[Path] | None = None
     ) -> None:
         self.cache_dir = cache_dir
         self.device_setting = device_setting
         self.roots = None if roots is None else tuple(roots)
-        self.metrics_side_stream = metrics_side_stream
         self._lock = threading.Lock()
         self._key: tuple[str, ...] | None = None
         self._loaded: LoadedModel | None = None
@@ -426,7 +417,6 @@ class ModelCache:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 self._loaded = load_model(spec, device=device, cache_dir=self.cache_dir, roots=self.roots)
-                self._loaded.metrics_side_stream = self.metrics_side_stream
                 self._key = key
                 if device.type == "cuda":  # the device-to-host ring, page-locked once per process
                     from worker.capture.hostcopy import pinned_ring

@@ -52,12 +52,6 @@ class WorkerSettings(ServiceSettings):
         "as encoder threads (storage/bundle/encodeprocs.py): the encoders then do not slow the forward "
         "pass by taking its GIL (docs/benchmarks.md); off: in the encoder threads",
     )
-    metrics_side_stream: bool = Field(
-        default=False,
-        description="on CUDA, run the per-head summary metrics' kernels on a side stream beside the model's "
-        "(worker/capture/sidestream.py), each layer's after its attention and concurrent with the later "
-        "layers; off: on the model's stream, in turn. Off until measured (docs/benchmarks.md)",
-    )
     record_interval_s: float = Field(
         default=0.5, ge=0, description="stored chunks are recorded in the index in batches at most this often"
     )

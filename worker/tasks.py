@@ -37,10 +37,7 @@ class WorkerState:
             )
             self._store = ObjectStore.from_settings(self.settings)
             self._models = ModelCache(
-                self.settings.model_cache_dir,
-                self.settings.device,
-                self.settings.model_root_dirs(),
-                metrics_side_stream=self.settings.metrics_side_stream,
+                self.settings.model_cache_dir, self.settings.device, self.settings.model_root_dirs()
             )
         return self._index, self._store, self._models
 

@@ -236,56 +236,6 @@ def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> No
     _assert_same_summary(got, want)
 
 
-def test_metrics_on_a_side_stream_equal_those_on_the_model_s_stream(device: torch.device) -> None:
-    """The accumulator's device work on its side stream (``side_stream=True``; QKVAULT_METRICS_SIDE_STREAM)
-    gives bit for bit the summary it gives on the current stream, with the side stream busy when the
-    rows come and q and k freed (their memory handed out and overwritten) right after each call.
-    Off CUDA both run on the current stream."""
-    from worker.capture.sidestream import METRICS, side_stream
-
-    gen = torch.Generator().manual_seed(5)
-    params = SummaryParams(sink_tokens=1, local_window=3)
-    heads, dim, length, pads = 2, 16, 36, [0, 5]  # small: the interpreter runs a program in numpy
-    shapes = [(len(pads), heads, length, dim)] * 2
-    layers = [
-        [(torch.randn(shape, generator=gen) * 2).to(torch.bfloat16) for shape in shapes] for _ in range(3)
-    ]
-    mask = _left_padded_mask(pads, length).to(device)
-    summaries = []
-    for on_side in (False, True):
-        metrics = HeadMetricsAccumulator(len(layers), len(pads), heads, params, side_stream=on_side)
-        for layer_pos, (q, k) in enumerate(layers):
-            with torch.inference_mode():  # as the model makes them in a job
-                query, key = q.to(device), k.to(device)
-            if device.type == "cuda" and on_side:
-                with torch.cuda.stream(side_stream(torch.cuda.current_device(), METRICS)):
-                    torch.cuda._sleep(100_000_000)  # the block queued below waits behind this
-            metrics.observe_qk(
-                layer_pos,
-                query,
-                key,
-                pads,
-                [0, 1],
-                query_offset=0,
-                key_offset=0,
-                scaling=dim**-0.5,
-                mask=mask,
-            )
-            del query, key  # as the model frees them: what the kernels read must stay theirs
-            garbage = [
-                torch.full(shape, float("nan"), dtype=torch.bfloat16, device=device) for shape in shapes
-            ]
-            del garbage
-        summaries.append(metrics.result())
-    current, side = summaries
-    np.testing.assert_array_equal(side.rows, current.rows)
-    for name in ROW_METRICS:
-        np.testing.assert_array_equal(side.means[name], current.means[name], err_msg=name)
-    for name in QUANTILE_METRICS:
-        np.testing.assert_array_equal(side.quantiles[name], current.quantiles[name], err_msg=name)
-    assert np.isfinite(side.means["entropy"]).all()
-
-
 def _assert_same_summary(got: Any, want: Any) -> None:
     """Two :class:`HeadSummary` of the same rows: equal counts and context, means and quantiles
     within fp32 rounding."""

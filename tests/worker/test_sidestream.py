@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.capture.hostcopy import read_to_host
-from worker.capture.sidestream import METRICS, SideWork, after_mark, mark_queued, side_stream
+from worker.capture.sidestream import after_mark, mark_queued, side_stream
 
 
 def test_off_cuda_the_mark_is_empty_and_the_block_runs_as_it_is() -> None:
@@ -69,62 +69,3 @@ def test_the_drain_sees_the_marked_work_and_runs_on_its_side_stream() -> None:
     assert seen["after"] == torch.cuda.default_stream(device)  # the side stream only inside the block
     assert seen["later_done"] is False and isinstance(seen["waited"], float) and seen["waited"] > 0
     torch.cuda.synchronize()
-
-
-def test_off_cuda_side_work_runs_on_the_current_stream_and_waits_for_nothing() -> None:
-    work = SideWork(enabled=True)
-    x = torch.arange(5.0)
-    with work.queued(x.device, x):
-        y = x * 2
-    work.wait()
-    assert y.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
-
-
-def _warm_metrics_stream(device: torch.device) -> torch.cuda.Stream:
-    """The metrics side stream, used once (its first use waits for the whole device once a process)."""
-    stream = side_stream(torch.cuda.current_device(), METRICS)
-    with torch.cuda.stream(stream):
-        read_to_host(torch.ones(1, device=device).sum())
-    return stream
-
-
-@needs_cuda
-def test_side_work_runs_after_the_work_before_it_and_beside_the_work_after_it() -> None:
-    device = torch.device("cuda")
-    stream = _warm_metrics_stream(device)
-    x = torch.zeros(1 << 20, device=device)
-    read_to_host(x.sum())
-    torch.cuda._sleep(200_000_000)  # ≈ 0.1 s of the model's work before its write below
-    x.add_(1.0)
-    work = SideWork(enabled=True)
-    with work.queued(device, x):
-        assert torch.cuda.current_stream(device) == stream
-        torch.cuda._sleep(2_000_000_000)  # ≈ 1 s of metrics
-        total = x.sum()  # reads the model's write: queued after it
-    assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
-    later = torch.cuda.Event()
-    x.add_(1.0)  # the model's next work: runs beside the metrics, not behind them
-    later.record()
-    later.synchronize()
-    side_done = stream.query()
-    work.wait()
-    assert side_done is False and stream.query()
-    assert float(read_to_host(total)) == float(1 << 20)
-    torch.cuda.synchronize()
-
-
-@needs_cuda
-def test_what_side_work_reads_is_not_reused_while_it_waits_to_run() -> None:
-    device = torch.device("cuda")
-    stream = _warm_metrics_stream(device)
-    work = SideWork(enabled=True)
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(2_000_000_000)  # the side stream busy ≈ 1 s: the block below waits
-    x = torch.full((1 << 22,), 3.0, device=device)
-    with work.queued(device, x):
-        total = x.sum()
-    del x  # the model frees it at once; its memory must not be handed out before the sum ran
-    others = [torch.full((1 << 22,), -1.0, device=device) for _ in range(4)]
-    work.wait()
-    assert float(read_to_host(total)) == 3.0 * (1 << 22)
-    assert all(float(read_to_host(o.sum())) == -float(1 << 22) for o in others)

@@ -23,7 +23,6 @@ from storage.bundle.labels import SummaryParams
 from storage.jobs.capture import RankMetric
 from worker.capture.hostcopy import device_ints, read_to_host, to_device
 from worker.capture.quantiles import linear_quantiles
-from worker.capture.sidestream import SideWork
 
 ROW_METRICS: tuple[str, ...] = get_args(RankMetric)  # declared once, with the spec's ranking names
 QUANTILE_METRICS: tuple[str, ...] = (
@@ -370,16 +369,11 @@ class HeadMetricsAccumulator:
     not modify it in place after :meth:`observe` (the capture never does).
     """
 
-    def __init__(
-        self, num_layers: int, batch: int, num_heads: int, params: SummaryParams, *, side_stream: bool = False
-    ) -> None:
-        """``side_stream``: the metrics' device work runs on a side stream of its own, beside the
-        model's (:class:`worker.capture.sidestream.SideWork`; ``QKVAULT_METRICS_SIDE_STREAM``)."""
+    def __init__(self, num_layers: int, batch: int, num_heads: int, params: SummaryParams) -> None:
         if min(num_layers, batch, num_heads) < 1:
             raise ValueError("num_layers, batch and num_heads must be >= 1")
         self.num_layers, self.batch, self.num_heads = num_layers, batch, num_heads
         self.params = params
-        self._side = SideWork(side_stream)  # every device operation below runs in its blocks
         # [M, L, B, H] float64 per device the rows came from (a model placed over several GPUs sends
         # each layer's rows from that layer's device); added up on the host by result()
         self._sums: dict[torch.device, torch.Tensor] = {}
@@ -487,13 +481,11 @@ class HeadMetricsAccumulator:
 
         if query.shape[1] != self.num_heads:
             raise ValueError(f"query must have {self.num_heads} heads, got shape {tuple(query.shape)}")
-        with torch.inference_mode(), self._side.queued(query.device, query, key, mask):
-            plan = self._qk_plan(
-                query_offset, query.shape[2], tuple(pads), tuple(batch_indices), query.device
-            )
-            if plan is None:
-                return
-            start = plan.start
+        plan = self._qk_plan(query_offset, query.shape[2], tuple(pads), tuple(batch_indices), query.device)
+        if plan is None:
+            return
+        start = plan.start
+        with torch.inference_mode():
             values = fused_row_metrics(
                 query[:, :, start:],
                 key,
@@ -513,7 +505,7 @@ class HeadMetricsAccumulator:
             if plan.keep is not None:
                 values = torch.where(plan.keep, values, 0.0)
             self._add_rows(layer_pos, plan.owners, plan.skips, values)
-            self._qk_counts.append((layer_pos, plan.counts))  # booked by result()
+        self._qk_counts.append((layer_pos, plan.counts))  # booked by result()
 
     def _qk_plan(
         self,
@@ -623,18 +615,16 @@ class HeadMetricsAccumulator:
         to the sums and host values, under ``torch.inference_mode``: the sums may have been created
         in it (the capture observes in it) and a result may be asked for outside it."""
         with torch.inference_mode():
-            for (device, lo, hi), blocks in pending.items():
-                inputs = [block for _, _, block in blocks]
-                with self._side.queued(device, *inputs):
-                    rows = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-                    metrics = row_metrics(
-                        rows,
-                        torch.arange(lo, hi + 1) if positions is None else positions,
-                        sink_tokens=self.params.sink_tokens,
-                        local_window=self.params.local_window,
-                    )
-                    values = torch.stack([metrics[name] for name in ROW_METRICS])
-                    self._add([(lp, b) for lp, b, _ in blocks], values)
+            for (_, lo, hi), blocks in pending.items():
+                rows = blocks[0][2] if len(blocks) == 1 else torch.cat([block for _, _, block in blocks])
+                metrics = row_metrics(
+                    rows,
+                    torch.arange(lo, hi + 1) if positions is None else positions,
+                    sink_tokens=self.params.sink_tokens,
+                    local_window=self.params.local_window,
+                )
+                values = torch.stack([metrics[name] for name in ROW_METRICS])
+                self._add([(lp, b) for lp, b, _ in blocks], values)
 
     def _add(self, owners: list[tuple[int, int]], values: torch.Tensor) -> None:
         """``values [M, len(owners) · H, n]``: the metrics of the blocks of ``owners`` (layer, sequence),
@@ -750,10 +740,8 @@ class HeadMetricsAccumulator:
         return padded
 
     def result(self) -> HeadSummary:
-        """The summary of every row observed so far (may be called more than once; on any thread
-        once the rows' producers queued them: it waits for the metrics' side stream, if any)."""
+        """The summary of every row observed so far (may be called more than once)."""
         self.flush()
-        self._side.wait()
         for layer_pos, counts in self._qk_counts:
             self._count(layer_pos, *counts)
         self._qk_counts.clear()

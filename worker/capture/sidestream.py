@@ -13,13 +13,6 @@ each CUDA device's current stream) and the drain, under :func:`after_mark`, firs
 event (its own thread only), then queues its work on a side stream of its own, concurrent with the
 next micro-batch's kernels, and waits for that stream before it returns: tensors it frees
 afterwards were used by no pending kernel. Off CUDA both are no-ops.
-
-:class:`SideWork` does the same for work the forward thread itself queues (the per-head metrics'
-kernels of each layer call, ``QKVAULT_METRICS_SIDE_STREAM``): each block of it runs on another side
-stream after the work queued so far on the current stream, concurrently with the model's later
-layers, and may fill the gaps where the model's stream waits for the host; the tensors a block
-reads are kept from the allocator until it ran, and a reader waits for the blocks before it reads
-their results.
 """
 
 from __future__ import annotations
@@ -59,18 +52,16 @@ def mark_queued(device: torch.device) -> QueuedMark:
     return QueuedMark(events, primary)
 
 
-DRAIN = "drain"  # the side stream of a micro-batch's drain (after_mark)
-METRICS = "metrics"  # the side stream of the forward thread's metrics (SideWork)
-_SIDE: dict[tuple[int, str], torch.cuda.Stream] = {}
+_SIDE: dict[int, torch.cuda.Stream] = {}
 _SIDE_LOCK = threading.Lock()
 
 
-def side_stream(index: int, role: str = DRAIN) -> torch.cuda.Stream:
-    """The process's side stream of CUDA device ``index`` for ``role`` (created on first use)."""
+def side_stream(index: int) -> torch.cuda.Stream:
+    """The process's side stream of CUDA device ``index`` (created on first use)."""
     with _SIDE_LOCK:
-        stream = _SIDE.get((index, role))
+        stream = _SIDE.get(index)
         if stream is None:
-            stream = _SIDE[index, role] = torch.cuda.Stream(index)
+            stream = _SIDE[index] = torch.cuda.Stream(index)
         return stream
 
 
@@ -96,45 +87,4 @@ def after_mark(mark: QueuedMark) -> Iterator[float]:
         for stream in streams:  # sleeping, not spinning, until the stream's work ran
             done = sleeping_event()
             done.record(stream)
-            done.synchronize()
-
-
-class SideWork:
-    """Device work of one owner (a micro-batch's metrics accumulator) that the forward thread
-    queues in blocks, each on the :data:`METRICS` side stream (module docstring): after the work
-    queued so far on the current stream, concurrently with what is queued there later. The tensors
-    a block reads (``inputs``; what it allocates is the side stream's own) are kept from the
-    allocator until the block ran, so the model may free them at once. :meth:`wait` puts the
-    calling thread to sleep until every block queued so far ran: call it before reading a block's
-    results on another stream or on the host. Off CUDA, or ``enabled`` false, a block runs on the
-    current stream and :meth:`wait` returns at once."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._done: dict[int, torch.cuda.Event] = {}  # by device: after the last block queued
-
-    @contextlib.contextmanager
-    def queued(self, device: torch.device, *inputs: torch.Tensor | None) -> Iterator[None]:
-        """Run the block's device work (for tensors on ``device``) on the side stream."""
-        if not self.enabled or device.type != "cuda":
-            yield
-            return
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = side_stream(index, METRICS)
-        stream.wait_stream(torch.cuda.current_stream(index))  # on the device: the inputs are made
-        for tensor in inputs:
-            if tensor is not None:
-                tensor.record_stream(stream)
-        try:
-            with torch.cuda.stream(stream):
-                yield
-        finally:  # what a failed block queued is waited for as well
-            done = self._done.get(index)
-            if done is None:
-                done = self._done[index] = sleeping_event()
-            done.record(stream)
-
-    def wait(self) -> None:
-        """Until every block queued so far ran (sleeping, not spinning)."""
-        for done in self._done.values():
             done.synchronize()
