@@ -33,7 +33,7 @@ def _layer_tensors(gen: torch.Generator, width: int) -> tuple[torch.Tensor, torc
 
 
 def _padded_mask(pads: list[int], width: int) -> torch.Tensor:
-    """Bool ``[B, 1, T, T]``: causal, no padding key (a padding row sees itself, as a model's would
+    """Bool ``[B, 1, T, T]``: causal, no padding key; a padding row sees only itself (its value does
     not matter: the capture computes no padding row)."""
     slots = torch.arange(width)
     causal = slots[None, :] <= slots[:, None]
