@@ -535,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="run each timed mode under torch.profiler and write its operator table to DIR/<mode>.txt "
-        "(the timings then include the profiler's cost)",
+        help="run each timed mode under torch.profiler and write its operator table to DIR/<mode>.txt, "
+        "on a GPU also its idle gaps by what ended them to DIR/<mode>-idle.txt (the timings then "
+        "include the profiler's cost)",
     )
     return p
 

@@ -201,28 +201,30 @@ def test_fused_k90_counts_ties_one_by_one(device: torch.device) -> None:
                 assert value == pytest.approx(want[name], rel=1e-4, abs=1e-6), (b, t, name)
 
 
-def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> None:
+@pytest.mark.parametrize("pads", [[0, 5], [0, 24, 5]], ids=["every-sequence", "one-too-short"])
+def test_accumulator_observe_qk_equals_observe_probs(device: torch.device, pads: list[int]) -> None:
     """observe_qk (fused, one call for the batch) gives the summaries observe (probabilities) gives:
-    rows counted from each sequence's first eligible position, means and quantiles."""
+    rows counted from each sequence's first eligible position, means and quantiles; a sequence
+    with no eligible row (12 tokens) gets none, and the others' sums go to their own slots."""
     gen = torch.Generator().manual_seed(3)
     params = SummaryParams(sink_tokens=1, local_window=3)  # eligible from 16 keys
-    heads, dim, length, pads = 2, 16, 36, [0, 5]
-    q = torch.randn(2, heads, length, dim, generator=gen) * 2
-    k = torch.randn(2, heads, length, dim, generator=gen)
+    heads, dim, length, batch = 2, 16, 36, len(pads)
+    q = torch.randn(batch, heads, length, dim, generator=gen) * 2
+    k = torch.randn(batch, heads, length, dim, generator=gen)
     mask = _left_padded_mask(pads, length)
-    fused = HeadMetricsAccumulator(1, 2, heads, params)
+    fused = HeadMetricsAccumulator(1, batch, heads, params)
     fused.observe_qk(
         0,
         q.to(device),
         k.to(device),
         pads,
-        [0, 1],
+        list(range(batch)),
         query_offset=0,
         key_offset=0,
         scaling=dim**-0.5,
         mask=mask.to(device),
     )
-    plain = HeadMetricsAccumulator(1, 2, heads, params)
+    plain = HeadMetricsAccumulator(1, batch, heads, params)
     for b, pad in enumerate(pads):
         positions = torch.arange(length - pad)
         allowed = causal_allowed(positions, positions)
@@ -232,7 +234,7 @@ def test_accumulator_observe_qk_equals_observe_probs(device: torch.device) -> No
         plain.observe(0, b, probs[0], positions)
     got, want = fused.result(), plain.result()
     np.testing.assert_array_equal(got.rows, want.rows)
-    assert want.rows.tolist() == [[length - 16 + 1, length - 5 - 16 + 1]]
+    assert want.rows.tolist() == [[max(0, length - pad - 16 + 1) for pad in pads]]
     _assert_same_summary(got, want)
 
 

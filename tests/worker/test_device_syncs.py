@@ -259,7 +259,8 @@ def test_a_decoding_step_costs_each_layer_a_few_operators(
 ) -> None:
     """Summary-only on the fused path (kernels stubbed: meta data cannot run them): after the first
     step, a decoding step's layer call runs the kernels and a handful of operators on the device
-    (sum, index_add, the quantile metrics' selection), copies nothing to it, reads nothing from it,
+    (sum, its add to the layer's sums, the quantile metrics' selection), copies nothing to it, reads
+    nothing from it,
     and does no per-sequence work; the bookkeeping a forward pass's layers share is done once."""
     kernel_calls = stubbed_kernels
     lengths = [40, 64, 33, 50]
@@ -293,7 +294,7 @@ def test_a_decoding_step_costs_each_layer_a_few_operators(
     views = {"empty", "alias", "view", "slice", "select", "unsqueeze", "expand", "transpose"}  # no kernel
     per_layer = {name: n / FACTS.num_layers for name, n in reads.operators.items() if name not in views}
     assert kernel_calls[-FACTS.num_layers :] == [1] * FACTS.num_layers
-    assert per_layer == {"sum": 1, "index_add_": 1, "index_select": 1}, per_layer
+    assert per_layer == {"sum": 1, "add_": 1, "index_select": 1}, per_layer
     assert reads.to_device == 0 and dict(reads.blocking) == {}
     assert len(rows_checked) == batch  # the wanted sequences, once for the step's every layer
 
@@ -329,6 +330,6 @@ def test_decoding_steps_another_step_follows_run_nothing_on_the_device(stubbed_k
     last = {name: n for name, n in ops[-1].items() if name not in views}
     layers = FACTS.num_layers  # (a list of tensors, torch.cat is not seen by the dispatch mode)
     # the steps' masks joined once for every layer, a copy a step; each layer's rows added up
-    assert last == {"copy_": steps, "sum": layers, "index_add_": layers, "index_select": layers}, last
+    assert last == {"copy_": steps, "sum": layers, "add_": layers, "index_select": layers}, last
     assert not session._waiting
     assert dict(reads.blocking) == {}

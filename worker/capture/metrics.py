@@ -390,7 +390,6 @@ class HeadMetricsAccumulator:
         self._device_value_bytes = 0
         self._last_plan: tuple[tuple[object, ...], _QkPlan | None] | None = None
         self._qk_counts: list[tuple[int, tuple[np.ndarray, ...]]] = []  # observe_qk's, for _count
-        self._sum_index: dict[tuple[int, tuple[int, ...], torch.device], torch.Tensor] = {}
         # (device, first, last position) → [(l, b, rows [H, n, K])] waiting for one row_metrics call
         self._pending: dict[tuple[torch.device, int, int], list[tuple[int, int, torch.Tensor]]] = {}
         self._pending_bytes = 0
@@ -572,16 +571,12 @@ class HeadMetricsAccumulator:
     ) -> None:
         """``values [M, N, H, n]``: the metrics of the rows of sequences ``owners`` in one layer (rows
         before ``skips[i]`` are zeros and not counted)."""
-        heads = self.num_heads
-        sums = self._device_sums(values.device)
+        layer = self._device_sums(values.device)[:, layer_pos]  # [M, B, H], a view
         per_sequence = values.sum(dim=-1, dtype=torch.float64)  # [M, N, H]
-        key = (layer_pos, owners, values.device)
-        index = self._sum_index.get(key)
-        if index is None:
-            index = self._sum_index[key] = self._on_device(
-                tuple(layer_pos * self.batch + b for b in owners), values.device
-            )
-        sums.view(len(ROW_METRICS), self.num_layers * self.batch, heads).index_add_(1, index, per_sequence)
+        if owners == tuple(range(self.batch)):
+            layer += per_sequence
+        else:  # the same owners in every layer of a pass: one index on the device for all of them
+            layer.index_add_(1, self._on_device(owners, values.device), per_sequence)
         self._keep_values(tuple((layer_pos, b) for b in owners), tuple(skips), values)
 
     def _keep_values(
