@@ -305,3 +305,43 @@ def test_a_micro_batch_waits_for_its_device_figures_on_the_drain_thread(
     ours = open_bulk(tmp_path / "b.zarr")
     assert ours.attrs["complete"] is True
     assert np.isfinite(ours.summary()["k90"].values).all()
+
+
+def test_a_drain_starts_once_the_next_micro_batch_queued_its_first_calls(
+    tiny_model_dir: Any, tmp_path: Path
+) -> None:
+    """``drain_start_calls=3`` (worker/bulk.py, "A drain's start"): micro-batch k's drain starts its
+    work only after micro-batch k + 1's third attention call reached the capture (the forward thread
+    refilling the device first); the last micro-batch's drain starts with none to wait for. Two new
+    tokens: the tiny model's two layers make 6 calls a micro-batch, the third in a decoding step."""
+    spec = _hidden_spec(tiny_model_dir("llama"), 16, seed=4)
+    spec = spec.model_copy(update={"generation": spec.generation.model_copy(update={"max_new_tokens": 2})})
+    events: list[tuple[str, int, int]] = []
+    lock = threading.Lock()
+    exporter = BulkExporter(
+        spec, loaded(spec), CollectingHooks(), bundle_url=str(tmp_path / "b.zarr"), drain_start_calls=3
+    )
+    start = exporter.drain_start
+    on_call, wait_after = start.on_call, start.wait_after
+
+    def logged_call(index: int, n: int) -> None:
+        with lock:
+            events.append(("call", index, n))
+        on_call(index, n)
+
+    def logged_wait(index: int) -> float:
+        held = wait_after(index)
+        with lock:
+            events.append(("drain", index, 0))
+        return held
+
+    start.on_call, start.wait_after = logged_call, logged_wait  # type: ignore[method-assign]
+    summary = exporter.run("bulk-test")
+    batches = summary["micro_batches"]
+    assert batches >= 3
+    for k in range(batches - 1):
+        assert events.index(("drain", k, 0)) > events.index(("call", k + 1, 3)), events
+    last_call = max(i for i, e in enumerate(events) if e[:2] == ("call", batches - 1))
+    assert events.index(("drain", batches - 1, 0)) > last_call
+    assert summary["timings_s"]["micro_batches_drain_held"] >= 0
+    assert open_bulk(tmp_path / "b.zarr").attrs["complete"] is True
