@@ -227,26 +227,18 @@ def run_bulk(
     memory: PeakMemory,
     *,
     overlap_drains: bool = True,
-    drain_start_calls: int | None = None,
     writer: dict[str, Any] | None = None,
 ) -> BulkMode:
     """The worker's BulkExporter in-process (no database) writing ``bundle`` (measured here, removed
     by the caller); ``overlap_drains=False``: each micro-batch's writes end before the next starts;
-    ``drain_start_calls``: the BulkExporter's (None: its default); ``writer``: BundleWriter options
-    (``write_threads``, ``io_threads``: the worker's settings)."""
-    from worker.bulk import DRAIN_START_CALLS, BulkExporter
+    ``writer``: BundleWriter options (``write_threads``, ``io_threads``: the worker's settings)."""
+    from worker.bulk import BulkExporter
 
     hooks = NullHooks()
     lm.load_s = 0.0
     options = {**(writer or {}), "on_chunk": hooks.chunk_stored}
     exporter = BulkExporter(
-        spec,
-        lm,
-        hooks,
-        bundle_url=str(bundle),
-        writer_options=options,
-        overlap_drains=overlap_drains,
-        drain_start_calls=DRAIN_START_CALLS if drain_start_calls is None else drain_start_calls,
+        spec, lm, hooks, bundle_url=str(bundle), writer_options=options, overlap_drains=overlap_drains
     )
     memory.start()
     t0 = time.perf_counter()
@@ -304,7 +296,6 @@ def run_benchmark(
     summary_params: dict[str, int] | None = None,
     profile_dir: Path | None = None,
     overlap_drains: bool = True,
-    drain_start_calls: int | None = None,
     writer: dict[str, Any] | None = None,
 ) -> dict[str, BulkMode]:
     """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
@@ -312,8 +303,7 @@ def run_benchmark(
     ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
     written there (:func:`bench.profiling.profiled`); ``overlap_drains=False``: every mode's
     micro-batch writes end before the next micro-batch starts (what the overlap is worth);
-    ``drain_start_calls``, ``writer``: every mode's BulkExporter and BundleWriter options
-    (:func:`run_bulk`)."""
+    ``writer``: every mode's BundleWriter options (:func:`run_bulk`)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
     captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
@@ -346,16 +336,7 @@ def run_benchmark(
         bundle = store / f"{name.replace(' ', '-')}.zarr"
         with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
             spec = bulk_spec(model, work, capture, qkv_dtype, compression)
-            result = run_bulk(
-                lm,
-                spec,
-                name,
-                bundle,
-                memory,
-                overlap_drains=overlap_drains,
-                drain_start_calls=drain_start_calls,
-                writer=writer,
-            )
+            result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
         result.extra["gpu_busy_percent"] = busy.percent
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
@@ -426,7 +407,6 @@ PHASES = (
     ("passes end", "micro_batches_passes_end"),
     ("finish host", "micro_batches_finish_host"),
     ("drain", "micro_batches_drain"),
-    ("drain held", "micro_batches_drain_held"),
     ("drain wait", "micro_batches_drain_wait"),
     ("finish wait", "micro_batches_finish_wait"),
     ("pinned wait", "micro_batches_pinned_wait"),
@@ -546,13 +526,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each micro-batch's writes end before the next starts (what overlapping them is worth)",
     )
-    p.add_argument(
-        "--drain-start-calls",
-        type=int,
-        metavar="N",
-        help="a micro-batch's drain starts once the next one queued N attention calls (0: at once; "
-        "default: the worker's, worker/bulk.py DRAIN_START_CALLS)",
-    )
     add_compression(p)
     add_writer_threads(p)
     p.add_argument("--sink-tokens", type=int, help="summary mode: capture.summary_params.sink_tokens")
@@ -626,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         options.update(compression=args.compression)
         window = {"sink_tokens": args.sink_tokens, "local_window": args.local_window}
         options.update(modes=args.modes, summary_params={k: v for k, v in window.items() if v is not None})
-        options.update(overlap_drains=not args.serial_drains, drain_start_calls=args.drain_start_calls)
+        options.update(overlap_drains=not args.serial_drains)
         writer = {"write_threads": args.encode_threads, "io_threads": args.io_threads}
         options.update(writer={**writer, "write_processes": args.encoder == "processes"})
         results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)

@@ -21,15 +21,6 @@ counts as finished — its table entry, the progress (``unit_done``, ``on_tokens
 drain wrote everything, on the drain thread. A drain's error is raised on the forward thread at its
 next row block (or wait), and fails the job.
 
-A drain's start: drain ``k`` waits for micro-batch ``k``'s passes on the device, and so does the
-forward thread when micro-batch ``k + 1``'s forward pass begins (the model reads its padding mask
-on the host: a synchronisation), so both wake as the device runs out of work. Had the drain's host
-work (the summary's arrays, the metadata, their store threads) run then, it would take the GIL
-the forward thread needs to refill the device's empty launch queue, and the device would wait: so
-drain ``k`` starts its work once micro-batch ``k + 1`` queued its first :data:`DRAIN_START_CALLS`
-attention calls (layers), or all it has, or once no later micro-batch will run (the last one, an
-error, a cancel). Its timings say how long it was held (``drain_held``).
-
 A resumed attempt plans the same micro-batches (the plan depends only on the rows and the spec)
 and skips those whose group is complete; a cancel stops within one micro-batch and keeps the
 finished ones (the one draining is finished first).
@@ -68,9 +59,6 @@ from worker.generation import tokenize_texts
 from worker.models import LoadedModel
 
 __all__ = ["BulkExporter", "batch_group"]
-
-# a drain starts once the next micro-batch queued this many attention calls (layers): module docstring
-DRAIN_START_CALLS = 8
 
 
 def batch_group(index: int) -> str:
@@ -179,45 +167,6 @@ class _Drain:
         return None
 
 
-class _DrainStart:
-    """When a drain may start: once the micro-batch after its own has queued its first
-    ``calls`` attention calls (module docstring, "A drain's start"), or once no later micro-batch
-    will run. ``calls=None``: at once (drains that do not overlap the next micro-batch)."""
-
-    def __init__(self, calls: int | None) -> None:
-        self.calls = calls
-        self._cond = threading.Condition()
-        self._started = -1  # the latest micro-batch index that queued its first calls
-        self._closed = False
-
-    def on_call(self, index: int, n: int) -> None:
-        """Micro-batch ``index`` reached its ``n``-th attention call (the forward thread)."""
-        if n == self.calls:
-            self.started(index)
-
-    def started(self, index: int) -> None:
-        """Micro-batch ``index`` queued its first calls, or all it has (or runs nothing)."""
-        with self._cond:
-            if index > self._started:
-                self._started = index
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        """No later micro-batch will start (the last was handed over, or the forward thread stopped)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def wait_after(self, index: int) -> float:
-        """Until a micro-batch after ``index`` started (or none will); the seconds waited."""
-        if self.calls is None:
-            return 0.0
-        t0 = time.perf_counter()
-        with self._cond:
-            self._cond.wait_for(lambda: self._started > index or self._closed)
-        return time.perf_counter() - t0
-
-
 class _MicroBatchHooks:
     """The outer job's hooks as one micro-batch's Exporter sees them: its phases and layer units are
     the micro-batch's own (the job counts sequences); cancel and lease checks go through, and so
@@ -284,7 +233,6 @@ class BulkExporter:
         on_tokens: Callable[[int], None] | None = None,
         records_written: Callable[[], None] | None = None,
         overlap_drains: bool = True,
-        drain_start_calls: int = DRAIN_START_CALLS,
     ) -> None:
         """``limits``: checked on every row read (None: unlimited, as in the benchmark);
         ``on_tokens(n)``: the real tokens (prompt + new) of each finished micro-batch (progress);
@@ -293,9 +241,7 @@ class BulkExporter:
         micro-batch's drain before it marks the micro-batch complete: an attempt skips a micro-batch
         it finds complete, so a kill must not leave one complete with chunks unrecorded;
         ``overlap_drains=False``: each micro-batch's drain ends before the next one starts (what
-        the overlap is worth: ``python -m bench.bulk --serial-drains``); ``drain_start_calls``: a
-        drain starts once the next micro-batch queued this many attention calls (0: at once; module
-        docstring, "A drain's start"; ``python -m bench.bulk --drain-start-calls``).
+        the overlap is worth: ``python -m bench.bulk --serial-drains``).
         ``on_tokens`` and ``hooks.unit_done`` are called on the drain thread, once the micro-batch is
         written (:meth:`run`; the JobReporter's calls take its lock), the other hooks on the
         forward thread."""
@@ -317,7 +263,6 @@ class BulkExporter:
         self.writer_stats = PipelineStats()  # the micro-batches' chunk writers, summed
         self.copy_waits = 0  # device-to-host copies the forward thread waited for (timings: copy_wait)
         self.overlap_drains = overlap_drains
-        self.drain_start = _DrainStart(drain_start_calls if overlap_drains and drain_start_calls else None)
         self.finished_batches = 0  # written and complete (counted on the drain thread)
         self.drain: _Drain | None = None
 
@@ -415,10 +360,8 @@ class BulkExporter:
                 drain.submit(self._start_batch(job_id, batch, members, drain))
                 if not self.overlap_drains:
                     drain.wait()
-            self.drain_start.close()
             drain.wait()
         except BaseException as stopped:
-            self.drain_start.close()  # the drain in flight must not wait for a next micro-batch
             failed = drain.settle()
             if failed is not None and failed is not stopped and isinstance(stopped, Exception):
                 raise failed from stopped  # the job fails with the drain's error
@@ -446,7 +389,6 @@ class BulkExporter:
             stored = zarr.open_group(self._read_store(), path=group, mode="r", zarr_format=3)
             lengths = [int(n) for n in np.asarray(stored["length"])]
             prompts = [int(n) for n in np.asarray(stored["prompt_length"])]
-            self.drain_start.started(batch.index)  # nothing to queue
             return lambda: self._batch_done(batch, members, lengths, prompts)
         inputs = BatchInput(
             prompt_ids=[m.ids for m in members],
@@ -456,25 +398,17 @@ class BulkExporter:
             index=batch.index,
         )
         exporter = Exporter(
-            self.spec,
-            self.lm,
-            self._writer(group),
-            _MicroBatchHooks(self.hooks, drain),
-            batch=inputs,
-            on_attention_call=functools.partial(self.drain_start.on_call, batch.index),
+            self.spec, self.lm, self._writer(group), _MicroBatchHooks(self.hooks, drain), batch=inputs
         )
         exporter.timings["setup"] = time.perf_counter() - t0  # its writer, layout, certifier
         prepared = exporter.run_until_finish(f"{job_id}/{group}")
-        self.drain_start.started(batch.index)  # every call queued (fewer than drain_start_calls)
 
         def finish() -> None:
-            held = self.drain_start.wait_after(batch.index)
             t0 = time.perf_counter()
             summary = exporter.write_finish(prepared(), before_complete=self.records_written)
             timings = dict(summary["timings_s"])
             timings["total"] -= timings.pop("load_model", 0.0)  # the model loads once per process
             timings["drain"] = time.perf_counter() - t0
-            timings["drain_held"] = held  # waiting for the next micro-batch's first calls
             for phase, seconds in timings.items():
                 self.batch_timings[phase] = self.batch_timings.get(phase, 0.0) + seconds
             self.writer_stats.add(exporter.writer.pipeline_stats)

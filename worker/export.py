@@ -117,16 +117,13 @@ class Exporter:
         verified_only: bool = True,
         batch: BatchInput | None = None,
         layer_positions: range | None = None,
-        on_attention_call: Callable[[int], None] | None = None,
     ) -> None:
         """``verified_only=False``: run capture options the architecture matrix has not verified for
         this model type (the matrix itself, which produces the verdicts); ``batch``: the sequences
         of a bulk job's micro-batch (else the spec's prompts, tokenized here); ``layer_positions``: a
         layer shard's part of the exported layers (positions in the layout; :meth:`run_passes`
-        captures those only); ``on_attention_call(n)``: on the forward thread, on the n-th attention
-        call of the prefill and decoding passes (:class:`ExportSession`'s ``on_call``)."""
+        captures those only)."""
         self.spec, self.lm, self.writer, self.hooks = spec, lm, writer, hooks
-        self.on_attention_call = on_attention_call
         self.capture = spec.capture.resolved()
         self.timings: dict[str, float] = {"load_model": lm.load_s}
         tok = lm.tokenizer
@@ -295,7 +292,6 @@ class Exporter:
             [len(p) for p in self.prompt_ids],
             self._write_blocks,
             on_layer_done=self.hooks.unit_done,
-            on_call=self.on_attention_call,
             observer=self.metrics,
             kv=self.kv,
             certifier=self.certifier,

@@ -102,9 +102,7 @@ class ExportSession:
     together (the writer takes their room in its queue once and shares out their chunks).
     ``attention_heads[layer_pos]``: real query heads whose attention is stored for that layer
     (default: ``layout.heads``). ``layers``: the model layers captured (a layer shard's part of
-    ``layout.layers``; default: all of them), at their positions in the layout. ``on_call(n)``: on
-    the n-th attention call of any layer, captured or not (the model's kernels are queued up to
-    that layer's attention).
+    ``layout.layers``; default: all of them), at their positions in the layout.
     """
 
     def __init__(
@@ -116,7 +114,6 @@ class ExportSession:
         write_blocks: BlockSink,
         *,
         on_layer_done: Callable[[], None] | None = None,
-        on_call: Callable[[int], None] | None = None,
         observer: RowObserver | None = None,
         attention_heads: Sequence[Sequence[int]] | None = None,
         store_attention: bool | None = None,
@@ -139,8 +136,6 @@ class ExportSession:
         self.pads = list(pads)
         self.write_blocks = write_blocks
         self.on_layer_done = on_layer_done
-        self.on_call = on_call
-        self.calls = 0  # attention calls seen, of every layer (captured or not)
         self.observer = observer
         self.kv = kv
         default_attention = layout.attention and (attention_heads is not None or layout.top_heads is None)
@@ -241,9 +236,6 @@ class ExportSession:
     # -- CaptureSink ---------------------------------------------------------------------------
     def on_attention(self, call: AttentionCall) -> None:
         t0 = time.perf_counter()
-        self.calls += 1
-        if self.on_call is not None:
-            self.on_call(self.calls)
         try:
             self._on_attention(call)
             self._hand_over()
