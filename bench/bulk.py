@@ -295,14 +295,16 @@ def run_benchmark(
     modes: list[str] | None = None,
     summary_params: dict[str, int] | None = None,
     profile_dir: Path | None = None,
+    profile_stacks: bool = False,
     overlap_drains: bool = True,
     writer: dict[str, Any] | None = None,
 ) -> dict[str, BulkMode]:
     """Every mode (or plain and ``modes``) on ``work``'s micro-batches (module docstring), after a
     warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``;
     ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
-    written there (:func:`bench.profiling.profiled`); ``overlap_drains=False``: every mode's
-    micro-batch writes end before the next micro-batch starts (what the overlap is worth);
+    written there (:func:`bench.profiling.profiled`; ``profile_stacks``: Python calls traced too);
+    ``overlap_drains=False``: every mode's micro-batch writes end before the next micro-batch
+    starts (what the overlap is worth);
     ``writer``: every mode's BundleWriter options (:func:`run_bulk`)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
@@ -327,14 +329,14 @@ def run_benchmark(
             run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
-    with profiled(lm.device, profile_dir, PLAIN), GpuBusy(lm.device) as busy:
+    with profiled(lm.device, profile_dir, PLAIN, stacks=profile_stacks), GpuBusy(lm.device) as busy:
         results = {PLAIN: run_plain(lm, work, memory)}
     results[PLAIN].extra["gpu_busy_percent"] = busy.percent
     _timed(results[PLAIN])
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        with profiled(lm.device, profile_dir, name), GpuBusy(lm.device) as busy:
+        with profiled(lm.device, profile_dir, name, stacks=profile_stacks), GpuBusy(lm.device) as busy:
             spec = bulk_spec(model, work, capture, qkv_dtype, compression)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
         result.extra["gpu_busy_percent"] = busy.percent
@@ -539,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
         "on a GPU also its idle gaps by what ended them to DIR/<mode>-idle.txt (the timings then "
         "include the profiler's cost)",
     )
+    p.add_argument(
+        "--profile-stacks",
+        action="store_true",
+        help="with --profile: trace Python calls too, naming each idle gap's Python frames "
+        "(a much slower host)",
+    )
     return p
 
 
@@ -602,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         options.update(overlap_drains=not args.serial_drains)
         writer = {"write_threads": args.encode_threads, "io_threads": args.io_threads}
         options.update(writer={**writer, "write_processes": args.encoder == "processes"})
-        results = run_benchmark(lm, model, work, store, profile_dir=args.profile, **options)
+        results = run_benchmark(
+            lm, model, work, store, profile_dir=args.profile, profile_stacks=args.profile_stacks, **options
+        )
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)
     print("\n" + table(results))

@@ -3,13 +3,13 @@
 A timed mode's GPU busy share (:mod:`bench.gpubusy`) says *that* the GPU waited, not *for what*.
 From the profiler's events, :func:`idle_report` finds every gap of at least ``min_gap_ns`` between
 the device's activities (kernels, copies, fills; overlapping activities merged) and names each one
-by the work that ended it: the host operation that launched it (its Python frames of this
-repository or of the model's code that were running then, when the profile traced Python calls
-(``with_stack=True``), and the innermost operator), or
-"launched before the gap" when the work was queued in time and waited for something else (another
-stream, an event). It also lists the host's synchronising calls that ended inside a gap (a host
-that waits for the device empties the launch queue: the GPU then waits for the host's next
-launches). Gaps are summed per label; the labels with the most idle time come first.
+by the work that ended it: the host operation that launched it (the innermost operator, and the
+Python frames of this repository or of the model's code that were running then when the profile
+traced Python calls: ``--profile-stacks``, a much slower host), or "launched before the gap" when
+the work was queued in time and waited for something else (another stream, an event). It also lists
+the host's synchronising calls that ended inside a gap (a host that waits for the device empties the
+launch queue: the GPU then waits for the host's next launches). Gaps are summed per label; the
+labels with the most idle time come first.
 
 :func:`spans_of` turns ``torch.profiler``'s events into the plain :class:`Span` records the report
 reads, so the report itself is tested on spans written by hand (tests/test_bench_idle.py).
@@ -18,6 +18,7 @@ reads, so the report itself is tested on spans written by hand (tests/test_bench
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,10 @@ def idle_report(spans: Sequence[Span], min_gap_ns: int = DEFAULT_MIN_GAP_NS) -> 
     report = IdleReport()
     if not device:
         return report
-    launches = {s.correlation: s for s in host if s.correlation and s.name.startswith("cu")}
+    # what queued each device activity: its runtime call where recorded, else the operator whose
+    # id it carries (torch versions link a kernel to one or the other)
+    launches = {s.correlation: s for s in host if s.correlation and not s.python}
+    launches.update({s.correlation: s for s in host if s.correlation and s.name.startswith("cu")})
     ops = _Enclosing(s for s in host if not s.name.startswith("cu"))
     syncs = sorted((s for s in host if s.name in SYNC_CALLS), key=lambda s: s.end_ns)
     sync_ends = [s.end_ns for s in syncs]
@@ -171,7 +175,7 @@ def idle_report(spans: Sequence[Span], min_gap_ns: int = DEFAULT_MIN_GAP_NS) -> 
             launch = launches.get(span.correlation)
             if launch is None:
                 label = f"{span.name} (launch not recorded)"
-            elif launch.start_ns <= busy_end:
+            elif (launch.start_ns if launch.name.startswith("cu") else launch.end_ns) <= busy_end:
                 label = f"{span.name} (launched before the gap: waited for another stream or event)"
             else:
                 label = _label(ops.chain(launch.thread, launch.start_ns), f"{span.name} ({launch.name})")
@@ -185,6 +189,15 @@ def idle_report(spans: Sequence[Span], min_gap_ns: int = DEFAULT_MIN_GAP_NS) -> 
     report.busy_ns = busy
     report.waited_for, report.after, report.syncs = _sorted(waited), _sorted(after), _sorted(synced)
     return report
+
+
+_PYTHON_CALL = re.compile(r"\.py\(\d+\): ")  # a traced call's name: "file.py(line): function"
+
+
+def _is_python(event: Any) -> bool:
+    """Whether a kineto event is a traced Python call (older torch has no flag: its name says)."""
+    flag = getattr(event, "is_python_function", None)
+    return bool(flag()) if flag is not None else bool(_PYTHON_CALL.search(str(event.name())))
 
 
 def spans_of(events: Iterable[Any]) -> list[Span]:
@@ -204,7 +217,7 @@ def spans_of(events: Iterable[Any]) -> list[Span]:
                 thread=int(event.start_thread_id()),
                 device=on_device,
                 correlation=int(correlation),
-                python=bool(event.is_python_function()),
+                python=_is_python(event),
             )
         )
     return spans

@@ -16,12 +16,13 @@ TABLE_ROWS = 30
 
 
 @contextmanager
-def profiled(device: torch.device, out: Path | None, name: str) -> Iterator[None]:
+def profiled(device: torch.device, out: Path | None, name: str, *, stacks: bool = False) -> Iterator[None]:
     """The block under ``torch.profiler`` when ``out`` is set: ``out/<name>.txt`` gets its operators
     by self CPU time (the host's share: Python, launches, waits) and, on a GPU, by self CUDA time,
-    with their call counts; on a GPU, Python calls are traced too (``with_stack``: a slower host)
-    and ``out/<name>-idle.txt`` gets the device's idle gaps by what ended them
-    (:func:`bench.idle.idle_report`). Without ``out`` the block runs as it is."""
+    with their call counts; on a GPU ``out/<name>-idle.txt`` gets the device's idle gaps by what
+    ended them (:func:`bench.idle.idle_report`), named by their Python frames too with ``stacks``
+    (``with_stack``: every Python call traced, a much slower host). Without ``out`` the block runs
+    as it is."""
     if out is None:
         yield
         return
@@ -29,7 +30,7 @@ def profiled(device: torch.device, out: Path | None, name: str) -> Iterator[None
 
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities, with_stack=on_gpu) as prof:
+    with profile(activities=activities, with_stack=stacks) as prof:
         yield
         if on_gpu:
             torch.cuda.synchronize(device)

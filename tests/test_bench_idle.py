@@ -85,3 +85,58 @@ def test_a_cpu_profile_has_no_device_activity() -> None:
     spans = spans_of(prof.profiler.kineto_results.events())
     assert spans and not any(s.device for s in spans)
     assert idle_report(spans).text("plain") == "# plain: no device activity recorded\n"
+
+
+def test_a_kernel_linked_to_its_operator_is_named_by_it() -> None:
+    """Without its runtime call (a torch that links kernels to operators), the operator that queued
+    the kernel names the gap, and one that ended before the gap means the work waited on the device."""
+    spans = [
+        _kernel("a", 0, 10, 1),
+        _kernel("mm", 100, 110, 5),  # launched by aten::mm (id 5), which began after the gap began
+        _kernel("b", 200, 210, 6),  # aten::add (id 6) ended before this gap began
+        _host("aten::mm", 60, 95, correlation=5),
+        _host("aten::add", 20, 30, correlation=6),
+    ]
+    report = idle_report(spans)
+    assert [(r.label, r.idle_ns) for r in report.waited_for] == [
+        ("aten::mm", 90 * US),
+        ("b (launched before the gap: waited for another stream or event)", 90 * US),
+    ]
+
+
+class _OldEvent:
+    """A kineto event of a torch without ``is_python_function`` (the device's 2.11)."""
+
+    def __init__(self, name: str, on_device: bool = False) -> None:
+        self._name, self._device = name, on_device
+
+    def name(self) -> str:
+        return self._name
+
+    def device_type(self) -> str:
+        return "DeviceType.CUDA" if self._device else "DeviceType.CPU"
+
+    def start_ns(self) -> int:
+        return 1_000
+
+    def duration_ns(self) -> int:
+        return 500
+
+    def correlation_id(self) -> int:
+        return 3
+
+    def linked_correlation_id(self) -> int:
+        return 3
+
+    def start_thread_id(self) -> int:
+        return 9
+
+
+def test_spans_of_a_torch_without_the_python_flag_tell_python_calls_by_name() -> None:
+    spans = spans_of([_OldEvent("worker/capture/metrics.py(584): _add_rows"), _OldEvent("aten::add")])
+    assert [(s.name, s.python, s.end_ns) for s in spans] == [
+        ("worker/capture/metrics.py(584): _add_rows", True, 1_500),
+        ("aten::add", False, 1_500),
+    ]
+    [kernel] = spans_of([_OldEvent("gemm", on_device=True)])
+    assert kernel.device and kernel.correlation == 3 and not kernel.python
