@@ -30,6 +30,7 @@ time went without the profiler's own cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from bench.models import MODELS, prepare
 from bench.modes import run_raw_write, settle, tree_bytes
 from bench.profiling import profiled
 from bench.report import machine
+from bench.timeline import Timeline
 from storage.bundle.bulk import open_bulk
 from storage.bundle.format import DEFAULT_COMPRESSION
 from storage.bundle.labels import SummaryParams
@@ -282,6 +284,11 @@ def _warm_up(work: Workload, min_keys: int) -> list[Workload]:
     return [workload(ids, work.new_tokens, work.token_budget, 1 if ids is lead else 2) for ids in plan]
 
 
+def _timeline_figures(marks: Timeline) -> dict[str, float] | None:
+    totals = marks.totals()
+    return None if totals is None else {**asdict(totals), "model_s": totals.model_s}
+
+
 def run_benchmark(
     lm: LoadedModel,
     model: dict[str, Any],
@@ -296,6 +303,7 @@ def run_benchmark(
     summary_params: dict[str, int] | None = None,
     profile_dir: Path | None = None,
     profile_stacks: bool = False,
+    timeline: bool = False,
     overlap_drains: bool = True,
     writer: dict[str, Any] | None = None,
 ) -> dict[str, BulkMode]:
@@ -303,9 +311,11 @@ def run_benchmark(
     warm-up of each; ``summary_params``: the summary mode's ``capture.summary_params``;
     ``profile_dir``: each timed run (plain and every mode) under the profiler, its operator table
     written there (:func:`bench.profiling.profiled`; ``profile_stacks``: Python calls traced too);
+    ``timeline``: each timed run's GPU time in and between forward calls and in the fused metrics
+    (:class:`bench.timeline.Timeline`, in each mode's ``extra["timeline"]``);
     ``overlap_drains=False``: every mode's micro-batch writes end before the next micro-batch
-    starts (what the overlap is worth);
-    ``writer``: every mode's BundleWriter options (:func:`run_bulk`)."""
+    starts (what the overlap is worth); ``writer``: every mode's BundleWriter options
+    (:func:`run_bulk`)."""
     memory = PeakMemory(lm.device)
     chosen = [n for n in CAPTURES if modes is None or n in modes]
     captures = {n: {**CAPTURES[n], "layers": layers} for n in chosen}
@@ -329,17 +339,29 @@ def run_benchmark(
             run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
-    with profiled(lm.device, profile_dir, PLAIN, stacks=profile_stacks), GpuBusy(lm.device) as busy:
+    marks = Timeline(lm.device)
+    with (
+        profiled(lm.device, profile_dir, PLAIN, stacks=profile_stacks),
+        marks.recording(lm.model) if timeline else contextlib.nullcontext(),
+        GpuBusy(lm.device) as busy,
+    ):
         results = {PLAIN: run_plain(lm, work, memory)}
     results[PLAIN].extra["gpu_busy_percent"] = busy.percent
+    results[PLAIN].extra["timeline"] = _timeline_figures(marks)
     _timed(results[PLAIN])
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        with profiled(lm.device, profile_dir, name, stacks=profile_stacks), GpuBusy(lm.device) as busy:
+        marks = Timeline(lm.device)
+        with (
+            profiled(lm.device, profile_dir, name, stacks=profile_stacks),
+            marks.recording(lm.model) if timeline else contextlib.nullcontext(),
+            GpuBusy(lm.device) as busy,
+        ):
             spec = bulk_spec(model, work, capture, qkv_dtype, compression)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
         result.extra["gpu_busy_percent"] = busy.percent
+        result.extra["timeline"] = _timeline_figures(marks)
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
         shutil.rmtree(bundle, ignore_errors=True)
@@ -465,6 +487,13 @@ def table(results: dict[str, BulkMode]) -> str:
         for name, timings in phased.items():
             cells = [f"{timings.get(key, 0.0):.3f}" for _, key in PHASES]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    timelines = {n: r.extra["timeline"] for n, r in results.items() if r.extra.get("timeline")}
+    if timelines:  # bench/timeline.py: seconds on the GPU's clock
+        lines += ["", "| mode | forwards | in forwards s | between forwards s | metrics s | model s |"]
+        lines.append("|---|---|---|---|---|---|")
+        for name, t in timelines.items():
+            cells = [f"{t[k]:.3f}" for k in ("in_forwards_s", "between_forwards_s", "metrics_s", "model_s")]
+            lines.append(f"| {name} | {t['forwards']:,} | " + " | ".join(cells) + " |")
     writers = {n: r.extra["writer"] for n, r in results.items() if r.extra.get("writer", {}).get("chunks")}
     if writers:
         lines += ["", "| mode | chunks | " + " | ".join(label for label, _ in WRITER) + " | GB in / stored |"]
@@ -542,6 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
         "include the profiler's cost)",
     )
     p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="on a GPU: each timed run's GPU seconds in and between forward calls and in the fused "
+        "metrics, from CUDA events (bench/timeline.py; no profiler)",
+    )
+    p.add_argument(
         "--profile-stacks",
         action="store_true",
         help="with --profile: trace Python calls too, naming each idle gap's Python frames "
@@ -611,7 +646,14 @@ def main(argv: list[str] | None = None) -> int:
         writer = {"write_threads": args.encode_threads, "io_threads": args.io_threads}
         options.update(writer={**writer, "write_processes": args.encoder == "processes"})
         results = run_benchmark(
-            lm, model, work, store, profile_dir=args.profile, profile_stacks=args.profile_stacks, **options
+            lm,
+            model,
+            work,
+            store,
+            profile_dir=args.profile,
+            profile_stacks=args.profile_stacks,
+            timeline=args.timeline,
+            **options,
         )
     finally:
         shutil.rmtree(root if args.store is None else store, ignore_errors=True)
