@@ -38,6 +38,7 @@ LABEL_FRAMES = ("worker/", "storage/", "bench/", "qkvault/", "transformers/model
 FRAMES_PER_LABEL = 2
 DEFAULT_MIN_GAP_NS = 20_000  # shorter gaps are a launch's ordinary latency
 TOP_LABELS = 25
+LABEL_CHARS = 160  # a kernel's templated C++ name runs to hundreds of characters: its start says it
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,12 @@ class IdleReport:
             ("host synchronisations that ended inside a gap", self.syncs),
         ):
             lines += ["", f"## {heading}", "| idle s | gaps | label |", "|---|---|---|"]
-            lines += [f"| {r.idle_ns / 1e9:.3f} | {r.gaps:,} | {r.label} |" for r in rows[:top]]
+            lines += [f"| {r.idle_ns / 1e9:.3f} | {r.gaps:,} | {_shown(r.label)} |" for r in rows[:top]]
         return "\n".join(lines) + "\n"
+
+
+def _shown(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
 
 
 class _Enclosing:

@@ -102,6 +102,9 @@ def test_a_kernel_linked_to_its_operator_is_named_by_it() -> None:
         ("aten::mm", 90 * US),
         ("b (launched before the gap: waited for another stream or event)", 90 * US),
     ]
+    long_name = "void at::native::elementwise_kernel<128, 4, " + "x" * 400
+    long = idle_report([_kernel("a", 0, 10, 1), _kernel(long_name, 100, 110, 2)]).text("t")
+    assert long_name not in long and long_name[:100] in long and "…" in long
 
 
 class _OldEvent:
