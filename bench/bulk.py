@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,9 +285,24 @@ def _warm_up(work: Workload, min_keys: int) -> list[Workload]:
     return [workload(ids, work.new_tokens, work.token_budget, 1 if ids is lead else 2) for ids in plan]
 
 
-def _timeline_figures(marks: Timeline) -> dict[str, float] | None:
+@contextlib.contextmanager
+def _watched(
+    lm: LoadedModel, name: str, profile_dir: Path | None, profile_stacks: bool, timeline: bool
+) -> Iterator[dict[str, Any]]:
+    """One timed run under the profiler (``profile_dir``), the timeline (``timeline``) and the GPU
+    busy sampler; the dict it yields gets the run's ``gpu_busy_percent`` and ``timeline`` figures
+    once the block ended (for the run's ``extra``)."""
+    marks = Timeline(lm.device)
+    figures: dict[str, Any] = {}
+    with (
+        profiled(lm.device, profile_dir, name, stacks=profile_stacks),
+        marks.recording(lm.model) if timeline else contextlib.nullcontext(),
+        GpuBusy(lm.device) as busy,
+    ):
+        yield figures
     totals = marks.totals()
-    return None if totals is None else {**asdict(totals), "model_s": totals.model_s}
+    figures["gpu_busy_percent"] = busy.percent
+    figures["timeline"] = None if totals is None else {**asdict(totals), "model_s": totals.model_s}
 
 
 def run_benchmark(
@@ -339,29 +355,17 @@ def run_benchmark(
             run_bulk(lm, warm_spec, name, store / "warm-up.zarr", memory, writer=writer)
             shutil.rmtree(store / "warm-up.zarr", ignore_errors=True)
     settle(lm.device)
-    marks = Timeline(lm.device)
-    with (
-        profiled(lm.device, profile_dir, PLAIN, stacks=profile_stacks),
-        marks.recording(lm.model) if timeline else contextlib.nullcontext(),
-        GpuBusy(lm.device) as busy,
-    ):
+    with _watched(lm, PLAIN, profile_dir, profile_stacks, timeline) as figures:
         results = {PLAIN: run_plain(lm, work, memory)}
-    results[PLAIN].extra["gpu_busy_percent"] = busy.percent
-    results[PLAIN].extra["timeline"] = _timeline_figures(marks)
+    results[PLAIN].extra.update(figures)
     _timed(results[PLAIN])
     for name, capture in captures.items():
         settle(lm.device)
         bundle = store / f"{name.replace(' ', '-')}.zarr"
-        marks = Timeline(lm.device)
-        with (
-            profiled(lm.device, profile_dir, name, stacks=profile_stacks),
-            marks.recording(lm.model) if timeline else contextlib.nullcontext(),
-            GpuBusy(lm.device) as busy,
-        ):
+        with _watched(lm, name, profile_dir, profile_stacks, timeline) as figures:
             spec = bulk_spec(model, work, capture, qkv_dtype, compression)
             result = run_bulk(lm, spec, name, bundle, memory, overlap_drains=overlap_drains, writer=writer)
-        result.extra["gpu_busy_percent"] = busy.percent
-        result.extra["timeline"] = _timeline_figures(marks)
+        result.extra.update(figures)
         table = open_bulk(bundle).sequences  # which micro-batch each sequence went to
         done = {int(i): int(b) for i, b in zip(table["sequence"].values, table["batch"].values, strict=True)}
         shutil.rmtree(bundle, ignore_errors=True)
