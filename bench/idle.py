@@ -44,9 +44,10 @@ LABEL_CHARS = 160  # a kernel's templated C++ name runs to hundreds of character
 @dataclass(frozen=True)
 class Span:
     """One profiler event: ``[start_ns, end_ns)`` on a host thread (``thread``) or the device
-    (``device=True``); ``correlation`` links a launch to the device work it queued; ``python``: a
-    traced Python call (its name says the file, line and function), else an operator or a runtime
-    call."""
+    (``device=True``); ``correlation``: the event's own id (a device activity shares it with the
+    runtime call that launched it), ``linked``: the id of the operator it belongs to (a device
+    activity's or a runtime call's; 0 for an operator); ``python``: a traced Python call (its name
+    says the file, line and function), else an operator or a runtime call."""
 
     name: str
     start_ns: int
@@ -54,6 +55,7 @@ class Span:
     thread: int = 0
     device: bool = False
     correlation: int = 0
+    linked: int = 0
     python: bool = False
 
 
@@ -96,6 +98,11 @@ class IdleReport:
             lines += ["", f"## {heading}", "| idle s | gaps | label |", "|---|---|---|"]
             lines += [f"| {r.idle_ns / 1e9:.3f} | {r.gaps:,} | {_shown(r.label)} |" for r in rows[:top]]
         return "\n".join(lines) + "\n"
+
+
+def _runtime_call(span: Span) -> bool:
+    """A CUDA runtime or driver call (``cudaLaunchKernel``, ``cuLaunchKernel``, a synchronisation)."""
+    return not span.python and span.name.startswith("cu")
 
 
 def _shown(label: str) -> str:
@@ -158,11 +165,11 @@ def idle_report(spans: Sequence[Span], min_gap_ns: int = DEFAULT_MIN_GAP_NS) -> 
     report = IdleReport()
     if not device:
         return report
-    # what queued each device activity: its runtime call where recorded, else the operator whose
-    # id it carries (torch versions link a kernel to one or the other)
-    launches = {s.correlation: s for s in host if s.correlation and not s.python}
-    launches.update({s.correlation: s for s in host if s.correlation and s.name.startswith("cu")})
-    ops = _Enclosing(s for s in host if not s.name.startswith("cu"))
+    # what queued each device activity: its runtime call (the same id) where recorded, else the
+    # operator it belongs to
+    runtime = {s.correlation: s for s in host if s.correlation and _runtime_call(s)}
+    operators = {s.correlation: s for s in host if s.correlation and not (s.python or _runtime_call(s))}
+    ops = _Enclosing(s for s in host if not _runtime_call(s))
     syncs = sorted((s for s in host if s.name in SYNC_CALLS), key=lambda s: s.end_ns)
     sync_ends = [s.end_ns for s in syncs]
     waited: dict[str, IdleRow] = {}
@@ -177,10 +184,10 @@ def idle_report(spans: Sequence[Span], min_gap_ns: int = DEFAULT_MIN_GAP_NS) -> 
             report.gaps += 1
             report.idle_ns += gap
             _add(after, last.name, gap)
-            launch = launches.get(span.correlation)
+            launch = runtime.get(span.correlation) or operators.get(span.linked)
             if launch is None:
                 label = f"{span.name} (launch not recorded)"
-            elif (launch.start_ns if launch.name.startswith("cu") else launch.end_ns) <= busy_end:
+            elif (launch.start_ns if _runtime_call(launch) else launch.end_ns) <= busy_end:
                 label = f"{span.name} (launched before the gap: waited for another stream or event)"
             else:
                 label = _label(ops.chain(launch.thread, launch.start_ns), f"{span.name} ({launch.name})")
@@ -206,13 +213,12 @@ def _is_python(event: Any) -> bool:
 
 
 def spans_of(events: Iterable[Any]) -> list[Span]:
-    """``torch.profiler`` kineto events (``prof.profiler.kineto_results.events()``) as spans: the
-    device's with their launch's correlation id, the host's with theirs (runtime calls), traced
-    Python calls (``with_stack=True``) marked."""
+    """``torch.profiler`` kineto events (``prof.profiler.kineto_results.events()``) as spans, each
+    with its own id and its operator's (as torch's own post-processing links a device activity to
+    an operator: ``linked_correlation_id``), traced Python calls (``with_stack=True``) marked."""
     spans = []
     for event in events:
         on_device = str(event.device_type()).endswith("CUDA")
-        correlation = event.linked_correlation_id() if on_device else event.correlation_id()
         start = int(event.start_ns())
         spans.append(
             Span(
@@ -221,7 +227,8 @@ def spans_of(events: Iterable[Any]) -> list[Span]:
                 end_ns=start + int(event.duration_ns()),
                 thread=int(event.start_thread_id()),
                 device=on_device,
-                correlation=int(correlation),
+                correlation=int(event.correlation_id()),
+                linked=int(event.linked_correlation_id()),
                 python=_is_python(event),
             )
         )

@@ -11,8 +11,8 @@ from bench.idle import Span, idle_report, spans_of
 US = 1_000  # nanoseconds
 
 
-def _kernel(name: str, start_us: int, end_us: int, correlation: int) -> Span:
-    return Span(name, start_us * US, end_us * US, device=True, correlation=correlation)
+def _kernel(name: str, start_us: int, end_us: int, correlation: int, linked: int = 0) -> Span:
+    return Span(name, start_us * US, end_us * US, device=True, correlation=correlation, linked=linked)
 
 
 def _host(name: str, start_us: int, end_us: int, *, correlation: int = 0, python: bool = False) -> Span:
@@ -88,12 +88,14 @@ def test_a_cpu_profile_has_no_device_activity() -> None:
 
 
 def test_a_kernel_linked_to_its_operator_is_named_by_it() -> None:
-    """Without its runtime call (a torch that links kernels to operators), the operator that queued
-    the kernel names the gap, and one that ended before the gap means the work waited on the device."""
+    """Without its runtime call recorded, the operator the kernel belongs to names the gap (a runtime
+    call whose own id equals the operator's is not it), and one that ended before the gap means the
+    work waited on the device."""
     spans = [
         _kernel("a", 0, 10, 1),
-        _kernel("mm", 100, 110, 5),  # launched by aten::mm (id 5), which began after the gap began
-        _kernel("b", 200, 210, 6),  # aten::add (id 6) ended before this gap began
+        _kernel("mm", 100, 110, 50, linked=5),  # aten::mm's (id 5), begun after the gap began
+        _kernel("b", 200, 210, 60, linked=6),  # aten::add's (id 6), ended before this gap began
+        _host("cudaLaunchKernel", 20, 21, correlation=5),  # another launch's own id: not mm's
         _host("aten::mm", 60, 95, correlation=5),
         _host("aten::add", 20, 30, correlation=6),
     ]
@@ -129,7 +131,7 @@ class _OldEvent:
         return 3
 
     def linked_correlation_id(self) -> int:
-        return 3
+        return 7
 
     def start_thread_id(self) -> int:
         return 9
@@ -142,4 +144,4 @@ def test_spans_of_a_torch_without_the_python_flag_tell_python_calls_by_name() ->
         ("aten::add", False, 1_500),
     ]
     [kernel] = spans_of([_OldEvent("gemm", on_device=True)])
-    assert kernel.device and kernel.correlation == 3 and not kernel.python
+    assert kernel.device and (kernel.correlation, kernel.linked) == (3, 7) and not kernel.python
