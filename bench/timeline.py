@@ -16,7 +16,8 @@ a forward). After the run, the intervals between them (:func:`timeline_totals`) 
 Run on the same micro-batches, plain's and a mode's figures compare directly: a mode's model time
 above plain's is idle inside the layers (the capture's host work made the GPU wait), its time
 between forwards above plain's is work between micro-batches. Recording an event costs a few
-microseconds of host time (two per layer call): the run is timed as usual. Off CUDA nothing is
+microseconds of host time (two per forward call and two per fused-metrics call, i.e. per layer
+call in a summary): the run is timed as usual. Off CUDA nothing is
 recorded and the totals are None.
 """
 
